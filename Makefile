@@ -1,0 +1,24 @@
+# The two commands: `make demo` runs the main job on built-in data, `make test` runs the tests.
+# Both create or reuse .venv: torch==2.13.0 first (a CPU wheel here), then the project.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/vitscale scale pico/4 --strategy d,w,r,d1_w8_r1 --factors 1,2,4,8
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_vit.py

@@ -1,0 +1,154 @@
+"""Measured cost: throughput, latency and peak memory of inference or a training step.
+
+Warm-up steps, then the median of N timed steps; fp32 or bf16 autocast; CPU or CUDA.
+Peak memory is CUDA's max allocated bytes, or on CPU the process's resident-set high-water
+mark (VmHWM, reset before the timed steps where Linux allows it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from vitscale.models.vit import ViT, ViTConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    mode: str  # "infer" or "train"
+    batch: int
+    dtype: str
+    device: str
+    samples_per_s: float
+    ms_per_step: float  # median step latency
+    peak_mem_mb: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else as torch names it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA was asked for but this torch build sees no GPU; use --device cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast context on the device's type, or nothing for fp32."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[dtype])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: "5" resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def time_steps(step: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds per call of `step` for `iters` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def make_step(model: nn.Module, x: torch.Tensor, mode: str, device: torch.device, dtype: str,
+              loss_fn: Callable[[object], torch.Tensor] | None = None) -> Callable[[], object]:
+    """One inference step (no grad) or one training step (forward, backward, AdamW step).
+
+    `loss_fn` turns the model's output into a scalar (default: the mean of a tensor
+    output), so peer models with other output types can be timed the same way.
+    """
+    loss_fn = loss_fn or (lambda out: out.float().mean())
+    if mode == "infer":
+        model.eval()
+
+        @torch.no_grad()
+        def infer():
+            with autocast(device, dtype):
+                return model(x)
+
+        return infer
+    if mode != "train":
+        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train():
+        with autocast(device, dtype):
+            loss = loss_fn(model(x))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return train
+
+
+def measure_model(model: nn.Module, x: torch.Tensor, mode: str = "train", dtype: str = "fp32",
+                  warmup: int = 2, iters: int = 5, loss_fn=None) -> Measurement:
+    """Measure any model on input `x` (already on its device)."""
+    device = x.device
+    step = make_step(model, x, mode, device, dtype, loss_fn)
+    _reset_peak(device)
+    times = time_steps(step, device, warmup, iters)
+    ms = statistics.median(times) * 1000
+    batch = x.shape[0]
+    return Measurement(mode, batch, dtype, device.type, batch / (ms / 1000), ms, _peak_mb(device))
+
+
+def example_input(cfg: ViTConfig, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Random input of the config's shape: [B, C, H, W] or [B, C, T, H, W]."""
+    shape = (cfg.in_chans, cfg.frames, *cfg.hw) if cfg.is_video else (cfg.in_chans, *cfg.hw)
+    return torch.randn(batch, *shape, device=device)
+
+
+def measure(cfg: ViTConfig, batch: int = 8, mode: str = "train", dtype: str = "fp32",
+            device: str = "auto", warmup: int = 2, iters: int = 5, seed: int = 0) -> Measurement:
+    """Build ViT(cfg) on a device and measure it on random input."""
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    model = ViT(cfg).to(dev)
+    return measure_model(model, example_input(cfg, batch, dev), mode, dtype, warmup, iters)

@@ -1,0 +1,187 @@
+"""The `vitscale` command line: parses arguments and calls the library.
+
+    vitscale models                          presets with params, GFLOPs, acts
+    vitscale cost B/16 --image-size 384      cost of one config
+    vitscale scale S/16 --strategy d,w,d1_w8_r1 --factors 1,2,4,8 [--measure]
+    vitscale bench S/16 --batch 32 --dtype bf16
+
+User errors (unknown preset, bad strategy, a size the patch does not divide) end in one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vitscale import bench, report, scaling
+from vitscale.complexity import cost
+from vitscale.models.vit import ViTConfig, preset, preset_names
+
+
+def _image_size(text: str) -> int | tuple[int, int]:
+    """'224' -> 224, '224x160' -> (224, 160)."""
+    parts = text.lower().split("x")
+    if not all(p.isdigit() for p in parts) or len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"image size must be N or HxW, got {text!r}")
+    return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="preset SIZE/PATCH[-fFRAMES[tTUBELET]], e.g. B/16, S/16-f16")
+    p.add_argument("--image-size", type=_image_size, help="input size N or HxW in pixels")
+    p.add_argument("--frames", type=int, help="input frames (video)")
+    p.add_argument("--tubelet", type=int, help="frames per token (video)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs (0 = no head)")
+
+
+def _config(args: argparse.Namespace) -> ViTConfig:
+    fields = ("image_size", "frames", "tubelet", "num_classes")
+    return preset(args.model, **{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    records = []
+    for name in preset_names():
+        cfg = preset(name)
+        records.append({"name": name} | report.cost_record(cfg, cost(cfg)))
+    if args.json:
+        return report.print_json(records)
+    keys = ["name", "depth", "width", "heads", "patch", "image_size", "frames", "tokens",
+            "params", "flops", "acts"]
+    report.console().print(report.table("Presets (GFLOPs are multiply-adds per sample)", records, keys))
+
+
+def cmd_cost(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    record = {"name": args.model} | report.cost_record(cfg, cost(cfg))
+    if args.json:
+        return report.print_json(record)
+    keys = ["name", "depth", "width", "heads", "patch", "image_size", "frames", "tokens",
+            "params", "flops", "acts"]
+    report.console().print(report.table("Cost (GFLOPs are multiply-adds per sample)", [record], keys))
+
+
+def cmd_scale(args: argparse.Namespace) -> None:
+    base = _config(args)
+    strategies = args.strategy.split(",")
+    for s in strategies:  # fail on any bad string before doing work
+        scaling.parse_strategy(s)
+    records, configs, exponents = [], [], {}
+    for s in strategies:
+        family = scaling.scale_family(base, s, args.factors)
+        if len({m.cost.flops for m in family}) > 1:
+            exponents[s] = scaling.growth_exponent(family)
+        for m in family:
+            configs.append(m.config)
+            records.append({"strategy": s, "target": m.target, "achieved": m.achieved}
+                           | report.cost_record(m.config, m.cost))
+    if args.measure:
+        _measure_family(records, configs, args)
+    if args.json:
+        return report.print_json({"base": args.model, "records": records, "acts_exponent": exponents})
+    out = report.console()
+    keys = ["strategy", "target", "achieved", "depth", "width", "heads", "image_size", "frames",
+            "params", "flops", "acts"] + (["samples_per_s"] if args.measure else [])
+    out.print(report.table(f"Scaling {args.model} (GFLOPs are multiply-adds per sample)", records, keys))
+    for s, e in exponents.items():
+        out.print(f"acts growth exponent vs flops, {s}: {e:.2f}")
+    if args.measure:
+        out.print(_correlation_line(records))
+
+
+def _measure_family(records: list[dict], configs: list[ViTConfig], args: argparse.Namespace) -> None:
+    """Add measured training throughput to every record (each distinct config timed once)."""
+    seen: dict[ViTConfig, bench.Measurement] = {}
+    for r, cfg in zip(records, configs):
+        if cfg not in seen:
+            seen[cfg] = bench.measure(cfg, batch=args.batch, mode="train", dtype=args.dtype,
+                                      device=args.device, warmup=1, iters=args.iters)
+        r["samples_per_s"] = seen[cfg].samples_per_s
+        r["s_per_sample"] = 1.0 / seen[cfg].samples_per_s
+
+
+def _correlation_line(records: list[dict]) -> str:
+    """Pearson r of measured time per sample with flops, params and acts."""
+    times = [r["s_per_sample"] for r in records]
+    rs = {k: report.pearson([r[k] for r in records], times) for k in ("flops", "params", "acts")}
+    return "runtime correlation (Pearson r, time per sample): " + ", ".join(
+        f"{k} {v:.3f}" for k, v in rs.items())
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    modes = ["infer", "train"] if args.mode == "both" else [args.mode]
+    c = cost(cfg)
+    records = []
+    for mode in modes:
+        m = bench.measure(cfg, batch=args.batch, mode=mode, dtype=args.dtype, device=args.device,
+                          warmup=args.warmup, iters=args.iters)
+        records.append({"name": args.model} | m.as_dict() | {"params": c.params, "flops": c.flops})
+    if args.json:
+        return report.print_json(records)
+    keys = ["name", "mode", "dtype", "batch", "samples_per_s", "ms_per_step", "peak_mem_mb",
+            "params", "flops"]
+    report.console().print(report.table(f"Measured on {records[0]['device']}", records, keys))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitscale", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list presets with params, GFLOPs (multiply-adds) and acts")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=cmd_models)
+
+    p = sub.add_parser("cost", help="params, GFLOPs (multiply-adds) and acts of one config")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_cost)
+
+    p = sub.add_parser("scale", help="scale a model by strategies to flops factors")
+    _add_model_args(p)
+    p.add_argument("--strategy", default="d1_w8_r1",
+                   help="comma-separated strategies: d, w, r, t, dw, dwr, d1_w8_r1, ...")
+    p.add_argument("--factors", type=_floats, default=[1.0, 2.0, 4.0, 8.0],
+                   help="flops factors, e.g. 1,2,4,8")
+    p.add_argument("--measure", action="store_true",
+                   help="also time a training step of each scaled model and correlate runtime")
+    p.add_argument("--batch", type=int, default=8, help="batch for --measure")
+    p.add_argument("--iters", type=int, default=3, help="timed steps for --measure")
+    p.add_argument("--dtype", default="fp32", choices=list(bench.DTYPES))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_scale)
+
+    p = sub.add_parser("bench", help="measure throughput, latency and peak memory")
+    _add_model_args(p)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--mode", default="both", choices=["infer", "train", "both"])
+    p.add_argument("--dtype", default="fp32", choices=list(bench.DTYPES))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as e:  # a user's mistake: one line, no traceback
+        print(f"vitscale: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""One vanilla Vision Transformer for images and video.
+
+References:
+  ViT: Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words" (pre-norm blocks, cls token).
+  ViViT / VideoMAE: Arnab et al. 2021, Tong et al. 2022 (3D tubelet embedding, joint
+  space-time attention over all tokens).
+  MAE: He et al. 2022 (2D sin-cos position embedding, encoder on visible tokens only).
+
+An image is a clip of one frame: with frames=1 the patch embedding is a Conv2d and the
+position grid is (1, H/p, W/p); with frames>1 it is a Conv3d with a temporal stride of
+`tubelet` and the grid is (T/tubelet, H/p, W/p). Everything after the embedding is shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Grid = tuple[int, int, int]  # (t, h, w) tokens along time, height, width
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    image_size: int | tuple[int, int] = 224  # input height and width (int = square)
+    patch_size: int = 16  # spatial patch side in pixels
+    frames: int = 1  # input frames; 1 = an image model
+    tubelet: int = 1  # frames per token (temporal patch); must divide frames
+    in_chans: int = 3  # input channels
+    width: int = 768  # token dimension D
+    depth: int = 12  # transformer blocks
+    heads: int = 12  # attention heads; must divide width
+    mlp_ratio: float = 4.0  # MLP hidden = int(width * mlp_ratio)
+    num_classes: int = 1000  # 0 = features only, no head
+    pool: str = "cls"  # "cls" token or "mean" of patch tokens
+    class_token: bool = True  # prepend a learned cls token (required by pool="cls")
+    pos_embed: str = "learned"  # "learned" parameter or fixed "sincos"
+    qkv_bias: bool = True  # bias on the fused qkv projection
+    drop_path: float = 0.0  # stochastic depth rate, linear over blocks
+
+    def __post_init__(self) -> None:
+        h, w = self.hw
+        checks = [
+            (h % self.patch_size == 0 and w % self.patch_size == 0,
+             f"image size {h}x{w} is not divisible by the patch size {self.patch_size}"),
+            (self.frames >= 1 and self.tubelet >= 1 and self.frames % self.tubelet == 0,
+             f"frames ({self.frames}) must be a positive multiple of tubelet ({self.tubelet})"),
+            (self.width % self.heads == 0,
+             f"width {self.width} is not divisible by heads {self.heads}"),
+            (self.depth >= 1 and self.width >= 1, "depth and width must be positive"),
+            (self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}"),
+            (self.pool != "cls" or self.class_token, "pool='cls' needs class_token=True"),
+            (self.pos_embed in ("learned", "sincos"),
+             f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}"),
+            (0.0 <= self.drop_path < 1.0, "drop_path must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """Input (height, width) in pixels."""
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    @property
+    def grid(self) -> Grid:
+        """Token grid (t, h, w)."""
+        h, w = self.hw
+        return self.frames // self.tubelet, h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+    @property
+    def num_prefix(self) -> int:
+        """Tokens before the patch tokens (the cls token, if any)."""
+        return int(self.class_token)
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def is_video(self) -> bool:
+        return self.frames > 1
+
+    @property
+    def patch_dim(self) -> int:
+        """Input values per token: in_chans * tubelet * patch * patch."""
+        return self.in_chans * self.tubelet * self.patch_size**2
+
+    def replace(self, **changes) -> ViTConfig:
+        return replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- presets
+# name -> (width, depth, heads, mlp_ratio). Standard sizes as in ViT / big_vision; "pico"
+# and "mu" are small enough to train on two CPU cores in minutes.
+SIZES: dict[str, tuple[int, int, int, float]] = {
+    "pico": (64, 4, 2, 4.0),
+    "mu": (144, 6, 3, 4.0),
+    "Ti": (192, 12, 3, 4.0),
+    "S": (384, 12, 6, 4.0),
+    "M": (512, 12, 8, 4.0),
+    "B": (768, 12, 12, 4.0),
+    "L": (1024, 24, 16, 4.0),
+    "H": (1280, 32, 16, 4.0),
+}
+# Sizes meant for small inputs (built-in digits, 32 px, 10 classes) rather than ImageNet.
+SMALL = {"pico": (32, 10), "mu": (32, 10)}
+VIDEO_TUBELET = 2  # VideoMAE's temporal patch
+
+
+def preset(name: str, **overrides) -> ViTConfig:
+    """Decode a preset name into a config.
+
+    Grammar: ``SIZE/PATCH[-fFRAMES[tTUBELET]]``, e.g. ``B/16`` (ViT-B/16, 224 px),
+    ``S/16-f16`` (16 frames, tubelet 2, as VideoMAE), ``pico/4-f8t1``. Keyword overrides
+    replace any field afterwards (``preset("B/16", image_size=384)``).
+    """
+    size, _, rest = name.partition("/")
+    patch_str, _, video = rest.partition("-")
+    if size not in SIZES or not patch_str.isdigit():
+        raise ValueError(
+            f"unknown preset {name!r}; use SIZE/PATCH with SIZE one of {', '.join(SIZES)} "
+            "(e.g. B/16, S/16-f16); `vitscale models` lists them"
+        )
+    width, depth, heads, mlp_ratio = SIZES[size]
+    image_size, num_classes = SMALL.get(size, (224, 1000))
+    frames, tubelet = 1, 1
+    if video:
+        f_str, _, t_str = video.lstrip("f").partition("t")
+        if not video.startswith("f") or not f_str.isdigit() or (t_str and not t_str.isdigit()):
+            raise ValueError(f"bad video suffix in preset {name!r}; write -fFRAMES[tTUBELET], e.g. -f16")
+        frames, tubelet = int(f_str), int(t_str) if t_str else VIDEO_TUBELET
+    fields = dict(
+        image_size=image_size, patch_size=int(patch_str), frames=frames, tubelet=tubelet,
+        width=width, depth=depth, heads=heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
+    )
+    fields.update(overrides)
+    return ViTConfig(**fields)
+
+
+def preset_names() -> list[str]:
+    """The presets listed by `vitscale models`."""
+    image = ["pico/4", "mu/4", "Ti/16", "S/16", "M/16", "B/16", "B/32", "L/16", "H/14"]
+    video = ["pico/4-f8", "S/16-f16", "B/16-f16", "L/16-f16"]
+    return image + video
+
+
+# ----------------------------------------------------------------------------- position embeddings
+def sincos_1d(dim: int, pos: Tensor) -> Tensor:
+    """Sin-cos embedding of positions. pos: [M] -> [M, dim] (dim even)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = pos.double()[:, None] * omega[None]  # [M, dim/2]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_pos_embed(dim: int, grid: Grid) -> Tensor:
+    """Fixed sin-cos embedding for a (t, h, w) grid -> [t*h*w, dim].
+
+    Space uses MAE's 2D form (half the channels for rows, half for columns). Time, when
+    the grid has more than one step, adds a 1D sin-cos over all channels (a separable
+    space + time embedding, as MViT's sep_pos_embed). dim must be a multiple of 4.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos position embedding needs width divisible by 4, got {dim}")
+    t, h, w = grid
+    rows = sincos_1d(dim // 2, torch.arange(h).repeat_interleave(w))  # [h*w, D/2]
+    cols = sincos_1d(dim // 2, torch.arange(w).repeat(h))  # [h*w, D/2]
+    space = torch.cat([rows, cols], dim=1)  # [h*w, D]
+    if t == 1:
+        return space
+    time = sincos_1d(dim, torch.arange(t))  # [t, D]
+    return (time[:, None, :] + space[None]).reshape(t * h * w, dim)
+
+
+def resample_pos_embed(pos: Tensor, old: Grid, new: Grid) -> Tensor:
+    """Interpolate a learned grid embedding to a new grid.
+
+    pos: [1, t*h*w, D] -> [1, t'*h'*w', D]. Space is bicubic, time is linear; resampling to
+    the same grid returns the same values.
+    """
+    if old == new:
+        return pos
+    (t, h, w), (t2, h2, w2), dim = old, new, pos.shape[-1]
+    x = pos.reshape(t, h, w, dim).permute(0, 3, 1, 2).float()  # [t, D, h, w]
+    if (h, w) != (h2, w2):
+        x = F.interpolate(x, size=(h2, w2), mode="bicubic", align_corners=False)  # [t, D, h2, w2]
+    if t != t2:
+        x = x.permute(2, 3, 1, 0).reshape(h2 * w2, dim, t)  # [h2*w2, D, t]
+        x = F.interpolate(x, size=t2, mode="linear", align_corners=False)  # [h2*w2, D, t2]
+        x = x.reshape(h2, w2, dim, t2).permute(3, 2, 0, 1)  # [t2, D, h2, w2]
+    return x.permute(0, 2, 3, 1).reshape(1, t2 * h2 * w2, dim).to(pos.dtype)  # [1, N', D]
+
+
+# ----------------------------------------------------------------------------- layers
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches (2D) or tubelets (3D) to tokens."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        p = cfg.patch_size
+        if cfg.is_video:
+            kernel = (cfg.tubelet, p, p)
+            self.proj = nn.Conv3d(cfg.in_chans, cfg.width, kernel, stride=kernel)
+        else:
+            self.proj = nn.Conv2d(cfg.in_chans, cfg.width, p, stride=p)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Grid]:
+        """x: [B, C, H, W] or [B, C, T, H, W] -> tokens [B, N, D] and their grid."""
+        x = self.proj(x)  # [B, D, h, w] or [B, D, t, h, w]
+        grid = tuple(x.shape[2:]) if x.ndim == 5 else (1, *x.shape[2:])
+        return x.flatten(2).transpose(1, 2), grid  # [B, N, D]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and SDPA."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, L, D] -> [B, L, D]."""
+        B, L, D = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads)  # [B, L, 3, H, hd]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, hd]
+        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, hd]
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth: zero a residual branch per sample with probability `rate`."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1.0 - rate)
+    return x * keep / (1.0 - rate)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, qkv_bias: bool, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_hidden)
+        self.drop_path = drop_path
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+# ----------------------------------------------------------------------------- model
+class ViT(nn.Module):
+    """Vanilla ViT. Input [B, C, H, W] (image) or [B, C, T, H, W] (video)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.width
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        if cfg.pos_embed == "learned":
+            # one row per patch token, plus one for the cls token (as timm / HF lay it out)
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix + cfg.num_patches, D))
+        else:
+            self.register_buffer("pos_embed", self._sincos(cfg.grid), persistent=False)
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.heads, cfg.mlp_hidden, cfg.qkv_bias, r) for r in rates
+        )
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else None
+        self.init_weights()
+
+    def _sincos(self, grid: Grid) -> Tensor:
+        """[1, prefix + N, D] fixed embedding; the cls token's row is zeros (as MAE)."""
+        pos = sincos_pos_embed(self.cfg.width, grid)
+        return torch.cat([pos.new_zeros(self.cfg.num_prefix, pos.shape[1]), pos])[None]
+
+    def init_weights(self) -> None:
+        """Truncated-normal linears and embeddings, xavier patch projection (as MAE)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def pos_embed_for(self, grid: Grid) -> Tensor:
+        """Position embedding for a grid, resampled if it differs from the config's."""
+        if self.cfg.pos_embed == "sincos":
+            return self.pos_embed if grid == self.cfg.grid else self._sincos(grid).to(self.pos_embed)
+        prefix = self.pos_embed[:, : self.cfg.num_prefix]
+        patches = resample_pos_embed(self.pos_embed[:, self.cfg.num_prefix :], self.cfg.grid, grid)
+        return torch.cat([prefix, patches], dim=1)
+
+    def forward_features(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Encode an input into normalised tokens.
+
+        Args:
+            x: [B, C, H, W] or [B, C, T, H, W].
+            keep: optional [B, K] indices of the patch tokens to encode (MAE runs the
+                encoder on the visible tokens only); None encodes all N.
+        Returns:
+            [B, prefix + K, D] tokens, the cls token first when there is one.
+        """
+        x, grid = self.patch_embed(x)  # [B, N, D]
+        pos = self.pos_embed_for(grid)  # [1, prefix + N, D]
+        x = x + pos[:, self.cfg.num_prefix :]
+        if keep is not None:
+            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, D]
+        if self.cls_token is not None:
+            cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # [B, 1, D]
+            x = torch.cat([cls, x], dim=1)  # [B, 1 + K, D]
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        """[B, L, D] -> [B, D]: the cls token, or the mean of the patch tokens."""
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
+        return tokens[:, self.cfg.num_prefix :].mean(dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, C, (T,) H, W] -> logits [B, classes], or pooled features [B, D] with no head."""
+        features = self.pool(self.forward_features(x))
+        return self.head(features) if self.head is not None else features
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
