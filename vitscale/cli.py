@@ -17,6 +17,7 @@ import sys
 from vitscale import bench, report, scaling
 from vitscale.complexity import cost
 from vitscale.models.vit import ViTConfig, preset, preset_names
+from vitscale.stats import pearson
 
 
 def _image_size(text: str) -> int | tuple[int, int]:
@@ -100,7 +101,7 @@ def cmd_scale(args: argparse.Namespace) -> None:
 def _measure_family(records: list[dict], configs: list[ViTConfig], args: argparse.Namespace) -> None:
     """Add measured training throughput to every record (each distinct config timed once)."""
     seen: dict[ViTConfig, bench.Measurement] = {}
-    for r, cfg in zip(records, configs):
+    for r, cfg in zip(records, configs, strict=True):
         if cfg not in seen:
             seen[cfg] = bench.measure(cfg, batch=args.batch, mode="train", dtype=args.dtype,
                                       device=args.device, warmup=1, iters=args.iters)
@@ -111,7 +112,7 @@ def _measure_family(records: list[dict], configs: list[ViTConfig], args: argpars
 def _correlation_line(records: list[dict]) -> str:
     """Pearson r of measured time per sample with flops, params and acts."""
     times = [r["s_per_sample"] for r in records]
-    rs = {k: report.pearson([r[k] for r in records], times) for k in ("flops", "params", "acts")}
+    rs = {k: pearson([r[k] for r in records], times) for k in ("flops", "params", "acts")}
     return "runtime correlation (Pearson r, time per sample): " + ", ".join(
         f"{k} {v:.3f}" for k, v in rs.items())
 
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flops factors, e.g. 1,2,4,8")
     p.add_argument("--measure", action="store_true",
                    help="also time a training step of each scaled model and correlate runtime")
-    p.add_argument("--batch", type=int, default=8, help="batch for --measure")
+    p.add_argument("--batch", type=int, default=32, help="batch for --measure")
     p.add_argument("--iters", type=int, default=3, help="timed steps for --measure")
     p.add_argument("--dtype", default="fp32", choices=list(bench.DTYPES))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

@@ -70,5 +70,5 @@ def cost(cfg: ViTConfig, **relax: float) -> Cost:
     embeddings = D * cfg.num_prefix  # cls token
     if cfg.pos_embed == "learned":
         embeddings += D * L  # learned position table (sincos is a fixed buffer)
-    params, macs, bias, acts = (sum(col) for col in zip(*layers))
+    params, macs, bias, acts = (sum(col) for col in zip(*layers, strict=True))
     return Cost(params=params + embeddings + 2 * D, flops=macs + bias, acts=acts, bias_flops=bias)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Sequence
 
@@ -68,13 +67,3 @@ def table(title: str, records: Sequence[dict], keys: Sequence[str]) -> Table:
     for r in records:
         t.add_row(*(COLUMNS[k][1](r[k]) if r.get(k) is not None else "-" for k in keys))
     return t
-
-
-def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Pearson correlation coefficient (nan when either side is constant)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(xs, ys))
-    sxx = sum((a - mx) ** 2 for a in xs)
-    syy = sum((b - my) ** 2 for b in ys)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")

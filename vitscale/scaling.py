@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from vitscale.complexity import Cost, cost
 from vitscale.models.vit import ViTConfig
+from vitscale.stats import loglog_slope
 
 DIMS = "dwrt"
 FLOPS_SLACK = 0.02  # roundings this close (in log flops) to the best one count as ties
@@ -176,10 +177,4 @@ def scale_family(config: ViTConfig, strategy: str, factors: list[float]) -> list
 
 def growth_exponent(family: list[Scaled], y: str = "acts") -> float:
     """Log-log least-squares slope of a cost (`acts` or `params`) against flops."""
-    xs = [math.log(s.cost.flops) for s in family]
-    ys = [math.log(getattr(s.cost, y)) for s in family]
-    if len(set(xs)) < 2:
-        raise ValueError("growth exponent needs at least two members with different flops")
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(xs, ys))
-    return sxy / sum((a - mx) ** 2 for a in xs)
+    return loglog_slope([s.cost.flops for s in family], [getattr(s.cost, y) for s in family])

@@ -282,7 +282,7 @@ class ViT(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix + cfg.num_patches, D))
         else:
             self.register_buffer("pos_embed", self._sincos(cfg.grid), persistent=False)
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # linear rule
         self.blocks = nn.ModuleList(
             Block(D, cfg.heads, cfg.mlp_hidden, cfg.qkv_bias, r) for r in rates
         )
