@@ -1,0 +1,89 @@
+"""Data: built-in and real datasets, torch transforms, keyed sampling, loaders.
+
+    train, val, info = build_datasets(DataConfig(name="digits"))
+    keys = EpochSampler(len(train), seed=0, epoch=3, rank=0, world=1)
+    loader = make_loader(train, keys, batch_size=64, workers=0, device_type="cpu")
+
+Items are a pure function of their key ``(index, seed)``: see `vitscale.data.common`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from vitscale.data.builtin import DIRECTIONS, build_builtin
+from vitscale.data.common import KeyedDataset, Skipped, UnreadableFileError, collate, stratified_split
+from vitscale.data.config import DataConfig
+from vitscale.data.folders import build_real
+from vitscale.data.sampler import EpochSampler, sample_seed
+from vitscale.data.transforms import ClipTransform
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the model and the report need to know about the data."""
+
+    name: str  # dataset name (DataConfig.name)
+    num_classes: int  # label ids are 0 .. num_classes - 1
+    class_names: tuple[str, ...]  # name of each label id
+    in_chans: int  # input channels (always 3: gray data is repeated)
+    frames: int  # frames per item; 1 = images [C, H, W], else clips [C, T, H, W]
+    image_size: int  # height = width in pixels
+    mean: tuple[float, ...]  # per-channel normalization mean
+    std: tuple[float, ...]  # per-channel normalization std
+
+
+def transforms_for(cfg: DataConfig) -> tuple[ClipTransform, ClipTransform]:
+    """(train, eval) transforms; built-ins are rendered at full size, so eval takes all of it."""
+    mean, std = cfg.norm
+    eval_crop = 1.0 if cfg.is_builtin else cfg.eval_crop
+    train = ClipTransform(cfg.image_size, mean, std, scale=(cfg.scale_min, 1.0), flip=cfg.hflip)
+    return train, ClipTransform(cfg.image_size, mean, std, eval_crop=eval_crop)
+
+
+def build_datasets(cfg: DataConfig) -> tuple[KeyedDataset, KeyedDataset, DataInfo]:
+    """(train, val, info) for a data config; raises ValueError on a bad path or empty data."""
+    train_tf, eval_tf = transforms_for(cfg)
+    build = build_builtin if cfg.is_builtin else build_real
+    train, val = build(cfg, train_tf, eval_tf)
+    mean, std = cfg.norm
+    info = DataInfo(name=cfg.name, num_classes=len(train.classes), class_names=tuple(train.classes),
+                    in_chans=3, frames=cfg.frames, image_size=cfg.image_size, mean=mean, std=std)
+    return train, val, info
+
+
+def make_loader(dataset: KeyedDataset, sampler, batch_size: int, workers: int = 0,
+                device_type: str = "cpu", prefetch: int = 2, drop_last: bool = False) -> DataLoader:
+    """A DataLoader over keys from `sampler` (an `EpochSampler` or any iterable of keys).
+
+    Batches are `collate` dicts. The loader gets its own generator, so creating an
+    iterator does not draw from the global torch RNG (which would break exact resume).
+    """
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        pin_memory=device_type == "cuda", drop_last=drop_last,
+        prefetch_factor=prefetch if workers > 0 else None, persistent_workers=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def denormalize(x: Tensor, info: DataInfo) -> Tensor:
+    """Undo normalization for pictures -> [0, 1], same shape.
+
+    x: [..., C, H, W] (an image or one frame) or [..., C, T, H, W] (a clip: recognised by
+    C = info.in_chans and T = info.frames in those places).
+    """
+    is_clip = info.frames > 1 and x.ndim >= 4 and tuple(x.shape[-4:-2]) == (info.in_chans, info.frames)
+    mean = torch.tensor(info.mean, dtype=x.dtype, device=x.device)
+    std = torch.tensor(info.std, dtype=x.dtype, device=x.device)
+    shape = (-1,) + (1,) * (3 if is_clip else 2)  # channels, then (T,) H, W
+    return (x * std.view(shape) + mean.view(shape)).clamp(0, 1)
+
+
+__all__ = ["DIRECTIONS", "ClipTransform", "DataConfig", "DataInfo", "EpochSampler", "KeyedDataset",
+           "Skipped", "UnreadableFileError", "build_datasets", "collate", "denormalize", "make_loader",
+           "sample_seed", "stratified_split", "transforms_for"]

@@ -1,0 +1,117 @@
+"""What every dataset shares: keyed items, skipped files, collation, seeded splits.
+
+Determinism contract. A dataset is indexed by a key ``(index, seed)``:
+
+- ``seed`` an int (training): every random choice for that item (crop, flip, clip start)
+  draws from ``torch.Generator().manual_seed(seed)``, never from the global RNG, so an item
+  is a pure function of its key, in any process, in any order.
+- ``seed`` None (eval): center crop, center clip; no randomness at all.
+
+``dataset[i]`` is ``dataset[(i, None)]``. An item is ``{"x": float32 [C, H, W] (frames=1)
+or [C, T, H, W], "y": int, "index": i}``, or a falsy `Skipped(path, reason)` when the file
+cannot be read (with ``strict`` the dataset raises instead). `collate` drops skipped items
+and lists their paths so the engine can count and name them.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+Key = tuple[int, int | None]  # (index, sample seed or None for eval)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Stands in for an item whose file could not be read; falsy, like None."""
+
+    path: str  # the unreadable file
+    reason: str  # the decoder's one-line complaint
+
+    def __bool__(self) -> bool:
+        return False
+
+
+class UnreadableFileError(ValueError):
+    """A file could not be decoded and `strict` asks to stop rather than skip it."""
+
+
+def parse_key(key: Any, n: int) -> Key:
+    """Accept ``i`` or ``(i, seed)``; check the index range."""
+    index, seed = key if isinstance(key, tuple | list) else (key, None)
+    index = operator.index(index)
+    if not 0 <= index < n:
+        raise IndexError(f"index {index} out of range for a dataset of {n} items")
+    return index, None if seed is None else operator.index(seed)
+
+
+class KeyedDataset(Dataset):
+    """Base class: subclasses set `classes`, define `__len__` and `load(index, gen)`."""
+
+    classes: tuple[str, ...] = ()
+    strict: bool = False
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int, gen: torch.Generator | None) -> dict | Skipped:
+        raise NotImplementedError
+
+    def __getitem__(self, key: Any) -> dict | Skipped:
+        index, seed = parse_key(key, len(self))
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        return self.load(index, gen)
+
+    def skip(self, path: str, error: BaseException) -> Skipped:
+        """Record an unreadable file, or raise with its name when strict."""
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if self.strict:
+            raise UnreadableFileError(
+                f"cannot read {path}: {reason}; fix or remove the file, or set data.strict=false to skip it"
+            ) from error
+        return Skipped(path, reason)
+
+
+def collate(items: list[dict | Skipped | None]) -> dict:
+    """Stack items into a batch; drop skipped ones and list their paths.
+
+    Returns ``{"x": [B, ...] float32, "y": [B] long, "index": [B] long, "skipped": [paths]}``.
+    If every item was skipped, B = 0 and ``x`` is an empty tensor: skip such a batch.
+    """
+    good = [it for it in items if it]
+    skipped = [it.path for it in items if isinstance(it, Skipped)]
+    if not good:
+        empty = torch.empty(0, dtype=torch.long)
+        return {"x": torch.empty(0), "y": empty, "index": empty.clone(), "skipped": skipped}
+    return {
+        "x": torch.stack([it["x"] for it in good]),
+        "y": torch.tensor([it["y"] for it in good], dtype=torch.long),
+        "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+        "skipped": skipped,
+    }
+
+
+def stratified_split(labels: list[int] | np.ndarray, fraction: float,
+                     seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train, val) index lists with `fraction` of each class held out (sorted)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed & (2**63 - 1), 0x5EED])
+    train, val = [], []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        members = members[rng.permutation(len(members))]
+        k = int(round(fraction * len(members)))
+        val += members[:k].tolist()
+        train += members[k:].tolist()
+    return sorted(train), sorted(val)
+
+
+def as_float(x: Tensor) -> Tensor:
+    """uint8 -> float32 in [0, 1]; float stays as is."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()

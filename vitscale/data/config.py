@@ -1,0 +1,79 @@
+"""The data section of a run config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NAMES = ("digits", "moving-digits", "image-folder", "video-folder", "video-csv")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BUILTIN_MEAN = (0.5, 0.5, 0.5)
+BUILTIN_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"  # digits | moving-digits | image-folder | video-folder | video-csv
+    path: str = ""  # class-per-subfolder folder, or a `path,label` CSV (real data only)
+    val_path: str = ""  # separate val folder / CSV; "" = a seeded split of val_fraction
+    val_fraction: float = 0.2  # held-out share when val_path is empty (0 = no validation)
+    image_size: int = 32  # output height = width in pixels
+    frames: int = 1  # frames per clip; 1 = images ([C, H, W]), >1 = clips ([C, T, H, W])
+    frame_stride: int = 2  # distance between sampled frames of a real video
+    label: str = "digit"  # moving-digits target: "digit" class or motion "direction"
+    num_clips: int = 2000  # moving-digits clips, train + val
+    digits_per_clip: int = 1  # moving-digits: 1, or 2 (the second is a dim distractor)
+    scale_min: float = 0.35  # random resized crop: smallest crop area as a share of the frame
+    hflip: bool = False  # random horizontal flips (wrong for digits and motion direction)
+    eval_crop: float = 0.875  # eval center crop as a share of the shorter side (real data)
+    mean: tuple[float, ...] = ()  # per-channel mean; () = ImageNet for real data, 0.5 for built-ins
+    std: tuple[float, ...] = ()  # per-channel std; () = ImageNet for real data, 0.5 for built-ins
+    workers: int = 0  # DataLoader worker processes (0 = load in the main process)
+    strict: bool = False  # raise on an unreadable file instead of skipping it
+    seed: int = 0  # dataset seed: train/val split and moving-digits generation
+
+    def __post_init__(self) -> None:
+        real = self.name in ("image-folder", "video-folder", "video-csv")
+        checks = [
+            (self.name in NAMES, f"data.name must be one of {', '.join(NAMES)}, got {self.name!r}"),
+            (not real or self.path, f"data.name={self.name!r} needs data.path=FOLDER_OR_CSV"),
+            (0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1), e.g. 0.2"),
+            (self.image_size >= 8, f"data.image_size must be at least 8, got {self.image_size}"),
+            (self.frames >= 1, f"data.frames must be at least 1, got {self.frames}"),
+            (self.frame_stride >= 1, f"data.frame_stride must be at least 1, got {self.frame_stride}"),
+            (self.label in ("digit", "direction"),
+             f"data.label must be 'digit' or 'direction', got {self.label!r}"),
+            (self.label == "digit" or self.name == "moving-digits",
+             "data.label='direction' exists only for data.name=moving-digits"),
+            (self.label == "digit" or self.frames >= 2,
+             "data.label='direction' needs motion: set data.frames to 2 or more"),
+            (not (self.hflip and self.label == "direction"),
+             "data.hflip would mirror the motion and break direction labels; set data.hflip=false"),
+            (self.name != "image-folder" or self.frames == 1,
+             "image-folder gives single images; set data.frames=1 or use a video dataset"),
+            (self.name != "digits" or self.frames == 1,
+             "digits are single images; set data.frames=1 or use data.name=moving-digits"),
+            (self.num_clips >= 2, f"data.num_clips must be at least 2, got {self.num_clips}"),
+            (self.digits_per_clip in (1, 2),
+             f"data.digits_per_clip must be 1 or 2, got {self.digits_per_clip}"),
+            (0.0 < self.scale_min <= 1.0, f"data.scale_min must be in (0, 1], got {self.scale_min}"),
+            (0.0 < self.eval_crop <= 1.0, f"data.eval_crop must be in (0, 1], got {self.eval_crop}"),
+            (len(self.mean) in (0, 3), f"data.mean needs 3 values or none, got {self.mean}"),
+            (len(self.std) in (0, 3), f"data.std needs 3 values or none, got {self.std}"),
+            (all(s > 0 for s in self.std), f"data.std values must be positive, got {self.std}"),
+            (self.workers >= 0, f"data.workers must be 0 or more, got {self.workers}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.name in ("digits", "moving-digits")
+
+    @property
+    def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Resolved (mean, std): the configured values or the dataset default."""
+        mean_default, std_default = (BUILTIN_MEAN, BUILTIN_STD) if self.is_builtin else (
+            IMAGENET_MEAN, IMAGENET_STD)
+        return tuple(self.mean or mean_default), tuple(self.std or std_default)

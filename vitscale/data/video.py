@@ -1,0 +1,108 @@
+"""Video decoding with PyAV: which frames a clip takes, and decoding only those.
+
+Clip sampling (as VideoMAE): `frames` frames `stride` apart span ``(frames - 1) * stride + 1``
+source frames. Training starts the span at a random frame, eval centers it. A video shorter
+than the span is read from frame 0 and padded by repeating its last frame.
+"""
+
+from __future__ import annotations
+
+import math
+
+import av
+import numpy as np
+import torch
+from torch import Tensor
+
+SEEK_AFTER = 24  # seek (to the keyframe before the clip) only when it starts this far in
+
+
+def clip_indices(total: int, frames: int, stride: int, gen: torch.Generator | None) -> list[int]:
+    """Source frame indices of one clip: random start when `gen` is given, else centered."""
+    span = (frames - 1) * stride + 1
+    room = max(total - span, 0)
+    start = room // 2 if gen is None else int(torch.randint(0, room + 1, (), generator=gen))
+    return [min(start + k * stride, total - 1) for k in range(frames)]
+
+
+def frame_count(container: av.container.InputContainer) -> int:
+    """Frames in the first video stream: from the header, else duration x rate, else by decoding."""
+    stream = container.streams.video[0]
+    if stream.frames > 0:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if rate and stream.duration and stream.time_base:
+        return max(1, int(math.floor(stream.duration * stream.time_base * rate + 1e-6)))
+    if rate and container.duration:
+        return max(1, int(math.floor(container.duration / av.time_base * rate + 1e-6)))
+    n = sum(1 for _ in container.decode(stream))
+    container.seek(0)
+    return n
+
+
+def _out_size(w: int, h: int, short: int | None) -> tuple[int, int]:
+    """(width, height) scaled so the shorter side is `short`, never upscaled."""
+    if not short or min(w, h) <= short:
+        return w, h
+    f = short / min(w, h)
+    return max(1, round(w * f)), max(1, round(h * f))
+
+
+def _to_array(frame: av.VideoFrame, short: int | None) -> np.ndarray:
+    w, h = _out_size(frame.width, frame.height, short)
+    return frame.reformat(width=w, height=h, format="rgb24").to_ndarray()  # [H, W, 3] uint8
+
+
+def _decode(container, stream, wanted: list[int], short: int | None, seek: bool) -> dict[int, np.ndarray]:
+    """Decode frames `wanted` (sorted, unique); stop after the last one."""
+    out: dict[int, np.ndarray] = {}
+    rate, tb = stream.average_rate or stream.guessed_rate, stream.time_base
+    t0 = stream.start_time or 0
+    use_pts = seek and rate is not None and tb is not None
+    if use_pts:
+        container.seek(t0 + int(wanted[0] / (rate * tb)), stream=stream, backward=True, any_frame=False)
+    for count, frame in enumerate(container.decode(stream)):
+        if use_pts:
+            if frame.pts is None:
+                return {}  # no timestamps: caller falls back to counting from frame 0
+            i = round(float((frame.pts - t0) * tb * rate))
+            if not out and i > wanted[0]:
+                return {}  # seek landed past the clip
+        else:
+            i = count
+        if i in wanted and i not in out:  # wanted is short: a list is fine
+            out[i] = _to_array(frame, short)
+        if i >= wanted[-1]:
+            break
+    return out
+
+
+def read_clip(path: str, frames: int, stride: int, gen: torch.Generator | None,
+              short: int | None = None, counts: dict | None = None) -> Tensor:
+    """Decode one clip: uint8 [3, T, H, W]; shorter side reduced to `short` if larger.
+
+    `counts` caches frame counts per path. Raises on an unreadable file.
+    """
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        total = counts.get(path) if counts is not None else None
+        if total is None:
+            total = frame_count(container)
+            if counts is not None:
+                counts[path] = total
+        idx = clip_indices(total, frames, stride, gen)
+        wanted = sorted(set(idx))
+        seek = wanted[0] >= SEEK_AFTER
+        got = _decode(container, stream, wanted, short, seek=True) if seek else {}
+        if not got:
+            if seek:
+                container.seek(0)
+            got = _decode(container, stream, wanted, short, seek=False)
+    if not got:
+        raise ValueError("no decodable frames")
+    # A frame past the real end (the header over-counted) repeats the last one decoded before it.
+    have = sorted(got)
+    clip = [got[max([k for k in have if k <= i], default=have[0])] for i in idx]
+    return torch.from_numpy(np.stack(clip)).permute(3, 0, 1, 2)  # [T, H, W, 3] -> [3, T, H, W]
