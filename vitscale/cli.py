@@ -4,6 +4,8 @@
     vitscale cost B/16 --image-size 384      cost of one config
     vitscale scale S/16 --strategy d,w,d1_w8_r1 --factors 1,2,4,8 [--measure]
     vitscale bench S/16 --batch 32 --dtype bf16
+    vitscale train [--config FILE.yaml] [--model PRESET] [--out DIR] [--section.key=value ...]
+    vitscale pretrain / finetune --init RUN_DIR [--linear-probe] / eval RUN_DIR
 
 User errors (unknown preset, bad strategy, a size the patch does not divide) end in one
 line on stderr and exit code 2.
@@ -12,6 +14,8 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from vitscale import bench, report, scaling
@@ -133,6 +137,70 @@ def cmd_bench(args: argparse.Namespace) -> None:
     report.console().print(report.table(f"Measured on {records[0]['device']}", records, keys))
 
 
+# Per-command defaults (used when no --config is given): each trains on built-in data in
+# minutes on two CPU cores. Anything here can be overridden with --section.key=value.
+COMMAND_DEFAULTS = {
+    "train": ["task=supervised", "train.epochs=30", "train.base_lr=2e-3", "train.warmup_epochs=3"],
+    "pretrain": ["task=mae", "train.epochs=60", "train.base_lr=1.5e-3", "train.betas=0.9,0.95",
+                 "train.warmup_epochs=5", "train.label_smoothing=0", "mae.decoder_width=64",
+                 "mae.decoder_depth=2", "mae.decoder_heads=2"],
+    "finetune": ["task=finetune", "train.epochs=20", "train.base_lr=2e-3", "train.layer_decay=0.75",
+                 "train.warmup_epochs=2"],
+    "linprobe": ["task=linprobe", "train.epochs=30", "train.base_lr=0.1", "train.weight_decay=0",
+                 "train.warmup_epochs=2", "train.label_smoothing=0"],
+}
+
+
+def _run_config(args: argparse.Namespace, extra: list[str]):
+    """--config (else the command's defaults), then --model, --init, --out, then overrides."""
+    from vitscale import config
+
+    init = getattr(args, "init", None) or ""
+    if args.config:
+        cfg = config.load_yaml(args.config)
+    else:
+        command = "linprobe" if getattr(args, "linear_probe", False) else args.command
+        cfg = config.apply_overrides(config.RunConfig(init=init), COMMAND_DEFAULTS[command])
+    if args.model:
+        cfg = config.with_preset(cfg, args.model)
+    changes = ([f"out={args.out}"] if args.out else []) + ([f"init={init}"] if init else [])
+    unknown = [e for e in extra if e.startswith("--") and "." not in e.split("=")[0]]
+    if unknown:
+        raise ValueError(f"unrecognised arguments: {' '.join(unknown)} "
+                         "(overrides look like --train.epochs=5)")
+    return config.apply_overrides(cfg, changes + _pairs(extra))
+
+
+def _pairs(extra: list[str]) -> list[str]:
+    """Accept both --a.b=v and --a.b v."""
+    out, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if "=" not in item and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            item, i = f"{item}={extra[i + 1]}", i + 1
+        out.append(item)
+        i += 1
+    return out
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
+    from vitscale import engine
+
+    cfg = _run_config(args, extra)
+    result = engine.train(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    print(json.dumps(result) if args.json else
+          f"done: {', '.join(f'{k} {v:.4g}' for k, v in result.items())}; results in {cfg.out}")
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
+    from vitscale import engine
+
+    result = engine.evaluate_run(args.run, device=args.device)
+    print(json.dumps(result) if args.json else ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitscale", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,16 +239,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_bench)
+
+    for name, text in [("train", "supervised training from scratch"),
+                       ("pretrain", "MAE / VideoMAE masked pre-training"),
+                       ("finetune", "fine-tune (or --linear-probe) a pre-trained encoder")]:
+        p = sub.add_parser(name, help=text, description=f"{text}. Any config field can be set with "
+                           "--section.key=value (sections: model, data, train, mae).")
+        p.add_argument("--config", help="a run config YAML (e.g. runs/x/config.yaml to reproduce a run)")
+        p.add_argument("--model", help="model preset, e.g. pico/4, mu/4, pico/4-f8")
+        p.add_argument("--out", help="run directory (an existing one resumes)")
+        if name == "finetune":
+            p.add_argument("--init", required=True, help="a run directory or a .safetensors file")
+            p.add_argument("--linear-probe", action="store_true",
+                           help="freeze the encoder and train a linear head")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's best checkpoint on its validation data")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_eval)
     return parser
 
 
+TAKES_OVERRIDES = ("train", "pretrain", "finetune")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in TAKES_OVERRIDES:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.run(args)
+        if args.command in TAKES_OVERRIDES + ("eval",):
+            args.run(args, extra)
+        else:
+            args.run(args)
     except ValueError as e:  # a user's mistake: one line, no traceback
         print(f"vitscale: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "StopTraining":
+            raise
+        print(f"vitscale: stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -1,0 +1,192 @@
+"""Run configs: frozen dataclasses, YAML files, and `--section.key=value` overrides.
+
+A run config has one section per concern (`model`, `data`, `train`, `mae`) plus the task.
+Overrides are parsed against the field's declared type, so `--train.epochs=ten` fails
+with one line instead of training with a string. The resolved config is saved as
+`config.yaml` in every run directory; `--config runs/x/config.yaml` reproduces the run.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from vitscale.data.config import DataConfig
+from vitscale.models.mae import MAEConfig
+from vitscale.models.vit import ViTConfig, preset
+
+TASKS = ("supervised", "mae", "finetune", "linprobe")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30  # passes over the training set
+    batch: int = 128  # global batch per optimizer step (all ranks and accumulation steps)
+    accum: int = 1  # gradient accumulation steps per optimizer step
+    base_lr: float = 1e-3  # learning rate per 256 samples: lr = base_lr * batch / 256
+    min_lr: float = 1e-6  # floor of the cosine schedule
+    warmup_epochs: float = 2.0  # linear warm-up length
+    weight_decay: float = 0.05  # AdamW decay (not on norms, biases, tokens, position tables)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (MAE pre-training uses 0.95)
+    layer_decay: float = 1.0  # layer-wise LR decay for fine-tuning (1.0 = off; MAE uses 0.75)
+    clip_grad: float = 0.0  # max gradient norm (0 = off)
+    label_smoothing: float = 0.1  # supervised cross-entropy smoothing
+    mixup: float = 0.0  # mixup alpha (0 = off)
+    cutmix: float = 0.0  # cutmix alpha (0 = off); with both, each batch picks one
+    dtype: str = "fp32"  # "fp32" or "bf16" autocast
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    fsdp: bool = False  # shard parameters with FSDP (fully_shard) across ranks
+    seed: int = 0  # seeds init, data order, augmentation and masking
+    threads: int = 0  # torch intra-op threads (0 = PyTorch's default)
+    ckpt_every: int = 0  # also checkpoint every N optimizer steps (0 = each epoch only)
+    keep_last: int = 2  # checkpoints kept besides the best
+    knn_k: int = 20  # k for the k-NN accuracy of pre-trained features (0 = off)
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs); for tests
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str = "supervised"  # supervised | mae | finetune | linprobe
+    model: ViTConfig = field(default_factory=lambda: preset("pico/4"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    init: str = ""  # weights to start from: a run directory or a safetensors file
+    out: str = "runs/run"  # run directory
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task in ("finetune", "linprobe") and not self.init:
+            raise ValueError(f"task {self.task!r} needs weights: pass --init RUN_DIR_OR_FILE")
+
+
+# ----------------------------------------------------------------------------- typed parsing
+def _parse(text: str, tp, where: str):
+    """Parse a string as type `tp` (bool, int, float, str, tuples, unions with None)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _parse(text, option, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[-1])
+    if origin is tuple:
+        parts = [p for p in re.split(r"[,x]", text) if p]  # "0.9,0.95" or "224x160"
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse(p, args[0], where) for p in parts)
+        if len(parts) != len(args):
+            raise ValueError(f"{where} needs {len(args)} comma-separated values, got {text!r}")
+        return tuple(_parse(p, a, where) for p, a in zip(parts, args, strict=True))
+    if tp is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{where} must be true or false, got {text!r}")
+    try:
+        return tp(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be {tp.__name__}, got {text!r}") from None
+
+
+def _coerce(value, tp, where: str):
+    """Check / convert a YAML value to the field type."""
+    if isinstance(value, str) and tp is not str:
+        return _parse(value, tp, where)
+    if isinstance(value, list):
+        return _parse(",".join(str(v) for v in value), tp, where)
+    if typing.get_origin(tp) is tuple or tp in (int, float, bool, str):
+        return _parse(str(value), tp, where)
+    return value
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from a nested dict, checking every key and type."""
+    hints, known = _hints(cls), {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in (data or {}).items():
+        name = f"{where}{key}"
+        if key not in known:
+            raise ValueError(f"unknown config key {name!r}; known: {', '.join(sorted(known))}")
+        tp = hints[key]
+        if is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ValueError(f"config section {name!r} must be a mapping")
+            kwargs[key] = from_dict(tp, value, f"{name}.")
+        else:
+            kwargs[key] = _coerce(value, tp, name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """Nested plain dict (tuples as lists) for YAML."""
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+    return {f.name: to_dict(getattr(cfg, f.name)) if is_dataclass(getattr(cfg, f.name))
+            else plain(getattr(cfg, f.name)) for f in fields(cfg)}
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Apply `section.key=value` strings (leading dashes optional) to a config."""
+    for item in overrides:
+        key, sep, text = item.lstrip("-").partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like --section.key=value")
+        cfg = _set(cfg, key.split("."), text, key)
+    return cfg
+
+
+def _set(cfg, path: list[str], text: str, full: str):
+    names = {f.name for f in fields(cfg)}
+    if path[0] not in names:
+        raise ValueError(f"unknown config key {full!r}; known here: {', '.join(sorted(names))}")
+    tp, current = _hints(type(cfg))[path[0]], getattr(cfg, path[0])
+    if len(path) == 1:
+        if is_dataclass(tp):
+            raise ValueError(f"{full!r} is a section; set one of its keys, e.g. --{full}.KEY=VALUE")
+        return replace(cfg, **{path[0]: _parse(text, tp, full)})
+    if not is_dataclass(current):
+        raise ValueError(f"{'.'.join(full.split('.')[:-1])!r} has no sub-keys")
+    return replace(cfg, **{path[0]: _set(current, path[1:], text, full)})
+
+
+def load_yaml(path: str | Path) -> RunConfig:
+    """Read a run config YAML (missing keys take their defaults)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(p)!r} must hold a mapping of sections")
+    return from_dict(RunConfig, data)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def with_preset(cfg: RunConfig, name: str) -> RunConfig:
+    """Replace the model section by a preset's architecture."""
+    return replace(cfg, model=preset(name))
+
+
+__all__ = ["RunConfig", "TrainConfig", "TASKS", "apply_overrides", "dump_yaml", "from_dict",
+           "load_yaml", "to_dict", "with_preset"]

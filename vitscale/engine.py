@@ -1,0 +1,350 @@
+"""One training loop for supervised training, MAE pre-training, fine-tuning and linear probing.
+
+    config -> datasets -> task module -> optimizer -> [steps, evals, checkpoints] -> metrics
+
+The loop is a pure function of the config and the checkpoint it resumes from: the data
+order and every augmentation come from (seed, epoch, index), the LR from the step, and the
+RNG state is saved with each checkpoint. On CPU a run killed at any point and resumed ends
+with the same weights, bit for bit, as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from vitscale import checkpoint, dist, evaluate, optim, tasks, visual
+from vitscale.bench import autocast
+from vitscale.checkpoint import atomic_write_text
+from vitscale.config import RunConfig, dump_yaml, load_yaml
+from vitscale.data import DataInfo, build_datasets, make_loader
+from vitscale.data.sampler import EpochSampler
+
+
+class StopTraining(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message says what to do."""
+
+
+def resolve(cfg: RunConfig, info: DataInfo) -> RunConfig:
+    """Make the model's input shape and classes those of the data (which sets the frames)."""
+    if cfg.model.is_video and info.frames == 1:
+        raise ValueError(f"the model is a video model ({cfg.model.frames} frames) but data {info.name!r} "
+                         "gives images; use video data (e.g. --data.name=moving-digits) or an image preset")
+    model = cfg.model.replace(image_size=info.image_size, frames=info.frames, in_chans=info.in_chans,
+                              tubelet=cfg.model.tubelet if info.frames > 1 else 1,
+                              num_classes=info.num_classes)
+    return replace(cfg, model=model)
+
+
+def _prepare_run_dir(cfg: RunConfig, d: dist.Dist) -> Path:
+    """Create the run directory; refuse one that holds a different run."""
+    run_dir = Path(cfg.out)
+    if d.main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror}") from None
+        saved = run_dir / "config.yaml"
+        if saved.exists() and checkpoint.latest(run_dir) is not None and load_yaml(saved) != cfg:
+            raise ValueError(f"{str(run_dir)!r} holds a run with another config; resume it with "
+                             f"--config {saved} or choose a new --out")
+        atomic_write_text(saved, dump_yaml(cfg))
+    dist.barrier(d)
+    return run_dir
+
+
+def _init_weights(module: torch.nn.Module, init: str, log) -> None:
+    """Load encoder weights from a run directory (best, else latest) or a safetensors file."""
+    from safetensors.torch import load_file
+
+    path = Path(init)
+    if path.is_dir():
+        found = path / "best" if (path / "best").is_dir() else checkpoint.latest(path)
+        if found is None:
+            raise ValueError(f"{init!r} holds no checkpoint to start from")
+        path = found / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"init weights {init!r} not found; pass a run directory or a .safetensors file")
+    skipped = tasks.load_encoder(module, load_file(str(path)))
+    log(f"loaded encoder weights from {path}" + (f" (left out: {', '.join(skipped)})" if skipped else ""))
+
+
+class Metrics:
+    """metrics.jsonl (plus TensorBoard when installed), written by rank 0."""
+
+    def __init__(self, run_dir: Path, main: bool, resume_step: int):
+        self.path, self.main = run_dir / "metrics.jsonl", main
+        self.rows: list[dict] = []
+        if main and self.path.exists():  # drop rows a killed run wrote after its last checkpoint
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the kill
+                if row.get("step", 0) <= resume_step:
+                    self.rows.append(row)
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.tb = None
+        if main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                pass
+
+    def log(self, row: dict) -> None:
+        if not self.main:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
+
+
+def train(cfg: RunConfig, log=print) -> dict:
+    """Run (or resume) a training job; returns the final evaluation."""
+    d = dist.setup(cfg.train.device)
+    try:
+        return Job(cfg, d, log if d.main else (lambda *a, **k: None)).run()
+    finally:
+        dist.teardown(d)
+
+
+class Job:
+    """One run: the data, the task module, its optimizer and where it has got to."""
+
+    def __init__(self, cfg: RunConfig, d: dist.Dist, log):
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.train_set, self.val_set, self.info = build_datasets(cfg.data)
+        cfg = resolve(cfg, info=self.info)
+        if cfg.task == "mae" and cfg.mae.masking == "tube" and not cfg.model.is_video:
+            raise ValueError("tube masking is for video; use --mae.masking=random for images")
+        self.cfg, self.d, self.log = cfg, d, log
+        self.run_dir = _prepare_run_dir(cfg, d)
+        self.micro = t.batch // (d.world * t.accum)  # samples per rank per forward pass
+        if self.micro * d.world * t.accum != t.batch:
+            raise ValueError(f"batch {t.batch} must be divisible by ranks x accum = {d.world * t.accum}")
+        per_rank = len(EpochSampler(len(self.train_set), t.seed, 0, rank=d.rank, world=d.world))
+        self.steps_per_epoch = per_rank // (self.micro * t.accum)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch {t.batch} is larger than the training set ({len(self.train_set)}); "
+                             "lower --train.batch")
+        self.total = self.steps_per_epoch * t.epochs
+        self.total = min(t.max_steps, self.total) if t.max_steps else self.total
+        self.warmup = round(t.warmup_epochs * self.steps_per_epoch)
+        self.peak = t.base_lr * t.batch / 256
+
+        torch.manual_seed(t.seed)
+        self.module = tasks.build(cfg.task, cfg.model, t, cfg.mae, self.info.num_classes)
+        if cfg.init:
+            _init_weights(self.module, cfg.init, log)
+        self.module.to(d.device)
+        self.forward = _parallel(self.module, cfg, d)
+        groups = optim.param_groups(self.module, t.weight_decay, t.layer_decay, cfg.model.depth)
+        self.opt = torch.optim.AdamW(groups, lr=0.0, betas=t.betas)
+        self.step, self.best = 0, None
+        log(f"{cfg.task}: {sum(p.numel() for p in self.module.parameters()) / 1e6:.2f} M params on "
+            f"{d.device} x{d.world}; lr = base_lr {t.base_lr:g} x batch {t.batch} / 256 = {self.peak:.3g} "
+            f"(micro-batch {self.micro} x accum {t.accum} x ranks {d.world}); {self.total} steps")
+
+    def resume(self) -> None:
+        """Continue from the run directory's latest checkpoint, if there is one."""
+        ckpt = checkpoint.latest(self.run_dir)
+        if ckpt is None:
+            return
+        model_state, optim_state, state = checkpoint.load(ckpt)
+        set_state_dict(self.module, self.opt, model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.d.enabled))
+        checkpoint.restore_rng(ckpt, state)
+        self.step, self.best = state["step"], state.get("best")
+        self.log(f"resumed from {ckpt} at step {self.step}")
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (rank 0 writes; every rank takes part in gathering)."""
+        model_state, optim_state = get_state_dict(self.module, self.opt, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        path = None
+        if self.d.main:
+            path = checkpoint.save(self.run_dir, self.step, model_state, optim_state,
+                                   {"step": self.step, "best": self.best}, self.cfg.train.keep_last)
+        dist.barrier(self.d)
+        return path
+
+    def run(self) -> dict:
+        self.resume()
+        metrics = Metrics(self.run_dir, self.d.main, self.step)
+        progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                            TimeRemainingColumn(), disable=not self.d.main)
+        result: dict = {}
+        with progress:
+            bar = progress.add_task(self.cfg.task, total=self.total, completed=self.step, info="")
+            while self.step < self.total:
+                window = self.train_epoch(metrics, lambda info: progress.update(bar, completed=self.step,
+                                                                                info=info))
+                result = self.end_epoch(window, metrics)
+        if self.d.main:
+            visual.curves(metrics.rows, self.run_dir / "curves.png")
+            atomic_write_text(self.run_dir / "final.json",
+                              json.dumps(result | {"step": self.step, "best": self.best}, indent=2))
+        return result
+
+    def train_epoch(self, metrics: Metrics, show) -> dict:
+        """Optimizer steps to the end of the current epoch (or of the run)."""
+        t, d = self.cfg.train, self.d
+        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        sampler = EpochSampler(len(self.train_set), t.seed, epoch, rank=d.rank, world=d.world,
+                               start=in_epoch * self.micro * t.accum)
+        batches = iter(make_loader(self.train_set, sampler, self.micro, self.cfg.data.workers, d.device.type))
+        self.forward.train()
+        window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
+        end = min(self.total, (epoch + 1) * self.steps_per_epoch)
+        while self.step < end:
+            t0 = time.perf_counter()
+            lr = optim.lr_at(self.step, self.total, self.warmup, self.peak, t.min_lr)
+            optim.set_lr(self.opt, lr)
+            loss = self.train_step(batches, window)
+            self.step += 1
+            window["loss"] += loss
+            window["n"] += 1
+            window["time"] += time.perf_counter() - t0
+            rate, wait = window["n"] * t.batch / window["time"], window["wait"] / window["time"]
+            show(f"epoch {epoch + 1} loss {loss:.4f} lr {lr:.2e} {rate:.0f} samples/s data-wait {wait:.0%}")
+            metrics.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "train",
+                         "loss": loss, "lr": lr})
+            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step % self.steps_per_epoch:
+                self.save()
+        return window
+
+    def train_step(self, batches, window: dict) -> float:
+        """One optimizer step over `accum` micro-batches; returns the mean loss over ranks."""
+        t, d = self.cfg.train, self.d
+        loss_sum = torch.zeros((), device=d.device)
+        for micro_step in range(t.accum):
+            tw = time.perf_counter()
+            batch = next(batches)
+            window["wait"] += time.perf_counter() - tw
+            if batch["skipped"]:
+                self.log(f"skipped unreadable files: {', '.join(batch['skipped'])}")
+            x = batch["x"].to(d.device, non_blocking=True)
+            y = batch["y"].to(d.device, non_blocking=True)
+            with _no_sync(self.forward, micro_step == t.accum - 1), autocast(d.device, t.dtype):
+                loss = self.forward(x, y)
+            (loss / t.accum).backward()
+            loss_sum += loss.detach()
+        loss = float(dist.mean(d, loss_sum / t.accum))
+        if not math.isfinite(loss):
+            raise StopTraining(f"loss is {loss} at step {self.step}; the last good checkpoint is "
+                               f"{checkpoint.latest(self.run_dir) or 'none'}; lower --train.base_lr, set "
+                               "--train.clip_grad=1 or use --train.dtype=fp32, then run again to resume")
+        if t.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), t.clip_grad)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+    def end_epoch(self, window: dict, metrics: Metrics) -> dict:
+        """Evaluate, log, checkpoint, and publish the best checkpoint so far."""
+        epoch = math.ceil(self.step / self.steps_per_epoch)
+        with _unsharded(self.module):
+            result = evaluate.evaluate(self.cfg, self.module, self.train_set, self.val_set, self.info, self.d,
+                                       epoch - 1, self.run_dir)
+        seconds = max(window["time"], 1e-9)
+        row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "val",
+               "train_loss": window["loss"] / max(1, window["n"]),
+               "samples_per_s": window["n"] * self.cfg.train.batch / seconds,
+               "data_wait": window["wait"] / seconds} | result
+        metrics.log(row)
+        self.log(f"epoch {epoch}: " + ", ".join(f"{k} {row[k]:.4g}" for k in _SHOWN if k in row))
+        improved = self.best is None or evaluate.score(result) > self.best
+        self.best = evaluate.score(result) if improved else self.best
+        path = self.save()
+        if improved and self.d.main:
+            checkpoint.publish_best(self.run_dir, path)
+        return result
+
+
+def evaluate_run(run: str, device: str = "auto") -> dict:
+    """Evaluate a finished (or running) run's best checkpoint, else its latest."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run!r} is not a run directory (no config.yaml)")
+    cfg = load_yaml(run_dir / "config.yaml")
+    ckpt = run_dir / "best" if (run_dir / "best").is_dir() else checkpoint.latest(run_dir)
+    if ckpt is None:
+        raise ValueError(f"{run!r} has no checkpoint yet")
+    d = dist.setup(device)
+    try:
+        train_set, val_set, info = build_datasets(cfg.data)
+        module = tasks.build(cfg.task, cfg.model, cfg.train, cfg.mae, info.num_classes)
+        module.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        module.to(d.device)
+        return evaluate.evaluate(cfg, module, train_set, val_set, info, d, -1, run_dir)
+    finally:
+        dist.teardown(d)
+
+
+_SHOWN = ("train_loss", "val_loss", "val_top1", "knn_top1", "samples_per_s", "data_wait")
+
+
+def _parallel(module: torch.nn.Module, cfg: RunConfig, d: dist.Dist) -> torch.nn.Module:
+    """Wrap for data parallel (DDP) or sharded (FSDP) training, then compile if asked."""
+    wrapped = module
+    if cfg.train.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        if not d.enabled:
+            raise ValueError("--train.fsdp needs several processes: launch with torchrun --nproc_per_node N")
+        for block in module.encoder.blocks:
+            fully_shard(block)
+        fully_shard(module)
+    elif d.enabled:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if cfg.train.compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+@contextlib.contextmanager
+def _unsharded(module: torch.nn.Module):
+    """Gather an FSDP root's own parameters for calls that bypass its forward (evaluation).
+
+    Blocks sharded on their own gather themselves when called; only the root's parameters
+    (embeddings, final norm, head) need this.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+def _no_sync(module: torch.nn.Module, sync: bool):
+    """Skip DDP's gradient all-reduce on all but the last accumulation step."""
+    inner = getattr(module, "_orig_mod", module)
+    if not sync and isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        return inner.no_sync()
+    return contextlib.nullcontext()

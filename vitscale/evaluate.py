@@ -1,0 +1,99 @@
+"""Evaluation after each epoch: top-1, validation loss, k-NN accuracy, MAE pictures.
+
+Every rank evaluates an equal, padded shard of the data (FSDP needs every rank in every
+forward pass); padded duplicates are dropped before anything is counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as td
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitscale import dist, visual
+from vitscale.bench import autocast
+from vitscale.data import make_loader
+
+
+def _shard(n: int, d: dist.Dist) -> tuple[list, int]:
+    """This rank's eval keys (index, None), padded to equal length, and how many are real."""
+    padded = -(-n // d.world) * d.world
+    positions = range(d.rank, padded, d.world)
+    return [(p % n, None) for p in positions], sum(p < n for p in positions)
+
+
+def _gather(d: dist.Dist, x: Tensor) -> Tensor:
+    """Concatenate a tensor's rows from every rank (equal row counts not required)."""
+    if not d.enabled:
+        return x
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(d.world)]
+    td.all_gather(sizes, torch.tensor(x.shape[0], device=x.device))
+    rows = int(max(sizes))
+    pad = torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(pad) for _ in range(d.world)]
+    td.all_gather(parts, pad)
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)])
+
+
+@torch.no_grad()
+def outputs(fn, dataset, cfg, d: dist.Dist) -> tuple[Tensor, Tensor]:
+    """Run fn(x) over a dataset (eval transforms) -> (outputs, labels), gathered over ranks."""
+    keys, real = _shard(len(dataset), d)
+    loader = make_loader(dataset, keys, max(1, cfg.train.batch // (d.world * cfg.train.accum)),
+                         cfg.data.workers, d.device.type)
+    outs, labels = [], []
+    for batch in loader:
+        with autocast(d.device, cfg.train.dtype):
+            outs.append(fn(batch["x"].to(d.device)).float())
+        labels.append(batch["y"].to(d.device))
+    out, y = torch.cat(outs)[:real], torch.cat(labels)[:real]
+    return _gather(d, out), _gather(d, y)
+
+
+def knn_top1(train_f: Tensor, train_y: Tensor, val_f: Tensor, val_y: Tensor, k: int,
+             temperature: float = 0.07) -> float:
+    """Weighted k-NN on cosine similarity (as DINO evaluates features)."""
+    train_f, val_f = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
+    classes = int(max(train_y.max(), val_y.max())) + 1
+    correct = 0
+    for chunk in range(0, val_f.shape[0], 256):
+        sim, idx = (val_f[chunk:chunk + 256] @ train_f.T).topk(min(k, train_f.shape[0]), dim=1)  # [b, k]
+        votes = torch.zeros(sim.shape[0], classes, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        correct += int((votes.argmax(1) == val_y[chunk:chunk + 256]).sum())
+    return correct / val_f.shape[0]
+
+
+def evaluate(cfg, module: nn.Module, train_set, val_set, info, d: dist.Dist, epoch: int,
+             run_dir: Path) -> dict:
+    """Metrics for the task after an epoch; MAE also writes a reconstruction picture."""
+    module.eval()
+    with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
+        torch.manual_seed(cfg.train.seed + 1)  # the same masks every evaluation
+        if cfg.task != "mae":
+            logits, y = outputs(module.predict, val_set, cfg, d)
+            return {"val_top1": float((logits.argmax(1) == y).float().mean()),
+                    "val_loss": float(F.cross_entropy(logits, y))}
+        # one row per sample holding its batch's mean loss: the mean over rows weights batches by size
+        losses, _ = outputs(lambda x: module(x, None).reshape(1).expand(x.shape[0]), val_set, cfg, d)
+        result = {"val_loss": float(losses.mean())}
+        if cfg.train.knn_k and info.num_classes > 1:
+            train_f, train_y = outputs(module.predict, train_set, cfg, d)
+            val_f, val_y = outputs(module.predict, val_set, cfg, d)
+            result["knn_top1"] = knn_top1(train_f, train_y, val_f, val_y, cfg.train.knn_k)
+        x = torch.stack([val_set[i]["x"] for i in range(min(8, len(val_set)))]).to(d.device)
+        pictures = module.mae.reconstruct(x)
+        if d.main:
+            visual.reconstructions(pictures, info, run_dir / f"recon-epoch{epoch + 1:03d}.png")
+    return result
+
+
+def score(result: dict) -> float:
+    """Higher is better: top-1, else k-NN top-1, else minus the validation loss."""
+    for key in ("val_top1", "knn_top1"):
+        if key in result:
+            return result[key]
+    return -result["val_loss"]

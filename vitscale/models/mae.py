@@ -1,0 +1,267 @@
+"""Masked autoencoders for images and video: masking, a light decoder and the pixel loss.
+
+References:
+  MAE: He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners" (random masking
+  of 75% of the patches, the encoder sees only the visible ones, an 8-block 512-wide
+  decoder with mask tokens, MSE on the masked patches of per-patch normalised pixels).
+  VideoMAE: Tong et al. 2022 (tube masking at 90%: one spatial mask for every time step,
+  so a masked cube cannot be copied from its neighbour in time; no cls token).
+
+The encoder is a plain `ViT(num_classes=0)` kept as `MAE.encoder`, so its weights load
+straight into a classifier for fine-tuning. Token order everywhere is ViT's PatchEmbed
+order (t, then h, then w); within a patch the values run (tubelet, p, p, C).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from vitscale.models.vit import Block, Grid, ViT, ViTConfig, sincos_pos_embed
+
+MASKINGS = ("random", "tube")
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    mask_ratio: float = 0.75  # fraction of patch tokens hidden from the encoder (VideoMAE: 0.9)
+    masking: str = "random"  # "random" per token, or "tube": one spatial mask for all time steps
+    decoder_width: int = 512  # decoder token dimension (MAE: 512; VideoMAE ViT-B: 384)
+    decoder_depth: int = 8  # decoder blocks (MAE: 8; VideoMAE: 4)
+    decoder_heads: int = 16  # decoder attention heads; must divide decoder_width
+    norm_pix_loss: bool = True  # target = each patch normalised by its own mean and variance
+    encoder_on_all_tokens: bool = False  # ablation (MAE Table 2): mask tokens in the encoder, on all N
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mae.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.masking not in MASKINGS:
+            raise ValueError(f"mae.masking must be 'random' or 'tube', got {self.masking!r}")
+        if self.decoder_width < 1 or self.decoder_depth < 0 or self.decoder_heads < 1:
+            raise ValueError("mae.decoder_width and decoder_heads must be positive, decoder_depth >= 0")
+        if self.decoder_width % self.decoder_heads:
+            raise ValueError(f"mae.decoder_width {self.decoder_width} is not divisible by "
+                             f"mae.decoder_heads {self.decoder_heads}")
+
+
+# ----------------------------------------------------------------------------- patches
+def patchify(x: Tensor, cfg: ViTConfig) -> Tensor:
+    """Cut an input into flattened patches, one row per token.
+
+    x: [B, C, H, W] or [B, C, T, H, W] -> [B, N, patch_dim], N in (t, h, w) order as ViT's
+    PatchEmbed flattens its tokens, each row in (tubelet, p, p, C) order.
+    """
+    video = x.ndim == 5
+    x = x if video else x[:, :, None]  # an image is a clip of one frame: [B, C, 1, H, W]
+    B, C, T, H, W = x.shape
+    u, p = cfg.tubelet if video else 1, cfg.patch_size
+    t, h, w = T // u, H // p, W // p
+    x = x.reshape(B, C, t, u, h, p, w, p)  # split each axis into (token, within-token)
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # [B, t, h, w, u, p, p, C]
+    return x.reshape(B, t * h * w, u * p * p * C)
+
+
+def unpatchify(patches: Tensor, cfg: ViTConfig, grid: Grid | None = None) -> Tensor:
+    """Inverse of `patchify`: [B, N, patch_dim] -> [B, C, H, W] (image config) or
+    [B, C, T, H, W] (video config). `grid` (t, h, w) defaults to the config's."""
+    t, h, w = grid or cfg.grid
+    B, C = patches.shape[0], cfg.in_chans
+    u, p = cfg.tubelet, cfg.patch_size
+    x = patches.reshape(B, t, h, w, u, p, p, C)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, t, u, h, p, w, p]
+    x = x.reshape(B, C, t * u, h * p, w * p)  # [B, C, T, H, W]
+    return x if cfg.is_video else x[:, :, 0]
+
+
+def grid_of(x: Tensor, cfg: ViTConfig) -> Grid:
+    """Token grid (t, h, w) of an input under a config's patch and tubelet sizes."""
+    H, W = x.shape[-2:]
+    T = x.shape[2] // cfg.tubelet if x.ndim == 5 else 1
+    return T, H // cfg.patch_size, W // cfg.patch_size
+
+
+def normalize_patches(patches: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-patch normalised pixels (MAE's norm-pix target) and the mean and std used.
+
+    patches: [B, N, P] -> ([B, N, P], mean [B, N, 1], std [B, N, 1]); the variance is
+    unbiased, as in MAE, and `normalised * std + mean` gives the patches back.
+    """
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, keepdim=True) + eps) ** 0.5
+    return (patches - mean) / std, mean, std
+
+
+# ----------------------------------------------------------------------------- masking
+class Masking(NamedTuple):
+    keep: Tensor  # [B, K] indices of the visible tokens
+    mask: Tensor  # [B, N] float, 1 = masked (hidden from the encoder), 0 = visible
+    restore: Tensor  # [B, N] where each token sits in cat(visible, masked): unshuffles
+
+
+def num_visible(n: int, ratio: float) -> int:
+    """Tokens left visible out of n at a mask ratio: at least one kept and one masked."""
+    return min(max(round(n * (1.0 - ratio)), 1), n - 1)
+
+
+def random_masking(batch: int, n: int, ratio: float, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> Masking:
+    """Mask `ratio` of n tokens per sample, uniformly at random (MAE).
+
+    Returns keep [B, K], mask [B, N] (1 = masked) and restore [B, N], K = num_visible(n, ratio).
+    Draws from `generator` when given, else from the global RNG.
+    """
+    device = generator.device if generator is not None else device
+    k = num_visible(n, ratio)
+    noise = torch.rand(batch, n, generator=generator, device=device)  # [B, N] one draw per token
+    shuffle = noise.argsort(dim=1)  # [B, N] token ids, smallest noise first: a random permutation
+    restore = shuffle.argsort(dim=1)  # [B, N] its inverse: position of each token in `shuffle`
+    keep = shuffle[:, :k]  # [B, K] the first K of the permutation stay visible
+    mask = torch.ones(batch, n, device=device)  # [B, N] in shuffled order: all masked ...
+    mask[:, :k] = 0  # ... but the first K
+    mask = mask.gather(1, restore)  # [B, N] back in token order
+    return Masking(keep, mask, restore)
+
+
+def tube_masking(batch: int, grid: Grid, ratio: float, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Masking:
+    """Mask `ratio` of the h*w spatial positions per sample, the same ones at every time step
+    (VideoMAE). grid (t, h, w) -> keep [B, t*K], mask [B, t*h*w], restore [B, t*h*w]."""
+    t, h, w = grid
+    space = random_masking(batch, h * w, ratio, generator, device).mask  # [B, h*w]
+    mask = space.repeat(1, t)  # [B, t*h*w]: tokens run t-major, so tile the frame mask
+    shuffle = mask.argsort(dim=1, stable=True)  # [B, N] visible ids ascending, then masked ids
+    k = t * num_visible(h * w, ratio)
+    return Masking(shuffle[:, :k], mask, shuffle.argsort(dim=1))
+
+
+# ----------------------------------------------------------------------------- model
+class MAE(nn.Module):
+    """A ViT encoder on the visible tokens, a small transformer decoder on all of them.
+
+    forward(x) -> (loss, pred [B, N, patch_dim], mask [B, N] with 1 = masked).
+    """
+
+    def __init__(self, encoder_cfg: ViTConfig, cfg: MAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ViT(encoder_cfg.replace(num_classes=0))
+        ecfg, D = self.encoder.cfg, cfg.decoder_width
+        self.prefix = ecfg.num_prefix  # the cls token, when the encoder has one, goes through too
+        self.decoder_embed = nn.Linear(ecfg.width, D)
+        # The learned mask token enters the decoder (width Dd), or for MAE's ablation the
+        # encoder (width D), which then runs on all N tokens.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, ecfg.width if cfg.encoder_on_all_tokens else D))
+        self.register_buffer("decoder_pos", sincos_pos_embed(D, ecfg.grid)[None], persistent=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(D, cfg.decoder_heads, int(D * ecfg.mlp_ratio), ecfg.qkv_bias, 0.0)
+            for _ in range(cfg.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(D, eps=1e-6)
+        self.decoder_pred = nn.Linear(D, ecfg.patch_dim)
+        self._init_decoder()
+
+    def _init_decoder(self) -> None:
+        """Xavier decoder linears, unit norms, N(0, 0.02) mask tokens (as MAE)."""
+        decoder = [self.decoder_embed, *self.decoder_blocks, self.decoder_norm, self.decoder_pred]
+        for m in (m for part in decoder for m in part.modules()):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    # --------------------------------------------------------------------- steps
+    def make_mask(self, batch: int, grid: Grid, device: torch.device,
+                  generator: torch.Generator | None = None) -> Masking:
+        """The config's masking for a batch of inputs on a (t, h, w) token grid."""
+        if self.cfg.masking == "tube":
+            return tube_masking(batch, grid, self.cfg.mask_ratio, generator, device)
+        return random_masking(batch, grid[0] * grid[1] * grid[2], self.cfg.mask_ratio, generator, device)
+
+    def encode_all(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Encoder on all N tokens, masked ones replaced by a learned token after patch
+        embedding (MAE's "encoder w/ [M]"). x: input, mask [B, N] -> [B, prefix + N, D]."""
+        enc = self.encoder
+        tokens, grid = enc.patch_embed(x)  # [B, N, D]
+        tokens = torch.where(mask[..., None].bool(), self.mask_token.to(tokens.dtype), tokens)
+        pos = enc.pos_embed_for(grid)  # [1, prefix + N, D]
+        tokens = tokens + pos[:, self.prefix:]
+        if enc.cls_token is not None:
+            cls = (enc.cls_token + pos[:, :1]).expand(tokens.shape[0], -1, -1)  # [B, 1, D]
+            tokens = torch.cat([cls, tokens], dim=1)  # [B, 1 + N, D]
+        for block in enc.blocks:
+            tokens = block(tokens)
+        return enc.norm(tokens)
+
+    def unshuffle(self, tokens: Tensor, restore: Tensor) -> Tensor:
+        """Put the visible tokens back in place, mask tokens everywhere else.
+
+        tokens: [B, prefix + K, Dd], restore: [B, N] -> [B, prefix + N, Dd].
+        """
+        prefix, visible = tokens[:, : self.prefix], tokens[:, self.prefix:]  # [B, P, Dd], [B, K, Dd]
+        B, K, Dd = visible.shape
+        fill = self.mask_token.to(visible.dtype).expand(B, restore.shape[1] - K, Dd)  # [B, N - K, Dd]
+        shuffled = torch.cat([visible, fill], dim=1)  # [B, N, Dd] in masking order
+        ordered = shuffled.gather(1, restore[..., None].expand(-1, -1, Dd))  # [B, N, Dd] token order
+        return torch.cat([prefix, ordered], dim=1)
+
+    def decode(self, tokens: Tensor, grid: Grid) -> Tensor:
+        """[B, prefix + N, Dd] decoder tokens -> [B, N, patch_dim] pixel predictions."""
+        pos = self.decoder_pos if grid == self.encoder.cfg.grid else (
+            sincos_pos_embed(self.cfg.decoder_width, grid)[None].to(self.decoder_pos))
+        x = torch.cat([tokens[:, : self.prefix], tokens[:, self.prefix:] + pos], dim=1)  # no pos on cls
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x[:, self.prefix:]))  # drop the cls token
+
+    def loss(self, target: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
+        """Mean squared error over the masked patches only.
+
+        target: [B, N, P] pixels (normalised per patch here when norm_pix_loss),
+        pred: [B, N, P], mask: [B, N] (1 = masked) -> scalar.
+        """
+        if self.cfg.norm_pix_loss:
+            target = normalize_patches(target.float())[0]
+        per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # [B, N]
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, C, H, W] or [B, C, T, H, W] -> (loss, pred [B, N, patch_dim], mask [B, N])."""
+        grid = grid_of(x, self.encoder.cfg)
+        keep, mask, restore = self.make_mask(x.shape[0], grid, x.device, generator)
+        if self.cfg.encoder_on_all_tokens:
+            tokens = self.decoder_embed(self.encode_all(x, mask))  # [B, prefix + N, Dd]
+        else:
+            latent = self.encoder.forward_features(x, keep)  # [B, prefix + K, D]
+            tokens = self.unshuffle(self.decoder_embed(latent), restore)  # [B, prefix + N, Dd]
+        pred = self.decode(tokens, grid)  # [B, N, patch_dim]
+        return self.loss(patchify(x, self.encoder.cfg), pred, mask), pred, mask
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Pictures of one masked pass, each shaped like x and in x's pixel space.
+
+        Returns "original" (x), "masked" (masked patches zeroed) and "reconstruction"
+        (visible patches from x, predictions on masked ones). With norm_pix_loss the
+        predictions are un-normalised with each target patch's own mean and std.
+        """
+        cfg = self.encoder.cfg
+        _, pred, mask = self(x, generator)
+        target = patchify(x, cfg)  # [B, N, P]
+        pred = pred.float()
+        if self.cfg.norm_pix_loss:
+            _, mean, std = normalize_patches(target.float())
+            pred = pred * std + mean  # back to pixels
+        m = mask[..., None]  # [B, N, 1]
+        grid = grid_of(x, cfg)
+        return {
+            "original": x,
+            "masked": unpatchify(target * (1 - m), cfg, grid),
+            "reconstruction": unpatchify(target * (1 - m) + pred.to(target.dtype) * m, cfg, grid),
+        }

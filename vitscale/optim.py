@@ -1,0 +1,61 @@
+"""AdamW parameter groups (weight decay, layer-wise LR decay) and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token")
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Embeddings are layer 0, block i is layer i + 1, everything after is depth + 1.
+
+    Only the encoder's `blocks` count; anything else (heads, decoders) is on top.
+    """
+    if {"patch_embed", "cls_token", "pos_embed"} & set(name.split(".")):
+        return 0
+    m = _BLOCK.search(name)
+    if m and "decoder" not in name:
+        return int(m.group(1)) + 1
+    return depth + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 depth: int = 0) -> list[dict]:
+    """Trainable parameters grouped by (decay, LR scale).
+
+    No weight decay on biases, norms (1-D tensors), tokens and position tables. With
+    layer_decay < 1, layer l of an encoder of `depth` blocks gets LR x decay^(depth+1-l)
+    (BEiT / MAE fine-tuning).
+    """
+    groups: dict[tuple[bool, int], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim > 1 and not name.endswith(NO_DECAY_NAMES)
+        layer = layer_id(name, depth) if layer_decay != 1.0 else 0
+        key = (decay, layer)
+        if key not in groups:
+            scale = layer_decay ** (depth + 1 - layer) if layer_decay != 1.0 else 1.0
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                           "lr_scale": scale}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
+    """Linear warm-up to `peak`, then half a cosine down to `floor`, by optimizer step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
