@@ -57,14 +57,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
-    init: str = ""  # weights to start from: a run directory or a safetensors file
+    init: str = ""  # weights to start from: a run directory, a safetensors file, or "random" (baseline)
     out: str = "runs/run"  # run directory
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.task in ("finetune", "linprobe") and not self.init:
-            raise ValueError(f"task {self.task!r} needs weights: pass --init RUN_DIR_OR_FILE")
+            raise ValueError(f"task {self.task!r} needs weights: pass --init RUN_DIR_OR_FILE "
+                             "(or --init random for a baseline)")
 
 
 # ----------------------------------------------------------------------------- typed parsing

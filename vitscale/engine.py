@@ -152,7 +152,9 @@ class Job:
 
         torch.manual_seed(t.seed)
         self.module = tasks.build(cfg.task, cfg.model, t, cfg.mae, self.info.num_classes)
-        if cfg.init:
+        if cfg.init == "random":
+            log("encoder left at its random initialisation (--init random: a baseline)")
+        elif cfg.init:
             _init_weights(self.module, cfg.init, log)
         self.module.to(d.device)
         self.forward = _parallel(self.module, cfg, d)

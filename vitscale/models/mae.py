@@ -45,6 +45,9 @@ class MAEConfig:
         if self.decoder_width % self.decoder_heads:
             raise ValueError(f"mae.decoder_width {self.decoder_width} is not divisible by "
                              f"mae.decoder_heads {self.decoder_heads}")
+        if self.decoder_width % 4:
+            raise ValueError(f"mae.decoder_width must be a multiple of 4 (sin-cos positions), "
+                             f"got {self.decoder_width}")
 
 
 # ----------------------------------------------------------------------------- patches
