@@ -198,7 +198,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     from vitscale import engine
 
-    result = engine.evaluate_run(args.run, device=args.device)
+    result = engine.evaluate_run(args.run_dir, device=args.device)
     print(json.dumps(result) if args.json else ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
 
 
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run's best checkpoint on its validation data")
-    p.add_argument("run", help="run directory")
+    p.add_argument("run_dir", help="run directory")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_eval)
