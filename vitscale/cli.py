@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="model preset, e.g. pico/4, mu/4, pico/4-f8")
         p.add_argument("--out", help="run directory (an existing one resumes)")
         if name == "finetune":
-            p.add_argument("--init", required=True,
-                           help="a run directory, a .safetensors file, or 'random' (a baseline)")
+            p.add_argument("--init", help="a run directory, a .safetensors file, or 'random' (a baseline); "
+                           "required unless the --config names one")
             p.add_argument("--linear-probe", action="store_true",
                            help="freeze the encoder and train a linear head")
         p.add_argument("--json", action="store_true")

@@ -157,7 +157,7 @@ class MAE(nn.Module):
         # The learned mask token enters the decoder (width Dd), or for MAE's ablation the
         # encoder (width D), which then runs on all N tokens.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, ecfg.width if cfg.encoder_on_all_tokens else D))
-        self.register_buffer("decoder_pos", sincos_pos_embed(D, ecfg.grid)[None], persistent=False)
+        self.register_buffer("decoder_pos", self._decoder_pos(ecfg.grid), persistent=False)
         self.decoder_blocks = nn.ModuleList(
             Block(D, cfg.decoder_heads, int(D * ecfg.mlp_ratio), ecfg.qkv_bias, 0.0)
             for _ in range(cfg.decoder_depth)
@@ -165,6 +165,11 @@ class MAE(nn.Module):
         self.decoder_norm = nn.LayerNorm(D, eps=1e-6)
         self.decoder_pred = nn.Linear(D, ecfg.patch_dim)
         self._init_decoder()
+
+    def _decoder_pos(self, grid: Grid) -> Tensor:
+        """[1, prefix + N, Dd] fixed sin-cos decoder positions; the cls token's row is zeros."""
+        pos = sincos_pos_embed(self.cfg.decoder_width, grid)  # [N, Dd]
+        return torch.cat([pos.new_zeros(self.prefix, pos.shape[1]), pos])[None]
 
     def _init_decoder(self) -> None:
         """Xavier decoder linears, unit norms, N(0, 0.02) mask tokens (as MAE)."""
@@ -190,35 +195,23 @@ class MAE(nn.Module):
     def encode_all(self, x: Tensor, mask: Tensor) -> Tensor:
         """Encoder on all N tokens, masked ones replaced by a learned token after patch
         embedding (MAE's "encoder w/ [M]"). x: input, mask [B, N] -> [B, prefix + N, D]."""
-        enc = self.encoder
-        tokens, grid = enc.patch_embed(x)  # [B, N, D]
-        tokens = torch.where(mask[..., None].bool(), self.mask_token.to(tokens.dtype), tokens)
-        pos = enc.pos_embed_for(grid)  # [1, prefix + N, D]
-        tokens = tokens + pos[:, self.prefix:]
-        if enc.cls_token is not None:
-            cls = (enc.cls_token + pos[:, :1]).expand(tokens.shape[0], -1, -1)  # [B, 1, D]
-            tokens = torch.cat([cls, tokens], dim=1)  # [B, 1 + N, D]
-        for block in enc.blocks:
-            tokens = block(tokens)
-        return enc.norm(tokens)
+        return self.encoder.forward_features(x, mask=mask, mask_token=self.mask_token)
 
     def unshuffle(self, tokens: Tensor, restore: Tensor) -> Tensor:
         """Put the visible tokens back in place, mask tokens everywhere else.
 
         tokens: [B, prefix + K, Dd], restore: [B, N] -> [B, prefix + N, Dd].
         """
-        prefix, visible = tokens[:, : self.prefix], tokens[:, self.prefix:]  # [B, P, Dd], [B, K, Dd]
-        B, K, Dd = visible.shape
-        fill = self.mask_token.to(visible.dtype).expand(B, restore.shape[1] - K, Dd)  # [B, N - K, Dd]
-        shuffled = torch.cat([visible, fill], dim=1)  # [B, N, Dd] in masking order
-        ordered = shuffled.gather(1, restore[..., None].expand(-1, -1, Dd))  # [B, N, Dd] token order
-        return torch.cat([prefix, ordered], dim=1)
+        (B, L, Dd), P, N = tokens.shape, self.prefix, restore.shape[1]
+        fill = self.mask_token.to(tokens.dtype).expand(B, P + N - L, Dd)  # [B, N - K, Dd]
+        shuffled = torch.cat([tokens, fill], dim=1)  # [B, P + N, Dd]: prefix, visible, masked
+        index = torch.cat([torch.arange(P, device=restore.device).expand(B, P), restore + P], dim=1)
+        return shuffled.gather(1, index[..., None].expand(-1, -1, Dd))  # [B, P + N, Dd] token order
 
     def decode(self, tokens: Tensor, grid: Grid) -> Tensor:
         """[B, prefix + N, Dd] decoder tokens -> [B, N, patch_dim] pixel predictions."""
-        pos = self.decoder_pos if grid == self.encoder.cfg.grid else (
-            sincos_pos_embed(self.cfg.decoder_width, grid)[None].to(self.decoder_pos))
-        x = torch.cat([tokens[:, : self.prefix], tokens[:, self.prefix:] + pos], dim=1)  # no pos on cls
+        pos = self.decoder_pos if grid == self.encoder.cfg.grid else self._decoder_pos(grid).to(tokens.device)
+        x = tokens + pos  # [B, prefix + N, Dd]
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x[:, self.prefix:]))  # drop the cls token

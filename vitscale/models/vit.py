@@ -321,17 +321,23 @@ class ViT(nn.Module):
         patches = resample_pos_embed(self.pos_embed[:, self.cfg.num_prefix :], self.cfg.grid, grid)
         return torch.cat([prefix, patches], dim=1)
 
-    def forward_features(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+    def forward_features(self, x: Tensor, keep: Tensor | None = None, mask: Tensor | None = None,
+                         mask_token: Tensor | None = None) -> Tensor:
         """Encode an input into normalised tokens.
 
         Args:
             x: [B, C, H, W] or [B, C, T, H, W].
             keep: optional [B, K] indices of the patch tokens to encode (MAE runs the
                 encoder on the visible tokens only); None encodes all N.
+            mask, mask_token: optional [B, N] (1 = masked) and [1, 1, D]: masked patch
+                tokens are replaced by the token before positions are added (MAE's
+                "encoder with mask tokens" ablation).
         Returns:
             [B, prefix + K, D] tokens, the cls token first when there is one.
         """
         x, grid = self.patch_embed(x)  # [B, N, D]
+        if mask is not None:
+            x = torch.where(mask[..., None].bool(), mask_token.to(x.dtype), x)
         pos = self.pos_embed_for(grid)  # [1, prefix + N, D]
         x = x + pos[:, self.cfg.num_prefix :]
         if keep is not None:

@@ -1,0 +1,285 @@
+"""MAE's efficiency, measured: the encoder on visible tokens only vs on all tokens, and vs HF.
+
+Two cells, each timing a pre-training train step (forward, backward, AdamW) of three models
+with vitscale.bench.measure_model in rotating rounds (each side keeps its best round):
+
+  visible  vitscale MAE: the encoder runs on the visible tokens only (the paper's design)
+  all      the same weights with MAEConfig(encoder_on_all_tokens=True): a mask token replaces
+           each masked patch and the encoder runs on all N tokens (MAE Table 2, "w/ [M]")
+  hf       transformers ViTMAEForPreTraining / VideoMAEForPreTraining of the same shape:
+           same widths, depths, heads, MLP, mask ratio, norm-pix loss, SDPA attention
+
+  mae       image, 75% random masking, 8-block 512-wide decoder with 16 heads (MAE)
+  videomae  video, 90% tube masking, 4-block 384-wide decoder with 6 heads (VideoMAE ViT-B),
+            no cls token
+
+It prints one greppable line per comparison, e.g.
+    mae B/16 75% visible-only vs all-tokens: 12.1/s vs 3.9/s = 3.10x
+and, for reference, the ratio of forward multiply-adds (FlopCounterMode on the real models),
+the bound the wall-clock ratio approaches when matmuls dominate. MAE's 2.8x is for ViT-L
+(flops ratio 3.2x); at B/16 the 8-block decoder is a larger share and the bound is 2.3x.
+
+Parameter counts are asserted: HF ViTMAE stores its fixed sin-cos tables as frozen
+Parameters where vitscale uses buffers, so only trainable counts are equal; HF VideoMAE's
+encoder-to-decoder linear has no bias (as the VideoMAE repo), so vitscale has decoder_width
+more. Targets: the norm-pix target is normalised over the whole patch in vitscale and HF
+ViTMAE (as MAE), per channel in HF VideoMAE (as VideoMAE); the cost is the same.
+
+    python benchmarks/bench_mae.py                  # CPU: B/16 224 px b4, B/16-f16 112 px b4
+    python benchmarks/bench_mae.py --quick          # pico models, a smoke test in seconds
+    python benchmarks/bench_mae.py --device cuda --json out/bench_mae.json   # L/16, B/16-f16
+
+Runtime: about 5 minutes on a 2-core CPU with the defaults (more on a loaded machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+if importlib.util.find_spec("vitscale") is None:  # run from a checkout that is not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from vitscale.bench import Measurement, example_input, measure_model, pick_device  # noqa: E402
+from vitscale.models.mae import MAE, MAEConfig, tube_masking  # noqa: E402
+from vitscale.models.vit import ViTConfig, preset  # noqa: E402
+
+SIDES = ("visible", "all", "hf")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model shape to compare and how long to time it."""
+
+    name: str  # "mae" (image) or "videomae"
+    preset: str  # vitscale preset of the encoder
+    mae: MAEConfig  # masking and decoder
+    batch: int  # samples per step
+    warmup: int = 1  # untimed steps per round (the first also allocates AdamW state)
+    iters: int = 2  # timed steps per round; the round reports their median
+    rounds: int = 3  # rotating rounds per side; each side keeps its best
+    overrides: dict = field(default_factory=dict)  # ViTConfig fields changed from the preset
+
+    def encoder_cfg(self) -> ViTConfig:
+        image = dict(pos_embed="sincos", num_classes=0)  # MAE: fixed sin-cos, cls token
+        video = dict(pos_embed="sincos", num_classes=0, class_token=False, pool="mean", qkv_bias=False)
+        return preset(self.preset, **((video if self.name == "videomae" else image) | self.overrides))
+
+    def label(self) -> str:
+        cfg = self.encoder_cfg()
+        size = "" if cfg.hw == (224, 224) else f" {cfg.hw[0]}px"
+        tube = " tube" if self.mae.masking == "tube" else ""
+        return f"{self.name} {self.preset}{size} {self.mae.mask_ratio:.0%}{tube}"
+
+
+MAE_DECODER = dict(decoder_width=512, decoder_depth=8, decoder_heads=16)  # MAE
+VIDEOMAE_DECODER = dict(decoder_width=384, decoder_depth=4, decoder_heads=6)  # VideoMAE ViT-B
+CPU_CELLS = (
+    Cell("mae", "B/16", MAEConfig(0.75, "random", **MAE_DECODER), batch=4),
+    Cell("videomae", "B/16-f16", MAEConfig(0.9, "tube", **VIDEOMAE_DECODER), batch=4,
+         overrides=dict(image_size=112)),
+)
+GPU_CELLS = (
+    Cell("mae", "L/16", MAEConfig(0.75, "random", **MAE_DECODER), batch=32, warmup=3, iters=10, rounds=3),
+    Cell("videomae", "B/16-f16", MAEConfig(0.9, "tube", **VIDEOMAE_DECODER), batch=8, warmup=3, iters=10,
+         rounds=3),
+)
+QUICK_CELLS = (
+    Cell("mae", "pico/4", MAEConfig(0.75, "random", 64, 2, 4), batch=16, rounds=2),
+    Cell("videomae", "pico/4-f8", MAEConfig(0.9, "tube", 64, 2, 4), batch=4, rounds=2),
+)
+
+
+# ----------------------------------------------------------------------------- peers
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise SystemExit("this benchmark needs transformers: pip install -e '.[test]'") from e
+    return transformers
+
+
+def hf_config(cfg: ViTConfig, mae: MAEConfig) -> dict:
+    """Fields shared by transformers' ViTMAEConfig and VideoMAEConfig for this shape."""
+    return dict(
+        hidden_size=cfg.width, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
+        intermediate_size=cfg.mlp_hidden, image_size=cfg.hw[0], patch_size=cfg.patch_size,
+        num_channels=cfg.in_chans, hidden_act="gelu", hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6,
+        decoder_hidden_size=mae.decoder_width, decoder_num_hidden_layers=mae.decoder_depth,
+        decoder_num_attention_heads=mae.decoder_heads,
+        decoder_intermediate_size=int(mae.decoder_width * cfg.mlp_ratio),
+        norm_pix_loss=mae.norm_pix_loss, attn_implementation="sdpa",
+    )
+
+
+class HFVideoMAE(nn.Module):
+    """VideoMAEForPreTraining with a fresh tube mask each step, as vitscale masks.
+
+    Takes HF's layout [B, T, C, H, W] (built once, outside the timed steps).
+    """
+
+    def __init__(self, model: nn.Module, cfg: ViTConfig, ratio: float):
+        super().__init__()
+        self.model, self.grid, self.ratio = model, cfg.grid, ratio
+
+    def forward(self, x: torch.Tensor):
+        mask = tube_masking(x.shape[0], self.grid, self.ratio, device=x.device).mask.bool()  # [B, N]
+        return self.model(x, bool_masked_pos=mask)
+
+
+def hf_peer(cell: Cell) -> nn.Module:
+    """The transformers model of the cell's shape, SDPA attention."""
+    tf, cfg = _transformers(), cell.encoder_cfg()
+    if cell.name == "mae":
+        if cfg.image_size != cfg.hw[0] or cfg.is_video or not cfg.class_token:
+            raise ValueError("the HF ViTMAE peer needs a square image model with a cls token")
+        model = tf.ViTMAEForPreTraining(tf.ViTMAEConfig(
+            **hf_config(cfg, cell.mae), qkv_bias=cfg.qkv_bias, mask_ratio=cell.mae.mask_ratio))
+    else:
+        if cfg.class_token or cell.mae.masking != "tube":
+            raise ValueError("the HF VideoMAE peer has no cls token and takes a tube mask")
+        model = tf.VideoMAEForPreTraining(tf.VideoMAEConfig(
+            **hf_config(cfg, cell.mae), num_frames=cfg.frames, tubelet_size=cfg.tubelet,
+            qv_bias=cfg.qkv_bias, use_mean_pooling=False))  # False: a final encoder norm, as ours
+    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+    return model if cell.name == "mae" else HFVideoMAE(model, cfg, cell.mae.mask_ratio)
+
+
+def count(model: nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def check_params(cell: Cell, ours: nn.Module, peer: nn.Module) -> str:
+    """Assert the parameter counts agree up to the known differences; describe them."""
+    cfg, mae = cell.encoder_cfg(), cell.mae
+    n_ours, n_peer, n_peer_train = count(ours), count(peer), count(peer, trainable=True)
+    assert n_ours == count(ours, trainable=True)
+    if cell.name == "mae":
+        frozen = (cfg.num_patches + 1) * (cfg.width + mae.decoder_width)  # HF's sin-cos Parameters
+        assert n_peer_train == n_ours and n_peer - n_peer_train == frozen, (n_ours, n_peer, n_peer_train)
+        return f"{n_ours:,} trainable parameters on both sides (HF adds {frozen:,} frozen sin-cos)"
+    assert n_peer == n_peer_train and n_ours - n_peer == mae.decoder_width, (n_ours, n_peer)
+    return f"{n_ours:,} parameters (HF VideoMAE {n_peer:,}: no bias on encoder_to_decoder)"
+
+
+# ----------------------------------------------------------------------------- timing
+def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of one forward pass on one sample (PyTorch's FlopCounterMode / 2)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x[:1])
+    return counter.get_total_flops() // 2
+
+
+def best(ms: list[Measurement]) -> Measurement:
+    """The round with the highest throughput."""
+    return max(ms, key=lambda m: m.samples_per_s)
+
+
+def line(label: str, what: str, a: Measurement, b: Measurement) -> str:
+    """'mae B/16 75% visible-only vs all-tokens: 12.1/s vs 3.9/s = 3.10x'."""
+    return f"{label} {what}: {a.samples_per_s:.2f}/s vs {b.samples_per_s:.2f}/s = " \
+           f"{a.samples_per_s / b.samples_per_s:.2f}x"
+
+
+def run_cell(cell: Cell, device: torch.device, seed: int, dtype: str = "fp32") -> dict:
+    """Build the three models, time them in rotating order, print the comparison lines."""
+    cfg = cell.encoder_cfg()
+    torch.manual_seed(seed)
+    visible = MAE(cfg, cell.mae).to(device)
+    every = MAE(cfg, replace(cell.mae, encoder_on_all_tokens=True)).to(device)
+    shared = {k: v for k, v in visible.state_dict().items() if k != "mask_token"}
+    every.load_state_dict(shared, strict=False)  # the same weights; its mask token has width D
+    torch.manual_seed(seed)
+    peer = hf_peer(cell).to(device)
+    label = cell.label()
+    n, k = cfg.num_patches, int((1 - visible.make_mask(1, cfg.grid, device).mask).sum())  # visible
+    if cell.name == "mae":  # HF keeps int(N * (1 - ratio)) tokens: the same count here
+        assert int(n * (1 - cell.mae.mask_ratio)) == k, "HF ViTMAE would keep a different count"
+    print(f"{label}: encoder {cfg.width}x{cfg.depth} ({cfg.heads} heads), grid {cfg.grid} = {n} tokens, "
+          f"{k} visible; decoder {cell.mae.decoder_width}x{cell.mae.decoder_depth} "
+          f"({cell.mae.decoder_heads} heads); batch {cell.batch}; {check_params(cell, visible, peer)}",
+          flush=True)
+    torch.manual_seed(seed)
+    x = example_input(cfg, cell.batch, device)
+    x_hf = x.transpose(1, 2).contiguous() if cfg.is_video else x  # HF video layout [B, T, C, H, W]
+    ours_loss, hf_loss = (lambda out: out[0]), (lambda out: out.loss)  # (loss, pred, mask) / HF output
+    sides = {"visible": (visible, x, ours_loss), "all": (every, x, ours_loss), "hf": (peer, x_hf, hf_loss)}
+    flops = {name: forward_flops(model, inp) for name, (model, inp, _) in sides.items()}
+    runs: dict[str, list[Measurement]] = {name: [] for name in SIDES}
+    for r in range(cell.rounds):
+        for name in SIDES[r % 3:] + SIDES[: r % 3]:  # rotate who goes first
+            model, inp, loss_fn = sides[name]
+            runs[name].append(measure_model(model, inp, "train", dtype, cell.warmup, cell.iters, loss_fn))
+    m = {name: best(runs[name]) for name in SIDES}
+    print(f"{label} forward multiply-adds per sample: visible {flops['visible'] / 1e9:.3g} G, "
+          f"all-tokens {flops['all'] / 1e9:.3g} G ({flops['all'] / flops['visible']:.2f}x), "
+          f"HF {flops['hf'] / 1e9:.3g} G", flush=True)
+    peer_name = "HF ViTMAE" if cell.name == "mae" else "HF VideoMAE"
+    print(line(label, "visible-only vs all-tokens", m["visible"], m["all"]), flush=True)
+    print(line(label, f"vitscale vs {peer_name}", m["visible"], m["hf"]), flush=True)
+    return {
+        "cell": label, "preset": cell.preset, "batch": cell.batch, "dtype": dtype, "mae": asdict(cell.mae),
+        "encoder": asdict(cfg), "tokens": n, "visible": k, "forward_macs": flops,
+        "sides": {name: m[name].as_dict() for name in SIDES},
+        "rounds": {name: [r.as_dict() for r in runs[name]] for name in SIDES},
+        "ratio_visible_vs_all": m["visible"].samples_per_s / m["all"].samples_per_s,
+        "ratio_vs_hf": m["visible"].samples_per_s / m["hf"].samples_per_s,
+    }
+
+
+# ----------------------------------------------------------------------------- main
+def write_json(path: Path, obj: dict) -> None:
+    """Write JSON atomically: a temporary file beside the target, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast")
+    p.add_argument("--quick", action="store_true", help="pico models, few steps (smoke test)")
+    p.add_argument("--rounds", type=int, help="alternating rounds per side (default: per cell)")
+    p.add_argument("--json", type=Path, help="also write the cells as JSON to this path")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    tf = _transformers()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    env = {"torch": torch.__version__, "transformers": tf.__version__, "device": str(device),
+           "device_name": name, "threads": torch.get_num_threads()}
+    print(f"torch {env['torch']}  transformers {env['transformers']}  device {device} ({name})  "
+          f"threads {env['threads']}  ({args.dtype} train steps: forward, backward, AdamW)", flush=True)
+    cells = QUICK_CELLS if args.quick else GPU_CELLS if device.type == "cuda" else CPU_CELLS
+    results = []
+    for cell in cells:
+        if args.rounds:
+            cell = replace(cell, rounds=args.rounds)
+        results.append(run_cell(cell, device, args.seed, args.dtype))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        write_json(args.json, env | {"cells": results})
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
