@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from vitscale import checkpoint, dist, evaluate, optim, tasks, visual
@@ -66,8 +67,6 @@ def _prepare_run_dir(cfg: RunConfig, d: dist.Dist) -> Path:
 
 def _init_weights(module: torch.nn.Module, init: str, log) -> None:
     """Load encoder weights from a run directory (best, else latest) or a safetensors file."""
-    from safetensors.torch import load_file
-
     path = Path(init)
     if path.is_dir():
         found = path / "best" if (path / "best").is_dir() else checkpoint.latest(path)
@@ -284,8 +283,6 @@ class Job:
 
 def evaluate_run(run: str, device: str = "auto") -> dict:
     """Evaluate a finished (or running) run's best checkpoint, else its latest."""
-    from safetensors.torch import load_file
-
     run_dir = Path(run)
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run!r} is not a run directory (no config.yaml)")
