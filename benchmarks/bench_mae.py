@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -45,6 +43,7 @@ from pathlib import Path
 if importlib.util.find_spec("vitscale") is None:  # run from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bench_common  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -100,14 +99,6 @@ QUICK_CELLS = (
 
 
 # ----------------------------------------------------------------------------- peers
-def _transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise SystemExit("this benchmark needs transformers: pip install -e '.[test]'") from e
-    return transformers
-
-
 def hf_config(cfg: ViTConfig, mae: MAEConfig) -> dict:
     """Fields shared by transformers' ViTMAEConfig and VideoMAEConfig for this shape."""
     return dict(
@@ -139,7 +130,7 @@ class HFVideoMAE(nn.Module):
 
 def hf_peer(cell: Cell) -> nn.Module:
     """The transformers model of the cell's shape, SDPA attention."""
-    tf, cfg = _transformers(), cell.encoder_cfg()
+    tf, cfg = bench_common.transformers(), cell.encoder_cfg()
     if cell.name == "mae":
         if cfg.image_size != cfg.hw[0] or cfg.is_video or not cfg.class_token:
             raise ValueError("the HF ViTMAE peer needs a square image model with a cls token")
@@ -239,34 +230,18 @@ def run_cell(cell: Cell, device: torch.device, seed: int, dtype: str = "fp32") -
 
 
 # ----------------------------------------------------------------------------- main
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically: a temporary file beside the target, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p = bench_common.parser(__doc__)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast")
-    p.add_argument("--quick", action="store_true", help="pico models, few steps (smoke test)")
-    p.add_argument("--rounds", type=int, help="alternating rounds per side (default: per cell)")
-    p.add_argument("--json", type=Path, help="also write the cells as JSON to this path")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
-    tf = _transformers()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    env = {"torch": torch.__version__, "transformers": tf.__version__, "device": str(device),
-           "device_name": name, "threads": torch.get_num_threads()}
-    print(f"torch {env['torch']}  transformers {env['transformers']}  device {device} ({name})  "
-          f"threads {env['threads']}  ({args.dtype} train steps: forward, backward, AdamW)", flush=True)
+    env = bench_common.environment(device)
+    print(f"{bench_common.environment_line(env)}  ({args.dtype} train steps: forward, backward, AdamW)",
+          flush=True)
     cells = QUICK_CELLS if args.quick else GPU_CELLS if device.type == "cuda" else CPU_CELLS
     results = []
     for cell in cells:
@@ -276,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.json:
-        write_json(args.json, env | {"cells": results})
+        bench_common.write_json(args.json, env | {"cells": results})
         print(f"wrote {args.json}")
     return 0
 

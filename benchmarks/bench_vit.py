@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from pathlib import Path
 if importlib.util.find_spec("vitscale") is None:  # run from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bench_common  # noqa: E402
 import torch  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
@@ -65,10 +64,7 @@ QUICK = (Setting("pico/4", 64, 1, 1, 8),)
 
 def hf_peer(cfg: ViTConfig) -> nn.Module:
     """transformers' ViTForImageClassification with the shape of ViT(cfg), SDPA attention."""
-    try:
-        import transformers
-    except ImportError as e:
-        raise SystemExit("this benchmark needs transformers: pip install -e '.[test]'") from e
+    transformers = bench_common.transformers()
     if cfg.is_video or cfg.pool != "cls" or cfg.pos_embed != "learned" or not cfg.num_classes:
         raise ValueError("the HF peer matches image ViTs with a cls token, learned positions and a head")
     hf_cfg = transformers.ViTConfig(
@@ -165,23 +161,6 @@ def results_table(cells: list[dict]) -> Table:
     return t
 
 
-def environment(device: torch.device) -> dict:
-    """Versions, device and threads, as printed at the top and stored in the JSON."""
-    import transformers
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "device": str(device), "device_name": name, "threads": torch.get_num_threads()}
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically: a temporary file beside the target, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def with_overrides(settings: tuple[Setting, ...], args: argparse.Namespace) -> list[Setting]:
     """The settings with --warmup / --iters / --rounds applied where given."""
     return [Setting(s.preset, s.batch,
@@ -192,23 +171,17 @@ def with_overrides(settings: tuple[Setting, ...], args: argparse.Namespace) -> l
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p = bench_common.parser(__doc__)
     p.add_argument("--warmup", type=int, help="untimed steps per round (default: per config)")
     p.add_argument("--iters", type=int, help="timed steps per round (default: per config)")
-    p.add_argument("--rounds", type=int, help="alternating rounds per side (default: per config)")
-    p.add_argument("--quick", action="store_true", help="only the tiny config, few steps (smoke test)")
-    p.add_argument("--json", type=Path, help="also write the cells as JSON to this path")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
-    env = environment(device)
-    print(f"torch {env['torch']}  transformers {env['transformers']}  device {env['device']} "
-          f"({env['device_name']})  threads {env['threads']}", flush=True)
+    env = bench_common.environment(device)
+    print(bench_common.environment_line(env), flush=True)
     cells = []
     for s in with_overrides(QUICK if args.quick else SETTINGS, args):
         cells += run_setting(s, device, args.seed)
@@ -216,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     console().print(results_table(cells))
     if args.json:
-        write_json(args.json, env | {"cells": cells})
+        bench_common.write_json(args.json, env | {"cells": cells})
         print(f"wrote {args.json}")
     return 0
 
