@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/vitscale scale pico/4 --strategy d,w,r,d1_w8_r1 --factors 1,2,4,8
+	$(VENV)/bin/vitscale study
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

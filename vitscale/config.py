@@ -68,6 +68,26 @@ class RunConfig:
                              "(or --init random for a baseline)")
 
 
+# Per-command defaults (the CLI's when no --config is given, and the study's trials): each
+# trains on built-in data in minutes on two CPU cores. --section.key=value overrides any of it.
+BUILTIN = ["train.batch=64", "data.scale_min=0.8"]  # 8x8 digits: crop gently
+RECIPES = {
+    "train": ["task=supervised", *BUILTIN, "train.epochs=40", "train.base_lr=4e-3", "train.warmup_epochs=3"],
+    "pretrain": ["task=mae", *BUILTIN, "train.epochs=60", "train.base_lr=4e-3", "train.betas=0.9,0.95",
+                 "train.warmup_epochs=5", "train.label_smoothing=0", "mae.decoder_width=64",
+                 "mae.decoder_depth=2", "mae.decoder_heads=2", "mae.norm_pix_loss=false"],
+    "finetune": ["task=finetune", *BUILTIN, "train.epochs=20", "train.base_lr=4e-3", "train.layer_decay=0.75",
+                 "train.warmup_epochs=2"],
+    "linprobe": ["task=linprobe", *BUILTIN, "train.epochs=30", "train.base_lr=0.4", "train.weight_decay=0",
+                 "train.warmup_epochs=2", "train.label_smoothing=0"],
+}
+
+
+def recipe(command: str, **fields) -> RunConfig:
+    """The default run config of a command ("train", "pretrain", "finetune", "linprobe")."""
+    return apply_overrides(RunConfig(**fields), RECIPES[command])
+
+
 # ----------------------------------------------------------------------------- typed parsing
 def _parse(text: str, tp, where: str):
     """Parse a string as type `tp` (bool, int, float, str, tuples, unions with None)."""

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from vitscale.data import denormalize  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     """Save a figure atomically."""
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
@@ -47,7 +47,7 @@ def reconstructions(pictures: dict[str, torch.Tensor], info, path: Path) -> None
                 ax.set_yticks([])
                 if b == 0 and t == 0:
                     ax.set_title(name, fontsize=8, loc="left")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def curves(rows: list[dict], path: Path) -> None:
@@ -65,4 +65,4 @@ def curves(rows: list[dict], path: Path) -> None:
     right.set(xlabel="epoch", title="validation")
     if val:
         right.legend()
-    _save(fig, path)
+    save_figure(fig, path)

@@ -1,0 +1,164 @@
+"""The scaling study: its fits against independent solvers, its plan, and a miniature study
+run end to end, killed midway and resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from scipy.optimize import curve_fit
+
+from vitscale import fits
+from vitscale.complexity import cost
+from vitscale.study import StudyConfig, parse_budget, plan, train_flops_per_sample
+
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# ----------------------------------------------------------------------------- fits
+def test_power_law_recovers_exact_parameters():
+    c = np.geomspace(1e9, 1e12, 12)
+    y = 0.05 + 0.6 * (c / 1e9) ** -0.35
+    law = fits.fit_power_law(c, y)
+    assert law.b == pytest.approx(0.35, rel=1e-3)
+    assert law.e_inf == pytest.approx(0.05, abs=1e-4)
+    assert law.a == pytest.approx(0.6, rel=1e-3)
+    assert law.r2 == pytest.approx(1.0, abs=1e-9)
+
+
+def test_power_law_is_as_good_as_scipy_on_noisy_points():
+    rng = np.random.default_rng(1)
+    c = np.geomspace(1e10, 1e13, 15)
+    y = 0.1 + 0.5 * (c / 1e10) ** -0.5 + rng.normal(0, 0.01, c.size)
+    law = fits.fit_power_law(c, y)
+    ours = np.sum((law.predict(c) - y) ** 2)
+    (e, a, b), _ = curve_fit(lambda x, e, a, b: e + a * (x / 1e10) ** -b, c, y, p0=(0.1, 0.5, 0.5),
+                             bounds=([0, 0, 0], [1, 10, 3]))
+    theirs = np.sum((e + a * (c / 1e10) ** -b - y) ** 2)
+    assert ours <= theirs * (1 + 1e-6)
+
+
+def test_bootstrap_interval_holds_the_true_exponent():
+    rng = np.random.default_rng(2)
+    c = np.geomspace(1e10, 1e13, 20)
+    y = 0.1 + 0.5 * (c / 1e10) ** -0.5 + rng.normal(0, 0.005, c.size)
+    ci = fits.bootstrap(c, y, at=[2e13])
+    assert ci["b"][0] <= 0.5 <= ci["b"][1]
+    assert ci["at_0"][0] < ci["at_0"][1]
+
+
+def test_power_law_needs_three_computes():
+    with pytest.raises(ValueError, match="three"):
+        fits.fit_power_law([1, 1, 2], [0.5, 0.4, 0.3])
+
+
+def test_frontier_is_the_lower_envelope():
+    xs, ys = fits.frontier([1, 2, 2, 3, 4, 5], [0.9, 0.7, 0.8, 0.75, 0.5, 0.6])
+    assert (xs, ys) == ([1, 2, 4], [0.9, 0.7, 0.5])
+
+
+def test_runtime_model_recovers_coefficients():
+    rng = np.random.default_rng(3)
+    flops, acts = rng.uniform(1e9, 1e10, 8), rng.uniform(1e6, 1e7, 8)
+    t = 2e-12 * flops + 3e-8 * acts + 1e-4
+    m = fits.fit_runtime(flops, acts, t)
+    assert (m.per_flop, m.per_act, m.overhead) == pytest.approx((2e-12, 3e-8, 1e-4), rel=1e-6)
+    assert m.r2 == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- plan
+@pytest.mark.parametrize("text,kind,amount,in_epochs", [
+    ("epochs:20", "epochs", 20, False), ("compute:20ep", "compute", 20, True),
+    ("compute:3e12", "compute", 3e12, False), ("time:90s", "time", 90, False), ("time:2m", "time", 120, False)])
+def test_budgets_parse(text, kind, amount, in_epochs):
+    b = parse_budget(text)
+    assert (b.kind, b.amount, b.in_epochs) == (kind, amount, in_epochs)
+
+
+@pytest.mark.parametrize("text", ["20", "epochs:20ep", "compute:-1", "time:", "flops:3"])
+def test_bad_budgets_are_refused(text):
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget(text)
+
+
+def test_plan_shares_the_base_and_scales_the_data_resolution():
+    trials = plan(StudyConfig(strategies=("d", "r"), factors=(1, 2, 4)))
+    names = [t.name for t in trials]
+    assert names == ["base", "d-x2", "d-x4", "r-x2", "r-x4"]
+    assert trials[0].strategies == ("d", "r")
+    for t in trials:
+        assert t.run.data.image_size == t.run.model.hw[0]
+        assert t.achieved == pytest.approx(t.factor, rel=0.2)  # 16 px base: a coarse grid
+    assert trials[3].run.model.hw[0] > trials[0].run.model.hw[0]
+
+
+def test_training_flops_are_two_to_three_forward_passes():
+    """Backward costs about twice the forward, less the input gradient of the patch embedding."""
+    trial = plan(StudyConfig(strategies=("w",), factors=(1,)))[0]
+    forward = cost(trial.run.model.replace(num_classes=10))
+    per_sample = train_flops_per_sample(trial.run, 10)
+    assert 2.5 < per_sample / (forward.flops - forward.bias_flops) < 3.0
+
+
+# ----------------------------------------------------------------------------- end to end
+MINI = ["study", "--strategy", "d,w", "--factors", "1,2", "--budget", "compute:2ep", "--data.image_size=8",
+        "--train.threads=1"]
+
+
+def vitscale(*args):
+    return subprocess.Popen([sys.executable, "-m", "vitscale", *args], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_miniature_study_killed_and_resumed(tmp_path):
+    out = tmp_path / "study"
+    first = vitscale(*MINI, "--out", str(out))
+    deadline = time.time() + 180
+    while not (out / "trials" / "base" / "result.json").exists():
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    base = (out / "trials" / "base" / "result.json").read_text()
+    assert not (out / "summary.json").exists()
+
+    second = vitscale(*MINI, "--out", str(out), "--workers", "2")
+    log = second.communicate(timeout=300)[0]
+    assert second.returncode == 0, log
+    assert "base: finished before, not re-run" in log
+    assert (out / "trials" / "base" / "result.json").read_text() == base
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["base", "d-x2", "w-x2"]
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and r["measured"]["samples_per_s"] > 0 and r["curve"]
+        assert r["compute"] == pytest.approx(r["steps"] * 64 * r["train_flops_per_sample"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recommendation"]["trial"] in {"base", "d-x2", "w-x2"}
+    assert set(summary["strategies"]) == {"d", "w"}
+    assert summary["strategies"]["d"]["acts_growth"] == pytest.approx(1.0, abs=0.05)
+    for name in ("report.md", "accuracy_vs_compute.png", "accuracy_vs_time.png", "runtime.png", "growth.png"):
+        assert (out / name).stat().st_size > 0
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "http" not in page
+
+    again = vitscale(*MINI, "--out", str(out))  # nothing left to train: only the report is rebuilt
+    assert again.wait(timeout=120) == 0
+    assert "[1/" not in again.stdout.read()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--strategy", "q"], "strategy"),
+    (["--budget", "compute:1e3"], "too small"),
+    (["--out", "/proc/vitscale-study"], "cannot write"),
+    (["--train.epochz=3"], "unknown config key"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    r = subprocess.run([sys.executable, "-m", "vitscale", *MINI, "--out", str(tmp_path / "s"), *args], env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
