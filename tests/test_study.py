@@ -73,7 +73,8 @@ def test_runtime_model_recovers_coefficients():
 # ----------------------------------------------------------------------------- plan
 @pytest.mark.parametrize("text,kind,amount,in_epochs", [
     ("epochs:20", "epochs", 20, False), ("compute:20ep", "compute", 20, True),
-    ("compute:3e12", "compute", 3e12, False), ("time:90s", "time", 90, False), ("time:2m", "time", 120, False)])
+    ("compute:3e12", "compute", 3e12, False), ("time:90s", "time", 90, False),
+    ("time:2m", "time", 120, False)])
 def test_budgets_parse(text, kind, amount, in_epochs):
     b = parse_budget(text)
     assert (b.kind, b.amount, b.in_epochs) == (kind, amount, in_epochs)
@@ -158,7 +159,7 @@ def test_miniature_study_killed_and_resumed(tmp_path):
     (["--train.epochz=3"], "unknown config key"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
-    r = subprocess.run([sys.executable, "-m", "vitscale", *MINI, "--out", str(tmp_path / "s"), *args], env=ENV,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "vitscale", *MINI, "--out", str(tmp_path / "s"), *args],
+                       env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

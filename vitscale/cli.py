@@ -137,21 +137,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
     report.console().print(report.table(f"Measured on {records[0]['device']}", records, keys))
 
 
-# Per-command defaults (used when no --config is given): each trains on built-in data in
-# minutes on two CPU cores. Anything here can be overridden with --section.key=value.
-BUILTIN = ["train.batch=64", "data.scale_min=0.8"]  # 8x8 digits: crop gently
-COMMAND_DEFAULTS = {
-    "train": ["task=supervised", *BUILTIN, "train.epochs=40", "train.base_lr=4e-3", "train.warmup_epochs=3"],
-    "pretrain": ["task=mae", *BUILTIN, "train.epochs=60", "train.base_lr=4e-3", "train.betas=0.9,0.95",
-                 "train.warmup_epochs=5", "train.label_smoothing=0", "mae.decoder_width=64",
-                 "mae.decoder_depth=2", "mae.decoder_heads=2", "mae.norm_pix_loss=false"],
-    "finetune": ["task=finetune", *BUILTIN, "train.epochs=20", "train.base_lr=4e-3", "train.layer_decay=0.75",
-                 "train.warmup_epochs=2"],
-    "linprobe": ["task=linprobe", *BUILTIN, "train.epochs=30", "train.base_lr=0.4", "train.weight_decay=0",
-                 "train.warmup_epochs=2", "train.label_smoothing=0"],
-}
-
-
 def _run_config(args: argparse.Namespace, extra: list[str]):
     """--config (else the command's defaults), then --model, --init, --out, then overrides."""
     from vitscale import config
@@ -161,7 +146,7 @@ def _run_config(args: argparse.Namespace, extra: list[str]):
         cfg = config.load_yaml(args.config)
     else:
         command = "linprobe" if getattr(args, "linear_probe", False) else args.command
-        cfg = config.apply_overrides(config.RunConfig(init=init), COMMAND_DEFAULTS[command])
+        cfg = config.recipe(command, init=init)
     if args.model:
         cfg = config.with_preset(cfg, args.model)
     changes = ([f"out={args.out}"] if args.out else []) + ([f"init={init}"] if init else [])
@@ -193,6 +178,33 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
         return
     print(json.dumps(result) if args.json else
           f"done: {', '.join(f'{k} {v:.4g}' for k, v in result.items())}; results in {cfg.out}")
+
+
+def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
+    from dataclasses import replace
+
+    from vitscale import config, study
+
+    cfg = study.load_study(args.config) if args.config else study.StudyConfig()
+    given = [("model", args.model), ("strategies", args.strategy), ("factors", args.factors),
+             ("budget", args.budget), ("objective", args.objective), ("workers", args.workers),
+             ("out", args.out)]
+    changes = {k: v for k, v in given if v is not None}
+    overrides = _pairs(extra)
+    bad = [o for o in overrides if not o.startswith("--") or "." not in o.split("=")[0]]
+    if bad:
+        raise ValueError(f"unrecognised arguments: {' '.join(bad)} "
+                         "(trial overrides look like --train.base_lr=2e-3)")
+    cfg = replace(cfg, **changes, overrides=cfg.overrides + tuple(o.lstrip("-") for o in overrides))
+    config.apply_overrides(study.base_run(cfg), list(cfg.overrides))  # check them before any work
+    summary = study.run_study(cfg, only=args.trial)
+    if not summary:
+        return
+    if args.json:
+        return report.print_json(summary)
+    rec = summary["recommendation"]
+    print(f"recommended: {rec['trial']} ({rec['params'] / 1e6:.2f} M params), {summary['metric']} "
+          f"{rec['accuracy']:.4f}; report in {cfg.out}/report.html")
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
@@ -257,6 +269,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.set_defaults(run=cmd_train)
 
+    p = sub.add_parser("study", help="the scaling study: train a scaled family, fit, report, recommend",
+                       description="Scale a base model by each strategy and factor, train every trial under "
+                       "the same budget, fit what was measured, and recommend a model. Finished trials are "
+                       "never re-run; an interrupted study continues. Any run-config field can be set for "
+                       "every trial with --section.key=value.")
+    p.add_argument("--config", help="a study YAML (e.g. runs/study/study.yaml to continue a study)")
+    p.add_argument("--model", help="base preset (default pico/4)")
+    p.add_argument("--strategy", type=lambda s: tuple(x for x in s.split(",") if x),
+                   help="comma-separated strategies (default d,w,r,d1_w8_r1)")
+    p.add_argument("--factors", type=lambda s: tuple(_floats(s)), help="flops factors (default 1,2,4,8)")
+    p.add_argument("--budget", help="per trial: epochs:N, compute:Nep (the base model's N epochs), "
+                   "compute:MACS (multiply-adds) or time:90s (default epochs:10)")
+    p.add_argument("--objective", choices=["supervised", "mae"],
+                   help="supervised, or MAE pre-training then a linear probe (default supervised)")
+    p.add_argument("--workers", type=int, help="trials at once on this machine (default 1)")
+    p.add_argument("--out", help="study directory (default runs/study; an existing one continues)")
+    p.add_argument("--trial", help="run only this trial (e.g. one torchrun job per trial on a cluster)")
+    p.add_argument("--json", action="store_true", help="print summary.json")
+    p.set_defaults(run=cmd_study)
+
     p = sub.add_parser("eval", help="evaluate a run's best checkpoint on its validation data")
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--device", default="auto")
@@ -265,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TAKES_OVERRIDES = ("train", "pretrain", "finetune")
+TAKES_OVERRIDES = ("train", "pretrain", "finetune", "study")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command not in TAKES_OVERRIDES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if args.command in TAKES_OVERRIDES + ("eval",):
+        if args.command in (*TAKES_OVERRIDES, "eval"):
             args.run(args, extra)
         else:
             args.run(args)

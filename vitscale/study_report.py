@@ -105,8 +105,9 @@ def _sections(summary: dict, rows: list[dict]) -> list[tuple[str, list]]:
              f"training compute in {rec['wall_s']:.0f} s."]
     eff = rec["efficient"]
     if eff["name"] != rec["trial"]:
-        lines.append(f"Within one point of it and faster to train: **{eff['name']}** ({_pct(eff['accuracy'])}, "
-                     f"{eff['params'] / 1e6:.2f} M params, {eff['compute']:.3g} multiply-adds).")
+        lines.append(f"Within one point of it and faster to train: **{eff['name']}** "
+                     f"({_pct(eff['accuracy'])}, {eff['params'] / 1e6:.2f} M params, "
+                     f"{eff['compute']:.3g} multiply-adds).")
     for p in rec["predicted"]:
         lo, hi = p["interval"]
         lines.append(f"With {p['multiple']:g}x that compute, the best fitted strategy is "
