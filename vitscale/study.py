@@ -151,15 +151,18 @@ class _Labelled(torch.nn.Module):
         return self.module(x, self.y)
 
 
-def measure_trial(run: RunConfig, num_classes: int) -> bench.Measurement:
-    """Training-step throughput and peak memory of the trial's task module at its batch."""
+def measure_trial(run: RunConfig, num_classes: int, rounds: int = 3) -> bench.Measurement:
+    """Training-step throughput and peak memory of the trial's task module at its batch:
+    the best of a few rounds, so a moment of contention on a shared machine does not stick."""
     device = bench.pick_device(run.train.device)
     torch.manual_seed(run.train.seed)
     module = tasks.build(run.task, run.model, run.train, run.mae, num_classes).to(device)
     x = bench.example_input(run.model, run.train.batch, device)
     y = torch.randint(0, max(num_classes, 1), (run.train.batch,), device=device)
-    return bench.measure_model(_Labelled(module, y), x, "train", run.train.dtype, warmup=1, iters=3,
-                               loss_fn=lambda loss: loss)
+    model = _Labelled(module, y)
+    rounds_ = [bench.measure_model(model, x, "train", run.train.dtype, warmup=1, iters=3, loss_fn=lambda v: v)
+               for _ in range(rounds)]
+    return max(rounds_, key=lambda m: m.samples_per_s)
 
 
 def steps_for(budget: Budget, per_sample: float, batch: int, steps_per_epoch: int, samples_per_s: float,
@@ -224,7 +227,8 @@ def _curve(run_dir: Path, batch: int, per_sample: float, metric: str) -> list[di
         seconds += (r["step"] - last) * batch / max(r["samples_per_s"], 1e-9)
         last = r["step"]
         points.append({"step": r["step"], "epoch": r["epoch"], "compute": r["step"] * batch * per_sample,
-                       "seconds": seconds, "accuracy": r[metric], "loss": r.get("val_loss")})
+                       "seconds": seconds, "accuracy": r[metric], "loss": r.get("val_loss"),
+                       "samples_per_s": r["samples_per_s"]})
     return points
 
 
@@ -257,6 +261,7 @@ def run_trial(study: StudyConfig, trial: Trial, reference: float, log=print) -> 
            "train_flops_per_sample": sizing["train_flops_per_sample"],
            "compute": sizing["steps"] * pre.train.batch * sizing["train_flops_per_sample"],
            "measured": sizing["measured"], "wall_s": time.perf_counter() - t0,
+           "train_samples_per_s": max((p["samples_per_s"] for p in curve), default=None),
            "curve_metric": metric, "curve": curve} | result
     atomic_write_text(done, json.dumps(row, indent=2))
     return row
