@@ -30,7 +30,7 @@ ViTMAE (as MAE), per channel in HF VideoMAE (as VideoMAE); the cost is the same.
     python benchmarks/bench_mae.py --quick          # pico models, a smoke test in seconds
     python benchmarks/bench_mae.py --device cuda --json out/bench_mae.json   # L/16, B/16-f16
 
-Runtime: about 7 minutes on a 2-core CPU with the defaults (20 on one busy with other jobs).
+Runtime: about 9 minutes on a 2-core CPU with the defaults (longer on one busy with other jobs).
 """
 
 from __future__ import annotations

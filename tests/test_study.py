@@ -14,7 +14,7 @@ from scipy.optimize import curve_fit
 
 from vitscale import fits
 from vitscale.complexity import cost
-from vitscale.study import StudyConfig, parse_budget, plan, train_flops_per_sample
+from vitscale.study import StudyConfig, parse_budget, plan, steps_for, train_flops_per_sample
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -84,6 +84,17 @@ def test_budgets_parse(text, kind, amount, in_epochs):
 def test_bad_budgets_are_refused(text):
     with pytest.raises(ValueError, match="budget"):
         parse_budget(text)
+
+
+def test_budgets_size_trials():
+    """A trial with 4x the base's training cost per sample gets a quarter of its steps at equal compute."""
+    base_epoch = 1000.0 * 20 * 64  # multiply-adds per sample x steps per epoch x batch
+    kw = dict(batch=64, steps_per_epoch=20, samples_per_s=640.0, reference=base_epoch)
+    assert steps_for(parse_budget("epochs:3"), 4000.0, **kw) == 60
+    assert steps_for(parse_budget("compute:8ep"), 1000.0, **kw) == 160
+    assert steps_for(parse_budget("compute:8ep"), 4000.0, **kw) == 40
+    assert steps_for(parse_budget(f"compute:{8 * base_epoch}"), 4000.0, **kw) == 40
+    assert steps_for(parse_budget("time:1m"), 4000.0, **kw) == 600  # 60 s x 640 samples/s / 64
 
 
 def test_plan_shares_the_base_and_scales_the_data_resolution():

@@ -115,3 +115,29 @@ def test_lr_schedule_warms_up_then_follows_a_cosine():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+
+
+def test_metrics_reach_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
+    """tensorboard is optional (not installed here): a stand-in SummaryWriter sees every scalar."""
+    import sys
+    import types
+
+    scalars = []
+
+    class Writer:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    cfg, result = run(tmp_path, "tb")
+    assert [(t, s) for t, _, s in scalars if t == "train/loss"] == [("train/loss", s) for s in range(1, 5)]
+    assert ("val/val_top1", result["val_top1"], 4) in scalars
+
+
+def test_compiled_model_trains(tmp_path):
+    cfg, result = run(tmp_path, "compiled", "train.compile=true", "train.max_steps=2")
+    eager, _ = run(tmp_path, "eager", "train.max_steps=2")
+    assert losses(cfg) == pytest.approx(losses(eager), rel=1e-4)
