@@ -109,10 +109,10 @@ def test_model_runs_at_a_new_resolution_and_frame_count(pos_embed):
 
 
 def test_sincos_is_mae_2d_form_for_images():
-    pos = sincos_pos_embed(8, (1, 2, 3))  # [6, 8]: rows then cols, each sin | cos
+    pos = sincos_pos_embed(8, (1, 2, 3))  # [6, 8]: cols then rows (MAE's released order), each sin | cos
     assert pos.shape == (6, 8)
-    assert torch.equal(pos[:, 0], torch.tensor([0.0, 0, 0, 1, 1, 1]).sin())  # row index, freq 1
-    assert torch.equal(pos[:, 4], torch.tensor([0.0, 1, 2, 0, 1, 2]).sin())  # col index, freq 1
+    assert torch.equal(pos[:, 0], torch.tensor([0.0, 1, 2, 0, 1, 2]).sin())  # col index, freq 1
+    assert torch.equal(pos[:, 4], torch.tensor([0.0, 0, 0, 1, 1, 1]).sin())  # row index, freq 1
 
 
 def test_keep_indices_encode_only_those_tokens():
@@ -135,7 +135,8 @@ def test_mean_pool_without_cls_and_features_only():
     x = example_input(cfg, 3)
     feats = model(x)
     assert feats.shape == (3, cfg.width)
-    torch.testing.assert_close(feats, model.forward_features(x).mean(1))
+    # The mean of the last block's tokens, then the final norm (timm's fc_norm).
+    torch.testing.assert_close(feats, model.norm(model.forward_features(x, norm=False).mean(1)))
 
 
 def test_drop_path_is_random_in_training_and_off_in_eval():

@@ -6,6 +6,7 @@
     vitscale bench S/16 --batch 32 --dtype bf16
     vitscale train [--config FILE.yaml] [--model PRESET] [--out DIR] [--section.key=value ...]
     vitscale pretrain / finetune --init RUN_DIR [--linear-probe] / eval RUN_DIR
+    vitscale convert SRC --to hf|timm|vitscale OUT    weights between formats
 
 User errors (unknown preset, bad strategy, a size the patch does not divide) end in one
 line on stderr and exit code 2.
@@ -150,6 +151,7 @@ def _run_config(args: argparse.Namespace, extra: list[str]):
     if args.model:
         cfg = config.with_preset(cfg, args.model)
     changes = ([f"out={args.out}"] if args.out else []) + ([f"init={init}"] if init else [])
+    changes += [f"init_allow={','.join(args.init_allow)}"] if getattr(args, "init_allow", None) else []
     unknown = [e for e in extra if e.startswith("--") and "." not in e.split("=")[0]]
     if unknown:
         raise ValueError(f"unrecognised arguments: {' '.join(unknown)} "
@@ -207,6 +209,19 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
           f"{rec['accuracy']:.4f}; report in {cfg.out}/report.html")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from vitscale import weights
+
+    result, paths = weights.convert(
+        args.src, args.to, args.out, model=args.model, heads=args.heads, decoder_heads=args.decoder_heads,
+        image_size=args.image_size, frames=args.frames, num_classes=args.num_classes, head=not args.drop_head,
+        allow=tuple(args.allow))
+    if args.json:
+        return report.print_json(result.as_dict() | {"written": [str(p) for p in paths]})
+    print(result.summary())
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     from vitscale import engine
 
@@ -262,8 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="model preset, e.g. pico/4, mu/4, pico/4-f8")
         p.add_argument("--out", help="run directory (an existing one resumes)")
         if name == "finetune":
-            p.add_argument("--init", help="a run directory, a .safetensors file, or 'random' (a baseline); "
+            p.add_argument("--init", help="weights: a run directory, a transformers model directory, a "
+                           "timm / MAE / VideoMAE .safetensors or .pth file, or 'random' (a baseline); "
                            "required unless the --config names one")
+            p.add_argument("--init-allow", action="append", metavar="PATTERN",
+                           help="a key pattern (fnmatch) the --init weights may leave missing or unused; "
+                           "repeatable")
             p.add_argument("--linear-probe", action="store_true",
                            help="freeze the encoder and train a linear head")
         p.add_argument("--json", action="store_true")
@@ -288,6 +307,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial", help="run only this trial (e.g. one torchrun job per trial on a cluster)")
     p.add_argument("--json", action="store_true", help="print summary.json")
     p.set_defaults(run=cmd_study)
+
+    p = sub.add_parser("convert", help="convert weights: transformers, timm, MAE, VideoMAE, vitscale",
+                       description="Read weights in any format vitscale knows, build and check the model, "
+                       "and write it in another. Prints what was loaded, resampled and left out.")
+    p.add_argument("src", help="a transformers directory, a timm / MAE / VideoMAE / vitscale file, or a run")
+    p.add_argument("out", help="output directory (hf, vitscale) or .safetensors file (timm)")
+    p.add_argument("--to", required=True, choices=["hf", "timm", "vitscale"], help="output format")
+    p.add_argument("--model", help="a preset lending the heads and input size a state dict does not record")
+    p.add_argument("--heads", type=int, help="attention heads (state dicts do not record them)")
+    p.add_argument("--decoder-heads", type=int, help="MAE decoder attention heads")
+    p.add_argument("--image-size", type=_image_size, help="resample to this input size, N or HxW")
+    p.add_argument("--frames", type=int, help="resample to this frame count (video)")
+    p.add_argument("--num-classes", type=int, help="a new class head of this size (the old one is left out)")
+    p.add_argument("--drop-head", action="store_true", help="leave the class head out")
+    p.add_argument("--allow", action="append", default=[], metavar="PATTERN",
+                   help="a key pattern (fnmatch) that may be missing, unused or reshaped; repeatable")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("eval", help="evaluate a run's best checkpoint on its validation data")
     p.add_argument("run_dir", help="run directory")

@@ -57,7 +57,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
-    init: str = ""  # weights to start from: a run directory, a safetensors file, or "random" (baseline)
+    init: str = ""  # weights to start from: a run directory, a transformers directory, a timm / MAE /
+    # VideoMAE / vitscale .safetensors or .pth file (see vitscale.weights), or "random" (baseline)
+    init_allow: str = ""  # comma-separated fnmatch patterns of keys --init may leave missing or unused
     out: str = "runs/run"  # run directory
 
     def __post_init__(self) -> None:

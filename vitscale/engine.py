@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from vitscale import checkpoint, dist, evaluate, optim, tasks, visual
+from vitscale import checkpoint, dist, evaluate, optim, tasks, visual, weights
 from vitscale.bench import autocast
 from vitscale.checkpoint import atomic_write_text
 from vitscale.config import RunConfig, dump_yaml, load_yaml
@@ -65,18 +65,11 @@ def _prepare_run_dir(cfg: RunConfig, d: dist.Dist) -> Path:
     return run_dir
 
 
-def _init_weights(module: torch.nn.Module, init: str, log) -> None:
-    """Load encoder weights from a run directory (best, else latest) or a safetensors file."""
-    path = Path(init)
-    if path.is_dir():
-        found = path / "best" if (path / "best").is_dir() else checkpoint.latest(path)
-        if found is None:
-            raise ValueError(f"{init!r} holds no checkpoint to start from")
-        path = found / "model.safetensors"
-    if not path.is_file():
-        raise ValueError(f"init weights {init!r} not found; pass a run directory or a .safetensors file")
-    skipped = tasks.load_encoder(module, load_file(str(path)))
-    log(f"loaded encoder weights from {path}" + (f" (left out: {', '.join(skipped)})" if skipped else ""))
+def _init_weights(module: torch.nn.Module, init: str, allow: str, log) -> None:
+    """Start the encoder from weights in any format vitscale reads (vitscale.weights)."""
+    patterns = tuple(p.strip() for p in allow.split(",") if p.strip())
+    report = weights.init_encoder(module.encoder, init, allow=patterns)
+    log(f"encoder weights from {init}: {report.summary()}")
 
 
 class Metrics:
@@ -154,7 +147,7 @@ class Job:
         if cfg.init == "random":
             log("encoder left at its random initialisation (--init random: a baseline)")
         elif cfg.init:
-            _init_weights(self.module, cfg.init, log)
+            _init_weights(self.module, cfg.init, cfg.init_allow, log)
         self.module.to(d.device)
         self.forward = _parallel(self.module, cfg, d)
         groups = optim.param_groups(self.module, t.weight_decay, t.layer_decay, cfg.model.depth)

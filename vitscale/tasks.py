@@ -90,7 +90,7 @@ class Pretrainer(nn.Module):
 
     def predict(self, x: Tensor) -> Tensor:
         """Pooled encoder features (for k-NN accuracy)."""
-        return self.encoder.pool(self.encoder.forward_features(x))
+        return self.encoder(x)  # no head: the pooled, normalised feature
 
 
 class LinearProbe(nn.Module):
@@ -131,31 +131,3 @@ def build(task: str, cfg: ViTConfig, train, mae: MAEConfig, num_classes: int) ->
         return LinearProbe(cfg, num_classes)
     return Classifier(cfg.replace(num_classes=num_classes), train.label_smoothing, train.mixup, train.cutmix)
 
-
-def load_encoder(module: nn.Module, state: dict[str, Tensor]) -> list[str]:
-    """Load encoder weights into a task's encoder; return the keys deliberately left out.
-
-    `state` may come from any task of vitscale's (keys under `vit.` or `mae.encoder.`).
-    The classifier head is new when fine-tuning; every other key must match, or this
-    raises with the list of missing and unexpected keys.
-    """
-    for prefix in ("vit.", "mae.encoder."):
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            break
-    encoder = module.encoder
-    own = encoder.state_dict()
-    skipped = [k for k in state if k.startswith("head.")]
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    missing = [k for k in own if k not in state and not k.startswith("head.")]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            "init weights do not fit this model: "
-            + "; ".join(f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                        for what, keys in [("missing", missing), ("unexpected", unexpected),
-                                           ("wrong shape", wrong)] if keys)
-            + " (use the same --model as the run the weights came from)")
-    encoder.load_state_dict(state, strict=False)
-    return skipped

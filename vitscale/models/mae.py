@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from vitscale.models.vit import Block, Grid, ViT, ViTConfig, sincos_pos_embed
+from vitscale.models.vit import Block, Grid, ViT, ViTConfig, fixed_pos_embed
 
 MASKINGS = ("random", "tube")
 
@@ -34,6 +34,7 @@ class MAEConfig:
     decoder_heads: int = 16  # decoder attention heads; must divide decoder_width
     norm_pix_loss: bool = True  # target = each patch normalised by its own mean and variance
     encoder_on_all_tokens: bool = False  # ablation (MAE Table 2): mask tokens in the encoder, on all N
+    decoder_pos_embed: str = "sincos"  # fixed decoder positions: "sincos" (MAE) or "sincos1d" (VideoMAE)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
@@ -45,9 +46,13 @@ class MAEConfig:
         if self.decoder_width % self.decoder_heads:
             raise ValueError(f"mae.decoder_width {self.decoder_width} is not divisible by "
                              f"mae.decoder_heads {self.decoder_heads}")
-        if self.decoder_width % 4:
-            raise ValueError(f"mae.decoder_width must be a multiple of 4 (sin-cos positions), "
-                             f"got {self.decoder_width}")
+        if self.decoder_pos_embed not in ("sincos", "sincos1d"):
+            raise ValueError(f"mae.decoder_pos_embed must be 'sincos' or 'sincos1d', "
+                             f"got {self.decoder_pos_embed!r}")
+        multiple = 4 if self.decoder_pos_embed == "sincos" else 2
+        if self.decoder_width % multiple:
+            raise ValueError(f"mae.decoder_width must be a multiple of {multiple} ({self.decoder_pos_embed} "
+                             f"positions), got {self.decoder_width}")
 
 
 # ----------------------------------------------------------------------------- patches
@@ -110,15 +115,17 @@ def num_visible(n: int, ratio: float) -> int:
 
 
 def random_masking(batch: int, n: int, ratio: float, generator: torch.Generator | None = None,
-                   device: torch.device | str | None = None) -> Masking:
+                   device: torch.device | str | None = None, noise: Tensor | None = None) -> Masking:
     """Mask `ratio` of n tokens per sample, uniformly at random (MAE).
 
     Returns keep [B, K], mask [B, N] (1 = masked) and restore [B, N], K = num_visible(n, ratio).
-    Draws from `generator` when given, else from the global RNG.
+    Draws from `generator` when given, else from the global RNG; a given `noise` [B, N]
+    replaces the draw (to repeat another implementation's masking, e.g. transformers' ViTMAE).
     """
-    device = generator.device if generator is not None else device
+    device = noise.device if noise is not None else generator.device if generator is not None else device
     k = num_visible(n, ratio)
-    noise = torch.rand(batch, n, generator=generator, device=device)  # [B, N] one draw per token
+    if noise is None:
+        noise = torch.rand(batch, n, generator=generator, device=device)  # [B, N] one draw per token
     shuffle = noise.argsort(dim=1)  # [B, N] token ids, smallest noise first: a random permutation
     restore = shuffle.argsort(dim=1)  # [B, N] its inverse: position of each token in `shuffle`
     keep = shuffle[:, :k]  # [B, K] the first K of the permutation stay visible
@@ -134,9 +141,15 @@ def tube_masking(batch: int, grid: Grid, ratio: float, generator: torch.Generato
     (VideoMAE). grid (t, h, w) -> keep [B, t*K], mask [B, t*h*w], restore [B, t*h*w]."""
     t, h, w = grid
     space = random_masking(batch, h * w, ratio, generator, device).mask  # [B, h*w]
-    mask = space.repeat(1, t)  # [B, t*h*w]: tokens run t-major, so tile the frame mask
+    return masking_of(space.repeat(1, t))  # [B, t*h*w]: tokens run t-major, so tile the frame mask
+
+
+def masking_of(mask: Tensor) -> Masking:
+    """The masking of a given [B, N] mask (1 or True = masked; the same count in every row),
+    visible tokens kept in ascending order (as VideoMAE's bool_masked_pos selects them)."""
+    mask = mask.float()
     shuffle = mask.argsort(dim=1, stable=True)  # [B, N] visible ids ascending, then masked ids
-    k = t * num_visible(h * w, ratio)
+    k = int(mask.shape[1] - mask[0].sum())
     return Masking(shuffle[:, :k], mask, shuffle.argsort(dim=1))
 
 
@@ -159,16 +172,16 @@ class MAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, ecfg.width if cfg.encoder_on_all_tokens else D))
         self.register_buffer("decoder_pos", self._decoder_pos(ecfg.grid), persistent=False)
         self.decoder_blocks = nn.ModuleList(
-            Block(D, cfg.decoder_heads, int(D * ecfg.mlp_ratio), ecfg.qkv_bias, 0.0)
+            Block(D, cfg.decoder_heads, int(D * ecfg.mlp_ratio), ecfg.qkv_bias, 0.0, ecfg.norm_eps)
             for _ in range(cfg.decoder_depth)
         )
-        self.decoder_norm = nn.LayerNorm(D, eps=1e-6)
+        self.decoder_norm = nn.LayerNorm(D, eps=ecfg.norm_eps)
         self.decoder_pred = nn.Linear(D, ecfg.patch_dim)
         self._init_decoder()
 
     def _decoder_pos(self, grid: Grid) -> Tensor:
-        """[1, prefix + N, Dd] fixed sin-cos decoder positions; the cls token's row is zeros."""
-        pos = sincos_pos_embed(self.cfg.decoder_width, grid)  # [N, Dd]
+        """[1, prefix + N, Dd] fixed decoder positions; the cls token's row is zeros."""
+        pos = fixed_pos_embed(self.cfg.decoder_pos_embed, self.cfg.decoder_width, grid)  # [N, Dd]
         return torch.cat([pos.new_zeros(self.prefix, pos.shape[1]), pos])[None]
 
     def _init_decoder(self) -> None:
@@ -227,10 +240,15 @@ class MAE(nn.Module):
         per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # [B, N]
         return (per_patch * mask).sum() / mask.sum()
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [B, C, H, W] or [B, C, T, H, W] -> (loss, pred [B, N, patch_dim], mask [B, N])."""
+    def forward(self, x: Tensor, generator: torch.Generator | None = None,
+                masking: Masking | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, C, H, W] or [B, C, T, H, W] -> (loss, pred [B, N, patch_dim], mask [B, N]).
+
+        A given `masking` replaces the config's random draw."""
         grid = grid_of(x, self.encoder.cfg)
-        keep, mask, restore = self.make_mask(x.shape[0], grid, x.device, generator)
+        if masking is None:
+            masking = self.make_mask(x.shape[0], grid, x.device, generator)
+        keep, mask, restore = masking
         if self.cfg.encoder_on_all_tokens:
             tokens = self.decoder_embed(self.encode_all(x, mask))  # [B, prefix + N, Dd]
         else:

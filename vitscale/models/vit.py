@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Grid = tuple[int, int, int]  # (t, h, w) tokens along time, height, width
+POS_EMBEDS = ("learned", "sincos", "sincos1d")
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,12 @@ class ViTConfig:
     heads: int = 12  # attention heads; must divide width
     mlp_ratio: float = 4.0  # MLP hidden = int(width * mlp_ratio)
     num_classes: int = 1000  # 0 = features only, no head
-    pool: str = "cls"  # "cls" token or "mean" of patch tokens
+    pool: str = "cls"  # "cls" token, or "mean" of patch tokens (the final norm then follows the mean)
     class_token: bool = True  # prepend a learned cls token (required by pool="cls")
-    pos_embed: str = "learned"  # "learned" parameter or fixed "sincos"
+    pos_embed: str = "learned"  # "learned" parameter, or a fixed table: "sincos" or "sincos1d" (VideoMAE's)
     qkv_bias: bool = True  # bias on the fused qkv projection
     drop_path: float = 0.0  # stochastic depth rate, linear over blocks
+    norm_eps: float = 1e-6  # LayerNorm epsilon (timm / MAE: 1e-6; Hugging Face ViT: 1e-12)
 
     def __post_init__(self) -> None:
         h, w = self.hw
@@ -52,8 +54,8 @@ class ViTConfig:
             (self.depth >= 1 and self.width >= 1, "depth and width must be positive"),
             (self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}"),
             (self.pool != "cls" or self.class_token, "pool='cls' needs class_token=True"),
-            (self.pos_embed in ("learned", "sincos"),
-             f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}"),
+            (self.pos_embed in POS_EMBEDS,
+             f"pos_embed must be one of {', '.join(POS_EMBEDS)}, got {self.pos_embed!r}"),
             (0.0 <= self.drop_path < 1.0, "drop_path must be in [0, 1)"),
         ]
         for ok, message in checks:
@@ -165,20 +167,41 @@ def sincos_1d(dim: int, pos: Tensor) -> Tensor:
 def sincos_pos_embed(dim: int, grid: Grid) -> Tensor:
     """Fixed sin-cos embedding for a (t, h, w) grid -> [t*h*w, dim].
 
-    Space uses MAE's 2D form (half the channels for rows, half for columns). Time, when
-    the grid has more than one step, adds a 1D sin-cos over all channels (a separable
-    space + time embedding, as MViT's sep_pos_embed). dim must be a multiple of 4.
+    Space is MAE's 2D form exactly as its released code computes it: the first half of the
+    channels encodes the column, the second half the row (MAE's code names them the other
+    way round; its pre-trained weights rely on this order). Time, when the grid has more
+    than one step, adds a 1D sin-cos over all channels (a separable space + time embedding,
+    as MViT's sep_pos_embed). dim must be a multiple of 4.
     """
     if dim % 4:
         raise ValueError(f"sincos position embedding needs width divisible by 4, got {dim}")
     t, h, w = grid
     rows = sincos_1d(dim // 2, torch.arange(h).repeat_interleave(w))  # [h*w, D/2]
     cols = sincos_1d(dim // 2, torch.arange(w).repeat(h))  # [h*w, D/2]
-    space = torch.cat([rows, cols], dim=1)  # [h*w, D]
+    space = torch.cat([cols, rows], dim=1)  # [h*w, D]
     if t == 1:
         return space
     time = sincos_1d(dim, torch.arange(t))  # [t, D]
     return (time[:, None, :] + space[None]).reshape(t * h * w, dim)
+
+
+def sincos1d_pos_embed(dim: int, grid: Grid) -> Tensor:
+    """VideoMAE's fixed table for a (t, h, w) grid -> [t*h*w, dim] (dim even).
+
+    One position per token in (t, h, w) order, as in "Attention Is All You Need": channel
+    2i holds sin(n / 10000^(2i/dim)) and channel 2i+1 the matching cos.
+    """
+    if dim % 2:
+        raise ValueError(f"sincos1d position embedding needs an even width, got {dim}")
+    n = grid[0] * grid[1] * grid[2]
+    omega = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # [D/2]
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * omega[None]  # [N, D/2]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(n, dim).float()  # interleaved
+
+
+def fixed_pos_embed(kind: str, dim: int, grid: Grid) -> Tensor:
+    """A fixed position table by name ("sincos" or "sincos1d") -> [t*h*w, dim]."""
+    return sincos1d_pos_embed(dim, grid) if kind == "sincos1d" else sincos_pos_embed(dim, grid)
 
 
 def resample_pos_embed(pos: Tensor, old: Grid, new: Grid) -> Tensor:
@@ -254,11 +277,12 @@ def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_hidden: int, qkv_bias: bool, drop_path: float):
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, qkv_bias: bool, drop_path: float,
+                 eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_hidden)
         self.drop_path = drop_path
 
@@ -281,18 +305,20 @@ class ViT(nn.Module):
             # one row per patch token, plus one for the cls token (as timm / HF lay it out)
             self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix + cfg.num_patches, D))
         else:
-            self.register_buffer("pos_embed", self._sincos(cfg.grid), persistent=False)
+            self.register_buffer("pos_embed", self.fixed_pos_embed(cfg.grid), persistent=False)
         rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # linear rule
         self.blocks = nn.ModuleList(
-            Block(D, cfg.heads, cfg.mlp_hidden, cfg.qkv_bias, r) for r in rates
+            Block(D, cfg.heads, cfg.mlp_hidden, cfg.qkv_bias, r, cfg.norm_eps) for r in rates
         )
-        self.norm = nn.LayerNorm(D, eps=1e-6)
+        # Normalises every token (pool="cls", MAE's encoder output), or for pool="mean" the
+        # pooled feature, as timm's fc_norm and MAE / VideoMAE fine-tuning do.
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else None
         self.init_weights()
 
-    def _sincos(self, grid: Grid) -> Tensor:
-        """[1, prefix + N, D] fixed embedding; the cls token's row is zeros (as MAE)."""
-        pos = sincos_pos_embed(self.cfg.width, grid)
+    def fixed_pos_embed(self, grid: Grid) -> Tensor:
+        """[1, prefix + N, D] fixed table of the config's kind; the cls token's row is zeros (as MAE)."""
+        pos = fixed_pos_embed(self.cfg.pos_embed, self.cfg.width, grid)
         return torch.cat([pos.new_zeros(self.cfg.num_prefix, pos.shape[1]), pos])[None]
 
     def init_weights(self) -> None:
@@ -315,15 +341,15 @@ class ViT(nn.Module):
 
     def pos_embed_for(self, grid: Grid) -> Tensor:
         """Position embedding for a grid, resampled if it differs from the config's."""
-        if self.cfg.pos_embed == "sincos":
-            return self.pos_embed if grid == self.cfg.grid else self._sincos(grid).to(self.pos_embed)
+        if self.cfg.pos_embed != "learned":
+            return self.pos_embed if grid == self.cfg.grid else self.fixed_pos_embed(grid).to(self.pos_embed)
         prefix = self.pos_embed[:, : self.cfg.num_prefix]
         patches = resample_pos_embed(self.pos_embed[:, self.cfg.num_prefix :], self.cfg.grid, grid)
         return torch.cat([prefix, patches], dim=1)
 
     def forward_features(self, x: Tensor, keep: Tensor | None = None, mask: Tensor | None = None,
-                         mask_token: Tensor | None = None) -> Tensor:
-        """Encode an input into normalised tokens.
+                         mask_token: Tensor | None = None, norm: bool = True) -> Tensor:
+        """Encode an input into tokens, normalised unless norm=False.
 
         Args:
             x: [B, C, H, W] or [B, C, T, H, W].
@@ -332,6 +358,7 @@ class ViT(nn.Module):
             mask, mask_token: optional [B, N] (1 = masked) and [1, 1, D]: masked patch
                 tokens are replaced by the token before positions are added (MAE's
                 "encoder with mask tokens" ablation).
+            norm: apply the final norm to every token (False: the last block's output).
         Returns:
             [B, prefix + K, D] tokens, the cls token first when there is one.
         """
@@ -347,17 +374,18 @@ class ViT(nn.Module):
             x = torch.cat([cls, x], dim=1)  # [B, 1 + K, D]
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        return self.norm(x) if norm else x
 
     def pool(self, tokens: Tensor) -> Tensor:
-        """[B, L, D] -> [B, D]: the cls token, or the mean of the patch tokens."""
+        """Un-normalised tokens [B, L, D] -> normalised feature [B, D]: the cls token, or the
+        mean of the patch tokens (then the norm: timm's fc_norm, as MAE / VideoMAE fine-tune)."""
         if self.cfg.pool == "cls":
-            return tokens[:, 0]
-        return tokens[:, self.cfg.num_prefix :].mean(dim=1)
+            return self.norm(tokens[:, 0])  # the norm is per token: as norm(tokens)[:, 0]
+        return self.norm(tokens[:, self.cfg.num_prefix :].mean(dim=1))
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, C, (T,) H, W] -> logits [B, classes], or pooled features [B, D] with no head."""
-        features = self.pool(self.forward_features(x))
+        features = self.pool(self.forward_features(x, norm=False))
         return self.head(features) if self.head is not None else features
 
 

@@ -1,0 +1,198 @@
+"""Pre-trained weights in every common format, in and out.
+
+    source = read("vit-mae-base/")                # what the checkpoint holds, renamed to vitscale's keys
+    model, report = build(source, image_size=384) # a vitscale ViT (or MAE) of that shape, loaded and checked
+    print(report.summary())                       # loaded, resampled, left out, kept at init, notes
+    export(model, "out/", to="hf")                # or "timm", "vitscale"
+
+Read (the format is told from the files and key names):
+  hf        a transformers directory: config.json + model.safetensors / pytorch_model.bin; ViTModel,
+            ViTForImageClassification, ViTMAEModel, ViTMAEForPreTraining, VideoMAEModel,
+            VideoMAEForVideoClassification, VideoMAEForPreTraining (see hf.py)
+  timm      a timm VisionTransformer state dict, .safetensors or .pth/.pt/.bin, bare or wrapped
+            in model / module / state_dict, keys optionally prefixed module.
+  mae       facebookresearch/mae checkpoints (pre-training with its decoder, or fine-tuned)
+  videomae  MCG-NJU/VideoMAE checkpoints (pre-training, or fine-tuned)
+  vitscale  a run directory (its best, else latest checkpoint), a `vitscale convert --to vitscale`
+            directory, or a model.safetensors of vitscale's
+Write: hf (a directory transformers' from_pretrained loads), timm (one .safetensors state dict;
+an MAE in the original MAE layout, timm's plus decoder_*), vitscale (a directory).
+
+Rules: a missing, unexpected or wrongly shaped key is an error that lists them all, unless
+an fnmatch pattern allows it; nothing is zero-filled silently (a key bias absent from a
+q_bias / v_bias layout is zero by construction and reported). Position tables are
+resampled to the model's grid (fixed tables recomputed), and a fixed table the model
+computes must equal the checkpoint's. torch files load with weights_only=True: a pickled
+object other than tensors and containers is refused before any of its code can run.
+State dicts record no attention head counts: they come from --heads, a --model preset (or
+the run's model for --init), else the standard count for the width, reported as a note.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from torch import nn
+
+from vitscale.checkpoint import atomic_write_text, latest
+from vitscale.models.mae import MAE, MAEConfig
+from vitscale.models.vit import ViT, ViTConfig, preset
+from vitscale.weights import hf, timm
+from vitscale.weights.core import Report, Source, build, fixed_table, infer_config, load_into
+from vitscale.weights.files import read_tensors, write_safetensors
+
+FORMATS_OUT = ("hf", "timm", "vitscale")
+
+
+def read(path: str | Path, *, like: ViTConfig | None = None, heads: int | None = None,
+         decoder_heads: int | None = None, image_size=None, frames: int | None = None) -> Source:
+    """Read a checkpoint of any supported format (told from its files and keys).
+
+    Args:
+        path: a directory (transformers, vitscale run or export) or a weights file.
+        like: the model the weights are meant for: lends its heads and token grid where the
+            checkpoint records neither.
+        heads, decoder_heads: attention heads, for state dicts (which do not record them).
+        image_size, frames: the checkpoint's input size, where it cannot be read from it.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return hf.read(p)
+        if (p / "vitscale.json").is_file():
+            saved = json.loads((p / "vitscale.json").read_text())
+            cfg = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["model"].items()})
+            mae = MAEConfig(**saved["mae"]) if saved.get("mae") else None
+            return _vitscale(read_tensors(p / "model.safetensors"), cfg, mae)
+        if (p / "config.yaml").is_file():
+            return _run_dir(p)
+        if (p / "model.safetensors").is_file():  # a checkpoint directory of a run (ckpt-N/, best/)
+            p = p / "model.safetensors"
+        else:
+            raise ValueError(f"{str(p)!r} is neither a transformers directory (config.json), a vitscale "
+                             "export (vitscale.json), a run (config.yaml) nor a checkpoint "
+                             "(model.safetensors)")
+    elif not p.is_file():
+        raise ValueError(f"weights {str(p)!r} not found; pass a run directory, a transformers model "
+                         "directory, or a .safetensors / .pth file")
+    tensors = read_tensors(p)
+    hints = dict(like=like, heads=heads, image_size=image_size, frames=frames)
+    if any(k.startswith(("vit.", "mae.")) for k in tensors) or \
+            {"blocks.0.mlp.0.weight", "encoder.blocks.0.mlp.0.weight"} & set(tensors):
+        return _vitscale(tensors, None, None, **hints)
+    layout = timm.layout_of(tensors)
+    if layout is not None:
+        return timm.read(tensors, layout, decoder_heads=decoder_heads, **hints)
+    if any("embeddings.patch_embeddings" in k for k in tensors):
+        raise ValueError(f"{str(p)!r} holds transformers weights; pass the directory with its config.json")
+    some = ", ".join(list(tensors)[:4])
+    raise ValueError(f"{str(p)!r} is in no layout vitscale reads (keys such as {some})")
+
+
+def _run_dir(run_dir: Path) -> Source:
+    """A vitscale run: its best checkpoint, else its latest, with the run's config."""
+    from vitscale.config import load_yaml
+
+    ckpt = run_dir / "best" if (run_dir / "best").is_dir() else latest(run_dir)
+    if ckpt is None:
+        raise ValueError(f"{str(run_dir)!r} holds no checkpoint to start from")
+    run = load_yaml(run_dir / "config.yaml")
+    mae = run.mae if run.task == "mae" else None
+    return _vitscale(read_tensors(ckpt / "model.safetensors"), run.model, mae)
+
+
+def _vitscale(tensors, cfg: ViTConfig | None, mae: MAEConfig | None, *, like=None, heads=None,
+              image_size=None, frames=None) -> Source:
+    """vitscale's own keys: a task module's (`vit.` / `mae.`), or a bare ViT's or MAE's."""
+    unmapped, notes = [], []
+    if any(k.startswith("mae.") for k in tensors):
+        state = {k[len("mae."):]: v for k, v in tensors.items() if k.startswith("mae.")}
+    elif any(k.startswith("vit.") for k in tensors):  # a linear probe's own norm and head sit beside vit.
+        state = {k[len("vit."):]: v for k, v in tensors.items() if k.startswith("vit.")}
+        unmapped = [k for k in tensors if not k.startswith("vit.")]
+    else:
+        state = dict(tensors)
+    has_decoder = any(k.startswith("encoder.") for k in state)
+    enc = "encoder." if has_decoder else ""
+    encoder = {k[len(enc):]: v for k, v in state.items() if k.startswith(enc)}
+    inferred = frozenset()
+    if cfg is None:
+        cfg, inferred, notes = infer_config(
+            encoder, pool=like.pool if like else "cls", norm_eps=like.norm_eps if like else 1e-6,
+            pos_embed=None if "pos_embed" in encoder else (like.pos_embed if like else "sincos"),
+            grid_hint=like.grid if like else None, heads=heads or (like.heads if like else None),
+            image_size=image_size, frames=frames)
+        inferred |= {"heads"} if heads is None and like is not None else set()
+        notes.append("no config with these weights: the architecture is read from their shapes")
+    cfg = cfg.replace(num_classes=encoder["head.weight"].shape[0] if "head.weight" in encoder else 0)
+    if has_decoder and mae is None:
+        mae, more, decoder_notes = timm.decoder_config(state, cfg, "mae", None)
+        inferred, notes = inferred | more, notes + decoder_notes
+    if cfg.pos_embed != "learned":
+        state[f"{enc}pos_embed"] = fixed_table(cfg.pos_embed, cfg.width, cfg.grid, cfg.num_prefix)
+    return Source(format="vitscale", state=state, model=cfg, mae=mae if has_decoder else None,
+                  unmapped=tuple(unmapped), head_extras=("norm.*", "head.*"), inferred=inferred,
+                  notes=tuple(notes))
+
+
+def load(path: str | Path, *, head: bool = True, allow: tuple[str, ...] = (), image_size=None,
+         frames: int | None = None, num_classes: int | None = None, **read_args) -> tuple[nn.Module, Report]:
+    """read + build: a loaded vitscale model (ViT, or MAE for a pre-training checkpoint) and its report."""
+    source = read(path, image_size=image_size, frames=frames, **read_args)
+    return build(source, image_size=image_size, frames=frames, num_classes=num_classes, head=head,
+                 allow=allow)
+
+
+def init_encoder(encoder: ViT, init: str | Path, allow: tuple[str, ...] = ()) -> Report:
+    """Start a run's encoder from weights in any format (`--init`); its class head stays new."""
+    return load_into(encoder, read(init, like=encoder.cfg), head=False, allow=allow)
+
+
+def export(model: nn.Module, out: str | Path, to: str) -> tuple[list[Path], list[str]]:
+    """Write a ViT or MAE in a format ("hf", "timm", "vitscale"); returns (files written, notes)."""
+    out, notes = Path(out), []
+    if to == "hf":
+        config, state, notes = hf.write(model)
+        out.mkdir(parents=True, exist_ok=True)
+        write_safetensors(out / "model.safetensors", state)
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+        return [out / "model.safetensors", out / "config.json"], notes
+    if to == "timm":
+        path = out if out.suffix == ".safetensors" else out / "model.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path, timm.write_state(model))
+        return [path], notes
+    if to == "vitscale":
+        out.mkdir(parents=True, exist_ok=True)
+        is_mae = isinstance(model, MAE)
+        prefix, cfg = ("mae.", model.encoder.cfg) if is_mae else ("vit.", model.cfg)
+        write_safetensors(out / "model.safetensors", {prefix + k: v for k, v in model.state_dict().items()})
+        saved = {"format": "vitscale", "model": asdict(cfg), "mae": asdict(model.cfg) if is_mae else None}
+        atomic_write_text(out / "vitscale.json", json.dumps(saved, indent=2) + "\n")
+        return [out / "model.safetensors", out / "vitscale.json"], notes
+    raise ValueError(f"unknown output format {to!r}; use one of {', '.join(FORMATS_OUT)}")
+
+
+def convert(src: str | Path, to: str, out: str | Path, *, model: str | None = None, heads: int | None = None,
+            decoder_heads: int | None = None, image_size=None, frames: int | None = None,
+            num_classes: int | None = None, head: bool = True,
+            allow: tuple[str, ...] = ()) -> tuple[Report, list[Path]]:
+    """Read any format, build and check a vitscale model, write it in another (`vitscale convert`).
+
+    `model` (a preset name) lends heads and input size where the checkpoint records neither;
+    `image_size` / `frames` resample to a new input size; `num_classes` gives a new head.
+    """
+    if to not in FORMATS_OUT:
+        raise ValueError(f"unknown output format {to!r}; use one of {', '.join(FORMATS_OUT)}")
+    source = read(src, like=preset(model) if model else None, heads=heads, decoder_heads=decoder_heads,
+                  image_size=image_size, frames=frames)
+    built, report = build(source, image_size=image_size, frames=frames, num_classes=num_classes, head=head,
+                          allow=allow)
+    paths, notes = export(built, out, to)
+    return replace(report, notes=report.notes + tuple(notes)), paths
+
+
+__all__ = ["FORMATS_OUT", "Report", "Source", "build", "convert", "export", "init_encoder", "load",
+           "load_into", "read"]

@@ -1,0 +1,152 @@
+"""Reading and writing weight files safely, and renaming their keys.
+
+Weights load from safetensors, or through `torch.load(weights_only=True)`, which refuses any
+pickled object that is not a tensor or a plain container before it can run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+State = dict[str, Tensor]
+WRAPPERS = ("model", "module", "state_dict")  # training scripts nest the weights under these
+PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile key prefixes
+
+
+def read_tensors(path: Path) -> State:
+    """Every tensor of a .safetensors file, or of a torch checkpoint unwrapped to its state dict."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(f"cannot read {str(path)!r} as safetensors: {e}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{str(path)!r} holds pickled Python objects besides tensors, and vitscale runs no code from a "
+            "checkpoint; if you trust its source, re-save just its state dict (e.g. with safetensors' "
+            "save_file) and pass that file") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"cannot read {str(path)!r} as a torch checkpoint: {first}") from None
+    return unwrap(obj, str(path))
+
+
+def unwrap(obj, where: str) -> State:
+    """Descend through `model` / `module` / `state_dict` wrappers and strip DDP / compile prefixes."""
+    while isinstance(obj, dict) and not all(torch.is_tensor(v) for v in obj.values()):
+        inner = next((obj[k] for k in WRAPPERS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            others = ", ".join(str(k) for k, v in obj.items() if not torch.is_tensor(v))
+            raise ValueError(f"{where!r} is not a state dict of tensors ({others[:80]} are not tensors, "
+                             f"and it has none of {', '.join(WRAPPERS)} holding one)")
+        obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{where!r} holds no tensors")
+    for prefix in PREFIXES:
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def write_safetensors(path: Path, state: State) -> None:
+    """Write a state dict through a temporary file and a rename: never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- key renaming
+Rules = list[tuple[re.Pattern, str]]
+
+
+def rules(pairs: list[tuple[str, str]], reverse: bool = False) -> Rules:
+    """Compile (source, target) name prefixes, `{i}` standing for a block index, into rules.
+
+    A prefix matches whole dotted components: ("vit.layernorm", "norm") renames
+    `vit.layernorm.weight` but not `vit.layernorm_after.weight`. `reverse` swaps the pairs.
+    """
+    compiled = []
+    for a, b in pairs:
+        src, dst = (b, a) if reverse else (a, b)
+        pattern = re.compile("^" + re.escape(src).replace(r"\{i\}", r"(\d+)") + r"(?=\.|$)")
+        compiled.append((pattern, dst.replace("{i}", r"\1")))
+    return compiled
+
+
+def rename(state: State, table: Rules) -> tuple[State, list[str]]:
+    """Rename every key by the first rule that matches; return (renamed, keys no rule matched)."""
+    out, origin, unmatched = {}, {}, []
+    for key, value in state.items():
+        for pattern, target in table:
+            if pattern.match(key):
+                name = pattern.sub(target, key, count=1)
+                if name in out:
+                    raise ValueError(f"both {origin[name]} and {key} would load into {name}; the checkpoint "
+                                     "mixes two layouts")
+                out[name], origin[name] = value, key
+                break
+        else:
+            unmatched.append(key)
+    return out, unmatched
+
+
+def fuse_qkv(state: State) -> tuple[State, list[str]]:
+    """Fuse separate query / key / value projections into vitscale's `attn.qkv`.
+
+    `X.attn.q.weight`, `X.attn.k.weight`, `X.attn.v.weight` [D, D] -> `X.attn.qkv.weight` [3D, D];
+    biases likewise. A layout with a query and a value bias and no key bias (`q_bias`,
+    `v_bias`: BEiT, VideoMAE) has a key bias of zero, so the fused bias is
+    cat(q_bias, zeros, v_bias) [3D]. Returns the state and a note if any bias was so filled.
+    """
+    out, zero_filled = dict(state), 0
+    for p in sorted({k[: -len(".attn.q.weight")] for k in state if k.endswith(".attn.q.weight")}):
+        out[f"{p}.attn.qkv.weight"] = torch.cat([out.pop(f"{p}.attn.{n}.weight") for n in "qkv"])
+    q_biases = {k[: -len(".attn.q.bias")] for k in state if k.endswith(".attn.q.bias")}
+    q_biases |= {k[: -len(".attn.q_bias")] for k in state if k.endswith(".attn.q_bias")}
+    for p in sorted(q_biases):
+        q = out.pop(f"{p}.attn.q.bias", None)
+        q = out.pop(f"{p}.attn.q_bias") if q is None else q
+        v = out.pop(f"{p}.attn.v.bias", None)
+        v = out.pop(f"{p}.attn.v_bias", None) if v is None else v
+        if v is None:
+            continue  # a query bias alone: leave it, to be reported as unexpected
+        k = out.pop(f"{p}.attn.k.bias", None)
+        zero_filled += k is None
+        out[f"{p}.attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q) if k is None else k, v])  # [3D]
+    notes = [f"key bias set to zero in {zero_filled} attention layers (the source has query and value "
+             "biases only: the same function)"] if zero_filled else []
+    return out, notes
+
+
+def split_qkv(state: State, qv_bias: bool = False) -> State:
+    """Inverse of `fuse_qkv`: `X.attn.qkv.*` -> `X.attn.q/k/v.*`, or with qv_bias `X.attn.q_bias`
+    and `X.attn.v_bias` (the key bias must then be zero, or the layout cannot hold it)."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(".attn.qkv.weight"):
+            p = key[: -len(".attn.qkv.weight")]
+            for n, part in zip("qkv", value.chunk(3), strict=True):
+                out[f"{p}.attn.{n}.weight"] = part
+        elif key.endswith(".attn.qkv.bias"):
+            p = key[: -len(".attn.qkv.bias")]
+            q, k, v = value.chunk(3)
+            if not qv_bias:
+                out.update({f"{p}.attn.q.bias": q, f"{p}.attn.k.bias": k, f"{p}.attn.v.bias": v})
+            elif k.abs().max() > 0:
+                raise ValueError(f"{p}: the key bias is not zero, and this layout has query and value "
+                                 "biases only; export to another format")
+            else:
+                out.update({f"{p}.attn.q_bias": q, f"{p}.attn.v_bias": v})
+        else:
+            out[key] = value
+    return out

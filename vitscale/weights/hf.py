@@ -1,0 +1,290 @@
+"""Hugging Face transformers: ViT, ViTMAE and VideoMAE directories, in and out.
+
+A directory holds config.json and model.safetensors (or pytorch_model.bin, or shards with
+an index). The vitscale config is read from config.json. Key names are the ones published
+checkpoints use (transformers 4: `vit.encoder.layer.N.attention.attention.query`, ...), which
+transformers 5 still writes and reads; its in-memory names (`vit.layers.N.attention.q_proj`)
+are read too.
+
+What transformers computes differently, and how it maps:
+  - ViT / ViTMAE: separate query, key, value (fused here), LayerNorm eps layer_norm_eps
+    (1e-12 by default), cls pooling after the final norm.
+  - ViTMAE stores its fixed sin-cos tables; they are checked against vitscale's (MAE's order).
+    It keeps int(N * (1 - mask_ratio)) tokens, vitscale round(...): the same for usual sizes.
+  - VideoMAE: input [B, T, C, H, W] (vitscale: [B, C, T, H, W]); a 1D sinusoid table it
+    computes and never stores (vitscale's pos_embed "sincos1d"); query and value biases only;
+    mean pooling then fc_norm; fc_norm and the decoder's norm use PyTorch's default eps 1e-5,
+    not layer_norm_eps (vitscale uses one eps: a relative difference of about 1e-5 / var).
+    Its pre-training loss un-normalises ImageNet-normalised inputs and, with norm_pix_loss,
+    normalises each channel of a patch on its own; vitscale's loss takes the input as given
+    and normalises the whole patch (MAE's form).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vitscale.models.mae import MAE, MAEConfig, num_visible
+from vitscale.models.vit import ViTConfig
+from vitscale.weights.core import Source, classify_table, fixed_table, is_table
+from vitscale.weights.files import State, fuse_qkv, read_tensors, rename, rules, split_qkv
+
+LAYER = [("layernorm_before", "norm1"), ("attention.attention.query", "attn.q"),
+         ("attention.attention.key", "attn.k"), ("attention.attention.value", "attn.v"),
+         ("attention.attention.q_bias", "attn.q_bias"), ("attention.attention.v_bias", "attn.v_bias"),
+         ("attention.output.dense", "attn.proj"), ("layernorm_after", "norm2"),
+         ("intermediate.dense", "mlp.0"), ("output.dense", "mlp.2")]
+LAYER_V5 = [("layernorm_before", "norm1"), ("layernorm_after", "norm2"), ("attention.q_proj", "attn.q"),
+            ("attention.k_proj", "attn.k"), ("attention.v_proj", "attn.v"), ("attention.o_proj", "attn.proj"),
+            ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2")]
+ARCHITECTURES = {
+    "vit": ("ViTModel", "ViTForImageClassification"),
+    "vit_mae": ("ViTMAEModel", "ViTMAEForPreTraining"),
+    "videomae": ("VideoMAEModel", "VideoMAEForVideoClassification", "VideoMAEForPreTraining"),
+}
+BASE = {"vit": "vit", "vit_mae": "vit", "videomae": "videomae"}  # attribute holding the encoder
+ENCODER_DEFAULTS = dict(image_size=224, patch_size=16, num_channels=3, hidden_size=768, num_hidden_layers=12,
+                        num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
+                        layer_norm_eps=1e-12)
+DEFAULTS = {  # transformers' config defaults: config.json may leave out any field at its default
+    "vit": ENCODER_DEFAULTS | dict(qkv_bias=True),
+    "vit_mae": ENCODER_DEFAULTS | dict(qkv_bias=True, decoder_hidden_size=512, decoder_num_hidden_layers=8,
+                                       decoder_num_attention_heads=16, decoder_intermediate_size=2048,
+                                       mask_ratio=0.75, norm_pix_loss=False),
+    "videomae": ENCODER_DEFAULTS | dict(num_frames=16, tubelet_size=2, qv_bias=True, use_mean_pooling=True,
+                                        decoder_hidden_size=384, decoder_num_hidden_layers=4,
+                                        decoder_num_attention_heads=6, decoder_intermediate_size=1536,
+                                        norm_pix_loss=True),
+}
+TORCH_LN_EPS = 1e-5  # nn.LayerNorm's default, which VideoMAE's fc_norm and decoder norm keep
+
+
+def _layers(src: str, dst: str, table=LAYER) -> list[tuple[str, str]]:
+    return [(f"{src}.{{i}}.{a}", f"{dst}.{{i}}.{b}") for a, b in table]
+
+
+def pairs(model_type: str, arch: str, norm: str = "layernorm") -> list[tuple[str, str]]:
+    """(Hugging Face name, vitscale name) prefixes, published names first, for one architecture.
+
+    `norm` is where vitscale's final norm lives: the encoder's "layernorm" or VideoMAE's "fc_norm".
+    """
+    base, pretrain = BASE[model_type], arch.endswith("ForPreTraining")
+    enc = "encoder." if pretrain else ""
+    out = [(f"{base}.embeddings.cls_token", f"{enc}cls_token"),
+           (f"{base}.embeddings.position_embeddings", f"{enc}pos_embed"),
+           (f"{base}.embeddings.patch_embeddings.projection", f"{enc}patch_embed.proj"),
+           ("fc_norm" if norm == "fc_norm" else f"{base}.layernorm", f"{enc}norm"), ("classifier", "head")]
+    out += _layers(f"{base}.encoder.layer", f"{enc}blocks")
+    out += _layers(f"{base}.layers", f"{enc}blocks", LAYER_V5)
+    if pretrain and model_type == "vit_mae":
+        out += [("decoder.decoder_embed", "decoder_embed"), ("decoder.mask_token", "mask_token"),
+                ("decoder.decoder_pos_embed", "decoder_pos_embed"), ("decoder.decoder_norm", "decoder_norm"),
+                ("decoder.decoder_pred", "decoder_pred")]
+        out += _layers("decoder.decoder_layers", "decoder_blocks") + \
+            _layers("decoder.decoder_layers", "decoder_blocks", LAYER_V5) + \
+            _layers("decoder.decoder_encoder.layer", "decoder_blocks")  # as transformers 5.x writes it
+    elif pretrain:
+        out += [("encoder_to_decoder", "decoder_embed"), ("mask_token", "mask_token"),
+                ("decoder.norm", "decoder_norm"), ("decoder.head", "decoder_pred")]
+        out += _layers("decoder.decoder_layers", "decoder_blocks")
+    return out
+
+
+# ----------------------------------------------------------------------------- import
+def read(directory: Path) -> Source:
+    """A transformers model directory as a Source."""
+    config = json.loads((directory / "config.json").read_text())
+    model_type = config.get("model_type")
+    arch = (config.get("architectures") or [None])[0]
+    if model_type not in ARCHITECTURES or arch not in ARCHITECTURES[model_type]:
+        known = ", ".join(a for archs in ARCHITECTURES.values() for a in archs)
+        raise ValueError(f"{str(directory)!r} holds a {arch or model_type} model; vitscale reads {known}")
+    if model_type == "videomae" and "qkv_bias" in config:  # transformers' alias of qv_bias
+        config["qv_bias"] = config.pop("qkv_bias")
+    config = DEFAULTS[model_type] | config
+    if config["hidden_act"] != "gelu":
+        raise ValueError(f"hidden_act {config['hidden_act']!r} is not vitscale's exact GELU")
+    tensors = _read_weights(directory)
+    base = BASE[model_type]
+    # A bare encoder (ViTModel, ...) is saved without its attribute prefix.
+    tensors = {f"{base}.{k}" if k.split(".")[0] in ("embeddings", "encoder", "layernorm", "layers") else k: v
+               for k, v in tensors.items()}
+    video, pretrain = model_type == "videomae", arch.endswith("ForPreTraining")
+    norm = "fc_norm" if "fc_norm.weight" in tensors else "layernorm"
+    state, unmapped = rename(tensors, rules(pairs(model_type, arch, norm)))
+    state, notes = fuse_qkv(state)
+    cfg, notes = _vit_config(config, state, model_type, arch, notes)
+    enc = "encoder." if pretrain else ""
+    if video:
+        state[f"{enc}pos_embed"] = fixed_table("sincos1d", cfg.width, cfg.grid, 0)
+        notes.append("pos_embed: VideoMAE's fixed sinusoid table (computed, as transformers does)")
+    mae = None
+    if pretrain:
+        mae, notes = _mae_config(config, state, cfg, video, notes)
+    return Source(format=f"hf-{model_type}", state=state, model=cfg, mae=mae, unmapped=tuple(unmapped),
+                  head_extras=("pooler.*",), notes=tuple(notes))
+
+
+def _read_weights(directory: Path) -> State:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return read_tensors(directory / name)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index).is_file():
+            shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in read_tensors(directory / shard).items()}
+    raise ValueError(f"{str(directory)!r} has a config.json but no model.safetensors or pytorch_model.bin")
+
+
+def _vit_config(config: dict, state: State, model_type: str, arch: str, notes: list
+                ) -> tuple[ViTConfig, list]:
+    """The encoder's ViTConfig from config.json (and the stored tables)."""
+    width, video, hidden = config["hidden_size"], model_type == "videomae", config["intermediate_size"]
+    if int(width * (hidden / width)) != hidden:  # vitscale's MLP is int(width * mlp_ratio) wide
+        raise ValueError(f"intermediate_size {hidden} is not expressible as a ratio of hidden_size {width}")
+    size, patch = config["image_size"], config["patch_size"]
+    if not isinstance(patch, int):
+        if len(set(patch)) != 1:
+            raise ValueError(f"non-square patches {patch} are not supported")
+        patch = patch[0]
+    enc = "encoder." if arch.endswith("ForPreTraining") else ""
+    fields = dict(
+        image_size=size if isinstance(size, int) else tuple(size), patch_size=patch,
+        in_chans=config["num_channels"], width=width, depth=config["num_hidden_layers"],
+        heads=config["num_attention_heads"], mlp_ratio=hidden / width, norm_eps=config["layer_norm_eps"],
+        num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0)
+    if not video:
+        cfg = ViTConfig(**fields, qkv_bias=config["qkv_bias"])
+        if model_type == "vit_mae" and f"{enc}pos_embed" in state:
+            kind = classify_table(state[f"{enc}pos_embed"], width, cfg.grid, 1)
+            cfg = cfg.replace(pos_embed=kind)
+            notes.append(f"pos_embed: the stored table is {'MAE' if kind == 'sincos' else 'a'} {kind} table")
+        return cfg, notes
+    mean = config["use_mean_pooling"]
+    if arch == "VideoMAEForVideoClassification" and not mean:
+        raise ValueError("VideoMAEForVideoClassification with use_mean_pooling=false pools the first patch "
+                         "token, which vitscale does not")
+    if arch == "VideoMAEForPreTraining" and mean:
+        raise ValueError("this VideoMAEForPreTraining has use_mean_pooling=true, so no norm between encoder "
+                         "and decoder; vitscale's MAE always has one (published checkpoints set it false)")
+    if arch == "VideoMAEForVideoClassification":
+        notes.append(f"fc_norm: transformers uses eps {TORCH_LN_EPS:g} there, vitscale layer_norm_eps "
+                     f"{fields['norm_eps']:g} for every norm (relative difference about 1e-5 / variance)")
+    cfg = ViTConfig(**fields, frames=config["num_frames"], tubelet=config["tubelet_size"], class_token=False,
+                    pool="mean", pos_embed="sincos1d", qkv_bias=config["qv_bias"])
+    return cfg, notes
+
+
+def _mae_config(config: dict, state: State, cfg: ViTConfig, video: bool, notes: list
+                ) -> tuple[MAEConfig, list]:
+    """The decoder and masking of a ViTMAE / VideoMAE pre-training model."""
+    width, hidden = config["decoder_hidden_size"], config["decoder_intermediate_size"]
+    if hidden != int(width * cfg.mlp_ratio):
+        raise ValueError(f"decoder_intermediate_size {hidden} is not the encoder's MLP ratio "
+                         f"{cfg.mlp_ratio:g} x {width}; vitscale's decoder uses the encoder's ratio")
+    fields = dict(decoder_width=width, decoder_depth=config["decoder_num_hidden_layers"],
+                  decoder_heads=config["decoder_num_attention_heads"], norm_pix_loss=config["norm_pix_loss"])
+    if video:
+        state["decoder_embed.bias"] = torch.zeros(width)
+        notes += ["decoder_embed bias set to zero (encoder_to_decoder has none: the same function)",
+                  "masking: VideoMAE's tube masking at 0.9 (transformers takes the mask as an input)",
+                  f"decoder norm: transformers uses eps {TORCH_LN_EPS:g}, vitscale layer_norm_eps",
+                  "norm_pix_loss: transformers normalises each channel of a patch, vitscale the whole patch"]
+        return MAEConfig(mask_ratio=0.9, masking="tube", decoder_pos_embed="sincos1d", **fields), notes
+    ratio = config["mask_ratio"]
+    if int(cfg.num_patches * (1 - ratio)) != num_visible(cfg.num_patches, ratio):
+        notes.append(f"mask_ratio {ratio:g}: transformers keeps {int(cfg.num_patches * (1 - ratio))} of "
+                     f"{cfg.num_patches} tokens, vitscale {num_visible(cfg.num_patches, ratio)}")
+    kind = classify_table(state["decoder_pos_embed"], width, cfg.grid, 1)
+    if kind == "learned":
+        raise ValueError("the decoder's position table is not a fixed sin-cos table; vitscale's MAE decoder "
+                         "computes a fixed one")
+    return MAEConfig(mask_ratio=ratio, masking="random", decoder_pos_embed=kind, **fields), notes
+
+
+# ----------------------------------------------------------------------------- export
+def write(model) -> tuple[dict, State, list[str]]:
+    """(config.json dict, state dict, notes) of a vitscale ViT or MAE in transformers' layout."""
+    vit = model.encoder if isinstance(model, MAE) else model
+    cfg = vit.cfg
+    state = dict(model.state_dict())
+    enc = "encoder." if isinstance(model, MAE) else ""
+    notes = []
+    if cfg.pos_embed != "learned":
+        state[f"{enc}pos_embed"] = vit.pos_embed  # transformers' ViT and ViTMAE store the table
+    common = dict(hidden_size=cfg.width, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
+                  intermediate_size=cfg.mlp_hidden, hidden_act="gelu", hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, initializer_range=0.02, layer_norm_eps=cfg.norm_eps,
+                  image_size=cfg.image_size if isinstance(cfg.image_size, int) else list(cfg.hw),
+                  patch_size=cfg.patch_size, num_channels=cfg.in_chans)
+    if cfg.num_classes:
+        common |= dict(id2label={str(i): f"LABEL_{i}" for i in range(cfg.num_classes)},
+                       label2id={f"LABEL_{i}": i for i in range(cfg.num_classes)})
+    if cfg.is_video:
+        model_type, config, arch, norm = _video_layout(model, cfg, state, enc, notes)
+        config = common | config
+    else:
+        if not cfg.class_token:
+            raise ValueError("transformers' ViT and ViTMAE have a cls token; this model has none")
+        if isinstance(model, MAE):
+            if model.cfg.encoder_on_all_tokens:
+                raise ValueError("transformers' ViTMAE has no encoder mask token (encoder_on_all_tokens)")
+            state["decoder_pos_embed"] = model.decoder_pos
+            model_type, arch, norm = "vit_mae", "ViTMAEForPreTraining", "layernorm"
+            config = common | _mae_fields(model.cfg, cfg) | dict(mask_ratio=model.cfg.mask_ratio,
+                                                                  qkv_bias=cfg.qkv_bias)
+            if model.cfg.masking != "random":
+                notes.append("ViTMAE masks at random; this model's tube masking is not in the config")
+        else:
+            if cfg.pool != "cls":
+                raise ValueError("transformers' ViT pools the cls token; this model mean-pools (use timm)")
+            model_type, norm = "vit", "layernorm"
+            arch = "ViTForImageClassification" if cfg.num_classes else "ViTModel"
+            config = common | dict(qkv_bias=cfg.qkv_bias, encoder_stride=cfg.patch_size)
+            if not cfg.num_classes:
+                notes.append("ViTModel has a pooler this model lacks: load it with add_pooling_layer=False")
+    state = split_qkv(state, qv_bias=model_type == "videomae")
+    out, unmatched = rename(state, rules(pairs(model_type, arch, norm), reverse=True))
+    assert not unmatched, unmatched  # every vitscale key has a transformers name
+    if arch.endswith("Model"):  # a bare encoder is saved without its attribute prefix
+        base = BASE[model_type] + "."
+        out = {k[len(base):] if k.startswith(base) else k: v for k, v in out.items()}
+    return {"architectures": [arch], "model_type": model_type} | config, out, notes
+
+
+def _video_layout(model, cfg: ViTConfig, state: State, enc: str, notes: list) -> tuple[str, dict, str, str]:
+    """VideoMAE's config fields for a video model; drops what transformers computes itself."""
+    if cfg.class_token:
+        raise ValueError("transformers' VideoMAE has no cls token; this model has one")
+    table = state[f"{enc}pos_embed"]
+    if cfg.pos_embed != "sincos1d" and not is_table(table, "sincos1d", cfg.width, cfg.grid, 0):
+        raise ValueError("transformers' VideoMAE computes a fixed sinusoid table; this model's position "
+                         "table is another (export to timm, or train with --model.pos_embed=sincos1d)")
+    del state[f"{enc}pos_embed"]
+    config = dict(num_frames=cfg.frames, tubelet_size=cfg.tubelet, qv_bias=cfg.qkv_bias)
+    if isinstance(model, MAE):
+        if model.cfg.decoder_pos_embed != "sincos1d":
+            raise ValueError("transformers' VideoMAE decoder uses a sinusoid table: pre-train with "
+                             "--mae.decoder_pos_embed=sincos1d to export there")
+        if state.pop("decoder_embed.bias").abs().max() > 0:
+            raise ValueError("VideoMAE's encoder_to_decoder has no bias; this model's decoder_embed bias "
+                             "is not zero")
+        notes.append(f"decoder norm: transformers uses eps {TORCH_LN_EPS:g}, this model {cfg.norm_eps:g}")
+        config |= _mae_fields(model.cfg, cfg) | dict(use_mean_pooling=False)
+        return "videomae", config, "VideoMAEForPreTraining", "layernorm"
+    if cfg.num_classes:
+        if cfg.pool != "mean":
+            raise ValueError("transformers' VideoMAE classifier mean-pools; this model pools otherwise")
+        notes.append(f"fc_norm: transformers uses eps {TORCH_LN_EPS:g}, this model {cfg.norm_eps:g}")
+        return "videomae", config | dict(use_mean_pooling=True), "VideoMAEForVideoClassification", "fc_norm"
+    return "videomae", config | dict(use_mean_pooling=False), "VideoMAEModel", "layernorm"
+
+
+def _mae_fields(mae: MAEConfig, cfg: ViTConfig) -> dict:
+    return dict(decoder_hidden_size=mae.decoder_width, decoder_num_hidden_layers=mae.decoder_depth,
+                decoder_num_attention_heads=mae.decoder_heads, norm_pix_loss=mae.norm_pix_loss,
+                decoder_intermediate_size=int(mae.decoder_width * cfg.mlp_ratio))
+
