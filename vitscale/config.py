@@ -188,8 +188,8 @@ def _set(cfg, path: list[str], text: str, full: str):
     return replace(cfg, **{path[0]: _set(current, path[1:], text, full)})
 
 
-def load_yaml(path: str | Path) -> RunConfig:
-    """Read a run config YAML (missing keys take their defaults)."""
+def load_yaml(path: str | Path, cls=RunConfig):
+    """Read a config YAML (a run config unless `cls` says; missing keys take their defaults)."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config file {str(p)!r} does not exist")
@@ -199,7 +199,7 @@ def load_yaml(path: str | Path) -> RunConfig:
         raise ValueError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(p)!r} must hold a mapping of sections")
-    return from_dict(RunConfig, data)
+    return from_dict(cls, data)
 
 
 def dump_yaml(cfg) -> str:

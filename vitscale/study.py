@@ -25,7 +25,7 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -378,21 +378,8 @@ def _write_results(out: Path, trials: list[Trial], rows: dict[str, dict], log) -
 
 # ----------------------------------------------------------------------------- files
 def dump_study(study: StudyConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(study).items()},
-                          sort_keys=False)
+    return config.dump_yaml(study)
 
 
 def load_study(path: str | Path) -> StudyConfig:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"study config {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"study config {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return config.from_dict(StudyConfig, data)
-
+    return config.load_yaml(path, StudyConfig)
