@@ -59,11 +59,26 @@ class Report:
         lines = [f"loaded {len(self.loaded)} tensors ({self.format})"]
         for title, items in [("resampled", self.resampled), ("left out", self.left_out),
                              ("kept at initialisation", self.kept_init), ("note", self.notes)]:
-            lines += [f"  {title}: {item}" for item in items]
+            lines += [f"  {title}: {item}" for item in _grouped(items)]
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+
+def _grouped(items) -> list[str]:
+    """'KEY (why)' lines sharing a reason become one: '38 keys (why): first, second, ...'."""
+    by_reason: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, why = item.partition(" (")
+        by_reason.setdefault(f"({why}" if sep else "", []).append(key if sep else item)
+    lines = []
+    for why, keys in by_reason.items():
+        if not why or len(keys) <= 3:
+            lines += [f"{k} {why}".rstrip() for k in keys]
+        else:
+            lines.append(f"{len(keys)} keys {why}: {', '.join(keys[:3])}, ...")
+    return lines
 
 
 # ----------------------------------------------------------------------------- configs from shapes
