@@ -195,7 +195,7 @@ def _sizing(study: StudyConfig, trial: Trial, reference: float) -> dict:
     run = trial.run
     train_set, _, info = build_datasets(run.data)
     per_sample = train_flops_per_sample(run, info.num_classes)
-    m = measure_trial(engine.resolve(run, info), info.num_classes)
+    m = measure_trial(run, info.num_classes)  # the plan resolved the model against the data
     spe = len(train_set) // run.train.batch
     budget = parse_budget(study.budget)
     steps = steps_for(budget, per_sample, run.train.batch, spe, m.samples_per_s, reference)
@@ -253,7 +253,7 @@ def run_trial(study: StudyConfig, trial: Trial, reference: float, log=print) -> 
                         train=replace(probe.train, epochs=study.probe_epochs, seed=trial.run.train.seed,
                                       device=trial.run.train.device, threads=trial.run.train.threads))
         result = {"accuracy": engine.train(probe, log)["val_top1"], "knn_accuracy": result["accuracy"]}
-    c = cost(engine.resolve(trial.run, build_datasets(trial.run.data)[2]).model)
+    c = cost(trial.run.model)
     row = {"name": trial.name, "strategies": list(trial.strategies), "factor": trial.factor,
            "achieved": trial.achieved, "model": config.to_dict(trial.run.model),
            "params": c.params, "flops": c.flops, "acts": c.acts,
