@@ -43,7 +43,10 @@ def environment_line(env: dict) -> str:
             f"({env['device_name']})  threads {env['threads']}")
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write the results atomically (temporary file, fsync, rename)."""
+def write_json(path: Path | None, obj: dict) -> None:
+    """Write the results atomically (temporary file, fsync, rename) when --json named a path."""
+    if path is None:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    print(f"wrote {path}")

@@ -250,9 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_cell(cell, device, args.seed, args.dtype))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.json:
-        bench_common.write_json(args.json, env | {"cells": results})
-        print(f"wrote {args.json}")
+    bench_common.write_json(args.json, env | {"cells": results})
     return 0
 
 

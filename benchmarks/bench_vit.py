@@ -188,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     console().print(results_table(cells))
-    if args.json:
-        bench_common.write_json(args.json, env | {"cells": cells})
-        print(f"wrote {args.json}")
+    bench_common.write_json(args.json, env | {"cells": cells})
     return 0
 
 
