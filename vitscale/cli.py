@@ -190,6 +190,7 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
     cfg = study.load_study(args.config) if args.config else study.StudyConfig()
     given = [("model", args.model), ("strategies", args.strategy), ("factors", args.factors),
              ("budget", args.budget), ("objective", args.objective), ("workers", args.workers),
+             ("param", args.param), ("lrs", args.lrs), ("fractions", args.fractions), ("seeds", args.seeds),
              ("out", args.out)]
     changes = {k: v for k, v in given if v is not None}
     overrides = _pairs(extra)
@@ -204,7 +205,10 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
         return
     if args.json:
         return report.print_json(summary)
-    rec = summary["recommendation"]
+    rec, bt = summary["recommendation"], summary["backtest"]
+    if bt["trials"]:
+        print(f"backtest: the size-and-length law predicts its {bt['trials']} held-out trials within "
+              f"{100 * bt['mean_abs_error']:.1f} points on average (max {100 * bt['max_abs_error']:.1f})")
     print(f"recommended: {rec['trial']} ({rec['params'] / 1e6:.2f} M params), {summary['metric']} "
           f"{rec['accuracy']:.4f}; report in {cfg.out}/report.html")
 
@@ -299,12 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated strategies (default d,w,r,d1_w8_r1)")
     p.add_argument("--factors", type=lambda s: tuple(_floats(s)), help="flops factors (default 1,2,4,8)")
     p.add_argument("--budget", help="per trial: epochs:N, compute:Nep (the base model's N epochs), "
-                   "compute:MACS (multiply-adds) or time:90s (default epochs:10)")
+                   "compute:MACS (multiply-adds) or time:90s (default compute:1ep)")
     p.add_argument("--objective", choices=["supervised", "mae"],
                    help="supervised, or MAE pre-training then a linear probe (default supervised)")
-    p.add_argument("--workers", type=int, help="trials at once on this machine (default 1)")
+    p.add_argument("--param", choices=["mup", "sp"],
+                   help="mup: every trial in muP relative to the base, one swept LR for all (default); sp")
+    p.add_argument("--lrs", type=lambda s: tuple(_floats(s)) if s else (),
+                   help="base_lr values swept on the base model (default 1e-3,2e-3,4e-3,8e-3,1.6e-2; "
+                   "'' = none)")
+    p.add_argument("--fractions", type=lambda s: tuple(_floats(s)),
+                   help="cooldown branch points as shares of each trial's budget (default 0.125,0.25,0.5,1)")
+    p.add_argument("--seeds", type=int, help="seeds of the leading trials (default 2; the rest run one)")
+    p.add_argument("--workers", type=int, help="trials at once (default: one per core, up to 4; 1 on a GPU)")
     p.add_argument("--out", help="study directory (default runs/study; an existing one continues)")
-    p.add_argument("--trial", help="run only this trial (e.g. one torchrun job per trial on a cluster)")
+    p.add_argument("--trial", help="run only this trial, every seed (e.g. one torchrun job per trial on a "
+                   "cluster), or 'sweep': only the learning-rate sweep, which the trials need first")
     p.add_argument("--json", action="store_true", help="print summary.json")
     p.set_defaults(run=cmd_study)
 

@@ -1,17 +1,23 @@
 """The scaling study: which ViT to train for a budget, answered by measurement.
 
-    base model --scaler--> one trial per (strategy, factor) --engine--> results.jsonl
-                                                           --analysis--> summary.json, report
+    base model --scaler--> one trial per (strategy, factor)
+    sizing        each trial measured (best of 3) and given its steps by the budget: trial.json
+    sweep         the base model at several learning rates (short wsd runs): one LR for all,
+                  which holds across shapes because trials are parametrised in muP
+    trials        per seed: one stable run (warm-up, then a constant LR) with checkpoints at
+                  the branch points, and from each a cooldown branch (the last 20% of a wsd
+                  run of that length): an annealed point at each fraction of the budget
+    seeds         every trial at seed 0, the leading trials at more seeds
+    analysis      fits on annealed points only --> summary.json, report
 
-Every trial is a run directory under `OUT/trials/NAME` that the engine trains (and
-resumes). A trial is finished when its `result.json` exists; `results.jsonl` is rebuilt
-from those, atomically, after each trial, so a killed study loses at most the trial it
-was in (and that one resumes from its last checkpoint). A trial can also run as its own
-torchrun job (`vitscale study --trial NAME`); a later `vitscale study` collects it.
+Every run (sweep run, stable run, branch) is an engine run directory and resumes like
+one; a trial seed is finished when its `result.json` exists (a typed, versioned
+`results.SeedResult`). `results.jsonl` is rebuilt atomically from those, so a killed
+study loses at most the runs it was in, and those resume from their last checkpoints.
 
 Budgets (the same for every trial):
     epochs:20      every trial trains 20 epochs (bigger models spend more compute)
-    compute:20ep   equal training compute: what the base model spends in 20 epochs
+    compute:1ep    equal training compute: what the base model spends in one epoch
     compute:3e12   equal training compute in multiply-adds (forward + backward)
     time:90s       equal wall time (also 2m, 1h): steps from the measured throughput
 """
@@ -31,15 +37,17 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitscale import bench, config, engine, tasks
+from vitscale import bench, checkpoint, config, engine, optim, results, tasks
 from vitscale.checkpoint import atomic_write_text
 from vitscale.complexity import cost
 from vitscale.config import RunConfig
 from vitscale.data import build_datasets
 from vitscale.models.vit import ViTConfig
+from vitscale.results import Point, SeedResult, Sizing, StaleResult, SweepPoint, TrialResult
 from vitscale.scaling import parse_strategy, scale_family
 
 OBJECTIVES = ("supervised", "mae")
+SWEEP = "sweep"  # --trial sweep runs the learning-rate sweep alone
 
 
 @dataclass(frozen=True)
@@ -47,25 +55,51 @@ class StudyConfig:
     model: str = "pico/4"  # the base preset every strategy scales from
     strategies: tuple[str, ...] = ("d", "w", "r", "d1_w8_r1")
     factors: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # flops factors
-    budget: str = "epochs:10"  # per trial: epochs:N | compute:Nep | compute:MACS | time:90s
+    budget: str = "compute:1ep"  # per trial: epochs:N | compute:Nep | compute:MACS | time:90s
     objective: str = "supervised"  # supervised | mae (MAE pre-training, then a linear probe)
+    param: str = "mup"  # mup: every trial in muP relative to the base (one LR for all shapes) | sp
+    lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)  # base_lr values swept on the base; () = none
+    sweep_length: float = 0.5  # a sweep run's length as a share of the base trial's
+    fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)  # cooldown branch points (shares of the budget)
+    decay_frac: float = 0.2  # a cooldown's share of the run length it ends (wsd's decay phase)
+    warmup: float = 0.05  # linear warm-up as a share of each trial's full length
+    seeds: int = 2  # seeds of the leading trials (every other trial runs seed 0 only)
+    leaders: int = 3  # how many trials, best first by seed 0, run every seed (0 = all trials)
     probe_epochs: int = 20  # linear-probe epochs after MAE pre-training (not counted in the budget)
-    workers: int = 1  # trials at once on this machine; the threads are divided between them
-    overrides: tuple[str, ...] = ("data.image_size=16",)  # run-config overrides for every trial
+    workers: int = 0  # trials at once; 0 = auto (1 on a GPU, else one single-thread worker per core, up to 4)
+    overrides: tuple[str, ...] = ("data.name=cluttered-digits", "data.image_size=16", "data.scale_min=1",
+                                  "data.train_size=50000")  # run-config overrides for every trial
     out: str = "runs/study"
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if not self.strategies or not self.factors:
-            raise ValueError("a study needs at least one strategy and one factor")
+        checks = [
+            (self.objective in OBJECTIVES,
+             f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"),
+            (self.param in ("sp", "mup"), f"param must be sp or mup, got {self.param!r}"),
+            (bool(self.strategies) and bool(self.factors),
+             "a study needs at least one strategy and one factor"),
+            (all(f > 0 for f in self.factors), "factors must be positive, e.g. 1,2,4,8"),
+            (bool(self.fractions) and all(0 < f <= 1 for f in self.fractions),
+             "fractions must be in (0, 1], e.g. 0.125,0.25,0.5,1"),
+            (all(lr > 0 for lr in self.lrs), "lrs must be positive learning rates, e.g. 1e-3,2e-3,4e-3"),
+            (0 < self.sweep_length <= 1, "sweep_length must be in (0, 1]"),
+            (0 < self.decay_frac < 1, "decay_frac must be in (0, 1), e.g. 0.2"),
+            (0 <= self.warmup < 0.5, "warmup must be in [0, 0.5), e.g. 0.05"),
+            (self.seeds >= 1 and self.leaders >= 0, "seeds must be at least 1 and leaders 0 or more"),
+            (self.workers >= 0, "workers must be 0 (auto) or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
         for s in self.strategies:
             parse_strategy(s)
-        if any(f <= 0 for f in self.factors):
-            raise ValueError("factors must be positive, e.g. 1,2,4,8")
-        if self.workers < 1:
-            raise ValueError("workers must be at least 1")
         parse_budget(self.budget)
+
+    @property
+    def pool_size(self) -> int:
+        if self.workers:
+            return self.workers
+        return 1 if torch.cuda.is_available() else max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -107,11 +141,17 @@ def base_run(study: StudyConfig) -> RunConfig:
     return replace(cfg, out="")
 
 
-def plan(study: StudyConfig) -> list[Trial]:
-    """The trials: one per distinct scaled config (factor 1 is one shared base)."""
+def plan(study: StudyConfig, lr: float | None = None) -> list[Trial]:
+    """The trials: one per distinct scaled config (factor 1 is one shared base). Under muP
+    every config is parametrised relative to the base; `lr` sets every trial's base_lr."""
     run = base_run(study)
+    if lr is not None:
+        run = replace(run, train=replace(run.train, base_lr=lr))
     _, _, info = build_datasets(run.data)
     base = engine.resolve(run, info).model
+    if study.param == "mup":
+        base = base.replace(param="mup", base_width=base.width, base_depth=base.depth,
+                            base_head_dim=base.width // base.heads)
     trials: dict[ViTConfig, Trial] = {}
     for strategy in study.strategies:
         for s in scale_family(base, strategy, list(study.factors)):
@@ -177,106 +217,214 @@ def steps_for(budget: Budget, per_sample: float, batch: int, steps_per_epoch: in
     return math.floor(macs / (per_sample * batch))
 
 
-# ----------------------------------------------------------------------------- one trial
+def branches(steps: int, fractions: tuple[float, ...], decay_frac: float) -> list[tuple[float, int, int]]:
+    """(fraction, length, branch point) of each cooldown branch, shortest first: the branch
+    for length L starts from the stable run's checkpoint at optim.decay_start(L). Lengths
+    too short for a stable phase and a decay of at least a step each are left out."""
+    out: dict[int, tuple[float, int, int]] = {}
+    for f in sorted(fractions):
+        length = round(f * steps)
+        start = optim.decay_start(length, decay_frac)
+        if 1 <= start < length:
+            out[length] = (f, length, start)
+    return list(out.values())
+
+
+# ----------------------------------------------------------------------------- sizing
 def trial_dir(study: StudyConfig, trial: Trial) -> Path:
     return Path(study.out) / "trials" / trial.name
 
 
-def _sizing(study: StudyConfig, trial: Trial, reference: float) -> dict:
-    """Measure the trial and size it to the budget; saved as trial.json so a resumed
-    trial keeps its length (a time budget depends on a measurement)."""
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int) -> Sizing:
+    """Measure the trial and give it its steps: trial.json, so a resumed trial keeps its length
+    (a time budget depends on a measurement). Under torchrun rank 0 measures, the others wait."""
     path = trial_dir(study, trial) / "trial.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 measures, the others wait for it
+    if _rank() != 0:
         while not path.is_file():
             time.sleep(0.5)
-        return json.loads(path.read_text())
+    if path.is_file():
+        try:
+            return results.read(path, Sizing)
+        except StaleResult:
+            pass  # measured by another version: measure again
     run = trial.run
-    train_set, _, info = build_datasets(run.data)
+    train_set, val_set, info = build_datasets(run.data)
     per_sample = train_flops_per_sample(run, info.num_classes)
-    m = measure_trial(run, info.num_classes)  # the plan resolved the model against the data
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # as many threads as the trial will train with
+    try:
+        m = measure_trial(run, info.num_classes)  # the plan resolved the model against the data
+    finally:
+        torch.set_num_threads(before)
     spe = len(train_set) // run.train.batch
     budget = parse_budget(study.budget)
     steps = steps_for(budget, per_sample, run.train.batch, spe, m.samples_per_s, reference)
-    if steps < 1:
-        raise ValueError(f"budget {study.budget!r} is too small to train trial {trial.name} for one step "
-                         f"(batch {run.train.batch}); raise --budget")
-    sizing = {"train_flops_per_sample": per_sample, "steps": steps, "steps_per_epoch": spe,
-              "measured": m.as_dict()}
+    if not any(f == max(study.fractions) for f, _, _ in branches(steps, study.fractions, study.decay_frac)):
+        raise ValueError(f"budget {study.budget!r} is too small to train trial {trial.name} "
+                         f"({steps} steps of batch {run.train.batch}) with a stable phase and a cooldown; "
+                         "raise --budget")
+    sizing = Sizing(per_sample, steps, spe, len(val_set), m.as_dict(), threads)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(sizing, indent=2))
+    results.write(path, sizing)
     return sizing
 
 
-def sized_run(run: RunConfig, steps: int, steps_per_epoch: int, out: Path) -> RunConfig:
-    """The run config that trains `steps` steps (the cosine schedule ends there)."""
-    epochs = steps / steps_per_epoch
-    train = replace(run.train, epochs=math.ceil(epochs), max_steps=steps,
-                    warmup_epochs=min(run.train.warmup_epochs, 0.1 * epochs))
-    return replace(run, train=train, out=str(out))
+def reference_compute(trials: list[Trial]) -> float:
+    """The base model's training multiply-adds per epoch (the unit of compute:Nep budgets)."""
+    base = next((t for t in trials if t.factor == 1), trials[0])
+    train_set, _, info = build_datasets(base.run.data)
+    per_sample = train_flops_per_sample(base.run, info.num_classes)
+    return per_sample * (len(train_set) // base.run.train.batch) * base.run.train.batch
 
 
-def _curve(run_dir: Path, batch: int, per_sample: float, metric: str) -> list[dict]:
-    """Per-eval points: step, samples, training compute and training seconds so far, metric."""
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    points, seconds, last = [], 0.0, 0
-    for r in rows:
-        if r.get("split") != "val" or metric not in r:
-            continue
-        seconds += (r["step"] - last) * batch / max(r["samples_per_s"], 1e-9)
-        last = r["step"]
-        points.append({"step": r["step"], "epoch": r["epoch"], "compute": r["step"] * batch * per_sample,
-                       "seconds": seconds, "accuracy": r[metric], "loss": r.get("val_loss"),
-                       "samples_per_s": r["samples_per_s"]})
-    return points
+# ----------------------------------------------------------------------------- runs
+def _sized(run: RunConfig, study: StudyConfig, length: int, spe: int, seed: int, out: Path,
+           **train) -> RunConfig:
+    """A wsd run of a trial: epochs and warm-up fixed by the trial's full `length`, so every
+    run of one trial (stable, branches) shares them; `train` sets the rest (max_steps, ...)."""
+    t = replace(run.train, schedule="wsd", epochs=math.ceil(length / spe), seed=seed,
+                warmup_epochs=study.warmup * length / spe, **train)
+    return replace(run, train=t, out=str(out))
 
 
-def run_trial(study: StudyConfig, trial: Trial, reference: float, log=print) -> dict | None:
-    """Train one trial (resuming it if it was interrupted) and write its result.json."""
-    out = trial_dir(study, trial)
+def _train(cfg: RunConfig, log) -> dict:
+    """Train a run to its end, or read the final evaluation of one that got there before."""
+    final = Path(cfg.out) / "final.json"
+    if final.is_file():
+        done = json.loads(final.read_text())
+        if done.get("step") == cfg.train.max_steps and "val_loss" in done:
+            return done
+    return engine.train(cfg, log)
+
+
+def _metric(run: RunConfig) -> str:
+    return "val_top1" if run.task == "supervised" else "knn_top1"
+
+
+def _point(fraction: float, steps: int, run: RunConfig, sizing: Sizing, final: dict, rate: float,
+           annealed: bool) -> Point:
+    samples = steps * run.train.batch
+    acc = float(final.get(_metric(run), float("nan")))
+    return Point(fraction, steps, samples, samples * sizing.train_flops_per_sample, samples / rate, acc,
+                 final.get("val_loss"), results.binomial_stderr(acc, sizing.val_samples), annealed)
+
+
+def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, log=print) -> SeedResult | None:
+    """One seed of a trial: the stable run, then a cooldown branch per fraction; result.json."""
+    out = trial_dir(study, trial) / f"seed{k}"
     done = out / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
-    sizing = _sizing(study, trial, reference)
+        try:
+            return results.read(done, SeedResult)
+        except StaleResult as e:
+            log(f"{e}; running it again (its runs resume from their checkpoints)")
     t0 = time.perf_counter()
-    pre = sized_run(trial.run, sizing["steps"], sizing["steps_per_epoch"], out / "train")
-    final = engine.train(pre, log)
-    if int(os.environ.get("RANK", "0")) != 0:
+    plan_ = branches(sizing.steps, study.fractions, study.decay_frac)
+    seed, spe = trial.run.train.seed + k, sizing.steps_per_epoch
+
+    def run(name: str, **train) -> RunConfig:
+        return _sized(trial.run, study, sizing.steps, spe, seed, out / name, **train)
+
+    stable = run("stable", decay_frac=0.0, max_steps=max(s for _, _, s in plan_),
+                 keep_steps=tuple(s for _, _, s in plan_))
+    _train(stable, log)
+    rows = engine_rows(Path(stable.out))
+    rate = next((r["samples_per_s"] for r in reversed(rows)), sizing.measured["samples_per_s"])
+    curve = tuple(_point(r["step"] / sizing.steps, r["step"], trial.run, sizing, r, rate, False)
+                  for r in rows)
+    points, last = [], None
+    for f, length, start in plan_:
+        last = run(f"cool-{f:g}", decay_frac=study.decay_frac, max_steps=length,
+                   branch_from=str(Path(stable.out) / f"{checkpoint.PREFIX}{start:08d}"))
+        points.append(_point(f, length, trial.run, sizing, _train(last, log), rate, True))
+    probe = _probe(study, trial, last, seed, log) if study.objective == "mae" else None
+    if _rank() != 0:
         return None
-    metric = "val_top1" if trial.run.task == "supervised" else "knn_top1"
-    curve = _curve(out / "train", pre.train.batch, sizing["train_flops_per_sample"], metric)
-    result = {"accuracy": final.get(metric, float("nan")), "val_loss": final.get("val_loss")}
-    if study.objective == "mae":
-        probe = config.recipe("linprobe", init=str(out / "train"))
-        probe = replace(probe, model=trial.run.model, data=trial.run.data, out=str(out / "probe"),
-                        train=replace(probe.train, epochs=study.probe_epochs, seed=trial.run.train.seed,
-                                      device=trial.run.train.device, threads=trial.run.train.threads))
-        result = {"accuracy": engine.train(probe, log)["val_top1"], "knn_accuracy": result["accuracy"]}
-    c = cost(trial.run.model)
-    row = {"name": trial.name, "strategies": list(trial.strategies), "factor": trial.factor,
-           "achieved": trial.achieved, "model": config.to_dict(trial.run.model),
-           "params": c.params, "flops": c.flops, "acts": c.acts,
-           "steps": sizing["steps"], "samples": sizing["steps"] * pre.train.batch,
-           "train_flops_per_sample": sizing["train_flops_per_sample"],
-           "compute": sizing["steps"] * pre.train.batch * sizing["train_flops_per_sample"],
-           "measured": sizing["measured"], "wall_s": time.perf_counter() - t0,
-           "train_samples_per_s": max((p["samples_per_s"] for p in curve), default=None),
-           "curve_metric": metric, "curve": curve} | result
-    atomic_write_text(done, json.dumps(row, indent=2))
-    return row
+    result = SeedResult(trial.name, seed, tuple(points), curve, time.perf_counter() - t0, rate, probe)
+    results.write(done, result)
+    return result
 
 
-def _in_worker(study: StudyConfig, trial: Trial, reference: float, threads: int) -> dict | None:
-    """A worker process: its share of the threads, its output to the trial's log.txt."""
-    out = trial_dir(study, trial)
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.txt", "a")  # noqa: SIM115 (held open for the worker's life)
+def engine_rows(run_dir: Path) -> list[dict]:
+    """The validation rows of a run's metrics.jsonl (mid-run evaluations)."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return [r for r in rows if r.get("split") == "val"]
+
+
+def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, log) -> float:
+    """MAE objective: a linear probe of the full-length encoder (not counted in the budget)."""
+    probe = config.recipe("linprobe", init=pretrained.out)
+    probe = replace(probe, model=trial.run.model, data=trial.run.data,
+                    out=str(Path(pretrained.out).parent / "probe"),
+                    train=replace(probe.train, epochs=study.probe_epochs, seed=seed,
+                                  device=trial.run.train.device, threads=trial.run.train.threads))
+    return float(_train(probe, log)["val_top1"])
+
+
+def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float, log=print) -> SweepPoint:
+    """One run of the learning-rate sweep: the base model at `lr` for sweep_length of its budget."""
+    steps = max(2, round(study.sweep_length * sizing.steps))
+    run = replace(base.run, train=replace(base.run.train, base_lr=lr))
+    cfg = _sized(run, study, steps, sizing.steps_per_epoch, run.train.seed,
+                 Path(study.out) / SWEEP / f"lr-{lr:g}", decay_frac=study.decay_frac, max_steps=steps)
+    t0 = time.perf_counter()
+    final = _train(cfg, log)
+    acc = float(final.get(_metric(run), float("nan")))
+    return SweepPoint(lr, steps, steps * run.train.batch * sizing.train_flops_per_sample, acc,
+                      final.get("val_loss"), results.binomial_stderr(acc, sizing.val_samples),
+                      time.perf_counter() - t0)
+
+
+def pick_lr(points: list[SweepPoint]) -> SweepPoint:
+    """The best sweep point: highest accuracy, then lowest loss (NaN runs never win)."""
+    ok = [p for p in points if math.isfinite(p.accuracy)] or points
+    return max(ok, key=lambda p: (p.accuracy, -(p.loss if p.loss is not None else math.inf)))
+
+
+# ----------------------------------------------------------------------------- workers
+def _in_worker(fn, args: tuple, log_path: Path, threads: int):
+    """A worker process: its share of the threads, its output to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, "a")  # noqa: SIM115 (held for the job's life)
+    sys.stdout.flush()
     os.dup2(log_file.fileno(), sys.stdout.fileno())
     os.dup2(log_file.fileno(), sys.stderr.fileno())
     torch.set_num_threads(threads)
-    trial = replace(trial, run=replace(trial.run, train=replace(trial.run.train, threads=threads)))
-    return run_trial(study, trial, reference, log=lambda *a, **k: print(*a, flush=True))
+    return fn(*args, log=lambda *a, **k: print(*a, flush=True))
+
+
+class Runner:
+    """Runs jobs (fn, args, log path) in this process, or in a pool of spawned workers."""
+
+    def __init__(self, workers: int, log):
+        self.workers, self.log = workers, log
+        self.threads = max(1, torch.get_num_threads() // workers)
+        self.pool = None
+        if workers > 1:
+            ctx = torch.multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(workers, mp_context=ctx)
+            log(f"{workers} workers x {self.threads} threads; each run logs to log.txt in its directory")
+
+    def map(self, jobs: list[tuple], done) -> None:
+        """Run (name, fn, args, log_path) jobs; done(name, value) as each finishes."""
+        if self.pool is None or len(jobs) <= 1:
+            for i, (name, fn, args, _) in enumerate(jobs, 1):
+                self.log(f"[{i}/{len(jobs)}] {name}")
+                done(name, fn(*args, log=self.log))
+            return
+        futures = {self.pool.submit(_in_worker, fn, args, path, self.threads): name
+                   for name, fn, args, path in jobs}
+        for f in as_completed(futures):
+            done(futures[f], f.result())
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 # ----------------------------------------------------------------------------- the study
@@ -290,90 +438,151 @@ def _prepare(study: StudyConfig) -> Path:
         raise ValueError(f"cannot write to study directory {study.out!r}: {e.strerror}; "
                          "choose another --out") from None
     saved = out / "study.yaml"
+
     def identity(s: StudyConfig) -> StudyConfig:  # what the results depend on
-        return replace(s, workers=1, out="")
+        return replace(s, workers=0, seeds=1, leaders=0, out="")
 
     if saved.is_file() and identity(load_study(saved)) != identity(study) and any(
-            (out / "trials").glob("*/result.json")):
+            (out / "trials").glob("*/trial.json")):
         raise ValueError(f"{study.out!r} holds a study with another config; continue it with "
                          f"--config {saved} or choose a new --out")
     atomic_write_text(saved, dump_study(study))
     return out
 
 
-def reference_compute(trials: list[Trial]) -> float:
-    """The base model's training multiply-adds per epoch (the unit of compute:Nep budgets)."""
-    base = next((t for t in trials if t.factor == 1), trials[0])
-    train_set, _, info = build_datasets(base.run.data)
-    per_sample = train_flops_per_sample(base.run, info.num_classes)
-    return per_sample * (len(train_set) // base.run.train.batch) * base.run.train.batch
-
-
 def run_study(study: StudyConfig, only: str | None = None, log=print) -> dict:
-    """Run the trials that are not finished, then analyse and report (rank 0)."""
+    """Size, sweep, train what is not finished, then analyse and report (rank 0)."""
     from vitscale import analysis, study_report
 
-    out = _prepare(study) if int(os.environ.get("RANK", "0")) == 0 else Path(study.out)
+    out = _prepare(study) if _rank() == 0 else Path(study.out)
     trials = plan(study)
+    names = [t.name for t in trials]
+    if only and only not in (*names, SWEEP):
+        raise ValueError(f"no trial named {only!r}; the trials are: {', '.join(names)}, and {SWEEP}")
     reference = reference_compute(trials)
-    if only:
-        trials = [t for t in trials if t.name == only]
-        if not trials:
-            names = ", ".join(t.name for t in plan(study))
-            raise ValueError(f"no trial named {only!r}; the trials are: {names}")
-    names = ", ".join(t.name for t in trials)
     in_epochs = parse_budget(study.budget).in_epochs
     unit = f"; a base-model epoch is {reference:.3g} multiply-adds" if in_epochs else ""
-    log(f"study: {len(trials)} trials ({names}), budget {study.budget} per trial{unit}")
-    rows = _finished(study, trials)
-    todo = [t for t in trials if t.name not in rows]
-    for t in trials:
-        if t.name in rows:
-            log(f"{t.name}: finished before, not re-run")
-    if study.workers == 1 or len(todo) <= 1:
-        for i, t in enumerate(todo, 1):
-            log(f"[{i}/{len(todo)}] {t.name}: {_describe(t)}")
-            row = run_trial(study, t, reference, log)
-            if row is not None:
-                rows[t.name] = row
-                _write_results(out, trials, rows, log)
-    else:
-        threads = max(1, torch.get_num_threads() // study.workers)
-        log(f"{study.workers} workers x {threads} threads; each trial logs to trials/NAME/log.txt")
-        ctx = torch.multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(study.workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_in_worker, study, t, reference, threads): t for t in todo}
-            for f in as_completed(futures):
-                rows[futures[f].name] = f.result()
-                _write_results(out, trials, rows, log)
-    if only or int(os.environ.get("RANK", "0")) != 0:
+    log(f"study: {len(trials)} trials ({', '.join(names)}), budget {study.budget} per trial{unit}, "
+        f"{study.param}, cooldowns at {', '.join(f'{f:g}' for f in sorted(study.fractions))} of each budget")
+    runner = Runner(1 if only else study.pool_size, log)
+    try:
+        wanted = trials if not only or only == SWEEP else [t for t in trials if t.name in ("base", only)]
+        sizes = {t.name: size_trial(study, t, reference, runner.threads) for t in wanted}
+        sweep = _sweep(study, trials[0], sizes[trials[0].name], runner, log, run=not only or only == SWEEP)
+        if only == SWEEP:
+            return {}
+        lr = pick_lr(sweep).lr if sweep else None
+        trials = plan(study, lr)
+        if only:
+            trials = [t for t in trials if t.name == only]
+            runner.map([_job(study, t, sizes[t.name], k) for t in trials for k in range(study.seeds)],
+                       lambda name, r: None)
+            return {}
+        done = _collect(study, trials, sizes, runner, log)
+    finally:
+        runner.close()
+    if _rank() != 0:
         return {}
-    summary = analysis.summarize(study, [rows[t.name] for t in trials])
-    study_report.write(out, study, summary, [rows[t.name] for t in trials])
+    rows = [done[t.name] for t in trials]
+    summary = analysis.summarize(study, rows, sweep)
+    study_report.write(out, study, summary, rows)
     return summary
 
 
-def _describe(t: Trial) -> str:
-    m = t.run.model
-    return (f"depth {m.depth} width {m.width} heads {m.heads} {m.hw[0]}px"
-            + (f" {m.frames} frames" if m.frames > 1 else "") + f", {t.achieved:.2f}x flops")
+def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Runner, log,
+           run: bool) -> list[SweepPoint]:
+    """The learning-rate sweep on the base model (resumable; skipped when lrs is empty)."""
+    if not study.lrs:
+        return []
+    path = Path(study.out) / SWEEP / "sweep.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            points = [results.from_dict(SweepPoint, p, str(path)) for p in saved]
+            if sorted(p.lr for p in points) == sorted(study.lrs):
+                return points
+        except (StaleResult, json.JSONDecodeError, TypeError):
+            pass
+    if not run:
+        raise ValueError(f"the learning-rate sweep of {study.out!r} has not finished; run "
+                         f"`vitscale study --config {Path(study.out) / 'study.yaml'} --trial {SWEEP}` first")
+    got: dict[float, SweepPoint] = {}
+    jobs = [(f"sweep lr {lr:g}", run_sweep_lr, (study, base, sizing, lr),
+             Path(study.out) / SWEEP / f"lr-{lr:g}" / "log.txt") for lr in study.lrs]
+    runner.map(jobs, lambda name, p: got.__setitem__(p.lr, p))
+    points = [got[lr] for lr in study.lrs]
+    atomic_write_text(path, json.dumps([results.to_dict(p) for p in points], indent=2))
+    best = pick_lr(points)
+    log("sweep: " + ", ".join(f"lr {p.lr:g} {100 * p.accuracy:.1f}%" for p in points)
+        + f"; every trial trains at base_lr {best.lr:g}")
+    if best.lr in (min(study.lrs), max(study.lrs)) and len(study.lrs) > 2:
+        log(f"warning: the best learning rate {best.lr:g} is at the edge of the sweep; widen --lrs")
+    return points
 
 
-def _finished(study: StudyConfig, trials: list[Trial]) -> dict[str, dict]:
-    rows = {}
-    for t in trials:
-        done = trial_dir(study, t) / "result.json"
-        if done.is_file():
-            rows[t.name] = json.loads(done.read_text())
+def _job(study: StudyConfig, trial: Trial, sizing: Sizing, k: int) -> tuple:
+    log_path = trial_dir(study, trial) / f"seed{k}" / "log.txt"
+    return (f"{trial.name} seed {k}: {_describe(trial, sizing)}", run_seed, (study, trial, sizing, k),
+            log_path)
+
+
+def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], runner: Runner,
+             log) -> dict[str, TrialResult]:
+    """Seed 0 of every trial, then the other seeds of the leading trials; results.jsonl as they land."""
+    seeds: dict[str, dict[int, SeedResult]] = {t.name: {} for t in trials}
+    by_name = {t.name: t for t in trials}
+
+    def done(name: str, r: SeedResult | None) -> None:
+        if r is None:
+            return
+        seeds[r.trial][r.seed - by_name[r.trial].run.train.seed] = r
+        _write_results(study, trials, sizes, seeds)
+        log(f"{name.split(':')[0]}: accuracy {100 * r.final.accuracy:.1f}% "
+            f"(annealed: {', '.join(f'{100 * p.accuracy:.1f}' for p in r.points)}), {r.wall_s:.0f} s")
+
+    for phase in range(2):
+        if phase == 1:
+            ranked = sorted(trials, key=lambda t: -seeds[t.name][0].final.accuracy)
+            leaders = ranked if study.leaders == 0 else ranked[:study.leaders]
+            units = [(t, k) for t in leaders for k in range(1, study.seeds)]
+        else:
+            units = [(t, 0) for t in trials]
+        jobs = []
+        for t, k in units:
+            path = trial_dir(study, t) / f"seed{k}" / "result.json"
+            try:
+                seeds[t.name][k] = results.read(path, SeedResult)
+                continue
+            except StaleResult:
+                pass
+            jobs.append(_job(study, t, sizes[t.name], k))
+        if len(jobs) < len(units):
+            log(f"{len(units) - len(jobs)} trial seeds finished before, not re-run")
+        runner.map(jobs, done)
+    return _write_results(study, trials, sizes, seeds)
+
+
+def _trial_result(t: Trial, sizing: Sizing, seeds: dict[int, SeedResult]) -> TrialResult:
+    c = cost(t.run.model)
+    return TrialResult(t.name, t.strategies, t.factor, t.achieved, config.to_dict(t.run.model), c.params,
+                       c.flops, c.acts, t.run.train.batch, t.run.train.base_lr, sizing.steps,
+                       sizing.train_flops_per_sample, sizing.measured, sizing.val_samples,
+                       tuple(seeds[k] for k in sorted(seeds)))
+
+
+def _write_results(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing],
+                   seeds: dict[str, dict[int, SeedResult]]) -> dict[str, TrialResult]:
+    rows = {t.name: _trial_result(t, sizes[t.name], seeds[t.name]) for t in trials if 0 in seeds[t.name]}
+    atomic_write_text(Path(study.out) / "results.jsonl",
+                      "".join(json.dumps(r.row()) + "\n" for r in rows.values()))
     return rows
 
 
-def _write_results(out: Path, trials: list[Trial], rows: dict[str, dict], log) -> None:
-    atomic_write_text(out / "results.jsonl", "".join(json.dumps(rows[t.name]) + "\n" for t in trials
-                                                     if t.name in rows))
-    last = rows[next(reversed(rows))]
-    log(f"{last['name']}: accuracy {last['accuracy']:.4f}, {last['params'] / 1e6:.2f} M params, "
-        f"{last['measured']['samples_per_s']:.0f} samples/s, {last['wall_s']:.0f} s")
+def _describe(t: Trial, sizing: Sizing) -> str:
+    m = t.run.model
+    return (f"depth {m.depth} width {m.width} heads {m.heads} {m.hw[0]}px"
+            + (f" {m.frames} frames" if m.frames > 1 else "")
+            + f", {t.achieved:.2f}x flops, {sizing.steps} steps")
 
 
 # ----------------------------------------------------------------------------- files

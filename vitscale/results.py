@@ -1,0 +1,209 @@
+"""What a scaling study measures, as typed, versioned records written as JSON.
+
+    SweepPoint    one learning rate of the base-model sweep, annealed at its end
+    Point         one evaluation of one seed of a trial: annealed (a cooldown branch's end)
+                  or mid-run (the stable run's, for plots only)
+    SeedResult    one seed of one trial: its annealed points and its mid-run curve
+    TrialResult   a trial: its shape and cost, its sizing, every seed
+
+The study writes them, the analysis and the report read them back with `read`. A file
+written by another version of these records is never misread: `read` raises
+`StaleResult`, and the study re-runs what it describes (its runs resume from their
+checkpoints, so that costs little) or refuses with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+
+from vitscale.checkpoint import atomic_write_text
+
+VERSION = 2  # 1: the untyped rows of the first study (mid-run curves, one seed, no sweep)
+
+
+class StaleResult(ValueError):
+    """A result file of another version or kind (or not a result file at all)."""
+
+
+def binomial_stderr(accuracy: float, n: int) -> float:
+    """Standard error of an accuracy measured on n independent samples."""
+    return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n) if n > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One evaluation of one seed of a trial."""
+
+    fraction: float  # share of the trial's full length trained (1 = the whole budget)
+    steps: int  # optimizer steps
+    samples: int  # training samples seen (steps x batch)
+    compute: float  # training multiply-adds spent (samples x forward+backward per sample)
+    seconds: float  # training time at the trial's measured throughput
+    accuracy: float  # validation top-1 (or the objective's metric)
+    loss: float | None  # validation loss
+    stderr: float  # binomial standard error of `accuracy` on the validation set
+    annealed: bool  # the end of a cooldown (true) or a mid-run evaluation at full LR (false)
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    """One seed of one trial: stable run + one cooldown branch per fraction."""
+
+    trial: str
+    seed: int  # the train.seed this seed ran with
+    points: tuple[Point, ...]  # annealed points, one per fraction, shortest first
+    curve: tuple[Point, ...]  # mid-run (not annealed) evaluations of the stable run: plots only
+    wall_s: float  # wall time of this seed's runs
+    train_samples_per_s: float  # training throughput the engine measured in the stable run
+    probe_accuracy: float | None = None  # MAE objective: linear probe of the full-length encoder
+
+    @property
+    def final(self) -> Point:
+        return self.points[-1]
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """A trial of the study: what it is, what it cost, what each seed reached."""
+
+    name: str  # "base" or STRATEGY-xFACTOR
+    strategies: tuple[str, ...]  # families it belongs to (the base belongs to all)
+    factor: float  # flops factor asked for
+    achieved: float  # flops factor reached
+    model: dict  # the ViTConfig as a plain dict
+    params: int
+    flops: float  # forward multiply-adds per sample
+    acts: float
+    batch: int
+    lr: float  # base_lr the trial trained with (the sweep's pick under mup)
+    steps: int  # optimizer steps of the full budget
+    train_flops_per_sample: float  # forward + backward multiply-adds per sample
+    measured: dict  # bench.Measurement of a training step (best of 3 rounds)
+    val_samples: int  # validation set size (the binomial noise of every point)
+    seeds: tuple[SeedResult, ...]
+
+    @property
+    def samples(self) -> int:
+        return self.steps * self.batch
+
+    @property
+    def compute(self) -> float:
+        return self.samples * self.train_flops_per_sample
+
+    @property
+    def accuracies(self) -> list[float]:
+        """Final accuracy of each seed (the linear probe's for the MAE objective)."""
+        return [s.probe_accuracy if s.probe_accuracy is not None else s.final.accuracy for s in self.seeds]
+
+    @property
+    def accuracy(self) -> float:
+        """Mean final accuracy over seeds."""
+        return sum(self.accuracies) / len(self.accuracies)
+
+    @property
+    def stderr(self) -> float:
+        """Binomial standard error of the mean final accuracy (seeds pooled)."""
+        return binomial_stderr(self.accuracy, self.val_samples * len(self.seeds))
+
+    @property
+    def wall_s(self) -> float:
+        return sum(s.wall_s for s in self.seeds)
+
+    def points(self) -> list[Point]:
+        """Annealed points averaged over seeds, one per fraction (what the fits use)."""
+        by_fraction: dict[float, list[Point]] = {}
+        for s in self.seeds:
+            for p in s.points:
+                by_fraction.setdefault(p.fraction, []).append(p)
+        out = []
+        for f, ps in sorted(by_fraction.items()):
+            acc = sum(p.accuracy for p in ps) / len(ps)
+            losses = [p.loss for p in ps if p.loss is not None]
+            out.append(Point(f, ps[0].steps, ps[0].samples, ps[0].compute, ps[0].seconds, acc,
+                             sum(losses) / len(losses) if losses else None,
+                             binomial_stderr(acc, self.val_samples * len(ps)), True))
+        return out
+
+    def row(self) -> dict:
+        """The results.jsonl line: the record plus its derived figures."""
+        return to_dict(self) | {"samples": self.samples, "compute": self.compute, "accuracy": self.accuracy,
+                                "accuracies": self.accuracies, "stderr": self.stderr, "wall_s": self.wall_s}
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How long a trial trains and what one step costs; trial.json, so a resumed trial keeps its length."""
+
+    train_flops_per_sample: float  # forward + backward multiply-adds per sample (FlopCounterMode)
+    steps: int  # optimizer steps of the full budget
+    steps_per_epoch: int
+    val_samples: int  # validation set size
+    measured: dict  # bench.Measurement of a training step: best of 3 rounds
+    threads: int  # torch threads the measurement ran with (the trial trains with as many)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One learning rate of the sweep on the base model (a short wsd run, annealed)."""
+
+    lr: float  # base_lr (per 256 samples)
+    steps: int
+    compute: float  # training multiply-adds of the run
+    accuracy: float
+    loss: float | None
+    stderr: float
+    wall_s: float
+
+
+# ----------------------------------------------------------------------------- JSON
+def to_dict(record) -> dict:
+    """A record as plain JSON-able data, tagged with its kind and version."""
+    return {"kind": type(record).__name__, "version": VERSION} | asdict(record)
+
+
+def _build(cls, data: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            if f.default is not MISSING or f.default_factory is not MISSING:  # has a default
+                continue
+            raise StaleResult(f"missing field {f.name!r}")
+        value, tp = data[f.name], hints[f.name]
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
+        if inner is not None and is_dataclass(inner):
+            value = tuple(_build(inner, v) for v in value)
+        elif inner is not None:
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def from_dict(cls, data: dict, where: str = "result"):
+    """Rebuild a record; StaleResult if it is of another kind or version."""
+    if not isinstance(data, dict) or data.get("kind") != cls.__name__:
+        raise StaleResult(f"{where} is not a {cls.__name__} record")
+    if data.get("version") != VERSION:
+        raise StaleResult(f"{where} was written by result version {data.get('version', 1)}, "
+                          f"this vitscale reads version {VERSION}")
+    try:
+        return _build(cls, {k: v for k, v in data.items() if k not in ("kind", "version")})
+    except (TypeError, KeyError) as e:
+        raise StaleResult(f"{where} does not match {cls.__name__}: {e}") from None
+
+
+def write(path: Path, record) -> None:
+    atomic_write_text(path, json.dumps(to_dict(record), indent=2))
+
+
+def read(path: Path, cls):
+    """Read a record of class `cls`; StaleResult (a ValueError) on another version or a bad file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StaleResult(f"{path} cannot be read as JSON: {e}") from None
+    return from_dict(cls, data, str(path))
