@@ -10,11 +10,13 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 from scipy.optimize import curve_fit
 
-from vitscale import fits
+from vitscale import fits, optim, results
 from vitscale.complexity import cost
-from vitscale.study import StudyConfig, parse_budget, plan, steps_for, train_flops_per_sample
+from vitscale.results import SweepPoint, TrialResult
+from vitscale.study import StudyConfig, branches, parse_budget, plan, steps_for, train_flops_per_sample
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -105,7 +107,20 @@ def test_plan_shares_the_base_and_scales_the_data_resolution():
     for t in trials:
         assert t.run.data.image_size == t.run.model.hw[0]
         assert t.achieved == pytest.approx(t.factor, rel=0.2)  # 16 px base: a coarse grid
+        m = t.run.model  # muP relative to the base, whatever the trial's shape
+        assert (m.param, m.base_width, m.base_depth, m.base_head_dim) == ("mup", 64, 4, 32)
     assert trials[3].run.model.hw[0] > trials[0].run.model.hw[0]
+    assert plan(StudyConfig(strategies=("d",), factors=(1,), param="sp"))[0].run.model.param == "sp"
+    lrs = {t.run.train.base_lr for t in plan(StudyConfig(strategies=("w",), factors=(1, 2)), lr=3e-3)}
+    assert lrs == {3e-3}
+
+
+def test_branches_end_at_each_fraction_and_start_where_their_decay_does():
+    plan_ = branches(800, (0.125, 0.25, 0.5, 1.0), 0.2)
+    assert plan_ == [(0.125, 100, 80), (0.25, 200, 160), (0.5, 400, 320), (1.0, 800, 640)]
+    for _, length, start in plan_:
+        assert start == optim.decay_start(length, 0.2)
+    assert branches(4, (0.125, 0.5, 1.0), 0.2) == [(0.5, 2, 1), (1.0, 4, 3)]  # too short: left out
 
 
 def test_training_flops_are_two_to_three_forward_passes():
@@ -117,8 +132,9 @@ def test_training_flops_are_two_to_three_forward_passes():
 
 
 # ----------------------------------------------------------------------------- end to end
-MINI = ["study", "--strategy", "d,w", "--factors", "1,2", "--budget", "compute:2ep", "--data.image_size=8",
-        "--train.threads=1"]
+MINI = ["study", "--strategy", "d,w", "--factors", "1,2", "--budget", "compute:1ep", "--data.image_size=8",
+        "--data.train_size=2048", "--data.val_size=512", "--lrs", "2e-3,8e-3", "--fractions", "0.5,1",
+        "--seeds", "2", "--train.threads=1"]
 
 
 def vitscale(*args):
@@ -126,37 +142,54 @@ def vitscale(*args):
                             stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_miniature_study_killed_and_resumed(tmp_path):
     out = tmp_path / "study"
-    first = vitscale(*MINI, "--out", str(out))
-    deadline = time.time() + 180
-    while not (out / "trials" / "base" / "result.json").exists():
+    first = vitscale(*MINI, "--out", str(out), "--workers", "1")
+    done = out / "trials" / "base" / "seed0" / "result.json"
+    deadline = time.time() + 240
+    while not done.exists():
         assert first.poll() is None, first.stdout.read()
         assert time.time() < deadline
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    base = (out / "trials" / "base" / "result.json").read_text()
+    base = done.read_text()
     assert not (out / "summary.json").exists()
+    sweep = [results.from_dict(SweepPoint, p) for p in json.loads((out / "sweep" / "sweep.json").read_text())]
+    assert [p.lr for p in sweep] == [2e-3, 8e-3] and all(0 <= p.accuracy <= 1 for p in sweep)
 
     second = vitscale(*MINI, "--out", str(out), "--workers", "2")
-    log = second.communicate(timeout=300)[0]
+    log = second.communicate(timeout=400)[0]
     assert second.returncode == 0, log
-    assert "base: finished before, not re-run" in log
-    assert (out / "trials" / "base" / "result.json").read_text() == base
+    assert "1 trial seeds finished before, not re-run" in log
+    assert done.read_text() == base
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == ["base", "d-x2", "w-x2"]
+    chosen = max(sweep, key=lambda p: p.accuracy).lr
     for r in rows:
-        assert 0 <= r["accuracy"] <= 1 and r["measured"]["samples_per_s"] > 0 and r["curve"]
-        assert r["compute"] == pytest.approx(r["steps"] * 64 * r["train_flops_per_sample"])
+        t = results.from_dict(TrialResult, r)  # a results.jsonl line is the record plus derived figures
+        assert t.lr == chosen and t.model["param"] == "mup" and t.model["base_width"] == 64
+        assert [s.seed for s in t.seeds] == [0, 1]  # three leaders: every trial runs both seeds
+        assert t.accuracies == r["accuracies"] and r["stderr"] > 0
+        for s in t.seeds:
+            assert [p.fraction for p in s.points] == [0.5, 1.0] and all(p.annealed for p in s.points)
+            assert [p.steps for p in s.points] == [round(0.5 * t.steps), t.steps]
+            assert all(not p.annealed for p in s.curve)
+        assert r["compute"] == pytest.approx(t.steps * 64 * t.train_flops_per_sample)
+        cool = out / "trials" / r["name"] / "seed0" / "cool-1"
+        assert yaml.safe_load((cool / "config.yaml").read_text())["train"]["branch_from"].endswith(
+            f"ckpt-{optim.decay_start(t.steps, 0.2):08d}")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["recommendation"]["trial"] in {"base", "d-x2", "w-x2"}
+    assert summary["sweep"]["lr"] == chosen and 0 < summary["sweep"]["share"] < 1
     assert set(summary["strategies"]) == {"d", "w"}
     assert summary["strategies"]["d"]["acts_growth"] == pytest.approx(1.0, abs=0.05)
     for name in ("report.md", "accuracy_vs_compute.png", "accuracy_vs_time.png", "runtime.png", "growth.png"):
         assert (out / name).stat().st_size > 0
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "http" not in page
+    assert "Learning-rate sweep" in page and "Backtest" in page
 
     again = vitscale(*MINI, "--out", str(out))  # nothing left to train: only the report is rebuilt
     assert again.wait(timeout=120) == 0

@@ -198,7 +198,8 @@ def fit_joint_law(size: Sequence[float], samples: Sequence[float], error: Sequen
                 for share in (0.3, 0.7):
                     spread = max(y.max() - y.min(), 1e-3)
                     start = np.array([le, np.log(share * spread), alpha, np.log((1 - share) * spread), beta])
-                    r = minimize(loss, start, method="L-BFGS-B", bounds=bounds)
+                    r = minimize(loss, start, method="L-BFGS-B", bounds=bounds,
+                                 options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 2000})
                     if best is None or r.fun < best.fun:
                         best = r
     le, la, alpha, lb, beta = best.x
