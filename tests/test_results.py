@@ -31,8 +31,8 @@ def _trial(name: str, flops: float, steps: int, accuracy=None, seeds=(0,), batch
         out.append(SeedResult(name, seed, tuple(points), (replace(points[1], annealed=False),),
                               10.0, 1000.0))
     return TrialResult(name, ("w",), flops / 1e6, flops / 1e6, {"depth": 4, "width": 64}, 100, flops,
-                       10 * flops, batch, 4e-3, steps, per_sample, {"samples_per_s": 1000.0, "peak_mem_mb": 1.0},
-                       10000, tuple(out))
+                       10 * flops, batch, 4e-3, steps, per_sample,
+                       {"samples_per_s": 1000.0, "peak_mem_mb": 1.0}, 10000, tuple(out))
 
 
 def test_results_round_trip_through_json(tmp_path):
