@@ -296,7 +296,7 @@ def _train(cfg: RunConfig, log) -> dict:
     final = Path(cfg.out) / "final.json"
     if final.is_file():
         done = json.loads(final.read_text())
-        if done.get("step") == cfg.train.max_steps and "val_loss" in done:
+        if done.get("step", 0) >= cfg.train.max_steps and "val_loss" in done:
             return done
     return engine.train(cfg, log)
 
