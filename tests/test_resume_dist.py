@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vitscale import checkpoint, optim
 from vitscale.checkpoint import latest
 
 ARGS = ["train", "--train.batch=32", "--train.max_steps=60", "--train.ckpt_every=2", "--train.threads=1",
@@ -33,18 +34,23 @@ def final_tensors(run_dir: Path) -> dict:
         f"optim/{k}": v for k, v in load_file(str(ckpt / "optim.safetensors")).items()}
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
-    whole = vitscale(*ARGS, "--out", str(tmp_path / "whole"))
-    killed = vitscale(*ARGS, "--out", str(tmp_path / "killed"))
+def kill_after(proc: subprocess.Popen, run_dir: Path, step: int, last: int = 60) -> None:
+    """SIGKILL a run somewhere after its checkpoint of `step` exists, before that of its `last` step."""
     deadline = time.time() + 120
-    while latest(tmp_path / "killed") is None or latest(tmp_path / "killed").name < "ckpt-00000006":
-        assert killed.poll() is None, killed.stdout.read()
+    while latest(run_dir) is None or checkpoint.step_of(latest(run_dir)) < step:
+        assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline
         time.sleep(0.01)
     time.sleep(random.uniform(0, 0.05))  # somewhere between checkpoints, maybe in the middle of writing one
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert latest(tmp_path / "killed").name < "ckpt-00000060", "the run ended before the kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.step_of(latest(run_dir)) < last, "the run ended before the kill"
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    whole = vitscale(*ARGS, "--out", str(tmp_path / "whole"))
+    killed = vitscale(*ARGS, "--out", str(tmp_path / "killed"))
+    kill_after(killed, tmp_path / "killed", 6)
     resumed = vitscale(*ARGS, "--out", str(tmp_path / "killed"))
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0 and "resumed from" in out, out
@@ -54,6 +60,30 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 61))
+
+
+@pytest.mark.slow
+def test_sigkilled_cooldown_branch_resumes_to_the_plain_wsd_run(tmp_path):
+    """A stable run to step 30, a 60-step branch from it killed and resumed, ends bitwise where a
+    60-step wsd run from scratch ends (weights and optimizer state); the branch point is mid-epoch."""
+    wsd = [a for a in ARGS if not a.startswith("--train.max_steps")] + ["--train.schedule=wsd"]
+    start = optim.decay_start(60, 0.5)
+    plain = vitscale(*wsd, "--train.max_steps=60", "--train.decay_frac=0.5", "--out", str(tmp_path / "plain"))
+    stable = vitscale(*wsd, f"--train.max_steps={start}", "--train.decay_frac=0",
+                      "--out", str(tmp_path / "stable"))
+    assert stable.wait(timeout=300) == 0, stable.stdout.read()
+    branch_args = [*wsd, "--train.max_steps=60", "--train.decay_frac=0.5", "--out", str(tmp_path / "branch"),
+                   f"--train.branch_from={checkpoint.at(tmp_path / 'stable', start)}"]
+    branch = vitscale(*branch_args)
+    kill_after(branch, tmp_path / "branch", start + 6)
+    assert f"branched from {tmp_path / 'stable'}" in branch.stdout.read()
+    resumed = vitscale(*branch_args)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and f"resumed from {tmp_path / 'branch'}" in out, out
+    assert plain.wait(timeout=300) == 0, plain.stdout.read()
+    a, b = final_tensors(tmp_path / "plain"), final_tensors(tmp_path / "branch")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def train_losses(run_dir: Path) -> list[float]:

@@ -93,10 +93,20 @@ def set_rng_state(tensors: dict[str, torch.Tensor], rest: dict) -> None:
     np.random.set_state((npv[0], np.array(npv[1], dtype=np.uint32), *npv[2:]))
 
 
+def at(run_dir: Path, step: int) -> Path:
+    """Where a run's checkpoint of optimizer step `step` is (or would be)."""
+    return Path(run_dir) / f"{PREFIX}{step:08d}"
+
+
+def step_of(ckpt: Path) -> int:
+    """The optimizer step of a checkpoint directory `ckpt-STEP`."""
+    return int(ckpt.name[len(PREFIX):])
+
+
 def save(run_dir: Path, step: int, model_state: dict, optim_state: dict, state: dict,
-         keep_last: int = 2) -> Path:
-    """Write `ckpt-STEP/` atomically and prune all but the newest `keep_last`."""
-    final = run_dir / f"{PREFIX}{step:08d}"
+         keep_last: int = 2, keep_steps: tuple[int, ...] = ()) -> Path:
+    """Write `ckpt-STEP/` atomically and prune all but the newest `keep_last`, never `keep_steps`."""
+    final = at(run_dir, step)
     tmp = run_dir / f"{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -116,7 +126,8 @@ def save(run_dir: Path, step: int, model_state: dict, optim_state: dict, state: 
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _fsync_dir(run_dir)
-    for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+    prunable = [c for c in checkpoints(run_dir) if step_of(c) not in keep_steps]
+    for old in prunable[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -141,6 +152,12 @@ def checkpoints(run_dir: Path) -> list[Path]:
     found = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
              and not p.name.endswith(".tmp") and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: p.name)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A finished checkpoint directory (what `save` writes, not a `.tmp` one)."""
+    return path.is_dir() and path.name.startswith(PREFIX) and not path.name.endswith(".tmp") and all(
+        (path / name).is_file() for name in ("state.json", "model.safetensors", "optim.safetensors"))
 
 
 def latest(run_dir: Path) -> Path | None:

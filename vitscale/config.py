@@ -19,6 +19,7 @@ import yaml
 from vitscale.data.config import DataConfig
 from vitscale.models.mae import MAEConfig
 from vitscale.models.vit import ViTConfig, preset
+from vitscale.optim import SCHEDULES
 
 TASKS = ("supervised", "mae", "finetune", "linprobe")
 
@@ -29,8 +30,11 @@ class TrainConfig:
     batch: int = 128  # global batch per optimizer step (all ranks and accumulation steps)
     accum: int = 1  # gradient accumulation steps per optimizer step
     base_lr: float = 1e-3  # learning rate per 256 samples: lr = base_lr * batch / 256
-    min_lr: float = 1e-6  # floor of the cosine schedule
-    warmup_epochs: float = 2.0  # linear warm-up length
+    min_lr: float = 1e-6  # where the LR schedule ends
+    warmup_epochs: float = 2.0  # linear warm-up length (rounded to whole steps; the same for any run length)
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay: constant LR, then a short decay)
+    decay_frac: float = 0.2  # wsd: share of the run's steps spent decaying to min_lr as 1 - sqrt;
+    # 0 = never decay (a stable run to branch cooldowns from; see optim.decay_start)
     weight_decay: float = 0.05  # AdamW decay (not on norms, biases, tokens, position tables)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (MAE pre-training uses 0.95)
     layer_decay: float = 1.0  # layer-wise LR decay for fine-tuning (1.0 = off; MAE uses 0.75)
@@ -45,9 +49,20 @@ class TrainConfig:
     seed: int = 0  # seeds init, data order, augmentation and masking
     threads: int = 0  # torch intra-op threads (0 = PyTorch's default)
     ckpt_every: int = 0  # also checkpoint every N optimizer steps (0 = each epoch only)
-    keep_last: int = 2  # checkpoints kept besides the best
+    keep_last: int = 2  # checkpoints kept besides the best and keep_steps
+    keep_steps: tuple[int, ...] = ()  # also checkpoint at these optimizer steps and never prune them
+    branch_from: str = ""  # a checkpoint directory (RUN/ckpt-STEP) to start from when this run has none:
+    # weights, optimizer, RNG and step, as a resume (a cooldown branch of a wsd stable run)
     knn_k: int = 20  # k for the k-NN accuracy of pre-trained features (0 = off)
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs); for tests
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0.0 <= self.decay_frac <= 1.0:
+            raise ValueError(f"train.decay_frac must be in [0, 1], got {self.decay_frac}")
+        if any(s < 1 for s in self.keep_steps):
+            raise ValueError(f"train.keep_steps must be optimizer steps of 1 or more, got {self.keep_steps}")
 
 
 @dataclass(frozen=True)

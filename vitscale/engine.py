@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from vitscale import checkpoint, dist, evaluate, optim, tasks, visual, weights
 from vitscale.bench import autocast
 from vitscale.checkpoint import atomic_write_text
-from vitscale.config import RunConfig, dump_yaml, load_yaml
+from vitscale.config import RunConfig, TrainConfig, dump_yaml, load_yaml, to_dict
 from vitscale.data import DataInfo, build_datasets, make_loader
 from vitscale.data.sampler import EpochSampler
 
@@ -137,9 +137,8 @@ class Job:
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch {t.batch} is larger than the training set ({len(self.train_set)}); "
                              "lower --train.batch")
-        self.total = self.steps_per_epoch * t.epochs
-        self.total = min(t.max_steps, self.total) if t.max_steps else self.total
-        self.warmup = round(t.warmup_epochs * self.steps_per_epoch)
+        self.total = _total_steps(t, self.steps_per_epoch)
+        self.warmup = round(t.warmup_epochs * self.steps_per_epoch)  # in steps: the same for any run length
         self.peak = t.base_lr * t.batch / 256
 
         torch.manual_seed(t.seed)
@@ -155,19 +154,61 @@ class Job:
         self.step, self.best = 0, None
         log(f"{cfg.task}: {sum(p.numel() for p in self.module.parameters()) / 1e6:.2f} M params on "
             f"{d.device} x{d.world}; lr = base_lr {t.base_lr:g} x batch {t.batch} / 256 = {self.peak:.3g} "
-            f"(micro-batch {self.micro} x accum {t.accum} x ranks {d.world}); {self.total} steps")
+            f"(micro-batch {self.micro} x accum {t.accum} x ranks {d.world}); {self.total} steps, "
+            f"{self.warmup} warm-up, " + (f"wsd decay from step {optim.decay_start(self.total, t.decay_frac)}"
+                                          if t.schedule == "wsd" else "cosine"))
+
+    def lr(self, step: int, cfg: RunConfig | None = None) -> float:
+        """The LR of optimizer step `step` under this run's schedule (or under another run's `cfg`
+        of the same data and batch: a branch's parent)."""
+        t, spe = (cfg or self.cfg).train, self.steps_per_epoch
+        return optim.lr_at(step, _total_steps(t, spe), round(t.warmup_epochs * spe),
+                           t.base_lr * t.batch / 256, t.min_lr, t.schedule, t.decay_frac)
 
     def resume(self) -> None:
-        """Continue from the run directory's latest checkpoint, if there is one."""
+        """Continue from the run directory's latest checkpoint; with none, start a branch from
+        train.branch_from if set (its best score is not inherited: the branch's best/ is its own)."""
         ckpt = checkpoint.latest(self.run_dir)
+        branch = ckpt is None and bool(self.cfg.train.branch_from)
+        if branch:
+            ckpt = Path(self.cfg.train.branch_from)
+            if not checkpoint.is_checkpoint(ckpt):
+                raise ValueError(f"train.branch_from={str(ckpt)!r} is not a checkpoint directory "
+                                 f"(RUN/{checkpoint.PREFIX}STEP with state.json and safetensors files)")
         if ckpt is None:
             return
         model_state, optim_state, state = checkpoint.load(ckpt)
+        if branch:
+            self._check_branch(ckpt, state["step"])
         set_state_dict(self.module, self.opt, model_state_dict=model_state, optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.d.enabled))
         checkpoint.restore_rng(ckpt, state)
-        self.step, self.best = state["step"], state.get("best")
-        self.log(f"resumed from {ckpt} at step {self.step}")
+        self.step, self.best = state["step"], None if branch else state.get("best")
+        self.log(f"{'branched' if branch else 'resumed'} from {ckpt} at step {self.step}")
+
+    def _check_branch(self, ckpt: Path, step: int) -> None:
+        """A branch must be its parent's run continued: the same config but for BRANCH_MAY_DIFFER,
+        and the same LR at every step before the branch point."""
+        saved = ckpt.parent / "config.yaml"
+        if not saved.is_file():
+            raise ValueError(f"train.branch_from={str(ckpt)!r} has no config.yaml beside it to check "
+                             "that this run continues it")
+        parent = load_yaml(saved)
+        mine, theirs = _flat(to_dict(self.cfg)), _flat(to_dict(parent))
+        differ = sorted(k for k in mine.keys() | theirs.keys()
+                        if mine.get(k) != theirs.get(k) and k not in BRANCH_MAY_DIFFER)
+        if differ:
+            raise ValueError(f"train.branch_from={str(ckpt)!r}: a branch must keep its parent's config, but "
+                             + ", ".join(f"{k} is {mine.get(k)!r} here, {theirs.get(k)!r} there"
+                                         for k in differ))
+        if step >= self.total:
+            raise ValueError(f"train.branch_from={str(ckpt)!r} is at step {step}, not before this run's "
+                             f"last ({self.total})")
+        for s in range(step):
+            if self.lr(s, parent) != self.lr(s):
+                raise ValueError(f"train.branch_from={str(ckpt)!r}: its run's LR at step {s} was "
+                                 f"{self.lr(s, parent):.4g}, this run's would be {self.lr(s):.4g}; branch "
+                                 "from a step no later than this run's decay start (optim.decay_start)")
 
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0 writes; every rank takes part in gathering)."""
@@ -176,7 +217,8 @@ class Job:
         path = None
         if self.d.main:
             path = checkpoint.save(self.run_dir, self.step, model_state, optim_state,
-                                   {"step": self.step, "best": self.best}, self.cfg.train.keep_last)
+                                   {"step": self.step, "best": self.best}, self.cfg.train.keep_last,
+                                   self.cfg.train.keep_steps)
         dist.barrier(self.d)
         return path
 
@@ -211,7 +253,7 @@ class Job:
         end = min(self.total, (epoch + 1) * self.steps_per_epoch)
         while self.step < end:
             t0 = time.perf_counter()
-            lr = optim.lr_at(self.step, self.total, self.warmup, self.peak, t.min_lr)
+            lr = self.lr(self.step)
             optim.set_lr(self.opt, lr)
             loss = self.train_step(batches, window)
             self.step += 1
@@ -222,7 +264,9 @@ class Job:
             show(f"epoch {epoch + 1} loss {loss:.4f} lr {lr:.2e} {rate:.0f} samples/s data-wait {wait:.0%}")
             metrics.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "train",
                          "loss": loss, "lr": lr})
-            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step % self.steps_per_epoch:
+            # mid-epoch checkpoints (end_epoch saves the step that ends an epoch or the run)
+            every = t.ckpt_every and self.step % t.ckpt_every == 0
+            if self.step < end and (every or self.step in t.keep_steps):
                 self.save()
         return window
 
@@ -292,6 +336,26 @@ def evaluate_run(run: str, device: str = "auto") -> dict:
         return evaluate.evaluate(cfg, module, train_set, val_set, info, d, -1, run_dir)
     finally:
         dist.teardown(d)
+
+
+# Config keys a branch (train.branch_from) may set apart from its parent: its length and
+# schedule (checked step by step instead), bookkeeping, and where it runs.
+BRANCH_MAY_DIFFER = {"out", "data.workers", *(f"train.{k}" for k in (
+    "epochs", "max_steps", "schedule", "decay_frac", "min_lr", "keep_steps", "ckpt_every", "keep_last",
+    "branch_from", "knn_k", "device", "threads"))}
+
+
+def _total_steps(t: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run: all its epochs, or max_steps if fewer."""
+    return min(t.max_steps, steps_per_epoch * t.epochs) if t.max_steps else steps_per_epoch * t.epochs
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"epochs": 3}} -> {"train.epochs": 3}."""
+    out = {}
+    for k, v in tree.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
 
 
 _SHOWN = ("train_loss", "val_loss", "val_top1", "knn_top1", "samples_per_s", "data_wait")

@@ -48,10 +48,37 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     return [groups[k] for k in sorted(groups)]
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
-    """Linear warm-up to `peak`, then half a cosine down to `floor`, by optimizer step."""
+SCHEDULES = ("cosine", "wsd")
+
+
+def decay_start(total: int, decay_frac: float) -> int:
+    """First optimizer step of a warmup-stable-decay run's decay: its last round(decay_frac x total)
+    steps decay. A cooldown branch of length `total` starts from the stable run's checkpoint here."""
+    return total - round(decay_frac * total)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float, schedule: str = "cosine",
+          decay_frac: float = 0.2) -> float:
+    """The LR of optimizer step `step` (0-based) of a run of `total` steps.
+
+    Both schedules warm up linearly to `peak` over `warmup` steps. "cosine" then follows half
+    a cosine down to `floor` at `total`. "wsd" (warmup-stable-decay; Zhai et al. 2022, Hägele
+    et al. 2024) stays at `peak`, then over its last round(decay_frac x total) steps falls as
+    1 - sqrt(progress) to `floor`: progress is 1/decay on the first decay step (LR just below
+    peak) and 1 on the last (LR = floor). The LR before decay_start(total, ...) does not depend
+    on `total`, so a wsd run of any length is its stable run's prefix plus its own decay.
+    Warm-up wins where the two overlap (a decay longer than the steps after warm-up).
+    """
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "wsd":
+        start = decay_start(total, decay_frac)
+        if step < start:
+            return peak
+        progress = (step - start + 1) / (total - start)
+        return floor + (peak - floor) * (1.0 - math.sqrt(min(1.0, progress)))
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     progress = (step - warmup) / max(1, total - warmup)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
