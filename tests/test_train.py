@@ -35,6 +35,20 @@ def test_supervised_run_writes_everything(tmp_path):
     assert json.loads((tmp_path / "sup" / "final.json").read_text())["step"] == 4
 
 
+def test_a_finished_run_run_again_keeps_its_result(tmp_path):
+    """Re-running a finished run, or one killed between its last checkpoint and final.json,
+    returns (and keeps) the final evaluation instead of writing one without metrics."""
+    cfg, first = run(tmp_path, "done")
+    final = tmp_path / "done" / "final.json"
+    again = engine.train(cfg, log=lambda *a: None)
+    assert again == first and json.loads(final.read_text())["val_top1"] == first["val_top1"]
+    final.unlink()  # as a kill right after the last checkpoint leaves it
+    rows = losses(cfg)
+    again = engine.train(cfg, log=lambda *a: None)
+    assert again["val_top1"] == first["val_top1"] and again["val_loss"] == pytest.approx(first["val_loss"])
+    assert json.loads(final.read_text())["val_top1"] == first["val_top1"] and losses(cfg) == rows
+
+
 def test_accumulation_keeps_the_effective_batch(tmp_path):
     one, _ = run(tmp_path, "a1", "train.label_smoothing=0")
     two, _ = run(tmp_path, "a2", "train.label_smoothing=0", "train.accum=2")

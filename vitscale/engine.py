@@ -224,6 +224,8 @@ class Job:
 
     def run(self) -> dict:
         self.resume()
+        if self.step >= self.total:
+            return self.finished()
         metrics = Metrics(self.run_dir, self.d.main, self.step)
         progress = Progress(TextColumn("{task.description}"), BarColumn(),
                             TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
@@ -239,6 +241,23 @@ class Job:
             visual.curves(metrics.rows, self.run_dir / "curves.png")
             atomic_write_text(self.run_dir / "final.json",
                               json.dumps(result | {"step": self.step, "best": self.best}, indent=2))
+        return result
+
+    def finished(self) -> dict:
+        """A run at its end already: its final evaluation, evaluated again if a kill came between the
+        last checkpoint and final.json."""
+        final = self.run_dir / "final.json"
+        done = json.loads(final.read_text()) if final.is_file() else {}
+        if done.get("step") == self.step and "val_loss" in done:
+            self.log(f"{self.run_dir} finished before: " + ", ".join(f"{k} {done[k]:.4g}" for k in _SHOWN
+                                                                      if k in done))
+            return {k: v for k, v in done.items() if k not in ("step", "best")}
+        epoch = math.ceil(self.step / self.steps_per_epoch)
+        with _unsharded(self.module):
+            result = evaluate.evaluate(self.cfg, self.module, self.train_set, self.val_set, self.info, self.d,
+                                       epoch - 1, self.run_dir)
+        if self.d.main:
+            atomic_write_text(final, json.dumps(result | {"step": self.step, "best": self.best}, indent=2))
         return result
 
     def train_epoch(self, metrics: Metrics, show) -> dict:

@@ -291,16 +291,6 @@ def _sized(run: RunConfig, study: StudyConfig, length: int, spe: int, seed: int,
     return replace(run, train=t, out=str(out))
 
 
-def _train(cfg: RunConfig, log) -> dict:
-    """Train a run to its end, or read the final evaluation of one that got there before."""
-    final = Path(cfg.out) / "final.json"
-    if final.is_file():
-        done = json.loads(final.read_text())
-        if done.get("step", 0) >= cfg.train.max_steps and "val_loss" in done:
-            return done
-    return engine.train(cfg, log)
-
-
 def _metric(run: RunConfig) -> str:
     return "val_top1" if run.task == "supervised" else "knn_top1"
 
@@ -331,7 +321,7 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, log=print
 
     stable = run("stable", decay_frac=0.0, max_steps=max(s for _, _, s in plan_),
                  keep_steps=tuple(s for _, _, s in plan_))
-    _train(stable, log)
+    engine.train(stable, log)
     rows = engine_rows(Path(stable.out))
     rate = next((r["samples_per_s"] for r in reversed(rows)), sizing.measured["samples_per_s"])
     curve = tuple(_point(r["step"] / sizing.steps, r["step"], trial.run, sizing, r, rate, False)
@@ -340,7 +330,7 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, log=print
     for f, length, start in plan_:
         last = run(f"cool-{f:g}", decay_frac=study.decay_frac, max_steps=length,
                    branch_from=str(Path(stable.out) / f"{checkpoint.PREFIX}{start:08d}"))
-        points.append(_point(f, length, trial.run, sizing, _train(last, log), rate, True))
+        points.append(_point(f, length, trial.run, sizing, engine.train(last, log), rate, True))
     probe = _probe(study, trial, last, seed, log) if study.objective == "mae" else None
     if _rank() != 0:
         return None
@@ -363,7 +353,7 @@ def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, l
                     out=str(Path(pretrained.out).parent / "probe"),
                     train=replace(probe.train, epochs=study.probe_epochs, seed=seed,
                                   device=trial.run.train.device, threads=trial.run.train.threads))
-    return float(_train(probe, log)["val_top1"])
+    return float(engine.train(probe, log)["val_top1"])
 
 
 def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float, log=print) -> SweepPoint:
@@ -373,7 +363,7 @@ def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float, log
     cfg = _sized(run, study, steps, sizing.steps_per_epoch, run.train.seed,
                  Path(study.out) / SWEEP / f"lr-{lr:g}", decay_frac=study.decay_frac, max_steps=steps)
     t0 = time.perf_counter()
-    final = _train(cfg, log)
+    final = engine.train(cfg, log)
     acc = float(final.get(_metric(run), float("nan")))
     return SweepPoint(lr, steps, steps * run.train.batch * sizing.train_flops_per_sample, acc,
                       final.get("val_loss"), results.binomial_stderr(acc, sizing.val_samples),
