@@ -27,6 +27,9 @@ Grid = tuple[int, int, int]  # (t, h, w) tokens along time, height, width
 POS_EMBEDS = ("learned", "sincos", "sincos1d")
 PARAMS = ("sp", "mup")
 INIT_STD = 0.02  # truncated-normal std of linears and embeddings (as MAE / timm)
+# Depth-muP for Adam (Tensor Programs VI): hidden matrices' LR x depth_mult^-0.5 beside the
+# branches' 1/sqrt(depth_mult). benchmarks/bench_transfer.py measures it against 0 (no LR change).
+DEPTH_LR_EXPONENT = 0.5
 
 
 @dataclass(frozen=True)
@@ -418,8 +421,8 @@ class ViT(nn.Module):
 
     def lr_multipliers(self) -> dict[str, float]:
         """AdamW LR multipliers by parameter name, for those other than 1 (muP: hidden matrices
-        x 1/width_mult x 1/sqrt(depth_mult); input-like weights, biases, norms and the head x 1)."""
-        mult = 1.0 / (self.cfg.width_mult * math.sqrt(self.cfg.depth_mult))
+        x 1/width_mult x depth_mult^-DEPTH_LR_EXPONENT; input-like weights, biases, norms, head x 1)."""
+        mult = 1.0 / (self.cfg.width_mult * self.cfg.depth_mult**DEPTH_LR_EXPONENT)
         return {name: mult for name in self.hidden_matrices()} if mult != 1.0 else {}
 
     def pos_embed_for(self, grid: Grid) -> Tensor:
