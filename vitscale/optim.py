@@ -8,6 +8,8 @@ import re
 import torch
 from torch import nn
 
+from vitscale.models.vit import ViT
+
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token")
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
@@ -25,25 +27,38 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
+def lr_multipliers(model: nn.Module) -> dict[str, float]:
+    """Per-parameter LR multipliers of every ViT inside `model` (muP's; empty under SP)."""
+    mults = {}
+    for prefix, m in model.named_modules():
+        if isinstance(m, ViT):
+            mults |= {f"{prefix}.{k}" if prefix else k: v for k, v in m.lr_multipliers().items()}
+    return mults
+
+
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
                  depth: int = 0) -> list[dict]:
-    """Trainable parameters grouped by (decay, LR scale).
+    """Trainable parameters grouped by (decay, layer, muP multiplier) with their LR scale.
 
     No weight decay on biases, norms (1-D tensors), tokens and position tables. With
     layer_decay < 1, layer l of an encoder of `depth` blocks gets LR x decay^(depth+1-l)
-    (BEiT / MAE fine-tuning).
+    (BEiT / MAE fine-tuning). A muP model's hidden matrices get LR x their multiplier
+    (`ViT.lr_multipliers`) and weight decay / multiplier, so that AdamW's per-step decay
+    lr x wd stays that of the base (the `mup` package's MuAdamW default).
     """
-    groups: dict[tuple[bool, int], dict] = {}
+    mults = lr_multipliers(model)
+    groups: dict[tuple[bool, int, float], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = p.ndim > 1 and not name.endswith(NO_DECAY_NAMES)
         layer = layer_id(name, depth) if layer_decay != 1.0 else 0
-        key = (decay, layer)
+        mult = mults.get(name, 1.0)
+        key = (decay, layer, mult)
         if key not in groups:
             scale = layer_decay ** (depth + 1 - layer) if layer_decay != 1.0 else 1.0
-            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                           "lr_scale": scale}
+            groups[key] = {"params": [], "weight_decay": weight_decay / mult if decay else 0.0,
+                           "lr_scale": scale * mult}
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 

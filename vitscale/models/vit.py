@@ -5,6 +5,9 @@ References:
   ViViT / VideoMAE: Arnab et al. 2021, Tong et al. 2022 (3D tubelet embedding, joint
   space-time attention over all tokens).
   MAE: He et al. 2022 (2D sin-cos position embedding, encoder on visible tokens only).
+  muP: Yang et al. 2022, "Tensor Programs V" (Adam rules, Tables 3 and 8: hidden matrices'
+  init variance and LR scale 1/width, the readout output 1/width, attention logits 1/d);
+  depth-muP: Yang et al. 2023, "Tensor Programs VI" (residual branches x 1/sqrt(depth)).
 
 An image is a clip of one frame: with frames=1 the patch embedding is a Conv2d and the
 position grid is (1, H/p, W/p); with frames>1 it is a Conv3d with a temporal stride of
@@ -13,6 +16,7 @@ position grid is (1, H/p, W/p); with frames>1 it is a Conv3d with a temporal str
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,6 +25,11 @@ from torch import Tensor, nn
 
 Grid = tuple[int, int, int]  # (t, h, w) tokens along time, height, width
 POS_EMBEDS = ("learned", "sincos", "sincos1d")
+PARAMS = ("sp", "mup")
+INIT_STD = 0.02  # truncated-normal std of linears and embeddings (as MAE / timm)
+# Depth-muP for Adam (Tensor Programs VI): hidden matrices' LR x depth_mult^-0.5 beside the
+# branches' 1/sqrt(depth_mult). benchmarks/bench_transfer.py measures it against 0 (no LR change).
+DEPTH_LR_EXPONENT = 0.5
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,10 @@ class ViTConfig:
     qkv_bias: bool = True  # bias on the fused qkv projection
     drop_path: float = 0.0  # stochastic depth rate, linear over blocks
     norm_eps: float = 1e-6  # LayerNorm epsilon (timm / MAE: 1e-6; Hugging Face ViT: 1e-12)
+    param: str = "sp"  # parametrisation: "sp" (standard) or "mup" (muP + depth-muP, relative to base_*)
+    base_width: int = 0  # muP: the width the multipliers are relative to (0 = this model's: ratio 1)
+    base_depth: int = 0  # muP: the depth the residual branches are relative to (0 = this model's)
+    base_head_dim: int = 0  # muP: the head dim the attention scale is relative to (0 = this model's)
 
     def __post_init__(self) -> None:
         h, w = self.hw
@@ -57,6 +70,9 @@ class ViTConfig:
             (self.pos_embed in POS_EMBEDS,
              f"pos_embed must be one of {', '.join(POS_EMBEDS)}, got {self.pos_embed!r}"),
             (0.0 <= self.drop_path < 1.0, "drop_path must be in [0, 1)"),
+            (self.param in PARAMS, f"param must be 'sp' or 'mup', got {self.param!r}"),
+            (min(self.base_width, self.base_depth, self.base_head_dim) >= 0,
+             "base_width, base_depth and base_head_dim must be >= 0 (0 = this model's own)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -96,6 +112,45 @@ class ViTConfig:
     def patch_dim(self) -> int:
         """Input values per token: in_chans * tubelet * patch * patch."""
         return self.in_chans * self.tubelet * self.patch_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    # muP multipliers: all exactly 1 under "sp", and under "mup" at the base shape.
+    @property
+    def width_mult(self) -> float:
+        """Width over the base width (muP), else 1."""
+        return self.width / (self.base_width or self.width) if self.param == "mup" else 1.0
+
+    @property
+    def depth_mult(self) -> float:
+        """Depth over the base depth (depth-muP), else 1."""
+        return self.depth / (self.base_depth or self.depth) if self.param == "mup" else 1.0
+
+    @property
+    def attn_scale(self) -> float | None:
+        """Attention logit scale: None (SDPA's 1/sqrt(hd)) under SP; muP's sqrt(base_hd)/hd,
+        written as 1/sqrt(hd) x sqrt(base_hd/hd) so that at the base it is SP's bit for bit."""
+        if self.param != "mup":
+            return None
+        hd = self.head_dim
+        return 1.0 / math.sqrt(hd) * math.sqrt((self.base_head_dim or hd) / hd)
+
+    @property
+    def branch_mult(self) -> float:
+        """Residual branch multiplier 1/sqrt(depth_mult) (depth-muP)."""
+        return 1.0 / math.sqrt(self.depth_mult)
+
+    @property
+    def readout_mult(self) -> float:
+        """Class-head input multiplier 1/width_mult (muP's MuReadout)."""
+        return 1.0 / self.width_mult
+
+    @property
+    def hidden_std(self) -> float:
+        """Init std of hidden matrices: SP's 0.02, x 1/sqrt(width_mult) under muP (variance ~ 1/fan_in)."""
+        return INIT_STD / math.sqrt(self.width_mult)
 
     def replace(self, **changes) -> ViTConfig:
         return replace(self, **changes)
@@ -246,9 +301,9 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection and SDPA."""
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, scale: float | None = None):
         super().__init__()
-        self.heads = heads
+        self.heads, self.scale = heads, scale  # logit scale; None = 1/sqrt(head dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -257,7 +312,7 @@ class Attention(nn.Module):
         B, L, D = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads)  # [B, L, 3, H, hd]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, hd]
-        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, hd]
+        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [B, H, L, hd]
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
 
@@ -275,20 +330,28 @@ def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + a * attn(norm(x)), then x + a * mlp(norm(x)).
+
+    The branch multiplier a is 1 but under depth-muP (1/sqrt(depth / base depth)).
+    """
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int, qkv_bias: bool, drop_path: float,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, attn_scale: float | None = None, branch_mult: float = 1.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, heads, qkv_bias)
+        self.attn = Attention(dim, heads, qkv_bias, attn_scale)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_hidden)
-        self.drop_path = drop_path
+        self.drop_path, self.branch_mult = drop_path, branch_mult
+
+    def branch(self, y: Tensor) -> Tensor:
+        """A residual branch's output, scaled and dropped."""
+        y = y * self.branch_mult if self.branch_mult != 1.0 else y
+        return drop_path(y, self.drop_path, self.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + self.branch(self.attn(self.norm1(x)))
+        return x + self.branch(self.mlp(self.norm2(x)))
 
 
 # ----------------------------------------------------------------------------- model
@@ -308,7 +371,8 @@ class ViT(nn.Module):
             self.register_buffer("pos_embed", self.fixed_pos_embed(cfg.grid), persistent=False)
         rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # linear rule
         self.blocks = nn.ModuleList(
-            Block(D, cfg.heads, cfg.mlp_hidden, cfg.qkv_bias, r, cfg.norm_eps) for r in rates
+            Block(D, cfg.heads, cfg.mlp_hidden, cfg.qkv_bias, r, cfg.norm_eps, attn_scale=cfg.attn_scale,
+                  branch_mult=cfg.branch_mult) for r in rates
         )
         # Normalises every token (pool="cls", MAE's encoder output), or for pool="mean" the
         # pooled feature, as timm's fc_norm and MAE / VideoMAE fine-tuning do.
@@ -322,22 +386,44 @@ class ViT(nn.Module):
         return torch.cat([pos.new_zeros(self.cfg.num_prefix, pos.shape[1]), pos])[None]
 
     def init_weights(self) -> None:
-        """Truncated-normal linears and embeddings, xavier patch projection (as MAE)."""
+        """Truncated-normal linears and embeddings, xavier patch projection (as MAE); under
+        muP the blocks' hidden matrices draw with std 0.02 / sqrt(width_mult)."""
+        hidden = {id(w) for w in self.hidden_matrices().values()}
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                std = self.cfg.hidden_std if id(m.weight) in hidden else INIT_STD
+                nn.init.trunc_normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1), gain=self.embed_gain())
         nn.init.zeros_(self.patch_embed.proj.bias)
         if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
         if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
+
+    def embed_gain(self) -> float:
+        """Xavier gain of the patch projection: 1, but under muP the one that keeps the base's
+        std (xavier's std sqrt(2 / (fan_in + width)) would shrink with width; muP wants input
+        weights' init independent of width)."""
+        fan_in, width = self.cfg.patch_dim, self.cfg.width
+        return math.sqrt((fan_in + width) / (fan_in + width / self.cfg.width_mult))
+
+    def hidden_matrices(self) -> dict[str, nn.Parameter]:
+        """The blocks' linear weights (qkv, attn proj, mlp fc1, fc2) by name: muP's hidden
+        matrices, both of whose dimensions grow with width."""
+        return {f"blocks.{i}.{name}.weight": m.weight for i, block in enumerate(self.blocks)
+                for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """AdamW LR multipliers by parameter name, for those other than 1 (muP: hidden matrices
+        x 1/width_mult x depth_mult^-DEPTH_LR_EXPONENT; input-like weights, biases, norms, head x 1)."""
+        mult = 1.0 / (self.cfg.width_mult * self.cfg.depth_mult**DEPTH_LR_EXPONENT)
+        return {name: mult for name in self.hidden_matrices()} if mult != 1.0 else {}
 
     def pos_embed_for(self, grid: Grid) -> Tensor:
         """Position embedding for a grid, resampled if it differs from the config's."""
@@ -386,7 +472,10 @@ class ViT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """[B, C, (T,) H, W] -> logits [B, classes], or pooled features [B, D] with no head."""
         features = self.pool(self.forward_features(x, norm=False))
-        return self.head(features) if self.head is not None else features
+        if self.head is None:
+            return features
+        mult = self.cfg.readout_mult  # muP's readout: the head sees features / width_mult
+        return self.head(features * mult if mult != 1.0 else features)
 
 
 def param_count(model: nn.Module) -> int:

@@ -40,7 +40,7 @@ from vitscale.checkpoint import atomic_write_text, latest
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViT, ViTConfig, preset
 from vitscale.weights import hf, timm
-from vitscale.weights.core import Report, Source, build, fixed_table, infer_config, load_into
+from vitscale.weights.core import Report, Source, build, fixed_table, fold_mup, infer_config, load_into
 from vitscale.weights.files import read_tensors, write_safetensors
 
 FORMATS_OUT = ("hf", "timm", "vitscale")
@@ -150,11 +150,33 @@ def init_encoder(encoder: ViT, init: str | Path, allow: tuple[str, ...] = ()) ->
     return load_into(encoder, read(init, like=encoder.cfg), head=False, allow=allow)
 
 
+def standard(model: nn.Module) -> nn.Module:
+    """A ViT or MAE with its encoder's muP multipliers folded into the weights: the same function
+    under the standard parametrisation (the model itself if it is SP)."""
+    is_mae = isinstance(model, MAE)
+    cfg = model.encoder.cfg if is_mae else model.cfg
+    state, sp = fold_mup(model.state_dict(), cfg, "encoder." if is_mae else "")
+    if sp is cfg:
+        return model
+    folded = MAE(sp, model.cfg) if is_mae else ViT(sp)
+    folded.load_state_dict(state)
+    return folded.to(next(model.parameters()).device).train(model.training)
+
+
 def export(model: nn.Module, out: str | Path, to: str) -> tuple[list[Path], list[str]]:
-    """Write a ViT or MAE in a format ("hf", "timm", "vitscale"); returns (files written, notes)."""
+    """Write a ViT or MAE in a format ("hf", "timm", "vitscale"); returns (files written, notes).
+
+    hf and timm have no muP multipliers: a muP model is written with them folded into its
+    weights (`standard`), which computes the same; vitscale keeps them in its config.
+    """
     out, notes = Path(out), []
+    sp = standard(model) if to in ("hf", "timm") else model
+    if sp is not model:
+        model = sp
+        notes.append("muP multipliers folded into the weights (hf / timm models are standard-parametrised)")
     if to == "hf":
-        config, state, notes = hf.write(model)
+        config, state, written = hf.write(model)
+        notes += written
         out.mkdir(parents=True, exist_ok=True)
         write_safetensors(out / "model.safetensors", state)
         atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
@@ -194,5 +216,5 @@ def convert(src: str | Path, to: str, out: str | Path, *, model: str | None = No
     return replace(report, notes=report.notes + tuple(notes)), paths
 
 
-__all__ = ["FORMATS_OUT", "Report", "Source", "build", "convert", "export", "init_encoder", "load",
-           "load_into", "read"]
+__all__ = ["FORMATS_OUT", "Report", "Source", "build", "convert", "export", "fold_mup", "init_encoder",
+           "load", "load_into", "read", "standard"]

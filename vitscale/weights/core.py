@@ -172,6 +172,61 @@ def is_table(pos: Tensor, kind: str, width: int, grid, prefix: int) -> bool:
     return bool(torch.allclose(pos.float(), expected, atol=TABLE_ATOL, rtol=0))
 
 
+# ----------------------------------------------------------------------------- muP multipliers
+def mup_factors(cfg: ViTConfig) -> tuple[float, float, float]:
+    """(q scale, residual branch, readout) factors that make cfg's model an SP one: all 1 under SP.
+
+    q: muP's attention logit scale over SP's 1/sqrt(head dim); branch: the depth-muP branch
+    multiplier; readout: the class head's input multiplier.
+    """
+    q = cfg.attn_scale * math.sqrt(cfg.head_dim) if cfg.attn_scale is not None else 1.0
+    return q, cfg.branch_mult, cfg.readout_mult
+
+
+def fold_mup(state: dict[str, Tensor], cfg: ViTConfig, prefix: str = "",
+             inverse: bool = False) -> tuple[dict[str, Tensor], ViTConfig]:
+    """A muP ViT's weights with its multipliers folded in: the same function as an SP model.
+
+    The q rows of each qkv weight and bias take the logit scale's ratio to SP's, attn.proj and
+    mlp fc2 (weight and bias) the branch multiplier, the head's weight the readout multiplier
+    (its bias is added after the multiplier). Returns (state, the SP config). `inverse` unfolds
+    SP weights into cfg's muP model instead (returning cfg). `prefix` is where the encoder's
+    keys start ("encoder." in an MAE). Keys absent from `state` are skipped.
+    """
+    factors = mup_factors(cfg)
+    if factors == (1.0, 1.0, 1.0):
+        return state, cfg
+    q, branch, readout = (1.0 / f for f in factors) if inverse else factors
+    out = dict(state)
+
+    def scaled(key: str, factor: float, rows: int | None = None) -> None:
+        if key in out and factor != 1.0:
+            t = out[key].clone()
+            t[:rows] *= factor  # rows=None: the whole tensor
+            out[key] = t
+
+    for i in range(cfg.depth):
+        block = f"{prefix}blocks.{i}."
+        for name in ("attn.qkv.weight", "attn.qkv.bias"):
+            scaled(block + name, q, rows=cfg.width)  # qkv rows run (q, k, v) x heads x head dim
+        for name in ("attn.proj.weight", "attn.proj.bias", "mlp.2.weight", "mlp.2.bias"):
+            scaled(block + name, branch)
+    scaled(f"{prefix}head.weight", readout)
+    sp = cfg.replace(param="sp", base_width=0, base_depth=0, base_head_dim=0)
+    return out, cfg if inverse else sp
+
+
+def refold(state: dict[str, Tensor], src: ViTConfig, dst: ViTConfig, prefix: str = "") -> tuple[dict, str]:
+    """Weights of a model of config `src` made to compute the same in a model of config `dst`
+    (whose muP multipliers may differ). Returns (state, a line for the report, or "")."""
+    if mup_factors(src) == mup_factors(dst):
+        return state, ""
+    state, _ = fold_mup(state, src, prefix)
+    state, _ = fold_mup(state, dst, prefix, inverse=True)
+    return state, (f"muP multipliers folded into the weights (checkpoint param={src.param}, "
+                   f"this model param={dst.param})")
+
+
 # ----------------------------------------------------------------------------- fitting
 def load_into(model: nn.Module, source: Source, *, head: bool = True, allow: tuple[str, ...] = ()) -> Report:
     """Load a Source into a ViT or an MAE; raise, listing them, on keys that do not fit.
@@ -197,6 +252,8 @@ def load_into(model: nn.Module, source: Source, *, head: bool = True, allow: tup
         state = {f"encoder.{k}": v for k, v in state.items()}
     _check_architecture(source, cfg, model.cfg if is_mae else None)
     notes += _differences(source.model, cfg)
+    state, folded = refold(state, source.model, cfg, enc)
+    notes += [folded] if folded else []
     unmapped = list(source.unmapped)
     if not head:
         for k in [k for k in state if k.startswith(f"{enc}head.")] + \

@@ -1,0 +1,204 @@
+"""Learning-rate transfer across width and depth: SP against muP, trained by the engine, in one run.
+
+For each parametrisation (sp, mup) and each shape (the base pico/4 at 16 px: width 64, depth
+4, head dim 32; 4x and 8x its width; 4x its depth) it trains one run per base LR on a
+geometric grid for the same number of steps (warm-up, then cosine to ~0) and reads the final
+validation loss. Widths keep the base's head dim of 32 (more heads, as the study's scaler
+keeps head dims near the base's), so muP's 1/d attention equals SP's here; the coordinate
+check in tests/test_mup.py covers a growing head dim. muP shapes are relative to the base.
+
+The best LR of a shape is the grid point with the lowest validation loss, refined by a
+parabola in log LR through it and its neighbours (the figure printed; "edge" marks an
+optimum on the grid's edge, where the true one may lie beyond it). Validation loss rather
+than top-1: at these lengths top-1 over 359 images ties between neighbouring rates.
+The spread of a parametrisation is max / min of its best LRs over the shapes; muP's target
+is at most 2x. A last muP sweep at 4x depth leaves the hidden matrices' LR alone
+(DEPTH_LR_EXPONENT = 0 instead of depth-muP's 0.5), to tell which depth rule transfers.
+
+    python benchmarks/bench_transfer.py --quick      # small shapes, 5 rates: about 2 minutes
+    python benchmarks/bench_transfer.py              # pico/4 shapes, 7 rates: about 10-12 minutes
+    python benchmarks/bench_transfer.py --json out/bench_transfer.json
+
+Runtime: on an idle 2-core CPU with one thread per run, as above (8x width dominates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+if importlib.util.find_spec("vitscale") is None:  # run from a checkout that is not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_common  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from vitscale import engine  # noqa: E402
+from vitscale.bench import pick_device  # noqa: E402
+from vitscale.config import RunConfig, apply_overrides  # noqa: E402
+from vitscale.models import vit  # noqa: E402
+from vitscale.report import console  # noqa: E402
+
+HEAD_DIM = 32  # the base's head dim, kept at every width
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str  # as printed
+    width: int
+    depth: int
+    depth_lr_exponent: float = vit.DEPTH_LR_EXPONENT  # muP only: hidden LR x depth_mult^-this
+
+
+@dataclass(frozen=True)
+class Cell:
+    param: str  # "sp" or "mup"
+    shape: str
+    base_lr: float  # lr = base_lr x batch / 256
+    val_loss: float  # final; inf if the run diverged
+    val_top1: float
+    seconds: float
+
+
+def shapes(quick: bool) -> tuple[Shape, list[Shape]]:
+    """(base, shapes swept); --quick halves the base width and depth."""
+    w, d = (32, 2) if quick else (64, 4)
+    base = Shape("base", w, d)
+    return base, [base, Shape("4x width", 4 * w, d), Shape("8x width", 8 * w, d), Shape("4x depth", w, 4 * d)]
+
+
+def run_config(param: str, shape: Shape, base: Shape, base_lr: float, args, out: Path) -> RunConfig:
+    """One trial: pico/4-like at 16 px on the benchmark's data for a fixed number of steps."""
+    overrides = [
+        f"data.name={args.data}", "data.image_size=16", "data.scale_min=0.8", "model.patch_size=4",
+        f"model.width={shape.width}", f"model.depth={shape.depth}", f"model.heads={shape.width // HEAD_DIM}",
+        f"model.param={param}", f"model.base_width={base.width}", f"model.base_depth={base.depth}",
+        f"model.base_head_dim={HEAD_DIM}", f"train.batch={args.batch}", f"train.max_steps={args.steps}",
+        "train.epochs=1000", f"train.warmup_epochs={args.warmup_epochs}", "train.min_lr=0",
+        f"train.base_lr={base_lr}", "train.label_smoothing=0", "train.knn_k=0",
+        f"train.threads={args.threads}", f"train.device={args.device}", f"train.seed={args.seed}",
+        "train.keep_last=1",
+    ]
+    return apply_overrides(RunConfig(out=str(out)), overrides)
+
+
+@contextlib.contextmanager
+def depth_lr_exponent(value: float):
+    """Train under another depth LR rule (the library's constant, put back afterwards)."""
+    saved, vit.DEPTH_LR_EXPONENT = vit.DEPTH_LR_EXPONENT, value
+    try:
+        yield
+    finally:
+        vit.DEPTH_LR_EXPONENT = saved
+
+
+def train_cell(param: str, shape: Shape, base: Shape, base_lr: float, args, root: Path) -> Cell:
+    out = root / f"{param}-{shape.name.replace(' ', '_')}-{shape.depth_lr_exponent:g}-{base_lr:.3g}"
+    cfg = run_config(param, shape, base, base_lr, args, out)
+    t0 = time.perf_counter()
+    with depth_lr_exponent(shape.depth_lr_exponent), contextlib.redirect_stdout(None):
+        try:
+            result = engine.train(cfg, log=lambda *a: None)
+        except engine.StopTraining:
+            result = {"val_loss": math.inf, "val_top1": 0.0}
+    loss = result["val_loss"] if math.isfinite(result["val_loss"]) else math.inf
+    return Cell(param, shape.name, base_lr, loss, result["val_top1"], time.perf_counter() - t0)
+
+
+def best_lr(cells: list[Cell]) -> tuple[float, bool]:
+    """(best base LR: the grid argmin of val loss refined by a parabola in log LR, on the grid's edge?)."""
+    cells = sorted(cells, key=lambda c: c.base_lr)
+    losses = [c.val_loss for c in cells]
+    i = int(np.argmin(losses))
+    if i in (0, len(cells) - 1) or not all(math.isfinite(v) for v in losses[i - 1:i + 2]):
+        return cells[i].base_lr, i in (0, len(cells) - 1)
+    x = np.log([c.base_lr for c in cells[i - 1:i + 2]])
+    a, b, _ = np.polyfit(x, losses[i - 1:i + 2], 2)
+    vertex = -b / (2 * a) if a > 0 else x[1]
+    return float(np.exp(np.clip(vertex, x[0], x[2]))), False
+
+
+def table(cells: list[Cell], lrs: list[float], bests: dict) -> Table:
+    t = Table(title="final val loss (val top-1) by base LR; best = parabola through the grid argmin")
+    t.add_column("param")
+    t.add_column("shape")
+    for lr in lrs:
+        t.add_column(f"{lr:.2g}", justify="right")
+    t.add_column("best base LR", justify="right")
+    for (param, shape), (lr, edge) in bests.items():
+        row = {c.base_lr: c for c in cells if (c.param, c.shape) == (param, shape)}
+        t.add_row(param, shape, *[f"{row[lr].val_loss:.3f} ({row[lr].val_top1:.2f})" for lr in lrs],
+                  f"{lr:.3g}{' edge' if edge else ''}")
+    return t
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = bench_common.parser(__doc__)
+    p.add_argument("--data", default="digits", help="dataset name (cluttered-digits once it lands)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 48; --quick 30)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--warmup-epochs", type=float, default=0.25, help="warm-up length (1 epoch = 44 steps)")
+    p.add_argument("--lrs", type=str, help="comma-separated base LRs (default: 7, --quick 5, x2 apart)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary one)")
+    args = p.parse_args(argv)
+    args.steps = args.steps or (30 if args.quick else 48)
+    if args.lrs:
+        lrs = [float(v) for v in args.lrs.split(",")]
+    else:
+        lrs = [4e-3 * 2.0**k for k in (range(-2, 3) if args.quick else range(-3, 4))]
+    device = pick_device(args.device)
+    args.device = device.type
+    torch.set_num_threads(args.threads)
+    env = bench_common.environment(device)
+    out = console()
+    out.print(bench_common.environment_line(env))
+    base, swept = shapes(args.quick)
+    plan = [(param, s) for param in ("sp", "mup") for s in swept] + \
+           [("mup", replace(swept[-1], name=f"{swept[-1].name}, depth LR x1", depth_lr_exponent=0.0))]
+    out.print(f"{len(plan)} sweeps x {len(lrs)} base LRs, {args.steps} steps of batch {args.batch} on "
+                  f"{args.data} at 16 px; base width {base.width}, depth {base.depth}, head dim {HEAD_DIM}")
+    cells = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.out or Path(tmp)
+        for param, shape in plan:
+            for lr in lrs:
+                cells.append(train_cell(param, shape, base, lr, args, root))
+                c = cells[-1]
+                out.print(f"  {param:3s} {shape.name:22s} base_lr {lr:<8.3g} val loss {c.val_loss:.4f} "
+                              f"top-1 {c.val_top1:.3f} ({c.seconds:.0f} s)")
+    bests = {(param, s.name): best_lr([c for c in cells if (c.param, c.shape) == (param, s.name)])
+             for param, s in plan}
+    out.print(table(cells, lrs, bests))
+    spreads = {}
+    for param in ("sp", "mup"):
+        found = {shape: lr for (q, shape), (lr, _) in bests.items() if q == param and "depth LR" not in shape}
+        base_lr = found["base"]
+        spreads[param] = max(found.values()) / min(found.values())
+        moves = ", ".join(f"{shape} {lr:.3g} ({lr / base_lr:.2f}x)" for shape, lr in found.items())
+        out.print(f"{param}: best base LR {moves}; spread max/min {spreads[param]:.2f}x")
+    depth_rules = {s: bests[("mup", s)][0] / bests[("mup", "base")][0] for (q, s) in bests
+                   if q == "mup" and "depth" in s}
+    out.print("mup depth LR rules, best LR at 4x depth over the base's: " +
+                  ", ".join(f"{s}: {r:.2f}x" for s, r in depth_rules.items()))
+    out.print(f"target: muP spread <= 2x: {'met' if spreads['mup'] <= 2 else 'NOT met'} "
+                  f"({spreads['mup']:.2f}x; SP {spreads['sp']:.2f}x)")
+    result = {"environment": env, "settings": {k: str(v) for k, v in vars(args).items()}, "lrs": lrs,
+              "cells": [asdict(c) for c in cells],
+              "best": [{"param": q, "shape": s, "base_lr": lr, "edge": edge}
+                       for (q, s), (lr, edge) in bests.items()],
+              "spread": spreads, "depth_rules": depth_rules}
+    bench_common.write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
