@@ -19,6 +19,7 @@ from vitscale.data.builtin import DIRECTIONS, build_builtin
 from vitscale.data.common import KeyedDataset, Skipped, UnreadableFileError, collate, stratified_split
 from vitscale.data.config import DataConfig
 from vitscale.data.folders import build_real
+from vitscale.data.generated import build_cluttered
 from vitscale.data.sampler import EpochSampler, sample_seed
 from vitscale.data.transforms import ClipTransform
 
@@ -48,7 +49,10 @@ def transforms_for(cfg: DataConfig) -> tuple[ClipTransform, ClipTransform]:
 def build_datasets(cfg: DataConfig) -> tuple[KeyedDataset, KeyedDataset, DataInfo]:
     """(train, val, info) for a data config; raises ValueError on a bad path or empty data."""
     train_tf, eval_tf = transforms_for(cfg)
-    build = build_builtin if cfg.is_builtin else build_real
+    if cfg.name == "cluttered-digits":
+        build = build_cluttered
+    else:
+        build = build_builtin if cfg.is_builtin else build_real
     train, val = build(cfg, train_tf, eval_tf)
     mean, std = cfg.norm
     info = DataInfo(name=cfg.name, num_classes=len(train.classes), class_names=tuple(train.classes),

@@ -28,10 +28,11 @@ def random_resized_crop_box(h: int, w: int, scale: tuple[float, float], ratio: t
     """A crop of random area share in `scale` and aspect (w/h) in `ratio`, as Inception / torchvision.
 
     Ten tries at a box that fits; otherwise the largest centered box with a clamped aspect.
+    With scale (1, 1) no smaller box fits (up to rounding): that box, with nothing drawn.
     """
     area = h * w
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
+    for _ in range(10 if scale[0] < 1.0 else 0):
         target = area * _uniform(gen, *scale)
         aspect = math.exp(_uniform(gen, log_lo, log_hi))
         cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
