@@ -10,24 +10,29 @@ data.val_fraction and data.seed); training samples draw every stroke (target and
 from training sources only, validation samples from validation sources only, so validation
 never shows a digit seen in training.
 
-A sample is drawn on a black `canvas` x `canvas` image (data.canvas, default 32 px). In
-canvas units (the side is 2, coordinates in [-1, 1]):
+A sample is drawn on a black `canvas` x `canvas` image (data.canvas, default 32 px), in
+canvas units (the canvas spans [-1, 1]^2, so a unit is canvas/2 px):
 
-1. Target: a source digit, side 2s with s log-uniform in SIDE (about 9 to 19 px of 32),
-   rotated by U(-ROTATE, ROTATE) degrees, sheared along x by U(-SHEAR, SHEAR), brightness
-   U(TARGET_GAIN), at a uniform position where all of its 8x8 box stays on the canvas.
-2. FRAGMENTS fragments: a random 4x4-pixel window (a quarter) of another source digit,
-   scaled, rotated and sheared like a target, centred anywhere, brightness U(FRAGMENT_GAIN).
-3. LINES straight strokes: a uniform start, a uniform direction, length U(LINE_LENGTH),
-   LINE_WIDTH wide (1 px of 32), brightness U(LINE_GAIN), antialiased.
-4. The three layers are combined by maximum, Gaussian noise of std NOISE is added to every
-   canvas pixel, and the result is clamped to [0, 1].
+1. Target: a source digit, its 8x8 box 2s units wide with s log-uniform in SIDE (11 to 22
+   px of 32), rotated by U(-ROTATE, ROTATE) degrees and sheared along x by U(-SHEAR, SHEAR),
+   brightness U(TARGET_GAIN); its centre is uniform over SHIFT of the room that keeps the
+   whole box on the canvas (per axis: |centre| <= SHIFT * (1 - half extent)).
+2. FRAGMENTS fragments: a 4x4-pixel window (a quarter) at a uniform place in a uniform
+   source digit, sized, rotated and sheared as a target would be, brightness
+   U(FRAGMENT_GAIN), centred on a uniform canvas pixel (so partly off the canvas at times).
+3. LINES strokes: a straight bar 1 px thick on the canvas, length U(LINE_LENGTH) units, a
+   uniform angle, brightness U(LINE_GAIN), centred on a uniform canvas pixel.
+4. Fragments and strokes add up (each drawn on a patch of half the canvas side, then pasted
+   at its pixel); the target is combined with them by maximum; Gaussian noise of std NOISE is
+   added to every canvas pixel; the result is clamped to [0, 1].
 
-Digits are drawn with bilinear sampling of the 8x8 source (`grid_sample`). The canvas is
-then resized to data.image_size with the transforms' resize (bilinear, antialiased when
-shrinking) and stored as uint8. The scene never depends on image_size: a 16 px sample is the
-32 px one downsampled, which loses what small digits, thin strokes and the noise carry.
-Labels: the target's class, 10 classes.
+Every glyph is drawn by bilinear sampling of its 8x8 or 4x4 source (`grid_sample`), so it
+is antialiased at any canvas size. The canvas is then resized to data.image_size with the
+transforms' resize (bilinear, antialiased when shrinking) and stored as uint8. The scene
+never depends on image_size: a 16 px sample is the 32 px one downsampled, which blurs thin
+strokes and small digits together (a canvas larger than image_size adds nothing beyond
+what the resize keeps; an image_size above the canvas upsamples it). Labels: the target's
+class, 10 classes; nothing else in the scene is labelled.
 
 Determinism. Samples come in chunks of CHUNK consecutive indices; chunk k of a split draws
 every parameter and the noise from ``np.random.default_rng([seed, split id, k])``, so a
@@ -53,16 +58,17 @@ from vitscale.data.transforms import ClipTransform, resized_crop
 
 CHUNK = 1024  # samples drawn and rendered together; part of the seed, so fixed
 SPLITS = {"train": 0, "val": 1}  # split id in the chunk seed
-SIDE = (0.28, 0.6)  # target half side s in canvas units (log-uniform): 9 to 19 px of 32
+SIDE = (0.35, 0.7)  # target half side s in canvas units (log-uniform): 11 to 22 px of 32
+SHIFT = 0.3  # target centre: uniform over this share of the room that keeps its box on the canvas
 ROTATE = 20.0  # degrees, either way
 SHEAR = 0.3  # x-shear, either way
 TARGET_GAIN = (0.7, 1.0)  # target brightness
-FRAGMENTS = 4  # fragments of other digits per sample
-FRAGMENT_GAIN = (0.5, 1.0)  # fragment brightness
+FRAGMENTS = 3  # fragments of other digits per sample
+FRAGMENT_GAIN = (0.4, 0.8)  # fragment brightness: mostly dimmer than the target
 LINES = 2  # straight strokes per sample
 LINE_LENGTH = (0.3, 0.9)  # stroke length in canvas units
 LINE_GAIN = (0.4, 0.9)  # stroke brightness
-NOISE = 0.15  # std of the Gaussian pixel noise
+NOISE = 0.08  # std of the Gaussian pixel noise
 # A stroke is this 4x4 bar stretched: its two inked rows are 1 px wide on the canvas.
 BAR = torch.tensor([[0.0] * 4, [1.0] * 4, [1.0] * 4, [0.0] * 4])
 
@@ -113,7 +119,7 @@ def draw_scene(sources: np.ndarray, canvas: int, rng: np.random.Generator, n: in
     source = torch.from_numpy(sources[rng.integers(len(sources), size=n)])
     shape = digit_map(n)
     reach = shape.abs().sum(-1).clamp(max=1)  # [N, 2] half extent of the target's box
-    centre = uniform((-1, 1), n, 2) * (1 - reach)  # the whole box stays on the canvas
+    centre = uniform((-SHIFT, SHIFT), n, 2) * (1 - reach)  # the whole box stays on the canvas
     gain = uniform(TARGET_GAIN, n)
     piece_source = torch.from_numpy(sources[rng.integers(len(sources), size=(n, k))])
     window = torch.from_numpy(rng.integers(0, 5, size=(n, k, 2)))
@@ -141,14 +147,15 @@ def sample(glyphs: Tensor, shape: Tensor, centre: Tensor, side: int) -> Tensor:
     c = (torch.arange(side, dtype=torch.float32) + 0.5) * (2 / side) - 1  # pixel centres
     y, x = torch.meshgrid(c, c, indexing="ij")
     points = torch.stack([x.reshape(-1), y.reshape(-1), torch.ones(side * side)])  # [3, side^2]
-    # What affine_grid computes, several times faster on CPU: [B, 2, 3] @ [3, side^2].
-    grid = torch.bmm(theta, points.expand(b, 3, -1)).view(b, 2, side, side).permute(0, 2, 3, 1)
+    # What affine_grid computes, several times faster on CPU: [B, 2, 3] @ [3, side^2]; grid_sample
+    # reads a contiguous grid more than twice as fast as this permuted view, copy included.
+    grid = torch.bmm(theta, points.expand(b, 3, -1)).view(b, 2, side, side).permute(0, 2, 3, 1).contiguous()
     out = F.grid_sample(glyphs[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out[:, 0]
 
 
 def draw_pieces(scene: Scene, canvas: int) -> Tensor:
-    """The clutter, pasted by maximum onto an empty canvas: [N, S, S]."""
+    """The clutter, pasted (added) onto an empty canvas: [N, S, S]."""
     n, k = scene.piece_gain.shape
     images, _ = sklearn_digits()
     rows = torch.arange(4)
@@ -166,7 +173,7 @@ def draw_pieces(scene: Scene, canvas: int) -> Tensor:
     within = (torch.arange(half)[:, None] * side + torch.arange(half)).reshape(-1)  # [half^2]
     index = (top_left[..., None] + within).reshape(-1)  # [N * K * half^2]
     padded = torch.zeros(n * side * side)
-    padded.scatter_reduce_(0, index, patches.reshape(-1), "amax")
+    padded.index_add_(0, index, patches.reshape(-1))  # overlaps add up (clamped later): 2x faster than max
     lo = half // 2
     return padded.view(n, side, side)[:, lo : lo + canvas, lo : lo + canvas]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -74,12 +75,15 @@ def hflip(x: Tensor) -> Tensor:
     return x.flip(-1)
 
 
+@cache
+def _per_channel(values: tuple[float, ...], ndim: int, dtype: torch.dtype) -> Tensor:
+    """values as a [C, 1, ...] tensor of `ndim` dims; cached (a tensor per item costs more than the item)."""
+    return torch.tensor(values, dtype=dtype).view((-1,) + (1,) * (ndim - 1))
+
+
 def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """(x - mean) / std per channel; channels are the first axis of [C, H, W] or [C, T, H, W]."""
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    m = torch.tensor(mean, dtype=x.dtype).view(shape)
-    s = torch.tensor(std, dtype=x.dtype).view(shape)
-    return (x - m) / s
+    return (x - _per_channel(mean, x.ndim, x.dtype)).div_(_per_channel(std, x.ndim, x.dtype))
 
 
 @dataclass(frozen=True)
