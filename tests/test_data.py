@@ -6,6 +6,7 @@ import av
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from vitscale.data import (
@@ -18,8 +19,10 @@ from vitscale.data import (
     build_datasets,
     collate,
     denormalize,
+    generated,
     make_loader,
     sample_seed,
+    transforms_for,
 )
 from vitscale.data.builtin import sklearn_digits
 from vitscale.data.transforms import center_crop_box, random_resized_crop_box
@@ -328,3 +331,102 @@ def test_loader_batches_follow_keys(workers):
     pic = denormalize(batches[0]["x"], info)
     assert pic.min() >= 0 and pic.max() <= 1
     assert collate([None, Skipped("a.jpg", "bad")])["x"].numel() == 0
+
+
+# ----------------------------------------------------------------------------- cluttered digits
+def cluttered(**kw):
+    cfg = dict(name="cluttered-digits", image_size=32, train_size=1500, val_size=1100, scale_min=1.0, **RAW)
+    return build_datasets(DataConfig(**{**cfg, **kw}))
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(train_size=0), "data.train_size"),
+    (dict(val_size=0), "data.val_size"),
+    (dict(canvas=8), "data.canvas"),
+    (dict(name="cluttered-digits", frames=4), "frames=1"),
+])
+def test_cluttered_config_errors(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        DataConfig(**kwargs)
+
+
+def test_cluttered_sizes_labels_and_builtin_transforms():
+    train, val, info = cluttered()
+    assert (len(train), len(val)) == (1500, 1100)
+    assert (info.num_classes, info.in_chans, info.frames, info.mean) == (10, 3, 1, (0.0, 0.0, 0.0))
+    _, labels = sklearn_digits()
+    item = val[1050]  # second chunk
+    assert item["x"].shape == (3, 32, 32) and item["x"].dtype == torch.float32
+    assert torch.equal(item["x"][0], item["x"][2]) and item["index"] == 1050
+    scene = val.scene(1050 // generated.CHUNK)
+    assert item["y"] == int(labels[scene.source[1050 % generated.CHUNK]])
+    assert sorted({val[i]["y"] for i in range(200)}) == list(range(10))
+    # scale_min=1: the train item is the whole image, whatever the sample seed, so the eval item.
+    assert torch.equal(train[(7, 1)]["x"], train[(7, 2)]["x"])
+    assert torch.equal(train[(7, 1)]["x"], train[7]["x"])
+    assert transforms_for(DataConfig(name="cluttered-digits"))[1].eval_crop == 1.0  # built-in: no crop
+    _, none, _ = cluttered(val_fraction=0.0)
+    assert len(none) == 0
+
+
+def test_cluttered_items_are_pure_functions_of_seed_split_index():
+    a, va, _ = cluttered()
+    b, vb, _ = cluttered(train_size=1030, image_size=16)
+    c, _, _ = cluttered(image_size=16)
+    for i in (0, 1023, 1024, 1029):  # either side of a chunk boundary, in a smaller set
+        assert torch.equal(b[i]["x"], c[i]["x"]) and b[i]["y"] == a[i]["y"]
+    assert torch.equal(va[5]["x"], cluttered()[1][(5, None)]["x"])  # a second instance
+    assert not torch.equal(a[5]["x"], va[5]["x"])  # the splits differ
+    assert not torch.equal(a[5]["x"], cluttered(seed=1)[0][5]["x"])  # so do the seeds
+    # A sample does not depend on the others it is rendered with.
+    scene = a.scene(0)
+    rows = torch.tensor([3, 700, 1000])
+    assert torch.equal(generated.render(scene.take(rows), 32), generated.render(scene, 32)[rows])
+    assert torch.equal(a.images(scene.take(rows)), a.chunk(0)[0][rows])
+
+
+def test_cluttered_content_is_the_same_at_every_image_size():
+    big, _, _ = cluttered(image_size=32)
+    small, _, _ = cluttered(image_size=16)
+    x32 = torch.stack([big[i]["x"][0] for i in range(64)])  # [64, 32, 32], uint8 levels / 255
+    x16 = torch.stack([small[i]["x"][0] for i in range(64)])
+    down = F.interpolate(x32[:, None], size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    down = down[:, 0]
+    assert (x16 - down).abs().max() <= 1.01 / 255  # both rounded to uint8 once
+    assert (x16 - x16.roll(1, 0)).abs().max() > 0.5  # and the samples do differ
+
+
+def test_cluttered_validation_never_shows_a_training_digit():
+    train, val, _ = cluttered()
+    assert not set(train.sources.tolist()) & set(val.sources.tolist())
+    assert len(train.sources) + len(val.sources) == 1797
+    for ds in (train, val):
+        scene = ds.scene(0)
+        fragments = scene.piece_source[:, : generated.FRAGMENTS]
+        used = set(scene.source.tolist()) | set(fragments.reshape(-1).tolist())
+        assert used <= set(ds.sources.tolist())
+
+
+def test_cluttered_clutter_and_noise_lie_outside_the_target():
+    train, _, _ = cluttered()
+    scene = train.scene(0).take(slice(0, 256))
+    # Canvas pixels outside the target's 8x8 box (with the half pixel that bilinear sampling adds).
+    c = (torch.arange(32) + 0.5) / 16 - 1
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    p = torch.stack([x, y], -1).view(1, -1, 2, 1) - scene.centre.view(-1, 1, 2, 1)  # [N, P, 2, 1]
+    q = (torch.linalg.inv(scene.shape)[:, None] @ p)[..., 0]  # [N, P, 2] in the target's units
+    outside = (q.abs().amax(-1) > 1.2).view(-1, 32, 32)
+    quiet = scene._replace(noise=torch.zeros_like(scene.noise))
+    alone = quiet._replace(piece_gain=torch.zeros_like(scene.piece_gain))
+    assert generated.render(alone, 32)[outside].max() == 0  # the box holds the whole target
+    clutter = generated.render(quiet, 32) * outside
+    assert (clutter.amax((1, 2)) > 0.3).float().mean() > 0.8  # clutter outside the box
+    noisy = generated.render(scene, 32) - generated.render(quiet, 32)
+    assert 0.05 < noisy.std() < 0.3  # and noise everywhere
+
+
+def test_full_frame_crop_draws_nothing():
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert random_resized_crop_box(32, 32, (1.0, 1.0), (3 / 4, 4 / 3), gen) == (0, 0, 32, 32)
+    assert torch.equal(gen.get_state(), state)

@@ -19,8 +19,12 @@ from vitscale.data.builtin import DIRECTIONS, build_builtin
 from vitscale.data.common import KeyedDataset, Skipped, UnreadableFileError, collate, stratified_split
 from vitscale.data.config import DataConfig
 from vitscale.data.folders import build_real
+from vitscale.data.generated import build_cluttered
 from vitscale.data.sampler import EpochSampler, sample_seed
 from vitscale.data.transforms import ClipTransform
+
+# (cfg, train transform, eval transform) -> (train, val), by data.name; real data otherwise.
+BUILDERS = {"digits": build_builtin, "moving-digits": build_builtin, "cluttered-digits": build_cluttered}
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,7 @@ def transforms_for(cfg: DataConfig) -> tuple[ClipTransform, ClipTransform]:
 def build_datasets(cfg: DataConfig) -> tuple[KeyedDataset, KeyedDataset, DataInfo]:
     """(train, val, info) for a data config; raises ValueError on a bad path or empty data."""
     train_tf, eval_tf = transforms_for(cfg)
-    build = build_builtin if cfg.is_builtin else build_real
-    train, val = build(cfg, train_tf, eval_tf)
+    train, val = BUILDERS.get(cfg.name, build_real)(cfg, train_tf, eval_tf)
     mean, std = cfg.norm
     info = DataInfo(name=cfg.name, num_classes=len(train.classes), class_names=tuple(train.classes),
                     in_chans=3, frames=cfg.frames, image_size=cfg.image_size, mean=mean, std=std)

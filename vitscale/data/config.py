@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-NAMES = ("digits", "moving-digits", "image-folder", "video-folder", "video-csv")
+NAMES = ("digits", "moving-digits", "cluttered-digits", "image-folder", "video-folder", "video-csv")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BUILTIN_MEAN = (0.5, 0.5, 0.5)
@@ -13,7 +13,7 @@ BUILTIN_STD = (0.5, 0.5, 0.5)
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"  # digits | moving-digits | image-folder | video-folder | video-csv
+    name: str = "digits"  # one of NAMES: a built-in (digits, moving-digits, cluttered-digits) or real data
     path: str = ""  # class-per-subfolder folder, or a `path,label` CSV (real data only)
     val_path: str = ""  # separate val folder / CSV; "" = a seeded split of val_fraction
     val_fraction: float = 0.2  # held-out share when val_path is empty (0 = no validation)
@@ -23,6 +23,9 @@ class DataConfig:
     label: str = "digit"  # moving-digits target: "digit" class or motion "direction"
     num_clips: int = 2000  # moving-digits clips, train + val
     digits_per_clip: int = 1  # moving-digits: 1, or 2 (the second is a dim distractor)
+    train_size: int = 100_000  # cluttered-digits: generated training samples (one epoch)
+    val_size: int = 10_000  # cluttered-digits: generated val samples (top-1 std error <= 0.5 points)
+    canvas: int = 32  # cluttered-digits: side in pixels the scene is drawn at, then resized to image_size
     scale_min: float = 0.35  # random resized crop: smallest crop area as a share of the frame
     hflip: bool = False  # random horizontal flips (wrong for digits and motion direction)
     eval_crop: float = 0.875  # eval center crop as a share of the shorter side (real data)
@@ -53,6 +56,11 @@ class DataConfig:
              "image-folder gives single images; set data.frames=1 or use a video dataset"),
             (self.name != "digits" or self.frames == 1,
              "digits are single images; set data.frames=1 or use data.name=moving-digits"),
+            (self.name != "cluttered-digits" or self.frames == 1,
+             "cluttered-digits are single images; set data.frames=1 or use data.name=moving-digits"),
+            (self.train_size >= 1, f"data.train_size must be at least 1, got {self.train_size}"),
+            (self.val_size >= 1, f"data.val_size must be at least 1, got {self.val_size}"),
+            (self.canvas >= 16, f"data.canvas must be at least 16 pixels, got {self.canvas}"),
             (self.num_clips >= 2, f"data.num_clips must be at least 2, got {self.num_clips}"),
             (self.digits_per_clip in (1, 2),
              f"data.digits_per_clip must be 1 or 2, got {self.digits_per_clip}"),
@@ -69,7 +77,7 @@ class DataConfig:
 
     @property
     def is_builtin(self) -> bool:
-        return self.name in ("digits", "moving-digits")
+        return self.name in ("digits", "moving-digits", "cluttered-digits")
 
     @property
     def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

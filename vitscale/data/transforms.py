@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,11 @@ def random_resized_crop_box(h: int, w: int, scale: tuple[float, float], ratio: t
     """A crop of random area share in `scale` and aspect (w/h) in `ratio`, as Inception / torchvision.
 
     Ten tries at a box that fits; otherwise the largest centered box with a clamped aspect.
+    With scale (1, 1) no smaller box fits (up to rounding): that box, with nothing drawn.
     """
     area = h * w
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
+    for _ in range(10 if scale[0] < 1.0 else 0):
         target = area * _uniform(gen, *scale)
         aspect = math.exp(_uniform(gen, log_lo, log_hi))
         cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
@@ -73,12 +75,15 @@ def hflip(x: Tensor) -> Tensor:
     return x.flip(-1)
 
 
+@cache
+def _per_channel(values: tuple[float, ...], ndim: int, dtype: torch.dtype) -> Tensor:
+    """values as a [C, 1, ...] tensor of `ndim` dims; cached (a tensor per item costs more than the item)."""
+    return torch.tensor(values, dtype=dtype).view((-1,) + (1,) * (ndim - 1))
+
+
 def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """(x - mean) / std per channel; channels are the first axis of [C, H, W] or [C, T, H, W]."""
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    m = torch.tensor(mean, dtype=x.dtype).view(shape)
-    s = torch.tensor(std, dtype=x.dtype).view(shape)
-    return (x - m) / s
+    return (x - _per_channel(mean, x.ndim, x.dtype)).div_(_per_channel(std, x.ndim, x.dtype))
 
 
 @dataclass(frozen=True)
