@@ -120,7 +120,7 @@ def test_branches_end_at_each_fraction_and_start_where_their_decay_does():
     assert plan_ == [(0.125, 100, 80), (0.25, 200, 160), (0.5, 400, 320), (1.0, 800, 640)]
     for _, length, start in plan_:
         assert start == optim.decay_start(length, 0.2)
-    assert branches(4, (0.125, 0.5, 1.0), 0.2) == [(0.5, 2, 1), (1.0, 4, 3)]  # too short: left out
+    assert branches(10, (0.125, 0.5, 1.0), 0.2) == [(0.5, 5, 4), (1.0, 10, 8)]  # too short: left out
 
 
 def test_training_flops_are_two_to_three_forward_passes():
