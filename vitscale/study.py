@@ -55,20 +55,21 @@ class StudyConfig:
     model: str = "pico/4"  # the base preset every strategy scales from
     strategies: tuple[str, ...] = ("d", "w", "r", "d1_w8_r1")
     factors: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # flops factors
-    budget: str = "compute:1ep"  # per trial: epochs:N | compute:Nep | compute:MACS | time:90s
+    budget: str = "epochs:1"  # per trial: epochs:N | compute:Nep | compute:MACS | time:90s
     objective: str = "supervised"  # supervised | mae (MAE pre-training, then a linear probe)
     param: str = "mup"  # mup: every trial in muP relative to the base (one LR for all shapes) | sp
     lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)  # base_lr values swept on the base; () = none
     sweep_length: float = 0.5  # a sweep run's length as a share of the base trial's
-    fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)  # cooldown branch points (shares of the budget)
+    fractions: tuple[float, ...] = (0.25, 0.5, 1.0)  # cooldown branch points (shares of the budget)
     decay_frac: float = 0.2  # a cooldown's share of the run length it ends (wsd's decay phase)
     warmup: float = 0.05  # linear warm-up as a share of each trial's full length
-    seeds: int = 2  # seeds of the leading trials (every other trial runs seed 0 only)
+    seeds: int = 2  # seeds of the leading trials (every other trial runs seed 0 only; seeds after
+    # the first run the full-length cooldown only)
     leaders: int = 3  # how many trials, best first by seed 0, run every seed (0 = all trials)
     probe_epochs: int = 20  # linear-probe epochs after MAE pre-training (not counted in the budget)
     workers: int = 0  # trials at once; 0 = auto (1 on a GPU, else one single-thread worker per core, up to 4)
     overrides: tuple[str, ...] = ("data.name=cluttered-digits", "data.image_size=16", "data.scale_min=1",
-                                  "data.train_size=50000")  # run-config overrides for every trial
+                                  "data.train_size=16384")  # run-config overrides for every trial
     out: str = "runs/study"
 
     def __post_init__(self) -> None:
@@ -304,7 +305,8 @@ def _point(fraction: float, steps: int, run: RunConfig, sizing: Sizing, final: d
 
 
 def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, log=print) -> SeedResult | None:
-    """One seed of a trial: the stable run, then a cooldown branch per fraction; result.json."""
+    """One seed of a trial: the stable run, then a cooldown branch per fraction (seeds after the
+    first: the full-length one only); result.json."""
     out = trial_dir(study, trial) / f"seed{k}"
     done = out / "result.json"
     if done.is_file():
@@ -313,7 +315,7 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, log=print
         except StaleResult as e:
             log(f"{e}; running it again (its runs resume from their checkpoints)")
     t0 = time.perf_counter()
-    plan_ = branches(sizing.steps, study.fractions, study.decay_frac)
+    plan_ = branches(sizing.steps, study.fractions if k == 0 else (max(study.fractions),), study.decay_frac)
     seed, spe = trial.run.train.seed + k, sizing.steps_per_epoch
 
     def run(name: str, **train) -> RunConfig:
