@@ -430,3 +430,14 @@ def test_full_frame_crop_draws_nothing():
     state = gen.get_state()
     assert random_resized_crop_box(32, 32, (1.0, 1.0), (3 / 4, 4 / 3), gen) == (0, 0, 32, 32)
     assert torch.equal(gen.get_state(), state)
+
+
+def test_cluttered_worker_processes_render_the_same_items():
+    train, _, _ = cluttered()
+    sampler = EpochSampler(len(train), seed=0, epoch=0)
+    loader = make_loader(train, sampler, batch_size=16, workers=2, device_type="cpu")
+    batch = next(iter(loader))  # rendered in a worker process, from an empty cache
+    assert not train.chunks  # the main process rendered nothing
+    keys = sampler.keys()[:16]
+    assert torch.equal(batch["x"], torch.stack([train[k]["x"] for k in keys]))
+    assert batch["y"].tolist() == [train[k]["y"] for k in keys]
