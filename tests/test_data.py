@@ -385,6 +385,24 @@ def test_cluttered_items_are_pure_functions_of_seed_split_index():
     assert torch.equal(a.images(scene.take(rows)), a.chunk(0)[0][rows])
 
 
+def test_cluttered_chunks_render_once_per_process():
+    """A study builds new datasets for every run: they share the rendered chunks."""
+    cfg = dict(seed=7, train_size=2000)
+    first = cluttered(**cfg)[0]
+    before = generated.CACHE.renders
+    x = first[1500]["x"]
+    assert generated.CACHE.renders == before + 1  # chunk 1, rendered
+    again = cluttered(**cfg)[0]
+    assert torch.equal(again[1500]["x"], x) and again[1200]["y"] == first[1200]["y"]
+    assert generated.CACHE.renders == before + 1  # a new instance, no new render
+    cluttered(**cfg, image_size=16)[0][1500]
+    assert generated.CACHE.renders == before + 2  # another size is another image
+    small = generated.ChunkCache(limit=2500)
+    for k in range(3):
+        small.put(k, (torch.zeros(1000, dtype=torch.uint8), torch.zeros(1)))
+    assert 0 not in small and 1 in small and small.bytes == 2000
+
+
 def test_cluttered_content_is_the_same_at_every_image_size():
     big, _, _ = cluttered(image_size=32)
     small, _, _ = cluttered(image_size=16)
@@ -433,11 +451,12 @@ def test_full_frame_crop_draws_nothing():
 
 
 def test_cluttered_worker_processes_render_the_same_items():
-    train, _, _ = cluttered()
+    train, _, _ = cluttered(seed=11)  # a seed no other test renders
     sampler = EpochSampler(len(train), seed=0, epoch=0)
     loader = make_loader(train, sampler, batch_size=16, workers=2, device_type="cpu")
+    before = generated.CACHE.renders
     batch = next(iter(loader))  # rendered in a worker process, from an empty cache
-    assert not train.chunks  # the main process rendered nothing
+    assert generated.CACHE.renders == before  # the main process rendered nothing
     keys = sampler.keys()[:16]
     assert torch.equal(batch["x"], torch.stack([train[k]["x"] for k in keys]))
     assert batch["y"].tolist() == [train[k]["y"] for k in keys]

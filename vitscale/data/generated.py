@@ -45,6 +45,7 @@ The key's sample seed drives only the train transform (none with scale_min=1, no
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import NamedTuple
 
 import numpy as np
@@ -186,6 +187,33 @@ def render(scene: Scene, canvas: int) -> Tensor:
     return (ink + NOISE * scene.noise).clamp_(0, 1)
 
 
+class ChunkCache:
+    """Rendered chunks of every cluttered-digits dataset of this process, least recently used
+    dropped first beyond `limit` bytes: a study's runs build new datasets, not new images."""
+
+    def __init__(self, limit: int):
+        self.limit, self.bytes, self.items = limit, 0, OrderedDict()
+        self.renders = 0  # chunks rendered so far (for tests)
+
+    def __contains__(self, key) -> bool:
+        return key in self.items
+
+    def get(self, key) -> tuple[Tensor, Tensor]:
+        self.items.move_to_end(key)
+        return self.items[key]
+
+    def put(self, key, value: tuple[Tensor, Tensor]) -> None:
+        self.items[key] = value
+        self.bytes += value[0].nbytes
+        self.renders += 1
+        while self.bytes > self.limit and len(self.items) > 1:
+            _, (x, _) = self.items.popitem(last=False)
+            self.bytes -= x.nbytes
+
+
+CACHE = ChunkCache(limit=1 << 30)  # 1 GiB: 64k samples at 128 px, 4M at 16 px
+
+
 class ClutteredDigits(KeyedDataset):
     """`n` generated samples of one split, rendered lazily in chunks and kept as uint8."""
 
@@ -195,7 +223,7 @@ class ClutteredDigits(KeyedDataset):
                  transform: ClipTransform):
         self.split, self.n, self.sources = split, n, np.asarray(sources, dtype=np.int64)
         self.canvas, self.size, self.seed, self.transform = canvas, size, seed, transform
-        self.chunks: dict[int, tuple[Tensor, Tensor]] = {}  # chunk -> (x uint8 [CHUNK, S, S], y [CHUNK])
+        self.key = (split, self.sources.tobytes(), canvas, size, seed)  # what a chunk depends on, but k
 
     def __len__(self) -> int:
         return self.n
@@ -213,12 +241,13 @@ class ClutteredDigits(KeyedDataset):
         return x.mul_(255).round_().to(torch.uint8)
 
     def chunk(self, k: int) -> tuple[Tensor, Tensor]:
-        """Chunk k's (uint8 images [CHUNK, size, size], labels [CHUNK]), rendered on first use."""
-        if k not in self.chunks:
+        """Chunk k's (uint8 images [CHUNK, size, size], labels [CHUNK]), rendered on first use in
+        this process and kept in the process-wide cache (every run of a study shares it)."""
+        key = (*self.key, k)
+        if key not in CACHE:
             scene = self.scene(k)
-            labels = sklearn_digits()[1][scene.source]
-            self.chunks[k] = self.images(scene), labels
-        return self.chunks[k]
+            CACHE.put(key, (self.images(scene), sklearn_digits()[1][scene.source]))
+        return CACHE.get(key)
 
     def load(self, index: int, gen: torch.Generator | None) -> dict:
         x, y = self.chunk(index // CHUNK)
