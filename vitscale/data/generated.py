@@ -13,7 +13,7 @@ never shows a digit seen in training.
 A sample is drawn on a black `canvas` x `canvas` image (data.canvas, default 32 px), in
 canvas units (the canvas spans [-1, 1]^2, so a unit is canvas/2 px):
 
-1. Target: a source digit, its 8x8 box 2s units wide with s log-uniform in SIDE (9 to 22
+1. Target: a source digit, its 8x8 box 2s units wide with s log-uniform in SIDE (10 to 22
    px of 32), rotated by U(-ROTATE, ROTATE) degrees and sheared along x by U(-SHEAR, SHEAR),
    brightness U(TARGET_GAIN); its centre is uniform over SHIFT of the room that keeps the
    whole box on the canvas (per axis: |centre| <= SHIFT * (1 - half extent)).
@@ -58,7 +58,7 @@ from vitscale.data.transforms import ClipTransform, resized_crop
 
 CHUNK = 1024  # samples drawn and rendered together; part of the seed, so fixed
 SPLITS = {"train": 0, "val": 1}  # split id in the chunk seed
-SIDE = (0.28, 0.7)  # target half side s in canvas units (log-uniform): 9 to 22 px of 32
+SIDE = (0.3, 0.7)  # target half side s in canvas units (log-uniform): 10 to 22 px of 32
 SHIFT = 0.3  # target centre: uniform over this share of the room that keeps its box on the canvas
 ROTATE = 20.0  # degrees, either way
 SHEAR = 0.3  # x-shear, either way
