@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", choices=["mup", "sp"],
                    help="mup: every trial in muP relative to the base, one swept LR for all (default); sp")
     p.add_argument("--lrs", type=lambda s: tuple(_floats(s)) if s else (),
-                   help="base_lr values swept on the base model (default 1e-3,2e-3,4e-3,8e-3,1.6e-2; "
+                   help="base_lr values swept on the base model (default 4e-3,8e-3,1.6e-2,3.2e-2,6.4e-2; "
                    "'' = none)")
     p.add_argument("--fractions", type=lambda s: tuple(_floats(s)),
                    help="cooldown branch points as shares of each trial's budget (default 0.125,0.25,0.5,1)")
