@@ -15,8 +15,8 @@ The spread of a parametrisation is max / min of its best LRs over the shapes; mu
 is at most 2x. A last muP sweep at 4x depth leaves the hidden matrices' LR alone
 (DEPTH_LR_EXPONENT = 0 instead of depth-muP's 0.5), to tell which depth rule transfers.
 
-    python benchmarks/bench_transfer.py --quick      # small shapes, 5 rates: about 2 minutes
-    python benchmarks/bench_transfer.py              # pico/4 shapes, 7 rates: about 10-12 minutes
+    python benchmarks/bench_transfer.py --quick      # half-size shapes, 5 rates: about 3 minutes
+    python benchmarks/bench_transfer.py              # pico/4 shapes, 6 rates: about 11 minutes
     python benchmarks/bench_transfer.py --json out/bench_transfer.json
 
 Runtime: on an idle 2-core CPU with one thread per run, as above (8x width dominates).
@@ -143,18 +143,18 @@ def table(cells: list[Cell], lrs: list[float], bests: dict) -> Table:
 def main(argv: list[str] | None = None) -> dict:
     p = bench_common.parser(__doc__)
     p.add_argument("--data", default="digits", help="dataset name (cluttered-digits once it lands)")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (default 48; --quick 30)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 56; --quick 60)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--warmup-epochs", type=float, default=0.25, help="warm-up length (1 epoch = 44 steps)")
-    p.add_argument("--lrs", type=str, help="comma-separated base LRs (default: 7, --quick 5, x2 apart)")
+    p.add_argument("--lrs", type=str, help="comma-separated base LRs (default: 6, --quick 5, x2 apart)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary one)")
     args = p.parse_args(argv)
-    args.steps = args.steps or (30 if args.quick else 48)
+    args.steps = args.steps or (60 if args.quick else 56)
     if args.lrs:
         lrs = [float(v) for v in args.lrs.split(",")]
     else:
-        lrs = [4e-3 * 2.0**k for k in (range(-2, 3) if args.quick else range(-3, 4))]
+        lrs = [0.04 * 2.0**k for k in (range(-2, 3) if args.quick else range(-3, 3))]
     device = pick_device(args.device)
     args.device = device.type
     torch.set_num_threads(args.threads)
