@@ -15,11 +15,16 @@ The spread of a parametrisation is max / min of its best LRs over the shapes; mu
 is at most 2x. A last muP sweep at 4x depth leaves the hidden matrices' LR alone
 (DEPTH_LR_EXPONENT = 0 instead of depth-muP's 0.5), to tell which depth rule transfers.
 
-    python benchmarks/bench_transfer.py --quick      # half-size shapes, 5 rates: about 3 minutes
-    python benchmarks/bench_transfer.py              # pico/4 shapes, 6 rates: about 11 minutes
+    python benchmarks/bench_transfer.py --quick      # half-size shapes, 5 rates, 60 steps: ~3 minutes
+    python benchmarks/bench_transfer.py              # pico/4 shapes, 6 rates, 56 steps: ~11-14 minutes
     python benchmarks/bench_transfer.py --json out/bench_transfer.json
 
-Runtime: on an idle 2-core CPU with one thread per run, as above (8x width dominates).
+Runtime: one thread per run; the full run took 14 minutes on a 2-core CPU shared with other
+jobs (load ~2.5), 8x width 60% of it. Expected (digits, seed 0, full run): muP's best base LR
+0.015-0.016 at every shape (spread 1.07x); SP's moves from 0.016 to <= 0.005 (grid edge) at
+4x and 8x width (spread >= 7.5x). These runs are short (56 steps: the base ends at val loss
+2.18, chance is 2.30; the 4x-depth models hardly leave chance), so read the depth figures as
+weak evidence; --steps raises the length at a proportional cost.
 """
 
 from __future__ import annotations
