@@ -250,3 +250,8 @@ def test_init_from_a_mup_run_into_sp_and_into_another_base(tmp_path):
         assert any("muP multipliers folded" in n for n in report.notes)
         with torch.no_grad():
             torch.testing.assert_close(model.eval()(x), mup_model.eval()(x), atol=1e-5, rtol=0)
+    report, _ = weights.convert(tmp_path / "run", "timm", tmp_path / "timm.safetensors")  # `vitscale convert`
+    assert any("muP multipliers folded" in n for n in report.notes)
+    timm_model, _ = weights.load(tmp_path / "timm.safetensors", heads=source.model.heads)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model.eval()(x), mup_model(x), atol=1e-5, rtol=0)
