@@ -12,8 +12,9 @@ parabola in log LR through it and its neighbours (the figure printed; "edge" mar
 optimum on the grid's edge, where the true one may lie beyond it). Validation loss rather
 than top-1: at these lengths top-1 over 359 images ties between neighbouring rates.
 The spread of a parametrisation is max / min of its best LRs over the shapes; muP's target
-is at most 2x. A last muP sweep at 4x depth leaves the hidden matrices' LR alone
-(DEPTH_LR_EXPONENT = 0 instead of depth-muP's 0.5), to tell which depth rule transfers.
+is at most 2x. A last muP sweep at 4x depth uses the other depth LR rule (hidden matrices'
+LR x depth_mult^-0.5, Tensor Programs VI's for Adam, against vitscale's 0: DEPTH_LR_EXPONENT),
+to tell which one transfers.
 
     python benchmarks/bench_transfer.py --quick      # half-size shapes, 5 rates, 60 steps: ~3 minutes
     python benchmarks/bench_transfer.py              # pico/4 shapes, 6 rates, 56 steps: ~11-14 minutes
@@ -167,8 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = console()
     out.print(bench_common.environment_line(env))
     base, swept = shapes(args.quick)
-    plan = [(param, s) for param in ("sp", "mup") for s in swept] + \
-           [("mup", replace(swept[-1], name=f"{swept[-1].name}, depth LR x1", depth_lr_exponent=0.0))]
+    other = 0.5 if vit.DEPTH_LR_EXPONENT == 0 else 0.0
+    variant = replace(swept[-1], name=f"{swept[-1].name}, depth LR ^-{other:g}", depth_lr_exponent=other)
+    plan = [(param, s) for param in ("sp", "mup") for s in swept] + [("mup", variant)]
     out.print(f"{len(plan)} sweeps x {len(lrs)} base LRs, {args.steps} steps of batch {args.batch} on "
                   f"{args.data} at 16 px; base width {base.width}, depth {base.depth}, head dim {HEAD_DIM}")
     cells = []

@@ -116,7 +116,7 @@ def test_optimizer_groups_and_init_follow_mup():
     assert cfg.attn_scale == pytest.approx(math.sqrt(32) / 64)  # sqrt(base hd) / hd: 1/d
     assert cfg.branch_mult == 0.5 and cfg.readout_mult == 0.25
     model = Classifier(cfg)
-    hidden = 1 / (4 * math.sqrt(4))  # 1/width_mult x 1/sqrt(depth_mult)
+    hidden = 1 / 4  # 1/width_mult; depth moves the branches, not the LR (vit.DEPTH_LR_EXPONENT = 0)
     mults = optim.lr_multipliers(model)
     assert set(mults) == {f"vit.blocks.{i}.{m}.weight" for i in range(8)
                           for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")}
