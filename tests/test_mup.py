@@ -116,7 +116,7 @@ def test_optimizer_groups_and_init_follow_mup():
     assert cfg.attn_scale == pytest.approx(math.sqrt(32) / 64)  # sqrt(base hd) / hd: 1/d
     assert cfg.branch_mult == 0.5 and cfg.readout_mult == 0.25
     model = Classifier(cfg)
-    hidden = 1 / (4 * math.sqrt(4))  # 1/width_mult x 1/sqrt(depth_mult)
+    hidden = 1 / 4  # 1/width_mult; depth moves the branches, not the LR (vit.DEPTH_LR_EXPONENT = 0)
     mults = optim.lr_multipliers(model)
     assert set(mults) == {f"vit.blocks.{i}.{m}.weight" for i in range(8)
                           for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")}
@@ -250,3 +250,8 @@ def test_init_from_a_mup_run_into_sp_and_into_another_base(tmp_path):
         assert any("muP multipliers folded" in n for n in report.notes)
         with torch.no_grad():
             torch.testing.assert_close(model.eval()(x), mup_model.eval()(x), atol=1e-5, rtol=0)
+    report, _ = weights.convert(tmp_path / "run", "timm", tmp_path / "timm.safetensors")  # `vitscale convert`
+    assert any("muP multipliers folded" in n for n in report.notes)
+    timm_model, _ = weights.load(tmp_path / "timm.safetensors", heads=source.model.heads)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model.eval()(x), mup_model(x), atol=1e-5, rtol=0)
