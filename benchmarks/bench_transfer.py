@@ -86,7 +86,8 @@ def shapes(quick: bool) -> tuple[Shape, list[Shape]]:
 def run_config(param: str, shape: Shape, base: Shape, base_lr: float, args, out: Path) -> RunConfig:
     """One trial: pico/4-like at 16 px on the benchmark's data for a fixed number of steps."""
     overrides = [
-        f"data.name={args.data}", "data.image_size=16", "data.scale_min=0.8", "model.patch_size=4",
+        f"data.name={args.data}", "data.image_size=16", "data.scale_min=1", "model.patch_size=4",
+        f"data.train_size={args.steps * args.batch}", "data.val_size=2000",  # cluttered-digits: one pass
         f"model.width={shape.width}", f"model.depth={shape.depth}", f"model.heads={shape.width // HEAD_DIM}",
         f"model.param={param}", f"model.base_width={base.width}", f"model.base_depth={base.depth}",
         f"model.base_head_dim={HEAD_DIM}", f"train.batch={args.batch}", f"train.max_steps={args.steps}",
@@ -150,19 +151,19 @@ def table(cells: list[Cell], lrs: list[float], bests: dict) -> Table:
 
 def main(argv: list[str] | None = None) -> dict:
     p = bench_common.parser(__doc__)
-    p.add_argument("--data", default="digits", help="dataset name (cluttered-digits once it lands)")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (default 56; --quick 60)")
+    p.add_argument("--data", default="cluttered-digits", help="dataset name")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 200; --quick 60)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--warmup-epochs", type=float, default=0.25, help="warm-up length (1 epoch = 44 steps)")
     p.add_argument("--lrs", type=str, help="comma-separated base LRs (default: 6, --quick 5, x2 apart)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary one)")
     args = p.parse_args(argv)
-    args.steps = args.steps or (60 if args.quick else 56)
+    args.steps = args.steps or (60 if args.quick else 200)
     if args.lrs:
         lrs = [float(v) for v in args.lrs.split(",")]
     else:
-        lrs = [0.04 * 2.0**k for k in (range(-2, 3) if args.quick else range(-3, 3))]
+        lrs = [0.01 * 2.0**k for k in (range(-1, 4) if args.quick else range(-2, 4))]
     device = pick_device(args.device)
     args.device = device.type
     torch.set_num_threads(args.threads)
