@@ -65,7 +65,7 @@ class StudyConfig:
     warmup: float = 0.05  # linear warm-up as a share of each trial's full length
     seeds: int = 2  # seeds of the leading trials (every other trial runs seed 0 only; seeds after
     # the first run the full-length cooldown only)
-    leaders: int = 3  # how many trials, best first by seed 0, run every seed (0 = all trials)
+    leaders: int = 2  # how many trials, best first by seed 0, run every seed (0 = all trials)
     probe_epochs: int = 20  # linear-probe epochs after MAE pre-training (not counted in the budget)
     workers: int = 0  # trials at once; 0 = auto (1 on a GPU, else one single-thread worker per core, up to 4)
     overrides: tuple[str, ...] = ("data.name=cluttered-digits", "data.image_size=16", "data.scale_min=1",
