@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated strategies (default d,w,r,d1_w8_r1)")
     p.add_argument("--factors", type=lambda s: tuple(_floats(s)), help="flops factors (default 1,2,4,8)")
     p.add_argument("--budget", help="per trial: epochs:N, compute:Nep (the base model's N epochs), "
-                   "compute:MACS (multiply-adds) or time:90s (default compute:1ep)")
+                   "compute:MACS (multiply-adds) or time:90s (default epochs:1)")
     p.add_argument("--objective", choices=["supervised", "mae"],
                    help="supervised, or MAE pre-training then a linear probe (default supervised)")
     p.add_argument("--param", choices=["mup", "sp"],
