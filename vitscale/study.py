@@ -28,9 +28,7 @@ import json
 import math
 import os
 import re
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from vitscale.complexity import cost
 from vitscale.config import RunConfig
 from vitscale.data import build_datasets
 from vitscale.models.vit import ViTConfig
+from vitscale.pool import Runner
 from vitscale.results import Point, SeedResult, Sizing, StaleResult, SweepPoint, TrialResult
 from vitscale.scaling import parse_strategy, scale_family
 
@@ -377,47 +376,6 @@ def pick_lr(points: list[SweepPoint]) -> SweepPoint:
     """The best sweep point: highest accuracy, then lowest loss (NaN runs never win)."""
     ok = [p for p in points if math.isfinite(p.accuracy)] or points
     return max(ok, key=lambda p: (p.accuracy, -(p.loss if p.loss is not None else math.inf)))
-
-
-# ----------------------------------------------------------------------------- workers
-def _in_worker(fn, args: tuple, log_path: Path, threads: int):
-    """A worker process: its share of the threads, its output to `log_path`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "a")  # noqa: SIM115 (held for the job's life)
-    sys.stdout.flush()
-    os.dup2(log_file.fileno(), sys.stdout.fileno())
-    os.dup2(log_file.fileno(), sys.stderr.fileno())
-    torch.set_num_threads(threads)
-    return fn(*args, log=lambda *a, **k: print(*a, flush=True))
-
-
-class Runner:
-    """Runs jobs (fn, args, log path) in this process, or in a pool of spawned workers."""
-
-    def __init__(self, workers: int, log):
-        self.workers, self.log = workers, log
-        self.threads = max(1, torch.get_num_threads() // workers)
-        self.pool = None
-        if workers > 1:
-            ctx = torch.multiprocessing.get_context("spawn")
-            self.pool = ProcessPoolExecutor(workers, mp_context=ctx)
-            log(f"{workers} workers x {self.threads} threads; each run logs to log.txt in its directory")
-
-    def map(self, jobs: list[tuple], done) -> None:
-        """Run (name, fn, args, log_path) jobs; done(name, value) as each finishes."""
-        if self.pool is None or len(jobs) <= 1:
-            for i, (name, fn, args, _) in enumerate(jobs, 1):
-                self.log(f"[{i}/{len(jobs)}] {name}")
-                done(name, fn(*args, log=self.log))
-            return
-        futures = {self.pool.submit(_in_worker, fn, args, path, self.threads): name
-                   for name, fn, args, path in jobs}
-        for f in as_completed(futures):
-            done(futures[f], f.result())
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
 
 
 # ----------------------------------------------------------------------------- the study
