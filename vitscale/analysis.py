@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 from vitscale import fits, stats
 from vitscale.results import SweepPoint, TrialResult
-from vitscale.study import StudyConfig, parse_budget
+from vitscale.study import StudyConfig, parse_budget, pick_lr
 
 MULTIPLES = (1.0, 2.0, 4.0)  # budgets the recommendation predicts for
 EFFICIENT_WITHIN = 0.01  # the efficient pick: the fastest trial this close to the best accuracy
@@ -81,8 +81,6 @@ def _runtime(rows: list[TrialResult]) -> dict:
 def _sweep(sweep: list[SweepPoint], rows: list[TrialResult]) -> dict | None:
     if not sweep:
         return None
-    from vitscale.study import pick_lr
-
     compute = sum(p.compute for p in sweep)
     trials = sum(r.compute * len(r.seeds) for r in rows)
     return {"points": [asdict(p) for p in sweep], "lr": pick_lr(sweep).lr, "compute": compute,
