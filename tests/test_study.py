@@ -15,7 +15,7 @@ from scipy.optimize import curve_fit
 
 from vitscale import fits, optim, results
 from vitscale.complexity import cost
-from vitscale.results import SweepPoint, TrialResult
+from vitscale.results import SeedResult, SweepPoint, TrialResult
 from vitscale.study import StudyConfig, branches, parse_budget, plan, steps_for, train_flops_per_sample
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -193,9 +193,14 @@ def test_miniature_study_killed_and_resumed(tmp_path):
     assert page.count("data:image/png;base64,") == 4 and "http" not in page
     assert "Learning-rate sweep" in page and "Backtest" in page
 
-    again = vitscale(*MINI, "--out", str(out))  # nothing left to train: only the report is rebuilt
-    assert again.wait(timeout=120) == 0
-    assert "[1/" not in again.stdout.read()
+    stale = out / "trials" / "w-x2" / "seed0" / "result.json"
+    points = results.read(stale, SeedResult).points
+    stale.write_text(json.dumps(json.loads(stale.read_text()) | {"version": 1}))  # another version's file
+    again = vitscale(*MINI, "--out", str(out))  # that seed alone runs again: its finished runs are re-read
+    log = again.communicate(timeout=120)[0]
+    assert again.returncode == 0, log
+    assert "[1/1] w-x2 seed 0" in log and "running it again" in log and "[2/" not in log
+    assert results.read(stale, SeedResult).points == points
 
 
 @pytest.mark.parametrize("args,message", [
