@@ -16,18 +16,19 @@ is at most 2x. A last muP sweep at 4x depth uses the other depth LR rule (hidden
 LR x depth_mult^-0.5, Tensor Programs VI's for Adam, against vitscale's 0: DEPTH_LR_EXPONENT),
 to tell which one transfers.
 
-    python benchmarks/bench_transfer.py --quick      # half-size shapes, 5 rates, 60 steps: ~3 minutes
-    python benchmarks/bench_transfer.py              # pico/4 shapes, 6 rates, 56 steps: ~11-14 minutes
+    python benchmarks/bench_transfer.py --quick      # half-size shapes, 5 rates, 60 steps: a few minutes
+    python benchmarks/bench_transfer.py              # pico/4 shapes, 6 rates, 200 steps: ~40 minutes
     python benchmarks/bench_transfer.py --json out/bench_transfer.json
 
-Runtime: one thread per run; the full run took 16 minutes on a 2-core CPU shared with other
-jobs (load ~2.5), 8x width 60% of it. Expected (digits, seed 0, full run): muP's best base LR
-0.015-0.018 at every shape (spread 1.19x); SP's moves from 0.016 to <= 0.005 (grid edge) at
-4x and 8x width (spread >= 7.5x). These runs are short (56 steps: the base ends at val loss
-2.18, chance is 2.30; the 4x-depth models hardly leave chance), so read the depth figures as
-weak evidence; --steps raises the length at a proportional cost. `--quick --steps 200`
-(10 minutes) trains further (base val loss 1.49): muP's width moves 0.80-1.04x against SP's
-<= 0.29x, and at 4x depth the ^-0.5 depth LR rule moves the best LR 2.01x, vitscale's 0.92x.
+Runtime: one thread per run; 8x width takes about 2 minutes a run on an idle core, 60% of the
+total. Measured (cluttered-digits, 200 steps of batch 32, seed 0): muP's best base LR 0.0086
+to 0.0105 at every shape (spread 1.23x), SP's moves from 0.0097 to 0.0025 (grid edge) at 4x
+width, 0.0045 at 8x width and 0.017 at 4x depth (spread 6.86x). At 4x depth the depth-muP
+Adam rule (hidden LR x depth_mult^-0.5) moves the best LR 1.76x, vitscale's rule (none) 0.89x.
+At these lengths SP's wide models at their own best LR reach lower loss than muP's at the
+transferred one (8x width: 1.34 against 1.84): muP fixes where the optimum is, not how fast a
+wide model learns in 200 steps. One seed: neighbouring rates are noisy (0.02 is often worse
+than 0.04), so read the spreads as coarse.
 """
 
 from __future__ import annotations
