@@ -208,6 +208,9 @@ def test_miniature_study_killed_and_resumed(tmp_path):
     (["--budget", "compute:1e3"], "too small"),
     (["--out", "/proc/vitscale-study"], "cannot write"),
     (["--train.epochz=3"], "unknown config key"),
+    (["--fractions", "0,1"], "fractions must be in (0, 1]"),
+    (["--lrs=1e-3,-2e-3"], "lrs must be positive"),
+    (["--seeds", "0"], "seeds must be at least 1"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
     r = subprocess.run([sys.executable, "-m", "vitscale", *MINI, "--out", str(tmp_path / "s"), *args],
