@@ -331,7 +331,7 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, log=print
     points, last = [], None
     for f, length, start in plan_:
         last = run(f"cool-{f:g}", decay_frac=study.decay_frac, max_steps=length,
-                   branch_from=str(Path(stable.out) / f"{checkpoint.PREFIX}{start:08d}"))
+                   branch_from=str(checkpoint.at(stable.out, start)))
         points.append(_point(f, length, trial.run, sizing, engine.train(last, log), rate, True))
     probe = _probe(study, trial, last, seed, log) if study.objective == "mae" else None
     if _rank() != 0:
