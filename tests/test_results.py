@@ -1,14 +1,12 @@
-"""The study's typed results, the size-and-length law and its backtest."""
+"""The study's typed results: written, read back, refused when stale, averaged over seeds."""
 
 import json
 import math
 from dataclasses import replace
 
-import numpy as np
 import pytest
-from scipy.optimize import least_squares
 
-from vitscale import analysis, fits, results
+from vitscale import results
 from vitscale.results import Point, SeedResult, StaleResult, TrialResult
 
 
@@ -69,39 +67,3 @@ def test_seeds_average_and_the_binomial_error_pools_them():
     assert two.stderr == pytest.approx(math.sqrt(0.75 * 0.25 / 20000))
     assert t.stderr == pytest.approx(math.sqrt(0.8 * 0.2 / 10000))
     assert [p.accuracy for p in two.points()][-1] == pytest.approx(0.75)
-
-
-def test_joint_law_recovers_exact_parameters():
-    n = np.repeat([1e6, 2e6, 4e6], 4)
-    d = np.tile([1e4, 2e4, 4e4, 8e4], 3)
-    law = fits.fit_joint_law(n, d, _law(n, d))
-    assert (law.e, law.a, law.alpha, law.b, law.beta) == pytest.approx((0.04, 0.3, 0.5, 0.4, 0.35), rel=2e-3)
-    assert law.predict(8e6, 1e4) == pytest.approx(_law(8e6, 1e4), abs=1e-4)
-
-
-def test_joint_law_is_as_good_as_scipy_least_squares_on_noisy_points():
-    rng = np.random.default_rng(0)
-    n = np.repeat([1e6, 2e6, 4e6, 8e6], 4)
-    d = np.tile([1e4, 2e4, 4e4, 8e4], 4)
-    y = _law(n, d) + rng.normal(0, 0.003, n.size)
-    ours = fits.fit_joint_law(n, d, y, huber=1.0)  # a Huber loss this wide is plain least squares
-    fit = least_squares(lambda p: p[0] + p[1] * (n / 1e6) ** -p[2] + p[3] * (d / 1e4) ** -p[4] - y,
-                        [0.05, 0.3, 0.5, 0.3, 0.5], bounds=([0, 0, 0, 0, 0], [1, 4, 3, 4, 3]))
-    assert np.sum((ours.predict(n, d) - y) ** 2) <= 2 * fit.cost * (1 + 1e-4)
-
-
-def test_joint_law_needs_sizes_and_lengths():
-    with pytest.raises(ValueError, match="two or more sizes"):
-        fits.fit_joint_law([1, 1, 1, 1, 1, 1], [1, 2, 3, 4, 5, 6], [0.5] * 6)
-
-
-def test_backtest_predicts_the_held_out_trial():
-    members = [_trial("base", 1e6, 800), _trial("w-x2", 2e6, 400), _trial("w-x4", 4e6, 200),
-               _trial("w-x8", 8e6, 100)]
-    bt = analysis.backtest(members)
-    assert bt["trial"] == "w-x8" and bt["fitted_on"] == ["base", "w-x2", "w-x4"]
-    assert bt["predicted"] == pytest.approx(1 - _law(8e6, 1000), abs=2e-3)
-    assert abs(bt["error"]) < 2e-3
-    off = analysis.backtest(members[:3] + [_trial("w-x8", 8e6, 100, accuracy=0.3)])
-    assert off["error"] == pytest.approx(off["predicted"] - 0.3)
-    assert analysis.backtest(members[:2]) is None

@@ -1,126 +1,570 @@
-"""What a scaling study's trials say: per-strategy fits on annealed points, a backtest of
-the size-and-length law on held-out trials, the runtime model, the recommendation.
+"""What a scaling study's trials say, every claim checked: summary.Summary.
 
-Every point fitted is annealed: the end of a cooldown branch (the mean over a trial's
-seeds). Mid-run evaluations at full learning rate are kept for plots only.
-
-    per strategy   the lower envelope of (training compute, error) over its trials' annealed
-                   points, fitted by error(C) = e_inf + a (C/C0)^-b
-    backtest       per strategy, error(N, D) = e + a N^-alpha + b D^-beta fitted on every
-                   trial but the largest, which it then predicts: the error of the law
-    runtime        seconds per sample against flops and acts
+points      every annealed point of every seed: (strategy, N, D, error), N the model's
+            forward multiply-adds per sample, D the samples it trained on
+law         error(s, N, D) = e + a (N/n0)^-alpha_s + b (D/d0)^-beta   (fits.fit_law)
+bootstrap   refits to trials resampled within each strategy, a random seed of each,
+            each point moved by its validation sampling noise: the spread of a prediction
+backtest    the law fitted without each strategy's largest trials predicts them
+recommend   for a compute or time budget, each strategy's best size (and so length)
+            under the law refitted on every trial; candidates within noise tie and the
+            cheapest is named; beside it, the best trial measured within the budget
+isoflops    trials at equal compute, measured, as a check of the law's optimum
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import math
+from dataclasses import replace
 
-from vitscale import fits, stats
+import numpy as np
+
+from vitscale import config, fits, stats
+from vitscale.fits import Law
+from vitscale.models.vit import ViTConfig
 from vitscale.results import SweepPoint, TrialResult
-from vitscale.study import StudyConfig, parse_budget, pick_lr
+from vitscale.scaling import Scaled, scale_family
+from vitscale.study import StudyConfig, held_out, parse_budget, pick_lr
+from vitscale.summary import (
+    LEVEL,
+    Backtest,
+    Candidate,
+    Check,
+    FrontierPoint,
+    Growth,
+    IsoFlop,
+    Noise,
+    Parameter,
+    Recommendation,
+    Runtime,
+    Summary,
+    Sweep,
+)
 
-MULTIPLES = (1.0, 2.0, 4.0)  # budgets the recommendation predicts for
-EFFICIENT_WITHIN = 0.01  # the efficient pick: the fastest trial this close to the best accuracy
+BOOTSTRAP = 200  # refits per interval
+FACTORS = tuple(2 ** (i / 8) for i in range(-16, 81))  # shapes the law chooses among: 1/4x to 1024x flops
+Z = 1.6449  # the normal quantile of LEVEL's two-sided interval
 
 
-def _strategy(members: list[TrialResult], budget_compute: float) -> dict:
-    members = sorted(members, key=lambda r: r.flops)
-    flops = [r.flops for r in members]
-    out: dict = {"trials": [r.name for r in members],
-                 "acts_growth": stats.loglog_slope(flops, [r.acts for r in members])
-                 if len(set(flops)) > 1 else float("nan")}
-    points = [(p.compute, 1.0 - p.accuracy) for r in members for p in r.points()]
-    fc, fe = fits.frontier([c for c, _ in points], [e for _, e in points])
-    out["frontier"] = {"compute": fc, "error": fe}
-    out["backtest"] = backtest(members)
+# ----------------------------------------------------------------------------- points and noise
+def _labelled(rows: list[TrialResult], strategies: tuple[str, ...]) -> list[tuple[TrialResult, str]]:
+    """(trial, strategy) pairs: a trial once per strategy it belongs to, the base once (every
+    strategy's law agrees at the base's size)."""
+    pairs = []
+    for r in rows:
+        mine = [s for s in strategies if s in r.strategies]
+        pairs += [(r, s) for s in (mine[:1] if r.name == "base" else mine)]
+    return pairs
+
+
+def _points(pairs, rng: np.random.Generator | None = None) -> tuple[list, list, list, list]:
+    """Annealed points as (strategy, N, D, error) columns. With `rng`: each fraction's value from a
+    random seed of those that ran it, moved by its validation sampling noise."""
+    cols = ([], [], [], [])
+    for r, s in pairs:
+        by_fraction: dict[float, list] = {}
+        for seed in r.seeds:
+            for p in seed.points:
+                by_fraction.setdefault(p.fraction, []).append(p)
+        for ps in by_fraction.values():
+            if rng is None:
+                for p in ps:
+                    row = (s, r.flops, p.samples, 1.0 - p.accuracy)
+                    for c, v in zip(cols, row, strict=True):
+                        c.append(v)
+            else:
+                p = ps[rng.integers(len(ps))]
+                row = (s, r.flops, p.samples, 1.0 - p.accuracy + rng.normal(0.0, p.stderr))
+                for c, v in zip(cols, row, strict=True):
+                    c.append(v)
+    return cols
+
+
+def noise(rows: list[TrialResult]) -> Noise:
+    """Seed-to-seed spread of final accuracy, pooled over trials with two or more seeds
+    (validation sampling included); the binomial error alone where no trial has two."""
+    ss, dof = 0.0, 0
+    for r in rows:
+        acc = [s.final.accuracy for s in r.seeds]
+        if len(acc) > 1:
+            ss += float(np.sum((np.asarray(acc) - np.mean(acc)) ** 2))
+            dof += len(acc) - 1
+    binomial = float(np.median([s.final.stderr for r in rows for s in r.seeds]))
+    sd = max(math.sqrt(ss / dof), binomial) if dof else binomial
+    return Noise(sd, dof, binomial)
+
+
+def _final(r: TrialResult) -> float:
+    """Mean over seeds of the full-length annealed point (the fitted metric)."""
+    return r.points()[-1].accuracy
+
+
+# ----------------------------------------------------------------------------- fitting
+def _n0(rows: list[TrialResult]) -> float:
+    base = [r for r in rows if r.name == "base"]
+    return (base[0] if base else min(rows, key=lambda r: r.flops)).flops
+
+
+def fit(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -> tuple[Law, list[Law]]:
+    """The law on every annealed point of `rows`, and its bootstrap refits."""
+    pairs = _labelled(rows, strategies)
+    law = fits.fit_law(*_points(pairs), n0=n0)
+    rng = np.random.default_rng(0)
+    anchors = [(r, s) for r, s in pairs if r.flops == n0]
+    groups = {s: [(r, t) for r, t in pairs if t == s and r.flops != n0] for s in law.strategies}
+    laws = []
+    for _ in range(BOOTSTRAP):
+        drawn = anchors + [g[i] for g in groups.values() for i in rng.integers(0, len(g), len(g))]
+        try:
+            laws.append(fits.fit_law(*_points(drawn, rng), n0=n0, start=law))
+        except ValueError:
+            continue
+    return law, laws
+
+
+def _interval(draws: np.ndarray, sd: float, rng: np.random.Generator) -> tuple[float, float]:
+    """LEVEL interval of accuracies `draws` (one per refit), each moved by noise of `sd`."""
+    spread = np.repeat(draws, 10) + rng.normal(0.0, sd, 10 * len(draws))
+    q = (1 - LEVEL) / 2
+    return float(np.quantile(spread, q)), float(np.quantile(spread, 1 - q))
+
+
+def _predict(laws: list[Law], strategy: str, n: float, d: float) -> np.ndarray:
+    return np.array([1.0 - float(lw.predict(strategy, n, d)) for lw in laws])
+
+
+# ----------------------------------------------------------------------------- backtest
+def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int, noise_: Noise) -> Backtest:
+    """Fit without the held-out trials, predict each one's final accuracy with an interval."""
+    held = held_out(rows, strategies, holdout)
+    names = {r.name for rs in held.values() for r in rs}
+    fitted = [r for r in rows if r.name not in names]
+    n0 = _n0(rows)
+    able = tuple(s for s in strategies if any(s in r.strategies and r.flops != n0 for r in fitted))
+    notes = [
+        f"{s} keeps no trial but the base once its largest is held out, so it is not backtested"
+        for s in strategies
+        if s not in able and held[s]
+    ]
+    empty = Backtest(tuple(sorted(names)), tuple(r.name for r in fitted), None, (), None, None, 0, "")
+    if not names:
+        return replace(empty, note="nothing held out (holdout 0)")
     try:
-        law = fits.fit_power_law(fc, fe)
+        law, laws = fit(fitted, able, n0)
     except ValueError as e:
-        out["fit"], out["fit_error"] = None, str(e)
-        return out
-    at = [m * budget_compute for m in MULTIPLES]
-    ci = fits.bootstrap(fc, fe, at)
-    out["fit"] = law.as_dict() | {"b_interval": ci["b"], "e_inf_interval": ci["e_inf"]}
-    out["predictions"] = [
-        {"multiple": m, "compute": c, "accuracy": 1.0 - float(law.predict(c)),
-         "interval": [1.0 - ci[f"at_{i}"][1], 1.0 - ci[f"at_{i}"][0]], "extrapolation": c > max(fc) * 1.0001}
-        for i, (m, c) in enumerate(zip(MULTIPLES, at, strict=True))]
-    return out
+        return replace(empty, note=f"the law could not be fitted without the held-out trials: {e}")
+    rng = np.random.default_rng(1)
+    checks = []
+    for s in able:
+        for r in held[s]:
+            predicted = 1.0 - float(law.predict(s, r.flops, r.samples))
+            sd = noise_.sd(len(r.seeds))
+            interval = _interval(_predict(laws, s, r.flops, r.samples), sd, rng)
+            measured = _final(r)
+            checks.append(
+                Check(
+                    s,
+                    r.name,
+                    r.flops,
+                    r.samples,
+                    predicted,
+                    interval,
+                    measured,
+                    sd,
+                    len(r.seeds),
+                    predicted - measured,
+                    interval[0] <= measured <= interval[1],
+                )
+            )
+    errors = [abs(c.error) for c in checks]
+    return Backtest(
+        tuple(sorted(names)),
+        tuple(r.name for r in fitted),
+        law,
+        tuple(checks),
+        float(np.mean(errors)) if errors else None,
+        max(errors) if errors else None,
+        sum(c.covered for c in checks),
+        "; ".join(notes),
+    )
 
 
-def backtest(members: list[TrialResult]) -> dict | None:
-    """Fit error(N, D) on a family's annealed points without its largest trial, then predict
-    that trial's final accuracy. N = forward multiply-adds per sample, D = samples seen."""
-    members = sorted(members, key=lambda r: r.flops)
-    if len(members) < 3:
+# ----------------------------------------------------------------------------- recommendation
+class _Shapes:
+    """Every strategy's shapes on the FACTORS grid, with what training one costs."""
+
+    def __init__(
+        self, rows: list[TrialResult], strategies: tuple[str, ...], runtime: fits.RuntimeModel | None
+    ):
+        base = next((r for r in rows if r.name == "base"), min(rows, key=lambda r: r.flops))
+        cfg = self.base = config.from_dict(ViTConfig, base.model)
+        self.family: dict[str, list[Scaled]] = {s: scale_family(cfg, s, list(FACTORS)) for s in strategies}
+        self.ratio = float(np.median([r.train_flops_per_sample / r.flops for r in rows]))  # train / forward
+        self.batch = rows[0].batch
+        self.smallest = min(r.flops for r in rows)
+        self.runtime = runtime
+
+    def seconds_per_sample(self, m: Scaled) -> float:
+        if self.runtime is None:
+            return float("nan")
+        return max(float(self.runtime.predict(m.cost.flops, m.cost.acts)), 1e-12)
+
+    def samples(self, m: Scaled, kind: str, amount: float) -> float:
+        """Training samples a budget buys for shape m."""
+        if kind == "time":
+            return amount / self.seconds_per_sample(m)
+        return amount / (self.ratio * m.cost.flops)
+
+
+def _candidate(
+    shapes: _Shapes,
+    law: Law,
+    laws: list[Law],
+    s: str,
+    m: Scaled,
+    d: float,
+    sd: float,
+    span: tuple[float, float, float, float],
+    rng,
+    multiple: float = 1.0,
+) -> Candidate:
+    acc = 1.0 - float(law.predict(s, m.cost.flops, d))
+    n_lo, n_hi, d_lo, d_hi = span
+    outside = not (n_lo * 0.99 <= m.cost.flops <= n_hi * 1.01 and d_lo * 0.99 <= d <= d_hi * 1.01)
+    return Candidate(
+        s,
+        "base" if m.config == shapes.base else f"{s}-x{m.achieved:.3g}",
+        m.achieved,
+        config.to_dict(m.config),
+        m.cost.params,
+        m.cost.flops,
+        round(d / shapes.batch),
+        round(d),
+        d * shapes.ratio * m.cost.flops,
+        d * shapes.seconds_per_sample(m),
+        acc,
+        _interval(_predict(laws, s, m.cost.flops, d), sd, rng),
+        outside,
+        multiple,
+    )
+
+
+def _optimum(shapes: _Shapes, law: Law, s: str, kind: str, amount: float) -> tuple[Scaled, float] | None:
+    """Strategy s's best shape under the law for a budget, and the samples it trains on. Never
+    smaller than the smallest trial: below it the size term grows without a measurement to hold it."""
+    options = []
+    for m in shapes.family[s]:
+        if m.cost.flops < shapes.smallest * 0.99:
+            continue
+        d = shapes.samples(m, kind, amount)
+        if math.isfinite(d) and d >= shapes.batch:
+            options.append((float(law.predict(s, m.cost.flops, d)), m, d))
+    if not options:
         return None
-    held, fitted = members[-1], members[:-1]
-    pts = [(r.flops, p.samples, 1.0 - p.accuracy) for r in fitted for p in r.points()]
-    try:
-        law = fits.fit_joint_law(*zip(*pts, strict=True))
-    except ValueError as e:
-        return {"trial": held.name, "error": str(e)}
-    predicted = 1.0 - float(law.predict(held.flops, held.samples))
-    return {"trial": held.name, "fitted_on": [r.name for r in fitted], "law": law.as_dict(),
-            "predicted": predicted, "measured": held.accuracy, "stderr": held.stderr,
-            "error": predicted - held.accuracy}
+    _, m, d = min(options, key=lambda o: o[0])
+    return m, d
 
 
-def _runtime(rows: list[TrialResult]) -> dict:
-    seconds = [1.0 / r.measured["samples_per_s"] for r in rows]
-    out = {f"pearson_{k}": stats.pearson([getattr(r, k) for r in rows], seconds)
-           for k in ("flops", "params", "acts")}
-    try:
-        model = fits.fit_runtime([r.flops for r in rows], [r.acts for r in rows], seconds)
-        out["model"] = model.as_dict()
-    except ValueError as e:
-        out["model"], out["model_error"] = None, str(e)
+def _ties(best: Candidate, others: list[Candidate], spread, sd: float) -> list[Candidate]:
+    """Candidates whose accuracy one run at each could not tell from the best's (at LEVEL)."""
+    return [
+        c for c in others if best.accuracy - c.accuracy <= Z * math.sqrt(spread(best, c) ** 2 + 2 * sd**2)
+    ]
+
+
+def _cheapest(cands: list[Candidate]) -> Candidate:
+    """Training time first (compute where time is unknown), then inference multiply-adds."""
+    return min(cands, key=lambda c: (c.seconds if math.isfinite(c.seconds) else c.compute, c.flops))
+
+
+def _budget(study: StudyConfig, rows: list[TrialResult]) -> tuple[str, float, str]:
+    """(kind, amount, words) of the budget to recommend for: `target`, or the study's own."""
+    b = parse_budget(study.target or study.budget)
+    if b.kind == "time":
+        return "time", b.amount, f"{b.amount:.0f} s of training"
+    if b.kind == "compute" and not b.in_epochs:
+        return "compute", b.amount, f"{b.amount:.3g} multiply-adds of training"
+    top = max(rows, key=lambda r: r.compute)
+    what = (
+        "the study's compute per trial"
+        if b.kind == "compute"
+        else f"what its largest trial ({top.name}) spent"
+    )
+    return "compute", top.compute, f"{top.compute:.3g} multiply-adds of training ({what})"
+
+
+def _measured(rows: list[TrialResult], kind: str, amount: float, noise_: Noise) -> list[Candidate]:
+    """Every trial's annealed points within the budget, as candidates."""
+    out = []
+    for r in rows:
+        seeds = {}
+        for s in r.seeds:
+            for p in s.points:
+                seeds[p.fraction] = seeds.get(p.fraction, 0) + 1
+        for p in r.points():
+            spent = p.seconds if kind == "time" else p.compute
+            if spent <= amount * (1 + 1e-6):
+                sd = noise_.sd(seeds[p.fraction])
+                out.append(
+                    Candidate(
+                        r.strategies[0] if r.name != "base" else "base",
+                        r.name,
+                        r.achieved,
+                        r.model,
+                        r.params,
+                        r.flops,
+                        p.steps,
+                        p.samples,
+                        p.compute,
+                        p.seconds,
+                        p.accuracy,
+                        (p.accuracy - Z * sd, p.accuracy + Z * sd),
+                        False,
+                    )
+                )
     return out
 
 
-def _sweep(sweep: list[SweepPoint], rows: list[TrialResult]) -> dict | None:
+def recommend(
+    study: StudyConfig,
+    rows: list[TrialResult],
+    law: Law | None,
+    laws: list[Law],
+    noise_: Noise,
+    runtime: fits.RuntimeModel | None,
+) -> tuple[Recommendation, tuple[FrontierPoint, ...], _Shapes | None]:
+    kind, amount, words = _budget(study, rows)
+    measured = _measured(rows, kind, amount, noise_) or _measured(rows, "compute", math.inf, noise_)
+    m_best = max(measured, key=lambda c: c.accuracy)
+
+    def m_spread(a: Candidate, b: Candidate) -> float:  # measured: each one's noise
+        return math.hypot((a.interval[1] - a.accuracy) / Z, (b.interval[1] - b.accuracy) / Z)
+
+    m_tied = [m_best] + [c for c in _ties(m_best, [c for c in measured if c is not m_best], m_spread, 0.0)]
+    rec = Recommendation(
+        words,
+        amount if kind == "compute" else None,
+        amount if kind == "time" else None,
+        None,
+        None,
+        (),
+        _cheapest(m_tied),
+        m_best,
+        tuple(m_tied),
+        (),
+    )
+    if law is None:
+        return rec, (), None
+    shapes = _Shapes(rows, law.strategies, runtime)
+    if kind == "time" and runtime is None:
+        return rec, (), shapes
+    pairs = _labelled(rows, law.strategies)
+    ns, ds = [r.flops for r, _ in pairs], [p.samples for r, _ in pairs for s in r.seeds for p in s.points]
+    span = (min(ns), max(ns), min(ds), max(ds))
+    rng = np.random.default_rng(2)
+
+    def best_at(amount_: float, multiple: float = 1.0) -> list[Candidate]:
+        out = []
+        for s in law.strategies:
+            opt = _optimum(shapes, law, s, kind, amount_)
+            if opt:
+                out.append(_candidate(shapes, law, laws, s, *opt, noise_.seed_sd, span, rng, multiple))
+        return sorted(out, key=lambda c: -c.accuracy)
+
+    cands = best_at(amount)
+    if not cands:
+        return rec, (), shapes
+    best = cands[0]
+
+    def l_spread(a: Candidate, b: Candidate) -> float:  # the law's uncertainty about their difference
+        return float(
+            np.std(
+                _predict(laws, a.strategy, a.flops, a.samples)
+                - _predict(laws, b.strategy, b.flops, b.samples)
+            )
+        )
+
+    tied = [best] + _ties(best, cands[1:], l_spread, noise_.seed_sd)
+    ahead = tuple(c[0] for m in study.ahead if (c := best_at(m * amount, m)))
+    frontier = []
+    ns_all = [p.compute for r in rows for p in r.points()]
+    for c in np.geomspace(min(ns_all) / 2, max(study.ahead + (1.0,)) * amount * 1.5, 30):
+        for s in law.strategies:
+            opt = _optimum(shapes, law, s, "compute", float(c))
+            if opt:
+                m, d = opt
+                frontier.append(
+                    FrontierPoint(
+                        s, float(c), m.achieved, m.cost.flops, d, 1.0 - float(law.predict(s, m.cost.flops, d))
+                    )
+                )
+    pick = _cheapest(tied)
+    note = (
+        "The law's best size is the smallest measured: a smaller model may do better still at this budget; "
+        "add factors below 1 (e.g. --factors 0.5,1,2,4) to find out."
+        if pick.flops <= shapes.smallest * 1.01
+        else ""
+    )
+    rec = replace(rec, pick=pick, best=best, tied=tuple(tied), ahead=ahead, note=note)
+    return rec, tuple(frontier), shapes
+
+
+# ----------------------------------------------------------------------------- isoflops
+def _at(r: TrialResult, compute: float, tolerance: float = 0.1) -> tuple[float, float] | None:
+    """A trial's (samples, accuracy) at `compute`: between its annealed points, linear in log
+    compute; up to `tolerance` beyond its first or last point, that point's."""
+    pts = r.points()
+    cs = np.log([p.compute for p in pts])
+    x = math.log(compute)
+    if not cs[0] - tolerance <= x <= cs[-1] + tolerance:
+        return None
+    acc = float(np.interp(x, cs, [p.accuracy for p in pts]))
+    return compute / r.train_flops_per_sample, acc
+
+
+def isoflops(rows: list[TrialResult], law: Law | None, shapes: _Shapes | None) -> tuple[IsoFlop, ...]:
+    """Profiles where three or more trials meet: at the computes of the base's annealed points
+    (under a compute budget, every trial's), and at powers of two of its full compute."""
+    base = next((r for r in rows if r.name == "base"), min(rows, key=lambda r: r.flops))
+    out = []
+    budgets: list[float] = []
+    for c in sorted([p.compute for p in base.points()] + [base.compute * 2.0**k for k in range(-4, 8)]):
+        if not budgets or c > budgets[-1] * 1.05:  # the base's annealed points, and powers of two of its budget
+            budgets.append(c)
+    for c in budgets:
+        at = [(r, v) for r in rows if (v := _at(r, c))]
+        if len({r.flops for r, _ in at}) < 3:
+            continue
+        strategies = [r.strategies[0] if r.name != "base" else "base" for r, _ in at]
+        predicted = tuple(
+            1.0 - float(law.predict(s if s in law.strategies else law.strategies[0], r.flops, d))
+            if law and (s in law.strategies or s == "base")
+            else None
+            for (r, (d, _)), s in zip(at, strategies, strict=True)
+        )
+        law_best, law_flops = "", None
+        if law and shapes:
+            opts = [(s, o) for s in law.strategies if (o := _optimum(shapes, law, s, "compute", c))]
+            if opts:
+                s, (m, d) = min(opts, key=lambda o: float(law.predict(o[0], o[1][0].cost.flops, o[1][1])))
+                law_best, law_flops = "base" if m.config == shapes.base else f"{s}-x{m.achieved:.3g}", m.cost.flops
+        best = max(at, key=lambda rv: rv[1][1])[0].name
+        out.append(
+            IsoFlop(
+                c,
+                tuple(r.name for r, _ in at),
+                tuple(strategies),
+                tuple(r.flops for r, _ in at),
+                tuple(d for _, (d, _) in at),
+                tuple(a for _, (_, a) in at),
+                predicted,
+                best,
+                law_best,
+                law_flops,
+            )
+        )
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- runtime, sweep
+def runtime(rows: list[TrialResult]) -> Runtime:
+    seconds = [1.0 / r.measured["samples_per_s"] for r in rows]
+    flops, acts = [r.flops for r in rows], [r.acts for r in rows]
+    pearson = [stats.pearson([getattr(r, k) for r in rows], seconds) for k in ("flops", "params", "acts")]
+    model, loo, note = None, (), ""
+    try:
+        model = fits.fit_runtime(flops, acts, seconds)
+        loo = tuple(fits.runtime_loo(flops, acts, seconds))
+    except ValueError as e:
+        note = str(e)
+    return Runtime(*pearson, model, loo, note)
+
+
+def _sweep(sweep: list[SweepPoint], rows: list[TrialResult]) -> Sweep | None:
     if not sweep:
         return None
     compute = sum(p.compute for p in sweep)
     trials = sum(r.compute * len(r.seeds) for r in rows)
-    return {"points": [asdict(p) for p in sweep], "lr": pick_lr(sweep).lr, "compute": compute,
-            "trials_compute": trials, "share": compute / trials if trials else float("nan"),
-            "wall_s": sum(p.wall_s for p in sweep)}
+    return Sweep(
+        tuple(sweep),
+        pick_lr(sweep).lr,
+        compute,
+        trials,
+        compute / trials if trials else float("nan"),
+        sum(p.wall_s for p in sweep),
+    )
 
 
-def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoint] = ()) -> dict:
-    """summary.json: per-strategy fits and backtests, the sweep, runtime model, recommendation."""
-    best = max(rows, key=lambda r: (r.accuracy, -r.wall_s))
-    strategies = {s: _strategy([r for r in rows if s in r.strategies], best.compute)
-                  for s in study.strategies}
-    recommendation = {
-        "trial": best.name, "strategy": "base" if best.name == "base" else best.strategies[0],
-        "factor": best.factor, "model": best.model, "accuracy": best.accuracy, "stderr": best.stderr,
-        "accuracies": best.accuracies, "params": best.params, "flops": best.flops, "compute": best.compute,
-        "wall_s": best.wall_s}
-    ahead = []
-    for m in MULTIPLES[1:]:
-        options = [(s, p) for s, a in strategies.items() for p in a.get("predictions", [])
-                   if p["multiple"] == m]
-        if options:
-            s, p = max(options, key=lambda o: o[1]["accuracy"])
-            ahead.append({"multiple": m, "strategy": s} | p)
-    recommendation["predicted"] = ahead
-    close = [r for r in rows if r.accuracy >= best.accuracy - EFFICIENT_WITHIN]
-    fastest = min(close, key=lambda r: r.samples / r.seeds[0].train_samples_per_s)
-    recommendation["efficient"] = {"name": fastest.name, "accuracy": fastest.accuracy,
-                                   "params": fastest.params, "flops": fastest.flops,
-                                   "compute": fastest.compute}
-    tests = [b for a in strategies.values() if (b := a.get("backtest")) and "predicted" in b]
-    errors = [abs(b["error"]) for b in tests]
-    note = ("The fits use the k-NN top-1 of each cooldown's end; the trials are ranked by the linear probe "
-            "of "
-            "their full-length encoder." if study.objective == "mae" else "")
-    return {"fit_metric_note": note, "budget": study.budget, "budget_kind": parse_budget(study.budget).kind,
-            "objective": study.objective, "param": study.param,
-            "metric": "linear-probe top-1" if study.objective == "mae" else "val top-1",
-            "trials": len(rows), "total_wall_s": sum(r.wall_s for r in rows),
-            "sweep": _sweep(list(sweep), rows),
-            "backtest": {"mean_abs_error": sum(errors) / len(errors) if errors else None,
-                         "max_abs_error": max(errors) if errors else None, "trials": len(tests)},
-            "strategies": strategies, "runtime": _runtime(rows), "recommendation": recommendation}
+def _parameters(law: Law, laws: list[Law]) -> tuple[Parameter, ...]:
+    q = (1 - LEVEL) / 2
+
+    def interval(values) -> tuple[float, float]:
+        return (
+            (float(np.quantile(values, q)), float(np.quantile(values, 1 - q)))
+            if laws
+            else (math.nan, math.nan)
+        )
+
+    named = [
+        ("e", law.e, [x.e for x in laws]),
+        ("a", law.a, [x.a for x in laws]),
+        ("b", law.b, [x.b for x in laws]),
+        ("beta", law.beta, [x.beta for x in laws]),
+    ]
+    named += [(f"alpha[{s}]", law.alpha(s), [x.alpha(s) for x in laws]) for s in law.strategies]
+    return tuple(Parameter(n, v, interval(d)) for n, v, d in named)
+
+
+def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoint] = ()) -> Summary:
+    """Backtest first (fits without the held-out trials), then the law refitted on every trial
+    for the recommendation, the frontier and the IsoFLOP check."""
+    noise_ = noise(rows)
+    strategies = tuple(study.strategies)
+    bt = backtest(rows, strategies, study.holdout, noise_)
+    n0 = _n0(rows)
+    able = tuple(s for s in strategies if any(s in r.strategies and r.flops != n0 for r in rows))
+    try:
+        law, laws = fit(rows, able, n0)
+    except ValueError:
+        law, laws = None, []
+    rt = runtime(rows)
+    rec, frontier, shapes = recommend(study, rows, law, laws, noise_, rt.model)
+    growth = tuple(
+        Growth(
+            s,
+            tuple(r.name for r in m),
+            stats.loglog_slope([r.flops for r in m], [r.acts for r in m])
+            if len({r.flops for r in m}) > 1
+            else math.nan,
+        )
+        for s in strategies
+        if (m := sorted((r for r in rows if s in r.strategies), key=lambda r: r.flops))
+    )
+    note = (
+        "The law is fitted to the k-NN top-1 of each cooldown's end; the trials' final accuracy is the "
+        "linear "
+        "probe of their full-length encoder."
+        if study.objective == "mae"
+        else ""
+    )
+    return Summary(
+        study.budget,
+        parse_budget(study.budget).kind,
+        study.objective,
+        study.param,
+        "linear-probe top-1" if study.objective == "mae" else "val top-1",
+        note,
+        strategies,
+        len(rows),
+        sum(r.wall_s for r in rows),
+        noise_,
+        bt,
+        law,
+        _parameters(law, laws) if law else (),
+        rec,
+        frontier,
+        isoflops(rows, law, shapes),
+        _sweep(list(sweep), rows),
+        rt,
+        growth,
+    )

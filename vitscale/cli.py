@@ -191,7 +191,7 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
     given = [("model", args.model), ("strategies", args.strategy), ("factors", args.factors),
              ("budget", args.budget), ("objective", args.objective), ("workers", args.workers),
              ("param", args.param), ("lrs", args.lrs), ("fractions", args.fractions), ("seeds", args.seeds),
-             ("out", args.out)]
+             ("target", args.target), ("holdout", args.holdout), ("out", args.out)]
     changes = {k: v for k, v in given if v is not None}
     overrides = _pairs(extra)
     bad = [o for o in overrides if not o.startswith("--") or "." not in o.split("=")[0]]
@@ -201,16 +201,26 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
     cfg = replace(cfg, **changes, overrides=cfg.overrides + tuple(o.lstrip("-") for o in overrides))
     config.apply_overrides(study.base_run(cfg), list(cfg.overrides))  # check them before any work
     summary = study.run_study(cfg, only=args.trial)
-    if not summary:
+    if summary is None:
         return
     if args.json:
-        return report.print_json(summary)
-    rec, bt = summary["recommendation"], summary["backtest"]
-    if bt["trials"]:
-        print(f"backtest: the size-and-length law predicts its {bt['trials']} held-out trials within "
-              f"{100 * bt['mean_abs_error']:.1f} points on average (max {100 * bt['max_abs_error']:.1f})")
-    print(f"recommended: {rec['trial']} ({rec['params'] / 1e6:.2f} M params), {summary['metric']} "
-          f"{rec['accuracy']:.4f}; report in {cfg.out}/report.html")
+        from vitscale.summary import as_json
+
+        print(as_json(summary))
+        return
+    bt, rec = summary.backtest, summary.recommendation
+    if bt.checks:
+        print(f"backtest: the law, fitted without {', '.join(bt.held_out)}, predicts them within "
+              f"{100 * bt.mean_abs_error:.1f} points on average (max {100 * bt.max_abs_error:.1f}); "
+              f"its intervals cover {bt.covered} of {len(bt.checks)}")
+    if rec.pick:
+        p = rec.pick
+        print(f"recommended for {rec.budget}: {p.strategy} at {p.factor:.3g}x the base's flops (depth "
+              f"{p.model['depth']}, width {p.model['width']}), {p.steps} steps, predicted {summary.metric} "
+              f"{100 * p.accuracy:.1f}% ({100 * p.interval[0]:.1f}-{100 * p.interval[1]:.1f})")
+    m = rec.measured
+    print(f"best measured within the budget: {m.name} at {m.steps} steps, {100 * m.accuracy:.1f}%; "
+          f"report in {cfg.out}/report.html")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -300,10 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a study YAML (e.g. runs/study/study.yaml to continue a study)")
     p.add_argument("--model", help="base preset (default pico/4)")
     p.add_argument("--strategy", type=lambda s: tuple(x for x in s.split(",") if x),
-                   help="comma-separated strategies (default d,w,r,d1_w8_r1)")
-    p.add_argument("--factors", type=lambda s: tuple(_floats(s)), help="flops factors (default 1,2,4,8)")
+                   help="comma-separated strategies (default d,w)")
+    p.add_argument("--factors", type=lambda s: tuple(_floats(s)), help="flops factors (default 1,1.5,2.25,3.4)")
     p.add_argument("--budget", help="per trial: epochs:N, compute:Nep (the base model's N epochs), "
-                   "compute:MACS (multiply-adds) or time:90s (default epochs:1)")
+                   "compute:MACS (multiply-adds) or time:90s (default compute:4ep)")
     p.add_argument("--objective", choices=["supervised", "mae"],
                    help="supervised, or MAE pre-training then a linear probe (default supervised)")
     p.add_argument("--param", choices=["mup", "sp"],
@@ -312,8 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base_lr values swept on the base model (default 4e-3,8e-3,1.6e-2,3.2e-2,6.4e-2; "
                    "'' = none)")
     p.add_argument("--fractions", type=lambda s: tuple(_floats(s)),
-                   help="cooldown branch points as shares of each trial's budget (default 0.125,0.25,0.5,1)")
-    p.add_argument("--seeds", type=int, help="seeds of the leading trials (default 2; the rest run one)")
+                   help="cooldown branch points as shares of each trial's budget (default 0.35,0.5,0.71,1)")
+    p.add_argument("--seeds", type=int, help="seeds of the leading and held-out trials (default 2; the rest "
+                   "run one)")
+    p.add_argument("--target", help="budget to recommend for, if not the study's: compute:MACS or time:10m "
+                   "(finished trials are reused; only the analysis changes)")
+    p.add_argument("--holdout", type=int, help="each strategy's largest trials the backtest holds out and "
+                   "predicts before the law is refitted on all (default 1; 0 = none)")
     p.add_argument("--workers", type=int, help="trials at once (default: one per core, up to 4; 1 on a GPU)")
     p.add_argument("--out", help="study directory (default runs/study; an existing one continues)")
     p.add_argument("--trial", help="run only this trial, every seed (e.g. one torchrun job per trial on a "

@@ -1,118 +1,150 @@
-"""Fits for the scaling study: a saturating power law of error against compute, with
-bootstrap intervals, a linear runtime model, and the compute frontier they are fitted to.
+"""Fits for the scaling study: a law of error over model size and training length, and a
+runtime model, each with the checks the study reports.
 
-    error(C) = e_inf + a * (C / C0) ** -b        a, b, e_inf >= 0;  C0 = the smallest compute
+    error(s, N, D) = e + a (N / n0)^-alpha_s + b (D / d0)^-beta
 
-For a fixed exponent b the law is linear in (e_inf, a), so the fit is a one-dimensional
-search over b with a closed-form non-negative least-squares solve inside.
+N is a model's forward multiply-adds per sample, D the training samples it saw, s its
+scaling strategy. It is Hoffmann et al.'s (2022) third approach with one exponent per
+strategy: every strategy starts from the same base model (N = n0), so they share e, a and
+the length term b, beta, and differ in how fast their size term falls. It is fitted with a
+Huber loss from a grid of starts.
 
-    error(N, D) = e + a * (N / n0) ** -alpha + b * (D / d0) ** -beta
+    seconds per sample = per_flop * flops + per_act * acts + overhead
 
-over model size N and training samples D (Hoffmann et al. 2022, approach 3) is fitted
-with a Huber loss from several starts; the study backtests it on held-out trials.
+is fitted by least squares and judged by its leave-one-out error.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-EXPONENTS = np.geomspace(0.01, 3.0, 240)  # the grid searched for b before refining
+ALPHA_STARTS = (0.2, 0.6, 1.2)
+BETA_STARTS = (0.2, 0.6, 1.2)
+MAX_EXPONENT = 3.0
 
 
 @dataclass(frozen=True)
-class PowerLaw:
-    e_inf: float  # error the law saturates at
-    a: float  # scale of the reducible error at C0
-    b: float  # exponent
-    c0: float  # compute unit (the smallest compute fitted)
-    r2: float  # coefficient of determination on the fitted points
+class Law:
+    """error(s, N, D) = e + a (N / n0)^-alphas[s] + b (D / d0)^-beta."""
+
+    strategies: tuple[str, ...]
+    e: float  # error no size or length removes
+    a: float  # size term at n0
+    alphas: tuple[float, ...]  # size exponent of each strategy
+    b: float  # length term at d0
+    beta: float  # length exponent
+    n0: float  # size unit: the base model's multiply-adds per sample
+    d0: float  # length unit: the fewest samples fitted
     rmse: float  # root mean squared error of the fit (error units)
     points: int
 
-    def predict(self, compute: float | np.ndarray) -> float | np.ndarray:
-        return self.e_inf + self.a * (np.asarray(compute, dtype=float) / self.c0) ** -self.b
+    def alpha(self, strategy: str) -> float:
+        return self.alphas[self.strategies.index(strategy)]
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def predict(self, strategy: str, n, d):
+        n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
+        return self.e + self.a * (n / self.n0) ** -self.alpha(strategy) + self.b * (d / self.d0) ** -self.beta
 
 
-def _nonneg_lstsq(u: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """min ||e + a*u - y||^2 over e, a >= 0; returns (e, a, sse)."""
+def _theta(law: Law) -> np.ndarray:
+    return np.array([np.log(law.e), np.log(law.a), np.log(law.b), law.beta, *law.alphas])
+
+
+def fit_law(
+    strategy: Sequence[str],
+    size: Sequence[float],
+    samples: Sequence[float],
+    error: Sequence[float],
+    n0: float | None = None,
+    huber: float = 0.01,
+    start: Law | None = None,
+) -> Law:
+    """Fit the law to points (strategy, N, D, error).
+
+    Coefficients are fitted as logs (positive by construction), exponents in [0, 3]. Every
+    strategy needs a point of another size than n0 (its exponent is otherwise unknown), and
+    the points need two or more lengths. `start`: a previous fit to start from alone (the
+    bootstrap's refits), instead of the grid.
+    """
+    from scipy.optimize import minimize
+
+    n, d, y = (np.asarray(v, dtype=float) for v in (size, samples, error))
+    names = tuple(dict.fromkeys(strategy))
+    n0 = float(n.min()) if n0 is None else float(n0)
+    for s in names:
+        if not any(ni != n0 for si, ni in zip(strategy, n, strict=True) if si == s):
+            raise ValueError(f"strategy {s} has no trial but the base to fit its size exponent on")
+    if len(np.unique(d)) < 2 or len(y) < 4 + len(names):
+        raise ValueError("the law needs two or more training lengths and more points than parameters")
+    d0 = float(d.min())
+    ln, ld = np.log(n / n0), np.log(d / d0)
+    which = np.array([names.index(s) for s in strategy])
+
+    onehot = np.eye(len(names))[which]  # [points, strategies]
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        """Huber loss of the residuals and its gradient."""
+        le, la, lb, beta, *alphas = theta
+        size = np.exp(la - np.asarray(alphas)[which] * ln)
+        length = np.exp(lb - beta * ld)
+        r = np.exp(le) + size + length - y
+        small = np.abs(r) <= huber
+        value = float(np.sum(np.where(small, 0.5 * r**2, huber * (np.abs(r) - 0.5 * huber))))
+        psi = np.where(small, r, huber * np.sign(r))  # d loss / d r
+        grad = [np.sum(psi) * np.exp(le), psi @ size, psi @ length, -psi @ (ld * length)]
+        return value, np.array(grad + list(-(psi * ln * size) @ onehot))
+
+    bounds = [(-12, 0.5), (-12, 1.5), (-12, 1.5), (0, MAX_EXPONENT)] + [(0, MAX_EXPONENT)] * len(names)
+    if start is not None:
+        starts = [_theta(start)]
+    else:
+        spread = max(float(y.max() - y.min()), 1e-3)
+        starts = [
+            np.array(
+                [
+                    np.log(max(float(y.min()) * f, 1e-4)),
+                    np.log(share * spread),
+                    np.log((1 - share) * spread),
+                    beta,
+                ]
+                + [alpha] * len(names)
+            )
+            for f, alpha, beta, share in itertools.product((0.5,), ALPHA_STARTS, BETA_STARTS, (0.5,))
+        ]
     best = None
-    # The unconstrained optimum, then each side of the constraint boundary.
-    A = np.stack([np.ones_like(u), u], axis=1)
-    (e, a), *_ = np.linalg.lstsq(A, y, rcond=None)
-    options = [(e, a)] if e >= 0 and a >= 0 else []
-    options += [(float(np.mean(y)), 0.0), (0.0, max(0.0, float(u @ y / max(u @ u, 1e-300))))]
-    for e, a in options:
-        sse = float(np.sum((e + a * u - y) ** 2))
-        if best is None or sse < best[2]:
-            best = (float(e), float(a), sse)
-    return best
+    for theta in starts:
+        r = minimize(
+            loss,
+            np.clip(theta, *np.array(bounds).T),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=bounds,
+            options={"ftol": 1e-14, "gtol": 1e-10, "maxiter": 1000},
+        )
+        if best is None or r.fun < best.fun:
+            best = r
+    le, la, lb, beta, *alphas = best.x
+    law = Law(
+        names,
+        float(np.exp(le)),
+        float(np.exp(la)),
+        tuple(float(a) for a in alphas),
+        float(np.exp(lb)),
+        float(beta),
+        n0,
+        d0,
+        0.0,
+        len(y),
+    )
+    fitted = np.array([law.predict(s, ni, di) for s, ni, di in zip(strategy, n, d, strict=True)])
+    return replace(law, rmse=float(np.sqrt(np.mean((fitted - y) ** 2))))
 
 
-def fit_power_law(compute: Sequence[float], error: Sequence[float]) -> PowerLaw:
-    """Least-squares fit of the saturating power law; needs three distinct computes."""
-    c, y = np.asarray(compute, dtype=float), np.asarray(error, dtype=float)
-    if len(np.unique(c)) < 3:
-        raise ValueError("a power-law fit needs points at three or more different computes")
-    c0 = float(c.min())
-    x = c / c0
-
-    def solve(b: float) -> tuple[float, float, float]:
-        return _nonneg_lstsq(x**-b, y)
-
-    sses = [solve(b)[2] for b in EXPONENTS]
-    i = int(np.argmin(sses))
-    lo, hi = EXPONENTS[max(i - 1, 0)], EXPONENTS[min(i + 1, len(EXPONENTS) - 1)]
-    for _ in range(40):  # golden-section refinement between the grid neighbours
-        m1, m2 = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
-        lo, hi = (lo, m2) if solve(m1)[2] <= solve(m2)[2] else (m1, hi)
-    b = (lo + hi) / 2
-    e_inf, a, sse = solve(b)
-    sst = float(np.sum((y - y.mean()) ** 2))
-    r2 = 1.0 - sse / sst if sst > 0 else float("nan")
-    return PowerLaw(e_inf, a, float(b), c0, r2, float(np.sqrt(sse / len(y))), len(y))
-
-
-def bootstrap(compute: Sequence[float], error: Sequence[float], at: Sequence[float], samples: int = 200,
-              seed: int = 0, level: float = 0.9) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of b, e_inf and the predicted error at each compute in `at`,
-    from refits to points resampled with replacement."""
-    c, y = np.asarray(compute, dtype=float), np.asarray(error, dtype=float)
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {"b": [], "e_inf": []} | {f"at_{i}": [] for i in range(len(at))}
-    for _ in range(samples):
-        idx = rng.integers(0, len(c), len(c))
-        if len(np.unique(c[idx])) < 3:
-            continue
-        law = fit_power_law(c[idx], y[idx])
-        draws["b"].append(law.b)
-        draws["e_inf"].append(law.e_inf)
-        for i, point in enumerate(at):
-            draws[f"at_{i}"].append(float(law.predict(point)))
-    q = (1 - level) / 2
-    return {k: (float(np.quantile(v, q)), float(np.quantile(v, 1 - q))) if v else (float("nan"),) * 2
-            for k, v in draws.items()}
-
-
-def frontier(compute: Sequence[float], error: Sequence[float]) -> tuple[list[float], list[float]]:
-    """The lower envelope: points with less error than every point of less or equal compute."""
-    order = sorted(zip(compute, error, strict=True))
-    xs, ys, best = [], [], float("inf")
-    for c, e in order:
-        if e < best:
-            if xs and xs[-1] == c:
-                xs.pop(), ys.pop()
-            xs.append(c)
-            ys.append(e)
-            best = e
-    return xs, ys
-
-
+# ----------------------------------------------------------------------------- runtime
 @dataclass(frozen=True)
 class RuntimeModel:
     """seconds per sample ~ per_flop * flops + per_act * acts + overhead."""
@@ -120,11 +152,11 @@ class RuntimeModel:
     per_flop: float
     per_act: float
     overhead: float
-    r2: float
+    r2: float  # in sample
     points: int
 
-    def predict(self, flops: float, acts: float) -> float:
-        return self.per_flop * flops + self.per_act * acts + self.overhead
+    def predict(self, flops, acts):
+        return self.per_flop * np.asarray(flops) + self.per_act * np.asarray(acts) + self.overhead
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -141,69 +173,24 @@ def fit_runtime(flops: Sequence[float], acts: Sequence[float], seconds: Sequence
     coef, *_ = np.linalg.lstsq(A, t, rcond=None)
     sse = float(np.sum((A @ coef - t) ** 2))
     sst = float(np.sum((t - t.mean()) ** 2))
-    return RuntimeModel(float(coef[0] / fs), float(coef[1] / as_), float(coef[2]),
-                        1.0 - sse / sst if sst > 0 else float("nan"), len(t))
+    return RuntimeModel(
+        float(coef[0] / fs),
+        float(coef[1] / as_),
+        float(coef[2]),
+        1.0 - sse / sst if sst > 0 else float("nan"),
+        len(t),
+    )
 
 
-# ----------------------------------------------------------------------------- size and length
-@dataclass(frozen=True)
-class JointLaw:
-    """error(N, D) = e + a (N / n0)^-alpha + b (D / d0)^-beta (Chinchilla's third approach):
-    N a model size (forward multiply-adds per sample), D the training samples seen."""
-
-    e: float
-    a: float
-    alpha: float
-    b: float
-    beta: float
-    n0: float  # size unit (the smallest fitted)
-    d0: float  # samples unit (the smallest fitted)
-    rmse: float  # root mean squared error of the fit (error units)
-    points: int
-
-    def predict(self, n, d):
-        n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
-        return self.e + self.a * (n / self.n0) ** -self.alpha + self.b * (d / self.d0) ** -self.beta
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def fit_joint_law(size: Sequence[float], samples: Sequence[float], error: Sequence[float],
-                  huber: float = 0.01) -> JointLaw:
-    """Fit error(N, D) with a Huber loss from a grid of starts (as Hoffmann et al. 2022).
-
-    Coefficients are fitted as logs (positive by construction), exponents within [0, 3].
-    Needs two or more sizes and two or more lengths, and more points than the five parameters.
-    """
-    from scipy.optimize import minimize
-
-    n, d, y = (np.asarray(v, dtype=float) for v in (size, samples, error))
-    if len(np.unique(n)) < 2 or len(np.unique(d)) < 2 or len(y) < 6:
-        raise ValueError("a size-and-length law needs two or more sizes, two or more lengths and six points")
-    n0, d0 = float(n.min()), float(d.min())
-    ln, ld = np.log(n / n0), np.log(d / d0)
-
-    def loss(theta: np.ndarray) -> float:
-        le, la, alpha, lb, beta = theta
-        r = np.exp(le) + np.exp(la - alpha * ln) + np.exp(lb - beta * ld) - y
-        small = np.abs(r) <= huber
-        return float(np.sum(np.where(small, 0.5 * r**2, huber * (np.abs(r) - 0.5 * huber))))
-
-    bounds = [(-12, 0.5), (-12, 1.5), (0, 3), (-12, 1.5), (0, 3)]
-    best = None
-    for le in (np.log(max(y.min() * 0.5, 1e-4)), np.log(max(y.min() * 0.9, 1e-4))):
-        for alpha in (0.2, 0.6, 1.2):
-            for beta in (0.2, 0.6, 1.2):
-                for share in (0.3, 0.7):
-                    spread = max(y.max() - y.min(), 1e-3)
-                    start = np.array([le, np.log(share * spread), alpha, np.log((1 - share) * spread), beta])
-                    r = minimize(loss, start, method="L-BFGS-B", bounds=bounds,
-                                 options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 2000})
-                    if best is None or r.fun < best.fun:
-                        best = r
-    le, la, alpha, lb, beta = best.x
-    law = JointLaw(float(np.exp(le)), float(np.exp(la)), float(alpha), float(np.exp(lb)), float(beta),
-                   n0, d0, 0.0, len(y))
-    rmse = float(np.sqrt(np.mean((law.predict(n, d) - y) ** 2)))
-    return JointLaw(**(asdict(law) | {"rmse": rmse}))
+def runtime_loo(flops: Sequence[float], acts: Sequence[float], seconds: Sequence[float]) -> list[float]:
+    """Leave-one-out relative error of the runtime model: each config predicted by a fit
+    to the others (needs five or more configs)."""
+    f, a, t = (np.asarray(v, dtype=float) for v in (flops, acts, seconds))
+    if len(t) < 5:
+        raise ValueError("a leave-one-out runtime check needs five or more measured configs")
+    out = []
+    for i in range(len(t)):
+        keep = np.arange(len(t)) != i
+        m = fit_runtime(f[keep], a[keep], t[keep])
+        out.append(float(m.predict(f[i], a[i]) / t[i] - 1.0))
+    return out

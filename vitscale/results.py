@@ -160,12 +160,30 @@ class SweepPoint:
 
 
 # ----------------------------------------------------------------------------- JSON
-def to_dict(record) -> dict:
+def to_dict(record, version: int = VERSION) -> dict:
     """A record as plain JSON-able data, tagged with its kind and version."""
-    return {"kind": type(record).__name__, "version": VERSION} | asdict(record)
+    return {"kind": type(record).__name__, "version": version} | asdict(record)
+
+
+def _value(tp, value):
+    """`value` (parsed JSON) as type `tp`: dataclasses, tuples of them, `X | None`."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    if type(None) in args:  # X | None with a value: an X
+        tp = next(a for a in args if a is not type(None))
+        args = typing.get_args(tp)
+    if is_dataclass(tp):
+        return _build(tp, value)
+    if typing.get_origin(tp) is tuple:
+        inner = args[:-1] * len(value) if args[-1:] == (Ellipsis,) else args
+        return tuple(_value(t, v) for t, v in zip(inner, value, strict=True))
+    return value
 
 
 def _build(cls, data: dict):
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} expects an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in fields(cls):
@@ -173,37 +191,31 @@ def _build(cls, data: dict):
             if f.default is not MISSING or f.default_factory is not MISSING:  # has a default
                 continue
             raise StaleResult(f"missing field {f.name!r}")
-        value, tp = data[f.name], hints[f.name]
-        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
-        if inner is not None and is_dataclass(inner):
-            value = tuple(_build(inner, v) for v in value)
-        elif inner is not None:
-            value = tuple(value)
-        kwargs[f.name] = value
+        kwargs[f.name] = _value(hints[f.name], data[f.name])
     return cls(**kwargs)
 
 
-def from_dict(cls, data: dict, where: str = "result"):
+def from_dict(cls, data: dict, where: str = "result", version: int = VERSION):
     """Rebuild a record; StaleResult if it is of another kind or version."""
     if not isinstance(data, dict) or data.get("kind") != cls.__name__:
         raise StaleResult(f"{where} is not a {cls.__name__} record")
-    if data.get("version") != VERSION:
+    if data.get("version") != version:
         raise StaleResult(f"{where} was written by result version {data.get('version', 1)}, "
-                          f"this vitscale reads version {VERSION}")
+                          f"this vitscale reads version {version}")
     try:
         return _build(cls, {k: v for k, v in data.items() if k not in ("kind", "version")})
-    except (TypeError, KeyError) as e:
+    except (TypeError, KeyError, ValueError) as e:
         raise StaleResult(f"{where} does not match {cls.__name__}: {e}") from None
 
 
-def write(path: Path, record) -> None:
-    atomic_write_text(path, json.dumps(to_dict(record), indent=2))
+def write(path: Path, record, version: int = VERSION) -> None:
+    atomic_write_text(path, json.dumps(to_dict(record, version), indent=2))
 
 
-def read(path: Path, cls):
+def read(path: Path, cls, version: int = VERSION):
     """Read a record of class `cls`; StaleResult (a ValueError) on another version or a bad file."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise StaleResult(f"{path} cannot be read as JSON: {e}") from None
-    return from_dict(cls, data, str(path))
+    return from_dict(cls, data, str(path), version)

@@ -52,19 +52,24 @@ SWEEP = "sweep"  # --trial sweep runs the learning-rate sweep alone
 @dataclass(frozen=True)
 class StudyConfig:
     model: str = "pico/4"  # the base preset every strategy scales from
-    strategies: tuple[str, ...] = ("d", "w", "r", "d1_w8_r1")
-    factors: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # flops factors
-    budget: str = "epochs:1"  # per trial: epochs:N | compute:Nep | compute:MACS | time:90s
+    # d and w: resolution (r, and the r share of d1_w8_r1) changes the token count, across which muP
+    # does not carry the learning rate (r-x8 reached 27.6% at the swept LR, 58.4% at half of it)
+    strategies: tuple[str, ...] = ("d", "w")
+    factors: tuple[float, ...] = (1.0, 1.5, 2.25, 3.4)  # flops factors
+    budget: str = "compute:4ep"  # per trial: epochs:N | compute:Nep | compute:MACS | time:90s
     objective: str = "supervised"  # supervised | mae (MAE pre-training, then a linear probe)
     param: str = "mup"  # mup: every trial in muP relative to the base (one LR for all shapes) | sp
     lrs: tuple[float, ...] = (4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)  # base_lr swept on the base; () = none
     sweep_length: float = 0.5  # a sweep run's length as a share of the base trial's
-    fractions: tuple[float, ...] = (0.25, 0.5, 1.0)  # cooldown branch points (shares of the budget)
+    fractions: tuple[float, ...] = (0.35, 0.5, 0.71, 1.0)  # cooldown branch points (shares of the budget)
     decay_frac: float = 0.2  # a cooldown's share of the run length it ends (wsd's decay phase)
     warmup: float = 0.05  # linear warm-up as a share of each trial's full length
-    seeds: int = 2  # seeds of the leading trials (every other trial runs seed 0 only; seeds after
-    # the first run the full-length cooldown only)
+    seeds: int = 2  # seeds of the leading and the held-out trials (every other trial runs seed 0
+    # only; seeds after the first run the full-length cooldown only)
     leaders: int = 2  # how many trials, best first by seed 0, run every seed (0 = all trials)
+    holdout: int = 1  # each strategy's largest trials the backtest holds out and predicts (0 = none)
+    target: str = ""  # budget to recommend for: compute:MACS | time:10m ("" = the study's budget)
+    ahead: tuple[float, ...] = (2.0, 10.0, 100.0)  # larger budgets (multiples) to predict for
     probe_epochs: int = 20  # linear-probe epochs after MAE pre-training (not counted in the budget)
     workers: int = 0  # trials at once; 0 = auto (1 on a GPU, else one single-thread worker per core, up to 4)
     overrides: tuple[str, ...] = ("data.name=cluttered-digits", "data.image_size=16", "data.scale_min=1",
@@ -88,6 +93,8 @@ class StudyConfig:
             (0 <= self.warmup < 0.5, "warmup must be in [0, 0.5), e.g. 0.05"),
             (self.seeds >= 1 and self.leaders >= 0, "seeds must be at least 1 and leaders 0 or more"),
             (self.workers >= 0, "workers must be 0 (auto) or more"),
+            (self.holdout >= 0, "holdout must be 0 (no backtest) or more"),
+            (all(m > 0 for m in self.ahead), "ahead must be positive multiples of the budget, e.g. 2,10,100"),
         ]
         for ok, message in checks:
             if not ok:
@@ -95,6 +102,10 @@ class StudyConfig:
         for s in self.strategies:
             parse_strategy(s)
         parse_budget(self.budget)
+        target = parse_budget(self.target) if self.target else None
+        if target and (target.kind == "epochs" or target.in_epochs):
+            raise ValueError(f"target {self.target!r}: give a compute (compute:3e12) or time (time:10m) "
+                             "budget")
 
     @property
     def pool_size(self) -> int:
@@ -391,7 +402,7 @@ def _prepare(study: StudyConfig) -> Path:
     saved = out / "study.yaml"
 
     def identity(s: StudyConfig) -> StudyConfig:  # what the results depend on
-        return replace(s, workers=0, seeds=1, leaders=0, out="")
+        return replace(s, workers=0, seeds=1, leaders=0, out="", holdout=0, target="", ahead=())
 
     if saved.is_file() and identity(load_study(saved)) != identity(study) and any(
             (out / "trials").glob("*/trial.json")):
@@ -401,8 +412,9 @@ def _prepare(study: StudyConfig) -> Path:
     return out
 
 
-def run_study(study: StudyConfig, only: str | None = None, log=print) -> dict:
-    """Size, sweep, train what is not finished, then analyse and report (rank 0)."""
+def run_study(study: StudyConfig, only: str | None = None, log=print):
+    """Size, sweep, train what is not finished, then analyse and report (rank 0): the
+    summary.Summary, or None where this process only trained (`only`, ranks above 0)."""
     from vitscale import analysis, study_report
 
     out = _prepare(study) if _rank() == 0 else Path(study.out)
@@ -421,22 +433,22 @@ def run_study(study: StudyConfig, only: str | None = None, log=print) -> dict:
         sizes = {t.name: size_trial(study, t, reference, runner.threads) for t in wanted}
         sweep = _sweep(study, trials[0], sizes[trials[0].name], runner, log, run=not only or only == SWEEP)
         if only == SWEEP:
-            return {}
+            return None
         lr = pick_lr(sweep).lr if sweep else None
         trials = plan(study, lr)
         if only:
             trials = [t for t in trials if t.name == only]
             runner.map([_job(study, t, sizes[t.name], k) for t in trials for k in range(study.seeds)],
                        lambda name, r: None)
-            return {}
+            return None
         done = _collect(study, trials, sizes, runner, log)
     finally:
         runner.close()
     if _rank() != 0:
-        return {}
+        return None
     rows = [done[t.name] for t in trials]
     summary = analysis.summarize(study, rows, sweep)
-    study_report.write(out, study, summary, rows)
+    study_report.write(out, summary, rows)
     return summary
 
 
@@ -494,8 +506,11 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
     for phase in range(2):
         if phase == 1:
             ranked = sorted(trials, key=lambda t: -seeds[t.name][0].final.accuracy)
+            held = {r.name for rs in held_out(list(_write_results(study, trials, sizes, seeds).values()),
+                                              study.strategies, study.holdout).values() for r in rs}
             leaders = ranked if study.leaders == 0 else ranked[:study.leaders]
-            units = [(t, k) for t in leaders for k in range(1, study.seeds)]
+            chosen = [t for t in ranked if t in leaders or t.name in held]
+            units = [(t, k) for t in chosen for k in range(1, study.seeds)]
         else:
             units = [(t, 0) for t in trials]
         jobs = []
@@ -511,6 +526,19 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
             log(f"{len(units) - len(jobs)} trial seeds finished before, not re-run")
         runner.map(jobs, done)
     return _write_results(study, trials, sizes, seeds)
+
+
+def held_out(rows: list[TrialResult], strategies: tuple[str, ...],
+             holdout: int) -> dict[str, list[TrialResult]]:
+    """Each strategy's `holdout` largest trials by training compute, then by size (never the
+    base): what the backtest predicts, so they run every seed."""
+    out = {}
+    for s in strategies:
+        members = [r for r in rows if s in r.strategies and r.name != "base"]
+        top = max((r.compute for r in members), default=0.0)  # equal compute budgets differ by a step's rounding
+        members.sort(key=lambda r: (r.compute >= top * 0.99, r.flops))
+        out[s] = members[len(members) - holdout:] if holdout else []
+    return out
 
 
 def _trial_result(t: Trial, sizing: Sizing, seeds: dict[int, SeedResult]) -> TrialResult:

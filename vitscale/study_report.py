@@ -1,22 +1,27 @@
 """A study's report: summary.json, PNG plots, report.md, and report.html with the plots
-embedded (it opens in a browser with no network)."""
+embedded (it opens in a browser with no network). The backtest comes first: a reader
+sees how well the law predicted trials it did not see before reading what it recommends."""
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 import numpy as np
 
+from vitscale import summary as summary_
 from vitscale.checkpoint import atomic_write_text
 from vitscale.results import TrialResult
+from vitscale.summary import LEVEL, Candidate, Summary
 from vitscale.visual import plt, save_figure
 
 PLOTS = {
-    "accuracy_vs_compute.png": "Annealed accuracy against training compute, per strategy (envelope, law)",
-    "accuracy_vs_time.png": "Accuracy against measured training time",
+    "frontier.png": "Error against training compute: every annealed point (seed means), the law's fit along "
+    "each trial, each strategy's compute-optimal frontier under the law, the held-out trials marked",
+    "isoflops.png": "IsoFLOP profiles: trials at equal training compute against their size, measured "
+    "(points) "
+    "and the law (lines)",
     "runtime.png": "Measured time per training sample against acts and against flops",
     "growth.png": "Activations against flops for each scaled family (growth exponent in the legend)",
 }
@@ -24,76 +29,124 @@ PLOTS = {
 
 def _colors(strategies) -> dict[str, str]:
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return {s: cycle[i % len(cycle)] for i, s in enumerate(strategies)}
+    return {s: cycle[i % len(cycle)] for i, s in enumerate(("base", *strategies))}
 
 
-def _members(rows: list[TrialResult], strategy: str) -> list[TrialResult]:
-    return sorted((r for r in rows if strategy in r.strategies), key=lambda r: r.flops)
+def _label(r: TrialResult) -> str:
+    return "base" if r.name == "base" else r.strategies[0]
 
 
-def _seconds(r: TrialResult) -> float:
-    """Training time of a trial's full budget at its measured training throughput."""
-    return r.samples / r.seeds[0].train_samples_per_s
+# ----------------------------------------------------------------------------- plots
+def plot_frontier(out: Path, s: Summary, rows: list[TrialResult]) -> None:
+    colors = _colors(s.strategies)
+    held = set(s.backtest.held_out)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        pts = r.points()
+        c, kind = colors[_label(r)], _label(r)
+        marker = dict(marker="*", ms=11, mfc="none") if r.name in held else dict(marker="o", ms=4)
+        ax.plot([p.compute for p in pts], [1 - p.accuracy for p in pts], ls="", color=c, **marker)
+        if s.law and (kind in s.law.strategies or kind == "base"):
+            d = np.geomspace(pts[0].samples, pts[-1].samples, 20)
+            law_s = kind if kind in s.law.strategies else s.law.strategies[0]
+            ax.plot(
+                d * r.train_flops_per_sample,
+                s.law.predict(law_s, r.flops, d),
+                "-",
+                color=c,
+                lw=0.7,
+                alpha=0.6,
+            )
+    for st in s.strategies:
+        f = sorted((p for p in s.frontier if p.strategy == st), key=lambda p: p.compute)
+        if f:
+            ax.plot(
+                [p.compute for p in f],
+                [1 - p.accuracy for p in f],
+                "--",
+                color=colors[st],
+                label=f"{st}: the law's best shape at each compute",
+            )
+    for st in ("base", *s.strategies):
+        ax.plot([], [], "o", color=colors[st], label=f"{st} trials (annealed)")
+    ax.plot([], [], "*", color="gray", mfc="none", ms=11, label="held out by the backtest")
+    budget = s.recommendation.compute
+    if budget:
+        ax.axvline(budget, color="gray", lw=0.8, ls=":")
+        ax.annotate("budget", (budget, ax.get_ylim()[1]), fontsize=7, va="top", ha="right", rotation=90)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="training compute (multiply-adds)",
+        ylabel=f"error (1 - {s.metric})",
+        title="thin lines: the law along each trial's length",
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, out / "frontier.png")
 
 
-def plot_accuracy(out: Path, summary: dict, rows: list[TrialResult]) -> None:
-    colors = _colors(summary["strategies"])
-    fig, by_compute = plt.subplots(figsize=(7, 4.5))
-    for s, a in summary["strategies"].items():
-        for r in _members(rows, s):
-            curve = [p for seed in r.seeds[:1] for p in seed.curve]
-            by_compute.plot([p.compute for p in curve], [p.accuracy for p in curve], "x", color=colors[s],
-                            alpha=0.35, ms=4)
-            pts = r.points()
-            by_compute.plot([p.compute for p in pts], [p.accuracy for p in pts], "-", color=colors[s],
-                            alpha=0.35, lw=0.8)
-        fc, fe = a["frontier"]["compute"], a["frontier"]["error"]
-        by_compute.plot(fc, 1 - np.asarray(fe), "o", color=colors[s], ms=3)
-        if a.get("fit"):
-            f = a["fit"]
-            xs = np.geomspace(min(fc), 4 * max(fc), 100)
-            ys = 1 - (f["e_inf"] + f["a"] * (xs / f["c0"]) ** -f["b"])
-            by_compute.plot(xs, ys, "--", color=colors[s], label=f"{s}: b={f['b']:.2f}, R²={f['r2']:.2f}")
-        else:
-            by_compute.plot([], [], "o", color=colors[s], label=f"{s}: no fit")
-    by_compute.plot([], [], "x", color="gray", label="mid-run, not annealed (not fitted)")
-    by_compute.set(xscale="log", xlabel="training compute (multiply-adds)", ylabel=summary["metric"],
-                   title="annealed points (lines), their envelope (dots) and the fitted law (dashed)")
-    by_compute.title.set_fontsize(9)
-    by_compute.legend(fontsize=7)
-    save_figure(fig, out / "accuracy_vs_compute.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s in summary["strategies"]:
-        members = _members(rows, s)
-        ax.errorbar([_seconds(r) for r in members], [r.accuracy for r in members],
-                    yerr=[r.stderr for r in members], fmt="o-", color=colors[s], label=s, ms=4, capsize=2)
-        for r in members:
-            ax.annotate(r.name, (_seconds(r), r.accuracy), fontsize=6)
-    ax.set(xscale="log", xlabel="training time at measured throughput (s)", ylabel=summary["metric"])
-    ax.legend(fontsize=7)
-    save_figure(fig, out / "accuracy_vs_time.png")
+def plot_isoflops(out: Path, s: Summary) -> None:
+    if not s.isoflops:
+        return
+    colors = _colors(s.strategies)
+    fig, axes = plt.subplots(
+        1, len(s.isoflops), figsize=(3.6 * len(s.isoflops), 3.6), squeeze=False, sharey=True
+    )
+    for ax, iso in zip(axes[0], s.isoflops, strict=True):
+        for st, n, acc in zip(iso.strategies, iso.flops, iso.measured, strict=True):
+            ax.plot(n, acc, "o", color=colors[st], ms=5)
+        for st in s.law.strategies if s.law else ():
+            f = [m for m in s.frontier if m.strategy == st]
+            if not f:
+                continue
+            n = np.geomspace(min(iso.flops) / 1.5, max(iso.flops) * 1.5, 40)
+            ratio = np.median(
+                [
+                    c / (d * m)
+                    for c, d, m in zip([iso.compute] * len(iso.flops), iso.samples, iso.flops, strict=True)
+                ]
+            )
+            ax.plot(
+                n, 1 - s.law.predict(st, n, iso.compute / (ratio * n)), "-", color=colors[st], lw=1, label=st
+            )
+        ax.set(
+            xscale="log", xlabel="multiply-adds per sample", title=f"{iso.compute:.3g} MACs: best {iso.best}"
+        )
+        ax.title.set_fontsize(8)
+    axes[0][0].set_ylabel(s.metric)
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, out / "isoflops.png")
 
 
-def plot_runtime(out: Path, summary: dict, rows: list[TrialResult]) -> None:
+def plot_runtime(out: Path, s: Summary, rows: list[TrialResult]) -> None:
     seconds = [1e3 / r.measured["samples_per_s"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("acts", "flops"), strict=True):
         ax.scatter([getattr(r, key) for r in rows], seconds, s=12)
         for r, t in zip(rows, seconds, strict=True):
             ax.annotate(r.name, (getattr(r, key), t), fontsize=6)
-        ax.set(xlabel=f"{key} per sample", ylabel="ms per training sample",
-               title=f"Pearson r = {summary['runtime'][f'pearson_{key}']:.3f}")
+        ax.set(
+            xlabel=f"{key} per sample",
+            ylabel="ms per training sample",
+            title=f"Pearson r = {getattr(s.runtime, f'pearson_{key}'):.3f}",
+        )
     save_figure(fig, out / "runtime.png")
 
 
-def plot_growth(out: Path, summary: dict, rows: list[TrialResult]) -> None:
-    colors = _colors(summary["strategies"])
+def plot_growth(out: Path, s: Summary, rows: list[TrialResult]) -> None:
+    colors = _colors(s.strategies)
+    by_name = {r.name: r for r in rows}
     fig, ax = plt.subplots(figsize=(6, 4))
-    for s, a in summary["strategies"].items():
-        members = _members(rows, s)
-        ax.plot([r.flops for r in members], [r.acts for r in members], "o-", color=colors[s],
-                label=f"{s}: acts ~ flops^{a['acts_growth']:.2f}")
+    for g in s.growth:
+        members = [by_name[n] for n in g.trials]
+        ax.plot(
+            [r.flops for r in members],
+            [r.acts for r in members],
+            "o-",
+            color=colors[g.strategy],
+            label=f"{g.strategy}: acts ~ flops^{g.acts_exponent:.2f}",
+        )
     ax.set(xscale="log", yscale="log", xlabel="flops (multiply-adds)", ylabel="acts")
     ax.legend(fontsize=7)
     save_figure(fig, out / "growth.png")
@@ -104,109 +157,293 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _recommendation(summary: dict) -> list[str]:
-    rec = summary["recommendation"]
-    m = rec["model"]
+def _span(iv) -> str:
+    return f"{100 * iv[0]:.1f}–{100 * iv[1]:.1f}"
+
+
+def _shape(c: Candidate) -> str:
+    m = c.model
     size = m["image_size"] if isinstance(m["image_size"], int) else "x".join(map(str, m["image_size"]))
-    seeds = (f" (mean of {len(rec['accuracies'])} seeds: {', '.join(_pct(a) for a in rec['accuracies'])})"
-             if len(rec["accuracies"]) > 1 else "")
-    lines = [f"For a budget of `{summary['budget']}` per model ({summary['objective']} objective, "
-             f"{summary['param']}), train **{rec['trial']}**: depth {m['depth']}, width {m['width']}, "
-             f"{m['heads']} heads, {size} px, patch {m['patch_size']}"
-             + (f", {m['frames']} frames" if m["frames"] > 1 else "")
-             + f" ({rec['params'] / 1e6:.2f} M params, {rec['flops'] / 1e9:.3g} GFLOPs). It reached "
-             f"{_pct(rec['accuracy'])} ± {100 * rec['stderr']:.1f} {summary['metric']}{seeds} with "
-             f"{rec['compute']:.3g} multiply-adds of training compute in {rec['wall_s']:.0f} s."]
-    eff = rec["efficient"]
-    if eff["name"] != rec["trial"]:
-        lines.append(f"Within one point of it and faster to train: **{eff['name']}** "
-                     f"({_pct(eff['accuracy'])}, {eff['params'] / 1e6:.2f} M params, "
-                     f"{eff['compute']:.3g} multiply-adds).")
-    for p in rec["predicted"]:
-        lo, hi = p["interval"]
-        lines.append(f"With {p['multiple']:g}x that compute, the best fitted strategy is "
-                     f"**{p['strategy']}**, predicted {_pct(p['accuracy'])} "
-                     f"(90% bootstrap interval {_pct(lo)} to {_pct(hi)})"
-                     + (" — an extrapolation beyond the measured compute." if p["extrapolation"] else ".")
-                     + (" The fitted law falls below what was already measured, so read it as a poor fit, "
-                        "not a forecast." if p["accuracy"] < rec["accuracy"] else ""))
-    if summary.get("fit_metric_note"):
-        lines.append(summary["fit_metric_note"])
+    return (
+        f"depth {m['depth']}, width {m['width']}, {m['heads']} heads, {size} px, patch {m['patch_size']}"
+        + (f", {m['frames']} frames" if m["frames"] > 1 else "")
+        + f" ({c.params / 1e6:.2f} M params, {c.flops / 1e6:.3g} M multiply-adds per sample)"
+    )
+
+
+def _backtest(s: Summary) -> list:
+    bt = s.backtest
+    if not bt.checks:
+        return [f"Nothing was backtested: {bt.note or 'no strategy has a trial to hold out'}."]
+    head = (
+        "strategy",
+        "held out",
+        "seeds",
+        "predicted",
+        f"{LEVEL:.0%} interval",
+        "measured (± noise)",
+        "error (points)",
+        "covered",
+    )
+    body = [
+        (
+            c.strategy,
+            c.trial,
+            c.seeds,
+            _pct(c.predicted),
+            _span(c.interval),
+            f"{_pct(c.measured)} ± {100 * c.noise:.1f}",
+            f"{100 * c.error:+.1f}",
+            "yes" if c.covered else "**no**",
+        )
+        for c in bt.checks
+    ]
+    lines = [
+        f"The law was fitted without each strategy's largest trial ({', '.join(bt.held_out)}), on "
+        f"{', '.join(bt.fitted_on)}, and then predicted the held-out trials' final {s.metric}. "
+        f"Mean absolute error **{100 * bt.mean_abs_error:.1f} points**, maximum "
+        f"**{100 * bt.max_abs_error:.1f}**; the {LEVEL:.0%} interval covered {bt.covered} of "
+        f"{len(bt.checks)}. Intervals: refits to trials resampled within each strategy (a random seed of "
+        f"each, every point moved by its validation noise), plus the held-out trial's own measurement "
+        f"noise.",
+        (head, body),
+    ]
+    if bt.note:
+        lines.append(bt.note + ".")
+    lines.append("Only after this check is the law refitted on every trial for the recommendation below.")
     return lines
 
 
-def _backtest(summary: dict) -> list:
-    bt = summary["backtest"]
-    if not bt["trials"]:
-        return ["No strategy has three or more trials: nothing to backtest."]
-    head = ("strategy", "held out", "fitted on", "predicted", "measured (± s.e.)", "error (points)")
-    body = [(s, b["trial"], ", ".join(b["fitted_on"]), _pct(b["predicted"]),
-             f"{_pct(b['measured'])} ± {100 * b['stderr']:.1f}", f"{100 * b['error']:+.1f}")
-            for s, a in summary["strategies"].items() if (b := a.get("backtest")) and "predicted" in b]
-    return [f"Each strategy's law error(N, D) = e + a N^-α + b D^-β (N: multiply-adds per sample, D: samples "
-            f"seen) is fitted on the annealed points of all but its largest trial, which it then predicts. "
-            f"Mean absolute error **{100 * bt['mean_abs_error']:.1f} points**, maximum "
-            f"{100 * bt['max_abs_error']:.1f}, over {bt['trials']} held-out trials.", (head, body)]
+def _recommendation(s: Summary) -> list:
+    rec = s.recommendation
+    lines = [f"Budget: {rec.budget}."]
+    m = rec.measured
+    if rec.pick:
+        p = rec.pick
+        lines.append(
+            f"The law (fitted on every trial) recommends **{p.strategy} at {p.factor:.3g}x the base's "
+            f"flops**: {_shape(p)}, trained **{p.steps} steps** ({p.samples} samples). Predicted "
+            f"{s.metric} **{_pct(p.accuracy)}** ({LEVEL:.0%} interval for one training run "
+            f"{_span(p.interval)})"
+            + (", an extrapolation beyond the sizes and lengths measured" if p.extrapolation else "")
+            + "."
+        )
+        if len(rec.tied) > 1:
+            lines.append(
+                "Tied within noise (one run of each could come out either way): "
+                + ", ".join(
+                    f"{c.strategy} at {c.factor:.3g}x, {c.steps} steps, {_pct(c.accuracy)}" for c in rec.tied
+                )
+                + "; the cheapest to train is named"
+                + (f" ({rec.best.strategy} is the most accurate)." if rec.best != p else ".")
+            )
+    else:
+        lines.append(
+            "No law could be fitted (too few trials or lengths); the recommendation is the best trial "
+            "measured."
+        )
+    lines.append(
+        f"Best measured within the budget: **{rec.measured_best.name}** at {rec.measured_best.steps} steps, "
+        f"{_pct(rec.measured_best.accuracy)} "
+        f"(± {100 * (rec.measured_best.interval[1] - rec.measured_best.accuracy):.1f} "
+        f"at {LEVEL:.0%})"
+        + (
+            f"; tied with it and cheaper to train: **{m.name}** at {m.steps} steps, {_pct(m.accuracy)}"
+            if m.name != rec.measured_best.name or m.steps != rec.measured_best.steps
+            else ""
+        )
+        + (
+            f". Ties within noise: {', '.join(f'{c.name}@{c.steps}' for c in rec.measured_tied)}"
+            if len(rec.measured_tied) > 1
+            else ""
+        )
+        + "."
+    )
+    if rec.pick:
+        gain = rec.pick.accuracy - rec.measured_best.accuracy
+        lines.append(f"The law's pick is predicted {100 * gain:+.1f} points against the best measured.")
+    if rec.note:
+        lines.append(rec.note)
+    if rec.ahead:
+        head = (
+            "budget",
+            "strategy",
+            "x base flops",
+            "shape",
+            "steps",
+            "predicted",
+            f"{LEVEL:.0%} interval",
+            "extrapolation",
+        )
+        body = [
+            (
+                f"{c.multiple:g}x",
+                c.strategy,
+                f"{c.factor:.3g}",
+                _shape(c),
+                c.steps,
+                _pct(c.accuracy),
+                _span(c.interval),
+                "yes" if c.extrapolation else "no",
+            )
+            for c in rec.ahead
+        ]
+        lines += [
+            "For larger budgets, the law's best (extrapolations are forecasts, not measurements):",
+            (head, body),
+        ]
+    if s.fit_metric_note:
+        lines.append(s.fit_metric_note)
+    return lines
 
 
-def _sweep(summary: dict) -> list:
-    sw = summary.get("sweep")
+def _law(s: Summary) -> list:
+    if not s.law:
+        return ["No law was fitted."]
+    law = s.law
+    head = ("parameter", "value", f"{LEVEL:.0%} bootstrap interval")
+    body = [(p.name, f"{p.value:.4g}", f"{p.interval[0]:.4g}–{p.interval[1]:.4g}") for p in s.parameters]
+    return [
+        f"error(s, N, D) = e + a (N / {law.n0:.3g})^-alpha_s + b (D / {law.d0:.3g})^-beta, N the forward "
+        f"multiply-adds per sample, D the training samples, over every annealed point of every seed "
+        f"({law.points} points), Huber loss from a grid of starts. Every strategy starts from the same base, "
+        f"so they share e, a and the length term and each has its own size exponent. RMSE "
+        f"{100 * law.rmse:.2f} points. Noise: one seed's final accuracy varies by "
+        f"{100 * s.noise.seed_sd:.2f} points (standard deviation over {s.noise.dof} degrees of freedom; "
+        f"validation sampling alone {100 * s.noise.binomial:.2f}).",
+        (head, body),
+        "frontier.png",
+    ]
+
+
+def _isoflops(s: Summary) -> list:
+    if not s.isoflops:
+        return ["No compute is reached by three or more trials' annealed points."]
+    head = ("compute", "trials (measured / law)", "best measured", "law's optimum")
+    body = [
+        (
+            f"{i.compute:.3g}",
+            ", ".join(
+                f"{t} {100 * a:.1f}/{'-' if p is None else f'{100 * p:.1f}'}"
+                for t, a, p in zip(i.trials, i.measured, i.predicted, strict=True)
+            ),
+            i.best,
+            f"{i.law_best} ({i.law_best_flops / 1e6:.3g} M)" if i.law_best_flops else "-",
+        )
+        for i in s.isoflops
+    ]
+    return [
+        "At each compute, every trial whose annealed points reach it (between two of its points, linear in "
+        "log compute): measured against the law at the same size and length, and the size each prefers.",
+        (head, body),
+        "isoflops.png",
+    ]
+
+
+def _sweep(s: Summary) -> list:
+    sw = s.sweep
     if not sw:
         return ["No learning-rate sweep: every trial used the recipe's base_lr."]
     head = ("base_lr", "steps", "accuracy (± s.e.)", "val loss", "chosen")
-    body = [(f"{p['lr']:g}", p["steps"], f"{_pct(p['accuracy'])} ± {100 * p['stderr']:.1f}",
-             "-" if p["loss"] is None else f"{p['loss']:.4f}", "yes" if p["lr"] == sw["lr"] else "")
-            for p in sw["points"]]
-    return [f"The base model at each learning rate, each run annealed with its own cooldown; every "
-            f"{summary['param']} trial then trains at base_lr {sw['lr']:g}. The sweep cost "
-            f"{sw['compute']:.3g} multiply-adds, {100 * sw['share']:.1f}% of the trials' "
-            f"{sw['trials_compute']:.3g}, "
-            f"in {sw['wall_s']:.0f} s.", (head, body)]
-
-
-TRIALS_NOTE = ("Each trial runs a stable phase and, from its checkpoints, a cooldown branch ending at each "
-               "fraction of the budget: every accuracy below is annealed. Seeds: the final accuracy of each.")
-
-
-def _sections(summary: dict, rows: list[TrialResult]) -> list[tuple[str, list]]:
-    """The report as (heading, [paragraph str | table (header, rows) | image name]) pairs."""
-    trials = ("trial", "strategies", "depth", "width", "heads", "res", "params (M)", "GFLOPs", "acts (M)",
-              "steps", "train compute", "samples/s", "peak MB", "annealed accuracy by fraction", "seeds",
-              "accuracy ± s.e.", "wall s")
-    trial_rows = [(r.name, ",".join(r.strategies), r.model["depth"], r.model["width"], r.model["heads"],
-                   r.model["image_size"], f"{r.params / 1e6:.2f}", f"{r.flops / 1e9:.3f}",
-                   f"{r.acts / 1e6:.2f}", r.steps, f"{r.compute:.3g}", f"{r.measured['samples_per_s']:.0f}",
-                   f"{r.measured['peak_mem_mb']:.0f}",
-                   " / ".join(f"{100 * p.accuracy:.1f}" for p in r.points()),
-                   ", ".join(f"{100 * a:.1f}" for a in r.accuracies),
-                   f"{_pct(r.accuracy)} ± {100 * r.stderr:.1f}", f"{r.wall_s:.0f}") for r in rows]
-    fit_head = ("strategy", "acts growth", "b (90% CI)", "e_inf (90% CI)", "R²", "RMSE", "points")
-    fit_rows = []
-    for s, a in summary["strategies"].items():
-        f = a.get("fit")
-        if not f:
-            fit_rows.append((s, f"{a['acts_growth']:.2f}", a.get("fit_error", "-"), "", "", "", ""))
-            continue
-        fit_rows.append((s, f"{a['acts_growth']:.2f}",
-                         f"{f['b']:.3f} ({f['b_interval'][0]:.3f}–{f['b_interval'][1]:.3f})",
-                         f"{f['e_inf']:.3f} ({f['e_inf_interval'][0]:.3f}–{f['e_inf_interval'][1]:.3f})",
-                         f"{f['r2']:.3f}", f"{f['rmse']:.4f}", f["points"]))
-    rt = summary["runtime"]
-    runtime = [f"Pearson r of measured time per training sample with flops {rt['pearson_flops']:.3f}, "
-               f"params {rt['pearson_params']:.3f}, acts {rt['pearson_acts']:.3f}."]
-    if rt.get("model"):
-        rm = rt["model"]
-        runtime.append(f"Runtime model: seconds per sample = {rm['per_flop']:.3g} x flops + "
-                       f"{rm['per_act']:.3g} x acts + {rm['overhead']:.3g}; "
-                       f"R² = {rm['r2']:.3f} over {rm['points']} configs.")
+    body = [
+        (
+            f"{p.lr:g}",
+            p.steps,
+            f"{_pct(p.accuracy)} ± {100 * p.stderr:.1f}",
+            "-" if p.loss is None else f"{p.loss:.4f}",
+            "yes" if p.lr == sw.lr else "",
+        )
+        for p in sw.points
+    ]
     return [
-        ("Backtest: the law predicts trials it did not see", _backtest(summary)),
-        ("Recommendation", _recommendation(summary)),
-        ("Learning-rate sweep", _sweep(summary)),
-        ("Trials", [TRIALS_NOTE, (trials, trial_rows), "accuracy_vs_compute.png", "accuracy_vs_time.png"]),
-        ("Fits: error(C) = e_inf + a (C/C0)^-b per strategy, on the envelope of annealed points",
-         [(fit_head, fit_rows)]),
-        ("Runtime", [*runtime, "runtime.png"]),
+        f"The base model at each learning rate, each run annealed with its own cooldown; every {s.param} "
+        f"trial then trains at base_lr {sw.lr:g}. The sweep cost {sw.compute:.3g} multiply-adds, "
+        f"{100 * sw.share:.1f}% of the trials' {sw.trials_compute:.3g}, in {sw.wall_s:.0f} s.",
+        (head, body),
+    ]
+
+
+def _runtime(s: Summary) -> list:
+    rt = s.runtime
+    lines = [
+        f"Pearson r of measured time per training sample with flops {rt.pearson_flops:.3f}, params "
+        f"{rt.pearson_params:.3f}, acts {rt.pearson_acts:.3f}."
+    ]
+    if rt.model:
+        m = rt.model
+        loo = np.abs(rt.loo_errors) if rt.loo_errors else None
+        lines.append(
+            f"Runtime model: seconds per sample = {m.per_flop:.3g} x flops + {m.per_act:.3g} x acts + "
+            f"{m.overhead:.3g}; in-sample R² {m.r2:.3f} over {m.points} configs"
+            + (
+                f"; leave-one-out error mean {100 * loo.mean():.1f}%, max {100 * loo.max():.1f}%"
+                if loo is not None
+                else ""
+            )
+            + ". It prices the training time of the law's candidates."
+        )
+    elif rt.note:
+        lines.append(f"No runtime model: {rt.note}.")
+    return [*lines, "runtime.png"]
+
+
+TRIALS_NOTE = (
+    "Each trial runs a stable phase and, from its checkpoints, a cooldown branch ending at each "
+    "fraction of the budget: every accuracy below is annealed. Seeds: the final accuracy of each."
+)
+
+
+def _sections(s: Summary, rows: list[TrialResult]) -> list[tuple[str, list]]:
+    """The report as (heading, [paragraph str | table (header, rows) | image name]) pairs."""
+    trials = (
+        "trial",
+        "strategies",
+        "depth",
+        "width",
+        "heads",
+        "res",
+        "params (M)",
+        "M MACs",
+        "acts (M)",
+        "steps",
+        "train compute",
+        "samples/s",
+        "peak MB",
+        "annealed accuracy by fraction",
+        "seeds",
+        "accuracy ± s.e.",
+        "wall s",
+    )
+    trial_rows = [
+        (
+            r.name,
+            ",".join(r.strategies),
+            r.model["depth"],
+            r.model["width"],
+            r.model["heads"],
+            r.model["image_size"],
+            f"{r.params / 1e6:.2f}",
+            f"{r.flops / 1e6:.3g}",
+            f"{r.acts / 1e6:.2f}",
+            r.steps,
+            f"{r.compute:.3g}",
+            f"{r.measured['samples_per_s']:.0f}",
+            f"{r.measured['peak_mem_mb']:.0f}",
+            " / ".join(f"{100 * p.accuracy:.1f}" for p in r.points()),
+            ", ".join(f"{100 * a:.1f}" for a in r.accuracies),
+            f"{_pct(r.accuracy)} ± {100 * r.stderr:.1f}",
+            f"{r.wall_s:.0f}",
+        )
+        for r in rows
+    ]
+    return [
+        ("Backtest: the law predicts trials it did not see", _backtest(s)),
+        ("Recommendation", _recommendation(s)),
+        ("The law over size and length", _law(s)),
+        ("IsoFLOP profiles", _isoflops(s)),
+        ("Learning-rate sweep", _sweep(s)),
+        ("Trials", [TRIALS_NOTE, (trials, trial_rows)]),
+        ("Runtime", _runtime(s)),
         ("Growth", ["growth.png"]),
     ]
 
@@ -243,29 +480,46 @@ def page(sections, out: Path) -> str:
         for item in items:
             if isinstance(item, tuple):
                 head, rows = item
-                body.append("<table><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in head) + "</tr>"
-                            + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
-                                      for r in rows) + "</table>")
+                body.append(
+                    "<table><tr>"
+                    + "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
+                    + "</tr>"
+                    + "".join(
+                        "<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in r) + "</tr>" for r in rows
+                    )
+                    + "</table>"
+                )
             elif item.endswith(".png"):
+                if not (out / item).is_file():
+                    continue
                 data = base64.b64encode((out / item).read_bytes()).decode()
                 caption = html.escape(PLOTS[item])
-                body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{caption}">'
-                            f"<figcaption>{caption}</figcaption></figure>")
+                body.append(
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{caption}">'
+                    f"<figcaption>{caption}</figcaption></figure>"
+                )
             else:
                 body.append(f"<p>{_inline(item)}</p>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
-             "text-align:right}img{max-width:100%}figcaption{font-size:12px;color:#555}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>vitscale study</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
+        "text-align:right}img{max-width:100%}figcaption{font-size:12px;color:#555}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>vitscale study</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+    )
 
 
-def write(out: Path, study, summary: dict, rows: list[TrialResult]) -> None:
+def write(out: Path, s: Summary, rows: list[TrialResult]) -> None:
     """summary.json, the plots, report.md and report.html in the study directory."""
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    plot_accuracy(out, summary, rows)
-    plot_runtime(out, summary, rows)
-    plot_growth(out, summary, rows)
-    sections = _sections(summary, rows)
+    summary_.write(out / "summary.json", s)
+    for stale in ("accuracy_vs_compute.png", "accuracy_vs_time.png"):  # plots of the first report
+        (out / stale).unlink(missing_ok=True)
+    plot_frontier(out, s, rows)
+    plot_isoflops(out, s)
+    plot_runtime(out, s, rows)
+    plot_growth(out, s, rows)
+    sections = _sections(s, rows)
     atomic_write_text(out / "report.md", markdown(sections))
     atomic_write_text(out / "report.html", page(sections, out))
