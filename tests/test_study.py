@@ -14,7 +14,7 @@ import yaml
 from vitscale import optim, results, summary
 from vitscale.complexity import cost
 from vitscale.results import SeedResult, SweepPoint, TrialResult
-from vitscale.study import StudyConfig, branches, parse_budget, plan, steps_for, train_flops_per_sample
+from vitscale.study import StudyConfig, _base, branches, parse_budget, plan, steps_for, train_flops_per_sample
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -58,6 +58,8 @@ def test_plan_shares_the_base_and_scales_the_data_resolution():
         assert (m.param, m.base_width, m.base_depth, m.base_head_dim) == ("mup", 64, 4, 32)
     assert trials[3].run.model.hw[0] > trials[0].run.model.hw[0]
     assert plan(StudyConfig(strategies=("d",), factors=(1,), param="sp"))[0].run.model.param == "sp"
+    smaller = plan(StudyConfig(strategies=("d",), factors=(0.5, 1, 2)))
+    assert smaller[0].name == "d-x0.5" and _base(smaller).name == "base"  # the sweep's model, not the first
     lrs = {t.run.train.base_lr for t in plan(StudyConfig(strategies=("w",), factors=(1, 2)), lr=3e-3)}
     assert lrs == {3e-3}
 
@@ -160,6 +162,8 @@ def test_miniature_study_killed_and_resumed(tmp_path):
     (["--fractions", "0,1"], "fractions must be in (0, 1]"),
     (["--lrs=1e-3,-2e-3"], "lrs must be positive"),
     (["--seeds", "0"], "seeds must be at least 1"),
+    (["--target", "epochs:3"], "give a compute (compute:3e12) or time"),
+    (["--holdout", "-1"], "holdout must be 0"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
     r = subprocess.run([sys.executable, "-m", "vitscale", *MINI, "--out", str(tmp_path / "s"), *args],

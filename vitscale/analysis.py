@@ -124,7 +124,7 @@ def fit(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -> tupl
 
 def _interval(draws: np.ndarray, sd: float, rng: np.random.Generator) -> tuple[float, float]:
     """LEVEL interval of accuracies `draws` (one per refit), each moved by noise of `sd`."""
-    spread = np.repeat(draws, 10) + rng.normal(0.0, sd, 10 * len(draws))
+    spread = np.clip(np.repeat(draws, 10) + rng.normal(0.0, sd, 10 * len(draws)), 0.0, 1.0)
     q = (1 - LEVEL) / 2
     return float(np.quantile(spread, q)), float(np.quantile(spread, 1 - q))
 
@@ -149,6 +149,8 @@ def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int,
     empty = Backtest(tuple(sorted(names)), tuple(r.name for r in fitted), None, (), None, None, 0, "")
     if not names:
         return replace(empty, note="nothing held out (holdout 0)")
+    if not able:
+        return replace(empty, note="; ".join(notes))
     try:
         law, laws = fit(fitted, able, n0)
     except ValueError as e:
@@ -388,7 +390,7 @@ def recommend(
     ahead = tuple(c[0] for m in study.ahead if (c := best_at(m * amount, m)))
     frontier = []
     ns_all = [p.compute for r in rows for p in r.points()]
-    for c in np.geomspace(min(ns_all) / 2, max(study.ahead + (1.0,)) * amount * 1.5, 30):
+    for c in np.geomspace(min(ns_all) / 2, 10 * max(ns_all), 30):  # the plotted range
         for s in law.strategies:
             opt = _optimum(shapes, law, s, "compute", float(c))
             if opt:
@@ -429,7 +431,7 @@ def isoflops(rows: list[TrialResult], law: Law | None, shapes: _Shapes | None) -
     out = []
     budgets: list[float] = []
     for c in sorted([p.compute for p in base.points()] + [base.compute * 2.0**k for k in range(-4, 8)]):
-        if not budgets or c > budgets[-1] * 1.05:  # the base's annealed points, and powers of two of its budget
+        if not budgets or c > budgets[-1] * 1.05:  # the base's annealed points, powers of two of its budget
             budgets.append(c)
     for c in budgets:
         at = [(r, v) for r in rows if (v := _at(r, c))]
@@ -447,7 +449,8 @@ def isoflops(rows: list[TrialResult], law: Law | None, shapes: _Shapes | None) -
             opts = [(s, o) for s in law.strategies if (o := _optimum(shapes, law, s, "compute", c))]
             if opts:
                 s, (m, d) = min(opts, key=lambda o: float(law.predict(o[0], o[1][0].cost.flops, o[1][1])))
-                law_best, law_flops = "base" if m.config == shapes.base else f"{s}-x{m.achieved:.3g}", m.cost.flops
+                law_best = "base" if m.config == shapes.base else f"{s}-x{m.achieved:.3g}"
+                law_flops = m.cost.flops
         best = max(at, key=lambda rv: rv[1][1])[0].name
         out.append(
             IsoFlop(

@@ -218,9 +218,11 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
         print(f"recommended for {rec.budget}: {p.strategy} at {p.factor:.3g}x the base's flops (depth "
               f"{p.model['depth']}, width {p.model['width']}), {p.steps} steps, predicted {summary.metric} "
               f"{100 * p.accuracy:.1f}% ({100 * p.interval[0]:.1f}-{100 * p.interval[1]:.1f})")
-    m = rec.measured
-    print(f"best measured within the budget: {m.name} at {m.steps} steps, {100 * m.accuracy:.1f}%; "
-          f"report in {cfg.out}/report.html")
+    m, best = rec.measured, rec.measured_best
+    tie = (f"; within noise of it and cheaper: {m.name} at {m.steps} steps, {100 * m.accuracy:.1f}%"
+           if m != best else "")
+    print(f"best measured within the budget: {best.name} at {best.steps} steps, {100 * best.accuracy:.1f}%"
+          f"{tie}; report in {cfg.out}/report.html")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -311,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base preset (default pico/4)")
     p.add_argument("--strategy", type=lambda s: tuple(x for x in s.split(",") if x),
                    help="comma-separated strategies (default d,w)")
-    p.add_argument("--factors", type=lambda s: tuple(_floats(s)), help="flops factors (default 1,1.5,2.25,3.4)")
+    p.add_argument("--factors", type=lambda s: tuple(_floats(s)),
+                   help="flops factors (default 1,1.5,2.25,3.4)")
     p.add_argument("--budget", help="per trial: epochs:N, compute:Nep (the base model's N epochs), "
                    "compute:MACS (multiply-adds) or time:90s (default compute:4ep)")
     p.add_argument("--objective", choices=["supervised", "mae"],

@@ -285,9 +285,14 @@ def size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int)
     return sizing
 
 
+def _base(trials: list[Trial]) -> Trial:
+    """The trial every strategy scales from (the first, where factor 1 is not among them)."""
+    return next((t for t in trials if t.factor == 1), trials[0])
+
+
 def reference_compute(trials: list[Trial]) -> float:
     """The base model's training multiply-adds per epoch (the unit of compute:Nep budgets)."""
-    base = next((t for t in trials if t.factor == 1), trials[0])
+    base = _base(trials)
     train_set, _, info = build_datasets(base.run.data)
     per_sample = train_flops_per_sample(base.run, info.num_classes)
     return per_sample * (len(train_set) // base.run.train.batch) * base.run.train.batch
@@ -431,7 +436,8 @@ def run_study(study: StudyConfig, only: str | None = None, log=print):
     try:
         wanted = trials if not only or only == SWEEP else [t for t in trials if t.name in ("base", only)]
         sizes = {t.name: size_trial(study, t, reference, runner.threads) for t in wanted}
-        sweep = _sweep(study, trials[0], sizes[trials[0].name], runner, log, run=not only or only == SWEEP)
+        base = _base(trials)
+        sweep = _sweep(study, base, sizes[base.name], runner, log, run=not only or only == SWEEP)
         if only == SWEEP:
             return None
         lr = pick_lr(sweep).lr if sweep else None
@@ -535,7 +541,7 @@ def held_out(rows: list[TrialResult], strategies: tuple[str, ...],
     out = {}
     for s in strategies:
         members = [r for r in rows if s in r.strategies and r.name != "base"]
-        top = max((r.compute for r in members), default=0.0)  # equal compute budgets differ by a step's rounding
+        top = max((r.compute for r in members), default=0.0)  # equal budgets differ by a step's rounding
         members.sort(key=lambda r: (r.compute >= top * 0.99, r.flops))
         out[s] = members[len(members) - holdout:] if holdout else []
     return out

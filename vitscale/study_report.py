@@ -9,6 +9,7 @@ import html
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from vitscale import summary as summary_
 from vitscale.checkpoint import atomic_write_text
@@ -100,20 +101,17 @@ def plot_isoflops(out: Path, s: Summary) -> None:
             f = [m for m in s.frontier if m.strategy == st]
             if not f:
                 continue
-            n = np.geomspace(min(iso.flops) / 1.5, max(iso.flops) * 1.5, 40)
-            ratio = np.median(
-                [
-                    c / (d * m)
-                    for c, d, m in zip([iso.compute] * len(iso.flops), iso.samples, iso.flops, strict=True)
-                ]
-            )
+            n = np.geomspace(min(iso.flops), max(iso.flops) * 1.2, 40)  # the law holds from the base up
+            ratio = np.median([iso.compute / (d * m) for d, m in zip(iso.samples, iso.flops, strict=True)])
             ax.plot(
                 n, 1 - s.law.predict(st, n, iso.compute / (ratio * n)), "-", color=colors[st], lw=1, label=st
             )
         ax.set(
             xscale="log", xlabel="multiply-adds per sample", title=f"{iso.compute:.3g} MACs: best {iso.best}"
         )
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.title.set_fontsize(8)
+    axes[0][0].plot([], [], "o", color=colors["base"], label="base")
     axes[0][0].set_ylabel(s.metric)
     axes[0][0].legend(fontsize=7)
     save_figure(fig, out / "isoflops.png")
