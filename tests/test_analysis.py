@@ -141,9 +141,9 @@ def test_backtest_predicts_the_held_out_trials_within_their_intervals():
     truth = {c.trial: 1 - float(TRUE.predict(c.strategy, c.flops, c.samples)) for c in bt.checks}
     for c in bt.checks:
         assert c.seeds == 2 and c.covered
-        assert abs(c.error) < 0.01 and abs(c.predicted - truth[c.trial]) < 0.01
+        assert abs(c.error) < 0.02 and abs(c.predicted - truth[c.trial]) < 0.015  # seed noise 0.003
         assert c.interval[0] < c.predicted < c.interval[1]
-    assert bt.mean_abs_error < 0.01
+    assert bt.mean_abs_error < 0.015
 
 
 def test_backtest_detects_a_wrong_prediction():
@@ -158,6 +158,7 @@ def test_backtest_detects_a_wrong_prediction():
 
 
 # ----------------------------------------------------------------------------- recommendation
+@pytest.mark.slow  # a flat law converges slowly: about 9 s
 def test_trials_within_noise_tie_and_the_cheapest_is_named():
     flat = fits.Law(
         ("d", "w"), 0.3, 1e-4, (0.5, 0.5), 1e-4, 0.5, N0, 1e4, 0.0, 0
@@ -177,8 +178,8 @@ def test_the_recommendation_is_the_laws_compute_optimal_size():
     rows = epochs_study()
     study = StudyConfig(strategies=("d", "w"), target="compute:1e14", ahead=(10.0,))
     s = analysis.summarize(study, rows)
-    law = s.law
     for c in (s.recommendation.best, s.recommendation.ahead[0]):
+        law = s.law.law(c.strategy)
         compute = 1e14 * c.multiple
         alpha, beta = law.alpha(c.strategy), law.beta
         x = (alpha * law.a / (beta * law.b)) * (compute / (3 * law.n0 * law.d0)) ** beta
@@ -222,7 +223,7 @@ def test_summary_is_written_and_read_back_typed(tmp_path):
     summary.write(path, s)
     back = summary.read(path)
     assert back == s
-    assert isinstance(back.backtest.checks[0], summary.Check) and isinstance(back.law, fits.Law)
+    assert isinstance(back.backtest.checks[0], summary.Check) and isinstance(back.law.laws[0], fits.Law)
     path.write_text(path.read_text().replace('"version": 1', '"version": 0', 1))
     with pytest.raises(StaleResult, match="version"):
         summary.read(path)
@@ -248,3 +249,13 @@ def test_noise_pools_seeds_and_never_falls_below_validation_sampling():
     ]
     n = analysis.noise(two)
     assert n.dof == 2 and n.seed_sd == pytest.approx(math.sqrt(2 * 2 * 0.01**2 / 2))
+
+
+def test_a_time_target_buys_each_shape_the_samples_its_measured_speed_allows():
+    rows = epochs_study()
+    s = analysis.summarize(StudyConfig(strategies=("d", "w"), target="time:30m", ahead=()), rows)
+    rec = s.recommendation
+    assert rec.seconds == 1800 and rec.compute is None
+    for c in rec.tied + (rec.best,):
+        assert c.seconds == pytest.approx(1800, rel=1e-3)  # the runtime model is exact on these trials
+    assert all(c.seconds <= 1800 * (1 + 1e-6) for c in rec.measured_tied)

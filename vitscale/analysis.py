@@ -20,7 +20,6 @@ from dataclasses import replace
 import numpy as np
 
 from vitscale import config, fits, stats
-from vitscale.fits import Law
 from vitscale.models.vit import ViTConfig
 from vitscale.results import SweepPoint, TrialResult
 from vitscale.scaling import Scaled, scale_family
@@ -37,6 +36,7 @@ from vitscale.summary import (
     Parameter,
     Recommendation,
     Runtime,
+    Structure,
     Summary,
     Sweep,
 )
@@ -57,11 +57,16 @@ def _labelled(rows: list[TrialResult], strategies: tuple[str, ...]) -> list[tupl
     return pairs
 
 
-def _points(pairs, rng: np.random.Generator | None = None) -> tuple[list, list, list, list]:
+def _points(
+    pairs, rng: np.random.Generator | None = None, luck: float = 0.0
+) -> tuple[list, list, list, list]:
     """Annealed points as (strategy, N, D, error) columns. With `rng`: each fraction's value from a
-    random seed of those that ran it, moved by its validation sampling noise."""
+    random seed of those that ran it, moved by its validation sampling noise; where one seed ran
+    it, moved also by a draw of the seed-to-seed spread `luck` (one per trial, as a seed's luck
+    lasts its whole run)."""
     cols = ([], [], [], [])
     for r, s in pairs:
+        shift = rng.normal(0.0, luck) if rng is not None and luck else 0.0
         by_fraction: dict[float, list] = {}
         for seed in r.seeds:
             for p in seed.points:
@@ -74,7 +79,8 @@ def _points(pairs, rng: np.random.Generator | None = None) -> tuple[list, list, 
                         c.append(v)
             else:
                 p = ps[rng.integers(len(ps))]
-                row = (s, r.flops, p.samples, 1.0 - p.accuracy + rng.normal(0.0, p.stderr))
+                moved = p.accuracy + rng.normal(0.0, p.stderr) + (shift if len(ps) == 1 else 0.0)
+                row = (s, r.flops, p.samples, 1.0 - moved)
                 for c, v in zip(cols, row, strict=True):
                     c.append(v)
     return cols
@@ -105,21 +111,72 @@ def _n0(rows: list[TrialResult]) -> float:
     return (base[0] if base else min(rows, key=lambda r: r.flops)).flops
 
 
-def fit(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -> tuple[Law, list[Law]]:
-    """The law on every annealed point of `rows`, and its bootstrap refits."""
-    pairs = _labelled(rows, strategies)
-    law = fits.fit_law(*_points(pairs), n0=n0)
+def _pairs(rows: list[TrialResult], strategies: tuple[str, ...], shared: bool) -> list[list]:
+    """The (trial, strategy) pairs of each law: one list for a shared law, one per strategy (each
+    with the base) otherwise."""
+    if shared:
+        return [_labelled(rows, strategies)]
+    return [[(r, s) for r in rows if s in r.strategies] for s in strategies]
+
+
+def _fit_once(groups: list[list], n0: float, start: fits.Laws | None = None, rng=None, luck: float = 0.0):
+    return fits.Laws(
+        tuple(
+            fits.fit_law(*_points(g, rng, luck), n0=n0, start=start.laws[i] if start else None)
+            for i, g in enumerate(groups)
+        )
+    )
+
+
+def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -> tuple[bool, float, float]:
+    """Shared or separate laws, whichever predicts each non-base trial better from the others
+    (leave-one-trial-out mean absolute error of its final accuracy); shared on a tie or where
+    the separate laws cannot be fitted. Returns (shared, error shared, error separate)."""
+    errors = {}
+    for shared in (True, False):
+        try:
+            full = _fit_once(_pairs(rows, strategies, shared), n0)
+        except ValueError:
+            errors[shared] = math.inf
+            continue
+        misses = []
+        for r in rows:
+            if r.name == "base":
+                continue
+            others = [x for x in rows if x is not r]
+            s = next(t for t in strategies if t in r.strategies)
+            try:
+                law = _fit_once(_pairs(others, strategies, shared), n0, start=full)
+            except ValueError:
+                continue
+            misses.append(abs(1.0 - float(law.predict(s, r.flops, r.samples)) - _final(r)))
+        errors[shared] = float(np.mean(misses)) if misses else math.inf
+    return errors[False] >= errors[True], errors[True], errors[False]
+
+
+def fit(
+    rows: list[TrialResult], strategies: tuple[str, ...], n0: float, noise_: Noise | None = None
+) -> tuple[fits.Laws, list[fits.Laws], tuple[bool, float, float]]:
+    """The laws on every annealed point of `rows` (structure chosen by `structure`), their
+    bootstrap refits, and the structure's choice."""
+    choice = structure(rows, strategies, n0)
+    luck = math.sqrt(max(noise_.seed_sd**2 - noise_.binomial**2, 0.0)) if noise_ else 0.0
+    law = _fit_once(_pairs(rows, strategies, choice[0]), n0)
     rng = np.random.default_rng(0)
-    anchors = [(r, s) for r, s in pairs if r.flops == n0]
-    groups = {s: [(r, t) for r, t in pairs if t == s and r.flops != n0] for s in law.strategies}
+    anchors = [r for r in rows if r.flops == n0]
+    groups = {s: [r for r in rows if s in r.strategies and r.flops != n0] for s in strategies}
     laws = []
     for _ in range(BOOTSTRAP):
-        drawn = anchors + [g[i] for g in groups.values() for i in rng.integers(0, len(g), len(g))]
+        drawn = {s: [g[i] for i in rng.integers(0, len(g), len(g))] for s, g in groups.items()}
+        if choice[0]:
+            pairs = [[(r, strategies[0]) for r in anchors] + [(r, s) for s, g in drawn.items() for r in g]]
+        else:
+            pairs = [[(r, s) for r in anchors + g] for s, g in drawn.items()]
         try:
-            laws.append(fits.fit_law(*_points(drawn, rng), n0=n0, start=law))
+            laws.append(_fit_once(pairs, n0, start=law, rng=rng, luck=luck))
         except ValueError:
             continue
-    return law, laws
+    return law, laws, choice
 
 
 def _interval(draws: np.ndarray, sd: float, rng: np.random.Generator) -> tuple[float, float]:
@@ -129,7 +186,7 @@ def _interval(draws: np.ndarray, sd: float, rng: np.random.Generator) -> tuple[f
     return float(np.quantile(spread, q)), float(np.quantile(spread, 1 - q))
 
 
-def _predict(laws: list[Law], strategy: str, n: float, d: float) -> np.ndarray:
+def _predict(laws: list[fits.Laws], strategy: str, n: float, d: float) -> np.ndarray:
     return np.array([1.0 - float(lw.predict(strategy, n, d)) for lw in laws])
 
 
@@ -146,13 +203,13 @@ def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int,
         for s in strategies
         if s not in able and held[s]
     ]
-    empty = Backtest(tuple(sorted(names)), tuple(r.name for r in fitted), None, (), None, None, 0, "")
+    empty = Backtest(tuple(sorted(names)), tuple(r.name for r in fitted), None, None, (), None, None, 0, "")
     if not names:
         return replace(empty, note="nothing held out (holdout 0)")
     if not able:
         return replace(empty, note="; ".join(notes))
     try:
-        law, laws = fit(fitted, able, n0)
+        law, laws, choice = fit(fitted, able, n0, noise_)
     except ValueError as e:
         return replace(empty, note=f"the law could not be fitted without the held-out trials: {e}")
     rng = np.random.default_rng(1)
@@ -183,6 +240,7 @@ def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int,
         tuple(sorted(names)),
         tuple(r.name for r in fitted),
         law,
+        _structure(choice),
         tuple(checks),
         float(np.mean(errors)) if errors else None,
         max(errors) if errors else None,
@@ -220,8 +278,8 @@ class _Shapes:
 
 def _candidate(
     shapes: _Shapes,
-    law: Law,
-    laws: list[Law],
+    law: fits.Laws,
+    laws: list[fits.Laws],
     s: str,
     m: Scaled,
     d: float,
@@ -251,7 +309,9 @@ def _candidate(
     )
 
 
-def _optimum(shapes: _Shapes, law: Law, s: str, kind: str, amount: float) -> tuple[Scaled, float] | None:
+def _optimum(
+    shapes: _Shapes, law: fits.Laws, s: str, kind: str, amount: float
+) -> tuple[Scaled, float] | None:
     """Strategy s's best shape under the law for a budget, and the samples it trains on. Never
     smaller than the smallest trial: below it the size term grows without a measurement to hold it."""
     options = []
@@ -330,8 +390,8 @@ def _measured(rows: list[TrialResult], kind: str, amount: float, noise_: Noise) 
 def recommend(
     study: StudyConfig,
     rows: list[TrialResult],
-    law: Law | None,
-    laws: list[Law],
+    law: fits.Laws | None,
+    laws: list[fits.Laws],
     noise_: Noise,
     runtime: fits.RuntimeModel | None,
 ) -> tuple[Recommendation, tuple[FrontierPoint, ...], _Shapes | None]:
@@ -339,7 +399,11 @@ def recommend(
     measured = _measured(rows, kind, amount, noise_) or _measured(rows, "compute", math.inf, noise_)
     m_best = max(measured, key=lambda c: c.accuracy)
 
-    def m_spread(a: Candidate, b: Candidate) -> float:  # measured: each one's noise
+    def m_spread(a: Candidate, b: Candidate) -> float:
+        """Noise of a difference: two points of one trial share their seeds' luck (only
+        validation sampling tells them apart); two trials differ by each one's noise."""
+        if a.name == b.name:
+            return math.sqrt(2) * noise_.binomial
         return math.hypot((a.interval[1] - a.accuracy) / Z, (b.interval[1] - b.accuracy) / Z)
 
     m_tied = [m_best] + [c for c in _ties(m_best, [c for c in measured if c is not m_best], m_spread, 0.0)]
@@ -424,7 +488,7 @@ def _at(r: TrialResult, compute: float, tolerance: float = 0.1) -> tuple[float, 
     return compute / r.train_flops_per_sample, acc
 
 
-def isoflops(rows: list[TrialResult], law: Law | None, shapes: _Shapes | None) -> tuple[IsoFlop, ...]:
+def isoflops(rows: list[TrialResult], law: fits.Laws | None, shapes: _Shapes | None) -> tuple[IsoFlop, ...]:
     """Profiles where three or more trials meet: at the computes of the base's annealed points
     (under a compute budget, every trial's), and at powers of two of its full compute."""
     base = next((r for r in rows if r.name == "base"), min(rows, key=lambda r: r.flops))
@@ -498,24 +562,28 @@ def _sweep(sweep: list[SweepPoint], rows: list[TrialResult]) -> Sweep | None:
     )
 
 
-def _parameters(law: Law, laws: list[Law]) -> tuple[Parameter, ...]:
+def _parameters(law: fits.Laws, laws: list[fits.Laws]) -> tuple[Parameter, ...]:
     q = (1 - LEVEL) / 2
 
     def interval(values) -> tuple[float, float]:
-        return (
-            (float(np.quantile(values, q)), float(np.quantile(values, 1 - q)))
-            if laws
-            else (math.nan, math.nan)
-        )
+        return (float(np.quantile(values, q)), float(np.quantile(values, 1 - q))) if laws else (math.nan,) * 2
 
-    named = [
-        ("e", law.e, [x.e for x in laws]),
-        ("a", law.a, [x.a for x in laws]),
-        ("b", law.b, [x.b for x in laws]),
-        ("beta", law.beta, [x.beta for x in laws]),
-    ]
-    named += [(f"alpha[{s}]", law.alpha(s), [x.alpha(s) for x in laws]) for s in law.strategies]
-    return tuple(Parameter(n, v, interval(d)) for n, v, d in named)
+    out = []
+    for i, one in enumerate(law.laws):
+        tag = "" if law.shared else f"[{one.strategies[0]}]"
+        draws = [x.laws[i] for x in laws]
+        for name in ("e", "a", "b", "beta"):
+            out.append(Parameter(name + tag, getattr(one, name), interval([getattr(x, name) for x in draws])))
+        out += [
+            Parameter(f"alpha[{s}]", one.alpha(s), interval([x.alpha(s) for x in draws]))
+            for s in one.strategies
+        ]
+    return tuple(out)
+
+
+def _structure(choice: tuple[bool, float, float]) -> Structure:
+    shared, e_shared, e_separate = choice
+    return Structure(shared, *(e if math.isfinite(e) else None for e in (e_shared, e_separate)))
 
 
 def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoint] = ()) -> Summary:
@@ -527,9 +595,9 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
     n0 = _n0(rows)
     able = tuple(s for s in strategies if any(s in r.strategies and r.flops != n0 for r in rows))
     try:
-        law, laws = fit(rows, able, n0)
+        law, laws, choice = fit(rows, able, n0, noise_)
     except ValueError:
-        law, laws = None, []
+        law, laws, choice = None, [], None
     rt = runtime(rows)
     rec, frontier, shapes = recommend(study, rows, law, laws, noise_, rt.model)
     growth = tuple(
@@ -563,6 +631,7 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
         noise_,
         bt,
         law,
+        _structure(choice) if choice else None,
         _parameters(law, laws) if law else (),
         rec,
         frontier,

@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", type=lambda s: tuple(x for x in s.split(",") if x),
                    help="comma-separated strategies (default d,w)")
     p.add_argument("--factors", type=lambda s: tuple(_floats(s)),
-                   help="flops factors (default 1,1.5,2.25,3.4)")
+                   help="flops factors (default 0.5,1,1.5,2.25)")
     p.add_argument("--budget", help="per trial: epochs:N, compute:Nep (the base model's N epochs), "
                    "compute:MACS (multiply-adds) or time:90s (default compute:4ep)")
     p.add_argument("--objective", choices=["supervised", "mae"],
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", choices=["mup", "sp"],
                    help="mup: every trial in muP relative to the base, one swept LR for all (default); sp")
     p.add_argument("--lrs", type=lambda s: tuple(_floats(s)) if s else (),
-                   help="base_lr values swept on the base model (default 4e-3,8e-3,1.6e-2,3.2e-2,6.4e-2; "
+                   help="base_lr values swept on the base model (default 2e-3,4e-3,8e-3,1.6e-2; "
                    "'' = none)")
     p.add_argument("--fractions", type=lambda s: tuple(_floats(s)),
                    help="cooldown branch points as shares of each trial's budget (default 0.35,0.5,0.71,1)")

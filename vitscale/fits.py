@@ -50,6 +50,28 @@ class Law:
         return self.e + self.a * (n / self.n0) ** -self.alpha(strategy) + self.b * (d / self.d0) ** -self.beta
 
 
+@dataclass(frozen=True)
+class Laws:
+    """The law of every strategy: one Law they share (shared e, a, b, beta; an exponent each), or
+    one Law per strategy (five parameters each)."""
+
+    laws: tuple[Law, ...]
+
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        return tuple(s for law in self.laws for s in law.strategies)
+
+    @property
+    def shared(self) -> bool:
+        return len(self.laws) == 1
+
+    def law(self, strategy: str) -> Law:
+        return next(law for law in self.laws if strategy in law.strategies)
+
+    def predict(self, strategy: str, n, d):
+        return self.law(strategy).predict(strategy, n, d)
+
+
 def _theta(law: Law) -> np.ndarray:
     return np.array([np.log(law.e), np.log(law.a), np.log(law.b), law.beta, *law.alphas])
 

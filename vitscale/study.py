@@ -55,11 +55,11 @@ class StudyConfig:
     # d and w: resolution (r, and the r share of d1_w8_r1) changes the token count, across which muP
     # does not carry the learning rate (r-x8 reached 27.6% at the swept LR, 58.4% at half of it)
     strategies: tuple[str, ...] = ("d", "w")
-    factors: tuple[float, ...] = (1.0, 1.5, 2.25, 3.4)  # flops factors
+    factors: tuple[float, ...] = (0.5, 1.0, 1.5, 2.25)  # flops factors (at this budget the smallest wins)
     budget: str = "compute:4ep"  # per trial: epochs:N | compute:Nep | compute:MACS | time:90s
     objective: str = "supervised"  # supervised | mae (MAE pre-training, then a linear probe)
     param: str = "mup"  # mup: every trial in muP relative to the base (one LR for all shapes) | sp
-    lrs: tuple[float, ...] = (4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)  # base_lr swept on the base; () = none
+    lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3, 1.6e-2)  # base_lr swept on the base; () = none
     sweep_length: float = 0.5  # a sweep run's length as a share of the base trial's
     fractions: tuple[float, ...] = (0.35, 0.5, 0.71, 1.0)  # cooldown branch points (shares of the budget)
     decay_frac: float = 0.2  # a cooldown's share of the run length it ends (wsd's decay phase)

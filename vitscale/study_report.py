@@ -163,7 +163,8 @@ def _shape(c: Candidate) -> str:
     m = c.model
     size = m["image_size"] if isinstance(m["image_size"], int) else "x".join(map(str, m["image_size"]))
     return (
-        f"depth {m['depth']}, width {m['width']}, {m['heads']} heads, {size} px, patch {m['patch_size']}"
+        f"depth {m['depth']}, width {m['width']}, {m['heads']} head{'s' * (m['heads'] > 1)}, {size} px, "
+        f"patch {m['patch_size']}"
         + (f", {m['frames']} frames" if m["frames"] > 1 else "")
         + f" ({c.params / 1e6:.2f} M params, {c.flops / 1e6:.3g} M multiply-adds per sample)"
     )
@@ -206,6 +207,8 @@ def _backtest(s: Summary) -> list:
         f"noise.",
         (head, body),
     ]
+    if bt.structure:
+        lines.append(_structure(bt.structure).replace("Structure:", "Fitted without the held-out trials:"))
     if bt.note:
         lines.append(bt.note + ".")
     lines.append("Only after this check is the law refitted on every trial for the recommendation below.")
@@ -295,20 +298,36 @@ def _recommendation(s: Summary) -> list:
     return lines
 
 
+def _structure(st) -> str:
+    if st is None:
+        return ""
+
+    def pts(e):
+        return "could not be fitted" if e is None else f"{100 * e:.2f} points"
+
+    chosen = "one law shared by the strategies" if st.shared else "a separate law per strategy"
+    return (
+        f"Structure: {chosen}, the one that predicted each trial's final accuracy better from the others "
+        f"(leave-one-trial-out mean absolute error: shared {pts(st.error_shared)}, separate "
+        f"{pts(st.error_separate)})."
+    )
+
+
 def _law(s: Summary) -> list:
     if not s.law:
         return ["No law was fitted."]
-    law = s.law
+    one = s.law.laws[0]
     head = ("parameter", "value", f"{LEVEL:.0%} bootstrap interval")
     body = [(p.name, f"{p.value:.4g}", f"{p.interval[0]:.4g}–{p.interval[1]:.4g}") for p in s.parameters]
+    rmse = ", ".join(f"{'/'.join(law.strategies)} {100 * law.rmse:.2f}" for law in s.law.laws)
     return [
-        f"error(s, N, D) = e + a (N / {law.n0:.3g})^-alpha_s + b (D / {law.d0:.3g})^-beta, N the forward "
-        f"multiply-adds per sample, D the training samples, over every annealed point of every seed "
-        f"({law.points} points), Huber loss from a grid of starts. Every strategy starts from the same base, "
-        f"so they share e, a and the length term and each has its own size exponent. RMSE "
-        f"{100 * law.rmse:.2f} points. Noise: one seed's final accuracy varies by "
-        f"{100 * s.noise.seed_sd:.2f} points (standard deviation over {s.noise.dof} degrees of freedom; "
-        f"validation sampling alone {100 * s.noise.binomial:.2f}).",
+        f"error(s, N, D) = e + a (N / {one.n0:.3g})^-alpha_s + b (D / d0)^-beta, N the forward "
+        "multiply-adds per sample (n0 the base's), D the training samples, over every annealed point of "
+        "every seed, Huber loss from a grid of starts. Shared, the strategies (which all start from the "
+        "base) share e, a and the length term and each has its own size exponent; separate, each has "
+        f"all five. {_structure(s.structure)} RMSE (points): {rmse}. Noise: one seed's final accuracy "
+        f"varies by {100 * s.noise.seed_sd:.2f} points (standard deviation over {s.noise.dof} degrees of "
+        f"freedom; validation sampling alone {100 * s.noise.binomial:.2f}).",
         (head, body),
         "frontier.png",
     ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitscale import results
-from vitscale.fits import Law, RuntimeModel
+from vitscale.fits import Laws, RuntimeModel
 from vitscale.results import SweepPoint
 
 VERSION = 1
@@ -54,10 +54,20 @@ class Check:
 
 
 @dataclass(frozen=True)
+class Structure:
+    """Shared or separate laws, chosen by leave-one-trial-out error on the trials fitted."""
+
+    shared: bool  # one law for every strategy (an exponent each), or one law per strategy
+    error_shared: float | None  # mean absolute error predicting each trial's final accuracy from the others
+    error_separate: float | None  # the same for separate laws (None: they could not be fitted)
+
+
+@dataclass(frozen=True)
 class Backtest:
     held_out: tuple[str, ...]
     fitted_on: tuple[str, ...]
-    law: Law | None
+    law: Laws | None
+    structure: Structure | None
     checks: tuple[Check, ...]
     mean_abs_error: float | None
     max_abs_error: float | None
@@ -176,7 +186,8 @@ class Summary:
     total_wall_s: float
     noise: Noise
     backtest: Backtest
-    law: Law | None  # fitted on every trial
+    law: Laws | None  # fitted on every trial
+    structure: Structure | None
     parameters: tuple[Parameter, ...]  # the law's, with bootstrap intervals
     recommendation: Recommendation
     frontier: tuple[FrontierPoint, ...]
