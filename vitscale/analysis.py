@@ -129,9 +129,10 @@ def _fit_once(groups: list[list], n0: float, start: fits.Laws | None = None, rng
 
 
 def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -> tuple[bool, float, float]:
-    """Shared or separate laws, whichever predicts each non-base trial better from the others
-    (leave-one-trial-out mean absolute error of its final accuracy); shared on a tie or where
-    the separate laws cannot be fitted. Returns (shared, error shared, error separate)."""
+    """Shared or separate laws, whichever predicts each trial larger than the base better from
+    the others (leave-one-trial-out mean absolute error of its final accuracy; below the base
+    the size term is an extrapolation the study never asks for); shared on a tie or where the
+    separate laws cannot be fitted. Returns (shared, error shared, error separate)."""
     errors = {}
     for shared in (True, False):
         try:
@@ -141,7 +142,7 @@ def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -
             continue
         misses = []
         for r in rows:
-            if r.name == "base":
+            if r.flops <= n0:  # predict larger trials from the rest, as the backtest does
                 continue
             others = [x for x in rows if x is not r]
             s = next(t for t in strategies if t in r.strategies)
