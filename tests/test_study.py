@@ -144,6 +144,11 @@ def test_miniature_study_killed_and_resumed(tmp_path):
     assert page.count("data:image/png;base64,") >= 3 and "http" not in page
     assert page.index("Backtest") < page.index("Recommendation") < page.index("Learning-rate sweep")
 
+    again = subprocess.run([sys.executable, "-m", "vitscale", *MINI, "--out", str(out), "--json"], env=ENV,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "finished before" in again.stderr
+    assert json.loads(again.stdout)["kind"] == "Summary"  # stdout carries the JSON alone
+
     stale = out / "trials" / "w-x2" / "seed0" / "result.json"
     points = results.read(stale, SeedResult).points
     stale.write_text(json.dumps(json.loads(stale.read_text()) | {"version": 1}))  # another version's file

@@ -200,7 +200,10 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
                          "(trial overrides look like --train.base_lr=2e-3)")
     cfg = replace(cfg, **changes, overrides=cfg.overrides + tuple(o.lstrip("-") for o in overrides))
     config.apply_overrides(study.base_run(cfg), list(cfg.overrides))  # check them before any work
-    summary = study.run_study(cfg, only=args.trial)
+    def to_stderr(message: str) -> None:  # with --json, stdout carries the summary alone
+        print(message, file=sys.stderr)
+
+    summary = study.run_study(cfg, only=args.trial, log=to_stderr if args.json else print)
     if summary is None:
         return
     if args.json:
