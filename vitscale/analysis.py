@@ -64,7 +64,7 @@ def _points(
     random seed of those that ran it, moved by its validation sampling noise; where one seed ran
     it, moved also by a draw of the seed-to-seed spread `luck` (one per trial, as a seed's luck
     lasts its whole run)."""
-    cols = ([], [], [], [])
+    rows = []
     for r, s in pairs:
         shift = rng.normal(0.0, luck) if rng is not None and luck else 0.0
         by_fraction: dict[float, list] = {}
@@ -73,17 +73,12 @@ def _points(
                 by_fraction.setdefault(p.fraction, []).append(p)
         for ps in by_fraction.values():
             if rng is None:
-                for p in ps:
-                    row = (s, r.flops, p.samples, 1.0 - p.accuracy)
-                    for c, v in zip(cols, row, strict=True):
-                        c.append(v)
-            else:
-                p = ps[rng.integers(len(ps))]
-                moved = p.accuracy + rng.normal(0.0, p.stderr) + (shift if len(ps) == 1 else 0.0)
-                row = (s, r.flops, p.samples, 1.0 - moved)
-                for c, v in zip(cols, row, strict=True):
-                    c.append(v)
-    return cols
+                rows += [(s, r.flops, p.samples, 1.0 - p.accuracy) for p in ps]
+                continue
+            p = ps[rng.integers(len(ps))]
+            moved = p.accuracy + rng.normal(0.0, p.stderr) + (shift if len(ps) == 1 else 0.0)
+            rows.append((s, r.flops, p.samples, 1.0 - moved))
+    return tuple(list(c) for c in zip(*rows, strict=True)) if rows else ([], [], [], [])
 
 
 def noise(rows: list[TrialResult]) -> Noise:
@@ -106,9 +101,14 @@ def _final(r: TrialResult) -> float:
 
 
 # ----------------------------------------------------------------------------- fitting
-def _n0(rows: list[TrialResult]) -> float:
-    base = [r for r in rows if r.name == "base"]
-    return (base[0] if base else min(rows, key=lambda r: r.flops)).flops
+def _base(rows: list[TrialResult]) -> TrialResult:
+    """The trial every strategy scales from (the smallest where none is named base)."""
+    return next((r for r in rows if r.name == "base"), None) or min(rows, key=lambda r: r.flops)
+
+
+def _able(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -> tuple[str, ...]:
+    """The strategies with a trial of another size than the base (a law can be fitted for them)."""
+    return tuple(s for s in strategies if any(s in r.strategies and r.flops != n0 for r in rows))
 
 
 def _pairs(rows: list[TrialResult], strategies: tuple[str, ...], shared: bool) -> list[list]:
@@ -128,17 +128,17 @@ def _fit_once(groups: list[list], n0: float, start: fits.Laws | None = None, rng
     )
 
 
-def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -> tuple[bool, float, float]:
+def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -> Structure:
     """Shared or separate laws, whichever predicts each trial larger than the base better from
     the others (leave-one-trial-out mean absolute error of its final accuracy; below the base
     the size term is an extrapolation the study never asks for); shared on a tie or where the
-    separate laws cannot be fitted. Returns (shared, error shared, error separate)."""
-    errors = {}
+    separate laws cannot be fitted (an error is None where a structure predicts nothing)."""
+    errors: dict[bool, float | None] = {}
     for shared in (True, False):
         try:
             full = _fit_once(_pairs(rows, strategies, shared), n0)
         except ValueError:
-            errors[shared] = math.inf
+            errors[shared] = None
             continue
         misses = []
         for r in rows:
@@ -151,25 +151,26 @@ def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -
             except ValueError:
                 continue
             misses.append(abs(1.0 - float(law.predict(s, r.flops, r.samples)) - _final(r)))
-        errors[shared] = float(np.mean(misses)) if misses else math.inf
-    return errors[False] >= errors[True], errors[True], errors[False]
+        errors[shared] = float(np.mean(misses)) if misses else None
+    separate_better = errors[False] is not None and (errors[True] is None or errors[False] < errors[True])
+    return Structure(not separate_better, errors[True], errors[False])
 
 
 def fit(
     rows: list[TrialResult], strategies: tuple[str, ...], n0: float, noise_: Noise | None = None
-) -> tuple[fits.Laws, list[fits.Laws], tuple[bool, float, float]]:
+) -> tuple[fits.Laws, list[fits.Laws], Structure]:
     """The laws on every annealed point of `rows` (structure chosen by `structure`), their
     bootstrap refits, and the structure's choice."""
     choice = structure(rows, strategies, n0)
     luck = math.sqrt(max(noise_.seed_sd**2 - noise_.binomial**2, 0.0)) if noise_ else 0.0
-    law = _fit_once(_pairs(rows, strategies, choice[0]), n0)
+    law = _fit_once(_pairs(rows, strategies, choice.shared), n0)
     rng = np.random.default_rng(0)
     anchors = [r for r in rows if r.flops == n0]
     groups = {s: [r for r in rows if s in r.strategies and r.flops != n0] for s in strategies}
     laws = []
     for _ in range(BOOTSTRAP):
         drawn = {s: [g[i] for i in rng.integers(0, len(g), len(g))] for s, g in groups.items()}
-        if choice[0]:
+        if choice.shared:
             pairs = [[(r, strategies[0]) for r in anchors] + [(r, s) for s, g in drawn.items() for r in g]]
         else:
             pairs = [[(r, s) for r in anchors + g] for s, g in drawn.items()]
@@ -197,8 +198,8 @@ def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int,
     held = held_out(rows, strategies, holdout)
     names = {r.name for rs in held.values() for r in rs}
     fitted = [r for r in rows if r.name not in names]
-    n0 = _n0(rows)
-    able = tuple(s for s in strategies if any(s in r.strategies and r.flops != n0 for r in fitted))
+    n0 = _base(rows).flops
+    able = _able(fitted, strategies, n0)
     notes = [
         f"{s} keeps no trial but the base once its largest is held out, so it is not backtested"
         for s in strategies
@@ -241,7 +242,7 @@ def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int,
         tuple(sorted(names)),
         tuple(r.name for r in fitted),
         law,
-        _structure(choice),
+        choice,
         tuple(checks),
         float(np.mean(errors)) if errors else None,
         max(errors) if errors else None,
@@ -257,13 +258,15 @@ class _Shapes:
     def __init__(
         self, rows: list[TrialResult], strategies: tuple[str, ...], runtime: fits.RuntimeModel | None
     ):
-        base = next((r for r in rows if r.name == "base"), min(rows, key=lambda r: r.flops))
-        cfg = self.base = config.from_dict(ViTConfig, base.model)
+        cfg = self.base = config.from_dict(ViTConfig, _base(rows).model)
         self.family: dict[str, list[Scaled]] = {s: scale_family(cfg, s, list(FACTORS)) for s in strategies}
         self.ratio = float(np.median([r.train_flops_per_sample / r.flops for r in rows]))  # train / forward
         self.batch = rows[0].batch
         self.smallest = min(r.flops for r in rows)
         self.runtime = runtime
+
+    def name(self, strategy: str, m: Scaled) -> str:
+        return "base" if m.config == self.base else f"{strategy}-x{m.achieved:.3g}"
 
     def seconds_per_sample(self, m: Scaled) -> float:
         if self.runtime is None:
@@ -294,7 +297,7 @@ def _candidate(
     outside = not (n_lo * 0.99 <= m.cost.flops <= n_hi * 1.01 and d_lo * 0.99 <= d <= d_hi * 1.01)
     return Candidate(
         s,
-        "base" if m.config == shapes.base else f"{s}-x{m.achieved:.3g}",
+        shapes.name(s, m),
         m.achieved,
         config.to_dict(m.config),
         m.cost.params,
@@ -370,7 +373,7 @@ def _measured(rows: list[TrialResult], kind: str, amount: float, noise_: Noise) 
                 sd = noise_.sd(seeds[p.fraction])
                 out.append(
                     Candidate(
-                        r.strategies[0] if r.name != "base" else "base",
+                        r.family,
                         r.name,
                         r.achieved,
                         r.model,
@@ -492,7 +495,7 @@ def _at(r: TrialResult, compute: float, tolerance: float = 0.1) -> tuple[float, 
 def isoflops(rows: list[TrialResult], law: fits.Laws | None, shapes: _Shapes | None) -> tuple[IsoFlop, ...]:
     """Profiles where three or more trials meet: at the computes of the base's annealed points
     (under a compute budget, every trial's), and at powers of two of its full compute."""
-    base = next((r for r in rows if r.name == "base"), min(rows, key=lambda r: r.flops))
+    base = _base(rows)
     out = []
     budgets: list[float] = []
     for c in sorted([p.compute for p in base.points()] + [base.compute * 2.0**k for k in range(-4, 8)]):
@@ -502,20 +505,17 @@ def isoflops(rows: list[TrialResult], law: fits.Laws | None, shapes: _Shapes | N
         at = [(r, v) for r in rows if (v := _at(r, c))]
         if len({r.flops for r, _ in at}) < 3:
             continue
-        strategies = [r.strategies[0] if r.name != "base" else "base" for r, _ in at]
+        strategies = [r.family for r, _ in at]
         predicted = tuple(
-            1.0 - float(law.predict(s if s in law.strategies else law.strategies[0], r.flops, d))
-            if law and (s in law.strategies or s == "base")
-            else None
-            for (r, (d, _)), s in zip(at, strategies, strict=True)
+            1.0 - float(law.predict(ls, r.flops, d)) if law and (ls := law.strategy_of(r.family)) else None
+            for r, (d, _) in at
         )
         law_best, law_flops = "", None
         if law and shapes:
             opts = [(s, o) for s in law.strategies if (o := _optimum(shapes, law, s, "compute", c))]
             if opts:
                 s, (m, d) = min(opts, key=lambda o: float(law.predict(o[0], o[1][0].cost.flops, o[1][1])))
-                law_best = "base" if m.config == shapes.base else f"{s}-x{m.achieved:.3g}"
-                law_flops = m.cost.flops
+                law_best, law_flops = shapes.name(s, m), m.cost.flops
         best = max(at, key=lambda rv: rv[1][1])[0].name
         out.append(
             IsoFlop(
@@ -582,19 +582,14 @@ def _parameters(law: fits.Laws, laws: list[fits.Laws]) -> tuple[Parameter, ...]:
     return tuple(out)
 
 
-def _structure(choice: tuple[bool, float, float]) -> Structure:
-    shared, e_shared, e_separate = choice
-    return Structure(shared, *(e if math.isfinite(e) else None for e in (e_shared, e_separate)))
-
-
 def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoint] = ()) -> Summary:
     """Backtest first (fits without the held-out trials), then the law refitted on every trial
     for the recommendation, the frontier and the IsoFLOP check."""
     noise_ = noise(rows)
     strategies = tuple(study.strategies)
     bt = backtest(rows, strategies, study.holdout, noise_)
-    n0 = _n0(rows)
-    able = tuple(s for s in strategies if any(s in r.strategies and r.flops != n0 for r in rows))
+    n0 = _base(rows).flops
+    able = _able(rows, strategies, n0)
     try:
         law, laws, choice = fit(rows, able, n0, noise_)
     except ValueError:
@@ -614,8 +609,7 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
     )
     note = (
         "The law is fitted to the k-NN top-1 of each cooldown's end; the trials' final accuracy is the "
-        "linear "
-        "probe of their full-length encoder."
+        "linear probe of their full-length encoder."
         if study.objective == "mae"
         else ""
     )
@@ -632,7 +626,7 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
         noise_,
         bt,
         law,
-        _structure(choice) if choice else None,
+        choice,
         _parameters(law, laws) if law else (),
         rec,
         frontier,

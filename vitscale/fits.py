@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -70,6 +70,12 @@ class Laws:
 
     def predict(self, strategy: str, n, d):
         return self.law(strategy).predict(strategy, n, d)
+
+    def strategy_of(self, family: str) -> str | None:
+        """The strategy whose law predicts a trial of `family` ("base" agrees in every law)."""
+        if family == "base":
+            return self.strategies[0]
+        return family if family in self.strategies else None
 
 
 def _theta(law: Law) -> np.ndarray:
@@ -179,9 +185,6 @@ class RuntimeModel:
 
     def predict(self, flops, acts):
         return self.per_flop * np.asarray(flops) + self.per_act * np.asarray(acts) + self.overhead
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def fit_runtime(flops: Sequence[float], acts: Sequence[float], seconds: Sequence[float]) -> RuntimeModel:

@@ -87,6 +87,11 @@ class TrialResult:
     seeds: tuple[SeedResult, ...]
 
     @property
+    def family(self) -> str:
+        """"base", or the first strategy the trial belongs to."""
+        return "base" if self.name == "base" else self.strategies[0]
+
+    @property
     def samples(self) -> int:
         return self.steps * self.batch
 

@@ -512,8 +512,8 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
     for phase in range(2):
         if phase == 1:
             ranked = sorted(trials, key=lambda t: -seeds[t.name][0].final.accuracy)
-            held = {r.name for rs in held_out(list(_write_results(study, trials, sizes, seeds).values()),
-                                              study.strategies, study.holdout).values() for r in rs}
+            rows = [_trial_result(t, sizes[t.name], seeds[t.name]) for t in trials]
+            held = {r.name for rs in held_out(rows, study.strategies, study.holdout).values() for r in rs}
             leaders = ranked if study.leaders == 0 else ranked[:study.leaders]
             chosen = [t for t in ranked if t in leaders or t.name in held]
             units = [(t, k) for t in chosen for k in range(1, study.seeds)]

@@ -33,10 +33,6 @@ def _colors(strategies) -> dict[str, str]:
     return {s: cycle[i % len(cycle)] for i, s in enumerate(("base", *strategies))}
 
 
-def _label(r: TrialResult) -> str:
-    return "base" if r.name == "base" else r.strategies[0]
-
-
 # ----------------------------------------------------------------------------- plots
 def plot_frontier(out: Path, s: Summary, rows: list[TrialResult]) -> None:
     colors = _colors(s.strategies)
@@ -44,12 +40,11 @@ def plot_frontier(out: Path, s: Summary, rows: list[TrialResult]) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         pts = r.points()
-        c, kind = colors[_label(r)], _label(r)
+        c = colors[r.family]
         marker = dict(marker="*", ms=11, mfc="none") if r.name in held else dict(marker="o", ms=4)
         ax.plot([p.compute for p in pts], [1 - p.accuracy for p in pts], ls="", color=c, **marker)
-        if s.law and (kind in s.law.strategies or kind == "base"):
+        if s.law and (law_s := s.law.strategy_of(r.family)):
             d = np.geomspace(pts[0].samples, pts[-1].samples, 20)
-            law_s = kind if kind in s.law.strategies else s.law.strategies[0]
             ax.plot(
                 d * r.train_flops_per_sample,
                 s.law.predict(law_s, r.flops, d),
