@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from vitscale.errors import UserError
 from vitscale.models.vit import ViT, ViTConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -42,14 +43,14 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("CUDA was asked for but this torch build sees no GPU; use --device cpu")
+        raise UserError("CUDA was asked for but this torch build sees no GPU; use --device cpu")
     return torch.device(name)
 
 
 def autocast(device: torch.device, dtype: str):
     """bf16 autocast context on the device's type, or nothing for fp32."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=DTYPES[dtype])
@@ -111,7 +112,7 @@ def make_step(model: nn.Module, x: torch.Tensor, mode: str, device: torch.device
 
         return infer
     if mode != "train":
-        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
+        raise UserError(f"mode must be 'infer' or 'train', got {mode!r}")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # one kernel: CPU and CUDA
 

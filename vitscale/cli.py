@@ -9,7 +9,9 @@
     vitscale convert SRC --to hf|timm|vitscale OUT    weights between formats
 
 User errors (unknown preset, bad strategy, a size the patch does not divide) end in one
-line on stderr and exit code 2.
+line on stderr and exit code 2; a training stopped by a non-finite loss exits 3, one stopped
+by a signal (after a checkpoint) 4; anything else is a bug: one line naming the file that
+holds its traceback, exit 1 (`vitscale --debug ...` shows it instead).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import json
 import os
 import sys
 
-from vitscale import bench, report, scaling
+from vitscale import bench, errors, report, scaling
 from vitscale.complexity import cost
+from vitscale.errors import UserError
 from vitscale.models.vit import ViTConfig, preset, preset_names
 from vitscale.stats import pearson
 
@@ -154,7 +157,7 @@ def _run_config(args: argparse.Namespace, extra: list[str]):
     changes += [f"init_allow={','.join(args.init_allow)}"] if getattr(args, "init_allow", None) else []
     unknown = [e for e in extra if e.startswith("--") and "." not in e.split("=")[0]]
     if unknown:
-        raise ValueError(f"unrecognised arguments: {' '.join(unknown)} "
+        raise UserError(f"unrecognised arguments: {' '.join(unknown)} "
                          "(overrides look like --train.epochs=5)")
     return config.apply_overrides(cfg, changes + _pairs(extra))
 
@@ -196,7 +199,7 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
     overrides = _pairs(extra)
     bad = [o for o in overrides if not o.startswith("--") or "." not in o.split("=")[0]]
     if bad:
-        raise ValueError(f"unrecognised arguments: {' '.join(bad)} "
+        raise UserError(f"unrecognised arguments: {' '.join(bad)} "
                          "(trial overrides look like --train.base_lr=2e-3)")
     cfg = replace(cfg, **changes, overrides=cfg.overrides + tuple(o.lstrip("-") for o in overrides))
     config.apply_overrides(study.base_run(cfg), list(cfg.overrides))  # check them before any work
@@ -250,6 +253,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitscale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show a bug's traceback instead of saving it")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list presets with params, GFLOPs (multiply-adds) and acts")
@@ -381,14 +385,22 @@ def main(argv: list[str] | None = None) -> int:
             args.run(args, extra)
         else:
             args.run(args)
-    except ValueError as e:  # a user's mistake: one line, no traceback
+    except UserError as e:  # a user's mistake: one line, no traceback
         print(f"vitscale: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if type(e).__name__ != "StopTraining":
-            raise
+        return errors.EXIT_USER
+    except errors.StopTraining as e:
         print(f"vitscale: stopped: {e}", file=sys.stderr)
-        return 3
+        return errors.EXIT_STOPPED
+    except errors.Interrupted as e:
+        print(f"vitscale: interrupted: {e}", file=sys.stderr)
+        return errors.EXIT_INTERRUPTED
+    except Exception as e:  # a bug: say so in one line, keep the traceback
+        if args.debug:
+            raise
+        path = errors.write_crash(e)
+        print(f"vitscale: internal error (a bug, not your input): {type(e).__name__}: {e}; "
+              f"traceback in {path} (or rerun with --debug)", file=sys.stderr)
+        return errors.EXIT_BUG
     return 0
 
 

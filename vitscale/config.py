@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from vitscale.data.config import DataConfig
+from vitscale.errors import UserError
 from vitscale.models.mae import MAEConfig
 from vitscale.models.vit import ViTConfig, preset
 from vitscale.optim import SCHEDULES
@@ -58,11 +59,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            raise UserError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0.0 <= self.decay_frac <= 1.0:
-            raise ValueError(f"train.decay_frac must be in [0, 1], got {self.decay_frac}")
+            raise UserError(f"train.decay_frac must be in [0, 1], got {self.decay_frac}")
         if any(s < 1 for s in self.keep_steps):
-            raise ValueError(f"train.keep_steps must be optimizer steps of 1 or more, got {self.keep_steps}")
+            raise UserError(f"train.keep_steps must be optimizer steps of 1 or more, got {self.keep_steps}")
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+            raise UserError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.task in ("finetune", "linprobe") and not self.init:
-            raise ValueError(f"task {self.task!r} needs weights: pass --init RUN_DIR_OR_FILE "
+            raise UserError(f"task {self.task!r} needs weights: pass --init RUN_DIR_OR_FILE "
                              "(or --init random for a baseline)")
 
 
@@ -118,24 +119,24 @@ def _parse(text: str, tp, where: str):
                 return _parse(text, option, where)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(errors[-1])
+        raise UserError(errors[-1])
     if origin is tuple:
         parts = [p for p in re.split(r"[,x]", text) if p]  # "0.9,0.95" or "224x160"
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_parse(p, args[0], where) for p in parts)
         if len(parts) != len(args):
-            raise ValueError(f"{where} needs {len(args)} comma-separated values, got {text!r}")
+            raise UserError(f"{where} needs {len(args)} comma-separated values, got {text!r}")
         return tuple(_parse(p, a, where) for p, a in zip(parts, args, strict=True))
     if tp is bool:
         if text.lower() in ("true", "1", "yes", "on"):
             return True
         if text.lower() in ("false", "0", "no", "off"):
             return False
-        raise ValueError(f"{where} must be true or false, got {text!r}")
+        raise UserError(f"{where} must be true or false, got {text!r}")
     try:
         return tp(text)
     except (TypeError, ValueError):
-        raise ValueError(f"{where} must be {tp.__name__}, got {text!r}") from None
+        raise UserError(f"{where} must be {tp.__name__}, got {text!r}") from None
 
 
 def _coerce(value, tp, where: str):
@@ -160,11 +161,11 @@ def from_dict(cls, data: dict, where: str = ""):
     for key, value in (data or {}).items():
         name = f"{where}{key}"
         if key not in known:
-            raise ValueError(f"unknown config key {name!r}; known: {', '.join(sorted(known))}")
+            raise UserError(f"unknown config key {name!r}; known: {', '.join(sorted(known))}")
         tp = hints[key]
         if is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ValueError(f"config section {name!r} must be a mapping")
+                raise UserError(f"config section {name!r} must be a mapping")
             kwargs[key] = from_dict(tp, value, f"{name}.")
         else:
             kwargs[key] = _coerce(value, tp, name)
@@ -184,7 +185,7 @@ def apply_overrides(cfg, overrides: list[str]):
     for item in overrides:
         key, sep, text = item.lstrip("-").partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} must look like --section.key=value")
+            raise UserError(f"override {item!r} must look like --section.key=value")
         cfg = _set(cfg, key.split("."), text, key)
     return cfg
 
@@ -192,14 +193,14 @@ def apply_overrides(cfg, overrides: list[str]):
 def _set(cfg, path: list[str], text: str, full: str):
     names = {f.name for f in fields(cfg)}
     if path[0] not in names:
-        raise ValueError(f"unknown config key {full!r}; known here: {', '.join(sorted(names))}")
+        raise UserError(f"unknown config key {full!r}; known here: {', '.join(sorted(names))}")
     tp, current = _hints(type(cfg))[path[0]], getattr(cfg, path[0])
     if len(path) == 1:
         if is_dataclass(tp):
-            raise ValueError(f"{full!r} is a section; set one of its keys, e.g. --{full}.KEY=VALUE")
+            raise UserError(f"{full!r} is a section; set one of its keys, e.g. --{full}.KEY=VALUE")
         return replace(cfg, **{path[0]: _parse(text, tp, full)})
     if not is_dataclass(current):
-        raise ValueError(f"{'.'.join(full.split('.')[:-1])!r} has no sub-keys")
+        raise UserError(f"{'.'.join(full.split('.')[:-1])!r} has no sub-keys")
     return replace(cfg, **{path[0]: _set(current, path[1:], text, full)})
 
 
@@ -207,13 +208,13 @@ def load_yaml(path: str | Path, cls=RunConfig):
     """Read a config YAML (a run config unless `cls` says; missing keys take their defaults)."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"config file {str(p)!r} does not exist")
+        raise UserError(f"config file {str(p)!r} does not exist")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {str(p)!r} must hold a mapping of sections")
+        raise UserError(f"config file {str(p)!r} must hold a mapping of sections")
     return from_dict(cls, data)
 
 

@@ -22,22 +22,19 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from vitscale import checkpoint, dist, evaluate, optim, tasks, visual, weights
+from vitscale import checkpoint, dist, errors, evaluate, optim, tasks, visual, weights
 from vitscale.bench import autocast
 from vitscale.checkpoint import atomic_write_text
 from vitscale.config import RunConfig, TrainConfig, dump_yaml, load_yaml, to_dict
 from vitscale.data import DataInfo, build_datasets, make_loader
 from vitscale.data.sampler import EpochSampler
-
-
-class StopTraining(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message says what to do."""
+from vitscale.errors import StopTraining, UserError
 
 
 def resolve(cfg: RunConfig, info: DataInfo) -> RunConfig:
     """Make the model's input shape and classes those of the data (which sets the frames)."""
     if cfg.model.is_video and info.frames == 1:
-        raise ValueError(f"the model is a video model ({cfg.model.frames} frames) but data {info.name!r} "
+        raise UserError(f"the model is a video model ({cfg.model.frames} frames) but data {info.name!r} "
                          "gives images; use video data (e.g. --data.name=moving-digits) or an image preset")
     model = cfg.model.replace(image_size=info.image_size, frames=info.frames, in_chans=info.in_chans,
                               tubelet=cfg.model.tubelet if info.frames > 1 else 1,
@@ -54,11 +51,12 @@ def _prepare_run_dir(cfg: RunConfig, d: dist.Dist) -> Path:
             probe = run_dir / ".write-test"
             probe.write_text("")
             probe.unlink()
+            errors.crash_dir(run_dir)
         except OSError as e:
-            raise ValueError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror}") from None
+            raise UserError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror}") from None
         saved = run_dir / "config.yaml"
         if saved.exists() and checkpoint.latest(run_dir) is not None and load_yaml(saved) != cfg:
-            raise ValueError(f"{str(run_dir)!r} holds a run with another config; resume it with "
+            raise UserError(f"{str(run_dir)!r} holds a run with another config; resume it with "
                              f"--config {saved} or choose a new --out")
         atomic_write_text(saved, dump_yaml(cfg))
     dist.barrier(d)
@@ -126,16 +124,16 @@ class Job:
         self.train_set, self.val_set, self.info = build_datasets(cfg.data)
         cfg = resolve(cfg, info=self.info)
         if cfg.task == "mae" and cfg.mae.masking == "tube" and not cfg.model.is_video:
-            raise ValueError("tube masking is for video; use --mae.masking=random for images")
+            raise UserError("tube masking is for video; use --mae.masking=random for images")
         self.cfg, self.d, self.log = cfg, d, log
         self.run_dir = _prepare_run_dir(cfg, d)
         self.micro = t.batch // (d.world * t.accum)  # samples per rank per forward pass
         if self.micro * d.world * t.accum != t.batch:
-            raise ValueError(f"batch {t.batch} must be divisible by ranks x accum = {d.world * t.accum}")
+            raise UserError(f"batch {t.batch} must be divisible by ranks x accum = {d.world * t.accum}")
         per_rank = len(EpochSampler(len(self.train_set), t.seed, 0, rank=d.rank, world=d.world))
         self.steps_per_epoch = per_rank // (self.micro * t.accum)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"batch {t.batch} is larger than the training set ({len(self.train_set)}); "
+            raise UserError(f"batch {t.batch} is larger than the training set ({len(self.train_set)}); "
                              "lower --train.batch")
         self.total = _total_steps(t, self.steps_per_epoch)
         self.warmup = round(t.warmup_epochs * self.steps_per_epoch)  # in steps: the same for any run length
@@ -173,7 +171,7 @@ class Job:
         if branch:
             ckpt = Path(self.cfg.train.branch_from)
             if not checkpoint.is_checkpoint(ckpt):
-                raise ValueError(f"train.branch_from={str(ckpt)!r} is not a checkpoint directory "
+                raise UserError(f"train.branch_from={str(ckpt)!r} is not a checkpoint directory "
                                  f"(RUN/{checkpoint.PREFIX}STEP with state.json and safetensors files)")
         if ckpt is None:
             return
@@ -191,22 +189,22 @@ class Job:
         and the same LR at every step before the branch point."""
         saved = ckpt.parent / "config.yaml"
         if not saved.is_file():
-            raise ValueError(f"train.branch_from={str(ckpt)!r} has no config.yaml beside it to check "
+            raise UserError(f"train.branch_from={str(ckpt)!r} has no config.yaml beside it to check "
                              "that this run continues it")
         parent = load_yaml(saved)
         mine, theirs = _flat(to_dict(self.cfg)), _flat(to_dict(parent))
         differ = sorted(k for k in mine.keys() | theirs.keys()
                         if mine.get(k) != theirs.get(k) and k not in BRANCH_MAY_DIFFER)
         if differ:
-            raise ValueError(f"train.branch_from={str(ckpt)!r}: a branch must keep its parent's config, but "
+            raise UserError(f"train.branch_from={str(ckpt)!r}: a branch must keep its parent's config, but "
                              + ", ".join(f"{k} is {mine.get(k)!r} here, {theirs.get(k)!r} there"
                                          for k in differ))
         if step >= self.total:
-            raise ValueError(f"train.branch_from={str(ckpt)!r} is at step {step}, not before this run's "
+            raise UserError(f"train.branch_from={str(ckpt)!r} is at step {step}, not before this run's "
                              f"last ({self.total})")
         for s in range(step):
             if self.lr(s, parent) != self.lr(s):
-                raise ValueError(f"train.branch_from={str(ckpt)!r}: its run's LR at step {s} was "
+                raise UserError(f"train.branch_from={str(ckpt)!r}: its run's LR at step {s} was "
                                  f"{self.lr(s, parent):.4g}, this run's would be {self.lr(s):.4g}; branch "
                                  "from a step no later than this run's decay start (optim.decay_start)")
 
@@ -341,11 +339,11 @@ def evaluate_run(run: str, device: str = "auto") -> dict:
     """Evaluate a finished (or running) run's best checkpoint, else its latest."""
     run_dir = Path(run)
     if not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"{run!r} is not a run directory (no config.yaml)")
+        raise UserError(f"{run!r} is not a run directory (no config.yaml)")
     cfg = load_yaml(run_dir / "config.yaml")
     ckpt = run_dir / "best" if (run_dir / "best").is_dir() else checkpoint.latest(run_dir)
     if ckpt is None:
-        raise ValueError(f"{run!r} has no checkpoint yet")
+        raise UserError(f"{run!r} has no checkpoint yet")
     d = dist.setup(device)
     try:
         train_set, val_set, info = build_datasets(cfg.data)
@@ -386,7 +384,7 @@ def _parallel(module: torch.nn.Module, cfg: RunConfig, d: dist.Dist) -> torch.nn
     if cfg.train.fsdp:
         from torch.distributed.fsdp import fully_shard
         if not d.enabled:
-            raise ValueError("--train.fsdp needs several processes: launch with torchrun --nproc_per_node N")
+            raise UserError("--train.fsdp needs several processes: launch with torchrun --nproc_per_node N")
         for block in module.encoder.blocks:
             fully_shard(block)
         fully_shard(module)

@@ -8,6 +8,7 @@ import re
 import torch
 from torch import nn
 
+from vitscale.errors import UserError
 from vitscale.models.vit import ViT
 
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token")
@@ -93,7 +94,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float, schedul
         progress = (step - start + 1) / (total - start)
         return floor + (peak - floor) * (1.0 - math.sqrt(min(1.0, progress)))
     if schedule != "cosine":
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     progress = (step - warmup) / max(1, total - warmup)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 

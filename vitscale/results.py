@@ -21,11 +21,12 @@ from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 from vitscale.checkpoint import atomic_write_text
+from vitscale.errors import UserError
 
 VERSION = 2  # 1: the untyped rows of the first study (mid-run curves, one seed, no sweep)
 
 
-class StaleResult(ValueError):
+class StaleResult(UserError):
     """A result file of another version or kind (or not a result file at all)."""
 
 

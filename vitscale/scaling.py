@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from vitscale.complexity import Cost, cost
+from vitscale.errors import UserError
 from vitscale.models.vit import ViTConfig
 from vitscale.stats import loglog_slope
 
@@ -43,7 +44,7 @@ def parse_strategy(strategy: str) -> dict[str, float]:
         ok = len(weights) == len(strategy) and set(strategy) <= set(DIMS)
     total = sum(weights.values())
     if not strategy or not ok or total <= 0:
-        raise ValueError(
+        raise UserError(
             f"bad strategy {strategy!r}; use letters from d, w, r, t (e.g. d, w, dwr) "
             "or weighted parts like d1_w8_r1"
         )
@@ -150,10 +151,10 @@ def scale(config: ViTConfig, strategy: str, factor: float) -> ViTConfig:
     strategy's proportions (and to the base's head dimension).
     """
     if factor <= 0:
-        raise ValueError(f"scaling factor must be positive, got {factor}")
+        raise UserError(f"scaling factor must be positive, got {factor}")
     shares = parse_strategy(strategy)
     if "t" in shares and not config.is_video:
-        raise ValueError(f"strategy {strategy!r} scales frames (t) but the base is an image model; "
+        raise UserError(f"strategy {strategy!r} scales frames (t) but the base is an image model; "
                          "use a video preset such as S/16-f16")
     if factor == 1:
         return config

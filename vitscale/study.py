@@ -35,11 +35,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitscale import bench, checkpoint, config, engine, optim, results, tasks
+from vitscale import bench, checkpoint, config, engine, errors, optim, results, tasks
 from vitscale.checkpoint import atomic_write_text
 from vitscale.complexity import cost
 from vitscale.config import RunConfig
 from vitscale.data import build_datasets
+from vitscale.errors import UserError
 from vitscale.models.vit import ViTConfig
 from vitscale.pool import Runner
 from vitscale.results import Point, SeedResult, Sizing, StaleResult, SweepPoint, TrialResult
@@ -98,13 +99,13 @@ class StudyConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UserError(message)
         for s in self.strategies:
             parse_strategy(s)
         parse_budget(self.budget)
         target = parse_budget(self.target) if self.target else None
         if target and (target.kind == "epochs" or target.in_epochs):
-            raise ValueError(f"target {self.target!r}: give a compute (compute:3e12) or time (time:10m) "
+            raise UserError(f"target {self.target!r}: give a compute (compute:3e12) or time (time:10m) "
                              "budget")
 
     @property
@@ -130,7 +131,7 @@ def parse_budget(text: str) -> Budget:
     valid = (kind == "epochs" and unit == "") or (kind == "compute" and unit in ("", "ep")) or (
         kind == "time" and unit in ("", "s", "m", "h"))
     if not valid or not amount > 0:
-        raise ValueError(f"budget {text!r} not understood; use epochs:20, compute:20ep (base-model epochs), "
+        raise UserError(f"budget {text!r} not understood; use epochs:20, compute:20ep (base-model epochs), "
                          "compute:3e12 (multiply-adds) or time:90s / time:2m")
     seconds = {"m": 60, "h": 3600}.get(unit, 1)
     return Budget(kind, amount * seconds if kind == "time" else amount, unit == "ep")
@@ -276,7 +277,7 @@ def size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int)
     budget = parse_budget(study.budget)
     steps = steps_for(budget, per_sample, run.train.batch, spe, m.samples_per_s, reference)
     if not any(f == max(study.fractions) for f, _, _ in branches(steps, study.fractions, study.decay_frac)):
-        raise ValueError(f"budget {study.budget!r} is too small to train trial {trial.name} "
+        raise UserError(f"budget {study.budget!r} is too small to train trial {trial.name} "
                          f"({steps} steps of batch {run.train.batch}) with a stable phase and a cooldown; "
                          "raise --budget")
     sizing = Sizing(per_sample, steps, spe, len(val_set), m.as_dict(), threads)
@@ -401,8 +402,9 @@ def _prepare(study: StudyConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-test").write_text("")
         (out / ".write-test").unlink()
+        errors.crash_dir(out)
     except OSError as e:
-        raise ValueError(f"cannot write to study directory {study.out!r}: {e.strerror}; "
+        raise UserError(f"cannot write to study directory {study.out!r}: {e.strerror}; "
                          "choose another --out") from None
     saved = out / "study.yaml"
 
@@ -411,7 +413,7 @@ def _prepare(study: StudyConfig) -> Path:
 
     if saved.is_file() and identity(load_study(saved)) != identity(study) and any(
             (out / "trials").glob("*/trial.json")):
-        raise ValueError(f"{study.out!r} holds a study with another config; continue it with "
+        raise UserError(f"{study.out!r} holds a study with another config; continue it with "
                          f"--config {saved} or choose a new --out")
     atomic_write_text(saved, dump_study(study))
     return out
@@ -426,7 +428,7 @@ def run_study(study: StudyConfig, only: str | None = None, log=print):
     trials = plan(study)
     names = [t.name for t in trials]
     if only and only not in (*names, SWEEP):
-        raise ValueError(f"no trial named {only!r}; the trials are: {', '.join(names)}, and {SWEEP}")
+        raise UserError(f"no trial named {only!r}; the trials are: {', '.join(names)}, and {SWEEP}")
     reference = reference_compute(trials)
     in_epochs = parse_budget(study.budget).in_epochs
     unit = f"; a base-model epoch is {reference:.3g} multiply-adds" if in_epochs else ""
@@ -473,7 +475,7 @@ def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Runner, log,
         except (StaleResult, json.JSONDecodeError, TypeError):
             pass
     if not run:
-        raise ValueError(f"the learning-rate sweep of {study.out!r} has not finished; run "
+        raise UserError(f"the learning-rate sweep of {study.out!r} has not finished; run "
                          f"`vitscale study --config {Path(study.out) / 'study.yaml'} --trial {SWEEP}` first")
     got: dict[float, SweepPoint] = {}
     jobs = [(f"sweep lr {lr:g}", run_sweep_lr, (study, base, sizing, lr),

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vitscale.errors import UserError
+
 Key = tuple[int, int | None]  # (index, sample seed or None for eval)
 
 
@@ -38,7 +40,7 @@ class Skipped:
         return False
 
 
-class UnreadableFileError(ValueError):
+class UnreadableFileError(UserError):
     """A file could not be decoded and `strict` asks to stop rather than skip it."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vitscale.errors import UserError
+
 NAMES = ("digits", "moving-digits", "cluttered-digits", "image-folder", "video-folder", "video-csv")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,7 +75,7 @@ class DataConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UserError(message)
 
     @property
     def is_builtin(self) -> bool:

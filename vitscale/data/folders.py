@@ -20,6 +20,7 @@ from PIL import Image
 from vitscale.data.common import KeyedDataset, Skipped, stratified_split
 from vitscale.data.transforms import ClipTransform
 from vitscale.data.video import read_clip
+from vitscale.errors import UserError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
@@ -36,20 +37,20 @@ def scan_folder(root: str, exts: tuple[str, ...], classes: tuple[str, ...] | Non
     """(samples, class names) of a class-per-subfolder tree; `classes` fixes the id map (val)."""
     p = Path(root).expanduser()
     if not p.is_dir():
-        raise ValueError(f"data folder {root!r} does not exist or is not a folder; "
+        raise UserError(f"data folder {root!r} does not exist or is not a folder; "
                          f"set data.path to a folder with one subfolder of {what}s per class")
     found = sorted(d.name for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
-        raise ValueError(f"data folder {root!r} has no class subfolders; put {what}s in {root}/CLASS_NAME/")
+        raise UserError(f"data folder {root!r} has no class subfolders; put {what}s in {root}/CLASS_NAME/")
     if classes is None:
         classes = tuple(found)
     extra = sorted(set(found) - set(classes))
     if extra:
-        raise ValueError(f"val folder {root!r} has classes the training data lacks: {', '.join(extra[:5])}")
+        raise UserError(f"val folder {root!r} has classes the training data lacks: {', '.join(extra[:5])}")
     ids = {c: i for i, c in enumerate(classes)}
     samples = [(f, ids[c]) for c in found for f in _files(p / c, exts)]
     if not samples:
-        raise ValueError(f"no {what} files ({', '.join(exts)}) under {root!r}; "
+        raise UserError(f"no {what} files ({', '.join(exts)}) under {root!r}; "
                          f"put them in {root}/CLASS_NAME/")
     return samples, classes
 
@@ -58,7 +59,7 @@ def read_list(path: str) -> list[Sample]:
     """Parse a ``path,label`` / ``path label`` video list."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ValueError(f"video list {path!r} does not exist; set data.path to a CSV of `path,label` lines")
+        raise UserError(f"video list {path!r} does not exist; set data.path to a CSV of `path,label` lines")
     samples = []
     for n, raw in enumerate(p.read_text().splitlines(), 1):
         line = raw.strip()
@@ -69,13 +70,13 @@ def read_list(path: str) -> list[Sample]:
         if not label.lstrip("-").isdigit():
             if not samples and n == 1:
                 continue  # a header line
-            raise ValueError(f"{path}:{n}: expected `path,label` with an integer label, got {raw!r}")
+            raise UserError(f"{path}:{n}: expected `path,label` with an integer label, got {raw!r}")
         if int(label) < 0:
-            raise ValueError(f"{path}:{n}: labels must be 0 or more, got {label}")
+            raise UserError(f"{path}:{n}: labels must be 0 or more, got {label}")
         f = Path(parts[0].strip()).expanduser()
         samples.append((str(f if f.is_absolute() else p.parent / f), int(label)))
     if not samples:
-        raise ValueError(f"video list {path!r} has no `path,label` lines")
+        raise UserError(f"video list {path!r} has no `path,label` lines")
     return samples
 
 

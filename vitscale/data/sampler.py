@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from vitscale.data.common import Key
+from vitscale.errors import UserError
 
 _MASK64 = np.uint64(2**64 - 1)
 
@@ -54,14 +55,14 @@ class EpochSampler:
     def __init__(self, n: int, seed: int | None, epoch: int = 0, shuffle: bool = True, rank: int = 0,
                  world: int = 1, start: int = 0, drop_last: bool = False):
         if seed is None and shuffle:
-            raise ValueError("EpochSampler needs an int seed to shuffle; eval keys use shuffle=False")
+            raise UserError("EpochSampler needs an int seed to shuffle; eval keys use shuffle=False")
         if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is outside a world of {world}")
+            raise UserError(f"rank {rank} is outside a world of {world}")
         self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
         self.rank, self.world, self.drop_last = rank, world, drop_last
         self.per_rank = n // world if drop_last else -(-n // world)  # ceil without padding loss
         if not 0 <= start <= self.per_rank:
-            raise ValueError(f"start {start} is outside this rank's {self.per_rank} keys")
+            raise UserError(f"start {start} is outside this rank's {self.per_rank} keys")
         self.start = start
 
     def indices(self) -> np.ndarray:

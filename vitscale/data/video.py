@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vitscale.errors import UserError
+
 SEEK_AFTER = 24  # seek (to the keyframe before the clip) only when it starts this far in
 
 
@@ -85,7 +87,7 @@ def read_clip(path: str, frames: int, stride: int, gen: torch.Generator | None,
     """
     with av.open(path) as container:
         if not container.streams.video:
-            raise ValueError("no video stream")
+            raise UserError("no video stream")
         stream = container.streams.video[0]
         total = counts.get(path) if counts is not None else None
         if total is None:
@@ -101,7 +103,7 @@ def read_clip(path: str, frames: int, stride: int, gen: torch.Generator | None,
                 container.seek(0)
             got = _decode(container, stream, wanted, short, seek=False)
     if not got:
-        raise ValueError("no decodable frames")
+        raise UserError("no decodable frames")
     # A frame past the real end (the header over-counted) repeats the last one decoded before it.
     have = sorted(got)
     clip = [got[max([k for k in have if k <= i], default=have[0])] for i in idx]

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from vitscale.errors import UserError
 from vitscale.models.vit import Block, Grid, ViT, ViTConfig, fixed_pos_embed
 
 MASKINGS = ("random", "tube")
@@ -38,20 +39,20 @@ class MAEConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"mae.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+            raise UserError(f"mae.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.masking not in MASKINGS:
-            raise ValueError(f"mae.masking must be 'random' or 'tube', got {self.masking!r}")
+            raise UserError(f"mae.masking must be 'random' or 'tube', got {self.masking!r}")
         if self.decoder_width < 1 or self.decoder_depth < 0 or self.decoder_heads < 1:
-            raise ValueError("mae.decoder_width and decoder_heads must be positive, decoder_depth >= 0")
+            raise UserError("mae.decoder_width and decoder_heads must be positive, decoder_depth >= 0")
         if self.decoder_width % self.decoder_heads:
-            raise ValueError(f"mae.decoder_width {self.decoder_width} is not divisible by "
+            raise UserError(f"mae.decoder_width {self.decoder_width} is not divisible by "
                              f"mae.decoder_heads {self.decoder_heads}")
         if self.decoder_pos_embed not in ("sincos", "sincos1d"):
-            raise ValueError(f"mae.decoder_pos_embed must be 'sincos' or 'sincos1d', "
+            raise UserError(f"mae.decoder_pos_embed must be 'sincos' or 'sincos1d', "
                              f"got {self.decoder_pos_embed!r}")
         multiple = 4 if self.decoder_pos_embed == "sincos" else 2
         if self.decoder_width % multiple:
-            raise ValueError(f"mae.decoder_width must be a multiple of {multiple} ({self.decoder_pos_embed} "
+            raise UserError(f"mae.decoder_width must be a multiple of {multiple} ({self.decoder_pos_embed} "
                              f"positions), got {self.decoder_width}")
 
 

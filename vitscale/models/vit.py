@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitscale.errors import UserError
+
 Grid = tuple[int, int, int]  # (t, h, w) tokens along time, height, width
 POS_EMBEDS = ("learned", "sincos", "sincos1d")
 PARAMS = ("sp", "mup")
@@ -78,7 +80,7 @@ class ViTConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UserError(message)
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -186,7 +188,7 @@ def preset(name: str, **overrides) -> ViTConfig:
     size, _, rest = name.partition("/")
     patch_str, _, video = rest.partition("-")
     if size not in SIZES or not patch_str.isdigit():
-        raise ValueError(
+        raise UserError(
             f"unknown preset {name!r}; use SIZE/PATCH with SIZE one of {', '.join(SIZES)} "
             "(e.g. B/16, S/16-f16); `vitscale models` lists them"
         )
@@ -196,7 +198,7 @@ def preset(name: str, **overrides) -> ViTConfig:
     if video:
         f_str, _, t_str = video.lstrip("f").partition("t")
         if not video.startswith("f") or not f_str.isdigit() or (t_str and not t_str.isdigit()):
-            raise ValueError(f"bad video suffix in preset {name!r}; write -fFRAMES[tTUBELET], e.g. -f16")
+            raise UserError(f"bad video suffix in preset {name!r}; write -fFRAMES[tTUBELET], e.g. -f16")
         frames, tubelet = int(f_str), int(t_str) if t_str else VIDEO_TUBELET
     fields = dict(
         image_size=image_size, patch_size=int(patch_str), frames=frames, tubelet=tubelet,
@@ -231,7 +233,7 @@ def sincos_pos_embed(dim: int, grid: Grid) -> Tensor:
     as MViT's sep_pos_embed). dim must be a multiple of 4.
     """
     if dim % 4:
-        raise ValueError(f"sincos position embedding needs width divisible by 4, got {dim}")
+        raise UserError(f"sincos position embedding needs width divisible by 4, got {dim}")
     t, h, w = grid
     rows = sincos_1d(dim // 2, torch.arange(h).repeat_interleave(w))  # [h*w, D/2]
     cols = sincos_1d(dim // 2, torch.arange(w).repeat(h))  # [h*w, D/2]
@@ -249,7 +251,7 @@ def sincos1d_pos_embed(dim: int, grid: Grid) -> Tensor:
     2i holds sin(n / 10000^(2i/dim)) and channel 2i+1 the matching cos.
     """
     if dim % 2:
-        raise ValueError(f"sincos1d position embedding needs an even width, got {dim}")
+        raise UserError(f"sincos1d position embedding needs an even width, got {dim}")
     n = grid[0] * grid[1] * grid[2]
     omega = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # [D/2]
     angles = torch.arange(n, dtype=torch.float64)[:, None] * omega[None]  # [N, D/2]

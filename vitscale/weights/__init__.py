@@ -37,6 +37,7 @@ from pathlib import Path
 from torch import nn
 
 from vitscale.checkpoint import atomic_write_text, latest
+from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViT, ViTConfig, preset
 from vitscale.weights import hf, timm
@@ -71,11 +72,11 @@ def read(path: str | Path, *, like: ViTConfig | None = None, heads: int | None =
         if (p / "model.safetensors").is_file():  # a checkpoint directory of a run (ckpt-N/, best/)
             p = p / "model.safetensors"
         else:
-            raise ValueError(f"{str(p)!r} is neither a transformers directory (config.json), a vitscale "
+            raise UserError(f"{str(p)!r} is neither a transformers directory (config.json), a vitscale "
                              "export (vitscale.json), a run (config.yaml) nor a checkpoint "
                              "(model.safetensors)")
     elif not p.is_file():
-        raise ValueError(f"weights {str(p)!r} not found; pass a run directory, a transformers model "
+        raise UserError(f"weights {str(p)!r} not found; pass a run directory, a transformers model "
                          "directory, or a .safetensors / .pth file")
     tensors = read_tensors(p)
     hints = dict(like=like, heads=heads, image_size=image_size, frames=frames)
@@ -86,9 +87,9 @@ def read(path: str | Path, *, like: ViTConfig | None = None, heads: int | None =
     if layout is not None:
         return timm.read(tensors, layout, decoder_heads=decoder_heads, **hints)
     if any("embeddings.patch_embeddings" in k for k in tensors):
-        raise ValueError(f"{str(p)!r} holds transformers weights; pass the directory with its config.json")
+        raise UserError(f"{str(p)!r} holds transformers weights; pass the directory with its config.json")
     some = ", ".join(list(tensors)[:4])
-    raise ValueError(f"{str(p)!r} is in no layout vitscale reads (keys such as {some})")
+    raise UserError(f"{str(p)!r} is in no layout vitscale reads (keys such as {some})")
 
 
 def _run_dir(run_dir: Path) -> Source:
@@ -97,7 +98,7 @@ def _run_dir(run_dir: Path) -> Source:
 
     ckpt = run_dir / "best" if (run_dir / "best").is_dir() else latest(run_dir)
     if ckpt is None:
-        raise ValueError(f"{str(run_dir)!r} holds no checkpoint to start from")
+        raise UserError(f"{str(run_dir)!r} holds no checkpoint to start from")
     run = load_yaml(run_dir / "config.yaml")
     mae = run.mae if run.task == "mae" else None
     return _vitscale(read_tensors(ckpt / "model.safetensors"), run.model, mae)
@@ -194,7 +195,7 @@ def export(model: nn.Module, out: str | Path, to: str) -> tuple[list[Path], list
         saved = {"format": "vitscale", "model": asdict(cfg), "mae": asdict(model.cfg) if is_mae else None}
         atomic_write_text(out / "vitscale.json", json.dumps(saved, indent=2) + "\n")
         return [out / "model.safetensors", out / "vitscale.json"], notes
-    raise ValueError(f"unknown output format {to!r}; use one of {', '.join(FORMATS_OUT)}")
+    raise UserError(f"unknown output format {to!r}; use one of {', '.join(FORMATS_OUT)}")
 
 
 def convert(src: str | Path, to: str, out: str | Path, *, model: str | None = None, heads: int | None = None,
@@ -207,7 +208,7 @@ def convert(src: str | Path, to: str, out: str | Path, *, model: str | None = No
     `image_size` / `frames` resample to a new input size; `num_classes` gives a new head.
     """
     if to not in FORMATS_OUT:
-        raise ValueError(f"unknown output format {to!r}; use one of {', '.join(FORMATS_OUT)}")
+        raise UserError(f"unknown output format {to!r}; use one of {', '.join(FORMATS_OUT)}")
     source = read(src, like=preset(model) if model else None, heads=heads, decoder_heads=decoder_heads,
                   image_size=image_size, frames=frames)
     built, report = build(source, image_size=image_size, frames=frames, num_classes=num_classes, head=head,

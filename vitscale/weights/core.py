@@ -17,6 +17,7 @@ from fnmatch import fnmatch
 import torch
 from torch import Tensor, nn
 
+from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import SIZES, ViT, ViTConfig, fixed_pos_embed, resample_pos_embed
 
@@ -95,7 +96,7 @@ def infer_config(state: dict[str, Tensor], *, pool: str, norm_eps: float, pos_em
     """
     proj = state.get("patch_embed.proj.weight")
     if proj is None or "blocks.0.mlp.0.weight" not in state:
-        raise ValueError("the checkpoint has no patch embedding or first block under this format's names")
+        raise UserError("the checkpoint has no patch embedding or first block under this format's names")
     width, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
     tubelet = proj.shape[2] if proj.ndim == 5 else 1
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
@@ -103,7 +104,7 @@ def infer_config(state: dict[str, Tensor], *, pool: str, norm_eps: float, pos_em
     inferred, notes = set(), []
     if heads is None:
         if width not in STANDARD_HEADS:
-            raise ValueError(f"the checkpoint does not record its attention heads and width {width} is not a "
+            raise UserError(f"the checkpoint does not record its attention heads and width {width} is not a "
                              "standard one; pass the heads (--heads N, or a --model preset)")
         heads = STANDARD_HEADS[width]
         inferred.add("heads")
@@ -146,7 +147,7 @@ def _grid(n: int | None, tubelet: int, patch: int, hint, image_size, frames) -> 
         if n is None or n == grid[0] * grid[1] * grid[2]:
             return tuple(grid)
     what = f"its {n}-row position table" if n is not None else "it (its position table is not stored)"
-    raise ValueError(f"cannot tell the input size of this checkpoint from {what}; pass --image-size "
+    raise UserError(f"cannot tell the input size of this checkpoint from {what}; pass --image-size "
                      "(and --frames for video), or a --model preset of its size")
 
 
@@ -284,7 +285,7 @@ def load_into(model: nn.Module, source: Source, *, head: bool = True, allow: tup
                 for what, keys in [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)]]
     if any(keys for _, keys in problems):
         hint = _arch_hint(source.model, cfg) or "if meant, allow them by pattern: --allow, --init-allow"
-        raise ValueError(
+        raise UserError(
             f"the {source.format} weights do not fit this model: "
             + "; ".join(f"{what}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
                         for what, keys in problems if keys)
@@ -315,7 +316,7 @@ def _fit_pos(pos: Tensor, src: ViTConfig, dst: ViTConfig, own: Tensor | None) ->
         return pos, ""  # another width: reported with the other keys of the wrong shape
     if dst.pos_embed != "learned":
         if not is_table(pos, dst.pos_embed, dst.width, src.grid, src.num_prefix):
-            raise ValueError(f"the checkpoint's position table is not the fixed {dst.pos_embed} table this "
+            raise UserError(f"the checkpoint's position table is not the fixed {dst.pos_embed} table this "
                              "model computes; use a learned one (--model.pos_embed=learned) to load it")
         return None, f"pos_embed: the checkpoint's table is this model's fixed {dst.pos_embed} table"
     message = ""
@@ -347,7 +348,7 @@ def _check_decoder_pos(pos: Tensor, model: nn.Module, grid) -> str:
         return f"decoder_pos_embed: shape {tuple(pos.shape)}, the model's {tuple(expected.shape)}"
     kind = model.cfg.decoder_pos_embed
     if not torch.allclose(pos.float(), expected, atol=TABLE_ATOL, rtol=0):
-        raise ValueError(f"the checkpoint's decoder position table is not the fixed {kind} table this MAE "
+        raise UserError(f"the checkpoint's decoder position table is not the fixed {kind} table this MAE "
                          "decoder computes (see --mae.decoder_pos_embed: sincos or sincos1d)")
     return f"decoder_pos_embed: this decoder's fixed {kind} table"
 
@@ -356,12 +357,12 @@ def _check_architecture(source: Source, cfg: ViTConfig, mae: MAEConfig | None) -
     """Head counts are invisible in the shapes: a mismatch would load and compute garbage."""
     src = source.model
     if "heads" not in source.inferred and src.heads != cfg.heads and src.width == cfg.width:
-        raise ValueError(f"the checkpoint's attention has {src.heads} heads, this model {cfg.heads}; "
+        raise UserError(f"the checkpoint's attention has {src.heads} heads, this model {cfg.heads}; "
                          f"use --model.heads={src.heads}")
     dec = source.mae
     if mae is not None and dec is not None and "decoder_heads" not in source.inferred \
             and dec.decoder_heads != mae.decoder_heads and dec.decoder_width == mae.decoder_width:
-        raise ValueError(f"the checkpoint's decoder has {dec.decoder_heads} heads, this model "
+        raise UserError(f"the checkpoint's decoder has {dec.decoder_heads} heads, this model "
                          f"{mae.decoder_heads}; use --mae.decoder_heads={dec.decoder_heads}")
 
 

@@ -16,6 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from vitscale.errors import UserError
+
 State = dict[str, Tensor]
 WRAPPERS = ("model", "module", "state_dict")  # training scripts nest the weights under these
 PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile key prefixes
@@ -27,17 +29,17 @@ def read_tensors(path: Path) -> State:
         try:
             return load_file(str(path))
         except SafetensorError as e:
-            raise ValueError(f"cannot read {str(path)!r} as safetensors: {e}") from None
+            raise UserError(f"cannot read {str(path)!r} as safetensors: {e}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(
+        raise UserError(
             f"{str(path)!r} holds pickled Python objects besides tensors, and vitscale runs no code from a "
             "checkpoint; if you trust its source, re-save just its state dict (e.g. with safetensors' "
             "save_file) and pass that file") from None
     except (RuntimeError, EOFError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"cannot read {str(path)!r} as a torch checkpoint: {first}") from None
+        raise UserError(f"cannot read {str(path)!r} as a torch checkpoint: {first}") from None
     return unwrap(obj, str(path))
 
 
@@ -47,11 +49,11 @@ def unwrap(obj, where: str) -> State:
         inner = next((obj[k] for k in WRAPPERS if isinstance(obj.get(k), dict)), None)
         if inner is None:
             others = ", ".join(str(k) for k, v in obj.items() if not torch.is_tensor(v))
-            raise ValueError(f"{where!r} is not a state dict of tensors ({others[:80]} are not tensors, "
+            raise UserError(f"{where!r} is not a state dict of tensors ({others[:80]} are not tensors, "
                              f"and it has none of {', '.join(WRAPPERS)} holding one)")
         obj = inner
     if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"{where!r} holds no tensors")
+        raise UserError(f"{where!r} holds no tensors")
     for prefix in PREFIXES:
         if all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
@@ -91,7 +93,7 @@ def rename(state: State, table: Rules) -> tuple[State, list[str]]:
             if pattern.match(key):
                 name = pattern.sub(target, key, count=1)
                 if name in out:
-                    raise ValueError(f"both {origin[name]} and {key} would load into {name}; the checkpoint "
+                    raise UserError(f"both {origin[name]} and {key} would load into {name}; the checkpoint "
                                      "mixes two layouts")
                 out[name], origin[name] = value, key
                 break
@@ -143,7 +145,7 @@ def split_qkv(state: State, qv_bias: bool = False) -> State:
             if not qv_bias:
                 out.update({f"{p}.attn.q.bias": q, f"{p}.attn.k.bias": k, f"{p}.attn.v.bias": v})
             elif k.abs().max() > 0:
-                raise ValueError(f"{p}: the key bias is not zero, and this layout has query and value "
+                raise UserError(f"{p}: the key bias is not zero, and this layout has query and value "
                                  "biases only; export to another format")
             else:
                 out.update({f"{p}.attn.q_bias": q, f"{p}.attn.v_bias": v})

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig, num_visible
 from vitscale.models.vit import ViTConfig
 from vitscale.weights.core import Source, classify_table, fixed_table, is_table
@@ -101,12 +102,12 @@ def read(directory: Path) -> Source:
     arch = (config.get("architectures") or [None])[0]
     if model_type not in ARCHITECTURES or arch not in ARCHITECTURES[model_type]:
         known = ", ".join(a for archs in ARCHITECTURES.values() for a in archs)
-        raise ValueError(f"{str(directory)!r} holds a {arch or model_type} model; vitscale reads {known}")
+        raise UserError(f"{str(directory)!r} holds a {arch or model_type} model; vitscale reads {known}")
     if model_type == "videomae" and "qkv_bias" in config:  # transformers' alias of qv_bias
         config["qv_bias"] = config.pop("qkv_bias")
     config = DEFAULTS[model_type] | config
     if config["hidden_act"] != "gelu":
-        raise ValueError(f"hidden_act {config['hidden_act']!r} is not vitscale's exact GELU")
+        raise UserError(f"hidden_act {config['hidden_act']!r} is not vitscale's exact GELU")
     tensors = _read_weights(directory)
     base = BASE[model_type]
     # A bare encoder (ViTModel, ...) is saved without its attribute prefix.
@@ -136,7 +137,7 @@ def _read_weights(directory: Path) -> State:
         if (directory / index).is_file():
             shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
             return {k: v for shard in shards for k, v in read_tensors(directory / shard).items()}
-    raise ValueError(f"{str(directory)!r} has a config.json but no model.safetensors or pytorch_model.bin")
+    raise UserError(f"{str(directory)!r} has a config.json but no model.safetensors or pytorch_model.bin")
 
 
 def _vit_config(config: dict, state: State, model_type: str, arch: str, notes: list
@@ -144,11 +145,11 @@ def _vit_config(config: dict, state: State, model_type: str, arch: str, notes: l
     """The encoder's ViTConfig from config.json (and the stored tables)."""
     width, video, hidden = config["hidden_size"], model_type == "videomae", config["intermediate_size"]
     if int(width * (hidden / width)) != hidden:  # vitscale's MLP is int(width * mlp_ratio) wide
-        raise ValueError(f"intermediate_size {hidden} is not expressible as a ratio of hidden_size {width}")
+        raise UserError(f"intermediate_size {hidden} is not expressible as a ratio of hidden_size {width}")
     size, patch = config["image_size"], config["patch_size"]
     if not isinstance(patch, int):
         if len(set(patch)) != 1:
-            raise ValueError(f"non-square patches {patch} are not supported")
+            raise UserError(f"non-square patches {patch} are not supported")
         patch = patch[0]
     enc = "encoder." if arch.endswith("ForPreTraining") else ""
     fields = dict(
@@ -165,10 +166,10 @@ def _vit_config(config: dict, state: State, model_type: str, arch: str, notes: l
         return cfg, notes
     mean = config["use_mean_pooling"]
     if arch == "VideoMAEForVideoClassification" and not mean:
-        raise ValueError("VideoMAEForVideoClassification with use_mean_pooling=false pools the first patch "
+        raise UserError("VideoMAEForVideoClassification with use_mean_pooling=false pools the first patch "
                          "token, which vitscale does not")
     if arch == "VideoMAEForPreTraining" and mean:
-        raise ValueError("this VideoMAEForPreTraining has use_mean_pooling=true, so no norm between encoder "
+        raise UserError("this VideoMAEForPreTraining has use_mean_pooling=true, so no norm between encoder "
                          "and decoder; vitscale's MAE always has one (published checkpoints set it false)")
     if arch == "VideoMAEForVideoClassification":
         notes.append(f"fc_norm: transformers uses eps {TORCH_LN_EPS:g} there, vitscale layer_norm_eps "
@@ -183,7 +184,7 @@ def _mae_config(config: dict, state: State, cfg: ViTConfig, video: bool, notes: 
     """The decoder and masking of a ViTMAE / VideoMAE pre-training model."""
     width, hidden = config["decoder_hidden_size"], config["decoder_intermediate_size"]
     if hidden != int(width * cfg.mlp_ratio):
-        raise ValueError(f"decoder_intermediate_size {hidden} is not the encoder's MLP ratio "
+        raise UserError(f"decoder_intermediate_size {hidden} is not the encoder's MLP ratio "
                          f"{cfg.mlp_ratio:g} x {width}; vitscale's decoder uses the encoder's ratio")
     fields = dict(decoder_width=width, decoder_depth=config["decoder_num_hidden_layers"],
                   decoder_heads=config["decoder_num_attention_heads"], norm_pix_loss=config["norm_pix_loss"])
@@ -200,7 +201,7 @@ def _mae_config(config: dict, state: State, cfg: ViTConfig, video: bool, notes: 
                      f"{cfg.num_patches} tokens, vitscale {num_visible(cfg.num_patches, ratio)}")
     kind = classify_table(state["decoder_pos_embed"], width, cfg.grid, 1)
     if kind == "learned":
-        raise ValueError("the decoder's position table is not a fixed sin-cos table; vitscale's MAE decoder "
+        raise UserError("the decoder's position table is not a fixed sin-cos table; vitscale's MAE decoder "
                          "computes a fixed one")
     return MAEConfig(mask_ratio=ratio, masking="random", decoder_pos_embed=kind, **fields), notes
 
@@ -228,10 +229,10 @@ def write(model) -> tuple[dict, State, list[str]]:
         config = common | config
     else:
         if not cfg.class_token:
-            raise ValueError("transformers' ViT and ViTMAE have a cls token; this model has none")
+            raise UserError("transformers' ViT and ViTMAE have a cls token; this model has none")
         if isinstance(model, MAE):
             if model.cfg.encoder_on_all_tokens:
-                raise ValueError("transformers' ViTMAE has no encoder mask token (encoder_on_all_tokens)")
+                raise UserError("transformers' ViTMAE has no encoder mask token (encoder_on_all_tokens)")
             state["decoder_pos_embed"] = model.decoder_pos
             model_type, arch, norm = "vit_mae", "ViTMAEForPreTraining", "layernorm"
             config = common | _mae_fields(model.cfg, cfg) | dict(mask_ratio=model.cfg.mask_ratio,
@@ -240,7 +241,7 @@ def write(model) -> tuple[dict, State, list[str]]:
                 notes.append("ViTMAE masks at random; this model's tube masking is not in the config")
         else:
             if cfg.pool != "cls":
-                raise ValueError("transformers' ViT pools the cls token; this model mean-pools (use timm)")
+                raise UserError("transformers' ViT pools the cls token; this model mean-pools (use timm)")
             model_type, norm = "vit", "layernorm"
             arch = "ViTForImageClassification" if cfg.num_classes else "ViTModel"
             config = common | dict(qkv_bias=cfg.qkv_bias, encoder_stride=cfg.patch_size)
@@ -258,26 +259,26 @@ def write(model) -> tuple[dict, State, list[str]]:
 def _video_layout(model, cfg: ViTConfig, state: State, enc: str, notes: list) -> tuple[str, dict, str, str]:
     """VideoMAE's config fields for a video model; drops what transformers computes itself."""
     if cfg.class_token:
-        raise ValueError("transformers' VideoMAE has no cls token; this model has one")
+        raise UserError("transformers' VideoMAE has no cls token; this model has one")
     table = state[f"{enc}pos_embed"]
     if cfg.pos_embed != "sincos1d" and not is_table(table, "sincos1d", cfg.width, cfg.grid, 0):
-        raise ValueError("transformers' VideoMAE computes a fixed sinusoid table; this model's position "
+        raise UserError("transformers' VideoMAE computes a fixed sinusoid table; this model's position "
                          "table is another (export to timm, or train with --model.pos_embed=sincos1d)")
     del state[f"{enc}pos_embed"]
     config = dict(num_frames=cfg.frames, tubelet_size=cfg.tubelet, qv_bias=cfg.qkv_bias)
     if isinstance(model, MAE):
         if model.cfg.decoder_pos_embed != "sincos1d":
-            raise ValueError("transformers' VideoMAE decoder uses a sinusoid table: pre-train with "
+            raise UserError("transformers' VideoMAE decoder uses a sinusoid table: pre-train with "
                              "--mae.decoder_pos_embed=sincos1d to export there")
         if state.pop("decoder_embed.bias").abs().max() > 0:
-            raise ValueError("VideoMAE's encoder_to_decoder has no bias; this model's decoder_embed bias "
+            raise UserError("VideoMAE's encoder_to_decoder has no bias; this model's decoder_embed bias "
                              "is not zero")
         notes.append(f"decoder norm: transformers uses eps {TORCH_LN_EPS:g}, this model {cfg.norm_eps:g}")
         config |= _mae_fields(model.cfg, cfg) | dict(use_mean_pooling=False)
         return "videomae", config, "VideoMAEForPreTraining", "layernorm"
     if cfg.num_classes:
         if cfg.pool != "mean":
-            raise ValueError("transformers' VideoMAE classifier mean-pools; this model pools otherwise")
+            raise UserError("transformers' VideoMAE classifier mean-pools; this model pools otherwise")
         notes.append(f"fc_norm: transformers uses eps {TORCH_LN_EPS:g}, this model {cfg.norm_eps:g}")
         return "videomae", config | dict(use_mean_pooling=True), "VideoMAEForVideoClassification", "fc_norm"
     return "videomae", config | dict(use_mean_pooling=False), "VideoMAEModel", "layernorm"

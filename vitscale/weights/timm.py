@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViTConfig
 from vitscale.weights.core import Source, classify_table, fixed_table, infer_config
@@ -86,7 +87,7 @@ def read(tensors: State, fmt: str, *, like: ViTConfig | None = None, heads: int 
         heads = like.heads
         inferred.add("heads")
     if "pos_embed" not in enc and fmt != "videomae":
-        raise ValueError("the checkpoint has no position table (pos_embed)")
+        raise UserError("the checkpoint has no position table (pos_embed)")
     cfg, more, infer_notes = infer_config(
         enc, pool="mean" if fc_norm else "cls", norm_eps=1e-6,
         pos_embed=None if "pos_embed" in enc else "sincos1d",
@@ -127,12 +128,12 @@ def decoder_config(state: State, cfg: ViTConfig, fmt: str, heads: int | None) ->
                      "--decoder-heads if the checkpoint used another)")
     hidden = state.get("decoder_blocks.0.mlp.0.weight")
     if hidden is not None and hidden.shape[0] != int(width * cfg.mlp_ratio):
-        raise ValueError(f"the decoder's MLP is {hidden.shape[0]} wide, not the encoder's ratio "
+        raise UserError(f"the decoder's MLP is {hidden.shape[0]} wide, not the encoder's ratio "
                          f"{cfg.mlp_ratio:g} x {width}; vitscale's MAE decoder uses the encoder's ratio")
     if "decoder_pos_embed" in state:
         kind = classify_table(state["decoder_pos_embed"], width, cfg.grid, cfg.num_prefix)
         if kind == "learned":
-            raise ValueError("the decoder's position table is not a fixed sin-cos table; vitscale's MAE "
+            raise UserError("the decoder's position table is not a fixed sin-cos table; vitscale's MAE "
                              "decoder computes a fixed one")
         settings["decoder_pos_embed"] = kind
     notes.append(f"masking {settings['masking']} at {settings['mask_ratio']:g}, norm_pix_loss="
