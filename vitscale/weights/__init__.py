@@ -23,7 +23,10 @@ an fnmatch pattern allows it; nothing is zero-filled silently (a key bias absent
 q_bias / v_bias layout is zero by construction and reported). Position tables are
 resampled to the model's grid (fixed tables recomputed), and a fixed table the model
 computes must equal the checkpoint's. torch files load with weights_only=True: a pickled
-object other than tensors and containers is refused before any of its code can run.
+object other than tensors and containers is refused before any of its code can run; so is,
+by key, a tensor that is not floating point (never cast) or holds NaN / Inf, and a config
+(config.json, vitscale.json) whose fields are not what they must be or do not describe the
+weights. Outputs are new files or directories, never overwritten, written whole or not at all.
 State dicts record no attention head counts: they come from --heads, a --model preset (or
 the run's model for --init), else the standard count for the width, reported as a note.
 """
@@ -31,18 +34,29 @@ the run's model for --init), else the standard count for the width, reported as 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from torch import nn
 
-from vitscale.checkpoint import atomic_write_text, latest
+from vitscale.checkpoint import latest
 from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViT, ViTConfig, preset
 from vitscale.weights import hf, timm
-from vitscale.weights.core import Report, Source, build, fixed_table, fold_mup, infer_config, load_into
-from vitscale.weights.files import read_tensors, write_safetensors
+from vitscale.weights.core import (
+    Report,
+    Source,
+    build,
+    check_ndims,
+    check_size,
+    fixed_table,
+    fold_mup,
+    infer_config,
+    load_into,
+)
+from vitscale.weights.files import publish, read_json, read_tensors, refuse_existing, some
 
 FORMATS_OUT = ("hf", "timm", "vitscale")
 
@@ -59,37 +73,61 @@ def read(path: str | Path, *, like: ViTConfig | None = None, heads: int | None =
         image_size, frames: the checkpoint's input size, where it cannot be read from it.
     """
     p = Path(path)
-    if p.is_dir():
-        if (p / "config.json").is_file():
-            return hf.read(p)
-        if (p / "vitscale.json").is_file():
-            saved = json.loads((p / "vitscale.json").read_text())
-            cfg = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["model"].items()})
-            mae = MAEConfig(**saved["mae"]) if saved.get("mae") else None
-            return _vitscale(read_tensors(p / "model.safetensors"), cfg, mae)
-        if (p / "config.yaml").is_file():
-            return _run_dir(p)
-        if (p / "model.safetensors").is_file():  # a checkpoint directory of a run (ckpt-N/, best/)
-            p = p / "model.safetensors"
-        else:
-            raise UserError(f"{str(p)!r} is neither a transformers directory (config.json), a vitscale "
-                             "export (vitscale.json), a run (config.yaml) nor a checkpoint "
-                             "(model.safetensors)")
-    elif not p.is_file():
-        raise UserError(f"weights {str(p)!r} not found; pass a run directory, a transformers model "
-                         "directory, or a .safetensors / .pth file")
-    tensors = read_tensors(p)
-    hints = dict(like=like, heads=heads, image_size=image_size, frames=frames)
-    if any(k.startswith(("vit.", "mae.")) for k in tensors) or \
-            {"blocks.0.mlp.0.weight", "encoder.blocks.0.mlp.0.weight"} & set(tensors):
-        return _vitscale(tensors, None, None, **hints)
-    layout = timm.layout_of(tensors)
-    if layout is not None:
-        return timm.read(tensors, layout, decoder_heads=decoder_heads, **hints)
-    if any("embeddings.patch_embeddings" in k for k in tensors):
-        raise UserError(f"{str(p)!r} holds transformers weights; pass the directory with its config.json")
-    some = ", ".join(list(tensors)[:4])
-    raise UserError(f"{str(p)!r} is in no layout vitscale reads (keys such as {some})")
+    with naming(p):
+        if p.is_dir():
+            if (p / "config.json").is_file():
+                return hf.read(p)
+            if (p / "vitscale.json").is_file():
+                return _export_dir(p)
+            if (p / "config.yaml").is_file():
+                return _run_dir(p)
+            if (p / "model.safetensors").is_file():  # a checkpoint directory of a run (ckpt-N/, best/)
+                p = p / "model.safetensors"
+            else:
+                raise UserError(f"{str(p)!r} is neither a transformers directory (config.json), a vitscale "
+                                 "export (vitscale.json), a run (config.yaml) nor a checkpoint "
+                                 "(model.safetensors)")
+        elif not p.is_file():
+            raise UserError(f"weights {str(p)!r} not found; pass a run directory, a transformers model "
+                             "directory, or a .safetensors / .pth file")
+        tensors = read_tensors(p)
+        hints = dict(like=like, heads=heads, image_size=image_size, frames=frames)
+        if any(k.startswith(("vit.", "mae.")) for k in tensors) or \
+                {"blocks.0.mlp.0.weight", "encoder.blocks.0.mlp.0.weight"} & set(tensors):
+            return _vitscale(tensors, None, None, **hints)
+        layout = timm.layout_of(tensors)
+        if layout is not None:
+            return timm.read(tensors, layout, decoder_heads=decoder_heads, **hints)
+        if any("embeddings.patch_embeddings" in k for k in tensors):
+            raise UserError(f"{str(p)!r} holds transformers weights; pass the directory with its config.json")
+        raise UserError(f"{str(p)!r} is in no layout vitscale reads (keys such as {some(list(tensors), 4)})")
+
+
+@contextmanager
+def naming(path: Path):
+    """Errors about the weights read from `path` name it (those that do not already)."""
+    try:
+        yield
+    except UserError as e:
+        if str(path) in str(e):
+            raise
+        raise UserError(f"weights {str(path)!r}: {e}") from None
+
+
+def _export_dir(directory: Path) -> Source:
+    """A `vitscale convert --to vitscale` directory: vitscale.json and model.safetensors."""
+    from vitscale.config import from_dict
+
+    path = directory / "vitscale.json"
+    saved = read_json(path)
+    try:
+        if not isinstance(saved.get("model"), dict) or not isinstance(saved.get("mae") or {}, dict):
+            raise UserError("it needs a 'model' object (and 'mae', null or an object)")
+        cfg = from_dict(ViTConfig, saved["model"], "model.")
+        mae = from_dict(MAEConfig, saved["mae"], "mae.") if saved.get("mae") else None
+    except UserError as e:
+        raise UserError(f"{str(path)!r}: {e}") from None
+    return _vitscale(read_tensors(directory / "model.safetensors"), cfg, mae, where=repr(str(path)))
 
 
 def _run_dir(run_dir: Path) -> Source:
@@ -101,12 +139,14 @@ def _run_dir(run_dir: Path) -> Source:
         raise UserError(f"{str(run_dir)!r} holds no checkpoint to start from")
     run = load_yaml(run_dir / "config.yaml")
     mae = run.mae if run.task == "mae" else None
-    return _vitscale(read_tensors(ckpt / "model.safetensors"), run.model, mae)
+    return _vitscale(read_tensors(ckpt / "model.safetensors"), run.model, mae,
+                     where=repr(str(run_dir / "config.yaml")))
 
 
 def _vitscale(tensors, cfg: ViTConfig | None, mae: MAEConfig | None, *, like=None, heads=None,
-              image_size=None, frames=None) -> Source:
-    """vitscale's own keys: a task module's (`vit.` / `mae.`), or a bare ViT's or MAE's."""
+              image_size=None, frames=None, where: str = "") -> Source:
+    """vitscale's own keys: a task module's (`vit.` / `mae.`), or a bare ViT's or MAE's; `cfg` read
+    from `where` (a file that must then describe them), else from the shapes."""
     unmapped, notes = [], []
     if any(k.startswith("mae.") for k in tensors):
         state = {k[len("mae."):]: v for k, v in tensors.items() if k.startswith("mae.")}
@@ -118,8 +158,11 @@ def _vitscale(tensors, cfg: ViTConfig | None, mae: MAEConfig | None, *, like=Non
     has_decoder = any(k.startswith("encoder.") for k in state)
     enc = "encoder." if has_decoder else ""
     encoder = {k[len(enc):]: v for k, v in state.items() if k.startswith(enc)}
+    check_ndims(state)
     inferred = frozenset()
-    if cfg is None:
+    if cfg is not None:
+        check_size(cfg, encoder, where)
+    else:
         cfg, inferred, notes = infer_config(
             encoder, pool=like.pool if like else "cls", norm_eps=like.norm_eps if like else 1e-6,
             pos_embed=None if "pos_embed" in encoder else (like.pos_embed if like else "sincos"),
@@ -142,13 +185,16 @@ def load(path: str | Path, *, head: bool = True, allow: tuple[str, ...] = (), im
          frames: int | None = None, num_classes: int | None = None, **read_args) -> tuple[nn.Module, Report]:
     """read + build: a loaded vitscale model (ViT, or MAE for a pre-training checkpoint) and its report."""
     source = read(path, image_size=image_size, frames=frames, **read_args)
-    return build(source, image_size=image_size, frames=frames, num_classes=num_classes, head=head,
-                 allow=allow)
+    with naming(Path(path)):
+        return build(source, image_size=image_size, frames=frames, num_classes=num_classes, head=head,
+                     allow=allow)
 
 
 def init_encoder(encoder: ViT, init: str | Path, allow: tuple[str, ...] = ()) -> Report:
     """Start a run's encoder from weights in any format (`--init`); its class head stays new."""
-    return load_into(encoder, read(init, like=encoder.cfg), head=False, allow=allow)
+    source = read(init, like=encoder.cfg)
+    with naming(Path(init)):
+        return load_into(encoder, source, head=False, allow=allow)
 
 
 def standard(model: nn.Module) -> nn.Module:
@@ -165,12 +211,16 @@ def standard(model: nn.Module) -> nn.Module:
 
 
 def export(model: nn.Module, out: str | Path, to: str) -> tuple[list[Path], list[str]]:
-    """Write a ViT or MAE in a format ("hf", "timm", "vitscale"); returns (files written, notes).
+    """Write a ViT or MAE in a format ("hf", "timm", "vitscale") as a new file or directory `out`;
+    returns (files written, notes). An existing output is refused, never overwritten; the files
+    appear all at once (see files.publish).
 
     hf and timm have no muP multipliers: a muP model is written with them folded into its
     weights (`standard`), which computes the same; vitscale keeps them in its config.
     """
-    out, notes = Path(out), []
+    final, directory = _output(out, to)
+    refuse_existing(final, directory)
+    notes = []
     sp = standard(model) if to in ("hf", "timm") else model
     if sp is not model:
         model = sp
@@ -178,24 +228,28 @@ def export(model: nn.Module, out: str | Path, to: str) -> tuple[list[Path], list
     if to == "hf":
         config, state, written = hf.write(model)
         notes += written
-        out.mkdir(parents=True, exist_ok=True)
-        write_safetensors(out / "model.safetensors", state)
-        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
-        return [out / "model.safetensors", out / "config.json"], notes
+        return publish(final, {"model.safetensors": state, "config.json": _json(config)}, directory), notes
     if to == "timm":
-        path = out if out.suffix == ".safetensors" else out / "model.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors(path, timm.write_state(model))
-        return [path], notes
-    if to == "vitscale":
-        out.mkdir(parents=True, exist_ok=True)
-        is_mae = isinstance(model, MAE)
-        prefix, cfg = ("mae.", model.encoder.cfg) if is_mae else ("vit.", model.cfg)
-        write_safetensors(out / "model.safetensors", {prefix + k: v for k, v in model.state_dict().items()})
-        saved = {"format": "vitscale", "model": asdict(cfg), "mae": asdict(model.cfg) if is_mae else None}
-        atomic_write_text(out / "vitscale.json", json.dumps(saved, indent=2) + "\n")
-        return [out / "model.safetensors", out / "vitscale.json"], notes
-    raise UserError(f"unknown output format {to!r}; use one of {', '.join(FORMATS_OUT)}")
+        return publish(final, {final.name: timm.write_state(model)}, directory), notes
+    is_mae = isinstance(model, MAE)
+    prefix, cfg = ("mae.", model.encoder.cfg) if is_mae else ("vit.", model.cfg)
+    saved = {"format": "vitscale", "model": asdict(cfg), "mae": asdict(model.cfg) if is_mae else None}
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    return publish(final, {"model.safetensors": state, "vitscale.json": _json(saved)}, directory), notes
+
+
+def _output(out: str | Path, to: str) -> tuple[Path, bool]:
+    """(the file or directory a format writes at `out`, whether a directory)."""
+    if to not in FORMATS_OUT:
+        raise UserError(f"unknown output format {to!r}; use one of {', '.join(FORMATS_OUT)}")
+    out = Path(out)
+    if to == "timm":
+        return (out if out.suffix == ".safetensors" else out / "model.safetensors"), False
+    return out, True
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2) + "\n"
 
 
 def convert(src: str | Path, to: str, out: str | Path, *, model: str | None = None, heads: int | None = None,
@@ -207,12 +261,18 @@ def convert(src: str | Path, to: str, out: str | Path, *, model: str | None = No
     `model` (a preset name) lends heads and input size where the checkpoint records neither;
     `image_size` / `frames` resample to a new input size; `num_classes` gives a new head.
     """
-    if to not in FORMATS_OUT:
-        raise UserError(f"unknown output format {to!r}; use one of {', '.join(FORMATS_OUT)}")
+    refuse_existing(*_output(out, to))  # before the work, not after it
+    sides = (image_size,) if isinstance(image_size, int) else image_size or ()
+    sizes = [("--heads", heads, 1), ("--decoder-heads", decoder_heads, 1), ("--frames", frames, 1),
+             ("--num-classes", num_classes, 0)] + [("--image-size", side, 1) for side in sides]
+    for flag, value, least in sizes:
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be {'positive' if least else '0 (no head) or more'}, got {value}")
     source = read(src, like=preset(model) if model else None, heads=heads, decoder_heads=decoder_heads,
                   image_size=image_size, frames=frames)
-    built, report = build(source, image_size=image_size, frames=frames, num_classes=num_classes, head=head,
-                          allow=allow)
+    with naming(Path(src)):
+        built, report = build(source, image_size=image_size, frames=frames, num_classes=num_classes,
+                              head=head, allow=allow)
     paths, notes = export(built, out, to)
     return replace(report, notes=report.notes + tuple(notes)), paths
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import SIZES, ViT, ViTConfig, fixed_pos_embed, resample_pos_embed
+from vitscale.weights.files import some
 
 # Heads of the standard ViT widths (Ti/S/B/L/H, and vitscale's small presets): a state dict
 # does not record them, and a wrong count would load without error and compute garbage.
@@ -97,9 +98,9 @@ def infer_config(state: dict[str, Tensor], *, pool: str, norm_eps: float, pos_em
     proj = state.get("patch_embed.proj.weight")
     if proj is None or "blocks.0.mlp.0.weight" not in state:
         raise UserError("the checkpoint has no patch embedding or first block under this format's names")
-    width, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    width, depth = encoder_size(state)
+    in_chans, patch = proj.shape[1], proj.shape[-1]
     tubelet = proj.shape[2] if proj.ndim == 5 else 1
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     class_token = "cls_token" in state
     inferred, notes = set(), []
     if heads is None:
@@ -123,6 +124,43 @@ def infer_config(state: dict[str, Tensor], *, pool: str, norm_eps: float, pos_em
         pool=pool if class_token else "mean", class_token=class_token, pos_embed=pos_embed,
         qkv_bias="blocks.0.attn.qkv.bias" in state, norm_eps=norm_eps)
     return cfg, frozenset(inferred), notes
+
+
+def encoder_size(state: dict[str, Tensor]) -> tuple[int | None, int]:
+    """(width, depth) of an encoder's ViT keys: its patch embedding's width (None without one),
+    and its blocks, which must be numbered 0 .. depth - 1."""
+    proj = state.get("patch_embed.proj.weight")
+    numbers = {k.split(".")[1] for k in state if k.startswith("blocks.")}
+    odd = sorted(n for n in numbers if not n.isdigit() or int(n) >= len(numbers))
+    if odd:
+        raise UserError(f"the checkpoint's blocks are not numbered 0 to {len(numbers) - 1}: it has "
+                         f"blocks.{odd[0]} ({len(numbers)} blocks in all)")
+    return (proj.shape[0] if proj is not None else None), len(numbers)
+
+
+def check_size(cfg: ViTConfig, state: dict[str, Tensor], where: str, fields=("width", "depth")) -> None:
+    """A config read beside the weights must describe them: its width and depth are theirs
+    (`fields`: those two fields' names in the config file, for the message)."""
+    width, depth = encoder_size(state)
+    for field, said, found in [(fields[0], cfg.width, width), (fields[1], cfg.depth, depth)]:
+        if found is not None and said != found:
+            raise UserError(f"{where} says {field} {said}, but the weights' encoder has {found}; the config "
+                             "does not describe these weights (restore it, or export the model again)")
+
+
+# Dimensions each tensor must have, by its vitscale key (first pattern that matches): shapes are
+# read off these tensors, and a scalar where a matrix belongs must stop here, named.
+NDIMS = (("*pos_embed", (3,)), ("*_token", (3,)), ("*patch_embed.proj.weight", (4, 5)),
+         ("*norm*.weight", (1,)), ("*bias", (1,)), ("*.weight", (2,)))
+
+
+def check_ndims(state: dict[str, Tensor]) -> None:
+    """Refuse, by key, a tensor with another number of dimensions than its key implies."""
+    for key, tensor in state.items():
+        want = next((n for pattern, n in NDIMS if fnmatch(key, pattern)), None)
+        if want is not None and tensor.ndim not in want:
+            raise UserError(f"the checkpoint's {key} has shape {tuple(tensor.shape)}, where a ViT's has "
+                             f"{' or '.join(map(str, want))} dimensions; the file is not the model it claims")
 
 
 def _grid(n: int | None, tubelet: int, patch: int, hint, image_size, frames) -> tuple[int, int, int]:
@@ -287,8 +325,7 @@ def load_into(model: nn.Module, source: Source, *, head: bool = True, allow: tup
         hint = _arch_hint(source.model, cfg) or "if meant, allow them by pattern: --allow, --init-allow"
         raise UserError(
             f"the {source.format} weights do not fit this model: "
-            + "; ".join(f"{what}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
-                        for what, keys in problems if keys)
+            + "; ".join(f"{what}: {some(keys, 10)}" for what, keys in problems if keys)
             + f" ({hint})")
     kept |= {k: "new class head" for k in new_head}
     kept |= {k: "allowed missing" for k in missing}

@@ -6,9 +6,12 @@ pickled object that is not a tensor or a plain container before it can run code.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -24,12 +27,19 @@ PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compil
 
 
 def read_tensors(path: Path) -> State:
-    """Every tensor of a .safetensors file, or of a torch checkpoint unwrapped to its state dict."""
+    """Every tensor of a .safetensors file, or of a torch checkpoint unwrapped to its state dict,
+    each checked to be a finite floating-point tensor (`checked`)."""
+    if not path.is_file():
+        raise UserError(f"weights file {str(path)!r} not found")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
-        except SafetensorError as e:
-            raise UserError(f"cannot read {str(path)!r} as safetensors: {e}") from None
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"cannot read {str(path)!r} as safetensors ({e}); the file is damaged or "
+                             "cut short: copy or export it again") from None
+        if not state:
+            raise UserError(f"{str(path)!r} holds no tensors")
+        return checked(state, str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -40,7 +50,46 @@ def read_tensors(path: Path) -> State:
     except (RuntimeError, EOFError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot read {str(path)!r} as a torch checkpoint: {first}") from None
-    return unwrap(obj, str(path))
+    return checked(unwrap(obj, str(path)), str(path))
+
+
+def checked(state: State, where: str) -> State:
+    """`state` itself, once every tensor is floating point and finite.
+
+    Integer, bool and complex tensors would be cast on loading (int8 weights mostly to
+    nothing useful), and a NaN or Inf would surface as a non-finite loss blamed on the
+    learning rate: both are refused here, naming the keys.
+    """
+    odd = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state.items()
+           if not v.is_floating_point()]
+    if odd:
+        raise UserError(f"{where!r} holds tensors that are not floating point: {some(odd)}; vitscale does "
+                         "not cast weights: pass the checkpoint's float (dequantized) weights")
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{where!r} has NaN or infinite values in {some(bad)}; the weights are damaged (or "
+                         "were saved after training diverged): use an earlier checkpoint")
+    return state
+
+
+def some(items: list[str], n: int = 3) -> str:
+    """'a, b, c and 4 more': the first n items and a count of the rest."""
+    head = ", ".join(items[:n])
+    return f"{head} and {len(items) - n} more" if len(items) > n else head
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or one line naming the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{str(path)!r} not found") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{str(path)!r} is not valid JSON ({str(e).splitlines()[0]}); restore the file or "
+                         "export the model again") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object of fields")
+    return data
 
 
 def unwrap(obj, where: str) -> State:
@@ -60,11 +109,46 @@ def unwrap(obj, where: str) -> State:
     return dict(obj)
 
 
-def write_safetensors(path: Path, state: State) -> None:
-    """Write a state dict through a temporary file and a rename: never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+def refuse_existing(final: Path, directory: bool) -> None:
+    """An output must be new: converting never overwrites (an empty directory may be filled)."""
+    if final.exists() and not (directory and final.is_dir() and not any(final.iterdir())):
+        raise UserError(f"{str(final)!r} exists; remove it or choose another path")
+
+
+def publish(final: Path, files: dict[str, State | str], directory: bool) -> list[Path]:
+    """Write `files` (name -> tensors, or text) as a new directory `final`, or with `directory`
+    False the one file as `final` itself; returns the paths written.
+
+    Everything is written into a temporary directory beside `final`, fsynced, then renamed
+    into place, so a failure (a full disk, a kill) never leaves half an output behind.
+    """
+    refuse_existing(final, directory)
+    stage = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        stage.mkdir(parents=True)
+        for name, content in files.items():
+            if isinstance(content, str):
+                (stage / name).write_text(content)
+            else:
+                save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, str(stage / name))
+            _fsync(stage / name)
+        _fsync(stage)
+        os.replace(stage if directory else stage / next(iter(files)), final)
+        _fsync(final.parent)
+    except OSError as e:
+        raise UserError(f"cannot write {str(final)!r}: {e.strerror or e}; choose another path") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return [final / name for name in files] if directory else [final]
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk (before a rename publishes them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- key renaming
@@ -112,7 +196,12 @@ def fuse_qkv(state: State) -> tuple[State, list[str]]:
     """
     out, zero_filled = dict(state), 0
     for p in sorted({k[: -len(".attn.q.weight")] for k in state if k.endswith(".attn.q.weight")}):
-        out[f"{p}.attn.qkv.weight"] = torch.cat([out.pop(f"{p}.attn.{n}.weight") for n in "qkv"])
+        parts = [out.pop(f"{p}.attn.{n}.weight", None) for n in "qkv"]
+        if any(t is None or t.shape != parts[0].shape for t in parts):
+            raise UserError(f"{p}.attn: the query, key and value weights have shapes "
+                             f"{', '.join(str(None if t is None else tuple(t.shape)) for t in parts)}; they "
+                             "must be three of one shape")
+        out[f"{p}.attn.qkv.weight"] = torch.cat(parts)  # [3D, D]
     q_biases = {k[: -len(".attn.q.bias")] for k in state if k.endswith(".attn.q.bias")}
     q_biases |= {k[: -len(".attn.q_bias")] for k in state if k.endswith(".attn.q_bias")}
     for p in sorted(q_biases):

@@ -22,7 +22,6 @@ What transformers computes differently, and how it maps:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -30,8 +29,8 @@ import torch
 from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig, num_visible
 from vitscale.models.vit import ViTConfig
-from vitscale.weights.core import Source, classify_table, fixed_table, is_table
-from vitscale.weights.files import State, fuse_qkv, read_tensors, rename, rules, split_qkv
+from vitscale.weights.core import Source, check_ndims, check_size, classify_table, fixed_table, is_table
+from vitscale.weights.files import State, fuse_qkv, read_json, read_tensors, rename, rules, split_qkv
 
 LAYER = [("layernorm_before", "norm1"), ("attention.attention.query", "attn.q"),
          ("attention.attention.key", "attn.k"), ("attention.attention.value", "attn.v"),
@@ -60,6 +59,37 @@ DEFAULTS = {  # transformers' config defaults: config.json may leave out any fie
                                         decoder_num_attention_heads=6, decoder_intermediate_size=1536,
                                         norm_pix_loss=True),
 }
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+CHECKS = {  # what a config.json field may hold, by its description
+    "a positive integer": _count,
+    "a positive integer or a pair of them": lambda v: _count(v) or (
+        isinstance(v, list) and len(v) == 2 and all(map(_count, v))),
+    "true or false": lambda v: isinstance(v, bool),
+    "a positive number": lambda v: _number(v) and v > 0,
+    "a number in [0, 1)": lambda v: _number(v) and 0 <= v < 1,
+    "a string": lambda v: isinstance(v, str),
+}
+FIELDS = {  # config.json fields vitscale reads, by what each must hold
+    "a positive integer": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                           "num_channels", "num_frames", "tubelet_size", "decoder_hidden_size",
+                           "decoder_num_hidden_layers", "decoder_num_attention_heads",
+                           "decoder_intermediate_size"),
+    "a positive integer or a pair of them": ("image_size", "patch_size"),
+    "true or false": ("qkv_bias", "qv_bias", "use_mean_pooling", "norm_pix_loss"),
+    "a positive number": ("layer_norm_eps",),
+    "a number in [0, 1)": ("mask_ratio",),
+    "a string": ("hidden_act",),
+}
+KINDS = {field: kind for kind, names in FIELDS.items() for field in names}
+DIVIDES = [("hidden_size", "num_attention_heads"), ("decoder_hidden_size", "decoder_num_attention_heads"),
+           ("num_frames", "tubelet_size")]
 TORCH_LN_EPS = 1e-5  # nn.LayerNorm's default, which VideoMAE's fc_norm and decoder norm keep
 
 
@@ -97,17 +127,17 @@ def pairs(model_type: str, arch: str, norm: str = "layernorm") -> list[tuple[str
 # ----------------------------------------------------------------------------- import
 def read(directory: Path) -> Source:
     """A transformers model directory as a Source."""
-    config = json.loads((directory / "config.json").read_text())
-    model_type = config.get("model_type")
-    arch = (config.get("architectures") or [None])[0]
+    path = directory / "config.json"
+    config = read_json(path)
+    model_type, archs = str(config.get("model_type")), config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else None
     if model_type not in ARCHITECTURES or arch not in ARCHITECTURES[model_type]:
         known = ", ".join(a for archs in ARCHITECTURES.values() for a in archs)
-        raise UserError(f"{str(directory)!r} holds a {arch or model_type} model; vitscale reads {known}")
+        raise UserError(f"{str(path)!r}: model_type {model_type!r}, architectures {archs!r}: vitscale reads "
+                         f"{known}")
     if model_type == "videomae" and "qkv_bias" in config:  # transformers' alias of qv_bias
         config["qv_bias"] = config.pop("qkv_bias")
-    config = DEFAULTS[model_type] | config
-    if config["hidden_act"] != "gelu":
-        raise UserError(f"hidden_act {config['hidden_act']!r} is not vitscale's exact GELU")
+    config = _checked(DEFAULTS[model_type] | config, model_type, path)
     tensors = _read_weights(directory)
     base = BASE[model_type]
     # A bare encoder (ViTModel, ...) is saved without its attribute prefix.
@@ -116,9 +146,12 @@ def read(directory: Path) -> Source:
     video, pretrain = model_type == "videomae", arch.endswith("ForPreTraining")
     norm = "fc_norm" if "fc_norm.weight" in tensors else "layernorm"
     state, unmapped = rename(tensors, rules(pairs(model_type, arch, norm)))
+    check_ndims(state)
     state, notes = fuse_qkv(state)
     cfg, notes = _vit_config(config, state, model_type, arch, notes)
     enc = "encoder." if pretrain else ""
+    check_size(cfg, {k[len(enc):]: v for k, v in state.items() if k.startswith(enc)}, repr(str(path)),
+               ("hidden_size", "num_hidden_layers"))
     if video:
         state[f"{enc}pos_embed"] = fixed_table("sincos1d", cfg.width, cfg.grid, 0)
         notes.append("pos_embed: VideoMAE's fixed sinusoid table (computed, as transformers does)")
@@ -129,14 +162,33 @@ def read(directory: Path) -> Source:
                   head_extras=("pooler.*",), notes=tuple(notes))
 
 
+def _checked(config: dict, model_type: str, path: Path) -> dict:
+    """config.json over transformers' defaults, each field vitscale reads checked (one line naming
+    the file and the field): a count must be a positive integer, a head count divide its width."""
+    for field in DEFAULTS[model_type]:
+        kind = KINDS[field]
+        if not CHECKS[kind](config[field]):
+            raise UserError(f"{str(path)!r}: {field} is {config[field]!r}, it must be {kind}; correct the "
+                             "field (or save the model again with transformers)")
+    for width, parts in DIVIDES:
+        if width in DEFAULTS[model_type] and config[width] % config[parts]:
+            raise UserError(f"{str(path)!r}: {width} {config[width]} is not divisible by {parts} "
+                             f"{config[parts]}; correct the fields")
+    return config
+
+
 def _read_weights(directory: Path) -> State:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).is_file():
             return read_tensors(directory / name)
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (directory / index).is_file():
-            shards = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in read_tensors(directory / shard).items()}
+            shards = read_json(directory / index).get("weight_map")
+            if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
+                raise UserError(f"{str(directory / index)!r} has no weight_map of keys to shard files; "
+                                 "restore it, or save the model again")
+            return {k: v for shard in sorted(set(shards.values()))
+                    for k, v in read_tensors(directory / shard).items()}
     raise UserError(f"{str(directory)!r} has a config.json but no model.safetensors or pytorch_model.bin")
 
 
@@ -186,7 +238,11 @@ def _mae_config(config: dict, state: State, cfg: ViTConfig, video: bool, notes: 
     if hidden != int(width * cfg.mlp_ratio):
         raise UserError(f"decoder_intermediate_size {hidden} is not the encoder's MLP ratio "
                          f"{cfg.mlp_ratio:g} x {width}; vitscale's decoder uses the encoder's ratio")
-    fields = dict(decoder_width=width, decoder_depth=config["decoder_num_hidden_layers"],
+    depth = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
+    if depth != config["decoder_num_hidden_layers"]:
+        raise UserError(f"config.json says decoder_num_hidden_layers {config['decoder_num_hidden_layers']}, "
+                         f"but the weights hold {depth} decoder blocks; the config does not describe them")
+    fields = dict(decoder_width=width, decoder_depth=depth,
                   decoder_heads=config["decoder_num_attention_heads"], norm_pix_loss=config["norm_pix_loss"])
     if video:
         state["decoder_embed.bias"] = torch.zeros(width)

@@ -22,7 +22,7 @@ import torch
 from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViTConfig
-from vitscale.weights.core import Source, classify_table, fixed_table, infer_config
+from vitscale.weights.core import Source, check_ndims, classify_table, fixed_table, infer_config
 from vitscale.weights.files import State, fuse_qkv, rename, rules
 
 BLOCK = [("norm1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.q_bias", "attn.q_bias"),
@@ -79,6 +79,7 @@ def read(tensors: State, fmt: str, *, like: ViTConfig | None = None, heads: int 
     else:
         pairs = encoder_pairs(norm="fc_norm" if fc_norm else "norm")
     state, unmapped = rename(tensors, rules(pairs))
+    check_ndims(state)
     state, notes = fuse_qkv(state)
     has_decoder = pretrain_video or fmt == "mae"
     enc = {k[8:]: v for k, v in state.items() if k.startswith("encoder.")} if has_decoder else state
