@@ -11,6 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from vitscale import errors, weights
 from vitscale.cli import main
+from vitscale.models.mae import MAE, MAEConfig
+from vitscale.models.vit import preset
 from vitscale.weights import files
 
 transformers = pytest.importorskip("transformers")
@@ -167,7 +169,7 @@ def test_a_damaged_config_json_names_the_file(tmp_path, capsys, text):
     ("patch_size", 0, "patch_size"), ("layer_norm_eps", "a", "layer_norm_eps"),
     ("qkv_bias", "yes", "qkv_bias"), ("model_type", ["vit"], "model_type"),
     ("architectures", "ViTModel", "architectures"), ("num_hidden_layers", 5, "num_hidden_layers"),
-    ("hidden_size", 128, "hidden_size"),
+    ("hidden_size", 128, "hidden_size"), ("image_size", 64, "patches"),
 ])
 def test_config_json_fields_are_checked_by_name(tmp_path, capsys, field, value, expected):
     src = hf_dir(tmp_path / "hf", **{field: value})
@@ -191,12 +193,37 @@ def test_a_damaged_vitscale_export_names_the_file(tmp_path, capsys):
     good = json.loads(meta.read_text())
     for data in ["{", "{}", json.dumps(good | {"model": good["model"] | {"bogus": 1}}),
                  json.dumps(good | {"model": good["model"] | {"width": "wide"}}),
-                 json.dumps(good | {"model": good["model"] | {"depth": 10 ** 9}})]:
+                 json.dumps(good | {"model": good["model"] | {"depth": 7}})]:  # not 10**9: unchecked, built
         meta.write_text(data)
         user_error(capsys, convert(tmp_path / "vs", tmp_path / "out.safetensors"), str(meta))
     meta.write_text(json.dumps(good))
     (tmp_path / "vs" / "model.safetensors").unlink()
     user_error(capsys, convert(tmp_path / "vs", tmp_path / "out.safetensors"), "model.safetensors")
+
+
+def test_a_decoder_config_that_does_not_describe_its_weights_names_the_field(tmp_path, capsys):
+    mae = MAE(preset("pico/4", num_classes=0), MAEConfig(decoder_width=32, decoder_depth=1, decoder_heads=2))
+    weights.export(mae, tmp_path / "vs", to="vitscale")
+    meta = tmp_path / "vs" / "vitscale.json"
+    good = json.loads(meta.read_text())
+    meta.write_text(json.dumps(good | {"mae": good["mae"] | {"decoder_depth": 7}}))  # small: a wrong check
+    user_error(capsys, convert(tmp_path / "vs", tmp_path / "o.safetensors"), str(meta), "mae.decoder_depth 7")
+    hf = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**SMALL, decoder_hidden_size=32,
+                                           decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                                           decoder_intermediate_size=128))
+    for field, value in [("decoder_num_hidden_layers", 3), ("decoder_hidden_size", 64)]:
+        src = tmp_path / f"hf-{field}"
+        hf.save_pretrained(src)
+        data = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps(data | {field: value}))
+        user_error(capsys, convert(src, tmp_path / "o.safetensors"), str(src / "config.json"),
+                   f"{field} {value}")
+    weights.export(mae, tmp_path / "mae.safetensors", to="timm")
+    state = load_file(str(tmp_path / "mae.safetensors"))
+    del state["decoder_embed.weight"]
+    src = saved(state, tmp_path / "no-embed.safetensors")
+    user_error(capsys, convert(src, tmp_path / "o.safetensors", "--heads", "2"), str(src),
+               "decoder_embed.weight")
 
 
 def test_odd_shapes_and_block_numbers_are_refused_by_key(tmp_path, capsys):
@@ -212,8 +239,8 @@ def test_odd_shapes_and_block_numbers_are_refused_by_key(tmp_path, capsys):
     user_error(capsys, convert(src, tmp_path / "out.safetensors", "--heads", "4"), str(src), "blocks")
 
 
-@pytest.mark.parametrize("case", ["missing", "empty dir", "no keys", "truncated", "pickle", "heads 0",
-                                  "image size 0", "classes -3"])
+@pytest.mark.parametrize("case", ["missing", "empty dir", "no keys", "truncated", "pickle", "text",
+                                  "misnamed", "heads 0", "image size 0", "classes -3"])
 def test_unusable_weights_end_in_one_line_naming_the_file(tmp_path, capsys, case):
     good = saved(timm_state(), tmp_path / "t.safetensors")
     extra = ["--heads", "4"]
@@ -230,6 +257,12 @@ def test_unusable_weights_end_in_one_line_naming_the_file(tmp_path, capsys, case
     elif case == "pickle":
         src = tmp_path / "model.pth"
         torch.save({"model": timm_state(), "epoch": object()}, src)
+    elif case == "text":
+        src = tmp_path / "notes.bin"
+        src.write_text("hello")
+    elif case == "misnamed":
+        src = tmp_path / "model.pth"
+        src.write_bytes(good.read_bytes())  # a safetensors file
     else:
         src = good
         extra = {"heads 0": ["--heads", "0"],

@@ -46,15 +46,17 @@ from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViT, ViTConfig, preset
 from vitscale.weights import hf, timm
 from vitscale.weights.core import (
+    DECODER_KEYS,
     Report,
     Source,
     build,
     check_ndims,
-    check_size,
+    check_sizes,
     fixed_table,
     fold_mup,
     infer_config,
     load_into,
+    size_of,
 )
 from vitscale.weights.files import publish, read_json, read_tensors, refuse_existing, some
 
@@ -161,7 +163,10 @@ def _vitscale(tensors, cfg: ViTConfig | None, mae: MAEConfig | None, *, like=Non
     check_ndims(state)
     inferred = frozenset()
     if cfg is not None:
-        check_size(cfg, encoder, where)
+        (width, depth), (decoder_width, decoder_depth) = size_of(encoder), size_of(state, *DECODER_KEYS)
+        check_sizes(where, [("model.width", cfg.width, width), ("model.depth", cfg.depth, depth)] + (
+            [("mae.decoder_width", mae.decoder_width, decoder_width),
+             ("mae.decoder_depth", mae.decoder_depth, decoder_depth)] if mae is not None else []))
     else:
         cfg, inferred, notes = infer_config(
             encoder, pool=like.pool if like else "cls", norm_eps=like.norm_eps if like else 1e-6,

@@ -98,7 +98,7 @@ def infer_config(state: dict[str, Tensor], *, pool: str, norm_eps: float, pos_em
     proj = state.get("patch_embed.proj.weight")
     if proj is None or "blocks.0.mlp.0.weight" not in state:
         raise UserError("the checkpoint has no patch embedding or first block under this format's names")
-    width, depth = encoder_size(state)
+    width, depth = size_of(state)
     in_chans, patch = proj.shape[1], proj.shape[-1]
     tubelet = proj.shape[2] if proj.ndim == 5 else 1
     class_token = "cls_token" in state
@@ -126,26 +126,29 @@ def infer_config(state: dict[str, Tensor], *, pool: str, norm_eps: float, pos_em
     return cfg, frozenset(inferred), notes
 
 
-def encoder_size(state: dict[str, Tensor]) -> tuple[int | None, int]:
-    """(width, depth) of an encoder's ViT keys: its patch embedding's width (None without one),
-    and its blocks, which must be numbered 0 .. depth - 1."""
-    proj = state.get("patch_embed.proj.weight")
-    numbers = {k.split(".")[1] for k in state if k.startswith("blocks.")}
+DECODER_KEYS = ("decoder_blocks", "decoder_embed.weight")  # an MAE decoder's blocks and width, for size_of
+
+
+def size_of(state: dict[str, Tensor], blocks: str = "blocks", embed: str = "patch_embed.proj.weight"
+            ) -> tuple[int | None, int]:
+    """(width, depth) of an encoder's keys (with *DECODER_KEYS, a decoder's): the embedding's width
+    (None without one), and the number of blocks, which must be numbered 0 .. depth - 1."""
+    numbers = {k.split(".")[1] for k in state if k.startswith(blocks + ".")}
     odd = sorted(n for n in numbers if not n.isdigit() or int(n) >= len(numbers))
     if odd:
-        raise UserError(f"the checkpoint's blocks are not numbered 0 to {len(numbers) - 1}: it has "
-                         f"blocks.{odd[0]} ({len(numbers)} blocks in all)")
-    return (proj.shape[0] if proj is not None else None), len(numbers)
+        raise UserError(f"the checkpoint's {blocks} are not numbered 0 to {len(numbers) - 1}: it has "
+                         f"{blocks}.{odd[0]} ({len(numbers)} in all)")
+    return (state[embed].shape[0] if embed in state else None), len(numbers)
 
 
-def check_size(cfg: ViTConfig, state: dict[str, Tensor], where: str, fields=("width", "depth")) -> None:
-    """A config read beside the weights must describe them: its width and depth are theirs
-    (`fields`: those two fields' names in the config file, for the message)."""
-    width, depth = encoder_size(state)
-    for field, said, found in [(fields[0], cfg.width, width), (fields[1], cfg.depth, depth)]:
+def check_sizes(where: str, sizes: list[tuple[str, int, int | None]]) -> None:
+    """A config read beside the weights must describe them: each (field, its value in the config,
+    the weights' value, None if they do not show it) agrees. Checked before a model of the
+    config's size is built: a wrong depth of 10**9 must not build it."""
+    for field, said, found in sizes:
         if found is not None and said != found:
-            raise UserError(f"{where} says {field} {said}, but the weights' encoder has {found}; the config "
-                             "does not describe these weights (restore it, or export the model again)")
+            raise UserError(f"{where} says {field} {said}, but the weights have {found}; the config does not "
+                             "describe these weights (restore it, or export the model again)")
 
 
 # Dimensions each tensor must have, by its vitscale key (first pattern that matches): shapes are

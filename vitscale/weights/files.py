@@ -42,14 +42,18 @@ def read_tensors(path: Path) -> State:
         return checked(state, str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "Unsupported operand" in str(e):  # not a pickle at all
+            raise UserError(f"{str(path)!r} is not a torch checkpoint (a zip or pickle file); if it is a "
+                             "safetensors file, name it .safetensors") from None
         raise UserError(
             f"{str(path)!r} holds pickled Python objects besides tensors, and vitscale runs no code from a "
             "checkpoint; if you trust its source, re-save just its state dict (e.g. with safetensors' "
             "save_file) and pass that file") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot read {str(path)!r} as a torch checkpoint: {first}") from None
+    except Exception as e:  # whatever torch.load raises, given bytes that are no checkpoint, is the file's
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"cannot read {str(path)!r} as a torch checkpoint ({type(e).__name__}: {first}); "
+                         "the file is damaged, cut short or not a checkpoint") from None
     return checked(unwrap(obj, str(path)), str(path))
 
 

@@ -29,7 +29,16 @@ import torch
 from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig, num_visible
 from vitscale.models.vit import ViTConfig
-from vitscale.weights.core import Source, check_ndims, check_size, classify_table, fixed_table, is_table
+from vitscale.weights.core import (
+    DECODER_KEYS,
+    Source,
+    check_ndims,
+    check_sizes,
+    classify_table,
+    fixed_table,
+    is_table,
+    size_of,
+)
 from vitscale.weights.files import State, fuse_qkv, read_json, read_tensors, rename, rules, split_qkv
 
 LAYER = [("layernorm_before", "norm1"), ("attention.attention.query", "attn.q"),
@@ -150,8 +159,16 @@ def read(directory: Path) -> Source:
     state, notes = fuse_qkv(state)
     cfg, notes = _vit_config(config, state, model_type, arch, notes)
     enc = "encoder." if pretrain else ""
-    check_size(cfg, {k[len(enc):]: v for k, v in state.items() if k.startswith(enc)}, repr(str(path)),
-               ("hidden_size", "num_hidden_layers"))
+    width, depth = size_of({k[len(enc):]: v for k, v in state.items() if k.startswith(enc)})
+    sizes = [("hidden_size", cfg.width, width), ("num_hidden_layers", cfg.depth, depth)]
+    if f"{enc}pos_embed" in state:  # ViT and ViTMAE store their table: one row per patch, and the cls token's
+        sizes.append(("patches (image_size / patch_size, squared)", cfg.num_patches,
+                      state[f"{enc}pos_embed"].shape[1] - 1))
+    if pretrain:
+        width, depth = size_of(state, *DECODER_KEYS)
+        sizes += [("decoder_hidden_size", config["decoder_hidden_size"], width),
+                  ("decoder_num_hidden_layers", config["decoder_num_hidden_layers"], depth)]
+    check_sizes(repr(str(path)), sizes)
     if video:
         state[f"{enc}pos_embed"] = fixed_table("sincos1d", cfg.width, cfg.grid, 0)
         notes.append("pos_embed: VideoMAE's fixed sinusoid table (computed, as transformers does)")
@@ -238,11 +255,7 @@ def _mae_config(config: dict, state: State, cfg: ViTConfig, video: bool, notes: 
     if hidden != int(width * cfg.mlp_ratio):
         raise UserError(f"decoder_intermediate_size {hidden} is not the encoder's MLP ratio "
                          f"{cfg.mlp_ratio:g} x {width}; vitscale's decoder uses the encoder's ratio")
-    depth = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
-    if depth != config["decoder_num_hidden_layers"]:
-        raise UserError(f"config.json says decoder_num_hidden_layers {config['decoder_num_hidden_layers']}, "
-                         f"but the weights hold {depth} decoder blocks; the config does not describe them")
-    fields = dict(decoder_width=width, decoder_depth=depth,
+    fields = dict(decoder_width=width, decoder_depth=config["decoder_num_hidden_layers"],
                   decoder_heads=config["decoder_num_attention_heads"], norm_pix_loss=config["norm_pix_loss"])
     if video:
         state["decoder_embed.bias"] = torch.zeros(width)

@@ -22,7 +22,15 @@ import torch
 from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViTConfig
-from vitscale.weights.core import Source, check_ndims, classify_table, fixed_table, infer_config
+from vitscale.weights.core import (
+    DECODER_KEYS,
+    Source,
+    check_ndims,
+    classify_table,
+    fixed_table,
+    infer_config,
+    size_of,
+)
 from vitscale.weights.files import State, fuse_qkv, rename, rules
 
 BLOCK = [("norm1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.q_bias", "attn.q_bias"),
@@ -119,8 +127,9 @@ def read(tensors: State, fmt: str, *, like: ViTConfig | None = None, heads: int 
 def decoder_config(state: State, cfg: ViTConfig, fmt: str, heads: int | None) -> tuple[MAEConfig, set, list]:
     """The MAE decoder a state dict holds; what it does not record (heads, masking) from the
     published recipe of `fmt` ("mae" or "videomae")."""
-    width = state["decoder_embed.weight"].shape[0]
-    depth = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
+    width, depth = size_of(state, *DECODER_KEYS)
+    if width is None:
+        raise UserError("the checkpoint has decoder blocks but no decoder_embed.weight")
     inferred, notes, settings = set(), [], dict(DEFAULT_MAE[fmt])
     if heads is None:
         heads = 16 if fmt == "mae" else max(1, width // 64)  # MAE: 16 for every size; VideoMAE: 64 per head
