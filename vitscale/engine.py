@@ -11,9 +11,12 @@ with the same weights, bit for bit, as one that was never interrupted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
+import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from vitscale import checkpoint, dist, errors, evaluate, optim, tasks, visual, w
 from vitscale.bench import autocast
 from vitscale.checkpoint import atomic_write_text
 from vitscale.config import RunConfig, TrainConfig, dump_yaml, load_yaml, to_dict
-from vitscale.data import DataInfo, build_datasets, make_loader
+from vitscale.data import DataInfo, build_datasets, make_loader, skipped_files
 from vitscale.data.sampler import EpochSampler
 from vitscale.errors import StopTraining, UserError
 
@@ -121,7 +124,13 @@ class Job:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.train_set, self.val_set, self.info = build_datasets(cfg.data)
+        with warnings.catch_warnings(record=True) as said:  # what the data leaves out goes to the log
+            warnings.simplefilter("always")
+            self.train_set, self.val_set, self.info = build_datasets(cfg.data)
+        for w in said:
+            log(f"warning: {w.message}")
+        if not len(self.val_set):
+            log("no validation data (data.val_fraction=0): nothing is evaluated; best/ is the latest")
         cfg = resolve(cfg, info=self.info)
         if cfg.task == "mae" and cfg.mae.masking == "tube" and not cfg.model.is_video:
             raise UserError("tube masking is for video; use --mae.masking=random for images")
@@ -253,7 +262,7 @@ class Job:
         epoch = math.ceil(self.step / self.steps_per_epoch)
         with _unsharded(self.module):
             result = evaluate.evaluate(self.cfg, self.module, self.train_set, self.val_set, self.info, self.d,
-                                       epoch - 1, self.run_dir)
+                                       epoch - 1, self.run_dir, self.log)
         if self.d.main:
             atomic_write_text(final, json.dumps(result | {"step": self.step, "best": self.best}, indent=2))
         return result
@@ -274,36 +283,49 @@ class Job:
             optim.set_lr(self.opt, lr)
             loss = self.train_step(batches, window)
             self.step += 1
-            window["loss"] += loss
-            window["n"] += 1
             window["time"] += time.perf_counter() - t0
-            rate, wait = window["n"] * t.batch / window["time"], window["wait"] / window["time"]
-            show(f"epoch {epoch + 1} loss {loss:.4f} lr {lr:.2e} {rate:.0f} samples/s data-wait {wait:.0%}")
-            metrics.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "train",
-                         "loss": loss, "lr": lr})
+            if loss is not None:  # None: not one file of the step's batch could be read
+                window["loss"] += loss
+                window["n"] += 1
+                rate, wait = window["n"] * t.batch / window["time"], window["wait"] / window["time"]
+                show(f"epoch {epoch + 1} loss {loss:.4f} lr {lr:.2e} {rate:.0f} samples/s "
+                     f"data-wait {wait:.0%}")
+                metrics.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "train",
+                             "loss": loss, "lr": lr})
             # mid-epoch checkpoints (end_epoch saves the step that ends an epoch or the run)
             every = t.ckpt_every and self.step % t.ckpt_every == 0
             if self.step < end and (every or self.step in t.keep_steps):
                 self.save()
         return window
 
-    def train_step(self, batches, window: dict) -> float:
-        """One optimizer step over `accum` micro-batches; returns the mean loss over ranks."""
+    def train_step(self, batches, window: dict) -> float | None:
+        """One optimizer step over `accum` micro-batches; returns the mean loss over ranks, or
+        None (and no update) when no file of any rank's micro-batches could be read."""
         t, d = self.cfg.train, self.d
-        loss_sum = torch.zeros((), device=d.device)
+        loss_sum, counted = torch.zeros((), device=d.device), 0  # counted: micro-batches with a readable file
         for micro_step in range(t.accum):
             tw = time.perf_counter()
             batch = next(batches)
             window["wait"] += time.perf_counter() - tw
             if batch["skipped"]:
-                self.log(f"skipped unreadable files: {', '.join(batch['skipped'])}")
+                self.log(f"step {self.step + 1}: {skipped_files(batch['skipped'])}")
+            empty = not len(batch["y"])  # B = 0: the pass keeps ranks in step; it learns nothing
             x = batch["x"].to(d.device, non_blocking=True)
             y = batch["y"].to(d.device, non_blocking=True)
-            with _no_sync(self.forward, micro_step == t.accum - 1), autocast(d.device, t.dtype):
+            with (_no_sync(self.forward, micro_step == t.accum - 1), autocast(d.device, t.dtype),
+                  evaluate.quiet(empty)):
                 loss = self.forward(x, y)
+            loss = loss.nan_to_num(0.0) if empty else loss  # a mean over no sample; zero gradient
             (loss / t.accum).backward()
             loss_sum += loss.detach()
-        loss = float(dist.mean(d, loss_sum / t.accum))
+            counted += not empty
+        both = torch.stack([loss_sum.float(), torch.tensor(float(counted), device=d.device)])
+        loss_sum, counted = dist.mean(d, both).tolist()  # (their ratio is the mean over ranks)
+        if not counted:
+            self.opt.zero_grad(set_to_none=True)
+            self.log(f"step {self.step + 1}: no file of its batch could be read: no update")
+            return None
+        loss = loss_sum / counted
         if not math.isfinite(loss):
             raise StopTraining(f"loss is {loss} at step {self.step}; the last good checkpoint is "
                                f"{checkpoint.latest(self.run_dir) or 'none'}; lower --train.base_lr, set "
@@ -319,7 +341,7 @@ class Job:
         epoch = math.ceil(self.step / self.steps_per_epoch)
         with _unsharded(self.module):
             result = evaluate.evaluate(self.cfg, self.module, self.train_set, self.val_set, self.info, self.d,
-                                       epoch - 1, self.run_dir)
+                                       epoch - 1, self.run_dir, self.log)
         seconds = max(window["time"], 1e-9)
         row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "val",
                "train_loss": window["loss"] / max(1, window["n"]),
@@ -327,8 +349,9 @@ class Job:
                "data_wait": window["wait"] / seconds} | result
         metrics.log(row)
         self.log(f"epoch {epoch}: " + ", ".join(f"{k} {row[k]:.4g}" for k in _SHOWN if k in row))
-        improved = self.best is None or evaluate.score(result) > self.best
-        self.best = evaluate.score(result) if improved else self.best
+        score = evaluate.score(result)  # None without validation data: the latest is the best
+        improved = score is None or self.best is None or score > self.best
+        self.best = score if improved else self.best
         path = self.save()
         if improved and self.d.main:
             checkpoint.publish_best(self.run_dir, path)
@@ -347,10 +370,14 @@ def evaluate_run(run: str, device: str = "auto") -> dict:
     d = dist.setup(device)
     try:
         train_set, val_set, info = build_datasets(cfg.data)
+        if not len(val_set):
+            raise UserError(f"{run!r} has no validation data to evaluate on (data.val_fraction=0); "
+                             "train with data.val_fraction > 0 or a data.val_path")
         module = tasks.build(cfg.task, cfg.model, cfg.train, cfg.mae, info.num_classes)
         module.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         module.to(d.device)
-        return evaluate.evaluate(cfg, module, train_set, val_set, info, d, -1, run_dir)
+        return evaluate.evaluate(cfg, module, train_set, val_set, info, d, -1, run_dir,
+                                 functools.partial(print, file=sys.stderr))
     finally:
         dist.teardown(d)
 

@@ -6,6 +6,8 @@ forward pass); padded duplicates are dropped before anything is counted.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,14 +17,18 @@ from torch import Tensor, nn
 
 from vitscale import dist, visual
 from vitscale.bench import autocast
-from vitscale.data import make_loader
+from vitscale.data import make_loader, skipped_files
+from vitscale.errors import UserError
 
 
-def _shard(n: int, d: dist.Dist) -> tuple[list, int]:
-    """This rank's eval keys (index, None), padded to equal length, and how many are real."""
+def _shard(n: int, d: dist.Dist) -> list:
+    """This rank's eval keys (index, None), padded to equal length by wrapping around.
+
+    A padded key's index is another rank's (p - n is not p modulo world when padding is
+    needed), so `index % world == rank` tells this rank's real items from padding.
+    """
     padded = -(-n // d.world) * d.world
-    positions = range(d.rank, padded, d.world)
-    return [(p % n, None) for p in positions], sum(p < n for p in positions)
+    return [(p % n, None) for p in range(d.rank, padded, d.world)]
 
 
 def _gather(d: dist.Dist, x: Tensor) -> Tensor:
@@ -39,18 +45,33 @@ def _gather(d: dist.Dist, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def outputs(fn, dataset, cfg, d: dist.Dist) -> tuple[Tensor, Tensor]:
-    """Run fn(x) over a dataset (eval transforms) -> (outputs, labels), gathered over ranks."""
-    keys, real = _shard(len(dataset), d)
-    loader = make_loader(dataset, keys, max(1, cfg.train.batch // (d.world * cfg.train.accum)),
-                         cfg.data.workers, d.device.type)
-    outs, labels = [], []
+def outputs(fn, dataset, cfg, d: dist.Dist, log=None) -> tuple[Tensor, Tensor]:
+    """Run fn(x) over a dataset (eval transforms) -> (outputs, labels), gathered over ranks.
+
+    Unreadable files are left out and named through `log`; fn runs on every batch, even one
+    with no item left (B = 0: every rank takes part in every forward pass).
+    """
+    micro = max(1, cfg.train.batch // (d.world * cfg.train.accum))
+    loader = make_loader(dataset, _shard(len(dataset), d), micro, cfg.data.workers, d.device.type)
+    outs, labels, skipped = [], [], []
     for batch in loader:
-        with autocast(d.device, cfg.train.dtype):
-            outs.append(fn(batch["x"].to(d.device)).float())
-        labels.append(batch["y"].to(d.device))
-    out, y = torch.cat(outs)[:real], torch.cat(labels)[:real]
-    return _gather(d, out), _gather(d, y)
+        mine = batch["index"] % d.world == d.rank  # not a padded duplicate
+        with autocast(d.device, cfg.train.dtype), quiet(not len(mine)):
+            outs.append(fn(batch["x"].to(d.device)).float()[mine.to(d.device)])
+        labels.append(batch["y"][mine].to(d.device))
+        skipped += batch["skipped"]
+    if skipped and log:
+        log(f"evaluation: {skipped_files(skipped)}")
+    out, y = _gather(d, torch.cat(outs)), _gather(d, torch.cat(labels))
+    if not len(y):
+        raise UserError(f"none of the {len(dataset)} files to evaluate on could be read (the log names "
+                         "them); fix them, or set data.val_path to readable data")
+    return out, y
+
+
+def quiet(empty: bool):
+    """Silence what a model says about a batch of none (e.g. a variance over no samples)."""
+    return warnings.catch_warnings(action="ignore") if empty else contextlib.nullcontext()
 
 
 def knn_top1(train_f: Tensor, train_y: Tensor, val_f: Tensor, val_y: Tensor, k: int,
@@ -68,32 +89,37 @@ def knn_top1(train_f: Tensor, train_y: Tensor, val_f: Tensor, val_y: Tensor, k: 
 
 
 def evaluate(cfg, module: nn.Module, train_set, val_set, info, d: dist.Dist, epoch: int,
-             run_dir: Path) -> dict:
-    """Metrics for the task after an epoch; MAE also writes a reconstruction picture."""
+             run_dir: Path, log=None) -> dict:
+    """Metrics for the task after an epoch ({} with no validation data); MAE also writes a
+    reconstruction picture. `log` names the unreadable files left out."""
+    if not len(val_set):
+        return {}
     module.eval()
     with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed + 1)  # the same masks every evaluation
         if cfg.task != "mae":
-            logits, y = outputs(module.predict, val_set, cfg, d)
+            logits, y = outputs(module.predict, val_set, cfg, d, log)
             return {"val_top1": float((logits.argmax(1) == y).float().mean()),
                     "val_loss": float(F.cross_entropy(logits, y))}
         # one row per sample holding its batch's mean loss: the mean over rows weights batches by size
-        losses, _ = outputs(lambda x: module(x, None).reshape(1).expand(x.shape[0]), val_set, cfg, d)
+        losses, _ = outputs(lambda x: module(x, None).reshape(1).expand(x.shape[0]), val_set, cfg, d, log)
         result = {"val_loss": float(losses.mean())}
         if cfg.train.knn_k and info.num_classes > 1:
-            train_f, train_y = outputs(module.predict, train_set, cfg, d)
-            val_f, val_y = outputs(module.predict, val_set, cfg, d)
+            train_f, train_y = outputs(module.predict, train_set, cfg, d, log)
+            val_f, val_y = outputs(module.predict, val_set, cfg, d, log)
             result["knn_top1"] = knn_top1(train_f, train_y, val_f, val_y, cfg.train.knn_k)
-        x = torch.stack([val_set[i]["x"] for i in range(min(8, len(val_set)))]).to(d.device)
-        pictures = module.mae.reconstruct(x)
-        if d.main:
-            visual.reconstructions(pictures, info, run_dir / f"recon-epoch{epoch + 1:03d}.png")
+        items = [it for it in map(val_set.__getitem__, range(min(32, len(val_set)))) if it][:8]
+        if items:  # the first readable items
+            pictures = module.mae.reconstruct(torch.stack([it["x"] for it in items]).to(d.device))
+            if d.main:
+                visual.reconstructions(pictures, info, run_dir / f"recon-epoch{epoch + 1:03d}.png")
     return result
 
 
-def score(result: dict) -> float:
-    """Higher is better: top-1, else k-NN top-1, else minus the validation loss."""
+def score(result: dict) -> float | None:
+    """Higher is better: top-1, else k-NN top-1, else minus the validation loss; None with no
+    validation data (then the latest checkpoint is the best)."""
     for key in ("val_top1", "knn_top1"):
         if key in result:
             return result[key]
-    return -result["val_loss"]
+    return -result["val_loss"] if "val_loss" in result else None

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViT, ViTConfig
 
@@ -116,17 +117,23 @@ class LinearProbe(nn.Module):
 
     def predict(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            features = self.vit(x)  # [B, D] pooled (no head)
-        return self.head(self.norm(features.float()))
+            features = self.vit(x).float()  # [B, D] pooled (no head)
+        if self.training and features.shape[0] < 2:  # batch statistics need 2 (the rest unreadable)
+            return self.head(F.batch_norm(features, self.norm.running_mean, self.norm.running_var,
+                                          eps=self.norm.eps))
+        return self.head(self.norm(features))
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(self.predict(x), y)
 
 
 def build(task: str, cfg: ViTConfig, train, mae: MAEConfig, num_classes: int) -> nn.Module:
-    """The task module for a run (`train` is the TrainConfig)."""
+    """The task module for a run (`train` is the TrainConfig); a classifier needs 2 classes or more."""
     if task == "mae":
         return Pretrainer(cfg.replace(num_classes=0), mae)
+    if num_classes < 2:
+        raise UserError(f"{task} training needs at least 2 classes to tell apart, but the data has "
+                         f"{num_classes}; use data with 2 or more classes (pretraining needs none)")
     if task == "linprobe":
         return LinearProbe(cfg, num_classes)
     return Classifier(cfg.replace(num_classes=num_classes), train.label_smoothing, train.mixup, train.cutmix)

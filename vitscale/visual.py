@@ -63,6 +63,6 @@ def curves(rows: list[dict], path: Path) -> None:
         if pts:
             right.plot(*zip(*pts, strict=True), marker="o", label=key)
     right.set(xlabel="epoch", title="validation")
-    if val:
+    if right.get_lines():  # none without validation data
         right.legend()
     save_figure(fig, path)

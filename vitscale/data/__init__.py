@@ -9,14 +9,23 @@ Items are a pure function of their key ``(index, seed)``: see `vitscale.data.com
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from vitscale import signals
 from vitscale.data.builtin import DIRECTIONS, build_builtin
-from vitscale.data.common import KeyedDataset, Skipped, UnreadableFileError, collate, stratified_split
+from vitscale.data.common import (
+    KeyedDataset,
+    Skipped,
+    UnreadableFileError,
+    collate,
+    skipped_files,
+    stratified_split,
+)
 from vitscale.data.config import DataConfig
 from vitscale.data.folders import build_real
 from vitscale.data.generated import build_cluttered
@@ -40,6 +49,12 @@ class DataInfo:
     mean: tuple[float, ...]  # per-channel normalization mean
     std: tuple[float, ...]  # per-channel normalization std
 
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """An item's x: (C, H, W) for images, (C, T, H, W) for clips."""
+        frames = (self.frames,) if self.frames > 1 else ()
+        return (self.in_chans, *frames, self.image_size, self.image_size)
+
 
 def transforms_for(cfg: DataConfig) -> tuple[ClipTransform, ClipTransform]:
     """(train, eval) transforms; built-ins are rendered at full size, so eval takes all of it."""
@@ -50,12 +65,14 @@ def transforms_for(cfg: DataConfig) -> tuple[ClipTransform, ClipTransform]:
 
 
 def build_datasets(cfg: DataConfig) -> tuple[KeyedDataset, KeyedDataset, DataInfo]:
-    """(train, val, info) for a data config; raises ValueError on a bad path or empty data."""
+    """(train, val, info) for a data config; raises UserError on a bad path or empty data and
+    warns (`warnings`) about what it leaves out. val is empty when data.val_fraction is 0."""
     train_tf, eval_tf = transforms_for(cfg)
     train, val = BUILDERS.get(cfg.name, build_real)(cfg, train_tf, eval_tf)
     mean, std = cfg.norm
     info = DataInfo(name=cfg.name, num_classes=len(train.classes), class_names=tuple(train.classes),
                     in_chans=3, frames=cfg.frames, image_size=cfg.image_size, mean=mean, std=std)
+    train.item_shape = val.item_shape = info.item_shape
     return train, val, info
 
 
@@ -63,14 +80,17 @@ def make_loader(dataset: KeyedDataset, sampler, batch_size: int, workers: int = 
                 device_type: str = "cpu", prefetch: int = 2, drop_last: bool = False) -> DataLoader:
     """A DataLoader over keys from `sampler` (an `EpochSampler` or any iterable of keys).
 
-    Batches are `collate` dicts. The loader gets its own generator, so creating an
-    iterator does not draw from the global torch RNG (which would break exact resume).
+    Batches are `collate` dicts (B = 0 when every file of one was unreadable). The loader
+    gets its own generator, so creating an iterator does not draw from the global torch RNG
+    (which would break exact resume).
     """
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=functools.partial(collate, shape=dataset.item_shape),
         pin_memory=device_type == "cuda", drop_last=drop_last,
         prefetch_factor=prefetch if workers > 0 else None, persistent_workers=False,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=signals.ignore,  # a signal is the trainer's to act on (it stops at a step's end)
     )
 
 
@@ -89,4 +109,4 @@ def denormalize(x: Tensor, info: DataInfo) -> Tensor:
 
 __all__ = ["DIRECTIONS", "ClipTransform", "DataConfig", "DataInfo", "EpochSampler", "KeyedDataset",
            "Skipped", "UnreadableFileError", "build_datasets", "collate", "denormalize", "make_loader",
-           "sample_seed", "stratified_split", "transforms_for"]
+           "sample_seed", "skipped_files", "stratified_split", "transforms_for"]

@@ -58,6 +58,7 @@ class KeyedDataset(Dataset):
 
     classes: tuple[str, ...] = ()
     strict: bool = False
+    item_shape: tuple[int, ...] = ()  # an item's x shape, for a batch of none (build_datasets sets it)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -80,23 +81,31 @@ class KeyedDataset(Dataset):
         return Skipped(path, reason)
 
 
-def collate(items: list[dict | Skipped | None]) -> dict:
+def collate(items: list[dict | Skipped | None], shape: tuple[int, ...] = ()) -> dict:
     """Stack items into a batch; drop skipped ones and list their paths.
 
     Returns ``{"x": [B, ...] float32, "y": [B] long, "index": [B] long, "skipped": [paths]}``.
-    If every item was skipped, B = 0 and ``x`` is an empty tensor: skip such a batch.
+    If every item was skipped, B = 0 and ``x`` is [0, *shape] (`shape` is an item's, the
+    dataset's `item_shape`): a model still runs on it, so every rank stays in step, and the
+    batch adds nothing (its mean loss is NaN: the engine counts it as no batch).
     """
     good = [it for it in items if it]
     skipped = [it.path for it in items if isinstance(it, Skipped)]
     if not good:
         empty = torch.empty(0, dtype=torch.long)
-        return {"x": torch.empty(0), "y": empty, "index": empty.clone(), "skipped": skipped}
+        return {"x": torch.empty(0, *shape), "y": empty, "index": empty.clone(), "skipped": skipped}
     return {
         "x": torch.stack([it["x"] for it in good]),
         "y": torch.tensor([it["y"] for it in good], dtype=torch.long),
         "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
         "skipped": skipped,
     }
+
+
+def skipped_files(paths: list[str], most: int = 5) -> str:
+    """'3 unreadable files skipped: a, b, c' (the first `most` named)."""
+    more = f" and {len(paths) - most} more" if len(paths) > most else ""
+    return f"{len(paths)} unreadable file{'s' * (len(paths) != 1)} skipped: {', '.join(paths[:most])}{more}"
 
 
 def stratified_split(labels: list[int] | np.ndarray, fraction: float,

@@ -11,6 +11,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BUILTIN_MEAN = (0.5, 0.5, 0.5)
 BUILTIN_STD = (0.5, 0.5, 0.5)
+MAX_CLASSES = 100_000  # a declared class count above this is a typo (ImageNet-21k has 21,841)
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class DataConfig:
     path: str = ""  # class-per-subfolder folder, or a `path,label` CSV (real data only)
     val_path: str = ""  # separate val folder / CSV; "" = a seeded split of val_fraction
     val_fraction: float = 0.2  # held-out share when val_path is empty (0 = no validation)
+    num_classes: int = 0  # video-csv: class ids 0..N-1 (some may have no videos); 0 = the distinct labels
     image_size: int = 32  # output height = width in pixels
     frames: int = 1  # frames per clip; 1 = images ([C, H, W]), >1 = clips ([C, T, H, W])
     frame_stride: int = 2  # distance between sampled frames of a real video
@@ -43,6 +45,10 @@ class DataConfig:
             (self.name in NAMES, f"data.name must be one of {', '.join(NAMES)}, got {self.name!r}"),
             (not real or self.path, f"data.name={self.name!r} needs data.path=FOLDER_OR_CSV"),
             (0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1), e.g. 0.2"),
+            (0 <= self.num_classes <= MAX_CLASSES,
+             f"data.num_classes must be 0 (the labels' count) to {MAX_CLASSES}, got {self.num_classes}"),
+            (self.num_classes == 0 or self.name == "video-csv",
+             "data.num_classes is for data.name=video-csv (a folder has a class per subfolder); leave it 0"),
             (self.image_size >= 8, f"data.image_size must be at least 8, got {self.image_size}"),
             (self.frames >= 1, f"data.frames must be at least 1, got {self.frames}"),
             (self.frame_stride >= 1, f"data.frame_stride must be at least 1, got {self.frame_stride}"),

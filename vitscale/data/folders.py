@@ -1,15 +1,20 @@
 """Real data: image folders, video folders and VideoMAE-style video lists.
 
 Folders hold one subfolder per class (class ids = sorted subfolder names; files are found
-recursively inside each class folder). A video list is a text/CSV file with one
-``path,label`` or ``path label`` line per video (label an int; relative paths are relative
-to the list's folder; blank and ``#`` lines and a non-numeric header line are ignored).
+recursively inside each class folder). A class folder with no files of
+the kind is dropped with a warning. A video list is a UTF-8 text/CSV file with one
+``path,label`` or ``path label`` line per video (relative paths are relative to the list's
+folder; blank and ``#`` lines are ignored, and so is a first line of two words such as
+``path,label``). Labels are class ids: 0 .. K-1 where K is data.num_classes if set, else the
+number of distinct labels in the training list (so a label can never size the head).
 An unreadable file gives a `Skipped` item (or raises with ``strict``); a bad path, an empty
-folder or a list with no usable line raises one ValueError saying what to do.
+folder, a list that is not text or a line without a class id raises one UserError naming
+the file (and line) and saying what to do.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -34,50 +39,103 @@ def _files(folder: Path, exts: tuple[str, ...]) -> list[str]:
 
 def scan_folder(root: str, exts: tuple[str, ...], classes: tuple[str, ...] | None = None,
                 what: str = "image") -> tuple[list[Sample], tuple[str, ...]]:
-    """(samples, class names) of a class-per-subfolder tree; `classes` fixes the id map (val)."""
+    """(samples, class names) of a class-per-subfolder tree; `classes` fixes the id map (val).
+
+    A subfolder with no such files is no class: it is dropped with a warning.
+    """
     p = Path(root).expanduser()
     if not p.is_dir():
         raise UserError(f"data folder {root!r} does not exist or is not a folder; "
                          f"set data.path to a folder with one subfolder of {what}s per class")
-    found = sorted(d.name for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not found:
+    try:
+        files = {d.name: _files(d, exts) for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    except OSError as e:
+        raise UserError(f"cannot read data folder {root!r}: {e.strerror} ({e.filename})") from None
+    if not files:
         raise UserError(f"data folder {root!r} has no class subfolders; put {what}s in {root}/CLASS_NAME/")
+    empty = sorted(c for c, f in files.items() if not f)
+    if classes is None and empty and len(empty) < len(files):
+        warnings.warn(f"{root}: dropped {len(empty)} class folder(s) with no {what} files "
+                      f"({', '.join(empty[:5])}); they are not classes", stacklevel=2)
+    found = sorted(c for c, f in files.items() if f)
+    if not found:
+        raise UserError(f"no {what} files ({', '.join(exts)}) under {root!r}; "
+                         f"put them in {root}/CLASS_NAME/")
     if classes is None:
         classes = tuple(found)
     extra = sorted(set(found) - set(classes))
     if extra:
         raise UserError(f"val folder {root!r} has classes the training data lacks: {', '.join(extra[:5])}")
     ids = {c: i for i, c in enumerate(classes)}
-    samples = [(f, ids[c]) for c in found for f in _files(p / c, exts)]
-    if not samples:
-        raise UserError(f"no {what} files ({', '.join(exts)}) under {root!r}; "
-                         f"put them in {root}/CLASS_NAME/")
-    return samples, classes
+    return [(f, ids[c]) for c in found for f in files[c]], classes
 
 
-def read_list(path: str) -> list[Sample]:
-    """Parse a ``path,label`` / ``path label`` video list."""
+def _text(path: str) -> str:
+    """A video list's text; UserError naming the file when it is missing or not text."""
     p = Path(path).expanduser()
+    what = "; set data.path (or data.val_path) to a text file of `path,label` lines"
+    if p.is_dir():
+        raise UserError(f"video list {path!r} is a folder, not a file{what} "
+                         "(or use data.name=video-folder for a folder of class subfolders)")
     if not p.is_file():
-        raise UserError(f"video list {path!r} does not exist; set data.path to a CSV of `path,label` lines")
-    samples = []
-    for n, raw in enumerate(p.read_text().splitlines(), 1):
+        raise UserError(f"video list {path!r} does not exist{what}")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")  # -sig: a spreadsheet's byte-order mark is no path
+    except OSError as e:
+        raise UserError(f"cannot read video list {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"video list {path!r} is not a text file (byte {e.start}: no UTF-8){what}") from None
+    if "\0" in text:
+        raise UserError(f"video list {path!r} is not a text file (it holds NUL bytes){what}")
+    return text
+
+
+CLASS_ID = re.compile(r"[0-9]+", re.ASCII)
+HEADER_WORD = re.compile(r"[A-Za-z_][\w ]*", re.ASCII)
+
+
+def read_list(path: str) -> tuple[list[Sample], list[int]]:
+    """Parse a ``path,label`` / ``path label`` video list -> (samples, the line number of each).
+
+    Labels are class ids 0, 1, 2, ... The first line is a header only when both its fields are
+    words (``path,label``, ``video class_id``); any other line without a class id is refused.
+    """
+    samples, lines = [], []
+    for n, raw in enumerate(_text(path).splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        parts = line.rsplit(",", 1) if "," in line else line.rsplit(None, 1)
-        label = parts[-1].strip() if len(parts) == 2 else ""
-        if not label.lstrip("-").isdigit():
-            if not samples and n == 1:
+        parts = [x.strip() for x in (line.rsplit(",", 1) if "," in line else line.rsplit(None, 1))]
+        label = parts[-1] if len(parts) == 2 and parts[0] else ""
+        if not CLASS_ID.fullmatch(label) or len(label) > 4000:  # int() refuses longer digit strings
+            if not samples and len(parts) == 2 and all(HEADER_WORD.fullmatch(x) for x in parts):
                 continue  # a header line
-            raise UserError(f"{path}:{n}: expected `path,label` with an integer label, got {raw!r}")
-        if int(label) < 0:
-            raise UserError(f"{path}:{n}: labels must be 0 or more, got {label}")
-        f = Path(parts[0].strip()).expanduser()
-        samples.append((str(f if f.is_absolute() else p.parent / f), int(label)))
+            raise UserError(f"{path}:{n}: expected `path,label` with a class id (0, 1, 2, ...) as label, "
+                             f"got {raw[:80]!r}")
+        f = Path(parts[0]).expanduser()
+        samples.append((str(f if f.is_absolute() else Path(path).expanduser().parent / f), int(label)))
+        lines.append(n)
     if not samples:
         raise UserError(f"video list {path!r} has no `path,label` lines")
-    return samples
+    return samples, lines
+
+
+def list_classes(lists: dict[str, tuple[list[Sample], list[int]]], declared: int) -> tuple[str, ...]:
+    """Class names "0" .. "K-1" of video lists {path: (samples, line numbers)}, training list first.
+
+    K is `declared` (data.num_classes) if set, else the number of distinct labels in the
+    training list, which must then be exactly 0 .. K-1 (and val labels among them): a label
+    is a class index, never a free number that sizes the head.
+    """
+    k = declared or len({label for _, label in next(iter(lists.values()))[0]})
+    rule = (f"labels must be below data.num_classes={declared}; raise it or fix the label" if declared else
+            f"the training list uses {k} distinct labels, so labels must be 0..{k - 1}; renumber them, "
+            "or set data.num_classes=N when some class ids have no training videos")
+    for path, (samples, lines) in lists.items():
+        bad = next(((label, n) for (_, label), n in zip(samples, lines, strict=True) if label >= k), None)
+        if bad:
+            raise UserError(f"{path}:{bad[1]}: label {bad[0]} is no class id: {rule}")
+    return tuple(str(i) for i in range(k))
 
 
 def read_image(path: str, short: int | None) -> torch.Tensor:
@@ -152,10 +210,10 @@ def _split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Samp
 def build_real(cfg, train_tf: ClipTransform, eval_tf: ClipTransform) -> tuple[KeyedDataset, KeyedDataset]:
     """(train, val) for image-folder, video-folder and video-csv."""
     if cfg.name == "video-csv":
-        train_s = read_list(cfg.path)
-        val_s = read_list(cfg.val_path) if cfg.val_path else None
-        top = max(label for _, label in train_s + (val_s or []))
-        classes = tuple(str(i) for i in range(top + 1))
+        lists = {p: read_list(p) for p in dict.fromkeys((cfg.path, cfg.val_path)) if p}
+        classes = list_classes(lists, cfg.num_classes)
+        train_s = lists[cfg.path][0]
+        val_s = lists[cfg.val_path][0] if cfg.val_path else None
     else:
         exts, what = (IMAGE_EXTS, "image") if cfg.name == "image-folder" else (VIDEO_EXTS, "video")
         train_s, classes = scan_folder(cfg.path, exts, what=what)
