@@ -3,8 +3,8 @@
 A checkpoint is a directory `ckpt-STEP/` holding
   model.safetensors   the trained module's state dict
   optim.safetensors   every optimizer state tensor, keyed `PARAM_NAME/STATE_NAME`
-  rng.safetensors     the torch CPU (and CUDA) generator states
-  state.json          step, epoch, param groups, python / numpy RNG, metrics
+  rng.safetensors     the torch CPU (and CUDA) generator states; rank R's (R > 0) as `rankR/NAME`
+  state.json          step, epoch, param groups, python / numpy RNG (rank R's in rank_rng), metrics
 It is written into `ckpt-STEP.tmp/`, each file fsynced, then renamed into place, so a
 kill at any moment leaves either the old set of checkpoints or the new one, never half a
 file. `best/` is replaced the same way.
@@ -104,14 +104,18 @@ def step_of(ckpt: Path) -> int:
 
 
 def save(run_dir: Path, step: int, model_state: dict, optim_state: dict, state: dict,
-         keep_last: int = 2, keep_steps: tuple[int, ...] = ()) -> Path:
-    """Write `ckpt-STEP/` atomically and prune all but the newest `keep_last`, never `keep_steps`."""
+         keep_last: int = 2, keep_steps: tuple[int, ...] = (), rngs: list | None = None) -> Path:
+    """Write `ckpt-STEP/` atomically and prune all but the newest `keep_last`, never `keep_steps`.
+    `rngs`: every rank's `rng_state()`, rank 0's first (default: this process's alone)."""
     final = at(run_dir, step)
     tmp = run_dir / f"{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     optim_tensors, optim_rest = _optim_split(optim_state)
-    rng_tensors, rng_rest = rng_state()
+    rngs = rngs or [rng_state()]
+    rng_tensors = {f"rank{r}/{k}" if r else k: v for r, (tensors, _) in enumerate(rngs)
+                   for k, v in tensors.items()}
+    rng_rest = rngs[0][1] | ({"rank_rng": [rest for _, rest in rngs[1:]]} if len(rngs) > 1 else {})
     files = {
         "model.safetensors": _contiguous(model_state),
         "optim.safetensors": _contiguous(optim_tensors),
@@ -172,5 +176,13 @@ def load(ckpt: Path) -> tuple[dict, dict, dict]:
     return load_file(str(ckpt / "model.safetensors")), optim, state
 
 
-def restore_rng(ckpt: Path, state: dict) -> None:
-    set_rng_state(load_file(str(ckpt / "rng.safetensors")), state["rng"])
+def restore_rng(ckpt: Path, state: dict, rank: int = 0) -> bool:
+    """Restore rank `rank`'s generators; False if the checkpoint has none for it (fewer ranks)."""
+    prefix, tensors = f"rank{rank}/" if rank else "", load_file(str(ckpt / "rng.safetensors"))
+    mine = {k[len(prefix):]: v for k, v in tensors.items()
+            if k.startswith(prefix) and "/" not in k[len(prefix):]}
+    rests = [state["rng"], *state["rng"].get("rank_rng", [])]
+    if not mine or rank >= len(rests):
+        return False
+    set_rng_state(mine, rests[rank])
+    return True

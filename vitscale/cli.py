@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from vitscale import bench, errors, report, scaling
@@ -175,11 +174,15 @@ def _pairs(extra: list[str]) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
-    from vitscale import engine
+    from vitscale import dist, engine
 
     cfg = _run_config(args, extra)
-    result = engine.train(cfg)
-    if os.environ.get("RANK", "0") != "0":
+    d = dist.setup(cfg.train.device)
+    try:
+        result = engine.train(cfg, d=d)
+    finally:
+        dist.teardown(d)
+    if not d.main:
         return
     print(json.dumps(result) if args.json else
           f"done: {', '.join(f'{k} {v:.4g}' for k, v in result.items())}; results in {cfg.out}")
@@ -393,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         return errors.EXIT_STOPPED
     except errors.Interrupted as e:
         print(f"vitscale: interrupted: {e}", file=sys.stderr)
+        return errors.EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # Ctrl-C outside training (which stops at a checkpoint itself)
+        print("vitscale: interrupted: SIGINT", file=sys.stderr)
         return errors.EXIT_INTERRUPTED
     except Exception as e:  # a bug: say so in one line, keep the traceback
         if args.debug:

@@ -3,18 +3,26 @@
     torchrun --nproc_per_node 4 -m vitscale train ...
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m vitscale train ...
 
-Without torchrun's environment everything here is a single-process no-op.
+Without torchrun's environment everything here is a single-process no-op. torchrun's
+environment is read here alone: the rest of vitscale is handed a `Dist`.
+
+A rank waiting on another (a collective, or `on_main` while rank 0 works) gives up after
+TIMEOUT with an error that names rank 0, instead of waiting forever on a rank that failed.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as td
 
 from vitscale.bench import pick_device
+from vitscale.errors import StopTraining, UserError
+
+TIMEOUT = timedelta(minutes=30)  # the longest a rank waits for the others (rank 0 sizing a trial, saving)
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,7 @@ def setup(device: str = "auto") -> Dist:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not td.is_initialized():
-        td.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        td.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
     return Dist(rank, world, local, dev)
 
 
@@ -74,10 +82,52 @@ def barrier(d: Dist) -> None:
         td.barrier()
 
 
+def any_rank(d: Dist, flag: bool) -> bool:
+    """True on every rank if it is true on any (ranks agree, e.g. to stop at the same step)."""
+    if not d.enabled:
+        return flag
+    value = torch.tensor(float(flag), device=d.device)
+    td.all_reduce(value, op=td.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def broadcast_object(d: Dist, obj):
-    """Rank 0's value of a picklable object on every rank."""
+    """Rank 0's value of a picklable object on every rank (an error after TIMEOUT)."""
     if not d.enabled:
         return obj
     box = [obj]
-    td.broadcast_object_list(box, src=0)
+    try:
+        td.broadcast_object_list(box, src=0)
+    except RuntimeError as e:  # a timeout or a lost peer (DistBackendError)
+        raise StopTraining(f"rank {d.rank}: no answer from rank 0 within {TIMEOUT} ({type(e).__name__}); "
+                           "rank 0's output says why") from e
     return box[0]
+
+
+def gather_object(d: Dist, obj) -> list | None:
+    """Every rank's value of a picklable object, in rank order, on rank 0 (None elsewhere)."""
+    if not d.enabled:
+        return [obj]
+    box = [None] * d.world if d.main else None
+    td.gather_object(obj, box, dst=0)
+    return box
+
+
+def on_main(d: Dist, fn):
+    """fn() run by rank 0 alone, its value (or its error) on every rank: no rank waits forever
+    on one that failed, and a user's mistake ends every rank with the same one line."""
+    if not d.enabled:
+        return fn()
+    outcome = (None, None)
+    if d.main:
+        try:
+            outcome = (fn(), None)
+        except (UserError, StopTraining) as e:
+            outcome = (None, e)
+        except Exception as e:
+            broadcast_object(d, (None, StopTraining(f"rank 0 failed: {type(e).__name__}: {e}")))
+            raise
+    value, error = broadcast_object(d, outcome)
+    if error is not None:
+        raise error
+    return value

@@ -20,18 +20,19 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from vitscale import checkpoint, dist, errors, evaluate, optim, tasks, visual, weights
+from vitscale import checkpoint, dist, errors, evaluate, lock, optim, signals, tasks, visual, weights
 from vitscale.bench import autocast
 from vitscale.checkpoint import atomic_write_text
 from vitscale.config import RunConfig, TrainConfig, dump_yaml, load_yaml, to_dict
 from vitscale.data import DataInfo, build_datasets, make_loader, skipped_files
 from vitscale.data.sampler import EpochSampler
-from vitscale.errors import StopTraining, UserError
+from vitscale.errors import Interrupted, StopTraining, UserError
 
 
 def resolve(cfg: RunConfig, info: DataInfo) -> RunConfig:
@@ -108,13 +109,26 @@ class Metrics:
                     self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
 
 
-def train(cfg: RunConfig, log=print) -> dict:
-    """Run (or resume) a training job; returns the final evaluation."""
-    d = dist.setup(cfg.train.device)
+def train(cfg: RunConfig, log=print, d: dist.Dist | None = None) -> dict:
+    """Run (or resume) a training job; returns the final evaluation. `d`: the ranks it runs on
+    (when not given, set up from train.device and torn down at the end). One process (rank 0
+    for all ranks) holds the run directory's lock; a signal stops it at a checkpoint
+    (Interrupted)."""
+    own = d is None
+    d = dist.setup(cfg.train.device) if own else d
+    log = log if d.main else (lambda *a, **k: None)
     try:
-        return Job(cfg, d, log if d.main else (lambda *a, **k: None)).run()
+        with lock.held(cfg.out, d, "run directory", log), signals.deferred():
+            return Job(cfg, d, log).run()
     finally:
-        dist.teardown(d)
+        if own:
+            dist.teardown(d)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of what rank `rank` draws while training (masks, drop-path, mixup): a stream of
+    its own, so ranks do not draw alike, and none equal to another seed's (seed + 1, rank 0)."""
+    return int(np.random.SeedSequence([seed & (2**63 - 1), rank]).generate_state(1, np.uint64)[0]) >> 1
 
 
 class Job:
@@ -148,17 +162,19 @@ class Job:
         self.warmup = round(t.warmup_epochs * self.steps_per_epoch)  # in steps: the same for any run length
         self.peak = t.base_lr * t.batch / 256
 
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.module = tasks.build(cfg.task, cfg.model, t, cfg.mae, self.info.num_classes)
         if cfg.init == "random":
             log("encoder left at its random initialisation (--init random: a baseline)")
         elif cfg.init:
             _init_weights(self.module, cfg.init, cfg.init_allow, log)
+        torch.manual_seed(rank_seed(t.seed, d.rank))  # then each rank's own draws
         self.module.to(d.device)
         self.forward = _parallel(self.module, cfg, d)
         groups = optim.param_groups(self.module, t.weight_decay, t.layer_decay, cfg.model.depth)
         self.opt = torch.optim.AdamW(groups, lr=0.0, betas=t.betas, fused=True)  # 2x+ faster step on CPU
         self.step, self.best = 0, None
+        self.stopped: str | None = None  # the signal that stopped training, once one has
         log(f"{cfg.task}: {sum(p.numel() for p in self.module.parameters()) / 1e6:.2f} M params on "
             f"{d.device} x{d.world}; lr = base_lr {t.base_lr:g} x batch {t.batch} / 256 = {self.peak:.3g} "
             f"(micro-batch {self.micro} x accum {t.accum} x ranks {d.world}); {self.total} steps, "
@@ -189,7 +205,8 @@ class Job:
             self._check_branch(ckpt, state["step"])
         set_state_dict(self.module, self.opt, model_state_dict=model_state, optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.d.enabled))
-        checkpoint.restore_rng(ckpt, state)
+        if not checkpoint.restore_rng(ckpt, state, self.d.rank):  # saved by fewer ranks
+            torch.manual_seed(rank_seed(self.cfg.train.seed + state["step"], self.d.rank))
         self.step, self.best = state["step"], None if branch else state.get("best")
         self.log(f"{'branched' if branch else 'resumed'} from {ckpt} at step {self.step}")
 
@@ -221,11 +238,12 @@ class Job:
         """Checkpoint the current step (rank 0 writes; every rank takes part in gathering)."""
         model_state, optim_state = get_state_dict(self.module, self.opt, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
+        rngs = dist.gather_object(self.d, checkpoint.rng_state())  # every rank's generators
         path = None
         if self.d.main:
             path = checkpoint.save(self.run_dir, self.step, model_state, optim_state,
                                    {"step": self.step, "best": self.best}, self.cfg.train.keep_last,
-                                   self.cfg.train.keep_steps)
+                                   self.cfg.train.keep_steps, rngs)
         dist.barrier(self.d)
         return path
 
@@ -243,7 +261,12 @@ class Job:
             while self.step < self.total:
                 window = self.train_epoch(metrics, lambda info: progress.update(bar, completed=self.step,
                                                                                 info=info))
-                result = self.end_epoch(window, metrics)
+                if self.step % self.steps_per_epoch == 0 or self.step == self.total:  # an epoch's end
+                    result = self.end_epoch(window, metrics)
+                if self.stopped and self.step < self.total:
+                    raise Interrupted(f"{self.stopped} at step {self.step} of {self.total}, checkpoint "
+                                      f"{checkpoint.latest(self.run_dir)}; to resume, run the same command "
+                                      f"again (or vitscale train --config {self.run_dir / 'config.yaml'})")
         if self.d.main:
             visual.curves(metrics.rows, self.run_dir / "curves.png")
             atomic_write_text(self.run_dir / "final.json",
@@ -268,7 +291,8 @@ class Job:
         return result
 
     def train_epoch(self, metrics: Metrics, show) -> dict:
-        """Optimizer steps to the end of the current epoch (or of the run)."""
+        """Optimizer steps to the end of the current epoch (or of the run), or to the step a
+        signal came in: then, mid-epoch, a checkpoint (all ranks stop at the same step)."""
         t, d = self.cfg.train, self.d
         epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
         sampler = EpochSampler(len(self.train_set), t.seed, epoch, rank=d.rank, world=d.world,
@@ -294,8 +318,12 @@ class Job:
                              "loss": loss, "lr": lr})
             # mid-epoch checkpoints (end_epoch saves the step that ends an epoch or the run)
             every = t.ckpt_every and self.step % t.ckpt_every == 0
-            if self.step < end and (every or self.step in t.keep_steps):
+            stop = dist.any_rank(d, signals.received() is not None)
+            if self.step < end and (every or self.step in t.keep_steps or stop):
                 self.save()
+            if stop:
+                self.stopped = signals.received() or "a signal to another rank"
+                break
         return window
 
     def train_step(self, batches, window: dict) -> float | None:

@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitscale import bench, checkpoint, config, engine, errors, optim, results, tasks
+from vitscale import bench, checkpoint, config, dist, engine, errors, lock, optim, results, signals, tasks
 from vitscale.checkpoint import atomic_write_text
 from vitscale.complexity import cost
 from vitscale.config import RunConfig
 from vitscale.data import build_datasets
-from vitscale.errors import UserError
+from vitscale.errors import Interrupted, UserError
 from vitscale.models.vit import ViTConfig
 from vitscale.pool import Runner
 from vitscale.results import Point, SeedResult, Sizing, StaleResult, SweepPoint, TrialResult
@@ -248,17 +248,16 @@ def trial_dir(study: StudyConfig, trial: Trial) -> Path:
     return Path(study.out) / "trials" / trial.name
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int) -> Sizing:
+def size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int,
+               d: dist.Dist | None = None) -> Sizing:
     """Measure the trial and give it its steps: trial.json, so a resumed trial keeps its length
-    (a time budget depends on a measurement). Under torchrun rank 0 measures, the others wait."""
+    (a time budget depends on a measurement). Under torchrun rank 0 measures and tells the others
+    (or tells them its error)."""
+    return dist.on_main(d or dist.Dist(), lambda: _size_trial(study, trial, reference, threads))
+
+
+def _size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int) -> Sizing:
     path = trial_dir(study, trial) / "trial.json"
-    if _rank() != 0:
-        while not path.is_file():
-            time.sleep(0.5)
     if path.is_file():
         try:
             return results.read(path, Sizing)
@@ -321,9 +320,10 @@ def _point(fraction: float, steps: int, run: RunConfig, sizing: Sizing, final: d
                  final.get("val_loss"), results.binomial_stderr(acc, sizing.val_samples), annealed)
 
 
-def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, log=print) -> SeedResult | None:
+def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.Dist | None = None,
+             log=print) -> SeedResult | None:
     """One seed of a trial: the stable run, then a cooldown branch per fraction (seeds after the
-    first: the full-length one only); result.json."""
+    first: the full-length one only); result.json (rank 0: None on the others)."""
     out = trial_dir(study, trial) / f"seed{k}"
     done = out / "result.json"
     if done.is_file():
@@ -340,7 +340,7 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, log=print
 
     stable = run("stable", decay_frac=0.0, max_steps=max(s for _, _, s in plan_),
                  keep_steps=tuple(s for _, _, s in plan_))
-    engine.train(stable, log)
+    engine.train(stable, log, d)
     rows = engine_rows(Path(stable.out))
     rate = next((r["samples_per_s"] for r in reversed(rows)), sizing.measured["samples_per_s"])
     curve = tuple(_point(r["step"] / sizing.steps, r["step"], trial.run, sizing, r, rate, False)
@@ -349,9 +349,9 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, log=print
     for f, length, start in plan_:
         last = run(f"cool-{f:g}", decay_frac=study.decay_frac, max_steps=length,
                    branch_from=str(checkpoint.at(stable.out, start)))
-        points.append(_point(f, length, trial.run, sizing, engine.train(last, log), rate, True))
-    probe = _probe(study, trial, last, seed, log) if study.objective == "mae" else None
-    if _rank() != 0:
+        points.append(_point(f, length, trial.run, sizing, engine.train(last, log, d), rate, True))
+    probe = _probe(study, trial, last, seed, log, d) if study.objective == "mae" else None
+    if d is not None and not d.main:
         return None
     result = SeedResult(trial.name, seed, tuple(points), curve, time.perf_counter() - t0, rate, probe)
     results.write(done, result)
@@ -365,24 +365,26 @@ def engine_rows(run_dir: Path) -> list[dict]:
     return [r for r in rows if r.get("split") == "val"]
 
 
-def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, log) -> float:
+def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, log,
+           d: dist.Dist | None) -> float:
     """MAE objective: a linear probe of the full-length encoder (not counted in the budget)."""
     probe = config.recipe("linprobe", init=pretrained.out)
     probe = replace(probe, model=trial.run.model, data=trial.run.data,
                     out=str(Path(pretrained.out).parent / "probe"),
                     train=replace(probe.train, epochs=study.probe_epochs, seed=seed,
                                   device=trial.run.train.device, threads=trial.run.train.threads))
-    return float(engine.train(probe, log)["val_top1"])
+    return float(engine.train(probe, log, d)["val_top1"])
 
 
-def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float, log=print) -> SweepPoint:
+def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float, d: dist.Dist | None = None,
+                 log=print) -> SweepPoint:
     """One run of the learning-rate sweep: the base model at `lr` for sweep_length of its budget."""
     steps = max(2, round(study.sweep_length * sizing.steps))
     run = replace(base.run, train=replace(base.run.train, base_lr=lr))
     cfg = _sized(run, study, steps, sizing.steps_per_epoch, run.train.seed,
                  Path(study.out) / SWEEP / f"lr-{lr:g}", decay_frac=study.decay_frac, max_steps=steps)
     t0 = time.perf_counter()
-    final = engine.train(cfg, log)
+    final = engine.train(cfg, log, d)
     acc = float(final.get(_metric(run), float("nan")))
     return SweepPoint(lr, steps, steps * run.train.batch * sizing.train_flops_per_sample, acc,
                       final.get("val_loss"), results.binomial_stderr(acc, sizing.val_samples),
@@ -421,10 +423,29 @@ def _prepare(study: StudyConfig) -> Path:
 
 def run_study(study: StudyConfig, only: str | None = None, log=print):
     """Size, sweep, train what is not finished, then analyse and report (rank 0): the
-    summary.Summary, or None where this process only trained (`only`, ranks above 0)."""
+    summary.Summary, or None where this process only trained (`only`, ranks above 0).
+
+    One process works on a study directory at a time (on one trial's directory, with `only`:
+    one job per trial may share the study), rank 0 holding the lock for all ranks. A signal
+    stops it with its runs checkpointed (Interrupted)."""
+    d = dist.setup(base_run(study).train.device)
+    log = log if d.main else (lambda *a, **k: None)
+    where = Path(study.out) / (SWEEP if only == SWEEP else f"trials/{only}" if only else "")
+    try:
+        with lock.held(where, d, "study directory", log), signals.deferred():
+            return _run_study(study, only, log, d)
+    except Interrupted as e:
+        raise Interrupted(f"{e}; the study's finished runs are kept, its others checkpointed: to continue, "
+                          f"run the same command again (or vitscale study --config {study.out}/study.yaml"
+                          + (f" --trial {only}" if only else "") + ")") from None
+    finally:
+        dist.teardown(d)
+
+
+def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
     from vitscale import analysis, study_report
 
-    out = _prepare(study) if _rank() == 0 else Path(study.out)
+    out = dist.on_main(d, lambda: _prepare(study))
     trials = plan(study)
     names = [t.name for t in trials]
     if only and only not in (*names, SWEEP):
@@ -434,25 +455,28 @@ def run_study(study: StudyConfig, only: str | None = None, log=print):
     unit = f"; a base-model epoch is {reference:.3g} multiply-adds" if in_epochs else ""
     log(f"study: {len(trials)} trials ({', '.join(names)}), budget {study.budget} per trial{unit}, "
         f"{study.param}, cooldowns at {', '.join(f'{f:g}' for f in sorted(study.fractions))} of each budget")
-    runner = Runner(1 if only else study.pool_size, log)
+    runner = Runner(1 if only or d.enabled else study.pool_size, log)
     try:
         wanted = trials if not only or only == SWEEP else [t for t in trials if t.name in ("base", only)]
-        sizes = {t.name: size_trial(study, t, reference, runner.threads) for t in wanted}
+        sizes = {}
+        for t in wanted:
+            sizes[t.name] = size_trial(study, t, reference, runner.threads, d)
+            signals.check("while sizing the trials")
         base = _base(trials)
-        sweep = _sweep(study, base, sizes[base.name], runner, log, run=not only or only == SWEEP)
+        sweep = _sweep(study, base, sizes[base.name], runner, log, d, run=not only or only == SWEEP)
         if only == SWEEP:
             return None
         lr = pick_lr(sweep).lr if sweep else None
         trials = plan(study, lr)
         if only:
             trials = [t for t in trials if t.name == only]
-            runner.map([_job(study, t, sizes[t.name], k) for t in trials for k in range(study.seeds)],
+            runner.map([_job(study, t, sizes[t.name], k, d) for t in trials for k in range(study.seeds)],
                        lambda name, r: None)
             return None
-        done = _collect(study, trials, sizes, runner, log)
+        done = _collect(study, trials, sizes, runner, log, d)
     finally:
         runner.close()
-    if _rank() != 0:
+    if not d.main:
         return None
     rows = [done[t.name] for t in trials]
     summary = analysis.summarize(study, rows, sweep)
@@ -460,7 +484,7 @@ def run_study(study: StudyConfig, only: str | None = None, log=print):
     return summary
 
 
-def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Runner, log,
+def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Runner, log, d: dist.Dist,
            run: bool) -> list[SweepPoint]:
     """The learning-rate sweep on the base model (resumable; skipped when lrs is empty)."""
     if not study.lrs:
@@ -478,11 +502,12 @@ def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Runner, log,
         raise UserError(f"the learning-rate sweep of {study.out!r} has not finished; run "
                          f"`vitscale study --config {Path(study.out) / 'study.yaml'} --trial {SWEEP}` first")
     got: dict[float, SweepPoint] = {}
-    jobs = [(f"sweep lr {lr:g}", run_sweep_lr, (study, base, sizing, lr),
+    jobs = [(f"sweep lr {lr:g}", run_sweep_lr, (study, base, sizing, lr, d),
              Path(study.out) / SWEEP / f"lr-{lr:g}" / "log.txt") for lr in study.lrs]
     runner.map(jobs, lambda name, p: got.__setitem__(p.lr, p))
     points = [got[lr] for lr in study.lrs]
-    atomic_write_text(path, json.dumps([results.to_dict(p) for p in points], indent=2))
+    if d.main:
+        atomic_write_text(path, json.dumps([results.to_dict(p) for p in points], indent=2))
     best = pick_lr(points)
     log("sweep: " + ", ".join(f"lr {p.lr:g} {100 * p.accuracy:.1f}%" for p in points)
         + f"; every trial trains at base_lr {best.lr:g}")
@@ -491,14 +516,14 @@ def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Runner, log,
     return points
 
 
-def _job(study: StudyConfig, trial: Trial, sizing: Sizing, k: int) -> tuple:
+def _job(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.Dist) -> tuple:
     log_path = trial_dir(study, trial) / f"seed{k}" / "log.txt"
-    return (f"{trial.name} seed {k}: {_describe(trial, sizing)}", run_seed, (study, trial, sizing, k),
+    return (f"{trial.name} seed {k}: {_describe(trial, sizing)}", run_seed, (study, trial, sizing, k, d),
             log_path)
 
 
 def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], runner: Runner,
-             log) -> dict[str, TrialResult]:
+             log, d: dist.Dist) -> dict[str, TrialResult]:
     """Seed 0 of every trial, then the other seeds of the leading trials; results.jsonl as they land."""
     seeds: dict[str, dict[int, SeedResult]] = {t.name: {} for t in trials}
     by_name = {t.name: t for t in trials}
@@ -529,7 +554,7 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
                 continue
             except StaleResult:
                 pass
-            jobs.append(_job(study, t, sizes[t.name], k))
+            jobs.append(_job(study, t, sizes[t.name], k, d))
         if len(jobs) < len(units):
             log(f"{len(units) - len(jobs)} trial seeds finished before, not re-run")
         runner.map(jobs, done)
