@@ -86,6 +86,23 @@ def test_a_reused_pid_does_not_keep_a_lock(tmp_path):
     lock.release(lock.acquire(tmp_path / "run", log=lambda *a: None))
 
 
+def test_an_unreadable_lock_is_taken_over_with_a_note(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / lock.NAME).write_text("{not json")
+    notes = []
+    lock.release(lock.acquire(tmp_path / "run", log=notes.append))
+    assert len(notes) == 1 and "could not be read; taking it over" in notes[0]
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_4(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vitscale.cli.cmd_models", interrupted)
+    assert main(["models"]) == 4
+    assert capsys.readouterr().err == "vitscale: interrupted: SIGINT\n"
+
+
 def test_a_refused_run_leaves_no_directory_behind(tmp_path):
     with lock.held(tmp_path / "new", dist.Dist()), pytest.raises(UserError, match="in use"):
         lock.acquire(tmp_path / "new")
