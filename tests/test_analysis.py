@@ -17,7 +17,7 @@ from vitscale.study import StudyConfig
 
 BASE = config.with_preset(config.recipe("train"), "pico/4").model.replace(image_size=16, num_classes=10)
 N0 = cost(BASE).flops
-TRUE = fits.Law(("d", "w"), 0.05, 0.3, (0.3, 0.6), 0.5, 0.4, N0, 1e4, 0.0, 0)
+TRUE = fits.Law(("d", "w"), 0.05, 0.3, (0.3, 0.6), 0.5, 0.4, 0.15, N0, 1e4, 0.0, 0)
 
 
 @pytest.fixture(autouse=True)
@@ -101,8 +101,8 @@ def _columns(rows):
 
 def test_law_recovers_the_parameters_its_points_were_drawn_from():
     exact = fits.fit_law(*_columns(epochs_study()), n0=N0)
-    assert (exact.e, exact.a, exact.b, exact.beta) == pytest.approx(
-        (0.05, 0.3, 0.5 * (exact.d0 / 1e4) ** -0.4, 0.4), rel=1e-3
+    assert (exact.e, exact.a, exact.b, exact.beta, exact.gamma) == pytest.approx(
+        (0.05, 0.3, 0.5 * (exact.d0 / 1e4) ** -0.4, 0.4, 0.15), rel=1e-3
     )
     assert exact.alphas == pytest.approx((0.3, 0.6), rel=1e-3)
     noisy = fits.fit_law(*_columns(epochs_study(sd=0.003, seed=3)), n0=N0)
@@ -119,9 +119,9 @@ def test_law_is_as_good_as_scipy_least_squares():
 
     def residual(p):
         alpha = np.where(which, p[4], p[3])
-        return p[0] + p[1] * (n / N0) ** -alpha + p[2] * (d / d.min()) ** -p[5] - y
+        return p[0] + p[1] * (n / N0) ** -alpha + p[2] * (d / d.min()) ** -p[5] * (n / N0) ** -p[6] - y
 
-    fit = least_squares(residual, [0.1, 0.2, 0.3, 0.5, 0.5, 0.5], bounds=([0] * 6, [1, 4, 4, 3, 3, 3]))
+    fit = least_squares(residual, [0.1, 0.2, 0.3, 0.5, 0.5, 0.5, 0.1], bounds=([0] * 7, [1, 4, 4, 3, 3, 3, 3]))
     ours_sse = sum((ours.predict(si, ni, di) - yi) ** 2 for si, ni, di, yi in zip(s, n, d, y, strict=True))
     assert ours_sse <= 2 * fit.cost * (1 + 1e-4)
 
@@ -161,7 +161,7 @@ def test_backtest_detects_a_wrong_prediction():
 @pytest.mark.slow  # a flat law converges slowly: about 9 s
 def test_trials_within_noise_tie_and_the_cheapest_is_named():
     flat = fits.Law(
-        ("d", "w"), 0.3, 1e-4, (0.5, 0.5), 1e-4, 0.5, N0, 1e4, 0.0, 0
+        ("d", "w"), 0.3, 1e-4, (0.5, 0.5), 1e-4, 0.5, 0.0, N0, 1e4, 0.0, 0
     )  # size and length barely matter
     rows = epochs_study(flat, sd=0.004, seed=2)
     rec = analysis.summarize(StudyConfig(strategies=("d", "w")), rows).recommendation
@@ -173,17 +173,18 @@ def test_trials_within_noise_tie_and_the_cheapest_is_named():
 
 
 def test_the_recommendation_is_the_laws_compute_optimal_size():
-    """Against the closed form: for error = e + a (N/n0)^-alpha + b (D/d0)^-beta at D = C / (3 N),
-    the optimal size is N* = n0 (alpha a / (beta b))^(1/(alpha+beta)) (3 n0 d0 / C)^(-beta/(alpha+beta))."""
+    """Against the closed form: for error = e + a (N/n0)^-alpha + b (D/d0)^-beta (N/n0)^-gamma at
+    D = C / (3 N), with k = beta - gamma, the optimal size is
+    N* = n0 [(alpha a / (k b)) (C / (3 n0 d0))^beta]^(1/(alpha+k))."""
     rows = epochs_study()
     study = StudyConfig(strategies=("d", "w"), target="compute:1e14", ahead=(10.0,))
     s = analysis.summarize(study, rows)
     for c in (s.recommendation.best, s.recommendation.ahead[0]):
         law = s.law.law(c.strategy)
         compute = 1e14 * c.multiple
-        alpha, beta = law.alpha(c.strategy), law.beta
-        x = (alpha * law.a / (beta * law.b)) * (compute / (3 * law.n0 * law.d0)) ** beta
-        n_star = law.n0 * x ** (1 / (alpha + beta))
+        alpha, beta, k = law.alpha(c.strategy), law.beta, law.beta - law.gamma
+        x = (alpha * law.a / (k * law.b)) * (compute / (3 * law.n0 * law.d0)) ** beta
+        n_star = law.n0 * x ** (1 / (alpha + k))
         assert c.flops == pytest.approx(n_star, rel=0.25)  # the nearest shape on a 2^(1/8) grid of factors
         best = 1 - float(law.predict(c.strategy, n_star, compute / (3 * n_star)))
         assert c.accuracy == pytest.approx(best, abs=2e-3)

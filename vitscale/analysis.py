@@ -2,7 +2,7 @@
 
 points      every annealed point of every seed: (strategy, N, D, error), N the model's
             forward multiply-adds per sample, D the samples it trained on
-law         error(s, N, D) = e + a (N/n0)^-alpha_s + b (D/d0)^-beta   (fits.fit_law)
+law         error(s, N, D) = e + a (N/n0)^-alpha_s + b (D/d0)^-beta (N/n0)^-gamma  (fits.fit_law)
 bootstrap   refits to trials resampled within each strategy, a random seed of each,
             each point moved by its validation sampling noise: the spread of a prediction
 backtest    the law fitted without each strategy's largest trials predicts them
@@ -181,9 +181,12 @@ def fit(
     return law, laws, choice
 
 
-def _interval(draws: np.ndarray, sd: float, rng: np.random.Generator) -> tuple[float, float]:
-    """LEVEL interval of accuracies `draws` (one per refit), each moved by noise of `sd`."""
-    spread = np.clip(np.repeat(draws, 10) + rng.normal(0.0, sd, 10 * len(draws)), 0.0, 1.0)
+def _interval(draws: np.ndarray, sd: float, rng: np.random.Generator, dof: int = 0) -> tuple[float, float]:
+    """LEVEL interval of accuracies `draws` (one per refit), each moved by noise of `sd`: Student's
+    t with `dof` degrees of freedom where sd was estimated from that few seed pairs (a few pairs
+    that happen to agree must not make the interval tight), normal where it is known (dof 0)."""
+    z = rng.standard_t(dof, 10 * len(draws)) if dof else rng.standard_normal(10 * len(draws))
+    spread = np.clip(np.repeat(draws, 10) + sd * z, 0.0, 1.0)
     q = (1 - LEVEL) / 2
     return float(np.quantile(spread, q)), float(np.quantile(spread, 1 - q))
 
@@ -220,7 +223,7 @@ def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int,
         for r in held[s]:
             predicted = 1.0 - float(law.predict(s, r.flops, r.samples))
             sd = noise_.sd(len(r.seeds))
-            interval = _interval(_predict(laws, s, r.flops, r.samples), sd, rng)
+            interval = _interval(_predict(laws, s, r.flops, r.samples), sd, rng, noise_.dof)
             measured = _final(r)
             checks.append(
                 Check(
@@ -287,7 +290,7 @@ def _candidate(
     s: str,
     m: Scaled,
     d: float,
-    sd: float,
+    noise_: Noise,
     span: tuple[float, float, float, float],
     rng,
     multiple: float = 1.0,
@@ -307,7 +310,7 @@ def _candidate(
         d * shapes.ratio * m.cost.flops,
         d * shapes.seconds_per_sample(m),
         acc,
-        _interval(_predict(laws, s, m.cost.flops, d), sd, rng),
+        _interval(_predict(laws, s, m.cost.flops, d), noise_.seed_sd, rng, noise_.dof),
         outside,
         multiple,
     )
@@ -438,7 +441,7 @@ def recommend(
         for s in law.strategies:
             opt = _optimum(shapes, law, s, kind, amount_)
             if opt:
-                out.append(_candidate(shapes, law, laws, s, *opt, noise_.seed_sd, span, rng, multiple))
+                out.append(_candidate(shapes, law, laws, s, *opt, noise_, span, rng, multiple))
         return sorted(out, key=lambda c: -c.accuracy)
 
     cands = best_at(amount)
@@ -573,7 +576,7 @@ def _parameters(law: fits.Laws, laws: list[fits.Laws]) -> tuple[Parameter, ...]:
     for i, one in enumerate(law.laws):
         tag = "" if law.shared else f"[{one.strategies[0]}]"
         draws = [x.laws[i] for x in laws]
-        for name in ("e", "a", "b", "beta"):
+        for name in ("e", "a", "b", "beta", "gamma"):
             out.append(Parameter(name + tag, getattr(one, name), interval([getattr(x, name) for x in draws])))
         out += [
             Parameter(f"alpha[{s}]", one.alpha(s), interval([x.alpha(s) for x in draws]))

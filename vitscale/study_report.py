@@ -316,11 +316,11 @@ def _law(s: Summary) -> list:
     body = [(p.name, f"{p.value:.4g}", f"{p.interval[0]:.4g}–{p.interval[1]:.4g}") for p in s.parameters]
     rmse = ", ".join(f"{'/'.join(law.strategies)} {100 * law.rmse:.2f}" for law in s.law.laws)
     return [
-        f"error(s, N, D) = e + a (N / {one.n0:.3g})^-alpha_s + b (D / d0)^-beta, N the forward "
-        "multiply-adds per sample (n0 the base's), D the training samples, over every annealed point of "
-        "every seed, Huber loss from a grid of starts. Shared, the strategies (which all start from the "
-        "base) share e, a and the length term and each has its own size exponent; separate, each has "
-        f"all five. {_structure(s.structure)} RMSE (points): {rmse}. Noise: one seed's final accuracy "
+        f"error(s, N, D) = e + a (N / {one.n0:.3g})^-alpha_s + b (D / d0)^-beta (N / {one.n0:.3g})^-gamma, "
+        "N the forward multiply-adds per sample (n0 the base's), D the training samples (gamma > 0: a "
+        "larger model learns more per sample), over every annealed point of every seed, Huber loss from a "
+        "grid of starts. Shared, the strategies (which all start from the base) share e, a and the length "
+        "term and each has its own size exponent; separate, each has all six. {_structure(s.structure)} RMSE (points): {rmse}. Noise: one seed's final accuracy "
         f"varies by {100 * s.noise.seed_sd:.2f} points (standard deviation over {s.noise.dof} degrees of "
         f"freedom; validation sampling alone {100 * s.noise.binomial:.2f}).",
         (head, body),

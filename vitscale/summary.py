@@ -19,7 +19,7 @@ from vitscale import results
 from vitscale.fits import Laws, RuntimeModel
 from vitscale.results import SweepPoint
 
-VERSION = 1
+VERSION = 2  # 2: the law's gamma (a larger model learns more per sample)
 LEVEL = 0.9  # the coverage every interval claims
 
 
