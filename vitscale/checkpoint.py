@@ -8,6 +8,10 @@ A checkpoint is a directory `ckpt-STEP/` holding
 It is written into `ckpt-STEP.tmp/`, each file fsynced, then renamed into place, so a
 kill at any moment leaves either the old set of checkpoints or the new one, never half a
 file. `best/` is replaced the same way.
+
+Reading never trusts a checkpoint: `load` checks the whole of one (every file there and
+readable, state.json complete, finite weights of the model's shapes) before anything is
+restored, and `newest_good` passes over damaged ones to the newest that is whole.
 """
 
 from __future__ import annotations
@@ -15,14 +19,23 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vitscale.errors import UserError
+
 PREFIX = "ckpt-"
+_NAME = re.compile(rf"{PREFIX}\d+")  # ckpt-STEP, not ckpt-STEP.tmp / .old
+
+
+class Damaged(UserError):
+    """A checkpoint that cannot be used as it is; the message names it and what is wrong."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -41,10 +54,14 @@ def _fsync_file(path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file through a temporary file, fsync and rename."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: leave the old file, not a cut temporary one
+        raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -121,26 +138,47 @@ def save(run_dir: Path, step: int, model_state: dict, optim_state: dict, state: 
         "optim.safetensors": _contiguous(optim_tensors),
         "rng.safetensors": _contiguous(rng_tensors),
     }
-    for name, tensors in files.items():
-        save_file(tensors, str(tmp / name))
-    (tmp / "state.json").write_text(json.dumps(state | {"optim": optim_rest, "rng": rng_rest}))
-    for path in tmp.iterdir():
-        _fsync_file(path)
+    try:
+        for name, tensors in files.items():
+            _save_tensors(tensors, tmp / name)
+        (tmp / "state.json").write_text(json.dumps(state | {"optim": optim_rest, "rng": rng_rest}))
+        for path in tmp.iterdir():
+            _fsync_file(path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: free what was written; the older ones stay
+        raise
     _fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _fsync_dir(run_dir)
     prunable = [c for c in checkpoints(run_dir) if step_of(c) not in keep_steps]
-    for old in prunable[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in [*run_dir.glob(f"{PREFIX}*.old"), *(prunable[:-keep_last] if keep_last > 0 else [])]:
+        gone = old.with_name(f"{_NAME.match(old.name).group()}.old")
+        os.replace(old, gone)  # out of the list at once: a kill mid-delete leaves no half checkpoint
+        shutil.rmtree(gone, ignore_errors=True)
     return final
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, its I/O errors raised as the OSError they are (a full disk: ENOSPC)."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:  # "... I/O error: No space left on device (os error 28)"
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def publish_best(run_dir: Path, ckpt: Path) -> None:
     """Make `best/` a copy of a finished checkpoint, replacing the old one atomically."""
     tmp, best, old = run_dir / "best.tmp", run_dir / "best", run_dir / "best.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ckpt, tmp)
+    try:
+        shutil.copytree(ckpt, tmp)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: the old best/ stays
+        raise
     _fsync_dir(tmp)
     if best.exists():
         os.replace(best, old)
@@ -150,12 +188,12 @@ def publish_best(run_dir: Path, ckpt: Path) -> None:
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (unfinished `.tmp` directories are ignored)."""
+    """Checkpoint directories `ckpt-STEP`, oldest first (unfinished `.tmp` ones are ignored;
+    `load` tells whether one is whole)."""
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and not p.name.endswith(".tmp") and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
+    found = [p for p in run_dir.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)]
+    return sorted(found, key=step_of)
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -169,11 +207,103 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(ckpt: Path) -> tuple[dict, dict, dict]:
-    """(model state, optimizer state, state dict) of a checkpoint; restores nothing yet."""
-    state = json.loads((ckpt / "state.json").read_text())
-    optim = _optim_join(load_file(str(ckpt / "optim.safetensors")), state.pop("optim"))
-    return load_file(str(ckpt / "model.safetensors")), optim, state
+def load(ckpt: Path, shapes: dict[str, torch.Size] | None = None) -> tuple[dict, dict, dict]:
+    """(model state, optimizer state, state dict) of a checkpoint; restores nothing yet.
+
+    The whole checkpoint is checked first: every file there and readable, state.json complete,
+    the weights finite and, given `shapes` (the model's state-dict shapes), each model and
+    optimizer tensor the shape of the model's. Damaged says what is wrong.
+    """
+    state = _read(ckpt / "state.json", lambda p: json.loads(p.read_text()))
+    model = _read(ckpt / "model.safetensors", lambda p: load_file(str(p)))
+    optim_tensors = _read(ckpt / "optim.safetensors", lambda p: load_file(str(p)))
+    rng = _read(ckpt / "rng.safetensors", lambda p: load_file(str(p)))
+    try:
+        optim_rest = state.pop("optim")
+        optim = _optim_join(optim_tensors, optim_rest)
+        _check_state(ckpt, state, optim_rest["param_groups"], rng)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+        raise Damaged(f"{ckpt / 'state.json'} is incomplete or wrong ({type(e).__name__}: {e})") from None
+    _check_tensors(ckpt, model, optim_tensors, shapes)
+    return model, optim, state
+
+
+def newest_good(run_dir: Path, shapes: dict[str, torch.Size] | None = None, warn=None,
+                first: tuple[Path, ...] = ()) -> tuple[Path, tuple[dict, dict, dict]] | None:
+    """The newest checkpoint of a run that `load` accepts (`first`, e.g. best/, before the rest),
+    and what `load` gave; each one passed over is named to `warn` with what is wrong with it.
+    None where the run has none; Damaged where it has some and none is whole."""
+    problems = []
+    for ckpt in [*(p for p in first if p.exists()), *reversed(checkpoints(run_dir))]:
+        try:
+            loaded = load(ckpt, shapes)
+        except Damaged as e:
+            problems.append(str(e))
+            continue
+        for problem in problems if warn else []:
+            warn(f"warning: {problem}; using {ckpt} instead")
+        return ckpt, loaded
+    if problems:
+        more = f" (and {len(problems) - 1} older one(s) cannot be used either)" if len(problems) > 1 else ""
+        raise Damaged(f"no usable checkpoint in {run_dir}: {problems[0]}{more}; put back what changed (a "
+                      "checkpoint's files, or the run's config.yaml), or start again in another directory")
+    return None
+
+
+def last_good(run_dir: Path) -> Path | None:
+    """The newest whole checkpoint with finite weights, or None (what a stopped run resumes from)."""
+    try:
+        found = newest_good(run_dir)
+    except Damaged:
+        return None
+    return found[0] if found else None
+
+
+def _read(path: Path, reader):
+    """reader(path), or Damaged naming the file when it is missing or cannot be read."""
+    if not path.is_file():
+        raise Damaged(f"{path} is missing")
+    try:
+        return reader(path)
+    except (OSError, ValueError, SafetensorError) as e:  # a cut JSON or safetensors file, bad bytes
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise Damaged(f"{path} cannot be read ({why})") from None
+
+
+def _check_state(ckpt: Path, state: dict, groups: list, rng: dict[str, torch.Tensor]) -> None:
+    """state.json's step, best score and optimizer groups are what `save` writes; its RNG state
+    applies (tried, then undone)."""
+    step, best = state["step"], state.get("best")
+    if type(step) is not int or step < 0 or (_NAME.fullmatch(ckpt.name) and step != step_of(ckpt)):
+        raise ValueError(f"step {step!r} is not this checkpoint's")
+    if best is not None and not isinstance(best, (int, float)):
+        raise ValueError(f"best {best!r} is not a score")
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise ValueError("optimizer param_groups without params")
+    before = rng_state()
+    try:
+        set_rng_state({k: v for k, v in rng.items() if "/" not in k}, state["rng"])
+    finally:
+        set_rng_state(*before)
+
+
+def _check_tensors(ckpt: Path, model: dict, optim: dict, shapes: dict[str, torch.Size] | None) -> None:
+    """Finite weights; with `shapes`, the model's keys and shapes (optimizer state too)."""
+    bad = next((k for k, v in model.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise Damaged(f"{ckpt} holds non-finite weights ({bad})")
+    if shapes is None:
+        return
+    missing = sorted(shapes.keys() - model.keys())
+    if missing:
+        raise Damaged(f"{ckpt / 'model.safetensors'} does not fit this run's model: it lacks "
+                      f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    params = {f"{k}/": v for k, v in shapes.items()}  # optimizer state is keyed PARAM/NAME
+    for file, key, v, want in [("model", k, v, shapes.get(k)) for k, v in model.items()] + [
+            ("optim", k, v, params.get(k[:k.rfind("/") + 1])) for k, v in optim.items()]:
+        if want is None or (v.dim() and v.shape != want):
+            raise Damaged(f"{ckpt / file}.safetensors does not fit this run's model: {key} is "
+                          f"{tuple(v.shape)}, the model's {'(none)' if want is None else tuple(want)}")
 
 
 def restore_rng(ckpt: Path, state: dict, rank: int = 0) -> bool:

@@ -141,7 +141,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _run_config(args: argparse.Namespace, extra: list[str]):
-    """--config (else the command's defaults), then --model, --init, --out, then overrides."""
+    """--config (else the command's defaults), then --model, --init, --out (else the run directory
+    a run's own config.yaml lies in), then overrides."""
     from vitscale import config
 
     init = getattr(args, "init", None) or ""
@@ -152,7 +153,8 @@ def _run_config(args: argparse.Namespace, extra: list[str]):
         cfg = config.recipe(command, init=init)
     if args.model:
         cfg = config.with_preset(cfg, args.model)
-    changes = ([f"out={args.out}"] if args.out else []) + ([f"init={init}"] if init else [])
+    out = args.out or (config.home(args.config) if args.config else None)
+    changes = ([f"out={out}"] if out else []) + ([f"init={init}"] if init else [])
     changes += [f"init_allow={','.join(args.init_allow)}"] if getattr(args, "init_allow", None) else []
     unknown = [e for e in extra if e.startswith("--") and "." not in e.split("=")[0]]
     if unknown:
@@ -197,7 +199,8 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
     given = [("model", args.model), ("strategies", args.strategy), ("factors", args.factors),
              ("budget", args.budget), ("objective", args.objective), ("workers", args.workers),
              ("param", args.param), ("lrs", args.lrs), ("fractions", args.fractions), ("seeds", args.seeds),
-             ("target", args.target), ("holdout", args.holdout), ("out", args.out)]
+             ("target", args.target), ("holdout", args.holdout),
+             ("out", args.out or (config.home(args.config) if args.config else None))]
     changes = {k: v for k, v in given if v is not None}
     overrides = _pairs(extra)
     bad = [o for o in overrides if not o.startswith("--") or "." not in o.split("=")[0]]

@@ -218,8 +218,21 @@ def load_yaml(path: str | Path, cls=RunConfig):
     return from_dict(cls, data)
 
 
-def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def dump_yaml(cfg, leave_out: tuple[str, ...] = ()) -> str:
+    """A config as YAML, without the top-level fields `leave_out` (a run's or study's `out`:
+    a directory is where it is, not where its config says)."""
+    return yaml.safe_dump({k: v for k, v in to_dict(cfg).items() if k not in leave_out}, sort_keys=False)
+
+
+# What a run's (a study's) directory holds beside the config vitscale saved there.
+_WORK = {"config.yaml": ("metrics.jsonl", "final.json", "ckpt-*"), "study.yaml": ("trials", "sweep")}
+
+
+def home(path: str | Path) -> str | None:
+    """The directory a run's config.yaml (a study's study.yaml) lies in when it holds that run's
+    (study's) work: the run resumes there, wherever it was made. None for any other file."""
+    p = Path(path)
+    return str(p.parent) if any(any(p.parent.glob(m)) for m in _WORK.get(p.name, ())) else None
 
 
 def with_preset(cfg: RunConfig, name: str) -> RunConfig:

@@ -11,6 +11,7 @@ with the same weights, bit for bit, as one that was never interrupted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -23,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from vitscale import checkpoint, dist, errors, evaluate, lock, optim, signals, tasks, visual, weights
@@ -47,7 +47,8 @@ def resolve(cfg: RunConfig, info: DataInfo) -> RunConfig:
 
 
 def _prepare_run_dir(cfg: RunConfig, d: dist.Dist) -> Path:
-    """Create the run directory; refuse one that holds a different run."""
+    """Create the run directory; refuse one that holds a different run. A run's config.yaml is
+    written when it starts, without `out`: a run directory is where it is, moved or copied."""
     run_dir = Path(cfg.out)
     if d.main:
         try:
@@ -59,12 +60,27 @@ def _prepare_run_dir(cfg: RunConfig, d: dist.Dist) -> Path:
         except OSError as e:
             raise UserError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror}") from None
         saved = run_dir / "config.yaml"
-        if saved.exists() and checkpoint.latest(run_dir) is not None and load_yaml(saved) != cfg:
-            raise UserError(f"{str(run_dir)!r} holds a run with another config; resume it with "
-                             f"--config {saved} or choose a new --out")
-        atomic_write_text(saved, dump_yaml(cfg))
+        started = saved.is_file() and bool(checkpoint.checkpoints(run_dir))
+        differ = _differences(load_yaml(saved), cfg) if started else []
+        if differ:
+            raise UserError(f"{str(run_dir)!r} holds a run with another config ({'; '.join(differ[:3])}); "
+                             f"resume it with --config {saved} or choose a new --out")
+        if not started:
+            atomic_write_text(saved, dump_yaml(cfg, leave_out=("out",)))
     dist.barrier(d)
     return run_dir
+
+
+# Where a run lies and what it started from: no part of what it is once it has a checkpoint
+# (the weights carry them), so a run moved, or whose init moved, resumes.
+_PLACE = {"out", "init", "init_allow", "train.branch_from"}
+
+
+def _differences(saved: RunConfig, cfg: RunConfig) -> list[str]:
+    """'key is A there, B here' for each field but _PLACE in which a run's config.yaml differs."""
+    theirs, mine = _flat(to_dict(saved)), _flat(to_dict(cfg))
+    return [f"{k} is {theirs.get(k)!r} there, {mine.get(k)!r} here"
+            for k in sorted(theirs.keys() | mine.keys()) if k not in _PLACE and theirs.get(k) != mine.get(k)]
 
 
 def _init_weights(module: torch.nn.Module, init: str, allow: str, log) -> None:
@@ -74,6 +90,19 @@ def _init_weights(module: torch.nn.Module, init: str, allow: str, log) -> None:
     log(f"encoder weights from {init}: {report.summary()}")
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, passing over lines a kill cut or damage left unreadable."""
+    path, rows = run_dir / "metrics.jsonl", []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
+    return rows
+
+
 class Metrics:
     """metrics.jsonl (plus TensorBoard when installed), written by rank 0."""
 
@@ -81,13 +110,7 @@ class Metrics:
         self.path, self.main = run_dir / "metrics.jsonl", main
         self.rows: list[dict] = []
         if main and self.path.exists():  # drop rows a killed run wrote after its last checkpoint
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by the kill
-                if row.get("step", 0) <= resume_step:
-                    self.rows.append(row)
+            self.rows = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.tb = None
         if main:
@@ -120,6 +143,12 @@ def train(cfg: RunConfig, log=print, d: dist.Dist | None = None) -> dict:
     try:
         with lock.held(cfg.out, d, "run directory", log), signals.deferred():
             return Job(cfg, d, log).run()
+    except OSError as e:  # a full disk, wherever the run was writing (checkpoint, metrics, final.json)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StopTraining(f"no space left in {cfg.out} ({e.strerror}: {e.filename}); the last good "
+                           f"checkpoint is {checkpoint.last_good(Path(cfg.out)) or 'none'}; free some space, "
+                           "then run the same command again to resume") from None
     finally:
         if own:
             dist.teardown(d)
@@ -189,18 +218,24 @@ class Job:
                            t.base_lr * t.batch / 256, t.min_lr, t.schedule, t.decay_frac)
 
     def resume(self) -> None:
-        """Continue from the run directory's latest checkpoint; with none, start a branch from
-        train.branch_from if set (its best score is not inherited: the branch's best/ is its own)."""
-        ckpt = checkpoint.latest(self.run_dir)
-        branch = ckpt is None and bool(self.cfg.train.branch_from)
+        """Continue from the run directory's newest whole checkpoint (a damaged one is passed over
+        with a warning naming what is wrong); with none, start a branch from train.branch_from if
+        set (its best score is not inherited: the branch's best/ is its own)."""
+        shapes = {k: v.shape for k, v in self.module.state_dict().items()}
+        found = checkpoint.newest_good(self.run_dir, shapes, warn=self.log)
+        branch = found is None and bool(self.cfg.train.branch_from)
         if branch:
             ckpt = Path(self.cfg.train.branch_from)
             if not checkpoint.is_checkpoint(ckpt):
                 raise UserError(f"train.branch_from={str(ckpt)!r} is not a checkpoint directory "
                                  f"(RUN/{checkpoint.PREFIX}STEP with state.json and safetensors files)")
-        if ckpt is None:
+            try:
+                found = ckpt, checkpoint.load(ckpt, shapes)
+            except checkpoint.Damaged as e:
+                raise UserError(f"train.branch_from: {e}") from None
+        if found is None:
             return
-        model_state, optim_state, state = checkpoint.load(ckpt)
+        ckpt, (model_state, optim_state, state) = found
         if branch:
             self._check_branch(ckpt, state["step"])
         set_state_dict(self.module, self.opt, model_state_dict=model_state, optim_state_dict=optim_state,
@@ -268,26 +303,32 @@ class Job:
                                       f"{checkpoint.latest(self.run_dir)}; to resume, run the same command "
                                       f"again (or vitscale train --config {self.run_dir / 'config.yaml'})")
         if self.d.main:
+            self.write_final(result)
             visual.curves(metrics.rows, self.run_dir / "curves.png")
-            atomic_write_text(self.run_dir / "final.json",
-                              json.dumps(result | {"step": self.step, "best": self.best}, indent=2))
         return result
 
+    def write_final(self, result: dict) -> None:
+        """final.json: the last evaluation, at the step it was made."""
+        atomic_write_text(self.run_dir / "final.json",
+                          json.dumps(result | {"step": self.step, "best": self.best}, indent=2))
+
     def finished(self) -> dict:
-        """A run at its end already: its final evaluation, evaluated again if a kill came between the
-        last checkpoint and final.json."""
-        final = self.run_dir / "final.json"
-        done = json.loads(final.read_text()) if final.is_file() else {}
-        if done.get("step") == self.step and "val_loss" in done:
+        """A run at its end already: its final evaluation from final.json, or evaluated again (and
+        best/ published if it is the best) where a kill came between the last checkpoint and
+        final.json, or final.json was damaged."""
+        done = _read_final(self.run_dir / "final.json", self.step, self.log)
+        if done is not None:
             self.log(f"{self.run_dir} finished before: " + ", ".join(f"{k} {done[k]:.4g}" for k in _SHOWN
                                                                       if k in done))
-            return {k: v for k, v in done.items() if k not in ("step", "best")}
+            return done
         epoch = math.ceil(self.step / self.steps_per_epoch)
         with _unsharded(self.module):
             result = evaluate.evaluate(self.cfg, self.module, self.train_set, self.val_set, self.info, self.d,
                                        epoch - 1, self.run_dir, self.log)
         if self.d.main:
-            atomic_write_text(final, json.dumps(result | {"step": self.step, "best": self.best}, indent=2))
+            if evaluate.score(result) in (None, self.best):  # the kill may have come before best/ too
+                checkpoint.publish_best(self.run_dir, checkpoint.at(self.run_dir, self.step))
+            self.write_final(result)
         return result
 
     def train_epoch(self, metrics: Metrics, show) -> dict:
@@ -356,7 +397,7 @@ class Job:
         loss = loss_sum / counted
         if not math.isfinite(loss):
             raise StopTraining(f"loss is {loss} at step {self.step}; the last good checkpoint is "
-                               f"{checkpoint.latest(self.run_dir) or 'none'}; lower --train.base_lr, set "
+                               f"{checkpoint.last_good(self.run_dir) or 'none'}; lower --train.base_lr, set "
                                "--train.clip_grad=1 or use --train.dtype=fp32, then run again to resume")
         if t.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), t.clip_grad)
@@ -387,25 +428,29 @@ class Job:
 
 
 def evaluate_run(run: str, device: str = "auto") -> dict:
-    """Evaluate a finished (or running) run's best checkpoint, else its latest."""
-    run_dir = Path(run)
+    """Evaluate a finished (or running) run's best checkpoint, else its newest whole one (what
+    is wrong with any passed over is named on stderr)."""
+    run_dir, warn = Path(run), functools.partial(print, file=sys.stderr)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run!r} is not a run directory (no config.yaml)")
     cfg = load_yaml(run_dir / "config.yaml")
-    ckpt = run_dir / "best" if (run_dir / "best").is_dir() else checkpoint.latest(run_dir)
-    if ckpt is None:
-        raise UserError(f"{run!r} has no checkpoint yet")
     d = dist.setup(device)
     try:
         train_set, val_set, info = build_datasets(cfg.data)
         if not len(val_set):
             raise UserError(f"{run!r} has no validation data to evaluate on (data.val_fraction=0); "
                              "train with data.val_fraction > 0 or a data.val_path")
+        if resolve(cfg, info) != cfg:
+            raise UserError(f"{run_dir / 'config.yaml'}: its model's input or classes are not its data's; "
+                             "put back the run's own config.yaml")
         module = tasks.build(cfg.task, cfg.model, cfg.train, cfg.mae, info.num_classes)
-        module.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        shapes = {k: v.shape for k, v in module.state_dict().items()}
+        found = checkpoint.newest_good(run_dir, shapes, warn, first=(run_dir / "best",))
+        if found is None:
+            raise UserError(f"{run!r} has no checkpoint yet")
+        module.load_state_dict(found[1][0])
         module.to(d.device)
-        return evaluate.evaluate(cfg, module, train_set, val_set, info, d, -1, run_dir,
-                                 functools.partial(print, file=sys.stderr))
+        return evaluate.evaluate(cfg, module, train_set, val_set, info, d, -1, run_dir, warn)
     finally:
         dist.teardown(d)
 
@@ -415,6 +460,22 @@ def evaluate_run(run: str, device: str = "auto") -> dict:
 BRANCH_MAY_DIFFER = {"out", "data.workers", *(f"train.{k}" for k in (
     "epochs", "max_steps", "schedule", "decay_frac", "min_lr", "keep_steps", "ckpt_every", "keep_last",
     "branch_from", "knn_k", "device", "threads"))}
+
+
+def _read_final(path: Path, step: int, log) -> dict | None:
+    """The metrics final.json holds for optimizer step `step`, or None: missing, of another step,
+    or damaged (then a warning names it)."""
+    if not path.is_file():
+        return None
+    try:
+        done = json.loads(path.read_text())
+        if not isinstance(done, dict) or not all(isinstance(v, (int, float)) for v in done.values()
+                                                 if v is not None):
+            raise ValueError("not a mapping of metrics")
+    except (OSError, ValueError) as e:  # a cut or garbled file (JSONDecodeError, UnicodeDecodeError)
+        log(f"warning: {path} cannot be read ({e}); evaluating the last checkpoint again")
+        return None
+    return {k: v for k, v in done.items() if k not in ("step", "best")} if done.get("step") == step else None
 
 
 def _total_steps(t: TrainConfig, steps_per_epoch: int) -> int:

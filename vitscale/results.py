@@ -62,6 +62,10 @@ class SeedResult:
     train_samples_per_s: float  # training throughput the engine measured in the stable run
     probe_accuracy: float | None = None  # MAE objective: linear probe of the full-length encoder
 
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise ValueError("a seed result has at least one point")
+
     @property
     def final(self) -> Point:
         return self.points[-1]
@@ -151,6 +155,12 @@ class Sizing:
     measured: dict  # bench.Measurement of a training step: best of 3 rounds
     threads: int  # torch threads the measurement ran with (the trial trains with as many)
 
+    def __post_init__(self) -> None:
+        rate = self.measured.get("samples_per_s")
+        if min(self.steps, self.steps_per_epoch, self.val_samples) < 1 or not (
+                isinstance(rate, (int, float)) and rate > 0):
+            raise ValueError("steps, steps_per_epoch, val_samples and measured samples_per_s must be > 0")
+
 
 @dataclass(frozen=True)
 class SweepPoint:
@@ -184,7 +194,13 @@ def _value(tp, value):
     if typing.get_origin(tp) is tuple:
         inner = args[:-1] * len(value) if args[-1:] == (Ellipsis,) else args
         return tuple(_value(t, v) for t, v in zip(inner, value, strict=True))
+    wrong_bool = (type(value) is bool) != (tp is bool)  # JSON's true is an int to isinstance
+    if tp in _JSON_TYPES and (not isinstance(value, _JSON_TYPES[tp]) or wrong_bool):
+        raise TypeError(f"{value!r} is not a {tp.__name__}")
     return value
+
+
+_JSON_TYPES = {float: (int, float), int: int, str: str, bool: bool, dict: dict}  # what JSON holds for each
 
 
 def _build(cls, data: dict):
@@ -222,6 +238,6 @@ def read(path: Path, cls, version: int = VERSION):
     """Read a record of class `cls`; StaleResult (a ValueError) on another version or a bad file."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # missing, cut (JSONDecodeError) or not text (UnicodeDecodeError)
         raise StaleResult(f"{path} cannot be read as JSON: {e}") from None
     return from_dict(cls, data, str(path), version)

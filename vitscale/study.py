@@ -74,8 +74,11 @@ class StudyConfig:
     probe_epochs: int = 20  # linear-probe epochs after MAE pre-training (not counted in the budget)
     workers: int = 0  # trials at once; 0 = auto (1 on a GPU, else one single-thread worker per core, up to 4)
     overrides: tuple[str, ...] = ("data.name=cluttered-digits", "data.image_size=16", "data.scale_min=1",
-                                  "data.train_size=16384", "train.batch=32")  # run-config overrides
-    # for every trial (batch 32: more optimizer steps per sample, at 85% of batch 64's CPU throughput)
+                                  "data.train_size=16384", "train.batch=32", "model.heads=4")
+    # run-config overrides for every trial. Batch 32: more optimizer steps per sample, at 85% of batch
+    # 64's CPU throughput. Heads of 16 (4 at width 64): w then keeps the head size at every factor
+    # (48 = 3x16, 80 = 5x16, 96 = 6x16); with the preset's heads of 32, w-x1.5 had to take 2 heads of
+    # 40 and fell below its family's trend (backtest misses of 2.4-3.3 points for w-x2.25)
     out: str = "runs/study"
 
     def __post_init__(self) -> None:
@@ -249,20 +252,18 @@ def trial_dir(study: StudyConfig, trial: Trial) -> Path:
 
 
 def size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int,
-               d: dist.Dist | None = None) -> Sizing:
+               d: dist.Dist | None = None, log=print) -> Sizing:
     """Measure the trial and give it its steps: trial.json, so a resumed trial keeps its length
     (a time budget depends on a measurement). Under torchrun rank 0 measures and tells the others
     (or tells them its error)."""
-    return dist.on_main(d or dist.Dist(), lambda: _size_trial(study, trial, reference, threads))
+    return dist.on_main(d or dist.Dist(), lambda: _size_trial(study, trial, reference, threads, log))
 
 
-def _size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int) -> Sizing:
+def _size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int, log) -> Sizing:
     path = trial_dir(study, trial) / "trial.json"
-    if path.is_file():
-        try:
-            return results.read(path, Sizing)
-        except StaleResult:
-            pass  # measured by another version: measure again
+    sizing = finished(path, Sizing, log, "measuring the trial again")
+    if sizing is not None:
+        return sizing
     run = trial.run
     train_set, val_set, info = build_datasets(run.data)
     per_sample = train_flops_per_sample(run, info.num_classes)
@@ -326,11 +327,9 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.D
     first: the full-length one only); result.json (rank 0: None on the others)."""
     out = trial_dir(study, trial) / f"seed{k}"
     done = out / "result.json"
-    if done.is_file():
-        try:
-            return results.read(done, SeedResult)
-        except StaleResult as e:
-            log(f"{e}; running it again (its runs resume from their checkpoints)")
+    found = _seed_result(study, trial, k, log)
+    if found is not None:
+        return found
     t0 = time.perf_counter()
     plan_ = branches(sizing.steps, study.fractions if k == 0 else (max(study.fractions),), study.decay_frac)
     seed, spe = trial.run.train.seed + k, sizing.steps_per_epoch
@@ -358,11 +357,34 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.D
     return result
 
 
+def finished(path: Path, cls, log, again: str, **expect):
+    """The record of class `cls` a finished step of the study left at `path` (trial.json,
+    result.json), or None: not there yet, or damaged, stale, or not the one `expect`ed (field
+    values), which a warning names with what happens (`again`)."""
+    if not path.is_file():
+        return None
+    try:
+        record = results.read(path, cls)
+        wrong = [f"{k} {getattr(record, k)!r}, not {v!r}" for k, v in expect.items()
+                 if getattr(record, k) != v]
+        if wrong:
+            raise StaleResult(f"{path} is of another run ({', '.join(wrong)})")
+    except StaleResult as e:
+        log(f"warning: {e}; {again}")
+        return None
+    return record
+
+
+def _seed_result(study: StudyConfig, trial: Trial, k: int, log) -> SeedResult | None:
+    """Seed k of a trial as its result.json has it, if it finished (and the file is whole)."""
+    return finished(trial_dir(study, trial) / f"seed{k}" / "result.json", SeedResult, log,
+                    "running that seed again (its runs resume from their checkpoints)",
+                    trial=trial.name, seed=trial.run.train.seed + k)
+
+
 def engine_rows(run_dir: Path) -> list[dict]:
     """The validation rows of a run's metrics.jsonl (mid-run evaluations)."""
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-    return [r for r in rows if r.get("split") == "val"]
+    return [r for r in engine.read_metrics(run_dir) if r.get("split") == "val"]
 
 
 def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, log,
@@ -460,7 +482,7 @@ def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
         wanted = trials if not only or only == SWEEP else [t for t in trials if t.name in ("base", only)]
         sizes = {}
         for t in wanted:
-            sizes[t.name] = size_trial(study, t, reference, runner.threads, d)
+            sizes[t.name] = size_trial(study, t, reference, runner.threads, d, log)
             signals.check("while sizing the trials")
         base = _base(trials)
         sweep = _sweep(study, base, sizes[base.name], runner, log, d, run=not only or only == SWEEP)
@@ -496,8 +518,8 @@ def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Runner, log,
             points = [results.from_dict(SweepPoint, p, str(path)) for p in saved]
             if sorted(p.lr for p in points) == sorted(study.lrs):
                 return points
-        except (StaleResult, json.JSONDecodeError, TypeError):
-            pass
+        except (OSError, ValueError, TypeError) as e:  # StaleResult, a cut file, not a list of records
+            log(f"warning: {path} cannot be read ({e}); running the sweep again (its runs resume)")
     if not run:
         raise UserError(f"the learning-rate sweep of {study.out!r} has not finished; run "
                          f"`vitscale study --config {Path(study.out) / 'study.yaml'} --trial {SWEEP}` first")
@@ -548,12 +570,10 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
             units = [(t, 0) for t in trials]
         jobs = []
         for t, k in units:
-            path = trial_dir(study, t) / f"seed{k}" / "result.json"
-            try:
-                seeds[t.name][k] = results.read(path, SeedResult)
+            found = _seed_result(study, t, k, log)
+            if found is not None:
+                seeds[t.name][k] = found
                 continue
-            except StaleResult:
-                pass
             jobs.append(_job(study, t, sizes[t.name], k, d))
         if len(jobs) < len(units):
             log(f"{len(units) - len(jobs)} trial seeds finished before, not re-run")
@@ -599,7 +619,8 @@ def _describe(t: Trial, sizing: Sizing) -> str:
 
 # ----------------------------------------------------------------------------- files
 def dump_study(study: StudyConfig) -> str:
-    return config.dump_yaml(study)
+    """study.yaml: without `out`, as a study directory is where it is (moved, it continues there)."""
+    return config.dump_yaml(study, leave_out=("out",))
 
 
 def load_study(path: str | Path) -> StudyConfig:
