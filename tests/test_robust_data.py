@@ -15,6 +15,7 @@ from PIL import Image
 
 from vitscale.cli import main
 from vitscale.data import DataConfig, build_datasets
+from vitscale.errors import UserError
 
 FAST = ["--train.batch=4", "--train.max_steps=2", "--train.threads=1", "--data.image_size=16",
         "--model.patch_size=4", "--train.warmup_epochs=0"]
@@ -48,6 +49,9 @@ def refused(code: int, err: str, *words: str) -> bool:
 
 
 def csv(tmp_path, content: str | bytes) -> str:
+    """list.csv in tmp_path, beside (empty) files a.mp4, b.mp4, c.mp4 and 0.mp4 .. 9.mp4."""
+    for name in ["a", "b", "c", *map(str, range(10))]:
+        (tmp_path / f"{name}.mp4").touch()
     path = tmp_path / "list.csv"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return str(path)
@@ -212,3 +216,28 @@ def test_a_linear_probe_batch_with_one_readable_file_trains(tmp_path, capsys):
     code = main(["finetune", "--out", str(tmp_path / "run"), *FAST, "--init=random", "--linear-probe",
                  f"--data.path={data}", "--data.name=image-folder", f"--data.val_path={val}"])
     assert code == 0, capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- more hostile data
+@pytest.mark.parametrize("field, value", [
+    ("mean", (float("nan"), 0.0, 0.0)), ("std", (float("inf"), 1.0, 1.0)), ("num_clips", 10**9),
+    ("train_size", 10**9), ("val_size", 10**9), ("canvas", 4096)])
+def test_data_numbers_beyond_sense_are_refused(field, value):
+    with pytest.raises(UserError, match=f"data.{field}"):
+        DataConfig(**{field: value})
+
+
+def test_a_billion_clips_is_refused_before_any_work(tmp_path, capsys):
+    code, _, err = train(tmp_path, capsys, "--data.name=moving-digits", "--data.num_clips=1000000000")
+    assert refused(code, err, "data.num_clips"), err
+
+
+def test_a_list_of_missing_files_is_refused_and_a_few_are_warned_about(tmp_path, capsys):
+    path = csv(tmp_path, "".join(f"videos/{i}.mp4,{i % 2}\n" for i in range(8)))
+    code, _, err = train(tmp_path, capsys, f"--data.path={path}", "--data.name=video-csv")
+    assert refused(code, err, "list.csv:1", "videos/0.mp4", "relative to"), err
+    (tmp_path / "videos").mkdir()
+    for i in range(6):
+        (tmp_path / "videos" / f"{i}.mp4").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"2 of the 8 files listed in .*list.csv do not exist.*list.csv:7"):
+        build_datasets(DataConfig(name="video-csv", path=path))

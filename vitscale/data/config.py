@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from vitscale.errors import UserError
@@ -12,6 +13,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BUILTIN_MEAN = (0.5, 0.5, 0.5)
 BUILTIN_STD = (0.5, 0.5, 0.5)
 MAX_CLASSES = 100_000  # a declared class count above this is a typo (ImageNet-21k has 21,841)
+MAX_ITEMS = 10_000_000  # generated items per split: an epoch's order is a permutation held in memory
+MAX_CANVAS = 256  # cluttered-digits draws 1,024 canvases at once: 256 MB of noise at 256 px
 
 
 @dataclass(frozen=True)
@@ -66,17 +69,23 @@ class DataConfig:
              "digits are single images; set data.frames=1 or use data.name=moving-digits"),
             (self.name != "cluttered-digits" or self.frames == 1,
              "cluttered-digits are single images; set data.frames=1 or use data.name=moving-digits"),
-            (self.train_size >= 1, f"data.train_size must be at least 1, got {self.train_size}"),
-            (self.val_size >= 1, f"data.val_size must be at least 1, got {self.val_size}"),
-            (self.canvas >= 16, f"data.canvas must be at least 16 pixels, got {self.canvas}"),
-            (self.num_clips >= 2, f"data.num_clips must be at least 2, got {self.num_clips}"),
+            (1 <= self.train_size <= MAX_ITEMS,
+             f"data.train_size must be 1 to {MAX_ITEMS:,}, got {self.train_size}"),
+            (1 <= self.val_size <= MAX_ITEMS,
+             f"data.val_size must be 1 to {MAX_ITEMS:,}, got {self.val_size}"),
+            (16 <= self.canvas <= MAX_CANVAS,
+             f"data.canvas must be 16 to {MAX_CANVAS} px (it is resized to image_size), got {self.canvas}"),
+            (2 <= self.num_clips <= MAX_ITEMS,
+             f"data.num_clips must be 2 to {MAX_ITEMS:,}, got {self.num_clips}"),
             (self.digits_per_clip in (1, 2),
              f"data.digits_per_clip must be 1 or 2, got {self.digits_per_clip}"),
             (0.0 < self.scale_min <= 1.0, f"data.scale_min must be in (0, 1], got {self.scale_min}"),
             (0.0 < self.eval_crop <= 1.0, f"data.eval_crop must be in (0, 1], got {self.eval_crop}"),
             (len(self.mean) in (0, 3), f"data.mean needs 3 values or none, got {self.mean}"),
             (len(self.std) in (0, 3), f"data.std needs 3 values or none, got {self.std}"),
-            (all(s > 0 for s in self.std), f"data.std values must be positive, got {self.std}"),
+            (all(math.isfinite(m) for m in self.mean), f"data.mean values must be finite, got {self.mean}"),
+            (all(0 < s < math.inf for s in self.std),
+             f"data.std values must be positive and finite, got {self.std}"),
             (self.workers >= 0, f"data.workers must be 0 or more, got {self.workers}"),
         ]
         for ok, message in checks:

@@ -7,9 +7,10 @@ the kind is dropped with a warning. A video list is a UTF-8 text/CSV file with o
 folder; blank and ``#`` lines are ignored, and so is a first line of two words such as
 ``path,label``). Labels are class ids: 0 .. K-1 where K is data.num_classes if set, else the
 number of distinct labels in the training list (so a label can never size the head).
-An unreadable file gives a `Skipped` item (or raises with ``strict``); a bad path, an empty
-folder, a list that is not text or a line without a class id raises one UserError naming
-the file (and line) and saying what to do.
+Listed files that do not exist are warned about (and refused if none exists). An unreadable
+file gives a `Skipped` item (or raises with ``strict``); a bad path, an empty folder, a list
+that is not text or a line without a class id raises one UserError naming the file (and
+line) and saying what to do.
 """
 
 from __future__ import annotations
@@ -120,6 +121,19 @@ def read_list(path: str) -> tuple[list[Sample], list[int]]:
     return samples, lines
 
 
+def _check_listed(path: str, samples: list[Sample], lines: list[int]) -> None:
+    """Refuse a list none of whose files exist; warn about the missing ones (skipped) of the rest."""
+    missing = [(n, f) for (f, _), n in zip(samples, lines, strict=True) if not Path(f).is_file()]
+    if not missing:
+        return
+    n, f = missing[0]
+    if len(missing) == len(samples):
+        raise UserError(f"{path}:{n}: {f} does not exist, nor does any other file the list names; relative "
+                         f"paths are relative to the list's folder ({Path(path).expanduser().parent})")
+    warnings.warn(f"{len(missing)} of the {len(samples)} files listed in {path} do not exist (the first: "
+                  f"{path}:{n}: {f}); they will be skipped", stacklevel=2)
+
+
 def list_classes(lists: dict[str, tuple[list[Sample], list[int]]], declared: int) -> tuple[str, ...]:
     """Class names "0" .. "K-1" of video lists {path: (samples, line numbers)}, training list first.
 
@@ -212,6 +226,8 @@ def build_real(cfg, train_tf: ClipTransform, eval_tf: ClipTransform) -> tuple[Ke
     if cfg.name == "video-csv":
         lists = {p: read_list(p) for p in dict.fromkeys((cfg.path, cfg.val_path)) if p}
         classes = list_classes(lists, cfg.num_classes)
+        for p, (samples, lines) in lists.items():
+            _check_listed(p, samples, lines)
         train_s = lists[cfg.path][0]
         val_s = lists[cfg.val_path][0] if cfg.val_path else None
     else:
