@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +242,19 @@ def test_a_list_of_missing_files_is_refused_and_a_few_are_warned_about(tmp_path,
         (tmp_path / "videos" / f"{i}.mp4").write_bytes(b"")
     with pytest.warns(UserWarning, match=r"2 of the 8 files listed in .*list.csv do not exist.*list.csv:7"):
         build_datasets(DataConfig(name="video-csv", path=path))
+
+
+def test_quoted_list_fields_are_read(tmp_path):
+    path = csv(tmp_path, '"path","label"\n"a.mp4",0\n"b.mp4","1"\n')
+    train_set, _, info = build_datasets(DataConfig(name="video-csv", path=path, val_path=path))
+    assert [Path(p).name for p, _ in train_set.samples] == ["a.mp4", "b.mp4"] and info.num_classes == 2
+
+
+def test_a_very_large_image_loads_without_a_warning(tmp_path, monkeypatch):
+    root = images(tmp_path / "train", {"cat": 1, "dog": 1})
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "train" / "cat" / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 40 is "large", not yet a bomb (2x)
+    _, val, _ = build_datasets(DataConfig(name="image-folder", path=root, val_path=root, image_size=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert all(val[i] for i in range(len(val)))

@@ -95,6 +95,12 @@ CLASS_ID = re.compile(r"[0-9]+", re.ASCII)
 HEADER_WORD = re.compile(r"[A-Za-z_][\w ]*", re.ASCII)
 
 
+def _unquote(field: str) -> str:
+    """' "a.mp4" ' -> 'a.mp4' (a spreadsheet's quotes)."""
+    field = field.strip()
+    return field[1:-1] if len(field) >= 2 and field[0] == field[-1] == '"' else field
+
+
 def read_list(path: str) -> tuple[list[Sample], list[int]]:
     """Parse a ``path,label`` / ``path label`` video list -> (samples, the line number of each).
 
@@ -106,7 +112,7 @@ def read_list(path: str) -> tuple[list[Sample], list[int]]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        parts = [x.strip() for x in (line.rsplit(",", 1) if "," in line else line.rsplit(None, 1))]
+        parts = [_unquote(x) for x in (line.rsplit(",", 1) if "," in line else line.rsplit(None, 1))]
         label = parts[-1] if len(parts) == 2 and parts[0] else ""
         if not CLASS_ID.fullmatch(label) or len(label) > 4000:  # int() refuses longer digit strings
             if not samples and len(parts) == 2 and all(HEADER_WORD.fullmatch(x) for x in parts):
@@ -153,8 +159,14 @@ def list_classes(lists: dict[str, tuple[list[Sample], list[int]]], declared: int
 
 
 def read_image(path: str, short: int | None) -> torch.Tensor:
-    """Any PIL-readable image as uint8 [3, H, W] RGB; shrunk cheaply when far larger than `short`."""
-    with Image.open(path) as img:
+    """Any PIL-readable image as uint8 [3, H, W] RGB; shrunk cheaply when far larger than `short`.
+
+    A large image is read without PIL's warning (it is shrunk at once); one of more than twice
+    PIL's MAX_IMAGE_PIXELS raises (a decompression bomb, so the file is skipped)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(path)
+    with img:
         if short:
             img.draft("RGB", (short, short))  # JPEG: decode at a reduced scale, never below `short`
         if img.mode == "P" and "transparency" in img.info:
