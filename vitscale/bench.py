@@ -18,10 +18,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from vitscale.device import autocast, pick_device
 from vitscale.errors import UserError
 from vitscale.models.vit import ViT, ViTConfig
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -36,24 +35,6 @@ class Measurement:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else as torch names it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("CUDA was asked for but this torch build sees no GPU; use --device cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, dtype: str):
-    """bf16 autocast context on the device's type, or nothing for fp32."""
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
 def _sync(device: torch.device) -> None:
@@ -127,9 +108,19 @@ def make_step(model: nn.Module, x: torch.Tensor, mode: str, device: torch.device
     return train
 
 
+def _check_counts(batch: int, warmup: int, iters: int) -> None:
+    """A measurement needs samples and at least one timed step (warm-up may be none)."""
+    for ok, message in [(batch >= 1, f"batch must be at least 1, got {batch}"),
+                        (warmup >= 0, f"warmup must be 0 or more steps, got {warmup}"),
+                        (iters >= 1, f"iters (timed steps) must be at least 1, got {iters}")]:
+        if not ok:
+            raise UserError(message)
+
+
 def measure_model(model: nn.Module, x: torch.Tensor, mode: str = "train", dtype: str = "fp32",
                   warmup: int = 2, iters: int = 5, loss_fn=None) -> Measurement:
     """Measure any model on input `x` (already on its device)."""
+    _check_counts(x.shape[0], warmup, iters)
     device = x.device
     step = make_step(model, x, mode, device, dtype, loss_fn)
     _reset_peak(device)
@@ -148,6 +139,7 @@ def example_input(cfg: ViTConfig, batch: int, device: torch.device | str = "cpu"
 def measure(cfg: ViTConfig, batch: int = 8, mode: str = "train", dtype: str = "fp32",
             device: str = "auto", warmup: int = 2, iters: int = 5, seed: int = 0) -> Measurement:
     """Build ViT(cfg) on a device and measure it on random input."""
+    _check_counts(batch, warmup, iters)
     dev = pick_device(device)
     torch.manual_seed(seed)
     model = ViT(cfg).to(dev)

@@ -18,13 +18,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from vitscale import bench, errors, report, scaling
 from vitscale.complexity import cost
+from vitscale.device import DEVICES, DTYPES, check_device
 from vitscale.errors import UserError
 from vitscale.models.vit import ViTConfig, preset, preset_names
 from vitscale.stats import pearson
+
+
+class _Parser(argparse.ArgumentParser):
+    """Flags are checked like any user input: a bad one ends in one line and exit 2; no flag
+    takes an empty string (`--out ''` is a mistake, never a way to ask for the default)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("action", "store") in ("store", "append") and "type" not in kwargs:
+            kwargs["type"] = _text
+        return super().add_argument(*args, **kwargs)
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty value; give one or leave the flag out")
+    return text
+
+
+def _device(text: str) -> str:
+    try:
+        return check_device(text)
+    except UserError:
+        raise argparse.ArgumentTypeError(f"must be {DEVICES}, got {text[:40]!r}") from None
 
 
 def _image_size(text: str) -> int | tuple[int, int]:
@@ -37,9 +65,12 @@ def _image_size(text: str) -> int | tuple[int, int]:
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text[:60]!r}")
+    return values
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -160,7 +191,10 @@ def _run_config(args: argparse.Namespace, extra: list[str]):
     if unknown:
         raise UserError(f"unrecognised arguments: {' '.join(unknown)} "
                          "(overrides look like --train.epochs=5)")
-    return config.apply_overrides(cfg, changes + _pairs(extra))
+    cfg = config.apply_overrides(cfg, changes + _pairs(extra))
+    if not cfg.out.strip():
+        raise UserError("out (the run directory) is empty; set --out DIR")
+    return cfg
 
 
 def _pairs(extra: list[str]) -> list[str]:
@@ -258,7 +292,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitscale", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="vitscale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show a bug's traceback instead of saving it")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -281,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a training step of each scaled model and correlate runtime")
     p.add_argument("--batch", type=int, default=32, help="batch for --measure")
     p.add_argument("--iters", type=int, default=3, help="timed steps for --measure")
-    p.add_argument("--dtype", default="fp32", choices=list(bench.DTYPES))
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_scale)
 
@@ -290,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--mode", default="both", choices=["infer", "train", "both"])
-    p.add_argument("--dtype", default="fp32", choices=list(bench.DTYPES))
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", action="store_true")
@@ -372,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run's best checkpoint on its validation data")
     p.add_argument("run_dir", help="run directory")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_eval)
     return parser
@@ -382,17 +416,17 @@ TAKES_OVERRIDES = ("train", "pretrain", "finetune", "study")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in TAKES_OVERRIDES:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    parser, args = build_parser(), None
     try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command not in TAKES_OVERRIDES:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command in (*TAKES_OVERRIDES, "eval"):
             args.run(args, extra)
         else:
             args.run(args)
     except UserError as e:  # a user's mistake: one line, no traceback
-        print(f"vitscale: error: {e}", file=sys.stderr)
+        print(f"vitscale: error: {' '.join(str(e).split())}", file=sys.stderr)
         return errors.EXIT_USER
     except errors.StopTraining as e:
         print(f"vitscale: stopped: {e}", file=sys.stderr)
@@ -404,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         print("vitscale: interrupted: SIGINT", file=sys.stderr)
         return errors.EXIT_INTERRUPTED
     except Exception as e:  # a bug: say so in one line, keep the traceback
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         path = errors.write_crash(e)
         print(f"vitscale: internal error (a bug, not your input): {type(e).__name__}: {e}; "

@@ -8,6 +8,9 @@ with one line instead of training with a string. The resolved config is saved as
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import math
 import re
 import types
 import typing
@@ -17,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from vitscale.data.config import DataConfig
+from vitscale.device import DTYPES, check_device
 from vitscale.errors import UserError
 from vitscale.models.mae import MAEConfig
 from vitscale.models.vit import ViTConfig, preset
@@ -45,7 +49,7 @@ class TrainConfig:
     cutmix: float = 0.0  # cutmix alpha (0 = off); with both, each batch picks one
     dtype: str = "fp32"  # "fp32" or "bf16" autocast
     compile: bool = False  # torch.compile the model
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     fsdp: bool = False  # shard parameters with FSDP (fully_shard) across ranks
     seed: int = 0  # seeds init, data order, augmentation and masking
     threads: int = 0  # torch intra-op threads (0 = PyTorch's default)
@@ -58,12 +62,29 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs); for tests
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if not 0.0 <= self.decay_frac <= 1.0:
-            raise UserError(f"train.decay_frac must be in [0, 1], got {self.decay_frac}")
-        if any(s < 1 for s in self.keep_steps):
-            raise UserError(f"train.keep_steps must be optimizer steps of 1 or more, got {self.keep_steps}")
+        least = {"epochs": 1, "batch": 1, "accum": 1, "threads": 0, "ckpt_every": 0, "keep_last": 0,
+                 "knn_k": 0, "max_steps": 0, "min_lr": 0, "warmup_epochs": 0, "weight_decay": 0,
+                 "clip_grad": 0, "mixup": 0, "cutmix": 0}  # (a NaN fails every comparison)
+        checks = [(getattr(self, k) >= low, f"train.{k} must be at least {low}, got {getattr(self, k)}")
+                  for k, low in least.items()]
+        checks += [
+            (self.base_lr > 0, f"train.base_lr must be positive, got {self.base_lr}"),
+            (self.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got "
+             f"{self.schedule!r}"),
+            (0.0 <= self.decay_frac <= 1.0, f"train.decay_frac must be in [0, 1], got {self.decay_frac}"),
+            (all(s >= 1 for s in self.keep_steps),
+             f"train.keep_steps must be optimizer steps of 1 or more, got {self.keep_steps}"),
+            (all(0.0 <= b < 1.0 for b in self.betas), f"train.betas must be in [0, 1), got {self.betas}"),
+            (0.0 < self.layer_decay <= 1.0, f"train.layer_decay must be in (0, 1], got {self.layer_decay}"),
+            (0.0 <= self.label_smoothing < 1.0,
+             f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.dtype in DTYPES, f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+            (0 <= self.seed < 2**32, f"train.seed must be in [0, 2**32), got {self.seed}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        check_device(self.device, "train.device")
 
 
 @dataclass(frozen=True)
@@ -107,69 +128,80 @@ def recipe(command: str, **fields) -> RunConfig:
 
 
 # ----------------------------------------------------------------------------- typed parsing
-def _parse(text: str, tp, where: str):
-    """Parse a string as type `tp` (bool, int, float, str, tuples, unions with None)."""
+def _show(value, limit: int = 60) -> str:
+    """A value as an error message shows it: short whatever its size (a list by its length)."""
+    if isinstance(value, dict | list | tuple):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'} of {len(value)} values"
+    text = repr(value[:limit] if isinstance(value, str) else value)
+    return text if len(text) <= limit + 2 else text[:limit] + "..."
+
+
+def _type_name(tp) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _convert(value, tp, where: str):
+    """`value` (an override's text, or a YAML scalar or list) as `tp`, else a UserError naming `where`.
+
+    A list is taken apart only for a tuple field and never turned into text, so a huge or nested
+    YAML value fails on its type at once. Floats must be finite.
+    """
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if text.lower() in ("none", "null") and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _parse(text, option, where)
-            except ValueError as e:
-                errors.append(str(e))
-        raise UserError(errors[-1])
+        for option in args:
+            with contextlib.suppress(UserError):
+                return _convert(value, option, where)
+        raise UserError(f"{where} must be {_type_name(tp)}, got {_show(value)}")
     if origin is tuple:
-        parts = [p for p in re.split(r"[,x]", text) if p]  # "0.9,0.95" or "224x160"
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_parse(p, args[0], where) for p in parts)
-        if len(parts) != len(args):
-            raise UserError(f"{where} needs {len(args)} comma-separated values, got {text!r}")
-        return tuple(_parse(p, a, where) for p, a in zip(parts, args, strict=True))
+        sep = r"[,x]" if set(args) - {Ellipsis} == {int} else ","  # "0.9,0.95", "224x160"
+        items = [p for p in re.split(sep, value) if p] if isinstance(value, str) else value
+        items = items if isinstance(items, list | tuple) else [items]
+        types_ = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(types_):
+            raise UserError(f"{where} needs {len(types_)} comma-separated values, got {_show(value)}")
+        return tuple(_convert(v, t, where) for v, t in zip(items, types_, strict=True))
+    if isinstance(value, dict | list | tuple | None) or (isinstance(value, bool) and tp is not bool):
+        raise UserError(f"{where} must be {_type_name(tp)}, got {_show(value)}")
+    text = str(value)  # a scalar: as long as the file or flag it came from, at most
     if tp is bool:
         if text.lower() in ("true", "1", "yes", "on"):
             return True
         if text.lower() in ("false", "0", "no", "off"):
             return False
-        raise UserError(f"{where} must be true or false, got {text!r}")
+        raise UserError(f"{where} must be true or false, got {_show(value)}")
     try:
-        return tp(text)
+        out = value if isinstance(value, tp) else tp(text)
     except (TypeError, ValueError):
-        raise UserError(f"{where} must be {tp.__name__}, got {text!r}") from None
-
-
-def _coerce(value, tp, where: str):
-    """Check / convert a YAML value to the field type."""
-    if isinstance(value, str) and tp is not str:
-        return _parse(value, tp, where)
-    if isinstance(value, list):
-        return _parse(",".join(str(v) for v in value), tp, where)
-    if typing.get_origin(tp) is tuple or tp in (int, float, bool, str):
-        return _parse(str(value), tp, where)
-    return value
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+        raise UserError(f"{where} must be {_type_name(tp)}, got {_show(value)}") from None
+    if tp is float and not math.isfinite(out):
+        raise UserError(f"{where} must be a finite number, got {_show(value)}")
+    return out
 
 
 def from_dict(cls, data: dict, where: str = ""):
-    """Build dataclass `cls` from a nested dict, checking every key and type."""
-    hints, known = _hints(cls), {f.name for f in fields(cls)}
+    """Build dataclass `cls` from a nested dict, checking every key and type (an empty section
+    takes its defaults)."""
+    hints, known = typing.get_type_hints(cls), {f.name for f in fields(cls)}
     kwargs = {}
     for key, value in (data or {}).items():
         name = f"{where}{key}"
         if key not in known:
-            raise UserError(f"unknown config key {name!r}; known: {', '.join(sorted(known))}")
-        tp = hints[key]
-        if is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise UserError(f"config section {name!r} must be a mapping")
-            kwargs[key] = from_dict(tp, value, f"{name}.")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {where}{close[0]}?" if close else f"known: {', '.join(sorted(known))}"
+            raise UserError(f"unknown config key {_show(name)}; {hint}")
+        if is_dataclass(hints[key]):
+            if not isinstance(value, dict | None):
+                raise UserError(f"{name!r} is a section, not a value: set its keys ({name}.KEY), got "
+                                f"{_show(value)}")
+            kwargs[key] = from_dict(hints[key], value, f"{name}.")
         else:
-            kwargs[key] = _coerce(value, tp, name)
-    return cls(**kwargs)
+            kwargs[key] = _convert(value, hints[key], name)
+    try:
+        return cls(**kwargs)
+    except UserError as e:  # a section's own check: say which section
+        if where and not str(e).startswith(where):
+            raise UserError(f"{where[:-1]}: {e}") from None
+        raise
 
 
 def to_dict(cfg) -> dict:
@@ -181,41 +213,104 @@ def to_dict(cfg) -> dict:
 
 
 def apply_overrides(cfg, overrides: list[str]):
-    """Apply `section.key=value` strings (leading dashes optional) to a config."""
+    """Apply `section.key=value` strings (leading dashes optional) to a config.
+
+    The config is checked once, after all are applied: a field may depend on one set later
+    (`--data.name=image-folder --data.path=DIR` in either order).
+    """
+    data = to_dict(cfg)
     for item in overrides:
         key, sep, text = item.lstrip("-").partition("=")
         if not sep:
-            raise UserError(f"override {item!r} must look like --section.key=value")
-        cfg = _set(cfg, key.split("."), text, key)
-    return cfg
+            raise UserError(f"override {_show(item)} must look like --section.key=value")
+        *sections, name = key.split(".")
+        node = data
+        for depth, section in enumerate(sections, 1):
+            node = node.setdefault(section, {})  # an unknown section is named by from_dict
+            if not isinstance(node, dict):
+                raise UserError(f"{'.'.join(sections[:depth])!r} has no sub-keys")
+        node[name] = text
+    return from_dict(type(cfg), data)
 
 
-def _set(cfg, path: list[str], text: str, full: str):
-    names = {f.name for f in fields(cfg)}
-    if path[0] not in names:
-        raise UserError(f"unknown config key {full!r}; known here: {', '.join(sorted(names))}")
-    tp, current = _hints(type(cfg))[path[0]], getattr(cfg, path[0])
-    if len(path) == 1:
-        if is_dataclass(tp):
-            raise UserError(f"{full!r} is a section; set one of its keys, e.g. --{full}.KEY=VALUE")
-        return replace(cfg, **{path[0]: _parse(text, tp, full)})
-    if not is_dataclass(current):
-        raise UserError(f"{'.'.join(full.split('.')[:-1])!r} has no sub-keys")
-    return replace(cfg, **{path[0]: _set(current, path[1:], text, full)})
+# ----------------------------------------------------------------------------- YAML files
+MAX_BYTES = 1 << 20  # a config is a few KB
+MAX_DEPTH = 32  # a config nests three levels
+MAX_VALUES = 10_000  # values after expanding aliases (a study's longest list is ~100)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses, while composing, YAML nested too deeply or whose aliases expand
+    past MAX_VALUES values (a 'billion laughs' is a few hundred bytes), before building anything."""
+
+    def compose_document(self):
+        self._depth, self._values = 0, {}  # node id -> values it expands to
+        return super().compose_document()
+
+    def compose_node(self, parent, index):
+        alias = self.check_event(yaml.AliasEvent)
+        mark = self.peek_event().start_mark
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        if alias and id(node) not in self._values:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a value that contains it", mark)
+        if not alias:
+            children = node.value if isinstance(node, yaml.SequenceNode) else [
+                n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+            self._values[id(node)] = 1 + sum(self._values[id(c)] for c in children)
+        if self._values[id(node)] > MAX_VALUES:
+            raise yaml.composer.ComposerError(None, None, f"aliases expand to over {MAX_VALUES} values", mark)
+        return node
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python refuses to parse an integer of thousands of digits
+            raise yaml.constructor.ConstructorError(None, None, "an integer too long to read",
+                                                    node.start_mark) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def _read_yaml(p: Path):
+    """The YAML data in file `p`, or a UserError naming it."""
+    try:
+        if not p.exists():
+            raise UserError(f"config file {str(p)!r} does not exist")
+        if not p.is_file():
+            raise UserError(f"config file {str(p)!r} is not a file")
+        if p.stat().st_size > MAX_BYTES:
+            raise UserError(f"config file {str(p)!r} is {p.stat().st_size / 2**20:.1f} MB; a config is a "
+                            "few KB: is it the right file?")
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"config file {str(p)!r} is not a text YAML file (not UTF-8 text)") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {str(p)!r}: {e.strerror}") from None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config file {str(p)!r} is not valid YAML{where}: {problem[:100]}") from None
 
 
 def load_yaml(path: str | Path, cls=RunConfig):
     """Read a config YAML (a run config unless `cls` says; missing keys take their defaults)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {str(p)!r} does not exist")
+    data = _read_yaml(p)
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"config file {str(p)!r} must hold a mapping of keys (e.g. `train: {{epochs: 5}}`), "
+                        f"got {_show(data)}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {str(p)!r} must hold a mapping of sections")
-    return from_dict(cls, data)
+        return from_dict(cls, data)
+    except UserError as e:
+        raise UserError(f"config file {str(p)!r}: {e}") from None
 
 
 def dump_yaml(cfg, leave_out: tuple[str, ...] = ()) -> str:

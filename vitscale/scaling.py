@@ -150,8 +150,8 @@ def scale(config: ViTConfig, strategy: str, factor: float) -> ViTConfig:
     best achievable flops are equally good; of these it takes the one closest to the
     strategy's proportions (and to the base's head dimension).
     """
-    if factor <= 0:
-        raise UserError(f"scaling factor must be positive, got {factor}")
+    if not (math.isfinite(factor) and factor > 0):
+        raise UserError(f"scaling factors must be finite positive numbers, got {factor}")
     shares = parse_strategy(strategy)
     if "t" in shares and not config.is_video:
         raise UserError(f"strategy {strategy!r} scales frames (t) but the base is an image model; "
@@ -161,6 +161,9 @@ def scale(config: ViTConfig, strategy: str, factor: float) -> ViTConfig:
     ideal = _solve(config, shares, factor) | {"head_dim": config.width / config.heads}
     target = factor * cost(config).flops
     misses = {cfg: abs(math.log(cost(cfg).flops / target)) for cfg in _candidates(config, shares, ideal)}
+    if not misses:  # e.g. a width below one head of the base's head dimension
+        raise UserError(f"strategy {strategy!r} cannot reach {factor:g}x the flops of the base; "
+                        "use a factor nearer 1")
     good_enough = min(misses.values()) + FLOPS_SLACK
     return min((c for c, m in misses.items() if m <= good_enough), key=lambda c: _shape_distance(c, ideal))
 

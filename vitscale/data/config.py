@@ -12,6 +12,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BUILTIN_MEAN = (0.5, 0.5, 0.5)
 BUILTIN_STD = (0.5, 0.5, 0.5)
+MAX_SAMPLE_BYTES = 512 << 20  # one float32 sample (3 x frames x size^2 x 4 bytes): 6,500 px or 16 x 1,600 px
 MAX_CLASSES = 100_000  # a declared class count above this is a typo (ImageNet-21k has 21,841)
 MAX_ITEMS = 10_000_000  # generated items per split: an epoch's order is a permutation held in memory
 MAX_CANVAS = 256  # cluttered-digits draws 1,024 canvases at once: 256 MB of noise at 256 px
@@ -53,6 +54,9 @@ class DataConfig:
             (self.num_classes == 0 or self.name == "video-csv",
              "data.num_classes is for data.name=video-csv (a folder has a class per subfolder); leave it 0"),
             (self.image_size >= 8, f"data.image_size must be at least 8, got {self.image_size}"),
+            (self.sample_bytes <= MAX_SAMPLE_BYTES,
+             f"data.image_size={self.image_size} with data.frames={self.frames} makes one sample a "
+             f"{self.sample_bytes / 2**30:.3g} GB tensor (at most {MAX_SAMPLE_BYTES >> 20} MB); lower them"),
             (self.frames >= 1, f"data.frames must be at least 1, got {self.frames}"),
             (self.frame_stride >= 1, f"data.frame_stride must be at least 1, got {self.frame_stride}"),
             (self.label in ("digit", "direction"),
@@ -91,6 +95,11 @@ class DataConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one float32 sample: 3 x frames x image_size^2 x 4."""
+        return 3 * self.frames * self.image_size**2 * 4
 
     @property
     def is_builtin(self) -> bool:

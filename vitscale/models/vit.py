@@ -61,6 +61,19 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         h, w = self.hw
+        sizes = [  # first, so that the checks after them can divide
+            (self.patch_size >= 1, f"patch size must be positive, got {self.patch_size}"),
+            (min(h, w) >= self.patch_size,
+             f"image size {h}x{w} must be at least the patch size {self.patch_size}"),
+            (min(self.heads, self.in_chans, self.depth, self.width) >= 1,
+             "depth, width, heads and in_chans must be positive"),
+            (self.num_classes >= 0, f"num_classes must be 0 (no head) or more, got {self.num_classes}"),
+            (self.width * self.mlp_ratio >= 1, f"mlp_ratio must be positive, got {self.mlp_ratio}"),
+            (self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}"),
+        ]
+        for ok, message in sizes:
+            if not ok:
+                raise UserError(message)
         checks = [
             (h % self.patch_size == 0 and w % self.patch_size == 0,
              f"image size {h}x{w} is not divisible by the patch size {self.patch_size}"),
@@ -68,7 +81,6 @@ class ViTConfig:
              f"frames ({self.frames}) must be a positive multiple of tubelet ({self.tubelet})"),
             (self.width % self.heads == 0,
              f"width {self.width} is not divisible by heads {self.heads}"),
-            (self.depth >= 1 and self.width >= 1, "depth and width must be positive"),
             (self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}"),
             (self.pool != "cls" or self.class_token, "pool='cls' needs class_token=True"),
             (self.pos_embed in POS_EMBEDS,
