@@ -2,6 +2,8 @@
 classes. Each case ends in one `vitscale: error:` line naming the file or field (exit 2), or
 trains and says in the log what it skipped."""
 
+import functools
+import io
 import json
 import os
 import subprocess
@@ -9,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import yaml
@@ -49,10 +52,24 @@ def refused(code: int, err: str, *words: str) -> bool:
             and all(w in err for w in words))
 
 
+@functools.cache
+def tiny_video() -> bytes:
+    """A 2-frame 16 x 16 mp4."""
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as c:
+        s = c.add_stream("mpeg4", rate=25)
+        s.width = s.height = 16
+        s.pix_fmt = "yuv420p"
+        for _ in range(2):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")))
+        c.mux(s.encode())
+    return out.getvalue()
+
+
 def csv(tmp_path, content: str | bytes) -> str:
-    """list.csv in tmp_path, beside (empty) files a.mp4, b.mp4, c.mp4 and 0.mp4 .. 9.mp4."""
+    """list.csv in tmp_path, beside videos a.mp4, b.mp4, c.mp4 and 0.mp4 .. 9.mp4."""
     for name in ["a", "b", "c", *map(str, range(10))]:
-        (tmp_path / f"{name}.mp4").touch()
+        (tmp_path / f"{name}.mp4").write_bytes(tiny_video())
     path = tmp_path / "list.csv"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return str(path)
@@ -239,7 +256,7 @@ def test_a_list_of_missing_files_is_refused_and_a_few_are_warned_about(tmp_path,
     assert refused(code, err, "list.csv:1", "videos/0.mp4", "relative to"), err
     (tmp_path / "videos").mkdir()
     for i in range(6):
-        (tmp_path / "videos" / f"{i}.mp4").write_bytes(b"")
+        (tmp_path / "videos" / f"{i}.mp4").write_bytes(tiny_video())
     with pytest.warns(UserWarning, match=r"2 of the 8 files listed in .*list.csv do not exist.*list.csv:7"):
         build_datasets(DataConfig(name="video-csv", path=path))
 
@@ -258,3 +275,14 @@ def test_a_very_large_image_loads_without_a_warning(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert all(val[i] for i in range(len(val)))
+
+
+def test_data_with_no_readable_file_is_refused_at_the_start(tmp_path, capsys):
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n"  # a Git LFS pointer
+    for c in ("cat", "dog"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(20):
+            (tmp_path / "train" / c / f"{i}.jpg").write_bytes(pointer)
+    code, out, err = train(tmp_path, capsys, f"--data.path={tmp_path / 'train'}", "--data.name=image-folder")
+    assert refused(code, err, "could be read", ".jpg", "LFS"), err
+    assert not (tmp_path / "run").exists()  # refused before any work

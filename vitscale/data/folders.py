@@ -249,8 +249,27 @@ def build_real(cfg, train_tf: ClipTransform, eval_tf: ClipTransform) -> tuple[Ke
     if val_s is None:
         train_s, val_s = _split(train_s, cfg.val_fraction, cfg.seed)
     if cfg.name == "image-folder":
-        return (ImageFiles(train_s, classes, train_tf, True, cfg.strict),
-                ImageFiles(val_s, classes, eval_tf, False, cfg.strict))
-    clip = dict(frames=cfg.frames, stride=cfg.frame_stride, strict=cfg.strict)
-    return (VideoFiles(train_s, classes, train_tf, True, **clip),
-            VideoFiles(val_s, classes, eval_tf, False, **clip))
+        train, val = (ImageFiles(train_s, classes, train_tf, True, cfg.strict),
+                      ImageFiles(val_s, classes, eval_tf, False, cfg.strict))
+    else:
+        clip = dict(frames=cfg.frames, stride=cfg.frame_stride, strict=cfg.strict)
+        train, val = (VideoFiles(train_s, classes, train_tf, True, **clip),
+                      VideoFiles(val_s, classes, eval_tf, False, **clip))
+    for dataset, where in ((train, cfg.path), (val, cfg.val_path or cfg.path)):
+        probe(dataset, where)
+    return train, val
+
+
+def probe(dataset: KeyedDataset, where: str, tries: int = 8) -> None:
+    """Refuse, before any work, data none of whose files (`tries` of them, spread out) can be read."""
+    n = len(dataset)
+    failed = []
+    for i in dict.fromkeys(k * (n - 1) // max(1, tries - 1) for k in range(min(tries, n))):
+        item = dataset[i]
+        if item:
+            return
+        failed.append(item)
+    if failed:
+        raise UserError(f"none of the {len(failed)} files tried in {where} could be read, e.g. "
+                         f"{failed[0].path}: {failed[0].reason}; check the files (Git LFS pointers? "
+                         "run git lfs pull)")
