@@ -162,3 +162,15 @@ def test_an_empty_section_takes_the_defaults(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("train:\nmae:\n")
     assert load_yaml(path) == RunConfig()
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 160000000256 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total\n..."),
+])
+def test_out_of_memory_is_the_users_to_fix(capsys, monkeypatch, error):
+    def run(args):
+        raise error  # as building a model or input too large for the machine does
+    monkeypatch.setattr(cli, "cmd_bench", run)
+    refused(capsys, ["bench", "pico/4"], "out of memory", "lower the batch")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 
 from vitscale import bench, errors, report, scaling
@@ -412,6 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(e: Exception) -> str:
+    """One line for an allocation torch could not make (too large a model, batch or input), else ''."""
+    text = str(e)
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text):
+        return ""
+    asked = re.search(r"allocate (\d+) bytes", text)
+    what = f"{int(asked.group(1)) / 2**30:.3g} GB asked for" if asked else text.split("\n")[0][:120]
+    return f"out of memory ({what}): lower the batch, the model or the input size"
+
+
 TAKES_OVERRIDES = ("train", "pretrain", "finetune", "study")
 
 
@@ -440,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: say so in one line, keep the traceback
         if getattr(args, "debug", False):
             raise
+        if _out_of_memory(e):
+            print(f"vitscale: error: {_out_of_memory(e)}", file=sys.stderr)
+            return errors.EXIT_USER
         path = errors.write_crash(e)
         print(f"vitscale: internal error (a bug, not your input): {type(e).__name__}: {e}; "
               f"traceback in {path} (or rerun with --debug)", file=sys.stderr)
