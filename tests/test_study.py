@@ -55,7 +55,7 @@ def test_plan_shares_the_base_and_scales_the_data_resolution():
         assert t.run.data.image_size == t.run.model.hw[0]
         assert t.achieved == pytest.approx(t.factor, rel=0.2)  # 16 px base: a coarse grid
         m = t.run.model  # muP relative to the base, whatever the trial's shape
-        assert (m.param, m.base_width, m.base_depth, m.base_head_dim) == ("mup", 64, 4, 32)
+        assert (m.param, m.base_width, m.base_depth, m.base_head_dim) == ("mup", 64, 4, 16)  # 4 heads
     assert trials[3].run.model.hw[0] > trials[0].run.model.hw[0]
     assert plan(StudyConfig(strategies=("d",), factors=(1,), param="sp"))[0].run.model.param == "sp"
     smaller = plan(StudyConfig(strategies=("d",), factors=(0.5, 1, 2)))
@@ -140,6 +140,8 @@ def test_miniature_study_killed_and_resumed(tmp_path):
     assert {g.strategy: g.acts_exponent for g in s.growth}["d"] == pytest.approx(1.0, abs=0.05)
     for name in ("report.md", "frontier.png", "runtime.png", "growth.png"):
         assert (out / name).stat().st_size > 0
+    text = (out / "report.md").read_text()
+    assert "{" not in text and "}" not in text and "RMSE (points)" in text  # every sentence formatted
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3 and "http" not in page
     assert page.index("Backtest") < page.index("Recommendation") < page.index("Learning-rate sweep")

@@ -52,7 +52,8 @@ class Law:
     def predict(self, strategy: str, n, d):
         n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
         size = n / self.n0
-        return self.e + self.a * size ** -self.alpha(strategy) + self.b * (d / self.d0) ** -self.beta * size ** -self.gamma
+        length = self.b * (d / self.d0) ** -self.beta * size**-self.gamma
+        return self.e + self.a * size ** -self.alpha(strategy) + length
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ def fit_law(
         small = np.abs(r) <= huber
         value = float(np.sum(np.where(small, 0.5 * r**2, huber * (np.abs(r) - 0.5 * huber))))
         psi = np.where(small, r, huber * np.sign(r))  # d loss / d r
-        grad = [np.sum(psi) * np.exp(le), psi @ size, psi @ length, -psi @ (ld * length), -psi @ (ln * length)]
+        grad = [np.sum(psi) * np.exp(le), psi @ size, psi @ length]
+        grad += [-psi @ (ld * length), -psi @ (ln * length)]
         return value, np.array(grad + list(-(psi * ln * size) @ onehot))
 
     bounds = [(-12, 0.5), (-12, 1.5), (-12, 1.5), (0, MAX_EXPONENT), (0, MAX_EXPONENT)]

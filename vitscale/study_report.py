@@ -320,7 +320,8 @@ def _law(s: Summary) -> list:
         "N the forward multiply-adds per sample (n0 the base's), D the training samples (gamma > 0: a "
         "larger model learns more per sample), over every annealed point of every seed, Huber loss from a "
         "grid of starts. Shared, the strategies (which all start from the base) share e, a and the length "
-        "term and each has its own size exponent; separate, each has all six. {_structure(s.structure)} RMSE (points): {rmse}. Noise: one seed's final accuracy "
+        "term and each has its own size exponent; separate, each has all six. "
+        f"{_structure(s.structure)} RMSE (points): {rmse}. Noise: one seed's final accuracy "
         f"varies by {100 * s.noise.seed_sd:.2f} points (standard deviation over {s.noise.dof} degrees of "
         f"freedom; validation sampling alone {100 * s.noise.binomial:.2f}).",
         (head, body),
