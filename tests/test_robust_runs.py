@@ -87,6 +87,13 @@ def test_a_kill_before_final_json_and_best_is_made_good_on_the_next_run(run, cap
     assert (run / "best").is_dir() or kept["best"] != kept["val_top1"]
 
 
+def test_a_final_json_that_is_a_directory_is_one_line(run, capsys):
+    (run / "final.json").unlink()
+    (run / "final.json").mkdir()
+    code, _, err = vitscale(capsys, "train", "--out", str(run), *FAST)
+    assert code == 2 and one_line(err) and "final.json is a directory" in err
+
+
 # ----------------------------------------------------------------------------- 2: moved runs
 def test_a_copied_run_resumes_where_it_is_and_leaves_the_original_alone(finished, run, capsys):
     assert "out" not in yaml.safe_load((run / "config.yaml").read_text())

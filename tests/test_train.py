@@ -96,8 +96,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         return loss * float("nan") if calls["n"] > 3 else loss
 
     monkeypatch.setattr(tasks.Classifier, "forward", flaky)
-    with pytest.raises(engine.StopTraining, match="step 3.*ckpt-00000002"):
+    with pytest.raises(engine.StopTraining, match="step 3.*ckpt-00000002.*lower --train.base_lr"):
         run(tmp_path, "nan", "train.ckpt_every=2")
+    monkeypatch.setattr(tasks.Classifier, "forward", real)
+    lines = []  # the advice works: the same run, a lower LR, resumes from the last good checkpoint
+    lower = [*FAST, "train.ckpt_every=2", "train.base_lr=1e-4"]
+    cfg = apply_overrides(RunConfig(out=str(tmp_path / "nan")), lower)
+    engine.train(cfg, log=lines.append)
+    assert any("changed recipe: train.base_lr" in x for x in lines)
+    assert any("resum" in x and "ckpt-00000002" in x for x in lines)
+    assert apply_overrides(RunConfig(), []).train.base_lr != 1e-4
+    assert "0.0001" in (tmp_path / "nan" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="another config.*train.epochs"):
+        run(tmp_path, "nan", "train.ckpt_every=2", "train.base_lr=1e-4", "train.epochs=7")
 
 
 def test_bad_batch_and_run_dir_are_clear(tmp_path):

@@ -46,9 +46,10 @@ def resolve(cfg: RunConfig, info: DataInfo) -> RunConfig:
     return replace(cfg, model=model)
 
 
-def _prepare_run_dir(cfg: RunConfig, d: dist.Dist) -> Path:
-    """Create the run directory; refuse one that holds a different run. A run's config.yaml is
-    written when it starts, without `out`: a run directory is where it is, moved or copied."""
+def _prepare_run_dir(cfg: RunConfig, d: dist.Dist, log=print) -> Path:
+    """Create the run directory; refuse one that holds a different run (but for RECOVERY fields,
+    logged). A run's config.yaml is written when it starts, without `out`: a run directory is
+    where it is, moved or copied."""
     run_dir = Path(cfg.out)
     if d.main:
         try:
@@ -62,10 +63,13 @@ def _prepare_run_dir(cfg: RunConfig, d: dist.Dist) -> Path:
         saved = run_dir / "config.yaml"
         started = saved.is_file() and bool(checkpoint.checkpoints(run_dir))
         differ = _differences(load_yaml(saved), cfg) if started else []
-        if differ:
-            raise UserError(f"{str(run_dir)!r} holds a run with another config ({'; '.join(differ[:3])}); "
+        refused = [x for x in differ if x.split(" ", 1)[0] not in RECOVERY]
+        if refused:
+            raise UserError(f"{str(run_dir)!r} holds a run with another config ({'; '.join(refused[:3])}); "
                              f"resume it with --config {saved} or choose a new --out")
-        if not started:
+        if differ:
+            log(f"resuming with a changed recipe: {'; '.join(differ)}")
+        if not started or differ:
             atomic_write_text(saved, dump_yaml(cfg, leave_out=("out",)))
     dist.barrier(d)
     return run_dir
@@ -74,6 +78,9 @@ def _prepare_run_dir(cfg: RunConfig, d: dist.Dist) -> Path:
 # Where a run lies and what it started from: no part of what it is once it has a checkpoint
 # (the weights carry them), so a run moved, or whose init moved, resumes.
 _PLACE = {"out", "init", "init_allow", "train.branch_from"}
+# What a run stopped by a non-finite loss is told to change before it resumes: these may differ
+# on resume (the change is logged and config.yaml rewritten); any other field may not.
+RECOVERY = {"train.base_lr", "train.clip_grad", "train.dtype"}
 
 
 def _differences(saved: RunConfig, cfg: RunConfig) -> list[str]:
@@ -178,7 +185,7 @@ class Job:
         if cfg.task == "mae" and cfg.mae.masking == "tube" and not cfg.model.is_video:
             raise UserError("tube masking is for video; use --mae.masking=random for images")
         self.cfg, self.d, self.log = cfg, d, log
-        self.run_dir = _prepare_run_dir(cfg, d)
+        self.run_dir = _prepare_run_dir(cfg, d, log)
         self.micro = t.batch // (d.world * t.accum)  # samples per rank per forward pass
         if self.micro * d.world * t.accum != t.batch:
             raise UserError(f"batch {t.batch} must be divisible by ranks x accum = {d.world * t.accum}")
@@ -309,6 +316,9 @@ class Job:
 
     def write_final(self, result: dict) -> None:
         """final.json: the last evaluation, at the step it was made."""
+        if (self.run_dir / "final.json").is_dir():
+            raise UserError(f"{self.run_dir / 'final.json'} is a directory, not vitscale's result file; "
+                            "move it away and run the same command again")
         atomic_write_text(self.run_dir / "final.json",
                           json.dumps(result | {"step": self.step, "best": self.best}, indent=2))
 
@@ -396,9 +406,10 @@ class Job:
             return None
         loss = loss_sum / counted
         if not math.isfinite(loss):
-            raise StopTraining(f"loss is {loss} at step {self.step}; the last good checkpoint is "
-                               f"{checkpoint.last_good(self.run_dir) or 'none'}; lower --train.base_lr, set "
-                               "--train.clip_grad=1 or use --train.dtype=fp32, then run again to resume")
+            good = checkpoint.last_good(self.run_dir) or "none"
+            raise StopTraining(f"loss is {loss} at step {self.step}; the last good checkpoint is {good}; "
+                               "run the same command again with a lower --train.base_lr, "
+                               "--train.clip_grad=1 or --train.dtype=fp32 to resume from it")
         if t.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), t.clip_grad)
         self.opt.step()
