@@ -184,7 +184,10 @@ def fit(
 def _interval(draws: np.ndarray, sd: float, rng: np.random.Generator, dof: int = 0) -> tuple[float, float]:
     """LEVEL interval of accuracies `draws` (one per refit), each moved by noise of `sd`: Student's
     t with `dof` degrees of freedom where sd was estimated from that few seed pairs (a few pairs
-    that happen to agree must not make the interval tight), normal where it is known (dof 0)."""
+    that happen to agree must not make the interval tight), normal where it is known (dof 0).
+    NaNs where no refit could be made (fewer points than the law has parameters)."""
+    if len(draws) == 0:
+        return math.nan, math.nan
     z = rng.standard_t(dof, 10 * len(draws)) if dof else rng.standard_normal(10 * len(draws))
     spread = np.clip(np.repeat(draws, 10) + sd * z, 0.0, 1.0)
     q = (1 - LEVEL) / 2
@@ -450,6 +453,8 @@ def recommend(
     best = cands[0]
 
     def l_spread(a: Candidate, b: Candidate) -> float:  # the law's uncertainty about their difference
+        if not laws:  # no refit could be made: the law's uncertainty is unknown, not zero
+            return math.inf
         return float(
             np.std(
                 _predict(laws, a.strategy, a.flops, a.samples)
