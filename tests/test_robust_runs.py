@@ -290,6 +290,14 @@ def test_a_full_disk_at_final_json_is_made_good_on_the_next_run(tmp_path, monkey
 
 
 # ----------------------------------------------------------------------------- 13: eval
+def test_init_from_a_run_passes_over_a_damaged_best(run, tmp_path, capsys):
+    _cut(run / "best" / "model.safetensors")
+    code, _, err = vitscale(capsys, "finetune", "--init", str(run), "--out", str(tmp_path / "ft"), *FAST,
+                            "--train.max_steps=1")
+    assert code == 0, err
+    assert "warning:" in err and str(run / "best" / "model.safetensors") in err and "ckpt-00000004" in err
+
+
 def test_eval_passes_over_a_damaged_best(run, capsys):
     _cut(run / "best" / "model.safetensors")
     code, out, err = vitscale(capsys, "eval", str(run), "--json")

@@ -68,7 +68,7 @@ class TrainConfig:
         checks = [(getattr(self, k) >= low, f"train.{k} must be at least {low}, got {getattr(self, k)}")
                   for k, low in least.items()]
         checks += [
-            (self.base_lr > 0, f"train.base_lr must be positive, got {self.base_lr}"),
+            (self.base_lr >= 0, f"train.base_lr must be 0 (frozen) or more, got {self.base_lr}"),
             (self.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got "
              f"{self.schedule!r}"),
             (0.0 <= self.decay_frac <= 1.0, f"train.decay_frac must be in [0, 1], got {self.decay_frac}"),

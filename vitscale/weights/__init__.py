@@ -34,13 +34,14 @@ the run's model for --init), else the standard count for the width, reported as 
 from __future__ import annotations
 
 import json
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from torch import nn
 
-from vitscale.checkpoint import latest
+from vitscale.checkpoint import newest_good
 from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViT, ViTConfig, preset
@@ -133,12 +134,14 @@ def _export_dir(directory: Path) -> Source:
 
 
 def _run_dir(run_dir: Path) -> Source:
-    """A vitscale run: its best checkpoint, else its latest, with the run's config."""
+    """A vitscale run: its best checkpoint, else its newest whole one (a damaged one passed over
+    with a warning), with the run's config."""
     from vitscale.config import load_yaml
 
-    ckpt = run_dir / "best" if (run_dir / "best").is_dir() else latest(run_dir)
-    if ckpt is None:
+    found = newest_good(run_dir, warn=lambda m: print(m, file=sys.stderr), first=(run_dir / "best",))
+    if found is None:
         raise UserError(f"{str(run_dir)!r} holds no checkpoint to start from")
+    ckpt = found[0]
     run = load_yaml(run_dir / "config.yaml")
     mae = run.mae if run.task == "mae" else None
     return _vitscale(read_tensors(ckpt / "model.safetensors"), run.model, mae,
