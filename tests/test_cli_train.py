@@ -48,5 +48,5 @@ def test_user_errors_are_one_line(tmp_path, capsys, argv):
 def test_a_run_dir_with_another_config_is_refused(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", "--out", out, *FAST]) == 0
-    assert main(["train", "--out", out, *FAST, "--train.base_lr=0.5"]) == 2
+    assert main(["train", "--out", out, *FAST, "--train.weight_decay=0.5"]) == 2
     assert "another config" in capsys.readouterr().err
