@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -178,3 +179,24 @@ def test_bad_input_is_one_line(tmp_path, args, message):
                        env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_the_mae_objective_probes_the_final_encoder_not_best(tmp_path, monkeypatch):
+    """The budget counts every step of pre-training, so the probe reads the last checkpoint."""
+    from vitscale import engine
+    from vitscale.study import _probe
+
+    study = StudyConfig(objective="mae", strategies=("d",), factors=(1,))
+    trial = plan(study)[0]
+    run_dir = tmp_path / "cool-1"
+    pretrained = replace(trial.run, out=str(run_dir))
+    seen = {}
+
+    def fake_train(cfg, log, d):
+        seen["init"] = cfg.init
+        return {"val_top1": 0.5}
+
+    monkeypatch.setattr(engine, "train", fake_train)
+    monkeypatch.setattr("vitscale.checkpoint.last_good", lambda d: d / "ckpt-00000040")
+    assert _probe(study, trial, pretrained, 0, print, None) == 0.5
+    assert seen["init"] == str(run_dir / "ckpt-00000040")

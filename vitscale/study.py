@@ -389,8 +389,12 @@ def engine_rows(run_dir: Path) -> list[dict]:
 
 def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, log,
            d: dist.Dist | None) -> float:
-    """MAE objective: a linear probe of the full-length encoder (not counted in the budget)."""
-    probe = config.recipe("linprobe", init=pretrained.out)
+    """MAE objective: a linear probe of the full-length encoder, its final checkpoint (not best/,
+    the best k-NN epoch: the budget counts every step); the probe is not counted in the budget."""
+    final = checkpoint.last_good(Path(pretrained.out))
+    if final is None:
+        raise UserError(f"{pretrained.out} has no whole checkpoint to probe; run the study again to redo it")
+    probe = config.recipe("linprobe", init=str(final))
     probe = replace(probe, model=trial.run.model, data=trial.run.data,
                     out=str(Path(pretrained.out).parent / "probe"),
                     train=replace(probe.train, epochs=study.probe_epochs, seed=seed,
