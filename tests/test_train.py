@@ -68,6 +68,16 @@ def test_mae_pretrain_then_linear_probe_and_finetune(tmp_path):
             assert torch.equal(probe_state["vit." + k[len("mae.encoder."):]], v)
     _, result = run(tmp_path, "ft", "train.layer_decay=0.75", task="finetune", init=pre.out)
     assert "val_top1" in result
+    lines = []  # MAE's fine-tuning with mean pooling: a tiny new head, a fresh fc_norm
+    cfg = apply_overrides(RunConfig(task="finetune", init=pre.out, out=str(tmp_path / "ftm")),
+                          [*FAST, "model.pool=mean", "train.base_lr=0", "train.min_lr=0"])
+    engine.train(cfg, log=lines.append)
+    assert any("class head drawn with std 2e-05" in x and "fc_norm" in x for x in lines)
+    state = load_file(str(latest(tmp_path / "ftm") / "model.safetensors"))
+    assert torch.equal(state["vit.norm.weight"], torch.ones_like(state["vit.norm.weight"]))
+    assert torch.equal(state["vit.norm.bias"], torch.zeros_like(state["vit.norm.bias"]))
+    assert 0 < float(state["vit.head.weight"].std()) < 4e-5 and not state["vit.head.bias"].any()
+    assert not torch.equal(encoder_before["mae.encoder.norm.weight"], state["vit.norm.weight"])
 
 
 def test_video_pretraining_with_tube_masking(tmp_path):

@@ -90,11 +90,14 @@ def _differences(saved: RunConfig, cfg: RunConfig) -> list[str]:
             for k in sorted(theirs.keys() | mine.keys()) if k not in _PLACE and theirs.get(k) != mine.get(k)]
 
 
-def _init_weights(module: torch.nn.Module, init: str, allow: str, log) -> None:
-    """Start the encoder from weights in any format vitscale reads (vitscale.weights)."""
+def _init_weights(module: torch.nn.Module, init: str, allow: str, log, task: str) -> None:
+    """Start the encoder from weights in any format vitscale reads (vitscale.weights); fine-tuning
+    then starts its head tiny and a mean-pooling norm fresh (ViT.start_fine_tuning)."""
     patterns = tuple(p.strip() for p in allow.split(",") if p.strip())
     report = weights.init_encoder(module.encoder, init, allow=patterns)
     log(f"encoder weights from {init}: {report.summary()}")
+    if task == "finetune" and (fresh := module.encoder.start_fine_tuning()):
+        log("fine-tuning: " + "; ".join(fresh))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -203,7 +206,7 @@ class Job:
         if cfg.init == "random":
             log("encoder left at its random initialisation (--init random: a baseline)")
         elif cfg.init:
-            _init_weights(self.module, cfg.init, cfg.init_allow, log)
+            _init_weights(self.module, cfg.init, cfg.init_allow, log, cfg.task)
         torch.manual_seed(rank_seed(t.seed, d.rank))  # then each rank's own draws
         self.module.to(d.device)
         self.forward = _parallel(self.module, cfg, d)

@@ -30,6 +30,7 @@ Grid = tuple[int, int, int]  # (t, h, w) tokens along time, height, width
 POS_EMBEDS = ("learned", "sincos", "sincos1d")
 PARAMS = ("sp", "mup")
 INIT_STD = 0.02  # truncated-normal std of linears and embeddings (as MAE / timm)
+HEAD_INIT_STD = 2e-5  # a fine-tuned model's new class head (MAE's fine-tuning recipe)
 # Hidden matrices' Adam LR x depth_mult^-this, beside the branches' 1/sqrt(depth_mult). Tensor
 # Programs VI's Adam rule is 0.5; measured here (benchmarks/bench_transfer.py, digits, 200 steps,
 # 4x depth) 0.5 moved the best LR 2.0x and 0 moved it 0.92x, so the branch multiplier alone.
@@ -421,6 +422,21 @@ class ViT(nn.Module):
             nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
+
+    def start_fine_tuning(self) -> list[str]:
+        """After pre-trained weights are loaded (MAE / VideoMAE fine-tuning): the new class head
+        starts tiny (std HEAD_INIT_STD, bias 0), and where the model pools by mean the final norm
+        starts fresh, as MAE's fc_norm (the pre-trained norm was fitted to tokens, not to their
+        mean). What was reset, for the log."""
+        done = []
+        if self.head is not None:
+            nn.init.trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
+            nn.init.zeros_(self.head.bias)
+            done.append(f"class head drawn with std {HEAD_INIT_STD:g}")
+        if self.cfg.pool == "mean":
+            self.norm.reset_parameters()
+            done.append("final norm fresh for the pooled mean (fc_norm)")
+        return done
 
     def embed_gain(self) -> float:
         """Xavier gain of the patch projection: 1, but under muP the one that keeps the base's
