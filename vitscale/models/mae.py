@@ -6,6 +6,8 @@ References:
   decoder with mask tokens, MSE on the masked patches of per-patch normalised pixels).
   VideoMAE: Tong et al. 2022 (tube masking at 90%: one spatial mask for every time step,
   so a masked cube cannot be copied from its neighbour in time; no cls token).
+  VideoMAE V2: Wang et al. 2023 (dual masking: the decoder too sees only part of the
+  masked tokens, chosen by a "running cell" mask, and the loss is on those alone).
 
 The encoder is a plain `ViT(num_classes=0)` kept as `MAE.encoder`, so its weights load
 straight into a classifier for fine-tuning. Token order everywhere is ViT's PatchEmbed
@@ -24,6 +26,7 @@ from vitscale.errors import UserError
 from vitscale.models.vit import Block, Grid, ViT, ViTConfig, fixed_pos_embed
 
 MASKINGS = ("random", "tube")
+DECODER_MASKINGS = ("running_cell", "random")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class MAEConfig:
     norm_pix_loss: bool = True  # target = each patch normalised by its own mean and variance
     encoder_on_all_tokens: bool = False  # ablation (MAE Table 2): mask tokens in the encoder, on all N
     decoder_pos_embed: str = "sincos"  # fixed decoder positions: "sincos" (MAE) or "sincos1d" (VideoMAE)
+    decoder_mask_ratio: float = 0.0  # VideoMAE V2 dual masking: fraction of masked tokens the decoder drops
+    decoder_masking: str = "running_cell"  # which it drops: "running_cell" (VideoMAE V2) or "random"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
@@ -50,6 +55,18 @@ class MAEConfig:
         if self.decoder_pos_embed not in ("sincos", "sincos1d"):
             raise UserError(f"mae.decoder_pos_embed must be 'sincos' or 'sincos1d', "
                              f"got {self.decoder_pos_embed!r}")
+        if not 0.0 <= self.decoder_mask_ratio < 1.0:
+            raise UserError(f"mae.decoder_mask_ratio must be in [0, 1), got {self.decoder_mask_ratio}")
+        if self.decoder_masking not in DECODER_MASKINGS:
+            raise UserError(f"mae.decoder_masking must be 'running_cell' or 'random', "
+                             f"got {self.decoder_masking!r}")
+        if self.decoder_mask_ratio and self.decoder_masking == "running_cell" \
+                and self.decoder_mask_ratio not in (0.25, 0.5, 0.75):
+            raise UserError(f"mae.decoder_mask_ratio must be 0.25, 0.5 or 0.75 with running_cell masking "
+                             f"(1, 2 or 3 of each 2x2 cell dropped), got {self.decoder_mask_ratio}")
+        if self.decoder_mask_ratio and self.encoder_on_all_tokens:
+            raise UserError("mae.decoder_mask_ratio needs the encoder on the visible tokens only "
+                            "(mae.encoder_on_all_tokens=false)")
         multiple = 4 if self.decoder_pos_embed == "sincos" else 2
         if self.decoder_width % multiple:
             raise UserError(f"mae.decoder_width must be a multiple of {multiple} ({self.decoder_pos_embed} "
@@ -154,6 +171,44 @@ def masking_of(mask: Tensor) -> Masking:
     return Masking(shuffle[:, :k], mask, shuffle.argsort(dim=1))
 
 
+def running_cell_mask(batch: int, grid: Grid, ratio: float, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> Tensor:
+    """VideoMAE V2's running-cell decoder mask: [B, t*h*w] float, 1 = dropped by the decoder.
+
+    Each frame is tiled with 2x2 cells; a cell drops c = 4 * ratio of its 4 positions (in
+    raster order: a queue of c ones then 4 - c zeros read from a pointer), and the pointer
+    moves one step per frame, so every position is kept in some of any 4 frames. The start
+    is one of 4 per sample, drawn from `generator` (or the global RNG). With an odd h or w
+    the last row or column holds half cells.
+    """
+    t, h, w = grid
+    c = round(4 * ratio)
+    draw_on = generator.device if generator is not None else device
+    start = torch.randint(4, (batch,), generator=generator, device=draw_on).to(device)  # [B]
+    queue = (torch.arange(4, device=device) < c).float()  # [4]: c dropped, then the kept ones
+    ptr = start[:, None] + 1 + torch.arange(t, device=device)  # [B, t]: moved once before each frame
+    unit = queue[(ptr[..., None] + torch.arange(4, device=device)) % 4].reshape(batch, t, 2, 2)
+    rows, cols = torch.arange(h, device=device) % 2, torch.arange(w, device=device) % 2
+    return unit[:, :, rows[:, None], cols[None, :]].reshape(batch, t * h * w)  # [B, t, h, w] tiled
+
+
+def decoder_keep(mask: Tensor, count: int, drop: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Which `count` masked tokens the decoder reconstructs: [B, M] token ids, ascending.
+
+    mask [B, N] (1 = masked, the same number per row); drop [B, N] (1 = the decoder
+    mask drops it) or None for a uniform choice. Masked tokens the decoder mask keeps come
+    first, in random order, so where it keeps more or fewer than `count` (its cells fall
+    on masked and visible tokens unevenly) the difference is made up at random.
+    """
+    draw_on = generator.device if generator is not None else mask.device
+    score = torch.rand(mask.shape, generator=generator, device=draw_on).to(mask.device)  # [B, N] in [0, 1)
+    if drop is not None:
+        score = score + drop  # dropped ones after the kept ones
+    score = score + 2 * (1 - mask)  # encoder-visible tokens last: never chosen
+    return score.argsort(dim=1)[:, :count].sort(dim=1).values  # [B, M]
+
+
 # ----------------------------------------------------------------------------- model
 class MAE(nn.Module):
     """A ViT encoder on the visible tokens, a small transformer decoder on all of them.
@@ -222,13 +277,42 @@ class MAE(nn.Module):
         index = torch.cat([torch.arange(P, device=restore.device).expand(B, P), restore + P], dim=1)
         return shuffled.gather(1, index[..., None].expand(-1, -1, Dd))  # [B, P + N, Dd] token order
 
-    def decode(self, tokens: Tensor, grid: Grid) -> Tensor:
-        """[B, prefix + N, Dd] decoder tokens -> [B, N, patch_dim] pixel predictions."""
-        pos = self.decoder_pos if grid == self.encoder.cfg.grid else self._decoder_pos(grid).to(tokens.device)
-        x = tokens + pos  # [B, prefix + N, Dd]
+    def positions(self, grid: Grid, device: torch.device) -> Tensor:
+        """[1, prefix + N, Dd] the decoder's fixed positions for a token grid."""
+        return self.decoder_pos if grid == self.encoder.cfg.grid else self._decoder_pos(grid).to(device)
+
+    def run_decoder(self, x: Tensor) -> Tensor:
+        """[B, L, Dd] positioned decoder tokens -> [B, L, patch_dim]."""
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_pred(self.decoder_norm(x[:, self.prefix:]))  # drop the cls token
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def decode(self, tokens: Tensor, grid: Grid) -> Tensor:
+        """[B, prefix + N, Dd] decoder tokens -> [B, N, patch_dim] pixel predictions."""
+        return self.run_decoder(tokens + self.positions(grid, tokens.device))[:, self.prefix:]  # no cls
+
+    def make_decoder_keep(self, mask: Tensor, grid: Grid, generator: torch.Generator | None = None) -> Tensor:
+        """The masked tokens the decoder reconstructs under dual masking: [B, M] ids, where
+        M = the masked count less decoder_mask_ratio of it (at least one)."""
+        masked = int(mask[0].sum())
+        count = max(masked - round(masked * self.cfg.decoder_mask_ratio), 1)
+        drop = None
+        if self.cfg.decoder_masking == "running_cell":
+            drop = running_cell_mask(mask.shape[0], grid, self.cfg.decoder_mask_ratio, generator, mask.device)
+        return decoder_keep(mask, count, drop, generator)
+
+    def decode_subset(self, latent: Tensor, keep: Tensor, decode: Tensor, grid: Grid) -> Tensor:
+        """Dual masking's decoder: the visible tokens plus mask tokens at the `decode` ids only.
+
+        latent: [B, prefix + K, Dd] embedded encoder output, keep: [B, K], decode: [B, M]
+        -> [B, M, patch_dim] predictions for the `decode` tokens.
+        """
+        (B, _, Dd), P, M = latent.shape, self.prefix, decode.shape[1]
+        pos = self.positions(grid, latent.device).expand(B, -1, -1)  # [B, P + N, Dd]
+        ids = torch.cat([torch.arange(P, device=keep.device).expand(B, P), keep + P, decode + P], dim=1)
+        pos = pos.gather(1, ids[..., None].expand(-1, -1, Dd))  # [B, P + K + M, Dd]
+        tokens = torch.cat([latent, self.mask_token.to(latent.dtype).expand(B, M, Dd)], dim=1)
+        return self.run_decoder(tokens + pos)[:, -M:]  # [B, M, patch_dim]
 
     def loss(self, target: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """Mean squared error over the masked patches only.
@@ -241,22 +325,32 @@ class MAE(nn.Module):
         per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # [B, N]
         return (per_patch * mask).sum() / mask.sum()
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None,
-                masking: Masking | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, masking: Masking | None = None,
+                decode_all: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, C, H, W] or [B, C, T, H, W] -> (loss, pred [B, N, patch_dim], mask [B, N]).
 
-        A given `masking` replaces the config's random draw."""
+        A given `masking` replaces the config's random draw. Under dual masking
+        (decoder_mask_ratio > 0, unless `decode_all`) the decoder predicts only some masked
+        tokens: `pred` is zero elsewhere and the returned mask marks just those, the tokens
+        the loss covers; the draws come from `generator` after the encoder mask's."""
         grid = grid_of(x, self.encoder.cfg)
         if masking is None:
             masking = self.make_mask(x.shape[0], grid, x.device, generator)
         keep, mask, restore = masking
+        target = patchify(x, self.encoder.cfg)  # [B, N, patch_dim]
         if self.cfg.encoder_on_all_tokens:
             tokens = self.decoder_embed(self.encode_all(x, mask))  # [B, prefix + N, Dd]
         else:
-            latent = self.encoder.forward_features(x, keep)  # [B, prefix + K, D]
-            tokens = self.unshuffle(self.decoder_embed(latent), restore)  # [B, prefix + N, Dd]
+            latent = self.decoder_embed(self.encoder.forward_features(x, keep))  # [B, prefix + K, Dd]
+            if self.cfg.decoder_mask_ratio and not decode_all:
+                decode = self.make_decoder_keep(mask, grid, generator)  # [B, M]
+                sub = self.decode_subset(latent, keep, decode, grid)  # [B, M, patch_dim]
+                pred = sub.new_zeros(target.shape).scatter(1, decode[..., None].expand_as(sub), sub)
+                seen = mask.new_zeros(mask.shape).scatter(1, decode, 1.0)  # [B, N] 1 = decoded
+                return self.loss(target, pred, seen), pred, seen
+            tokens = self.unshuffle(latent, restore)  # [B, prefix + N, Dd]
         pred = self.decode(tokens, grid)  # [B, N, patch_dim]
-        return self.loss(patchify(x, self.encoder.cfg), pred, mask), pred, mask
+        return self.loss(target, pred, mask), pred, mask
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -267,7 +361,7 @@ class MAE(nn.Module):
         predictions are un-normalised with each target patch's own mean and std.
         """
         cfg = self.encoder.cfg
-        _, pred, mask = self(x, generator)
+        _, pred, mask = self(x, generator, decode_all=True)  # every masked patch, dual masking or not
         target = patchify(x, cfg)  # [B, N, P]
         pred = pred.float()
         if self.cfg.norm_pix_loss:
