@@ -132,3 +132,24 @@ def test_bad_branches_fail_with_one_line(tmp_path):
         run(tmp_path, "b3", "train.max_steps=10", "train.decay_frac=0.5", f"train.branch_from={kept}")
     with pytest.raises(ValueError, match="at step 8, not before this run's last"):
         run(tmp_path, "b4", "train.max_steps=8", f"train.branch_from={kept}")
+
+
+def test_lars_step_is_its_definition():
+    """Two LARS steps on a matrix and a vector against the formulas (You et al. 2017; MAE's probe)."""
+    from vitscale.optim import LARS
+
+    torch.manual_seed(0)
+    w, b = torch.randn(3, 4, requires_grad=True), torch.randn(3, requires_grad=True)
+    ref_w, ref_b = w.detach().clone(), b.detach().clone()
+    opt = LARS([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], lr=0.5,
+               momentum=0.9, eta=0.01)
+    mu_w, mu_b = torch.zeros_like(ref_w), torch.zeros_like(ref_b)
+    for _ in range(2):
+        gw, gb = torch.randn(3, 4), torch.randn(3)
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+        u = gw + 0.1 * ref_w
+        u = u * (0.01 * ref_w.norm() / u.norm())  # the trust ratio: matrices only
+        mu_w, mu_b = 0.9 * mu_w + u, 0.9 * mu_b + gb
+        ref_w, ref_b = ref_w - 0.5 * mu_w, ref_b - 0.5 * mu_b
+        assert torch.allclose(w, ref_w, atol=1e-6) and torch.allclose(b, ref_b, atol=1e-6)

@@ -24,7 +24,7 @@ from vitscale.device import DTYPES, check_device
 from vitscale.errors import UserError
 from vitscale.models.mae import MAEConfig
 from vitscale.models.vit import ViTConfig, preset
-from vitscale.optim import SCHEDULES
+from vitscale.optim import OPTIMIZERS, SCHEDULES
 
 TASKS = ("supervised", "mae", "finetune", "linprobe")
 
@@ -42,6 +42,7 @@ class TrainConfig:
     # 0 = never decay (a stable run to branch cooldowns from; see optim.decay_start)
     weight_decay: float = 0.05  # AdamW decay (not on norms, biases, tokens, position tables)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (MAE pre-training uses 0.95)
+    optimizer: str = "adamw"  # adamw | lars (MAE's linear probe: SGD momentum betas[0], trust ratio)
     layer_decay: float = 1.0  # layer-wise LR decay for fine-tuning (1.0 = off; MAE uses 0.75)
     clip_grad: float = 0.0  # max gradient norm (0 = off)
     label_smoothing: float = 0.1  # supervised cross-entropy smoothing
@@ -71,6 +72,8 @@ class TrainConfig:
             (self.base_lr >= 0, f"train.base_lr must be 0 (frozen) or more, got {self.base_lr}"),
             (self.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got "
              f"{self.schedule!r}"),
+            (self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+             f"{self.optimizer!r}"),
             (0.0 <= self.decay_frac <= 1.0, f"train.decay_frac must be in [0, 1], got {self.decay_frac}"),
             (all(s >= 1 for s in self.keep_steps),
              f"train.keep_steps must be optimizer steps of 1 or more, got {self.keep_steps}"),

@@ -1,4 +1,5 @@
-"""AdamW parameter groups (weight decay, layer-wise LR decay) and the LR schedule."""
+"""Optimizers (AdamW; LARS for linear probes), parameter groups (weight decay, layer-wise LR
+decay) and the LR schedule."""
 
 from __future__ import annotations
 
@@ -62,6 +63,50 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
                            "lr_scale": scale * mult}
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]
+
+
+OPTIMIZERS = ("adamw", "lars")
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You, Gitman, Ginsburg 2017), the optimizer
+    of MAE's linear probe. For a matrix p with gradient g the step direction is u = g + wd p,
+    rescaled to eta ||p|| / ||u|| of its size where both norms are positive; vectors (biases,
+    norms) take g alone. Then mu = momentum mu + u and p -= lr mu."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                u = p.grad
+                if p.ndim > 1:
+                    u = u.add(p, alpha=group["weight_decay"])
+                    p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
+                    trust = torch.where((p_norm > 0) & (u_norm > 0), group["eta"] * p_norm / u_norm,
+                                        torch.ones_like(p_norm))
+                    u = u * trust
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(group["momentum"]).add_(u)
+                p.add_(mu, alpha=-group["lr"])
+        return loss
+
+
+def build(name: str, groups: list[dict], betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """The run's optimizer over `groups` (LR set per step by set_lr): AdamW, or LARS with
+    momentum betas[0]."""
+    if name == "lars":
+        return LARS(groups, momentum=betas[0])
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, fused=True)  # fused: 2x+ faster step on CPU
 
 
 SCHEDULES = ("cosine", "wsd")
