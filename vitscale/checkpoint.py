@@ -4,6 +4,7 @@ A checkpoint is a directory `ckpt-STEP/` holding
   model.safetensors   the trained module's state dict
   optim.safetensors   every optimizer state tensor, keyed `PARAM_NAME/STATE_NAME`
   rng.safetensors     the torch CPU (and CUDA) generator states; rank R's (R > 0) as `rankR/NAME`
+  ema.safetensors     (runs with train.ema only) the moving average of the weights, keyed as model's
   state.json          step, epoch, param groups, python / numpy RNG (rank R's in rank_rng), metrics
 It is written into `ckpt-STEP.tmp/`, each file fsynced, then renamed into place, so a
 kill at any moment leaves either the old set of checkpoints or the new one, never half a
@@ -121,9 +122,11 @@ def step_of(ckpt: Path) -> int:
 
 
 def save(run_dir: Path, step: int, model_state: dict, optim_state: dict, state: dict,
-         keep_last: int = 2, keep_steps: tuple[int, ...] = (), rngs: list | None = None) -> Path:
+         keep_last: int = 2, keep_steps: tuple[int, ...] = (), rngs: list | None = None,
+         ema_state: dict | None = None) -> Path:
     """Write `ckpt-STEP/` atomically and prune all but the newest `keep_last`, never `keep_steps`.
-    `rngs`: every rank's `rng_state()`, rank 0's first (default: this process's alone)."""
+    `rngs`: every rank's `rng_state()`, rank 0's first (default: this process's alone);
+    `ema_state`: the EMA weights of a run with train.ema (ema.safetensors)."""
     final = at(run_dir, step)
     tmp = run_dir / f"{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -137,7 +140,7 @@ def save(run_dir: Path, step: int, model_state: dict, optim_state: dict, state: 
         "model.safetensors": _contiguous(model_state),
         "optim.safetensors": _contiguous(optim_tensors),
         "rng.safetensors": _contiguous(rng_tensors),
-    }
+    } | ({"ema.safetensors": _contiguous(ema_state)} if ema_state is not None else {})
     try:
         for name, tensors in files.items():
             _save_tensors(tensors, tmp / name)
@@ -208,7 +211,8 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def load(ckpt: Path, shapes: dict[str, torch.Size] | None = None) -> tuple[dict, dict, dict]:
-    """(model state, optimizer state, state dict) of a checkpoint; restores nothing yet.
+    """(model state, optimizer state, state dict) of a checkpoint; restores nothing yet. The
+    state dict's "ema" holds the EMA weights where the checkpoint has them (else None).
 
     The whole checkpoint is checked first: every file there and readable, state.json complete,
     the weights finite and, given `shapes` (the model's state-dict shapes), each model and
@@ -225,6 +229,10 @@ def load(ckpt: Path, shapes: dict[str, torch.Size] | None = None) -> tuple[dict,
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
         raise Damaged(f"{ckpt / 'state.json'} is incomplete or wrong ({type(e).__name__}: {e})") from None
     _check_tensors(ckpt, model, optim_tensors, shapes)
+    ema_path = ckpt / "ema.safetensors"
+    state["ema"] = _read(ema_path, lambda p: load_file(str(p))) if ema_path.is_file() else None
+    if state["ema"] is not None:
+        _check_tensors(ckpt, state["ema"], {}, shapes, "ema")
     return model, optim, state
 
 
@@ -287,19 +295,21 @@ def _check_state(ckpt: Path, state: dict, groups: list, rng: dict[str, torch.Ten
         set_rng_state(*before)
 
 
-def _check_tensors(ckpt: Path, model: dict, optim: dict, shapes: dict[str, torch.Size] | None) -> None:
-    """Finite weights; with `shapes`, the model's keys and shapes (optimizer state too)."""
+def _check_tensors(ckpt: Path, model: dict, optim: dict, shapes: dict[str, torch.Size] | None,
+                   name: str = "model") -> None:
+    """Finite weights (of file `name`.safetensors); with `shapes`, the model's keys and shapes
+    (optimizer state too)."""
     bad = next((k for k, v in model.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
-        raise Damaged(f"{ckpt} holds non-finite weights ({bad})")
+        raise Damaged(f"{ckpt / name}.safetensors holds non-finite weights ({bad})")
     if shapes is None:
         return
     missing = sorted(shapes.keys() - model.keys())
     if missing:
-        raise Damaged(f"{ckpt / 'model.safetensors'} does not fit this run's model: it lacks "
+        raise Damaged(f"{ckpt / name}.safetensors does not fit this run's model: it lacks "
                       f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     params = {f"{k}/": v for k, v in shapes.items()}  # optimizer state is keyed PARAM/NAME
-    for file, key, v, want in [("model", k, v, shapes.get(k)) for k, v in model.items()] + [
+    for file, key, v, want in [(name, k, v, shapes.get(k)) for k, v in model.items()] + [
             ("optim", k, v, params.get(k[:k.rfind("/") + 1])) for k, v in optim.items()]:
         if want is None or (v.dim() and v.shape != want):
             raise Damaged(f"{ckpt / file}.safetensors does not fit this run's model: {key} is "

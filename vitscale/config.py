@@ -43,6 +43,7 @@ class TrainConfig:
     weight_decay: float = 0.05  # AdamW decay (not on norms, biases, tokens, position tables)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (MAE pre-training uses 0.95)
     optimizer: str = "adamw"  # adamw | lars (MAE's linear probe: SGD momentum betas[0], trust ratio)
+    ema: float = 0.0  # decay of a moving average of the weights (0 = off), evaluated beside them (ema_*)
     layer_decay: float = 1.0  # layer-wise LR decay for fine-tuning (1.0 = off; MAE uses 0.75)
     clip_grad: float = 0.0  # max gradient norm (0 = off)
     label_smoothing: float = 0.1  # supervised cross-entropy smoothing
@@ -72,6 +73,9 @@ class TrainConfig:
             (self.base_lr >= 0, f"train.base_lr must be 0 (frozen) or more, got {self.base_lr}"),
             (self.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got "
              f"{self.schedule!r}"),
+            (0.0 <= self.ema < 1.0, f"train.ema must be in [0, 1) (0 = off), got {self.ema}"),
+            (not (self.ema and self.fsdp), "train.ema cannot be used with train.fsdp yet; use DDP "
+             "(leave train.fsdp off) or set train.ema=0"),
             (self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got "
              f"{self.optimizer!r}"),
             (0.0 <= self.decay_frac <= 1.0, f"train.decay_frac must be in [0, 1], got {self.decay_frac}"),

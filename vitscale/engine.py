@@ -32,6 +32,7 @@ from vitscale.checkpoint import atomic_write_text
 from vitscale.config import RunConfig, TrainConfig, dump_yaml, load_yaml, to_dict
 from vitscale.data import DataInfo, build_datasets, make_loader, skipped_files
 from vitscale.data.sampler import EpochSampler
+from vitscale.ema import EMA
 from vitscale.errors import Interrupted, StopTraining, UserError
 
 
@@ -209,6 +210,7 @@ class Job:
             _init_weights(self.module, cfg.init, cfg.init_allow, log, cfg.task)
         torch.manual_seed(rank_seed(t.seed, d.rank))  # then each rank's own draws
         self.module.to(d.device)
+        self.ema = EMA(self.module, t.ema) if t.ema else None  # from the initial weights, as they train
         self.forward = _parallel(self.module, cfg, d)
         groups = optim.param_groups(self.module, t.weight_decay, t.layer_decay, cfg.model.depth)
         self.opt = optim.build(t.optimizer, groups, t.betas)
@@ -250,6 +252,11 @@ class Job:
             self._check_branch(ckpt, state["step"])
         set_state_dict(self.module, self.opt, model_state_dict=model_state, optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.d.enabled))
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise UserError(f"{ckpt} holds no EMA weights (ema.safetensors) but this run has train.ema="
+                                 f"{self.cfg.train.ema:g}; resume with the train.ema it was started with")
+            self.ema.load_state_dict(state["ema"])
         if not checkpoint.restore_rng(ckpt, state, self.d.rank):  # saved by fewer ranks
             torch.manual_seed(rank_seed(self.cfg.train.seed + state["step"], self.d.rank))
         self.step, self.best = state["step"], None if branch else state.get("best")
@@ -288,7 +295,8 @@ class Job:
         if self.d.main:
             path = checkpoint.save(self.run_dir, self.step, model_state, optim_state,
                                    {"step": self.step, "best": self.best}, self.cfg.train.keep_last,
-                                   self.cfg.train.keep_steps, rngs)
+                                   self.cfg.train.keep_steps, rngs,
+                                   ema_state=self.ema.state_dict() if self.ema else None)
         dist.barrier(self.d)
         return path
 
@@ -334,10 +342,7 @@ class Job:
             self.log(f"{self.run_dir} finished before: " + ", ".join(f"{k} {done[k]:.4g}" for k in _SHOWN
                                                                       if k in done))
             return done
-        epoch = math.ceil(self.step / self.steps_per_epoch)
-        with _unsharded(self.module):
-            result = evaluate.evaluate(self.cfg, self.module, self.train_set, self.val_set, self.info, self.d,
-                                       epoch - 1, self.run_dir, self.log)
+        result = self.evaluate(math.ceil(self.step / self.steps_per_epoch))
         if self.d.main:
             if evaluate.score(result) in (None, self.best):  # the kill may have come before best/ too
                 checkpoint.publish_best(self.run_dir, checkpoint.at(self.run_dir, self.step))
@@ -417,14 +422,25 @@ class Job:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), t.clip_grad)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.module)
         return loss
+
+    def evaluate(self, epoch: int) -> dict:
+        """The trained weights' metrics after epoch `epoch` (1-based), and with train.ema the
+        moving average's beside them, prefixed ema_ (ema_val_top1 ...)."""
+        with _unsharded(self.module):
+            result = evaluate.evaluate(self.cfg, self.module, self.train_set, self.val_set, self.info, self.d,
+                                       epoch - 1, self.run_dir, self.log)
+        if self.ema is not None:
+            result |= evaluate.evaluate(self.cfg, self.ema.module, self.train_set, self.val_set, self.info,
+                                        self.d, epoch - 1, self.run_dir, self.log, prefix="ema_")
+        return result
 
     def end_epoch(self, window: dict, metrics: Metrics) -> dict:
         """Evaluate, log, checkpoint, and publish the best checkpoint so far."""
         epoch = math.ceil(self.step / self.steps_per_epoch)
-        with _unsharded(self.module):
-            result = evaluate.evaluate(self.cfg, self.module, self.train_set, self.val_set, self.info, self.d,
-                                       epoch - 1, self.run_dir, self.log)
+        result = self.evaluate(epoch)
         seconds = max(window["time"], 1e-9)
         row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "val",
                "train_loss": window["loss"] / max(1, window["n"]),
@@ -464,7 +480,12 @@ def evaluate_run(run: str, device: str = "auto") -> dict:
             raise UserError(f"{run!r} has no checkpoint yet")
         module.load_state_dict(found[1][0])
         module.to(d.device)
-        return evaluate.evaluate(cfg, module, train_set, val_set, info, d, -1, run_dir, warn)
+        result = evaluate.evaluate(cfg, module, train_set, val_set, info, d, -1, run_dir, warn)
+        if found[1][2]["ema"] is not None:  # a run with train.ema: its moving average beside it
+            module.load_state_dict(found[1][2]["ema"])
+            result |= evaluate.evaluate(cfg, module, train_set, val_set, info, d, -1, run_dir, warn,
+                                        prefix="ema_")
+        return result
     finally:
         dist.teardown(d)
 
@@ -505,7 +526,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-_SHOWN = ("train_loss", "val_loss", "val_top1", "knn_top1", "samples_per_s", "data_wait")
+_SHOWN = ("train_loss", "val_loss", "val_top1", "knn_top1", "ema_val_loss", "ema_val_top1", "ema_knn_top1",
+          "samples_per_s", "data_wait")
 
 
 def _parallel(module: torch.nn.Module, cfg: RunConfig, d: dist.Dist) -> torch.nn.Module:

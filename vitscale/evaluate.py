@@ -89,11 +89,17 @@ def knn_top1(train_f: Tensor, train_y: Tensor, val_f: Tensor, val_y: Tensor, k: 
 
 
 def evaluate(cfg, module: nn.Module, train_set, val_set, info, d: dist.Dist, epoch: int,
-             run_dir: Path, log=None) -> dict:
+             run_dir: Path, log=None, prefix: str = "") -> dict:
     """Metrics for the task after an epoch ({} with no validation data); MAE also writes a
-    reconstruction picture. `log` names the unreadable files left out."""
+    reconstruction picture. `log` names the unreadable files left out. `prefix` names the
+    metrics of other weights than the trained ones ("ema_": ema_val_top1 ...; no picture)."""
     if not len(val_set):
         return {}
+    result = _evaluate(cfg, module, train_set, val_set, info, d, epoch, run_dir, log, picture=not prefix)
+    return {prefix + k: v for k, v in result.items()}
+
+
+def _evaluate(cfg, module, train_set, val_set, info, d, epoch, run_dir, log, picture: bool) -> dict:
     module.eval()
     with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed + 1)  # the same masks every evaluation
@@ -109,7 +115,7 @@ def evaluate(cfg, module: nn.Module, train_set, val_set, info, d: dist.Dist, epo
             val_f, val_y = outputs(module.predict, val_set, cfg, d, log)
             result["knn_top1"] = knn_top1(train_f, train_y, val_f, val_y, cfg.train.knn_k)
         items = [it for it in map(val_set.__getitem__, range(min(32, len(val_set)))) if it][:8]
-        if items:  # the first readable items
+        if items and picture:  # the first readable items
             pictures = module.mae.reconstruct(torch.stack([it["x"] for it in items]).to(d.device))
             if d.main:
                 visual.reconstructions(pictures, info, run_dir / f"recon-epoch{epoch + 1:03d}.png")

@@ -14,7 +14,9 @@ Read (the format is told from the files and key names):
   mae       facebookresearch/mae checkpoints (pre-training with its decoder, or fine-tuned)
   videomae  MCG-NJU/VideoMAE checkpoints (pre-training, or fine-tuned)
   vitscale  a run directory (its best, else latest checkpoint), a `vitscale convert --to vitscale`
-            directory, or a model.safetensors of vitscale's
+            directory, or a model.safetensors of vitscale's; a run or checkpoint directory of a run
+            trained with train.ema gives its EMA weights (ema.safetensors; name RUN/best/model.safetensors
+            for the raw ones)
 Write: hf (a directory transformers' from_pretrained loads), timm (one .safetensors state dict;
 an MAE in the original MAE layout, timm's plus decoder_*), vitscale (a directory).
 
@@ -85,7 +87,7 @@ def read(path: str | Path, *, like: ViTConfig | None = None, heads: int | None =
             if (p / "config.yaml").is_file():
                 return _run_dir(p)
             if (p / "model.safetensors").is_file():  # a checkpoint directory of a run (ckpt-N/, best/)
-                p = p / "model.safetensors"
+                p = _weights_file(p)
             else:
                 raise UserError(f"{str(p)!r} is neither a transformers directory (config.json), a vitscale "
                                  "export (vitscale.json), a run (config.yaml) nor a checkpoint "
@@ -97,7 +99,7 @@ def read(path: str | Path, *, like: ViTConfig | None = None, heads: int | None =
         hints = dict(like=like, heads=heads, image_size=image_size, frames=frames)
         if any(k.startswith(("vit.", "mae.")) for k in tensors) or \
                 {"blocks.0.mlp.0.weight", "encoder.blocks.0.mlp.0.weight"} & set(tensors):
-            return _vitscale(tensors, None, None, **hints)
+            return _noted(_vitscale(tensors, None, None, **hints), p)
         layout = timm.layout_of(tensors)
         if layout is not None:
             return timm.read(tensors, layout, decoder_heads=decoder_heads, **hints)
@@ -144,8 +146,22 @@ def _run_dir(run_dir: Path) -> Source:
     ckpt = found[0]
     run = load_yaml(run_dir / "config.yaml")
     mae = run.mae if run.task == "mae" else None
-    return _vitscale(read_tensors(ckpt / "model.safetensors"), run.model, mae,
-                     where=repr(str(run_dir / "config.yaml")))
+    path = _weights_file(ckpt)
+    source = _vitscale(read_tensors(path), run.model, mae, where=repr(str(run_dir / "config.yaml")))
+    return _noted(source, path)
+
+
+def _weights_file(ckpt: Path) -> Path:
+    """A checkpoint's weights to start from: its EMA (train.ema) where it has one, else its model."""
+    return ckpt / "ema.safetensors" if (ckpt / "ema.safetensors").is_file() else ckpt / "model.safetensors"
+
+
+def _noted(source: Source, path: Path) -> Source:
+    """Say so where the weights are a run's moving average (a checkpoint's ema.safetensors)."""
+    if path.name != "ema.safetensors":
+        return source
+    return replace(source, notes=(*source.notes, f"the run's EMA weights ({path}; train.ema), not its raw "
+                                  f"ones ({path.with_name('model.safetensors')})"))
 
 
 def _vitscale(tensors, cfg: ViTConfig | None, mae: MAEConfig | None, *, like=None, heads=None,
