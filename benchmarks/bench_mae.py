@@ -30,6 +30,15 @@ ViTMAE (as MAE), per channel in HF VideoMAE (as VideoMAE); the cost is the same.
     python benchmarks/bench_mae.py --quick          # pico models, a smoke test in seconds
     python benchmarks/bench_mae.py --device cuda --json out/bench_mae.json   # L/16, B/16-f16
 
+With --dual it times VideoMAE V2's dual masking instead: the same VideoMAE model (90% tube
+masking) with the decoder on every masked token (`full`, decoder_mask_ratio 0) and on the
+visible tokens plus 1 - r of the masked ones (`dual`, running cell, r = --decoder-mask-ratio,
+default 0.5), same weights, rotating rounds, printing e.g.
+    videomae B/16-f16 90% tube dual (decoder drops 50%, running_cell) vs full decoder: ... = 1.20x
+
+    python benchmarks/bench_mae.py --dual           # B/16-f16 16x224x224 (b8 on GPU, b1 on CPU)
+    python benchmarks/bench_mae.py --dual --small   # S/16 on 8x224x224 clips, b1: minutes on a CPU
+
 Runtime: about 9 minutes on a 2-core CPU with the defaults (longer on one busy with other jobs).
 """
 
@@ -96,6 +105,19 @@ QUICK_CELLS = (
     Cell("mae", "pico/4", MAEConfig(0.75, "random", 64, 2, 4), batch=16, rounds=2),
     Cell("videomae", "pico/4-f8", MAEConfig(0.9, "tube", 64, 2, 4), batch=4, rounds=2),
 )
+
+
+VIDEOMAE_S_DECODER = dict(decoder_width=192, decoder_depth=4, decoder_heads=3)  # VideoMAE ViT-S
+TUBE = MAEConfig(0.9, "tube", **VIDEOMAE_DECODER)
+DUAL_CELLS = {  # --dual: (default, --small), by device
+    "cuda": (Cell("videomae", "B/16-f16", TUBE, batch=8, warmup=3, iters=10, rounds=3),
+             Cell("videomae", "S/16-f8", MAEConfig(0.9, "tube", **VIDEOMAE_S_DECODER), batch=8, warmup=3,
+                  iters=10, rounds=3)),
+    "cpu": (Cell("videomae", "B/16-f16", TUBE, batch=1),
+            Cell("videomae", "S/16-f8", MAEConfig(0.9, "tube", **VIDEOMAE_S_DECODER), batch=1)),
+}
+DUAL_QUICK = Cell("videomae", "pico/4-f8", MAEConfig(0.9, "tube", 64, 2, 4), batch=4, rounds=2)
+DUAL_SIDES = ("full", "dual")
 
 
 # ----------------------------------------------------------------------------- peers
@@ -229,10 +251,57 @@ def run_cell(cell: Cell, device: torch.device, seed: int, dtype: str = "fp32") -
     }
 
 
+def run_dual(cell: Cell, device: torch.device, seed: int, dtype: str = "fp32", ratio: float = 0.5,
+             how: str = "running_cell") -> dict:
+    """Time a VideoMAE step with the decoder on all masked tokens and under dual masking."""
+    cfg = cell.encoder_cfg()
+    torch.manual_seed(seed)
+    full = MAE(cfg, cell.mae).to(device)
+    dual = MAE(cfg, replace(cell.mae, decoder_mask_ratio=ratio, decoder_masking=how)).to(device)
+    dual.load_state_dict(full.state_dict())  # the same weights
+    label = f"{cell.label()} dual (decoder drops {ratio:.0%}, {how})"
+    masking = full.make_mask(1, cfg.grid, device)
+    n, k = cfg.num_patches, masking.keep.shape[1]
+    decoded = dual.make_decoder_keep(masking.mask, cfg.grid).shape[1]
+    mae = cell.mae
+    print(f"{label}: encoder {cfg.width}x{cfg.depth} ({cfg.heads} heads), "
+          f"{cfg.frames}x{cfg.hw[0]}x{cfg.hw[1]} clips, tubelet {cfg.tubelet}, grid {cfg.grid} = {n} tokens, "
+          f"{k} visible; decoder {mae.decoder_width}x{mae.decoder_depth} ({mae.decoder_heads} heads) on {n} "
+          f"tokens (full) vs {k + decoded} (dual: {decoded} of {n - k} masked); batch {cell.batch}, {dtype}, "
+          f"warmup {cell.warmup}, {cell.iters} timed steps x {cell.rounds} rounds", flush=True)
+    torch.manual_seed(seed)
+    x = example_input(cfg, cell.batch, device)
+    sides = {"full": full, "dual": dual}
+    flops = {name: forward_flops(model, x) for name, model in sides.items()}
+    runs: dict[str, list[Measurement]] = {name: [] for name in DUAL_SIDES}
+    for r in range(cell.rounds):
+        for name in DUAL_SIDES[r % 2:] + DUAL_SIDES[: r % 2]:  # rotate who goes first
+            runs[name].append(measure_model(sides[name], x, "train", dtype, cell.warmup, cell.iters,
+                                            lambda out: out[0]))
+    m = {name: best(runs[name]) for name in DUAL_SIDES}
+    print(f"{label} forward multiply-adds per sample: full {flops['full'] / 1e9:.3g} G, "
+          f"dual {flops['dual'] / 1e9:.3g} G ({flops['full'] / flops['dual']:.2f}x)", flush=True)
+    print(line(label, "vs full decoder", m["dual"], m["full"]), flush=True)
+    return {
+        "cell": label, "preset": cell.preset, "batch": cell.batch, "dtype": dtype, "mae": asdict(cell.mae),
+        "decoder_mask_ratio": ratio, "decoder_masking": how, "encoder": asdict(cfg), "tokens": n,
+        "visible": k, "decoded_masked": decoded, "forward_macs": flops,
+        "sides": {name: m[name].as_dict() for name in DUAL_SIDES},
+        "rounds": {name: [r.as_dict() for r in runs[name]] for name in DUAL_SIDES},
+        "ratio_dual_vs_full": m["dual"].samples_per_s / m["full"].samples_per_s,
+    }
+
+
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = bench_common.parser(__doc__)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast")
+    p.add_argument("--dual", action="store_true", help="time VideoMAE V2 dual masking vs the full decoder")
+    p.add_argument("--small", action="store_true", help="--dual on S/16 with 8-frame clips (CPU-sized)")
+    p.add_argument("--batch", type=int, help="--dual: samples per step (default: per cell)")
+    p.add_argument("--decoder-mask-ratio", type=float, default=0.5,
+                   help="--dual: share of the masked tokens the decoder drops")
+    p.add_argument("--decoder-masking", default="running_cell", choices=("running_cell", "random"))
     return p.parse_args(argv)
 
 
@@ -242,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     env = bench_common.environment(device)
     print(f"{bench_common.environment_line(env)}  ({args.dtype} train steps: forward, backward, AdamW)",
           flush=True)
+    if args.dual:
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        cell = DUAL_QUICK if args.quick else DUAL_CELLS[kind][args.small]
+        cell = replace(cell, rounds=args.rounds or cell.rounds, batch=args.batch or cell.batch)
+        result = run_dual(cell, device, args.seed, args.dtype, args.decoder_mask_ratio, args.decoder_masking)
+        bench_common.write_json(args.json, env | {"cells": [result]})
+        return 0
     cells = QUICK_CELLS if args.quick else GPU_CELLS if device.type == "cuda" else CPU_CELLS
     results = []
     for cell in cells:
