@@ -1,7 +1,10 @@
 """train.ema: the moving average of the weights, evaluated, checkpointed, resumed and used by --init."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,3 +115,21 @@ def test_ema_settings_are_checked():
         apply_overrides(RunConfig(), ["train.ema=1"])
     with pytest.raises(UserError, match="train.ema cannot be used with train.fsdp"):
         apply_overrides(RunConfig(), ["train.ema=0.99", "train.fsdp=true"])
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_keep_the_ema_of_one_process(tmp_path):
+    """Under DDP (2 gloo ranks) every rank averages its own copy; the checkpointed EMA is one process's."""
+    common = ["-m", "vitscale", "train", "--train.ema=0.9", "--train.label_smoothing=0",
+              *(f"--{o}" for o in FAST if o.split("=")[0] not in ("train.keep_last", "train.ckpt_every",
+                                                                 "train.max_steps")), "--train.max_steps=2"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    for out, launcher in [("one", []), ("two", ["-m", "torch.distributed.run", "--standalone",
+                                                "--nproc_per_node", "2"])]:
+        r = subprocess.run([sys.executable, *launcher, *common, "--out", str(tmp_path / out)], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    one, two = tensors(tmp_path / "one", 2, "ema"), tensors(tmp_path / "two", 2, "ema")
+    for k, v in one.items():
+        torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5)
+    assert "ema_val_top1" in json.loads((tmp_path / "two" / "final.json").read_text())
