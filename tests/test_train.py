@@ -31,8 +31,16 @@ def test_supervised_run_writes_everything(tmp_path):
     cfg, result = run(tmp_path, "sup")
     names = {p.name for p in (tmp_path / "sup").iterdir()}
     assert {"config.yaml", "metrics.jsonl", "curves.png", "final.json", "best"} <= names
-    assert 0 <= result["val_top1"] <= 1 and len(losses(cfg)) == 4
+    assert 0 <= result["val_top1"] <= result["val_top5"] <= 1 and len(losses(cfg)) == 4  # 10 classes
     assert json.loads((tmp_path / "sup" / "final.json").read_text())["step"] == 4
+
+
+def test_top_k_is_the_share_of_labels_among_the_k_highest_logits():
+    from vitscale.evaluate import top_k
+
+    logits = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    y = torch.tensor([2, 0, 0, 2])  # ranks of the label: 2nd, 1st, 3rd, 3rd
+    assert (top_k(logits, y, 1), top_k(logits, y, 2), top_k(logits, y, 3)) == (0.25, 0.5, 1.0)
 
 
 def test_a_finished_run_run_again_keeps_its_result(tmp_path):

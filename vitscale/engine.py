@@ -526,8 +526,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-_SHOWN = ("train_loss", "val_loss", "val_top1", "knn_top1", "ema_val_loss", "ema_val_top1", "ema_knn_top1",
-          "samples_per_s", "data_wait")
+_SHOWN = ("train_loss", "val_loss", "val_top1", "val_top5", "knn_top1", "ema_val_loss", "ema_val_top1",
+          "ema_val_top5", "ema_knn_top1", "samples_per_s", "data_wait")
 
 
 def _parallel(module: torch.nn.Module, cfg: RunConfig, d: dist.Dist) -> torch.nn.Module:

@@ -99,14 +99,19 @@ def evaluate(cfg, module: nn.Module, train_set, val_set, info, d: dist.Dist, epo
     return {prefix + k: v for k, v in result.items()}
 
 
+def top_k(logits: Tensor, y: Tensor, k: int) -> float:
+    """Share of samples whose label is among their k highest logits ([N, classes], [N])."""
+    return float((logits.topk(k, dim=1).indices == y[:, None]).any(1).float().mean())
+
+
 def _evaluate(cfg, module, train_set, val_set, info, d, epoch, run_dir, log, picture: bool) -> dict:
     module.eval()
     with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed + 1)  # the same masks every evaluation
         if cfg.task != "mae":
             logits, y = outputs(module.predict, val_set, cfg, d, log)
-            return {"val_top1": float((logits.argmax(1) == y).float().mean()),
-                    "val_loss": float(F.cross_entropy(logits, y))}
+            top5 = {"val_top5": top_k(logits, y, 5)} if logits.shape[1] > 5 else {}  # else always 1
+            return {"val_top1": top_k(logits, y, 1), **top5, "val_loss": float(F.cross_entropy(logits, y))}
         # one row per sample holding its batch's mean loss: the mean over rows weights batches by size
         losses, _ = outputs(lambda x: module(x, None).reshape(1).expand(x.shape[0]), val_set, cfg, d, log)
         result = {"val_loss": float(losses.mean())}
