@@ -39,17 +39,13 @@ class Damaged(UserError):
     """A checkpoint that cannot be used as it is; the message names it and what is wrong."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk (before a rename publishes them)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -64,7 +60,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)  # a full disk: leave the old file, not a cut temporary one
         raise
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync(path.parent)
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -146,14 +142,14 @@ def save(run_dir: Path, step: int, model_state: dict, optim_state: dict, state: 
             _save_tensors(tensors, tmp / name)
         (tmp / "state.json").write_text(json.dumps(state | {"optim": optim_rest, "rng": rng_rest}))
         for path in tmp.iterdir():
-            _fsync_file(path)
+            fsync(path)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk: free what was written; the older ones stay
         raise
-    _fsync_dir(tmp)
+    fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(run_dir)
+    fsync(run_dir)
     prunable = [c for c in checkpoints(run_dir) if step_of(c) not in keep_steps]
     for old in [*run_dir.glob(f"{PREFIX}*.old"), *(prunable[:-keep_last] if keep_last > 0 else [])]:
         gone = old.with_name(f"{_NAME.match(old.name).group()}.old")
@@ -182,12 +178,12 @@ def publish_best(run_dir: Path, ckpt: Path) -> None:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk: the old best/ stays
         raise
-    _fsync_dir(tmp)
+    fsync(tmp)
     if best.exists():
         os.replace(best, old)
     os.replace(tmp, best)
     shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(run_dir)
+    fsync(run_dir)
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

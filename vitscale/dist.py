@@ -19,7 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as td
 
-from vitscale.bench import pick_device
+from vitscale.device import pick_device
 from vitscale.errors import StopTraining, UserError
 
 TIMEOUT = timedelta(minutes=30)  # the longest a rank waits for the others (rank 0 sizing a trial, saving)

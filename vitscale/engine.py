@@ -27,11 +27,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from vitscale import checkpoint, dist, errors, evaluate, lock, optim, signals, tasks, visual, weights
-from vitscale.bench import autocast
 from vitscale.checkpoint import atomic_write_text
 from vitscale.config import RunConfig, TrainConfig, dump_yaml, load_yaml, to_dict
 from vitscale.data import DataInfo, build_datasets, make_loader, skipped_files
 from vitscale.data.sampler import EpochSampler
+from vitscale.device import autocast
 from vitscale.ema import EMA
 from vitscale.errors import Interrupted, StopTraining, UserError
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitscale import dist, visual
-from vitscale.bench import autocast
 from vitscale.data import make_loader, skipped_files
+from vitscale.device import autocast
 from vitscale.errors import UserError
 
 

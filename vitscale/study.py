@@ -40,6 +40,7 @@ from vitscale.checkpoint import atomic_write_text
 from vitscale.complexity import cost
 from vitscale.config import RunConfig
 from vitscale.data import build_datasets
+from vitscale.device import pick_device
 from vitscale.errors import Interrupted, UserError
 from vitscale.models.vit import ViTConfig
 from vitscale.pool import Runner
@@ -210,7 +211,7 @@ class _Labelled(torch.nn.Module):
 def measure_trial(run: RunConfig, num_classes: int, rounds: int = 3) -> bench.Measurement:
     """Training-step throughput and peak memory of the trial's task module at its batch:
     the best of a few rounds, so a moment of contention on a shared machine does not stick."""
-    device = bench.pick_device(run.train.device)
+    device = pick_device(run.train.device)
     torch.manual_seed(run.train.seed)
     module = tasks.build(run.task, run.model, run.train, run.mae, num_classes).to(device)
     x = bench.example_input(run.model, run.train.batch, device)

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from vitscale.checkpoint import fsync
 from vitscale.errors import UserError
 
 State = dict[str, Tensor]
@@ -135,24 +136,15 @@ def publish(final: Path, files: dict[str, State | str], directory: bool) -> list
                 (stage / name).write_text(content)
             else:
                 save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, str(stage / name))
-            _fsync(stage / name)
-        _fsync(stage)
+            fsync(stage / name)
+        fsync(stage)
         os.replace(stage if directory else stage / next(iter(files)), final)
-        _fsync(final.parent)
+        fsync(final.parent)
     except OSError as e:
         raise UserError(f"cannot write {str(final)!r}: {e.strerror or e}; choose another path") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return [final / name for name in files] if directory else [final]
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a directory's entries to disk (before a rename publishes them)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- key renaming
