@@ -91,14 +91,14 @@ def _differences(saved: RunConfig, cfg: RunConfig) -> list[str]:
             for k in sorted(theirs.keys() | mine.keys()) if k not in _PLACE and theirs.get(k) != mine.get(k)]
 
 
-def _init_weights(module: torch.nn.Module, init: str, allow: str, log, task: str) -> None:
-    """Start the encoder from weights in any format vitscale reads (vitscale.weights); fine-tuning
-    then starts its head tiny and a mean-pooling norm fresh (ViT.start_fine_tuning)."""
-    patterns = tuple(p.strip() for p in allow.split(",") if p.strip())
-    report = weights.init_encoder(module.encoder, init, allow=patterns)
-    log(f"encoder weights from {init}: {report.summary()}")
-    if task == "finetune" and (fresh := module.encoder.start_fine_tuning()):
-        log("fine-tuning: " + "; ".join(fresh))
+def _init_weights(module: torch.nn.Module, cfg: RunConfig, task: tasks.Task, log) -> None:
+    """Start the encoder from --init weights in any format vitscale reads (vitscale.weights),
+    then make the changes the task makes to them (fine-tuning: a tiny head, a fresh fc_norm)."""
+    patterns = tuple(p.strip() for p in cfg.init_allow.split(",") if p.strip())
+    report = weights.init_encoder(module.encoder, cfg.init, allow=patterns)
+    log(f"encoder weights from {cfg.init}: {report.summary()}")
+    if task.after_init and (changed := task.after_init(module)):
+        log(f"{task.name}: " + "; ".join(changed))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -186,9 +186,7 @@ class Job:
         if not len(self.val_set):
             log("no validation data (data.val_fraction=0): nothing is evaluated; best/ is the latest")
         cfg = resolve(cfg, info=self.info)
-        if cfg.task == "mae" and cfg.mae.masking == "tube" and not cfg.model.is_video:
-            raise UserError("tube masking is for video; use --mae.masking=random for images")
-        self.cfg, self.d, self.log = cfg, d, log
+        self.cfg, self.d, self.log, self.task = cfg, d, log, tasks.get(cfg.task)
         self.run_dir = _prepare_run_dir(cfg, d, log)
         self.micro = t.batch // (d.world * t.accum)  # samples per rank per forward pass
         if self.micro * d.world * t.accum != t.batch:
@@ -203,11 +201,11 @@ class Job:
         self.peak = t.base_lr * t.batch / 256
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        self.module = tasks.build(cfg.task, cfg.model, t, cfg.mae, self.info.num_classes)
+        self.module = tasks.build(cfg, self.info.num_classes)
         if cfg.init == "random":
             log("encoder left at its random initialisation (--init random: a baseline)")
         elif cfg.init:
-            _init_weights(self.module, cfg.init, cfg.init_allow, log, cfg.task)
+            _init_weights(self.module, cfg, self.task, log)
         torch.manual_seed(rank_seed(t.seed, d.rank))  # then each rank's own draws
         self.module.to(d.device)
         self.ema = EMA(self.module, t.ema) if t.ema else None  # from the initial weights, as they train
@@ -344,7 +342,7 @@ class Job:
             return done
         result = self.evaluate(math.ceil(self.step / self.steps_per_epoch))
         if self.d.main:
-            if evaluate.score(result) in (None, self.best):  # the kill may have come before best/ too
+            if self.task.score(result) in (None, self.best):  # the kill may have come before best/ too
                 checkpoint.publish_best(self.run_dir, checkpoint.at(self.run_dir, self.step))
             self.write_final(result)
         return result
@@ -429,12 +427,12 @@ class Job:
     def evaluate(self, epoch: int) -> dict:
         """The trained weights' metrics after epoch `epoch` (1-based), and with train.ema the
         moving average's beside them, prefixed ema_ (ema_val_top1 ...)."""
+        ctx = evaluate.Context(self.cfg, self.train_set, self.val_set, self.info, self.d, self.log,
+                               self.run_dir / f"recon-epoch{epoch:03d}.png")
         with _unsharded(self.module):
-            result = evaluate.evaluate(self.cfg, self.module, self.train_set, self.val_set, self.info, self.d,
-                                       epoch - 1, self.run_dir, self.log)
+            result = evaluate.evaluate(self.task, self.module, ctx)
         if self.ema is not None:
-            result |= evaluate.evaluate(self.cfg, self.ema.module, self.train_set, self.val_set, self.info,
-                                        self.d, epoch - 1, self.run_dir, self.log, prefix="ema_")
+            result |= evaluate.evaluate(self.task, self.ema.module, replace(ctx, picture=None), prefix="ema_")
         return result
 
     def end_epoch(self, window: dict, metrics: Metrics) -> dict:
@@ -448,7 +446,7 @@ class Job:
                "data_wait": window["wait"] / seconds} | result
         metrics.log(row)
         self.log(f"epoch {epoch}: " + ", ".join(f"{k} {row[k]:.4g}" for k in _SHOWN if k in row))
-        score = evaluate.score(result)  # None without validation data: the latest is the best
+        score = self.task.score(result)  # None without validation data: the latest is the best
         improved = score is None or self.best is None or score > self.best
         self.best = score if improved else self.best
         path = self.save()
@@ -473,18 +471,18 @@ def evaluate_run(run: str, device: str = "auto") -> dict:
         if resolve(cfg, info) != cfg:
             raise UserError(f"{run_dir / 'config.yaml'}: its model's input or classes are not its data's; "
                              "put back the run's own config.yaml")
-        module = tasks.build(cfg.task, cfg.model, cfg.train, cfg.mae, info.num_classes)
+        task, module = tasks.get(cfg.task), tasks.build(cfg, info.num_classes)
         shapes = {k: v.shape for k, v in module.state_dict().items()}
         found = checkpoint.newest_good(run_dir, shapes, warn, first=(run_dir / "best",))
         if found is None:
             raise UserError(f"{run!r} has no checkpoint yet")
         module.load_state_dict(found[1][0])
         module.to(d.device)
-        result = evaluate.evaluate(cfg, module, train_set, val_set, info, d, -1, run_dir, warn)
+        ctx = evaluate.Context(cfg, train_set, val_set, info, d, warn, run_dir / "recon-epoch000.png")
+        result = evaluate.evaluate(task, module, ctx)
         if found[1][2]["ema"] is not None:  # a run with train.ema: its moving average beside it
             module.load_state_dict(found[1][2]["ema"])
-            result |= evaluate.evaluate(cfg, module, train_set, val_set, info, d, -1, run_dir, warn,
-                                        prefix="ema_")
+            result |= evaluate.evaluate(task, module, replace(ctx, picture=None), prefix="ema_")
         return result
     finally:
         dist.teardown(d)

@@ -1,4 +1,5 @@
-"""Evaluation after each epoch: top-1, validation loss, k-NN accuracy, MAE pictures.
+"""Evaluation after each epoch: the machinery (sharded outputs, top-k, k-NN) each task's
+metrics are built from (vitscale.tasks), and the call that runs them.
 
 Every rank evaluates an equal, padded shard of the data (FSDP needs every rank in every
 forward pass); padded duplicates are dropped before anything is counted.
@@ -8,15 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as td
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
-from vitscale import dist, visual
-from vitscale.data import make_loader, skipped_files
+from vitscale import dist
+from vitscale.data import DataInfo, make_loader, skipped_files
 from vitscale.device import autocast
 from vitscale.errors import UserError
 
@@ -88,49 +93,33 @@ def knn_top1(train_f: Tensor, train_y: Tensor, val_f: Tensor, val_y: Tensor, k: 
     return correct / val_f.shape[0]
 
 
-def evaluate(cfg, module: nn.Module, train_set, val_set, info, d: dist.Dist, epoch: int,
-             run_dir: Path, log=None, prefix: str = "") -> dict:
-    """Metrics for the task after an epoch ({} with no validation data); MAE also writes a
-    reconstruction picture. `log` names the unreadable files left out. `prefix` names the
-    metrics of other weights than the trained ones ("ema_": ema_val_top1 ...; no picture)."""
-    if not len(val_set):
+@dataclass(frozen=True)
+class Context:
+    """What a task's metrics are computed from besides its module."""
+
+    cfg: Any  # the RunConfig
+    train_set: Dataset
+    val_set: Dataset  # what is scored
+    info: DataInfo
+    d: dist.Dist
+    log: Callable | None = None  # names the unreadable files left out
+    picture: Path | None = None  # where a task that draws its outputs draws them; None: nowhere
+
+
+def evaluate(task, module: nn.Module, ctx: Context, prefix: str = "") -> dict:
+    """The task's metrics of `module` ({} with no validation data), with the same random draws
+    (e.g. MAE's masks) every time. `prefix` names the metrics of other weights than the trained
+    ones ("ema_": ema_val_top1 ...)."""
+    if not len(ctx.val_set):
         return {}
-    result = _evaluate(cfg, module, train_set, val_set, info, d, epoch, run_dir, log, picture=not prefix)
+    module.eval()
+    d = ctx.d
+    with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
+        torch.manual_seed(ctx.cfg.train.seed + 1)
+        result = task.metrics(module, ctx)
     return {prefix + k: v for k, v in result.items()}
 
 
 def top_k(logits: Tensor, y: Tensor, k: int) -> float:
     """Share of samples whose label is among their k highest logits ([N, classes], [N])."""
     return float((logits.topk(k, dim=1).indices == y[:, None]).any(1).float().mean())
-
-
-def _evaluate(cfg, module, train_set, val_set, info, d, epoch, run_dir, log, picture: bool) -> dict:
-    module.eval()
-    with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
-        torch.manual_seed(cfg.train.seed + 1)  # the same masks every evaluation
-        if cfg.task != "mae":
-            logits, y = outputs(module.predict, val_set, cfg, d, log)
-            top5 = {"val_top5": top_k(logits, y, 5)} if logits.shape[1] > 5 else {}  # else always 1
-            return {"val_top1": top_k(logits, y, 1), **top5, "val_loss": float(F.cross_entropy(logits, y))}
-        # one row per sample holding its batch's mean loss: the mean over rows weights batches by size
-        losses, _ = outputs(lambda x: module(x, None).reshape(1).expand(x.shape[0]), val_set, cfg, d, log)
-        result = {"val_loss": float(losses.mean())}
-        if cfg.train.knn_k and info.num_classes > 1:
-            train_f, train_y = outputs(module.predict, train_set, cfg, d, log)
-            val_f, val_y = outputs(module.predict, val_set, cfg, d, log)
-            result["knn_top1"] = knn_top1(train_f, train_y, val_f, val_y, cfg.train.knn_k)
-        items = [it for it in map(val_set.__getitem__, range(min(32, len(val_set)))) if it][:8]
-        if items and picture:  # the first readable items
-            pictures = module.mae.reconstruct(torch.stack([it["x"] for it in items]).to(d.device))
-            if d.main:
-                visual.reconstructions(pictures, info, run_dir / f"recon-epoch{epoch + 1:03d}.png")
-    return result
-
-
-def score(result: dict) -> float | None:
-    """Higher is better: top-1, else k-NN top-1, else minus the validation loss; None with no
-    validation data (then the latest checkpoint is the best)."""
-    for key in ("val_top1", "knn_top1"):
-        if key in result:
-            return result[key]
-    return -result["val_loss"] if "val_loss" in result else None

@@ -189,7 +189,8 @@ def train_flops_per_sample(run: RunConfig, num_classes: int) -> float:
     batch = 2
     with torch.device("meta"):
         train = replace(run.train, mixup=0, cutmix=0)
-        module = tasks.build(run.task, run.model.replace(drop_path=0.0), train, run.mae, num_classes)
+        plain = replace(run, model=run.model.replace(drop_path=0.0), train=train)
+        module = tasks.build(plain, num_classes)
         x = bench.example_input(run.model, batch, "meta")
         y = torch.zeros(batch, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
@@ -213,7 +214,7 @@ def measure_trial(run: RunConfig, num_classes: int, rounds: int = 3) -> bench.Me
     the best of a few rounds, so a moment of contention on a shared machine does not stick."""
     device = pick_device(run.train.device)
     torch.manual_seed(run.train.seed)
-    module = tasks.build(run.task, run.model, run.train, run.mae, num_classes).to(device)
+    module = tasks.build(run, num_classes).to(device)
     x = bench.example_input(run.model, run.train.batch, device)
     y = torch.randint(0, max(num_classes, 1), (run.train.batch,), device=device)
     model = _Labelled(module, y)
@@ -311,7 +312,7 @@ def _sized(run: RunConfig, study: StudyConfig, length: int, spe: int, seed: int,
 
 
 def _metric(run: RunConfig) -> str:
-    return "val_top1" if run.task == "supervised" else "knn_top1"
+    return tasks.get(run.task).metric
 
 
 def _point(fraction: float, steps: int, run: RunConfig, sizing: Sizing, final: dict, rate: float,

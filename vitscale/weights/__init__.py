@@ -138,6 +138,7 @@ def _export_dir(directory: Path) -> Source:
 def _run_dir(run_dir: Path) -> Source:
     """A vitscale run: its best checkpoint, else its newest whole one (a damaged one passed over
     with a warning), with the run's config."""
+    from vitscale import tasks
     from vitscale.config import load_yaml
 
     found = newest_good(run_dir, warn=lambda m: print(m, file=sys.stderr), first=(run_dir / "best",))
@@ -145,7 +146,7 @@ def _run_dir(run_dir: Path) -> Source:
         raise UserError(f"{str(run_dir)!r} holds no checkpoint to start from")
     ckpt = found[0]
     run = load_yaml(run_dir / "config.yaml")
-    mae = run.mae if run.task == "mae" else None
+    mae = run.mae if tasks.get(run.task).decoder else None
     path = _weights_file(ckpt)
     source = _vitscale(read_tensors(path), run.model, mae, where=repr(str(run_dir / "config.yaml")))
     return _noted(source, path)
