@@ -125,7 +125,7 @@ def test_bad_branches_fail_with_one_line(tmp_path):
     with pytest.raises(ValueError, match="is not a checkpoint directory"):
         run(tmp_path, "b1", "train.max_steps=12", f"train.branch_from={tmp_path / 'stable' / 'ckpt-4'}")
     kept = checkpoint.at(tmp_path / "stable", 8)
-    with pytest.raises(ValueError, match="must keep its parent's config, but train.seed is 1 here, 0 there"):
+    with pytest.raises(ValueError, match="must keep its parent's config, but train.seed is 0 there, 1 here"):
         run(tmp_path, "b2", "train.max_steps=12", "train.seed=1", f"train.branch_from={kept}")
     # 6 warm-up steps; a 10-step run decaying over half of it decays from step 5, warm-up until 6
     with pytest.raises(ValueError, match="LR at step 6 .*decay start"):

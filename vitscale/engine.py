@@ -63,13 +63,13 @@ def _prepare_run_dir(cfg: RunConfig, d: dist.Dist, log=print) -> Path:
             raise UserError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror}") from None
         saved = run_dir / "config.yaml"
         started = saved.is_file() and bool(checkpoint.checkpoints(run_dir))
-        differ = _differences(load_yaml(saved), cfg) if started else []
-        refused = [x for x in differ if x.split(" ", 1)[0] not in RECOVERY]
+        differ = _differences(load_yaml(saved), cfg, _PLACE) if started else {}
+        refused = [said for key, said in differ.items() if key not in RECOVERY]
         if refused:
             raise UserError(f"{str(run_dir)!r} holds a run with another config ({'; '.join(refused[:3])}); "
                              f"resume it with --config {saved} or choose a new --out")
         if differ:
-            log(f"resuming with a changed recipe: {'; '.join(differ)}")
+            log(f"resuming with a changed recipe: {'; '.join(differ.values())}")
         if not started or differ:
             atomic_write_text(saved, dump_yaml(cfg, leave_out=("out",)))
     dist.barrier(d)
@@ -84,11 +84,12 @@ _PLACE = {"out", "init", "init_allow", "train.branch_from"}
 RECOVERY = {"train.base_lr", "train.clip_grad", "train.dtype"}
 
 
-def _differences(saved: RunConfig, cfg: RunConfig) -> list[str]:
-    """'key is A there, B here' for each field but _PLACE in which a run's config.yaml differs."""
+def _differences(saved: RunConfig, cfg: RunConfig, ignored: set[str]) -> dict[str, str]:
+    """{key: "key is A there, B here"} for each field but `ignored` in which `cfg` differs from
+    `saved` (a run's config.yaml, a branch's parent's)."""
     theirs, mine = _flat(to_dict(saved)), _flat(to_dict(cfg))
-    return [f"{k} is {theirs.get(k)!r} there, {mine.get(k)!r} here"
-            for k in sorted(theirs.keys() | mine.keys()) if k not in _PLACE and theirs.get(k) != mine.get(k)]
+    return {k: f"{k} is {theirs.get(k)!r} there, {mine.get(k)!r} here"
+            for k in sorted(theirs.keys() | mine.keys()) if k not in ignored and theirs.get(k) != mine.get(k)}
 
 
 def _init_weights(module: torch.nn.Module, cfg: RunConfig, task: tasks.Task, log) -> None:
@@ -268,13 +269,9 @@ class Job:
             raise UserError(f"train.branch_from={str(ckpt)!r} has no config.yaml beside it to check "
                              "that this run continues it")
         parent = load_yaml(saved)
-        mine, theirs = _flat(to_dict(self.cfg)), _flat(to_dict(parent))
-        differ = sorted(k for k in mine.keys() | theirs.keys()
-                        if mine.get(k) != theirs.get(k) and k not in BRANCH_MAY_DIFFER)
-        if differ:
+        if differ := _differences(parent, self.cfg, BRANCH_MAY_DIFFER):
             raise UserError(f"train.branch_from={str(ckpt)!r}: a branch must keep its parent's config, but "
-                             + ", ".join(f"{k} is {mine.get(k)!r} here, {theirs.get(k)!r} there"
-                                         for k in differ))
+                             + ", ".join(differ.values()))
         if step >= self.total:
             raise UserError(f"train.branch_from={str(ckpt)!r} is at step {step}, not before this run's "
                              f"last ({self.total})")
