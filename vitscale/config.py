@@ -26,6 +26,7 @@ from vitscale.models.mae import MAEConfig
 from vitscale.models.vit import ViTConfig, preset
 from vitscale.optim import OPTIMIZERS, SCHEDULES
 
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30  # passes over the training set
@@ -118,7 +119,8 @@ RECIPES = {
     "train": ["task=supervised", *BUILTIN, "train.epochs=40", "train.base_lr=4e-3", "train.warmup_epochs=3"],
     "pretrain": ["task=mae", *BUILTIN, "train.epochs=60", "train.base_lr=4e-3", "train.betas=0.9,0.95",
                  "train.warmup_epochs=5", "train.label_smoothing=0", "mae.decoder_width=64",
-                 "mae.decoder_depth=2", "mae.decoder_heads=2", "mae.norm_pix_loss=false"],
+                 "mae.decoder_depth=2", "mae.decoder_heads=2", "mae.norm_pix_loss=auto",
+                 "model.pos_embed=sincos"],
     "finetune": ["task=finetune", *BUILTIN, "train.epochs=20", "train.base_lr=4e-3", "train.layer_decay=0.75",
                  "train.warmup_epochs=2"],
     "linprobe": ["task=linprobe", *BUILTIN, "train.epochs=30", "train.base_lr=0.4", "train.weight_decay=0",
@@ -335,8 +337,9 @@ def home(path: str | Path) -> str | None:
 
 
 def with_preset(cfg: RunConfig, name: str) -> RunConfig:
-    """Replace the model section by a preset's architecture."""
-    return replace(cfg, model=preset(name))
+    """Replace the model section by a preset's architecture; the config's position table stays
+    (the pretrain recipe's fixed sin-cos)."""
+    return replace(cfg, model=preset(name, pos_embed=cfg.model.pos_embed))
 
 
 __all__ = ["RunConfig", "TrainConfig", "apply_overrides", "dump_yaml", "from_dict",

@@ -37,14 +37,18 @@ from vitscale.errors import Interrupted, StopTraining, UserError
 
 
 def resolve(cfg: RunConfig, info: DataInfo) -> RunConfig:
-    """Make the model's input shape and classes those of the data (which sets the frames)."""
+    """Make the model's input shape and classes those of the data (which sets the frames), and
+    decide mae.norm_pix_loss=auto (the pretrain recipe's): on for real data, off for built-in digits."""
     if cfg.model.is_video and info.frames == 1:
         raise UserError(f"the model is a video model ({cfg.model.frames} frames) but data {info.name!r} "
                          "gives images; use video data (e.g. --data.name=moving-digits) or an image preset")
     model = cfg.model.replace(image_size=info.image_size, frames=info.frames, in_chans=info.in_chans,
                               tubelet=cfg.model.tubelet if info.frames > 1 else 1,
                               num_classes=info.num_classes)
-    return replace(cfg, model=model)
+    mae = cfg.mae
+    if mae.norm_pix_loss == "auto":  # an explicit true / false stays
+        mae = replace(mae, norm_pix_loss=not cfg.data.is_builtin)
+    return replace(cfg, model=model, mae=mae)
 
 
 def _prepare_run_dir(cfg: RunConfig, d: dist.Dist, log=print) -> Path:

@@ -26,6 +26,7 @@ from vitscale.errors import UserError
 from vitscale.models.vit import Block, Grid, ViT, ViTConfig, fixed_pos_embed
 
 MASKINGS = ("random", "tube")
+NORM_PIX_BY = ("patch", "channel")
 DECODER_MASKINGS = ("running_cell", "random")
 
 
@@ -36,7 +37,10 @@ class MAEConfig:
     decoder_width: int = 512  # decoder token dimension (MAE: 512; VideoMAE ViT-B: 384)
     decoder_depth: int = 8  # decoder blocks (MAE: 8; VideoMAE: 4)
     decoder_heads: int = 16  # decoder attention heads; must divide decoder_width
-    norm_pix_loss: bool = True  # target = each patch normalised by its own mean and variance
+    norm_pix_loss: bool | str = True  # target = each patch's pixels normalised (MAE); "auto" (the
+    # pretrain recipe's): on for real data, off for the built-in digits, decided by engine.resolve
+    norm_pix_by: str = "patch"  # "patch": one mean / std per patch (MAE); "channel": one per channel
+    # of a patch, std + eps, on whatever pixels the loss is given (VideoMAE, transformers' VideoMAE)
     encoder_on_all_tokens: bool = False  # ablation (MAE Table 2): mask tokens in the encoder, on all N
     decoder_pos_embed: str = "sincos"  # fixed decoder positions: "sincos" (MAE) or "sincos1d" (VideoMAE)
     decoder_mask_ratio: float = 0.0  # VideoMAE V2 dual masking: fraction of masked tokens the decoder drops
@@ -45,6 +49,10 @@ class MAEConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
             raise UserError(f"mae.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.norm_pix_loss not in (True, False, "auto"):
+            raise UserError(f"mae.norm_pix_loss must be true, false or auto, got {self.norm_pix_loss!r}")
+        if self.norm_pix_by not in NORM_PIX_BY:
+            raise UserError(f"mae.norm_pix_by must be 'patch' or 'channel', got {self.norm_pix_by!r}")
         if self.masking not in MASKINGS:
             raise UserError(f"mae.masking must be 'random' or 'tube', got {self.masking!r}")
         if self.decoder_width < 1 or self.decoder_depth < 0 or self.decoder_heads < 1:
@@ -71,6 +79,12 @@ class MAEConfig:
         if self.decoder_width % multiple:
             raise UserError(f"mae.decoder_width must be a multiple of {multiple} ({self.decoder_pos_embed} "
                              f"positions), got {self.decoder_width}")
+
+    @property
+    def norm_pix(self) -> bool:
+        """Whether the target is normalised: norm_pix_loss, with "auto" (not yet resolved against
+        the data) taken as MAE's default, on."""
+        return self.norm_pix_loss is not False
 
 
 # ----------------------------------------------------------------------------- patches
@@ -118,6 +132,20 @@ def normalize_patches(patches: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tenso
     mean = patches.mean(dim=-1, keepdim=True)
     std = (patches.var(dim=-1, keepdim=True) + eps) ** 0.5
     return (patches - mean) / std, mean, std
+
+
+def normalize_channels(patches: Tensor, channels: int, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """VideoMAE's norm-pix target: each channel of each patch normalised over its u*p*p pixels.
+
+    patches: [B, N, P] rows in (tubelet, p, p, C) order -> ([B, N, P], mean [B, N, P], std [B, N, P]).
+    As VideoMAE's engine_for_pretraining (and transformers' VideoMAEForPreTraining) the std is
+    unbiased with eps added to it, not to the variance as in MAE's form.
+    """
+    B, N, P = patches.shape
+    x = patches.reshape(B, N, P // channels, channels)  # [B, N, u*p*p, C]
+    mean = x.mean(dim=-2, keepdim=True).expand_as(x)  # [B, N, u*p*p, C]
+    std = (x.var(dim=-2, keepdim=True).sqrt() + eps).expand_as(x)
+    return ((x - mean) / std).reshape(B, N, P), mean.reshape(B, N, P), std.reshape(B, N, P)
 
 
 # ----------------------------------------------------------------------------- masking
@@ -219,7 +247,7 @@ class MAE(nn.Module):
     def __init__(self, encoder_cfg: ViTConfig, cfg: MAEConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = ViT(encoder_cfg.replace(num_classes=0))
+        self.encoder = ViT(encoder_cfg.replace(num_classes=0), linear_init="xavier")  # as MAE / VideoMAE
         ecfg, D = self.encoder.cfg, cfg.decoder_width
         self.prefix = ecfg.num_prefix  # the cls token, when the encoder has one, goes through too
         self.decoder_embed = nn.Linear(ecfg.width, D)
@@ -314,14 +342,23 @@ class MAE(nn.Module):
         tokens = torch.cat([latent, self.mask_token.to(latent.dtype).expand(B, M, Dd)], dim=1)
         return self.run_decoder(tokens + pos)[:, -M:]  # [B, M, patch_dim]
 
+    def normalize(self, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The norm-pix target of pixels [B, N, P], by patch or by channel (mae.norm_pix_by), with
+        the mean and std that take it back (each broadcasts against [B, N, P])."""
+        if self.cfg.norm_pix_by == "channel":
+            return normalize_channels(target.float(), self.encoder.cfg.in_chans)
+        return normalize_patches(target.float())
+
     def loss(self, target: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """Mean squared error over the masked patches only.
 
-        target: [B, N, P] pixels (normalised per patch here when norm_pix_loss),
-        pred: [B, N, P], mask: [B, N] (1 = masked) -> scalar.
+        target: [B, N, P] pixels (normalised here when norm_pix_loss: see `normalize`),
+        pred: [B, N, P], mask: [B, N] (1 = masked) -> scalar. The pixels are the model's input
+        as given, normalised data (MAE's form); transformers' VideoMAE takes its ImageNet-normalised
+        input back to [0, 1] first: pass those pixels here to reproduce its loss.
         """
-        if self.cfg.norm_pix_loss:
-            target = normalize_patches(target.float())[0]
+        if self.cfg.norm_pix:
+            target = self.normalize(target)[0]
         per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # [B, N]
         return (per_patch * mask).sum() / mask.sum()
 
@@ -358,14 +395,15 @@ class MAE(nn.Module):
 
         Returns "original" (x), "masked" (masked patches zeroed) and "reconstruction"
         (visible patches from x, predictions on masked ones). With norm_pix_loss the
-        predictions are un-normalised with each target patch's own mean and std.
+        predictions are un-normalised with each target patch's own mean and std (per channel under
+        norm_pix_by="channel").
         """
         cfg = self.encoder.cfg
         _, pred, mask = self(x, generator, decode_all=True)  # every masked patch, dual masking or not
         target = patchify(x, cfg)  # [B, N, P]
         pred = pred.float()
-        if self.cfg.norm_pix_loss:
-            _, mean, std = normalize_patches(target.float())
+        if self.cfg.norm_pix:
+            _, mean, std = self.normalize(target)
             pred = pred * std + mean  # back to pixels
         m = mask[..., None]  # [B, N, 1]
         grid = grid_of(x, cfg)

@@ -29,8 +29,11 @@ from vitscale.errors import UserError
 Grid = tuple[int, int, int]  # (t, h, w) tokens along time, height, width
 POS_EMBEDS = ("learned", "sincos", "sincos1d")
 PARAMS = ("sp", "mup")
-INIT_STD = 0.02  # truncated-normal std of linears and embeddings (as MAE / timm)
+INIT_STD = 0.02  # std of truncated-normal linears (timm / DeiT), the cls token, a learned position table
 HEAD_INIT_STD = 2e-5  # a fine-tuned model's new class head (MAE's fine-tuning recipe)
+# How ViT draws its linears: "trunc_normal" N(0, 0.02) (timm / DeiT, supervised), or "xavier"
+# uniform on every linear (MAE's and VideoMAE's pre-training encoders; MAE.__init__ asks for it).
+LINEAR_INITS = ("trunc_normal", "xavier")
 # Hidden matrices' Adam LR x depth_mult^-this, beside the branches' 1/sqrt(depth_mult). Tensor
 # Programs VI's Adam rule is 0.5; measured here (benchmarks/bench_transfer.py, digits, 200 steps,
 # 4x depth) 0.5 moved the best LR 2.0x and 0 moved it 0.92x, so the branch multiplier alone.
@@ -375,8 +378,10 @@ class Block(nn.Module):
 class ViT(nn.Module):
     """Vanilla ViT. Input [B, C, H, W] (image) or [B, C, T, H, W] (video)."""
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, linear_init: str = "trunc_normal"):
         super().__init__()
+        if linear_init not in LINEAR_INITS:
+            raise ValueError(f"linear_init must be one of {LINEAR_INITS}, got {linear_init!r}")
         self.cfg = cfg
         D = cfg.width
         self.patch_embed = PatchEmbed(cfg)
@@ -395,21 +400,34 @@ class ViT(nn.Module):
         # pooled feature, as timm's fc_norm and MAE / VideoMAE fine-tuning do.
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes else None
-        self.init_weights()
+        self.init_weights(linear_init)
 
     def fixed_pos_embed(self, grid: Grid) -> Tensor:
         """[1, prefix + N, D] fixed table of the config's kind; the cls token's row is zeros (as MAE)."""
         pos = fixed_pos_embed(self.cfg.pos_embed, self.cfg.width, grid)
         return torch.cat([pos.new_zeros(self.cfg.num_prefix, pos.shape[1]), pos])[None]
 
-    def init_weights(self) -> None:
-        """Truncated-normal linears and embeddings, xavier patch projection (as MAE); under
-        muP the blocks' hidden matrices draw with std 0.02 / sqrt(width_mult)."""
+    def init_weights(self, linear_init: str = "trunc_normal") -> None:
+        """Draw every weight; biases zero, norms one. Linears: `linear_init` "trunc_normal" draws
+        N(0, 0.02) cut at +-2 (timm / DeiT), "xavier" uniform on +-sqrt(6 / (fan_in + fan_out))
+        (MAE's and VideoMAE's _init_weights). The patch projection is xavier on its flattened
+        [D, C*u*p*p] view either way, as MAE; the cls token N(0, 0.02), a learned position table
+        truncated N(0, 0.02).
+
+        Under muP the blocks' hidden matrices draw with std 0.02 / sqrt(width_mult) under
+        "trunc_normal". Under "xavier" they keep xavier's own bound, which already is muP's rule:
+        both fans grow with width, so the variance 2 / (fan_in + fan_out) is the base's over
+        width_mult (std x 1/sqrt(width_mult), as hidden_std), with xavier's constant at the base.
+        """
+        xavier = linear_init == "xavier"
         hidden = {id(w) for w in self.hidden_matrices().values()}
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                std = self.cfg.hidden_std if id(m.weight) in hidden else INIT_STD
-                nn.init.trunc_normal_(m.weight, std=std)
+                if xavier:
+                    nn.init.xavier_uniform_(m.weight)
+                else:
+                    std = self.cfg.hidden_std if id(m.weight) in hidden else INIT_STD
+                    nn.init.trunc_normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -418,8 +436,8 @@ class ViT(nn.Module):
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1), gain=self.embed_gain())
         nn.init.zeros_(self.patch_embed.proj.bias)
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
+        if self.cls_token is not None:  # MAE: normal_(std=.02); timm: trunc_normal_ (cut at +-2: the same)
+            (nn.init.normal_ if xavier else nn.init.trunc_normal_)(self.cls_token, std=INIT_STD)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
 

@@ -16,8 +16,8 @@ What transformers computes differently, and how it maps:
     mean pooling then fc_norm; fc_norm and the decoder's norm use PyTorch's default eps 1e-5,
     not layer_norm_eps (vitscale uses one eps: a relative difference of about 1e-5 / var).
     Its pre-training loss un-normalises ImageNet-normalised inputs and, with norm_pix_loss,
-    normalises each channel of a patch on its own; vitscale's loss takes the input as given
-    and normalises the whole patch (MAE's form).
+    normalises each channel of a patch on its own (read as mae.norm_pix_by="channel"); vitscale's
+    loss takes the input as given, which under per-channel normalisation differs only by eps.
 """
 
 from __future__ import annotations
@@ -262,8 +262,10 @@ def _mae_config(config: dict, state: State, cfg: ViTConfig, video: bool, notes: 
         notes += ["decoder_embed bias set to zero (encoder_to_decoder has none: the same function)",
                   "masking: VideoMAE's tube masking at 0.9 (transformers takes the mask as an input)",
                   f"decoder norm: transformers uses eps {TORCH_LN_EPS:g}, vitscale layer_norm_eps",
-                  "norm_pix_loss: transformers normalises each channel of a patch, vitscale the whole patch"]
-        return MAEConfig(mask_ratio=0.9, masking="tube", decoder_pos_embed="sincos1d", **fields), notes
+                  "norm-pix target by channel, as VideoMAE; transformers builds it from the input taken back "
+                  "to [0, 1] pixels, vitscale from the input as given (the same but for eps / std)"]
+        return MAEConfig(mask_ratio=0.9, masking="tube", decoder_pos_embed="sincos1d", norm_pix_by="channel",
+                         **fields), notes
     ratio = config["mask_ratio"]
     if int(cfg.num_patches * (1 - ratio)) != num_visible(cfg.num_patches, ratio):
         notes.append(f"mask_ratio {ratio:g}: transformers keeps {int(cfg.num_patches * (1 - ratio))} of "

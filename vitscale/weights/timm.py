@@ -43,7 +43,8 @@ VIDEOMAE_DECODER = [("mask_token", "mask_token"), ("encoder_to_decoder", "decode
                     ("decoder.norm", "decoder_norm"), ("decoder.head", "decoder_pred")]
 DEFAULT_MAE = {  # training settings a checkpoint does not record: each project's published recipe
     "mae": dict(mask_ratio=0.75, masking="random", norm_pix_loss=True, decoder_pos_embed="sincos"),
-    "videomae": dict(mask_ratio=0.9, masking="tube", norm_pix_loss=True, decoder_pos_embed="sincos1d"),
+    "videomae": dict(mask_ratio=0.9, masking="tube", norm_pix_loss=True, norm_pix_by="channel",
+                     decoder_pos_embed="sincos1d"),
 }
 
 
@@ -146,7 +147,8 @@ def decoder_config(state: State, cfg: ViTConfig, fmt: str, heads: int | None) ->
             raise UserError("the decoder's position table is not a fixed sin-cos table; vitscale's MAE "
                              "decoder computes a fixed one")
         settings["decoder_pos_embed"] = kind
-    notes.append(f"masking {settings['masking']} at {settings['mask_ratio']:g}, norm_pix_loss="
+    notes.append(f"masking {settings['masking']} at {settings['mask_ratio']:g}, norm-pix by "
+                 f"{settings.get('norm_pix_by', 'patch')}, norm_pix_loss="
                  f"{settings['norm_pix_loss']}: the {fmt} recipe (a checkpoint does not record them)")
     mae = MAEConfig(decoder_width=width, decoder_depth=depth, decoder_heads=heads, **settings)
     return mae, inferred, notes
