@@ -6,6 +6,7 @@
     vitscale bench S/16 --batch 32 --dtype bf16
     vitscale train [--config FILE.yaml] [--model PRESET] [--out DIR] [--section.key=value ...]
     vitscale pretrain / finetune --init RUN_DIR [--linear-probe] / eval RUN_DIR
+    vitscale distill --teacher RUN_DIR --model pico/4  a student taught by a frozen teacher
     vitscale convert SRC --to hf|timm|vitscale OUT    weights between formats
 
 User errors (unknown preset, bad strategy, a size the patch does not divide) end in one
@@ -177,17 +178,19 @@ def _run_config(args: argparse.Namespace, extra: list[str]):
     a run's own config.yaml lies in), then overrides."""
     from vitscale import config
 
-    init = getattr(args, "init", None) or ""
+    init, teacher = getattr(args, "init", None) or "", getattr(args, "teacher", None)
     if args.config:
         cfg = config.load_yaml(args.config)
     else:
         command = "linprobe" if getattr(args, "linear_probe", False) else args.command
-        cfg = config.recipe(command, init=init)
+        taught = {"distill": config.DistillConfig(teacher)} if teacher else {}
+        cfg = config.recipe(command, init=init, **taught)
     if args.model:
         cfg = config.with_preset(cfg, args.model)
     out = args.out or (config.home(args.config) if args.config else None)
     changes = ([f"out={out}"] if out else []) + ([f"init={init}"] if init else [])
     changes += [f"init_allow={','.join(args.init_allow)}"] if getattr(args, "init_allow", None) else []
+    changes += [f"distill.teacher={teacher}"] if teacher else []
     unknown = [e for e in extra if e.startswith("--") and "." not in e.split("=")[0]]
     if unknown:
         raise UserError(f"unrecognised arguments: {' '.join(unknown)} "
@@ -334,9 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in [("train", "supervised training from scratch"),
                        ("pretrain", "MAE / VideoMAE masked pre-training"),
-                       ("finetune", "fine-tune (or --linear-probe) a pre-trained encoder")]:
+                       ("finetune", "fine-tune (or --linear-probe) a pre-trained encoder"),
+                       ("distill", "train a student taught by a frozen teacher (logits, or features)")]:
         p = sub.add_parser(name, help=text, description=f"{text}. Any config field can be set with "
-                           "--section.key=value (sections: model, data, train, mae).")
+                           "--section.key=value (sections: model, data, train, mae, distill).")
         p.add_argument("--config", help="a run config YAML (e.g. runs/x/config.yaml to reproduce a run)")
         p.add_argument("--model", help="model preset, e.g. pico/4, mu/4, pico/4-f8")
         p.add_argument("--out", help="run directory (an existing one resumes)")
@@ -349,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "repeatable")
             p.add_argument("--linear-probe", action="store_true",
                            help="freeze the encoder and train a linear head")
+        if name == "distill":
+            p.add_argument("--teacher", help="the frozen teacher: a run directory, a transformers model "
+                           "directory, or a timm / MAE / VideoMAE / vitscale weights file (distill.teacher); "
+                           "--distill.kind=soft|hard|feature, --distill.alpha, --distill.temperature")
         p.add_argument("--json", action="store_true")
         p.set_defaults(run=cmd_train)
 
@@ -424,7 +432,7 @@ def _out_of_memory(e: Exception) -> str:
     return f"out of memory ({what}): lower the batch, the model or the input size"
 
 
-TAKES_OVERRIDES = ("train", "pretrain", "finetune", "study")
+TAKES_OVERRIDES = ("train", "pretrain", "finetune", "distill", "study")
 
 
 def main(argv: list[str] | None = None) -> int:

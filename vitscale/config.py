@@ -1,6 +1,6 @@
 """Run configs: frozen dataclasses, YAML files, and `--section.key=value` overrides.
 
-A run config has one section per concern (`model`, `data`, `train`, `mae`) plus the task.
+A run config has one section per concern (`model`, `data`, `train`, `mae`, `distill`) plus the task.
 Overrides are parsed against the field's declared type, so `--train.epochs=ten` fails
 with one line instead of training with a string. The resolved config is saved as
 `config.yaml` in every run directory; `--config runs/x/config.yaml` reproduces the run.
@@ -92,13 +92,37 @@ class TrainConfig:
         check_device(self.device, "train.device")
 
 
+DISTILL_KINDS = ("soft", "hard", "feature")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = ""  # task=distill: a run directory or any weights vitscale reads (see vitscale.weights)
+    kind: str = "soft"  # soft: KL to the teacher's logits at a temperature; hard: CE to its top class
+    # (DeiT); feature: the student's tokens predict the teacher's (G2SD's generic stage, no labels)
+    alpha: float = 0.5  # soft / hard: loss = (1 - alpha) x label loss + alpha x distillation loss
+    temperature: float = 1.0  # soft: both logits / T, the KL x T^2 (DeiT's tau)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.kind in DISTILL_KINDS, f"distill.kind must be one of {', '.join(DISTILL_KINDS)}, got "
+             f"{self.kind!r}"),
+            (0.0 <= self.alpha <= 1.0, f"distill.alpha must be in [0, 1], got {self.alpha}"),
+            (self.temperature > 0, f"distill.temperature must be positive, got {self.temperature}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    task: str = "supervised"  # one of vitscale.tasks.TASKS: supervised | mae | finetune | linprobe
+    task: str = "supervised"  # one of vitscale.tasks.TASKS: supervised | mae | finetune | linprobe | distill
     model: ViTConfig = field(default_factory=lambda: preset("pico/4"))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     init: str = ""  # weights to start from: a run directory, a transformers directory, a timm / MAE /
     # VideoMAE / vitscale .safetensors or .pth file (see vitscale.weights), or "random" (baseline)
     init_allow: str = ""  # comma-separated fnmatch patterns of keys --init may leave missing or unused
@@ -110,6 +134,8 @@ class RunConfig:
         if tasks.get(self.task).needs_init and not self.init:
             raise UserError(f"task {self.task!r} needs weights: pass --init RUN_DIR_OR_FILE "
                              "(or --init random for a baseline)")
+        if tasks.get(self.task).check:
+            tasks.get(self.task).check(self)
 
 
 # Per-command defaults (the CLI's when no --config is given, and the study's trials): each
@@ -123,13 +149,14 @@ RECIPES = {
                  "model.pos_embed=sincos"],
     "finetune": ["task=finetune", *BUILTIN, "train.epochs=20", "train.base_lr=4e-3", "train.layer_decay=0.75",
                  "train.warmup_epochs=2"],
+    "distill": ["task=distill", *BUILTIN, "train.epochs=40", "train.base_lr=4e-3", "train.warmup_epochs=3"],
     "linprobe": ["task=linprobe", *BUILTIN, "train.epochs=30", "train.base_lr=0.4", "train.weight_decay=0",
                  "train.warmup_epochs=2", "train.label_smoothing=0"],
 }
 
 
 def recipe(command: str, **fields) -> RunConfig:
-    """The default run config of a command ("train", "pretrain", "finetune", "linprobe")."""
+    """The default run config of a command ("train", "pretrain", "finetune", "linprobe", "distill")."""
     return apply_overrides(RunConfig(**fields), RECIPES[command])
 
 
@@ -342,5 +369,5 @@ def with_preset(cfg: RunConfig, name: str) -> RunConfig:
     return replace(cfg, model=preset(name, pos_embed=cfg.model.pos_embed))
 
 
-__all__ = ["RunConfig", "TrainConfig", "apply_overrides", "dump_yaml", "from_dict",
+__all__ = ["DistillConfig", "RunConfig", "TrainConfig", "apply_overrides", "dump_yaml", "from_dict",
            "load_yaml", "to_dict", "with_preset"]

@@ -6,6 +6,7 @@ checkpoints hold.
   mae         pretrain.Pretrainer: MAE / VideoMAE masked reconstruction
   finetune    classify.Classifier from --init weights (tiny head, fresh fc_norm)
   linprobe    probe.LinearProbe: a frozen encoder's features into a linear head
+  distill     distill.Distiller (logits) / FeatureDistiller (tokens): a student taught by a frozen teacher
 
 A task module's forward(x, y) returns the loss; `encoder` names the ViT it trains and
 `predict(x)` what evaluation scores. The engine, evaluation, the study and the weights
@@ -21,7 +22,7 @@ from torch import nn
 
 from vitscale.errors import UserError
 from vitscale.evaluate import Context
-from vitscale.tasks import classify, pretrain, probe
+from vitscale.tasks import classify, distill, pretrain, probe
 from vitscale.tasks.classify import Classifier, mix, soft_targets
 from vitscale.tasks.pretrain import Pretrainer
 from vitscale.tasks.probe import LinearProbe
@@ -38,6 +39,7 @@ class Task:
     needs_init: bool = False  # starts from weights (--init); refused without
     after_init: Callable[[nn.Module], list[str]] | None = None  # what changes once --init is loaded
     decoder: bool = False  # its checkpoints hold an MAE decoder, described by the run's `mae` section
+    check: Callable[..., None] | None = None  # the task's own checks of a run config (RunConfig)
 
     def score(self, result: dict) -> float | None:
         """Higher is better: the task's metric, else minus the validation loss (a pre-training run
@@ -53,6 +55,8 @@ TASKS = {task.name: task for task in (
     Task("finetune", classify.build, classify.metrics, "val_top1", needs_init=True,
          after_init=classify.start_fine_tuning),
     Task("linprobe", probe.build, classify.metrics, "val_top1", needs_init=True),
+    # the feature kind reports no val_top1: ranked by its feature loss (score's fallback)
+    Task("distill", distill.build, distill.metrics, "val_top1", check=distill.check),
 )}
 
 
