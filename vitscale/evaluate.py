@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from vitscale import dist
 from vitscale.data import DataInfo, make_loader, skipped_files
+from vitscale.data.views import Views, distinct
 from vitscale.device import autocast
 from vitscale.errors import UserError
 
@@ -56,22 +57,60 @@ def outputs(fn, dataset, cfg, d: dist.Dist, log=None) -> tuple[Tensor, Tensor]:
     Unreadable files are left out and named through `log`; fn runs on every batch, even one
     with no item left (B = 0: every rank takes part in every forward pass).
     """
+    return indexed_outputs(fn, dataset, cfg, d, log)[:2]
+
+
+@torch.no_grad()
+def indexed_outputs(fn, dataset, cfg, d: dist.Dist, log=None) -> tuple[Tensor, Tensor, Tensor]:
+    """`outputs`, and each row's item index (rows are in rank order, not index order)."""
     micro = max(1, cfg.train.batch // (d.world * cfg.train.accum))
     loader = make_loader(dataset, _shard(len(dataset), d), micro, cfg.data.workers, d.device.type)
-    outs, labels, skipped = [], [], []
+    outs, labels, indexes, skipped = [], [], [], []
     for batch in loader:
         mine = batch["index"] % d.world == d.rank  # not a padded duplicate
         with autocast(d.device, cfg.train.dtype), quiet(not len(mine)):
             outs.append(fn(batch["x"].to(d.device)).float()[mine.to(d.device)])
         labels.append(batch["y"][mine].to(d.device))
+        indexes.append(batch["index"][mine].to(d.device))
         skipped += batch["skipped"]
     if skipped and log:
         log(f"evaluation: {skipped_files(skipped)}")
-    out, y = _gather(d, torch.cat(outs)), _gather(d, torch.cat(labels))
+    out, y, index = (_gather(d, torch.cat(t)) for t in (outs, labels, indexes))
     if not len(y):
         raise UserError(f"none of the {len(dataset)} files to evaluate on could be read (the log names "
                          "them); fix them, or set data.val_path to readable data")
-    return out, y
+    return out, y, index
+
+
+def merge_views(logits: Tensor, y: Tensor, item: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Per item, the log of the mean softmax over its views (VideoMAE's test score) -> ([M, K], [M]).
+
+    logits: [R, K] one row per view, y: [R] labels, item: [R] item ids in 0 .. n-1, in any
+    order; the M items with at least one row come out in id order. Computed as a log-sum-exp
+    (no softmax underflows to 0); one view gives its log_softmax.
+    """
+    logp = F.log_softmax(logits.float(), dim=1)  # [R, K]
+    k = logp.shape[1]
+    top = logp.new_full((n, k), -torch.inf).scatter_reduce_(0, item[:, None].expand(-1, k), logp, "amax")
+    sums = logp.new_zeros(n, k).index_add_(0, item, (logp - top[item]).exp())  # [n, K]
+    count = torch.bincount(item, minlength=n)  # [n] views per item
+    seen = count > 0
+    labels = y.new_zeros(n).index_copy_(0, item, y)  # every view of an item has its label
+    return (sums[seen].log() + top[seen] - count[seen, None].float().log()), labels[seen]
+
+
+def view_scores(fn, dataset, views: tuple[int, int], cfg, d: dist.Dist, log=None) -> tuple[Tensor, Tensor]:
+    """Class scores of `fn` (logits) per item of `dataset` over clips x crops test views ->
+    ([N, K], [N] labels): the log of the mean softmax over the item's views; with one view that
+    differs on the data (`data.views.distinct`), its plain logits (as `outputs`)."""
+    clips, crops = distinct(dataset, *views)
+    if (clips, crops) != views and log:
+        log(f"test views: {views[0]}x{views[1]} asked, {clips}x{crops} differ on this data "
+            "(generated clips are data.frames long and square; an image has one instant)")
+    if clips * crops == 1:
+        return outputs(fn, dataset, cfg, d, log)
+    logits, y, flat = indexed_outputs(fn, Views(dataset, clips, crops), cfg, d, log)
+    return merge_views(logits, y, flat % len(dataset), len(dataset))
 
 
 def quiet(empty: bool):
@@ -104,6 +143,7 @@ class Context:
     d: dist.Dist
     log: Callable | None = None  # names the unreadable files left out
     picture: Path | None = None  # where a task that draws its outputs draws them; None: nowhere
+    views: tuple[int, int] = (1, 1)  # clips x crops a classifier's item is scored over (view_scores)
 
 
 def evaluate(task, module: nn.Module, ctx: Context, prefix: str = "") -> dict:

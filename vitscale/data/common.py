@@ -7,6 +7,9 @@ Determinism contract. A dataset is indexed by a key ``(index, seed)``:
   is a pure function of its key, in any process, in any order.
 - ``seed`` None (eval): center crop, center clip; no randomness at all.
 
+A dataset's ``load(index, gen)`` also takes a `vitscale.data.views.View` for ``gen``: one of
+a grid of fixed test views (clip starts x crops), again with no randomness.
+
 ``dataset[i]`` is ``dataset[(i, None)]``. An item is ``{"x": float32 [C, H, W] (frames=1)
 or [C, T, H, W], "y": int, "index": i}``, or a falsy `Skipped(path, reason)` when the file
 cannot be read (with ``strict`` the dataset raises instead). `collate` drops skipped items
@@ -59,6 +62,7 @@ class KeyedDataset(Dataset):
     classes: tuple[str, ...] = ()
     strict: bool = False
     item_shape: tuple[int, ...] = ()  # an item's x shape, for a batch of none (build_datasets sets it)
+    view_axes: tuple[str, ...] = ()  # what test views vary here: "clips" (start in a longer video), "crops"
 
     def __len__(self) -> int:
         raise NotImplementedError

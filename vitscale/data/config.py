@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from vitscale.data.views import parse_views
 from vitscale.errors import UserError
 
 NAMES = ("digits", "moving-digits", "cluttered-digits", "image-folder", "video-folder", "video-csv")
@@ -37,6 +38,7 @@ class DataConfig:
     scale_min: float = 0.35  # random resized crop: smallest crop area as a share of the frame
     hflip: bool = False  # random horizontal flips (wrong for digits and motion direction)
     eval_crop: float = 0.875  # eval center crop as a share of the shorter side (real data)
+    test_views: str = "1x1"  # test report: CLIPSxCROPS views averaged per item (VideoMAE: 5x3, 2x3 SSv2)
     mean: tuple[float, ...] = ()  # per-channel mean; () = ImageNet for real data, 0.5 for built-ins
     std: tuple[float, ...] = ()  # per-channel std; () = ImageNet for real data, 0.5 for built-ins
     workers: int = 0  # DataLoader worker processes (0 = load in the main process)
@@ -95,6 +97,7 @@ class DataConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        parse_views(self.test_views)  # raises naming data.test_views
 
     @property
     def sample_bytes(self) -> int:

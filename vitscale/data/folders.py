@@ -185,6 +185,8 @@ def read_image(path: str, short: int | None) -> torch.Tensor:
 class ImageFiles(KeyedDataset):
     """Images from a list of (path, label)."""
 
+    view_axes = ("crops",)
+
     def __init__(self, samples: list[Sample], classes: tuple[str, ...], transform: ClipTransform,
                  train: bool, strict: bool = False):
         self.samples, self.classes, self.transform, self.strict = samples, classes, transform, strict
@@ -205,6 +207,8 @@ class ImageFiles(KeyedDataset):
 
 class VideoFiles(KeyedDataset):
     """Clips from a list of (video path, label); frames=1 gives [C, H, W] single frames."""
+
+    view_axes = ("clips", "crops")
 
     def __init__(self, samples: list[Sample], classes: tuple[str, ...], transform: ClipTransform,
                  train: bool, frames: int, stride: int, strict: bool = False):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vitscale.data.common import as_float
+from vitscale.data.views import View
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels
 
@@ -98,12 +99,12 @@ class ClipTransform:
     flip: bool = False  # random horizontal flip (train)
     eval_crop: float = 1.0  # center crop share of the shorter side (eval)
 
-    def __call__(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
+    def __call__(self, x: Tensor, gen: torch.Generator | View | None) -> Tensor:
         """x: [C, H, W] or [C, T, H, W] -> normalized float32 of the same rank at size x size."""
         h, w = x.shape[-2:]
-        if gen is None:
-            return normalize(resized_crop(x, center_crop_box(h, w, self.eval_crop), self.size),
-                             self.mean, self.std)
+        if gen is None or isinstance(gen, View):  # eval: the center crop, or a test view's crop
+            box = center_crop_box(h, w, self.eval_crop) if gen is None else gen.box(h, w, self.eval_crop)
+            return normalize(resized_crop(x, box, self.size), self.mean, self.std)
         x = resized_crop(x, random_resized_crop_box(h, w, self.scale, self.ratio, gen), self.size)
         if self.flip and torch.rand((), generator=gen).item() < 0.5:
             x = hflip(x)

@@ -1,8 +1,9 @@
 """Video decoding with PyAV: which frames a clip takes, and decoding only those.
 
 Clip sampling (as VideoMAE): `frames` frames `stride` apart span ``(frames - 1) * stride + 1``
-source frames. Training starts the span at a random frame, eval centers it. A video shorter
-than the span is read from frame 0 and padded by repeating its last frame.
+source frames. Training starts the span at a random frame, eval centers it, and test views
+start it at evenly spaced frames (`vitscale.data.views`). A video shorter than the span is
+read from frame 0 and padded by repeating its last frame.
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vitscale.data.views import View
 from vitscale.errors import UserError
 
 SEEK_AFTER = 24  # seek (to the keyframe before the clip) only when it starts this far in
 
 
-def clip_indices(total: int, frames: int, stride: int, gen: torch.Generator | None) -> list[int]:
-    """Source frame indices of one clip: random start when `gen` is given, else centered."""
+def clip_indices(total: int, frames: int, stride: int, gen: torch.Generator | View | None) -> list[int]:
+    """Source frame indices of one clip: random start with a generator, centered with None, a
+    test view's start (`View.clip_start`) with a View."""
     span = (frames - 1) * stride + 1
     room = max(total - span, 0)
-    start = room // 2 if gen is None else int(torch.randint(0, room + 1, (), generator=gen))
+    if isinstance(gen, View):
+        start = gen.clip_start(total, frames, stride)
+    else:
+        start = room // 2 if gen is None else int(torch.randint(0, room + 1, (), generator=gen))
     return [min(start + k * stride, total - 1) for k in range(frames)]
 
 
@@ -79,7 +85,7 @@ def _decode(container, stream, wanted: list[int], short: int | None, seek: bool)
     return out
 
 
-def read_clip(path: str, frames: int, stride: int, gen: torch.Generator | None,
+def read_clip(path: str, frames: int, stride: int, gen: torch.Generator | View | None,
               short: int | None = None, counts: dict | None = None) -> Tensor:
     """Decode one clip: uint8 [3, T, H, W]; shorter side reduced to `short` if larger.
 
