@@ -140,10 +140,12 @@ class RunConfig:
 
 # Per-command defaults (the CLI's when no --config is given, and the study's trials): each
 # trains on built-in data in minutes on two CPU cores. --section.key=value overrides any of it.
-BUILTIN = ["train.batch=64", "data.scale_min=0.8"]  # 8x8 digits: crop gently
+# data.scale_min=0: crop by data, 0.8 on built-ins (8x8 digits: crop gently), real_scale_min on real data
+BUILTIN = ["train.batch=64", "data.scale_min=0"]
 RECIPES = {
     "train": ["task=supervised", *BUILTIN, "train.epochs=40", "train.base_lr=4e-3", "train.warmup_epochs=3"],
-    "pretrain": ["task=mae", *BUILTIN, "train.epochs=60", "train.base_lr=4e-3", "train.betas=0.9,0.95",
+    "pretrain": ["task=mae", *BUILTIN, "data.real_scale_min=0.2", "train.epochs=60", "train.base_lr=4e-3",
+                 "train.betas=0.9,0.95",
                  "train.warmup_epochs=5", "train.label_smoothing=0", "mae.decoder_width=64",
                  "mae.decoder_depth=2", "mae.decoder_heads=2", "mae.norm_pix_loss=auto",
                  "model.pos_embed=sincos"],

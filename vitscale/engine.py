@@ -354,7 +354,7 @@ class Job:
         t, d = self.cfg.train, self.d
         epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
         sampler = EpochSampler(len(self.train_set), t.seed, epoch, rank=d.rank, world=d.world,
-                               start=in_epoch * self.micro * t.accum)
+                               start=in_epoch * self.micro * t.accum, repeats=self.cfg.data.repeated_aug)
         batches = iter(make_loader(self.train_set, sampler, self.micro, self.cfg.data.workers, d.device.type))
         self.forward.train()
         window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}

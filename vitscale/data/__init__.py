@@ -29,6 +29,7 @@ from vitscale.data.common import (
 from vitscale.data.config import DataConfig
 from vitscale.data.folders import build_real
 from vitscale.data.generated import build_cluttered
+from vitscale.data.randaugment import RandAugment
 from vitscale.data.sampler import EpochSampler, sample_seed
 from vitscale.data.transforms import ClipTransform
 
@@ -60,8 +61,11 @@ def transforms_for(cfg: DataConfig) -> tuple[ClipTransform, ClipTransform]:
     """(train, eval) transforms; built-ins are rendered at full size, so eval takes all of it."""
     mean, std = cfg.norm
     eval_crop = 1.0 if cfg.is_builtin else cfg.eval_crop
-    train = ClipTransform(cfg.image_size, mean, std, scale=(cfg.scale_min, 1.0), flip=cfg.hflip)
-    return train, ClipTransform(cfg.image_size, mean, std, eval_crop=eval_crop)
+    policy = RandAugment.parse(cfg.randaugment) if cfg.randaugment else None
+    train = ClipTransform(cfg.image_size, mean, std, scale=(cfg.crop_scale, 1.0), flip=cfg.flip,
+                          interpolation=cfg.resize_mode, randaugment=policy, color_jitter=cfg.color_jitter,
+                          erase_prob=cfg.erase_prob)
+    return train, ClipTransform(cfg.image_size, mean, std, eval_crop=eval_crop, interpolation=cfg.resize_mode)
 
 
 def build_datasets(cfg: DataConfig) -> tuple[KeyedDataset, KeyedDataset, DataInfo]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from vitscale.data.randaugment import RandAugment
 from vitscale.data.views import parse_views
 from vitscale.errors import UserError
 
@@ -35,8 +36,19 @@ class DataConfig:
     train_size: int = 100_000  # cluttered-digits: generated training samples (one epoch)
     val_size: int = 10_000  # cluttered-digits: generated val samples (top-1 std error <= 0.5 points)
     canvas: int = 32  # cluttered-digits: side in pixels the scene is drawn at, then resized to image_size
-    scale_min: float = 0.35  # random resized crop: smallest crop area as a share of the frame
-    hflip: bool = False  # random horizontal flips (wrong for digits and motion direction)
+    scale_min: float = 0.35  # random resized crop: smallest crop area as a share of the frame; 0 = by
+    # data: 0.8 for built-ins (small digits crop gently), real_scale_min for real data (the recipes set 0)
+    real_scale_min: float = 0.08  # real data's crop share when scale_min is 0: 0.08 as DeiT and MAE
+    # fine-tuning (the pretrain recipe sets 0.2, as MAE pre-training)
+    hflip: bool | str = "auto"  # random horizontal flips; auto = on for real data, off for built-ins
+    # (digits and motion direction must not be mirrored)
+    interpolation: str = "auto"  # crop resize: bilinear or bicubic; auto = bicubic for real data (MAE,
+    # DeiT), bilinear for built-ins
+    randaugment: str = ""  # timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (DeiT); "" = off
+    color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength (DeiT 0.4); unused
+    # with randaugment, as in timm
+    erase_prob: float = 0.0  # random erasing probability (DeiT 0.25): one box of N(0, 1) noise per pixel
+    repeated_aug: int = 1  # repeated augmentation: each image this many times per epoch (DeiT 3); 1 = off
     eval_crop: float = 0.875  # eval center crop as a share of the shorter side (real data)
     test_views: str = "1x1"  # test report: CLIPSxCROPS views averaged per item (VideoMAE: 5x3, 2x3 SSv2)
     mean: tuple[float, ...] = ()  # per-channel mean; () = ImageNet for real data, 0.5 for built-ins
@@ -67,7 +79,9 @@ class DataConfig:
              "data.label='direction' exists only for data.name=moving-digits"),
             (self.label == "digit" or self.frames >= 2,
              "data.label='direction' needs motion: set data.frames to 2 or more"),
-            (not (self.hflip and self.label == "direction"),
+            (self.hflip in (True, False, "auto"),
+             f"data.hflip must be true, false or auto, got {self.hflip!r}"),
+            (not (self.hflip is True and self.label == "direction"),
              "data.hflip would mirror the motion and break direction labels; set data.hflip=false"),
             (self.name != "image-folder" or self.frames == 1,
              "image-folder gives single images; set data.frames=1 or use a video dataset"),
@@ -85,7 +99,21 @@ class DataConfig:
              f"data.num_clips must be 2 to {MAX_ITEMS:,}, got {self.num_clips}"),
             (self.digits_per_clip in (1, 2),
              f"data.digits_per_clip must be 1 or 2, got {self.digits_per_clip}"),
-            (0.0 < self.scale_min <= 1.0, f"data.scale_min must be in (0, 1], got {self.scale_min}"),
+            (0.0 <= self.scale_min <= 1.0,
+             f"data.scale_min must be in (0, 1], or 0 for the data's default, got {self.scale_min}"),
+            (0.0 < self.real_scale_min <= 1.0,
+             f"data.real_scale_min must be in (0, 1], got {self.real_scale_min}"),
+            (self.interpolation in ("auto", "bilinear", "bicubic"),
+             f"data.interpolation must be auto, bilinear or bicubic, got {self.interpolation!r}"),
+            (self.randaugment == "" or _spec_ok(self.randaugment),
+             f"data.randaugment must be a spec like rand-m9-mstd0.5-inc1 (inc1 required) or empty, "
+             f"got {self.randaugment!r}"),
+            (0.0 <= self.color_jitter <= 1.0,
+             f"data.color_jitter must be in [0, 1] (0 = off), got {self.color_jitter}"),
+            (0.0 <= self.erase_prob <= 1.0,
+             f"data.erase_prob must be in [0, 1] (0 = off), got {self.erase_prob}"),
+            (1 <= self.repeated_aug <= 64,
+             f"data.repeated_aug must be 1 (off) to 64 copies per image, got {self.repeated_aug}"),
             (0.0 < self.eval_crop <= 1.0, f"data.eval_crop must be in (0, 1], got {self.eval_crop}"),
             (len(self.mean) in (0, 3), f"data.mean needs 3 values or none, got {self.mean}"),
             (len(self.std) in (0, 3), f"data.std needs 3 values or none, got {self.std}"),
@@ -109,8 +137,33 @@ class DataConfig:
         return self.name in ("digits", "moving-digits", "cluttered-digits")
 
     @property
+    def flip(self) -> bool:
+        """Resolved hflip: the configured value, or on for real data and off for built-ins."""
+        return (not self.is_builtin) if self.hflip == "auto" else bool(self.hflip)
+
+    @property
+    def resize_mode(self) -> str:
+        """Resolved interpolation: bicubic for real data, bilinear for built-ins unless set."""
+        if self.interpolation == "auto":
+            return "bilinear" if self.is_builtin else "bicubic"
+        return self.interpolation
+
+    @property
+    def crop_scale(self) -> float:
+        """Resolved scale_min: the configured value, or the data's default when it is 0."""
+        return self.scale_min or (0.8 if self.is_builtin else self.real_scale_min)
+
+    @property
     def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Resolved (mean, std): the configured values or the dataset default."""
         mean_default, std_default = (BUILTIN_MEAN, BUILTIN_STD) if self.is_builtin else (
             IMAGENET_MEAN, IMAGENET_STD)
         return tuple(self.mean or mean_default), tuple(self.std or std_default)
+
+
+def _spec_ok(spec: str) -> bool:
+    try:
+        policy = RandAugment.parse(spec)
+    except ValueError:
+        return False
+    return 0 <= policy.magnitude <= 10 and 1 <= policy.layers <= 16 and 0 <= policy.prob <= 1

@@ -50,38 +50,53 @@ class EpochSampler:
     - ``start``: skip the first `start` keys of this rank (mid-epoch resume).
     - Seeds: ``sample_seed(seed, epoch, index)``; ``seed=None`` gives ``(index, None)``
       eval keys (deterministic center crop / clip) and requires ``shuffle=False``.
+    - ``repeats`` > 1: repeated augmentation (DeiT's RASampler, Hoffer et al. 2020). The order
+      lists each index `repeats` times in a row (its copies thus land on consecutive ranks) and
+      is then dealt out as above, each rank keeping only its first ``per_rank`` keys, so an
+      epoch has as many steps as without repeats and sees about n / repeats distinct images.
+      Copy k of index i takes the seed of ``i * repeats + k``: each copy is augmented differently
+      (repeats=1 gives the plain seeds).
     """
 
     def __init__(self, n: int, seed: int | None, epoch: int = 0, shuffle: bool = True, rank: int = 0,
-                 world: int = 1, start: int = 0, drop_last: bool = False):
+                 world: int = 1, start: int = 0, drop_last: bool = False, repeats: int = 1):
         if seed is None and shuffle:
             raise UserError("EpochSampler needs an int seed to shuffle; eval keys use shuffle=False")
         if not 0 <= rank < world:
             raise UserError(f"rank {rank} is outside a world of {world}")
-        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
+        if repeats < 1 or (repeats > 1 and seed is None):
+            raise UserError(f"repeats must be 1 or more, and 1 for eval keys; got {repeats}")
+        self.n, self.seed, self.epoch, self.shuffle, self.repeats = n, seed, epoch, shuffle, repeats
         self.rank, self.world, self.drop_last = rank, world, drop_last
         self.per_rank = n // world if drop_last else -(-n // world)  # ceil without padding loss
         if not 0 <= start <= self.per_rank:
             raise UserError(f"start {start} is outside this rank's {self.per_rank} keys")
         self.start = start
 
-    def indices(self) -> np.ndarray:
-        """This rank's indices for the whole epoch (before `start`)."""
+    def _copies(self) -> np.ndarray:
+        """This rank's whole epoch as copy ids ``index * repeats + k`` (before `start`)."""
         if self.shuffle:
             order = np.random.default_rng([self.seed & (2**63 - 1), self.epoch]).permutation(self.n)
         else:
             order = np.arange(self.n)
-        total = self.per_rank * self.world
-        if total > self.n and self.n > 0:
+        r = self.repeats
+        order = (order[:, None] * r + np.arange(r)).reshape(-1)  # [i0*r, i0*r+1, .., i1*r, ..]
+        total = (-(-self.n * r // self.world) if r > 1 else self.per_rank) * self.world
+        if total > len(order) and self.n > 0:
             order = np.resize(order, total)  # wrap around: [o0..o_{n-1}, o0, o1, ...]
-        return order[:total][self.rank :: self.world]
+        return order[:total][self.rank :: self.world][: self.per_rank]
+
+    def indices(self) -> np.ndarray:
+        """This rank's indices for the whole epoch (before `start`)."""
+        return self._copies() // self.repeats
 
     def keys(self) -> list[Key]:
         """The keys this sampler yields, as a list."""
-        idx = self.indices()[self.start :]
+        copies = self._copies()[self.start :]
+        idx = copies // self.repeats
         if self.seed is None:
             return [(int(i), None) for i in idx]
-        seeds = sample_seeds(self.seed, self.epoch, idx)
+        seeds = sample_seeds(self.seed, self.epoch, copies)
         return list(zip(idx.tolist(), seeds.tolist(), strict=True))
 
     def __iter__(self) -> Iterator[Key]:

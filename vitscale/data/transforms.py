@@ -1,8 +1,12 @@
 """Image and clip transforms in plain torch, driven by an explicit generator.
 
 Tensors are ``[C, H, W]`` images or ``[C, T, H, W]`` clips, uint8 or float in [0, 1]. A clip
-gets one crop and one flip for all its frames. Random choices come only from the
-`torch.Generator` passed in (never the global RNG); ``gen=None`` means eval: center crop.
+gets one crop, one flip, one RandAugment draw, one colour jitter and one erased box for all its
+frames. Random choices come only from the `torch.Generator` passed in (never the global RNG);
+``gen=None`` means eval: center crop, no augmentation.
+
+The training order is timm's (DeiT, MAE fine-tuning): random resized crop, flip, RandAugment
+(on 8-bit pixels, as PIL) or else colour jitter, normalize, random erasing.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vitscale.data.common import as_float
+from vitscale.data.randaugment import RandAugment
 from vitscale.data.views import View
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels
@@ -58,22 +63,87 @@ def center_crop_box(h: int, w: int, crop: float) -> Box:
     return (h - side) // 2, (w - side) // 2, side, side
 
 
-def resized_crop(x: Tensor, box: Box, size: int) -> Tensor:
-    """Crop `box` from every frame and resize it to size x size (bilinear, antialiased)."""
+def resized_crop(x: Tensor, box: Box, size: int, mode: str = "bilinear") -> Tensor:
+    """Crop `box` from every frame and resize it to size x size, antialiased when shrinking.
+
+    mode "bicubic" is PIL's resize: its a = -0.5 kernel, which torch's antialiased path shares (also
+    when enlarging), clamped to [0, 1] as PIL's 8-bit output is. (An 8-bit PIL image is also rounded
+    between its width and height passes, and recent Pillow picks their order by cost: up to a level.)
+    """
     top, left, ch, cw = box
     x = as_float(x[..., top : top + ch, left : left + cw])
     if (ch, cw) == (size, size):
         return x.contiguous()
     lead = x.shape[:-2]  # (C,) or (C, T)
     flat = x.reshape(1, -1, ch, cw)  # [1, C*T, h, w]: frames share one interpolation call
-    out = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False,
-                        antialias=ch > size or cw > size)
+    if mode == "bicubic":
+        out = F.interpolate(flat, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        out = out.clamp_(0.0, 1.0)
+    else:
+        out = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False,
+                            antialias=ch > size or cw > size)
     return out.reshape(*lead, size, size)  # [C, (T,) size, size]
 
 
 def hflip(x: Tensor) -> Tensor:
     """Mirror left-right (last axis), the same for every frame."""
     return x.flip(-1)
+
+
+def _gray(x: Tensor) -> Tensor:
+    """ITU-R 601 luma of float RGB [3, ...] -> [1, ...] (torchvision's rgb_to_grayscale weights)."""
+    return (0.2989 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
+
+
+def color_jitter(x: Tensor, strength: float, gen: torch.Generator) -> Tensor:
+    """torchvision's ColorJitter(strength, strength, strength) on float RGB in [0, 1]: brightness,
+    contrast and saturation factors uniform in [max(0, 1 - s), 1 + s], applied in a random order;
+    each blends x with black, the frame's mean gray, or the gray image, and clamps to [0, 1]."""
+    factors = [_uniform(gen, max(0.0, 1.0 - strength), 1.0 + strength) for _ in range(3)]
+    for k in torch.randperm(3, generator=gen).tolist():
+        f = factors[k]
+        if k == 0:
+            x = (x * f).clamp_(0, 1)
+        elif k == 1:
+            gray = _gray(x)
+            mean = gray.mean((-2, -1), keepdim=True)  # [1, (T,) 1, 1]: each frame's own
+            x = (f * x + (1 - f) * mean).clamp_(0, 1)
+        else:
+            x = (f * x + (1 - f) * _gray(x)).clamp_(0, 1)
+    return x
+
+
+def erase_box(h: int, w: int, gen: torch.Generator, area: tuple[float, float] = (0.02, 1 / 3),
+              log_ratio: tuple[float, float] = (math.log(0.3), math.log(1 / 0.3))) -> Box | None:
+    """timm's RandomErasing box: area share uniform in `area`, aspect (h/w) log-uniform; ten tries
+    at one that fits strictly inside, else None (nothing erased)."""
+    for _ in range(10):
+        target = _uniform(gen, *area) * h * w
+        aspect = math.exp(_uniform(gen, *log_ratio))
+        eh, ew = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if ew < w and eh < h:
+            top = int(torch.randint(0, h - eh + 1, (), generator=gen))
+            left = int(torch.randint(0, w - ew + 1, (), generator=gen))
+            return top, left, eh, ew
+    return None
+
+
+def random_erase(x: Tensor, prob: float, gen: torch.Generator) -> Tensor:
+    """With probability `prob`, one `erase_box` of every frame of normalized x gets N(0, 1) noise
+    per pixel (timm's mode 'pixel'); x is changed in place and returned."""
+    if torch.rand((), generator=gen).item() >= prob:
+        return x
+    box = erase_box(*x.shape[-2:], gen)
+    if box is not None:
+        top, left, eh, ew = box
+        patch = x[..., top : top + eh, left : left + ew]
+        patch.copy_(torch.randn(patch.shape, generator=gen, dtype=x.dtype))
+    return x
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Float in [0, 1] -> uint8 levels (rounded), as a PIL image holds them."""
+    return x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 @cache
@@ -89,7 +159,8 @@ def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Ten
 
 @dataclass(frozen=True)
 class ClipTransform:
-    """Train: random resized crop + optional flip. Eval (gen=None): center crop. Then normalize."""
+    """Train: random resized crop, flip, RandAugment or colour jitter, normalize, random erasing.
+    Eval (gen=None): center crop, normalize."""
 
     size: int  # output side in pixels
     mean: tuple[float, ...]  # per-channel mean
@@ -98,17 +169,28 @@ class ClipTransform:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect range (train)
     flip: bool = False  # random horizontal flip (train)
     eval_crop: float = 1.0  # center crop share of the shorter side (eval)
+    interpolation: str = "bilinear"  # crop resize (train and eval) and RandAugment geometry: or "bicubic"
+    randaugment: RandAugment | None = None  # RandAugment policy (train); None = off
+    color_jitter: float = 0.0  # brightness / contrast / saturation strength (train); unused with randaugment
+    erase_prob: float = 0.0  # random erasing probability (train)
 
     def __call__(self, x: Tensor, gen: torch.Generator | View | None) -> Tensor:
         """x: [C, H, W] or [C, T, H, W] -> normalized float32 of the same rank at size x size."""
         h, w = x.shape[-2:]
         if gen is None or isinstance(gen, View):  # eval: the center crop, or a test view's crop
             box = center_crop_box(h, w, self.eval_crop) if gen is None else gen.box(h, w, self.eval_crop)
-            return normalize(resized_crop(x, box, self.size), self.mean, self.std)
-        x = resized_crop(x, random_resized_crop_box(h, w, self.scale, self.ratio, gen), self.size)
+            return normalize(resized_crop(x, box, self.size, self.interpolation), self.mean, self.std)
+        box = random_resized_crop_box(h, w, self.scale, self.ratio, gen)
+        x = resized_crop(x, box, self.size, self.interpolation)
         if self.flip and torch.rand((), generator=gen).item() < 0.5:
             x = hflip(x)
-        return normalize(x, self.mean, self.std)
+        if self.randaugment is not None:  # timm: RandAugment replaces colour jitter
+            fill = tuple(round(255 * m) for m in self.mean)  # out-of-image pixels: the mean colour
+            x = as_float(self.randaugment(to_uint8(x), gen, fill, self.interpolation))
+        elif self.color_jitter > 0:
+            x = color_jitter(x, self.color_jitter, gen)
+        x = normalize(x, self.mean, self.std)
+        return random_erase(x, self.erase_prob, gen) if self.erase_prob > 0 else x
 
     def source_side(self, train: bool) -> int:
         """Shorter side a decoder must keep so that no crop has to be upsampled much."""
