@@ -61,12 +61,12 @@ def main() -> None:
     print(f"torch {torch.__version__}  threads {torch.get_num_threads()}  chunk {CHUNK}")
     for size in map(int, args.sizes.split(",")):
         common = dict(image_size=size, scale_min=1.0)
-        train, _, _ = build_datasets(DataConfig(name="cluttered-digits", train_size=args.samples, **common))
+        train = build_datasets(DataConfig(name="cluttered-digits", train_size=args.samples, **common))[0]
         start = time.perf_counter()
         for k in range(-(-args.samples // CHUNK)):
             train.chunk(k)
         made = time.perf_counter() - start
-        peer, _, _ = build_datasets(DataConfig(name="digits", **common))
+        peer, _, _, _ = build_datasets(DataConfig(name="digits", **common))
         ours, theirs = item_us(train, True), item_us(peer, True, n=len(peer))
         print(f"cluttered-digits {size}px: {args.samples:,} samples rendered in {made:.2f} s "
               f"({args.samples / made:,.0f}/s, {train.chunks[0][0].element_size() * size * size} B each)")

@@ -53,9 +53,14 @@ def test_config_errors_say_what_to_do(kwargs, words):
 
 # ----------------------------------------------------------------------------- digits
 def test_digits_split_sizes_disjoint_and_labels():
-    train, val, info = build_datasets(DataConfig(image_size=32, **RAW))
-    assert len(train) + len(val) == 1797 and abs(len(val) - 0.2 * 1797) < 10
-    assert not set(train.members) & set(val.members)
+    train, val, test, info = build_datasets(DataConfig(image_size=32, **RAW))
+    assert len(train) + len(val) + len(test) == 1797 and abs(len(val) - 0.2 * 1797) < 10
+    assert abs(len(test) - 0.1 * 1797) < 10  # data.test_fraction's default for digits
+    for a, b in ((train, val), (train, test), (val, test)):
+        assert not set(a.members) & set(b.members)
+    # The test split is carved from what training kept: val is what it was without one.
+    _, val_alone, no_test, _ = build_datasets(DataConfig(image_size=32, test_fraction=0.0, **RAW))
+    assert val.members == val_alone.members and len(no_test) == 0
     assert (info.num_classes, info.in_chans, info.frames) == (10, 3, 1)
     images, labels = sklearn_digits()
     item = val[5]
@@ -69,13 +74,13 @@ def test_digits_split_sizes_disjoint_and_labels():
 
 
 def test_digits_keys_are_deterministic():
-    a, va, _ = build_datasets(DataConfig())
-    b, vb, _ = build_datasets(DataConfig())
+    a, va, _, _ = build_datasets(DataConfig())
+    b, vb, _, _ = build_datasets(DataConfig())
     assert a.members == b.members and va.members == vb.members
     assert same(a[(3, 11)], b[(3, 11)])
     assert not torch.equal(a[(3, 11)]["x"], a[(3, 12)]["x"])
     assert same(va[4], vb[(4, None)])
-    other, _, _ = build_datasets(DataConfig(seed=1))
+    other, _, _, _ = build_datasets(DataConfig(seed=1))
     assert other.members != a.members
 
 
@@ -97,7 +102,7 @@ def centroids(frames: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("digits_per_clip", [1, 2])
 def test_moving_digits_direction_matches_motion(digits_per_clip):
-    train, val, info = moving(label="direction", digits_per_clip=digits_per_clip)
+    train, val, _, info = moving(label="direction", digits_per_clip=digits_per_clip)
     assert info.class_names == DIRECTIONS and info.num_classes == 8
     seen = set()
     for i in range(len(val)):
@@ -117,23 +122,24 @@ def test_moving_digits_direction_matches_motion(digits_per_clip):
 
 
 def test_moving_digits_determinism_split_and_shapes():
-    train, val, _ = moving()
-    again, val_again, _ = moving()
-    assert (len(train), len(val)) == (160, 40)
+    train, val, test, _ = moving()
+    again, val_again, _, _ = moving()
+    assert (len(train), len(val), len(test)) == (140, 40, 20)
     assert same(train[(7, 3)], again[(7, 3)]) and same(val[2], val_again[(2, None)])
-    shifted, _, _ = moving(seed=1)
+    shifted, _, _, _ = moving(seed=1)
     assert not torch.equal(train[7]["x"], shifted[7]["x"])
-    cropped, _, _ = moving(scale_min=0.35)
+    cropped, _, _, _ = moving(scale_min=0.35)
     assert not torch.equal(cropped[(7, 1)]["x"], cropped[(7, 2)]["x"])
-    assert val.offset == len(train)  # disjoint clip ids
-    assert not set(train.sources) & set(val.sources)  # disjoint source images
+    assert (test.offset, val.offset) == (len(train), len(train) + len(test))  # disjoint clip ids
+    for a, b in ((train, val), (train, test), (val, test)):
+        assert not set(a.sources) & set(b.sources)  # disjoint source images
     frames, digit, _ = train.clip(0)
     assert train[0]["y"] == digit and 0 <= digit <= 9
-    info = moving(mean=(0.5,) * 3, std=(0.25,) * 3)[2]
+    info = moving(mean=(0.5,) * 3, std=(0.25,) * 3)[3]
     x = train[0]["x"]
     assert torch.allclose(denormalize((x - 0.5) / 0.25, info), x, atol=1e-6)  # a clip
     assert torch.allclose(denormalize((x[:, 1] - 0.5) / 0.25, info), x[:, 1], atol=1e-6)  # one frame
-    image, _, _ = moving(frames=1)
+    image, _, _, _ = moving(frames=1)
     assert image[0]["x"].shape == (3, 32, 32)
 
 
@@ -186,7 +192,7 @@ def test_image_folder_reads_modes_and_skips_corrupt(tmp_path):
     write_images(tmp_path / "train")
     cfg = DataConfig(name="image-folder", path=str(tmp_path / "train"), val_path=str(tmp_path / "train"),
                      image_size=16, **RAW)
-    train, val, info = build_datasets(cfg)
+    train, val, _, info = build_datasets(cfg)
     assert info.class_names == ("cat", "dog") and len(val) == 6
     items = [val[i] for i in range(len(val))]
     names = [Path(p).name for p, _ in val.samples]
@@ -200,7 +206,7 @@ def test_image_folder_reads_modes_and_skips_corrupt(tmp_path):
     assert batch["x"].shape == (5, 3, 16, 16) and batch["skipped"] == [str(val.samples[bad][0])]
     assert batch["index"].tolist() == [i for i in range(6) if i != bad]
     assert train[(0, 3)]["x"].shape == (3, 16, 16)
-    strict, _, _ = build_datasets(DataConfig(**{**cfg.__dict__, "strict": True}))
+    strict, _, _, _ = build_datasets(DataConfig(**{**cfg.__dict__, "strict": True}))
     with pytest.raises(UnreadableFileError, match="broken.jpg"):
         strict[[p for p, _ in strict.samples].index(val.samples[bad][0])]
 
@@ -274,7 +280,7 @@ def test_video_folder_and_csv(tmp_path):
     (tmp_path / "videos" / "run" / "bad.mp4").write_bytes(b"garbage")
     cfg = dict(name="video-folder", path=str(tmp_path / "videos"), val_path=str(tmp_path / "videos"),
                frames=4, frame_stride=2, image_size=16, **RAW)
-    train, val, info = build_datasets(DataConfig(**cfg))
+    train, val, _, info = build_datasets(DataConfig(**cfg))
     assert info.class_names == ("jump", "run") and info.frames == 4 and len(val) == 5
     batch = collate([val[i] for i in range(len(val))])
     assert batch["x"].shape == (4, 3, 4, 16, 16) and batch["y"].tolist() == [0, 0, 1, 1]
@@ -288,10 +294,10 @@ def test_video_folder_and_csv(tmp_path):
             "videos/jump/1.mp4, 2"]
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
     csv = str(tmp_path / "list.csv")
-    train, val, info = build_datasets(DataConfig(**{**cfg, "name": "video-csv", "path": csv,
+    train, val, _, info = build_datasets(DataConfig(**{**cfg, "name": "video-csv", "path": csv,
                                                     "val_path": csv}))
     assert info.num_classes == 3 and [val[i]["y"] for i in range(3)] == [0, 1, 2]
-    one, _, _ = build_datasets(DataConfig(**{**cfg, "frames": 1}))
+    one, _, _, _ = build_datasets(DataConfig(**{**cfg, "frames": 1}))
     assert one[0]["x"].shape == (3, 16, 16)
 
 
@@ -318,7 +324,7 @@ def test_epoch_sampler_order_shards_and_resume():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_batches_follow_keys(workers):
-    train, _, info = build_datasets(DataConfig())
+    train, _, _, info = build_datasets(DataConfig())
     sampler = EpochSampler(len(train), seed=0, epoch=0)
     state = torch.get_rng_state()
     loader = make_loader(train, sampler, batch_size=8, workers=workers, device_type="cpu")
@@ -351,7 +357,7 @@ def test_cluttered_config_errors(kwargs, words):
 
 
 def test_cluttered_sizes_labels_and_builtin_transforms():
-    train, val, info = cluttered()
+    train, val, _, info = cluttered()
     assert (len(train), len(val)) == (1500, 1100)
     assert (info.num_classes, info.in_chans, info.frames, info.mean) == (10, 3, 1, (0.0, 0.0, 0.0))
     _, labels = sklearn_digits()
@@ -365,14 +371,14 @@ def test_cluttered_sizes_labels_and_builtin_transforms():
     assert torch.equal(train[(7, 1)]["x"], train[(7, 2)]["x"])
     assert torch.equal(train[(7, 1)]["x"], train[7]["x"])
     assert transforms_for(DataConfig(name="cluttered-digits"))[1].eval_crop == 1.0  # built-in: no crop
-    _, none, _ = cluttered(val_fraction=0.0)
+    _, none, _, _ = cluttered(val_fraction=0.0)
     assert len(none) == 0
 
 
 def test_cluttered_items_are_pure_functions_of_seed_split_index():
-    a, va, _ = cluttered()
-    b, vb, _ = cluttered(train_size=1030, image_size=16)
-    c, _, _ = cluttered(image_size=16)
+    a, va, _, _ = cluttered()
+    b, vb, _, _ = cluttered(train_size=1030, image_size=16)
+    c, _, _, _ = cluttered(image_size=16)
     for i in (0, 1023, 1024, 1029):  # either side of a chunk boundary, in a smaller set
         assert torch.equal(b[i]["x"], c[i]["x"]) and b[i]["y"] == a[i]["y"]
     assert torch.equal(va[5]["x"], cluttered()[1][(5, None)]["x"])  # a second instance
@@ -404,8 +410,8 @@ def test_cluttered_chunks_render_once_per_process():
 
 
 def test_cluttered_content_is_the_same_at_every_image_size():
-    big, _, _ = cluttered(image_size=32)
-    small, _, _ = cluttered(image_size=16)
+    big, _, _, _ = cluttered(image_size=32)
+    small, _, _, _ = cluttered(image_size=16)
     x32 = torch.stack([big[i]["x"][0] for i in range(64)])  # [64, 32, 32], uint8 levels / 255
     x16 = torch.stack([small[i]["x"][0] for i in range(64)])
     down = F.interpolate(x32[:, None], size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
@@ -415,7 +421,7 @@ def test_cluttered_content_is_the_same_at_every_image_size():
 
 
 def test_cluttered_validation_never_shows_a_training_digit():
-    train, val, _ = cluttered()
+    train, val, _, _ = cluttered()
     assert not set(train.sources.tolist()) & set(val.sources.tolist())
     assert len(train.sources) + len(val.sources) == 1797
     for ds in (train, val):
@@ -426,7 +432,7 @@ def test_cluttered_validation_never_shows_a_training_digit():
 
 
 def test_cluttered_clutter_and_noise_lie_outside_the_target():
-    train, _, _ = cluttered()
+    train, _, _, _ = cluttered()
     scene = train.scene(0).take(slice(0, 256))
     # Canvas pixels outside the target's 8x8 box (with the half pixel that bilinear sampling adds).
     c = (torch.arange(32) + 0.5) / 16 - 1
@@ -451,7 +457,7 @@ def test_full_frame_crop_draws_nothing():
 
 
 def test_cluttered_worker_processes_render_the_same_items():
-    train, _, _ = cluttered(seed=11)  # a seed no other test renders
+    train, _, _, _ = cluttered(seed=11)  # a seed no other test renders
     sampler = EpochSampler(len(train), seed=0, epoch=0)
     loader = make_loader(train, sampler, batch_size=16, workers=2, device_type="cpu")
     before = generated.CACHE.renders

@@ -92,7 +92,7 @@ def test_a_label_that_is_not_a_class_id_is_refused_naming_its_line(tmp_path, cap
 
 def test_a_declared_class_count_allows_ids_without_videos(tmp_path):
     path = csv(tmp_path, "a.mp4,0\nb.mp4,5\n")
-    _, _, info = build_datasets(DataConfig(name="video-csv", path=path, val_path=path, num_classes=10))
+    _, _, _, info = build_datasets(DataConfig(name="video-csv", path=path, val_path=path, num_classes=10))
     assert info.num_classes == 10
     with pytest.raises(ValueError, match="list.csv:2.*data.num_classes=3"):
         build_datasets(DataConfig(name="video-csv", path=path, val_path=path, num_classes=3))
@@ -126,7 +126,7 @@ def test_a_first_line_without_a_label_is_no_header(tmp_path, capsys, first):
 @pytest.mark.parametrize("header", ["path,label", "video label", "# comment\nfilename, class_id"])
 def test_a_header_line_is_skipped(tmp_path, header):
     path = csv(tmp_path, f"{header}\nb.mp4,0\nc.mp4,1\n")
-    train_set, _, info = build_datasets(DataConfig(name="video-csv", path=path, val_path=path))
+    train_set, _, _, info = build_datasets(DataConfig(name="video-csv", path=path, val_path=path))
     assert len(train_set) == 2 and info.num_classes == 2
 
 
@@ -263,7 +263,7 @@ def test_a_list_of_missing_files_is_refused_and_a_few_are_warned_about(tmp_path,
 
 def test_quoted_list_fields_are_read(tmp_path):
     path = csv(tmp_path, '"path","label"\n"a.mp4",0\n"b.mp4","1"\n')
-    train_set, _, info = build_datasets(DataConfig(name="video-csv", path=path, val_path=path))
+    train_set, _, _, info = build_datasets(DataConfig(name="video-csv", path=path, val_path=path))
     assert [Path(p).name for p, _ in train_set.samples] == ["a.mp4", "b.mp4"] and info.num_classes == 2
 
 
@@ -271,7 +271,7 @@ def test_a_very_large_image_loads_without_a_warning(tmp_path, monkeypatch):
     root = images(tmp_path / "train", {"cat": 1, "dog": 1})
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "train" / "cat" / "large.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 40 is "large", not yet a bomb (2x)
-    _, val, _ = build_datasets(DataConfig(name="image-folder", path=root, val_path=root, image_size=16))
+    _, val, _, _ = build_datasets(DataConfig(name="image-folder", path=root, val_path=root, image_size=16))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert all(val[i] for i in range(len(val)))

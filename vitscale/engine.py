@@ -185,7 +185,7 @@ class Job:
             torch.set_num_threads(t.threads)
         with warnings.catch_warnings(record=True) as said:  # what the data leaves out goes to the log
             warnings.simplefilter("always")
-            self.train_set, self.val_set, self.info = build_datasets(cfg.data)
+            self.train_set, self.val_set, self.test_set, self.info = build_datasets(cfg.data)
         for w in said:
             log(f"warning: {w.message}")
         if not len(self.val_set):
@@ -319,13 +319,14 @@ class Job:
                     raise Interrupted(f"{self.stopped} at step {self.step} of {self.total}, checkpoint "
                                       f"{checkpoint.latest(self.run_dir)}; to resume, run the same command "
                                       f"again (or vitscale train --config {self.run_dir / 'config.yaml'})")
+        result |= self.test()
         if self.d.main:
             self.write_final(result)
             visual.curves(metrics.rows, self.run_dir / "curves.png")
         return result
 
     def write_final(self, result: dict) -> None:
-        """final.json: the last evaluation, at the step it was made."""
+        """final.json: the last evaluation (and the final weights' test metrics), at the step it was made."""
         if (self.run_dir / "final.json").is_dir():
             raise UserError(f"{self.run_dir / 'final.json'} is a directory, not vitscale's result file; "
                             "move it away and run the same command again")
@@ -342,6 +343,7 @@ class Job:
                                                                       if k in done))
             return done
         result = self.evaluate(math.ceil(self.step / self.steps_per_epoch))
+        result |= self.test()
         if self.d.main:
             if self.task.score(result) in (None, self.best):  # the kill may have come before best/ too
                 checkpoint.publish_best(self.run_dir, checkpoint.at(self.run_dir, self.step))
@@ -436,6 +438,19 @@ class Job:
             result |= evaluate.evaluate(self.task, self.ema.module, replace(ctx, picture=None), prefix="ema_")
         return result
 
+    def test(self) -> dict:
+        """The final weights' metrics on the test split, named test_* (with train.ema the moving
+        average's too, ema_test_*): reported in final.json beside val's, never selected on."""
+        ctx = evaluate.Context(self.cfg, self.train_set, self.val_set, self.info, self.d, self.log)
+        with _unsharded(self.module):
+            result = evaluate.evaluate_test(self.task, self.module, ctx, self.test_set)
+        if self.ema is not None:
+            result |= evaluate.evaluate_test(self.task, self.ema.module, ctx, self.test_set, prefix="ema_")
+        if result:
+            self.log(f"test ({len(self.test_set)} items, final weights): "
+                     + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        return result
+
     def end_epoch(self, window: dict, metrics: Metrics) -> dict:
         """Evaluate, log, checkpoint, and publish the best checkpoint so far."""
         epoch = math.ceil(self.step / self.steps_per_epoch)
@@ -465,7 +480,7 @@ def evaluate_run(run: str, device: str = "auto") -> dict:
     cfg = load_yaml(run_dir / "config.yaml")
     d = dist.setup(device)
     try:
-        train_set, val_set, info = build_datasets(cfg.data)
+        train_set, val_set, test_set, info = build_datasets(cfg.data)
         if not len(val_set):
             raise UserError(f"{run!r} has no validation data to evaluate on (data.val_fraction=0); "
                              "train with data.val_fraction > 0 or a data.val_path")
@@ -480,10 +495,11 @@ def evaluate_run(run: str, device: str = "auto") -> dict:
         module.load_state_dict(found[1][0])
         module.to(d.device)
         ctx = evaluate.Context(cfg, train_set, val_set, info, d, warn, run_dir / "recon-epoch000.png")
-        result = evaluate.evaluate(task, module, ctx)
+        result = evaluate.evaluate(task, module, ctx) | evaluate.evaluate_test(task, module, ctx, test_set)
         if found[1][2]["ema"] is not None:  # a run with train.ema: its moving average beside it
             module.load_state_dict(found[1][2]["ema"])
             result |= evaluate.evaluate(task, module, replace(ctx, picture=None), prefix="ema_")
+            result |= evaluate.evaluate_test(task, module, ctx, test_set, prefix="ema_")
         return result
     finally:
         dist.teardown(d)
@@ -526,7 +542,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 _SHOWN = ("train_loss", "val_loss", "val_top1", "val_top5", "knn_top1", "ema_val_loss", "ema_val_top1",
-          "ema_val_top5", "ema_knn_top1", "samples_per_s", "data_wait")
+          "ema_val_top5", "ema_knn_top1", "test_top1", "test_knn_top1", "ema_test_top1", "samples_per_s",
+          "data_wait")
 
 
 def _parallel(module: torch.nn.Module, cfg: RunConfig, d: dist.Dist) -> torch.nn.Module:

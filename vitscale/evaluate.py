@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,19 @@ def evaluate(task, module: nn.Module, ctx: Context, prefix: str = "") -> dict:
         torch.manual_seed(ctx.cfg.train.seed + 1)
         result = task.metrics(module, ctx)
     return {prefix + k: v for k, v in result.items()}
+
+
+def evaluate_test(task, module: nn.Module, ctx: Context, test_set: Dataset, prefix: str = "") -> dict:
+    """The task's metrics of `module` on the test split, named for it (val_top1 -> test_top1,
+    val_loss -> test_loss, knn_top1 -> test_knn_top1; {} with no test data). Reported, never
+    selected on: nothing chooses by them."""
+    result = evaluate(task, module, replace(ctx, val_set=test_set, picture=None))
+    return {prefix + test_name(k): v for k, v in result.items()}
+
+
+def test_name(metric: str) -> str:
+    """The test split's name of a held-out metric: val_top1 -> test_top1, knn_top1 -> test_knn_top1."""
+    return "test_" + metric.removeprefix("val_")
 
 
 def top_k(logits: Tensor, y: Tensor, k: int) -> float:

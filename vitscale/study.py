@@ -15,6 +15,10 @@ one; a trial seed is finished when its `result.json` exists (a typed, versioned
 `results.SeedResult`). `results.jsonl` is rebuilt atomically from those, so a killed
 study loses at most the runs it was in, and those resume from their last checkpoints.
 
+Selection and reporting use different data: the LR sweep chooses on the validation split;
+trials are measured by their final weights on the test split (final.json's test_top1, the
+MAE probe's too; val where the data holds no test split).
+
 Budgets (the same for every trial):
     epochs:20      every trial trains 20 epochs (bigger models spend more compute)
     compute:1ep    equal training compute: what the base model spends in one epoch
@@ -42,6 +46,7 @@ from vitscale.config import RunConfig
 from vitscale.data import build_datasets
 from vitscale.device import pick_device
 from vitscale.errors import Interrupted, UserError
+from vitscale.evaluate import test_name
 from vitscale.models.vit import ViTConfig
 from vitscale.pool import Runner
 from vitscale.results import Point, SeedResult, Sizing, StaleResult, SweepPoint, TrialResult
@@ -164,7 +169,7 @@ def plan(study: StudyConfig, lr: float | None = None) -> list[Trial]:
     run = base_run(study)
     if lr is not None:
         run = replace(run, train=replace(run.train, base_lr=lr))
-    _, _, info = build_datasets(run.data)
+    _, _, _, info = build_datasets(run.data)
     base = engine.resolve(run, info).model
     if study.param == "mup":
         base = base.replace(param="mup", base_width=base.width, base_depth=base.depth,
@@ -267,7 +272,7 @@ def _size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int
     if sizing is not None:
         return sizing
     run = trial.run
-    train_set, val_set, info = build_datasets(run.data)
+    train_set, val_set, test_set, info = build_datasets(run.data)
     per_sample = train_flops_per_sample(run, info.num_classes)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # as many threads as the trial will train with
@@ -282,7 +287,8 @@ def _size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int
         raise UserError(f"budget {study.budget!r} is too small to train trial {trial.name} "
                          f"({steps} steps of batch {run.train.batch}) with a stable phase and a cooldown; "
                          "raise --budget")
-    sizing = Sizing(per_sample, steps, spe, len(val_set), m.as_dict(), threads)
+    # the reported split's size (the binomial noise of the accuracies): test where the data has one
+    sizing = Sizing(per_sample, steps, spe, len(test_set) or len(val_set), m.as_dict(), threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     results.write(path, sizing)
     return sizing
@@ -296,7 +302,7 @@ def _base(trials: list[Trial]) -> Trial:
 def reference_compute(trials: list[Trial]) -> float:
     """The base model's training multiply-adds per epoch (the unit of compute:Nep budgets)."""
     base = _base(trials)
-    train_set, _, info = build_datasets(base.run.data)
+    train_set, _, _, info = build_datasets(base.run.data)
     per_sample = train_flops_per_sample(base.run, info.num_classes)
     return per_sample * (len(train_set) // base.run.train.batch) * base.run.train.batch
 
@@ -315,12 +321,21 @@ def _metric(run: RunConfig) -> str:
     return tasks.get(run.task).metric
 
 
+def _reported(final: dict, metric: str) -> tuple[str, str]:
+    """(accuracy, loss) keys a finished run is reported by: its test split's (test_top1, test_loss)
+    where it has one, else val's. Only the LR sweep and mid-run curves read val alone."""
+    test = test_name(metric)
+    return (test, "test_loss") if test in final else (metric, "val_loss")
+
+
 def _point(fraction: float, steps: int, run: RunConfig, sizing: Sizing, final: dict, rate: float,
            annealed: bool) -> Point:
+    """A measured point: an annealed run's final.json (reported on test), or a mid-run val row."""
     samples = steps * run.train.batch
-    acc = float(final.get(_metric(run), float("nan")))
+    metric, loss = _reported(final, _metric(run)) if annealed else (_metric(run), "val_loss")
+    acc = float(final.get(metric, float("nan")))
     return Point(fraction, steps, samples, samples * sizing.train_flops_per_sample, samples / rate, acc,
-                 final.get("val_loss"), results.binomial_stderr(acc, sizing.val_samples), annealed)
+                 final.get(loss), results.binomial_stderr(acc, sizing.val_samples), annealed)
 
 
 def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.Dist | None = None,
@@ -401,7 +416,8 @@ def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, l
                     out=str(Path(pretrained.out).parent / "probe"),
                     train=replace(probe.train, epochs=study.probe_epochs, seed=seed,
                                   device=trial.run.train.device, threads=trial.run.train.threads))
-    return float(engine.train(probe, log, d)["val_top1"])
+    final = engine.train(probe, log, d)
+    return float(final[_reported(final, "val_top1")[0]])
 
 
 def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float, d: dist.Dist | None = None,

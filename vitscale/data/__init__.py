@@ -1,6 +1,6 @@
 """Data: built-in and real datasets, torch transforms, keyed sampling, loaders.
 
-    train, val, info = build_datasets(DataConfig(name="digits"))
+    train, val, test, info = build_datasets(DataConfig(name="digits"))
     keys = EpochSampler(len(train), seed=0, epoch=3, rank=0, world=1)
     loader = make_loader(train, keys, batch_size=64, workers=0, device_type="cpu")
 
@@ -33,7 +33,7 @@ from vitscale.data.randaugment import RandAugment
 from vitscale.data.sampler import EpochSampler, sample_seed
 from vitscale.data.transforms import ClipTransform
 
-# (cfg, train transform, eval transform) -> (train, val), by data.name; real data otherwise.
+# (cfg, train transform, eval transform) -> (train, val, test), by data.name; real data otherwise.
 BUILDERS = {"digits": build_builtin, "moving-digits": build_builtin, "cluttered-digits": build_cluttered}
 
 
@@ -68,16 +68,21 @@ def transforms_for(cfg: DataConfig) -> tuple[ClipTransform, ClipTransform]:
     return train, ClipTransform(cfg.image_size, mean, std, eval_crop=eval_crop, interpolation=cfg.resize_mode)
 
 
-def build_datasets(cfg: DataConfig) -> tuple[KeyedDataset, KeyedDataset, DataInfo]:
-    """(train, val, info) for a data config; raises UserError on a bad path or empty data and
-    warns (`warnings`) about what it leaves out. val is empty when data.val_fraction is 0."""
+def build_datasets(cfg: DataConfig) -> tuple[KeyedDataset, KeyedDataset, KeyedDataset, DataInfo]:
+    """(train, val, test, info) for a data config; raises UserError on a bad path or empty data and
+    warns (`warnings`) about what it leaves out. val is empty when data.val_fraction is 0.
+
+    The three splits are disjoint. val selects (best/ checkpoints, the study's LR, a greedy soup's
+    ingredients); test only reports (final.json's test_*, the study's accuracies). test is empty
+    where none is configured (real data without data.test_path or data.test_fraction); its items
+    are eval-transformed like val's."""
     train_tf, eval_tf = transforms_for(cfg)
-    train, val = BUILDERS.get(cfg.name, build_real)(cfg, train_tf, eval_tf)
+    train, val, test = BUILDERS.get(cfg.name, build_real)(cfg, train_tf, eval_tf)
     mean, std = cfg.norm
     info = DataInfo(name=cfg.name, num_classes=len(train.classes), class_names=tuple(train.classes),
                     in_chans=3, frames=cfg.frames, image_size=cfg.image_size, mean=mean, std=std)
-    train.item_shape = val.item_shape = info.item_shape
-    return train, val, info
+    train.item_shape = val.item_shape = test.item_shape = info.item_shape
+    return train, val, test, info
 
 
 def make_loader(dataset: KeyedDataset, sampler, batch_size: int, workers: int = 0,

@@ -10,8 +10,8 @@ of motion as one of 8 compass directions, counter-clockwise from east with up = 
 0 E, 1 NE, 2 N, 3 NW, 4 W, 5 SW, 6 S, 7 SE. The main digit moves freely (no wall contact)
 for at least the first half of the clip, so the labelled direction is visible; afterwards it
 reflects off the walls. A second digit (digits_per_clip=2) is drawn at half brightness as a
-distractor with its own motion. Train and val use disjoint clip indices and disjoint source
-digit images.
+distractor with its own motion. Train, val and test use disjoint clip indices and disjoint
+source digit images.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vitscale.data.common import KeyedDataset, stratified_split
+from vitscale.data.common import KeyedDataset, held_out
 from vitscale.data.transforms import ClipTransform
 
 DIRECTIONS = ("E", "NE", "N", "NW", "W", "SW", "S", "SE")
@@ -133,16 +133,21 @@ class MovingDigits(KeyedDataset):
         return {"x": self.transform(x, gen), "y": y, "index": index}
 
 
-def build_builtin(cfg, train_tf: ClipTransform, eval_tf: ClipTransform) -> tuple[KeyedDataset, KeyedDataset]:
-    """(train, val) for cfg.name in digits / moving-digits."""
+def build_builtin(cfg, train_tf: ClipTransform,
+                  eval_tf: ClipTransform) -> tuple[KeyedDataset, KeyedDataset, KeyedDataset]:
+    """(train, val, test) for cfg.name in digits / moving-digits: val and test from source digits
+    of their own (`held_out`); moving-digits' val clips are the last, test's just before them."""
     _, labels = sklearn_digits()
-    train_src, val_src = stratified_split(labels.numpy(), cfg.val_fraction, cfg.seed)
+    train_src, val_src, test_src = held_out(labels.numpy(), cfg.val_fraction, cfg.test_share, cfg.seed)
     if cfg.name == "digits":
-        return Digits(train_src, cfg.image_size, train_tf), Digits(val_src, cfg.image_size, eval_tf)
+        return (Digits(train_src, cfg.image_size, train_tf), Digits(val_src, cfg.image_size, eval_tf),
+                Digits(test_src, cfg.image_size, eval_tf))
     n_val = int(round(cfg.num_clips * cfg.val_fraction))
-    n_train = cfg.num_clips - n_val
+    n_test = int(round(cfg.num_clips * cfg.test_share))
+    n_train = cfg.num_clips - n_val - n_test
     common = dict(size=cfg.image_size, frames=cfg.frames, label=cfg.label,
                   digits_per_clip=cfg.digits_per_clip, seed=cfg.seed)
     train = MovingDigits(n_train, 0, train_src, transform=train_tf, **common)
-    val = MovingDigits(n_val, n_train, val_src or train_src, transform=eval_tf, **common)
-    return train, val
+    test = MovingDigits(n_test, n_train, test_src or train_src, transform=eval_tf, **common)
+    val = MovingDigits(n_val, n_train + n_test, val_src or train_src, transform=eval_tf, **common)
+    return train, val, test

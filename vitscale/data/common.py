@@ -112,11 +112,12 @@ def skipped_files(paths: list[str], most: int = 5) -> str:
     return f"{len(paths)} unreadable file{'s' * (len(paths) != 1)} skipped: {', '.join(paths[:most])}{more}"
 
 
-def stratified_split(labels: list[int] | np.ndarray, fraction: float,
-                     seed: int) -> tuple[list[int], list[int]]:
-    """Seeded (train, val) index lists with `fraction` of each class held out (sorted)."""
+def stratified_split(labels: list[int] | np.ndarray, fraction: float, seed: int,
+                     stream: int = 0x5EED) -> tuple[list[int], list[int]]:
+    """Seeded (train, val) index lists with `fraction` of each class held out (sorted); `stream`
+    names the draw (the test split draws apart from the val split)."""
     labels = np.asarray(labels)
-    rng = np.random.default_rng([seed & (2**63 - 1), 0x5EED])
+    rng = np.random.default_rng([seed & (2**63 - 1), stream])
     train, val = [], []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
@@ -125,6 +126,22 @@ def stratified_split(labels: list[int] | np.ndarray, fraction: float,
         val += members[:k].tolist()
         train += members[k:].tolist()
     return sorted(train), sorted(val)
+
+
+def held_out(labels: list[int] | np.ndarray, val_fraction: float, test_fraction: float,
+             seed: int) -> tuple[list[int], list[int], list[int]]:
+    """Seeded stratified (train, val, test) index lists (sorted, disjoint). val is exactly what
+    `stratified_split(labels, val_fraction, seed)` holds out, so adding a test split leaves it
+    as it was; test is `test_fraction` of all items, carved from the rest with its own draw."""
+    rest, val = stratified_split(labels, val_fraction, seed)
+    if test_fraction <= 0:
+        return rest, val, []
+    share = test_fraction / (1 - val_fraction)  # of what val left
+    keep, test = stratified_split(np.asarray(labels)[rest], share, seed, stream=TEST_STREAM)
+    return [rest[i] for i in keep], val, [rest[i] for i in test]
+
+
+TEST_STREAM = 0x7E57  # the test split's draw in `stratified_split`
 
 
 def as_float(x: Tensor) -> Tensor:

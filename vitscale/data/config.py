@@ -26,6 +26,9 @@ class DataConfig:
     path: str = ""  # class-per-subfolder folder, or a `path,label` CSV (real data only)
     val_path: str = ""  # separate val folder / CSV; "" = a seeded split of val_fraction
     val_fraction: float = 0.2  # held-out share when val_path is empty (0 = no validation)
+    test_path: str = ""  # separate test folder / CSV (real data); "" = a seeded split of test_fraction
+    test_fraction: float = -1.0  # test share (reported, never selected on) when test_path is empty;
+    # -1 = by data: 0.1 for digits / moving-digits, none for real data (cluttered-digits: test_size)
     num_classes: int = 0  # video-csv: class ids 0..N-1 (some may have no videos); 0 = the distinct labels
     image_size: int = 32  # output height = width in pixels
     frames: int = 1  # frames per clip; 1 = images ([C, H, W]), >1 = clips ([C, T, H, W])
@@ -35,6 +38,7 @@ class DataConfig:
     digits_per_clip: int = 1  # moving-digits: 1, or 2 (the second is a dim distractor)
     train_size: int = 100_000  # cluttered-digits: generated training samples (one epoch)
     val_size: int = 10_000  # cluttered-digits: generated val samples (top-1 std error <= 0.5 points)
+    test_size: int = 10_000  # cluttered-digits: generated test samples of the held-out digits (0 = none)
     canvas: int = 32  # cluttered-digits: side in pixels the scene is drawn at, then resized to image_size
     scale_min: float = 0.35  # random resized crop: smallest crop area as a share of the frame; 0 = by
     # data: 0.8 for built-ins (small digits crop gently), real_scale_min for real data (the recipes set 0)
@@ -63,6 +67,20 @@ class DataConfig:
             (self.name in NAMES, f"data.name must be one of {', '.join(NAMES)}, got {self.name!r}"),
             (not real or self.path, f"data.name={self.name!r} needs data.path=FOLDER_OR_CSV"),
             (0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1), e.g. 0.2"),
+            (self.test_fraction == -1.0 or 0.0 <= self.test_fraction < 1.0,
+             f"data.test_fraction must be in [0, 1), or -1 for the data's default, got {self.test_fraction}"),
+            (self.val_fraction + self.test_share < 1.0,
+             f"data.val_fraction + data.test_fraction must be below 1 (nothing left to train on), got "
+             f"{self.val_fraction:g} + {self.test_share:g}"),
+            (not self.test_path or real,
+             "data.test_path is for real data; built-ins hold out their own (data.test_fraction)"),
+            (not (self.test_path and self.test_fraction > 0),
+             "set data.test_path or data.test_fraction, not both"),
+            (self.name != "cluttered-digits" or self.test_fraction == -1.0,
+             "cluttered-digits generates its test set: set data.test_size (0 = none), "
+             "not data.test_fraction"),
+            (0 <= self.test_size <= MAX_ITEMS,
+             f"data.test_size must be 0 (none) to {MAX_ITEMS:,}, got {self.test_size}"),
             (0 <= self.num_classes <= MAX_CLASSES,
              f"data.num_classes must be 0 (the labels' count) to {MAX_CLASSES}, got {self.num_classes}"),
             (self.num_classes == 0 or self.name == "video-csv",
@@ -152,6 +170,14 @@ class DataConfig:
     def crop_scale(self) -> float:
         """Resolved scale_min: the configured value, or the data's default when it is 0."""
         return self.scale_min or (0.8 if self.is_builtin else self.real_scale_min)
+
+    @property
+    def test_share(self) -> float:
+        """Resolved test_fraction: the configured share, or 0.1 for digits / moving-digits and 0 for
+        the rest when it is -1 (cluttered-digits generates test_size samples instead)."""
+        if self.test_fraction != -1.0:
+            return self.test_fraction
+        return 0.1 if self.name in ("digits", "moving-digits") else 0.0
 
     @property
     def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitscale.data.common import KeyedDataset, Skipped, stratified_split
+from vitscale.data.common import TEST_STREAM, KeyedDataset, Skipped, stratified_split
 from vitscale.data.transforms import ClipTransform
 from vitscale.data.video import read_clip
 from vitscale.errors import UserError
@@ -232,36 +232,43 @@ class VideoFiles(KeyedDataset):
         return {"x": self.transform(x, gen), "y": label, "index": index}
 
 
-def _split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    train, val = stratified_split([label for _, label in samples], fraction, seed)
+def _split(samples: list[Sample], fraction: float, seed: int,
+           stream: int = 0x5EED) -> tuple[list[Sample], list[Sample]]:
+    train, val = stratified_split([label for _, label in samples], fraction, seed, stream)
     return [samples[i] for i in train], [samples[i] for i in val]
 
 
-def build_real(cfg, train_tf: ClipTransform, eval_tf: ClipTransform) -> tuple[KeyedDataset, KeyedDataset]:
-    """(train, val) for image-folder, video-folder and video-csv."""
+def build_real(cfg, train_tf: ClipTransform,
+               eval_tf: ClipTransform) -> tuple[KeyedDataset, KeyedDataset, KeyedDataset]:
+    """(train, val, test) for image-folder, video-folder and video-csv. val: data.val_path, else
+    data.val_fraction of the training data; test: data.test_path, else data.test_fraction of
+    what training keeps (`held_out`'s split: val stays the same), else empty."""
+    paths = (cfg.path, cfg.val_path, cfg.test_path)
     if cfg.name == "video-csv":
-        lists = {p: read_list(p) for p in dict.fromkeys((cfg.path, cfg.val_path)) if p}
+        lists = {p: read_list(p) for p in dict.fromkeys(paths) if p}
         classes = list_classes(lists, cfg.num_classes)
         for p, (samples, lines) in lists.items():
             _check_listed(p, samples, lines)
-        train_s = lists[cfg.path][0]
-        val_s = lists[cfg.val_path][0] if cfg.val_path else None
+        train_s, val_s, test_s = (lists[p][0] if p else None for p in paths)
     else:
         exts, what = (IMAGE_EXTS, "image") if cfg.name == "image-folder" else (VIDEO_EXTS, "video")
         train_s, classes = scan_folder(cfg.path, exts, what=what)
-        val_s = scan_folder(cfg.val_path, exts, classes, what)[0] if cfg.val_path else None
+        val_s, test_s = (scan_folder(p, exts, classes, what)[0] if p else None for p in paths[1:])
     if val_s is None:
         train_s, val_s = _split(train_s, cfg.val_fraction, cfg.seed)
+    if test_s is None:
+        share = cfg.test_share / (1 - (cfg.val_fraction if not cfg.val_path else 0))  # of what is left
+        train_s, test_s = _split(train_s, share, cfg.seed, TEST_STREAM) if share > 0 else (train_s, [])
+    splits = ((train_s, train_tf, True), (val_s, eval_tf, False), (test_s, eval_tf, False))
     if cfg.name == "image-folder":
-        train, val = (ImageFiles(train_s, classes, train_tf, True, cfg.strict),
-                      ImageFiles(val_s, classes, eval_tf, False, cfg.strict))
+        train, val, test = (ImageFiles(s, classes, tf, is_train, cfg.strict) for s, tf, is_train in splits)
     else:
         clip = dict(frames=cfg.frames, stride=cfg.frame_stride, strict=cfg.strict)
-        train, val = (VideoFiles(train_s, classes, train_tf, True, **clip),
-                      VideoFiles(val_s, classes, eval_tf, False, **clip))
-    for dataset, where in ((train, cfg.path), (val, cfg.val_path or cfg.path)):
+        train, val, test = (VideoFiles(s, classes, tf, is_train, **clip) for s, tf, is_train in splits)
+    for dataset, where in ((train, cfg.path), (val, cfg.val_path or cfg.path),
+                           (test, cfg.test_path or cfg.path)):
         probe(dataset, where)
-    return train, val
+    return train, val, test
 
 
 def probe(dataset: KeyedDataset, where: str, tries: int = 8) -> None:

@@ -8,7 +8,9 @@ many samples as it reads and a validation set large enough to measure small diff
 Sources. The 1,797 digits are split by source first (`stratified_split` with
 data.val_fraction and data.seed); training samples draw every stroke (target and clutter)
 from training sources only, validation samples from validation sources only, so validation
-never shows a digit seen in training.
+never shows a digit seen in training. Test samples (data.test_size) are drawn from the
+validation sources too, from a seed stream of their own (split id 2): scenes neither split
+holds, of digits training never saw (they share glyphs with validation, not samples).
 
 A sample is drawn on a black `canvas` x `canvas` image (data.canvas, default 32 px), in
 canvas units (the canvas spans [-1, 1]^2, so a unit is canvas/2 px):
@@ -70,7 +72,7 @@ from vitscale.data.common import KeyedDataset, stratified_split
 from vitscale.data.transforms import ClipTransform, resized_crop
 
 CHUNK = 1024  # samples drawn and rendered together; part of the seed, so fixed
-SPLITS = {"train": 0, "val": 1}  # split id in the chunk seed
+SPLITS = {"train": 0, "val": 1, "test": 2}  # split id in the chunk seed
 SIDE = (0.3, 0.7)  # target half side s in canvas units (log-uniform): 10 to 22 px of 32
 SHIFT = 0.15  # target centre: uniform over this share of the room that keeps its box on the canvas
 ROTATE = 20.0  # degrees, either way
@@ -268,12 +270,14 @@ class ClutteredDigits(KeyedDataset):
         return {"x": self.transform(img, gen), "y": int(y[row]), "index": index}
 
 
-def build_cluttered(cfg, train_tf: ClipTransform, eval_tf: ClipTransform) -> tuple[ClutteredDigits,
-                                                                                    ClutteredDigits]:
-    """(train, val) for data.name=cluttered-digits; no validation when val_fraction is 0."""
+def build_cluttered(cfg, train_tf: ClipTransform,
+                    eval_tf: ClipTransform) -> tuple[ClutteredDigits, ClutteredDigits, ClutteredDigits]:
+    """(train, val, test) for data.name=cluttered-digits; no validation nor test when val_fraction
+    is 0 (test draws from the validation sources)."""
     _, labels = sklearn_digits()
     train_src, val_src = stratified_split(labels.numpy(), cfg.val_fraction, cfg.seed)
     common = dict(canvas=cfg.canvas, size=cfg.image_size, seed=cfg.seed)
     train = ClutteredDigits("train", cfg.train_size, train_src, transform=train_tf, **common)
     val = ClutteredDigits("val", cfg.val_size if val_src else 0, val_src, transform=eval_tf, **common)
-    return train, val
+    test = ClutteredDigits("test", cfg.test_size if val_src else 0, val_src, transform=eval_tf, **common)
+    return train, val, test
