@@ -64,12 +64,29 @@ def pil_ops():
 @pytest.mark.parametrize("name,ref,ours", pil_ops(), ids=[c[0] for c in pil_ops()])
 def test_each_randaugment_op_is_pils_exactly(name, ref, ours):
     """No rounding slack is needed: the ops follow PIL's integer rules (blend and geometry truncate,
-    SMOOTH and the contrast mean round, L = (19595 R + 38470 G + 7471 B + 2**15) >> 16)."""
+    SMOOTH and the contrast mean round, L = (19595 R + 38470 G + 7471 B + 2**15) >> 16) and compute
+    in double where PIL does."""
     for a in images():
         want = np.asarray(ref(Image.fromarray(a)))
         got = ours(tensor(a)).permute(1, 2, 0).numpy()
         assert got.dtype == np.uint8
         assert np.array_equal(got, want), (name, np.abs(got.astype(int) - want).max())
+
+
+def test_geometry_is_pils_at_random_angles_shears_and_shifts():
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        a = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+        pil, x = Image.fromarray(a), tensor(a)
+        deg, shear, shift = rng.uniform(-30, 30), rng.uniform(-0.3, 0.3), rng.uniform(-20, 20)
+        bicubic, bilinear = Image.BICUBIC, Image.BILINEAR
+        pairs = ((pil.rotate(deg, resample=bicubic, fillcolor=FILL), ra.rotate(x, deg, FILL, "bicubic")),
+                 (pil.transform(pil.size, Image.AFFINE, (1, 0, 0, shear, 1, 0), bicubic, fillcolor=FILL),
+                  ra.affine(x, (1, 0, 0, shear, 1, 0), FILL, "bicubic")),
+                 (pil.transform(pil.size, Image.AFFINE, (1, 0, shift, 0, 1, 0), bilinear, fillcolor=FILL),
+                  ra.affine(x, (1, 0, shift, 0, 1, 0), FILL, "bilinear")))
+        for want, got in pairs:
+            assert np.array_equal(np.asarray(want), got.permute(1, 2, 0).numpy())
 
 
 def test_solarize_add_and_posterize_to_zero_bits_follow_their_definitions():

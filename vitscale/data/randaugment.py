@@ -146,24 +146,32 @@ def affine(x: Tensor, coeffs: tuple[float, ...], fill: tuple[int, ...], resample
 
     Output pixel (col i, row j) reads the input at (a(i+.5) + b(j+.5) + c, d(i+.5) + e(j+.5) + f);
     where that lies outside the image it is `fill`. Neighbours past the edge repeat the edge, and
-    the result is truncated to an integer, as PIL does.
+    the result is truncated to an integer, as PIL does. A clip's frames share the geometry.
     """
     h, w = x.shape[-2:]
     a, b, c, d, e, f = coeffs
     jj, ii = torch.meshgrid(torch.arange(h, dtype=torch.float64) + 0.5,
                             torch.arange(w, dtype=torch.float64) + 0.5, indexing="ij")
-    sx, sy = a * ii + b * jj + c, d * ii + e * jj + f  # [H, W] source coordinates
+    sx, sy = (a * ii + b * jj + c).reshape(-1, 1), (d * ii + e * jj + f).reshape(-1, 1)  # [H*W, 1] source
     inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
     fx, fy = sx - 0.5, sy - 0.5
     x0, y0 = fx.floor(), fy.floor()
     dx, dy = fx - x0, fy - y0
     offsets, interp = ((0, 1), _lerp) if resample == "bilinear" else ((-1, 0, 1, 2), _cubic)
-    cols = [(x0 + o).clamp(0, w - 1).long() for o in offsets]
-    src = x.double()
-    rows = [interp([src[..., (y0 + oy).clamp(0, h - 1).long(), col] for col in cols], dx) for oy in offsets]
-    out = interp(rows, dy).clamp(0, 255).floor()  # [C, (T,) H, W]; PIL truncates
-    fill_t = torch.tensor(fill, dtype=torch.float64).view((-1,) + (1,) * (x.ndim - 1))
-    return torch.where(inside, out, fill_t).to(torch.uint8)
+    cols = [(x0 + o).clamp(0, w - 1).long()[:, 0] for o in offsets]  # [H*W] each
+    rows = [(y0 + o).clamp(0, h - 1).long()[:, 0] * w for o in offsets]
+    pixels = x.reshape(-1, h * w).t().contiguous()  # [H*W, C*T]: one gather moves every channel and frame
+
+    def at(row: Tensor, col: Tensor) -> Tensor:
+        return pixels.index_select(0, row + col).double()  # [H*W, C*T]
+
+    # double, as PIL: float32 is 3x faster but truncates a level the other way wherever the exact
+    # value is an integer (1% of the pixels of a translation by 3.4 px)
+    out = interp([interp([at(row, col) for col in cols], dx) for row in rows], dy).clamp(0, 255).floor()
+    frames = pixels.shape[1] // x.shape[0]
+    fill_t = torch.tensor(fill, dtype=torch.float64).repeat_interleave(frames)  # [C*T]
+    out = torch.where(inside, out, fill_t).to(torch.uint8)  # PIL truncates
+    return out.t().reshape(x.shape)
 
 
 def rotate(x: Tensor, degrees: float, fill: tuple[int, ...], resample: str) -> Tensor:
