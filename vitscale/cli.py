@@ -8,6 +8,7 @@
     vitscale pretrain / finetune --init RUN_DIR [--linear-probe] / eval RUN_DIR
     vitscale distill --teacher RUN_DIR --model pico/4  a student taught by a frozen teacher
     vitscale convert SRC --to hf|timm|vitscale OUT    weights between formats
+    vitscale soup RUN RUN ... --out DIR [--greedy]  average fine-tuned runs (model soups)
 
 User errors (unknown preset, bad strategy, a size the patch does not divide) end in one
 line on stderr and exit code 2; a training stopped by a non-finite loss exits 3, one stopped
@@ -295,6 +296,18 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     print(json.dumps(result) if args.json else ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
 
 
+def cmd_soup(args: argparse.Namespace) -> None:
+    from vitscale import soup
+
+    result = soup.soup(args.runs, args.out, use_greedy=args.greedy, device=args.device,
+                       log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        return report.print_json(result)
+    report.console().print(soup.table(result))
+    print(f"{soup.verdict(result)}; wrote {args.out}/soup.json and the {result['saved']} soup as a run "
+          f"({args.out}/best)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vitscale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show a bug's traceback instead of saving it")
@@ -413,11 +426,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_convert)
 
-    p = sub.add_parser("eval", help="evaluate a run's best checkpoint on its validation data")
+    p = sub.add_parser("eval", help="evaluate a run's best checkpoint on its validation and test data")
     p.add_argument("run_dir", help="run directory")
     p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("soup", help="average fine-tuned runs of one model and initialisation (model soups)",
+                       description="Average the weights of runs fine-tuned from one initialisation "
+                       "(Wortsman et al. 2022): the uniform soup, and with --greedy the greedy one. Chosen "
+                       "on the validation split, reported on the test split; the soup saved is a run.")
+    p.add_argument("runs", nargs="+",
+                   help="run directories (their best/ checkpoints; EMA weights where kept)")
+    p.add_argument("--out", required=True, help="output run directory (soup.json, config.yaml, best/)")
+    p.add_argument("--greedy", action="store_true",
+                   help="also cook the greedy soup (add ingredients best first while val does not fall) "
+                   "and save it instead of the uniform one")
+    p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--json", action="store_true", help="print soup.json")
+    p.set_defaults(run=cmd_soup)
     return parser
 
 
