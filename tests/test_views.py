@@ -3,6 +3,7 @@ their softmax, checked against VideoMAE's own formulas written out here."""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -14,11 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitscale import dist, evaluate
+from vitscale import dist, evaluate, tasks
+from vitscale.cli import main
 from vitscale.config import RunConfig, TrainConfig
-from vitscale.data import DataConfig, build_datasets
+from vitscale.data import DataConfig
+from vitscale.data.builtin import Digits, MovingDigits
 from vitscale.data.common import KeyedDataset
 from vitscale.data.folders import VideoFiles
+from vitscale.data.generated import ClutteredDigits
 from vitscale.data.transforms import ClipTransform, center_crop_box
 from vitscale.data.video import clip_indices
 from vitscale.data.views import View, Views, distinct, parse_views
@@ -130,9 +134,16 @@ def test_views_of_a_real_video_take_videomae_s_clips(tmp_path):
     assert torch.equal(Views(video, 1, 1)[0]["x"], video[0]["x"])  # 1x1: the eval item
 
 
-def test_built_in_clips_have_one_distinct_view():
-    val = build_datasets(DataConfig(name="moving-digits", frames=4, num_clips=20, image_size=16))[1]
-    assert val.view_axes == () and distinct(val, 5, 3) == (1, 1)
+@pytest.mark.parametrize("dataset", [MovingDigits, Digits, ClutteredDigits])
+def test_built_in_data_has_one_distinct_view(dataset):
+    assert distinct(dataset.__new__(dataset), 5, 3) == (1, 1)
+
+
+def test_every_view_of_a_generated_clip_is_the_eval_item():
+    tf = ClipTransform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # built-ins: eval_crop 1
+    clips = MovingDigits(3, 0, list(range(50)), 16, 4, "digit", 1, 0, tf)  # exactly 4 frames, square
+    for c, j in [(0, 0), (2, 1), (4, 2)]:
+        assert torch.equal(clips.load(1, View(c, 5, j, 3))["x"], clips[1]["x"])
 
 
 def test_merged_scores_are_the_log_of_the_mean_softmax_per_item():
@@ -265,3 +276,42 @@ def test_a_shuffled_gather_merges_the_same():
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-6)
     assert torch.equal(a[1], b[1])
 
+
+
+def test_the_test_report_scores_data_test_views(tmp_path):
+    module, ctx = video_context(tmp_path)
+    task = tasks.get("supervised")
+    views = replace(ctx, cfg=replace(ctx.cfg, data=DataConfig(test_views="2x3")))
+    got = evaluate.evaluate_test(task, module, views, ctx.val_set)
+    want = classify.metrics(module, replace(ctx, views=(2, 3)))
+    assert got == {"test_top1": want["val_top1"], "test_loss": want["val_loss"]}
+    assert evaluate.evaluate_test(task, module, ctx, ctx.val_set)["test_loss"] == classify.metrics(
+        module, ctx)["val_loss"]  # 1x1: the one eval view
+
+
+def video_run(tmp_path) -> Path:
+    for split, n in (("train", 6), ("test", 2)):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                write_video(tmp_path / split / c / f"{i}.mp4", 30 + 3 * i)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--data.name=video-folder", f"--data.path={tmp_path / 'train'}",
+                 f"--data.test_path={tmp_path / 'test'}", "--data.val_fraction=0.34", "--data.frames=2",
+                 "--data.frame_stride=3", "--data.image_size=16", "--model.patch_size=8", "--train.batch=8",
+                 "--train.max_steps=1", "--train.threads=1", "--train.warmup_epochs=0"]) == 0
+    return out
+
+
+def test_eval_takes_test_views_for_a_trained_run(tmp_path, capsys):
+    out = video_run(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", str(out), "--json", "--test-views", "2x3"]) == 0
+    six = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: v for k, v in six.items() if k.startswith("val_")} == {
+        k: v for k, v in one.items() if k.startswith("val_")}
+    assert six["test_loss"] != pytest.approx(one["test_loss"])  # the clips differ in time
+    assert main(["eval", str(out), "--test-views", "0x3"]) == 2
+    assert "data.test_views" in capsys.readouterr().err

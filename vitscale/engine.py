@@ -471,19 +471,25 @@ class Job:
         return result
 
 
-def evaluate_run(run: str, device: str = "auto") -> dict:
+def evaluate_run(run: str, device: str = "auto", test_views: str = "") -> dict:
     """Evaluate a finished (or running) run's best checkpoint, else its newest whole one (what
-    is wrong with any passed over is named on stderr)."""
+    is wrong with any passed over is named on stderr); `test_views` (e.g. "5x3") scores its
+    test split over those views instead of its data.test_views."""
     run_dir, warn = Path(run), functools.partial(print, file=sys.stderr)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run!r} is not a run directory (no config.yaml)")
     cfg = load_yaml(run_dir / "config.yaml")
+    if test_views:  # the weights do not depend on it
+        cfg = replace(cfg, data=replace(cfg.data, test_views=test_views))
     d = dist.setup(device)
     try:
         train_set, val_set, test_set, info = build_datasets(cfg.data)
         if not len(val_set):
             raise UserError(f"{run!r} has no validation data to evaluate on (data.val_fraction=0); "
                              "train with data.val_fraction > 0 or a data.val_path")
+        if test_views and not len(test_set):
+            raise UserError(f"--test-views scores the test split, and {run!r} has none; train with "
+                             "data.test_path or data.test_fraction > 0")
         if resolve(cfg, info) != cfg:
             raise UserError(f"{run_dir / 'config.yaml'}: its model's input or classes are not its data's; "
                              "put back the run's own config.yaml")

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from vitscale import dist
 from vitscale.data import DataInfo, make_loader, skipped_files
-from vitscale.data.views import Views, distinct
+from vitscale.data.views import Views, distinct, parse_views
 from vitscale.device import autocast
 from vitscale.errors import UserError
 
@@ -162,9 +162,10 @@ def evaluate(task, module: nn.Module, ctx: Context, prefix: str = "") -> dict:
 
 def evaluate_test(task, module: nn.Module, ctx: Context, test_set: Dataset, prefix: str = "") -> dict:
     """The task's metrics of `module` on the test split, named for it (val_top1 -> test_top1,
-    val_loss -> test_loss, knn_top1 -> test_knn_top1; {} with no test data). Reported, never
-    selected on: nothing chooses by them."""
-    result = evaluate(task, module, replace(ctx, val_set=test_set, picture=None))
+    val_loss -> test_loss, knn_top1 -> test_knn_top1; {} with no test data), a classifier's over
+    data.test_views views per item. Reported, never selected on: nothing chooses by them."""
+    views = parse_views(ctx.cfg.data.test_views)
+    result = evaluate(task, module, replace(ctx, val_set=test_set, picture=None, views=views))
     return {prefix + test_name(k): v for k, v in result.items()}
 
 
