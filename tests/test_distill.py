@@ -163,7 +163,7 @@ def test_the_cli_refuses_a_missing_teacher_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_distilled_run_resumes_exactly_and_a_feature_run_starts_a_finetune(tmp_path, capsys):
+def test_a_distilled_run_resumes_exactly_and_a_feature_run_starts_finetuning_or_logit_distillation(tmp_path, capsys):
     teacher = tmp_path / "teacher"
     assert main(["train", "--out", str(teacher), "--model", "mu/4", *[f"--{o}" for o in FAST]]) == 0
     run = tmp_path / "run"
@@ -194,3 +194,7 @@ def test_a_distilled_run_resumes_exactly_and_a_feature_run_starts_a_finetune(tmp
     assert start and "left out: head.weight (class head dropped)" in start[0], lines  # the projection
     assert not torch.equal(student["vit.blocks.0.attn.qkv.weight"],
                            ViT(STUDENT).state_dict()["blocks.0.attn.qkv.weight"])
+    specific = ["distill", "--teacher", str(teacher), "--init", feature.out, "--out", str(tmp_path / "spec"),
+                *[f"--{o}" for o in FAST]]  # G2SD's specific stage: logits, from the generic stage's student
+    assert main(specific) == 0
+    assert f"encoder weights from {feature.out}" in capsys.readouterr().out

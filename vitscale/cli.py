@@ -370,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--teacher", help="the frozen teacher: a run directory, a transformers model "
                            "directory, or a timm / MAE / VideoMAE / vitscale weights file (distill.teacher); "
                            "--distill.kind=soft|hard|feature, --distill.alpha, --distill.temperature")
+            p.add_argument("--init", help="start the student from weights, e.g. a --distill.kind=feature run "
+                           "(G2SD's specific stage after its generic one)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(run=cmd_train)
 
