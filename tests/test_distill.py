@@ -163,7 +163,7 @@ def test_the_cli_refuses_a_missing_teacher_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_distilled_run_resumes_exactly_and_a_feature_run_starts_finetuning_or_logit_distillation(tmp_path, capsys):
+def test_a_distilled_run_resumes_exactly_and_a_feature_run_starts_the_task_stage(tmp_path, capsys):
     teacher = tmp_path / "teacher"
     assert main(["train", "--out", str(teacher), "--model", "mu/4", *[f"--{o}" for o in FAST]]) == 0
     run = tmp_path / "run"
