@@ -289,15 +289,16 @@ def test_the_test_report_scores_data_test_views(tmp_path):
         module, ctx)["val_loss"]  # 1x1: the one eval view
 
 
-def video_run(tmp_path) -> Path:
+def video_run(tmp_path, test: bool = True) -> Path:
     for split, n in (("train", 6), ("test", 2)):
         for c in ("a", "b"):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(n):
                 write_video(tmp_path / split / c / f"{i}.mp4", 30 + 3 * i)
     out = tmp_path / "run"
+    held_out = [f"--data.test_path={tmp_path / 'test'}"] if test else []
     assert main(["train", "--out", str(out), "--data.name=video-folder", f"--data.path={tmp_path / 'train'}",
-                 f"--data.test_path={tmp_path / 'test'}", "--data.val_fraction=0.34", "--data.frames=2",
+                 *held_out, "--data.val_fraction=0.34", "--data.frames=2",
                  "--data.frame_stride=3", "--data.image_size=16", "--model.patch_size=8", "--train.batch=8",
                  "--train.max_steps=1", "--train.threads=1", "--train.warmup_epochs=0"]) == 0
     return out
@@ -305,13 +306,18 @@ def video_run(tmp_path) -> Path:
 
 def test_eval_takes_test_views_for_a_trained_run(tmp_path, capsys):
     out = video_run(tmp_path)
+    one = json.loads((out / "final.json").read_text())  # the run's own test: 1x1, its one checkpoint
     capsys.readouterr()
-    assert main(["eval", str(out), "--json"]) == 0
-    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["eval", str(out), "--json", "--test-views", "2x3"]) == 0
     six = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {k: v for k, v in six.items() if k.startswith("val_")} == {
-        k: v for k, v in one.items() if k.startswith("val_")}
+    assert six["val_loss"] == pytest.approx(one["val_loss"])  # validation stays one view
     assert six["test_loss"] != pytest.approx(one["test_loss"])  # the clips differ in time
     assert main(["eval", str(out), "--test-views", "0x3"]) == 2
     assert "data.test_views" in capsys.readouterr().err
+
+
+def test_eval_refuses_test_views_without_test_data(tmp_path, capsys):
+    out = video_run(tmp_path, test=False)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--test-views", "5x3"]) == 2
+    assert "--test-views" in capsys.readouterr().err
