@@ -144,6 +144,10 @@ def test_every_view_of_a_generated_clip_is_the_eval_item():
     clips = MovingDigits(3, 0, list(range(50)), 16, 4, "digit", 1, 0, tf)  # exactly 4 frames, square
     for c, j in [(0, 0), (2, 1), (4, 2)]:
         assert torch.equal(clips.load(1, View(c, 5, j, 3))["x"], clips[1]["x"])
+    clips.item_shape, said = (3, 4, 16, 16), []
+    logits, _ = evaluate.view_scores(Linear(3 * 4 * 16 * 16, 10).predict, clips, (5, 3),
+                                     RunConfig(train=TrainConfig(batch=4)), dist.Dist(), said.append)
+    assert logits.shape == (3, 10) and "only 1x1" in said[0]  # one view scored, and the log says so
 
 
 def test_merged_scores_are_the_log_of_the_mean_softmax_per_item():

@@ -105,8 +105,9 @@ def view_scores(fn, dataset, views: tuple[int, int], cfg, d: dist.Dist, log=None
     differs on the data (`data.views.distinct`), its plain logits (as `outputs`)."""
     clips, crops = distinct(dataset, *views)
     if (clips, crops) != views and log:
-        log(f"test views: {views[0]}x{views[1]} asked, {clips}x{crops} differ on this data "
-            "(generated clips are data.frames long and square; an image has one instant)")
+        log(f"data.test_views={views[0]}x{views[1]}: only {clips}x{crops} of them differ on this data, so "
+            f"{clips}x{crops} are scored (a generated clip is exactly data.frames long and square; an "
+            "image has one instant)")
     if clips * crops == 1:
         return outputs(fn, dataset, cfg, d, log)
     logits, y, flat = indexed_outputs(fn, Views(dataset, clips, crops), cfg, d, log)
