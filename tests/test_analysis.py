@@ -261,3 +261,11 @@ def test_a_time_target_buys_each_shape_the_samples_its_measured_speed_allows():
     for c in rec.tied + (rec.best,):
         assert c.seconds == pytest.approx(1800, rel=1e-3)  # the runtime model is exact on these trials
     assert all(c.seconds <= 1800 * (1 + 1e-6) for c in rec.measured_tied)
+
+
+def test_the_summary_names_the_split_its_accuracies_are_measured_on():
+    """Final accuracies are test accuracies where the data holds a test split (val selects)."""
+    rows = epochs_study()
+    assert analysis.summarize(StudyConfig(strategies=("d", "w")), rows).metric == "test top-1"
+    no_test = StudyConfig(strategies=("d", "w"), overrides=(*StudyConfig().overrides, "data.test_size=0"))
+    assert analysis.summarize(no_test, rows).metric == "val top-1"

@@ -23,7 +23,7 @@ from vitscale import config, fits, stats
 from vitscale.models.vit import ViTConfig
 from vitscale.results import SweepPoint, TrialResult
 from vitscale.scaling import Scaled, scale_family
-from vitscale.study import StudyConfig, held_out, parse_budget, pick_lr
+from vitscale.study import StudyConfig, base_run, held_out, parse_budget, pick_lr
 from vitscale.summary import (
     LEVEL,
     Backtest,
@@ -621,12 +621,13 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
         if study.objective == "mae"
         else ""
     )
+    split = "test" if base_run(study).data.has_test else "val"  # what final accuracies are measured on
     return Summary(
         study.budget,
         parse_budget(study.budget).kind,
         study.objective,
         study.param,
-        "linear-probe top-1" if study.objective == "mae" else "val top-1",
+        f"linear-probe {split} top-1" if study.objective == "mae" else f"{split} top-1",
         note,
         strategies,
         len(rows),

@@ -180,6 +180,13 @@ class DataConfig:
         return 0.1 if self.name in ("digits", "moving-digits") else 0.0
 
     @property
+    def has_test(self) -> bool:
+        """Whether the data holds a test split (what a run's end and a study report on)."""
+        if self.name == "cluttered-digits":
+            return self.test_size > 0
+        return bool(self.test_path) or self.test_share > 0
+
+    @property
     def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Resolved (mean, std): the configured values or the dataset default."""
         mean_default, std_default = (BUILTIN_MEAN, BUILTIN_STD) if self.is_builtin else (
