@@ -198,7 +198,7 @@ def _backtest(s: Summary) -> list:
         f"Mean absolute error **{100 * bt.mean_abs_error:.1f} points**, maximum "
         f"**{100 * bt.max_abs_error:.1f}**; the {LEVEL:.0%} interval covered {bt.covered} of "
         f"{len(bt.checks)}. Intervals: refits to trials resampled within each strategy (a random seed of "
-        f"each, every point moved by its validation noise), plus the held-out trial's own measurement "
+        f"each, every point moved by its sampling noise on the measured split), plus the held-out trial's own measurement "
         f"noise.",
         (head, body),
     ]
@@ -323,7 +323,7 @@ def _law(s: Summary) -> list:
         "term and each has its own size exponent; separate, each has all six. "
         f"{_structure(s.structure)} RMSE (points): {rmse}. Noise: one seed's final accuracy "
         f"varies by {100 * s.noise.seed_sd:.2f} points (standard deviation over {s.noise.dof} degrees of "
-        f"freedom; validation sampling alone {100 * s.noise.binomial:.2f}).",
+        f"freedom; sampling of the measured split alone {100 * s.noise.binomial:.2f}).",
         (head, body),
         "frontier.png",
     ]
