@@ -198,8 +198,8 @@ def _backtest(s: Summary) -> list:
         f"Mean absolute error **{100 * bt.mean_abs_error:.1f} points**, maximum "
         f"**{100 * bt.max_abs_error:.1f}**; the {LEVEL:.0%} interval covered {bt.covered} of "
         f"{len(bt.checks)}. Intervals: refits to trials resampled within each strategy (a random seed of "
-        f"each, every point moved by its sampling noise on the measured split), plus the held-out trial's own measurement "
-        f"noise.",
+        f"each, every point moved by its sampling noise on the measured split), plus the held-out "
+        f"trial's own measurement noise.",
         (head, body),
     ]
     if bt.structure:
