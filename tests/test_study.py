@@ -200,3 +200,18 @@ def test_the_mae_objective_probes_the_final_encoder_not_best(tmp_path, monkeypat
     monkeypatch.setattr("vitscale.checkpoint.last_good", lambda d: d / "ckpt-00000040")
     assert _probe(study, trial, pretrained, 0, print, None) == 0.5
     assert seen["init"] == str(run_dir / "ckpt-00000040")
+
+
+def test_the_leading_trials_are_chosen_on_validation_never_on_test():
+    """Extra seeds go to the trials best on val (the stable run's last evaluation); test only reports."""
+    from vitscale.results import Point
+    from vitscale.study import _chosen_by
+
+    def seed(val: float, test: float) -> SeedResult:
+        mid = Point(0.9, 90, 90, 1.0, 1.0, val, 1.0, 0.01, False)
+        end = Point(1.0, 100, 100, 1.0, 1.0, test, 1.0, 0.01, True)
+        return SeedResult("t", 0, (end,), (mid,), 1.0, 1.0)
+
+    a, b = seed(val=0.8, test=0.6), seed(val=0.7, test=0.9)
+    assert _chosen_by(a) > _chosen_by(b)  # b is better on test, a on val: a leads
+    assert _chosen_by(replace(b, curve=())) == 0.9  # no mid-run evaluation: its final point

@@ -44,9 +44,10 @@ class Point:
     samples: int  # training samples seen (steps x batch)
     compute: float  # training multiply-adds spent (samples x forward+backward per sample)
     seconds: float  # training time at the trial's measured throughput
-    accuracy: float  # validation top-1 (or the objective's metric)
-    loss: float | None  # validation loss
-    stderr: float  # binomial standard error of `accuracy` on the validation set
+    accuracy: float  # top-1 (or the objective's metric): on test for an annealed point where the data
+    # has a test split, else on val (mid-run points are always val)
+    loss: float | None  # the loss on the same split
+    stderr: float  # binomial standard error of `accuracy` on that split
     annealed: bool  # the end of a cooldown (true) or a mid-run evaluation at full LR (false)
 
 
@@ -88,7 +89,7 @@ class TrialResult:
     steps: int  # optimizer steps of the full budget
     train_flops_per_sample: float  # forward + backward multiply-adds per sample
     measured: dict  # bench.Measurement of a training step (best of 3 rounds)
-    val_samples: int  # validation set size (the binomial noise of every point)
+    val_samples: int  # the reported split's size (test where the data has one; the binomial noise)
     seeds: tuple[SeedResult, ...]
 
     @property

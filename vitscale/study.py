@@ -321,6 +321,12 @@ def _metric(run: RunConfig) -> str:
     return tasks.get(run.task).metric
 
 
+def _chosen_by(r: SeedResult) -> float:
+    """What the leading trials are chosen by: a seed's validation accuracy at the end of its stable
+    run (the last mid-run evaluation), never the test accuracy its points report."""
+    return r.curve[-1].accuracy if r.curve else r.final.accuracy
+
+
 def _reported(final: dict, metric: str) -> tuple[str, str]:
     """(accuracy, loss) keys a finished run is reported by: its test split's (test_top1, test_loss)
     where it has one, else val's. Only the LR sweep and mid-run curves read val alone."""
@@ -582,7 +588,7 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
 
     for phase in range(2):
         if phase == 1:
-            ranked = sorted(trials, key=lambda t: -seeds[t.name][0].final.accuracy)
+            ranked = sorted(trials, key=lambda t: -_chosen_by(seeds[t.name][0]))
             rows = [_trial_result(t, sizes[t.name], seeds[t.name]) for t in trials]
             held = {r.name for rs in held_out(rows, study.strategies, study.holdout).values() for r in rs}
             leaders = ranked if study.leaders == 0 else ranked[:study.leaders]
