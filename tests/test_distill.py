@@ -66,6 +66,10 @@ def test_a_teacher_identical_to_the_student_at_temperature_1_leaves_the_label_lo
     hard.vit.load_state_dict(twin.state_dict())
     by_hand = 0.7 * ce + 0.3 * F.cross_entropy(twin(x), twin(x).argmax(-1))
     assert float(hard(x, y).detach()) == pytest.approx(float(by_hand.detach()), rel=1e-5)
+    both = Distiller(STUDENT, copy.deepcopy(twin), "both", alpha=0.3)  # soft is 0 here: half of hard's
+    both.vit.load_state_dict(twin.state_dict())
+    by_hand = 0.7 * ce + 0.3 * F.cross_entropy(twin(x), twin(x).argmax(-1)) / 2
+    assert float(both(x, y).detach()) == pytest.approx(float(by_hand.detach()), rel=1e-5)
 
 
 def test_the_teacher_is_frozen_in_eval_mode_outside_the_state_and_at_its_own_input_size(tmp_path):

@@ -92,14 +92,15 @@ class TrainConfig:
         check_device(self.device, "train.device")
 
 
-DISTILL_KINDS = ("soft", "hard", "feature")
+DISTILL_KINDS = ("soft", "hard", "both", "feature")
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     teacher: str = ""  # task=distill: a run directory or any weights vitscale reads (see vitscale.weights)
     kind: str = "soft"  # soft: KL to the teacher's logits at a temperature; hard: CE to its top class
-    # (DeiT); feature: the student's tokens predict the teacher's (G2SD's generic stage, no labels)
+    # (DeiT); both: the mean of the two; feature: the student's tokens predict the teacher's (G2SD's
+    # generic stage, no labels)
     alpha: float = 0.5  # soft / hard: loss = (1 - alpha) x label loss + alpha x distillation loss
     temperature: float = 1.0  # soft: both logits / T, the KL x T^2 (DeiT's tau)
 

@@ -123,8 +123,10 @@ class Distiller(Taught, Classifier):
         logits = self.vit(x).float()  # [B, K]
         label_loss = F.cross_entropy(logits, targets)
         teacher = self._teacher.logits(x)  # [B, K]
-        kd = (soft_distillation(logits, teacher, self.temperature) if self.kind == "soft"
-              else hard_distillation(logits, teacher))
+        terms = {"soft": lambda: soft_distillation(logits, teacher, self.temperature),
+                 "hard": lambda: hard_distillation(logits, teacher)}
+        kinds = ("soft", "hard") if self.kind == "both" else (self.kind,)
+        kd = sum(terms[k]() for k in kinds) / len(kinds)  # both: the mean of the two terms
         return (1 - self.alpha) * label_loss + self.alpha * kd
 
 
