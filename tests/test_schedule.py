@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from vitscale import checkpoint, engine, optim
 from vitscale.config import RunConfig, apply_overrides
 
-# 1,438 training digits at batch 128: 11 steps an epoch. Drop path and mixup make every
-# step draw from the RNG, so a branch that restored it wrongly would drift.
+# 1,438 training digits (no test split) at batch 128: 11 steps an epoch. Drop path and mixup make
+# every step draw from the RNG, so a branch that restored it wrongly would drift.
 TINY = ["data.image_size=8", "train.batch=128", "train.threads=1", "train.warmup_epochs=0.5",
-        "train.schedule=wsd", "model.drop_path=0.1", "train.mixup=0.2", "train.knn_k=0"]
+        "train.schedule=wsd", "model.drop_path=0.1", "train.mixup=0.2", "train.knn_k=0",
+        "data.test_fraction=0"]
 STEPS_PER_EPOCH = 11
 
 
@@ -108,6 +109,8 @@ def test_cooldown_branches_end_bitwise_equal_to_plain_wsd_runs(tmp_path):
         f"train.keep_steps={','.join(map(str, starts))}")
     kept = [checkpoint.step_of(c) for c in checkpoint.checkpoints(tmp_path / "stable")]
     assert set(starts) <= set(kept)
+    evaluated = [json.loads(x) for x in (tmp_path / "stable" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evaluated if r["split"] == "val"] == [11, 22, 28]  # STEPS_PER_EPOCH holds
     for n, start in zip(lengths, starts, strict=True):
         branch = run(tmp_path, f"branch{n}", f"train.max_steps={n}",
                      f"train.branch_from={checkpoint.at(tmp_path / 'stable', start)}")
