@@ -60,6 +60,8 @@ class TrainConfig:
     # weights, optimizer, RNG and step, as a resume (a cooldown branch of a wsd stable run)
     knn_k: int = 20  # k for the k-NN accuracy of pre-trained features (0 = off)
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs); for tests
+    probe_scales: tuple[int, ...] = (1,)  # linprobe: S² scales (1,2 = the image, plus it upsampled 2x
+    # as 2x2 base-size tiles); each scale's feature concatenated into the probe
 
     def __post_init__(self) -> None:
         least = {"epochs": 1, "batch": 1, "accum": 1, "threads": 0, "ckpt_every": 0, "keep_last": 0,
@@ -77,6 +79,10 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got "
              f"{self.optimizer!r}"),
             (0.0 <= self.decay_frac <= 1.0, f"train.decay_frac must be in [0, 1], got {self.decay_frac}"),
+            (len(self.probe_scales) >= 1 and all(s >= 1 for s in self.probe_scales)
+             and len(set(self.probe_scales)) == len(self.probe_scales),
+             f"train.probe_scales must be distinct whole scales of 1 or more (e.g. 1,2), got "
+             f"{self.probe_scales}"),
             (all(s >= 1 for s in self.keep_steps),
              f"train.keep_steps must be optimizer steps of 1 or more, got {self.keep_steps}"),
             (all(0.0 <= b < 1.0 for b in self.betas), f"train.betas must be in [0, 1), got {self.betas}"),
