@@ -10,6 +10,10 @@ Definitions (see DESIGN.md; they must not drift):
           elements output by every conv and linear layer, plus the attention score maps
           (heads x L x L) and the attention outputs (L x D). ViT-B/16 at 224 px: ~23.9 M.
 
+Token dropping (cfg.keep < 1): the first cfg.drop_after blocks see prefix + N tokens, the
+rest prefix + round(keep * N); ranking by cls attention adds its q_cls @ k^T (L x D flops)
+in the drop block, whose [H, 1, L] row is not counted in acts (it is part of a score map).
+
 The tests tie every formula here to the built model (params) and to PyTorch's
 FlopCounterMode on a real forward pass (flops without bias additions).
 """
@@ -52,19 +56,29 @@ def cost(cfg: ViTConfig, **relax: float) -> Cost:
     depth = relax.get("depth", cfg.depth)
     M = D * cfg.mlp_ratio if "width" in relax else cfg.mlp_hidden
     H = cfg.heads
-    L = N + cfg.num_prefix  # tokens seen by every block
+    L = N + cfg.num_prefix  # tokens seen by every block before a drop
     # Each entry: (params, macs, bias adds, acts).
     layers = [_linear(N, cfg.patch_dim, D)]  # patch / tubelet embedding (a strided conv)
-    block = [
-        _linear(L, D, 3 * D, cfg.qkv_bias),  # fused qkv
-        (0, L * L * D, 0, H * L * L),  # q @ k^T -> score maps [H, L, L]
-        (0, L * L * D, 0, L * D),  # attn @ v -> attention output [L, D]
-        _linear(L, D, D),  # output projection
-        _linear(L, D, M),  # mlp fc1
-        _linear(L, M, D),  # mlp fc2
-        (4 * D, 0, 0, 0),  # two layer norms
-    ]
-    layers += [tuple(depth * v for v in layer) for layer in block]
+
+    def blocks(count: float, L: float) -> list[tuple]:
+        block = [
+            _linear(L, D, 3 * D, cfg.qkv_bias),  # fused qkv
+            (0, L * L * D, 0, H * L * L),  # q @ k^T -> score maps [H, L, L]
+            (0, L * L * D, 0, L * D),  # attn @ v -> attention output [L, D]
+            _linear(L, D, D),  # output projection
+            _linear(L, D, M),  # mlp fc1
+            _linear(L, M, D),  # mlp fc2
+            (4 * D, 0, 0, 0),  # two layer norms
+        ]
+        return [tuple(count * v for v in layer) for layer in block]
+
+    if cfg.drops:
+        kept = cfg.keep * N if "num_patches" in relax else cfg.kept(N)
+        layers += blocks(cfg.drop_after, L) + blocks(depth - cfg.drop_after, kept + cfg.num_prefix)
+        if cfg.drop_by != "random":
+            layers.append((0, L * D, 0, 0))  # the cls row q_cls @ k^T that ranks the tokens
+    else:
+        layers += blocks(depth, L)
     if cfg.num_classes:
         layers.append(_linear(1, D, cfg.num_classes))  # head on the pooled feature
     embeddings = D * cfg.num_prefix  # cls token

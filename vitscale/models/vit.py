@@ -5,6 +5,8 @@ References:
   ViViT / VideoMAE: Arnab et al. 2021, Tong et al. 2022 (3D tubelet embedding, joint
   space-time attention over all tokens).
   MAE: He et al. 2022 (2D sin-cos position embedding, encoder on visible tokens only).
+  EViT: Liang et al. 2022, "Not All Patches are What You Need" (keep the patch tokens the cls
+  token attends to most); EVAD: Chen et al. 2023 (video: keep every token of the keyframe).
   muP: Yang et al. 2022, "Tensor Programs V" (Adam rules, Tables 3 and 8: hidden matrices'
   init variance and LR scale 1/width, the readout output 1/width, attention logits 1/d);
   depth-muP: Yang et al. 2023, "Tensor Programs VI" (residual branches x 1/sqrt(depth); its
@@ -34,6 +36,11 @@ HEAD_INIT_STD = 2e-5  # a fine-tuned model's new class head (MAE's fine-tuning r
 # How ViT draws its linears: "trunc_normal" N(0, 0.02) (timm / DeiT, supervised), or "xavier"
 # uniform on every linear (MAE's and VideoMAE's pre-training encoders; MAE.__init__ asks for it).
 LINEAR_INITS = ("trunc_normal", "xavier")
+# Token dropping (cfg.drop_by): which patch tokens survive after block cfg.drop_after.
+#   "attention": the highest cls attention in that block, averaged over heads (EViT, train and eval);
+#   "random": a uniform random subset per sample in training, an evenly spaced fixed subset at eval;
+#   "keyframe": video only, every token of the middle frame, then the highest cls attention (EVAD).
+DROP_BY = ("attention", "random", "keyframe")
 # Hidden matrices' Adam LR x depth_mult^-this, beside the branches' 1/sqrt(depth_mult). Tensor
 # Programs VI's Adam rule is 0.5; measured here (benchmarks/bench_transfer.py, digits, 200 steps,
 # 4x depth) 0.5 moved the best LR 2.0x and 0 moved it 0.92x, so the branch multiplier alone.
@@ -62,6 +69,9 @@ class ViTConfig:
     base_width: int = 0  # muP: the width the multipliers are relative to (0 = this model's: ratio 1)
     base_depth: int = 0  # muP: the depth the residual branches are relative to (0 = this model's)
     base_head_dim: int = 0  # muP: the head dim the attention scale is relative to (0 = this model's)
+    drop_after: int = 0  # token dropping: blocks that see every token before the drop (0 = no drop)
+    keep: float = 1.0  # token dropping: share of patch tokens kept after block drop_after (cls always kept)
+    drop_by: str = "attention"  # which tokens are kept: one of DROP_BY
 
     def __post_init__(self) -> None:
         h, w = self.hw
@@ -93,6 +103,20 @@ class ViTConfig:
             (self.param in PARAMS, f"param must be 'sp' or 'mup', got {self.param!r}"),
             (min(self.base_width, self.base_depth, self.base_head_dim) >= 0,
              "base_width, base_depth and base_head_dim must be >= 0 (0 = this model's own)"),
+            (0.0 < self.keep <= 1.0, f"keep must be in (0, 1], got {self.keep}"),
+            (0 <= self.drop_after < self.depth,
+             f"drop_after must be in [0, depth={self.depth}), got {self.drop_after}"),
+            (self.keep == 1.0 or self.drop_after >= 1,
+             "keep < 1 needs drop_after >= 1: the number of blocks that see every token"),
+            (self.drop_by in DROP_BY, f"drop_by must be one of {', '.join(DROP_BY)}, got {self.drop_by!r}"),
+            (not self.drops or self.drop_by == "random" or self.class_token,
+             f"drop_by={self.drop_by!r} ranks tokens by cls attention: set class_token=True or random"),
+            (not self.drops or self.drop_by != "keyframe" or self.is_video,
+             "drop_by='keyframe' is for video (frames > 1); use 'attention' for images"),
+            (not self.drops or self.drop_by != "keyframe"
+             or self.kept(self.num_patches) >= self.num_patches // max(1, self.grid[0]),
+             f"keep={self.keep} keeps fewer tokens than one frame has; drop_by='keyframe' needs "
+             f"keep >= {self.tubelet / self.frames:g}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -171,6 +195,15 @@ class ViTConfig:
     def hidden_std(self) -> float:
         """Init std of hidden matrices: SP's 0.02, x 1/sqrt(width_mult) under muP (variance ~ 1/fan_in)."""
         return INIT_STD / math.sqrt(self.width_mult)
+
+    @property
+    def drops(self) -> bool:
+        """Whether tokens are dropped (keep < 1 after block drop_after)."""
+        return self.keep < 1.0 and self.drop_after >= 1
+
+    def kept(self, n: int) -> int:
+        """Patch tokens kept of n after the drop: round(keep * n), at least 1."""
+        return max(1, round(self.keep * n)) if self.drops else n
 
     def replace(self, **changes) -> ViTConfig:
         return replace(self, **changes)
@@ -327,13 +360,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [B, L, D] -> [B, L, D]."""
+    def forward(self, x: Tensor, cls_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """x: [B, L, D] -> [B, L, D]; with cls_attn also the first token's attention over
+        the L tokens, averaged over heads, [B, L] (one extra q_cls @ k^T, no gradient)."""
         B, L, D = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads)  # [B, L, 3, H, hd]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, hd]
-        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [B, H, L, hd]
-        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [B, H, L, hd]
+        out = self.proj(out.transpose(1, 2).reshape(B, L, D))
+        if not cls_attn:
+            return out
+        with torch.no_grad():
+            scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+            row = (q[:, :, :1] @ k.transpose(-2, -1) * scale).softmax(dim=-1)  # [B, H, 1, L]
+        return out, row.mean(dim=1)[:, 0]  # [B, L]
 
 
 class Mlp(nn.Sequential):
@@ -369,9 +409,14 @@ class Block(nn.Module):
         y = y * self.branch_mult if self.branch_mult != 1.0 else y
         return drop_path(y, self.drop_path, self.training)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.branch(self.attn(self.norm1(x)))
-        return x + self.branch(self.mlp(self.norm2(x)))
+    def forward(self, x: Tensor, cls_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """x: [B, L, D] -> [B, L, D]; with cls_attn also the cls attention row [B, L]."""
+        if not cls_attn:
+            x = x + self.branch(self.attn(self.norm1(x)))
+            return x + self.branch(self.mlp(self.norm2(x)))
+        y, row = self.attn(self.norm1(x), cls_attn=True)
+        x = x + self.branch(y)
+        return x + self.branch(self.mlp(self.norm2(x))), row
 
 
 # ----------------------------------------------------------------------------- model
@@ -495,8 +540,11 @@ class ViT(nn.Module):
                 tokens are replaced by the token before positions are added (MAE's
                 "encoder with mask tokens" ablation).
             norm: apply the final norm to every token (False: the last block's output).
+        Tokens are dropped after block cfg.drop_after (cfg.keep < 1) only when all are encoded
+        (keep and mask None): MAE's masked encoder is never thinned further.
         Returns:
-            [B, prefix + K, D] tokens, the cls token first when there is one.
+            [B, prefix + K, D] tokens, the cls token first when there is one; with dropping,
+            prefix + cfg.kept(N) tokens.
         """
         x, grid = self.patch_embed(x)  # [B, N, D]
         if mask is not None:
@@ -508,9 +556,41 @@ class ViT(nn.Module):
         if self.cls_token is not None:
             cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)  # [B, 1, D]
             x = torch.cat([cls, x], dim=1)  # [B, 1 + K, D]
-        for block in self.blocks:
-            x = block(x)
+        drop_at = self.cfg.drop_after if self.cfg.drops and keep is None and mask is None else -1
+        for i, block in enumerate(self.blocks, start=1):
+            if i != drop_at:
+                x = block(x)
+            elif self.cfg.drop_by == "random":
+                x = self.drop_tokens(block(x), None, grid)
+            else:
+                x = self.drop_tokens(*block(x, cls_attn=True), grid)
         return self.norm(x) if norm else x
+
+    def drop_tokens(self, x: Tensor, cls_attn: Tensor | None, grid: Grid) -> Tensor:
+        """Keep the prefix and cfg.kept(N) of the N patch tokens, in their original order.
+
+        x: [B, prefix + N, D]; cls_attn: [B, prefix + N] the cls token's attention (None for
+        "random") -> [B, prefix + K, D]. See DROP_BY for the rules.
+        """
+        p = self.cfg.num_prefix
+        patches = x[:, p:]  # [B, N, D]
+        B, N, D = patches.shape
+        k = self.cfg.kept(N)
+        if self.cfg.drop_by == "random" and self.training:
+            idx = torch.rand(B, N, device=x.device).argsort(dim=1)[:, :k]  # [B, K]
+        elif self.cfg.drop_by == "random":
+            idx = (torch.arange(k, device=x.device) * N // k).expand(B, k)  # evenly spaced
+        else:
+            score = cls_attn[:, p:].float()  # [B, N]
+            if self.cfg.drop_by == "keyframe":
+                t, h, w = grid
+                mid = t // 2 * h * w  # the middle frame's tokens come first in the ranking
+                score = torch.cat([score[:, :mid], torch.full_like(score[:, mid : mid + h * w], math.inf),
+                                   score[:, mid + h * w :]], dim=1)
+            idx = score.topk(k, dim=1).indices  # [B, K]
+        idx = idx.sort(dim=1).values
+        kept = torch.gather(patches, 1, idx[..., None].expand(-1, -1, D))  # [B, K, D]
+        return torch.cat([x[:, :p], kept], dim=1)
 
     def pool(self, tokens: Tensor) -> Tensor:
         """Un-normalised tokens [B, L, D] -> normalised feature [B, D]: the cls token, or the
