@@ -292,7 +292,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     from vitscale import engine
 
-    result = engine.evaluate_run(args.run_dir, device=args.device, test_views=args.test_views or "")
+    result = engine.evaluate_run(args.run_dir, device=args.device, test_views=args.test_views or "",
+                                 resolution=args.resolution)
     print(json.dumps(result) if args.json else ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
 
 
@@ -433,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--test-views", default=None, metavar="CLIPSxCROPS",
                    help="score the test split over these views, e.g. 5x3 (default: data.test_views)")
+    p.add_argument("--resolution", type=int, default=0, metavar="PIXELS",
+                   help="feed the data at this side instead of the trained one (a multiple of the patch)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_eval)
 

@@ -47,6 +47,8 @@ class TrainConfig:
     label_smoothing: float = 0.1  # supervised cross-entropy smoothing
     mixup: float = 0.0  # mixup alpha (0 = off)
     cutmix: float = 0.0  # cutmix alpha (0 = off); with both, each batch picks one
+    resolutions: tuple[int, ...] = ()  # multi-resolution training (ResFormer): each optimizer step
+    # resizes its batch to one of these sides in pixels, drawn from (seed, step); () = off
     dtype: str = "fp32"  # "fp32" or "bf16" autocast
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
@@ -90,6 +92,9 @@ class TrainConfig:
             (0.0 <= self.label_smoothing < 1.0,
              f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.dtype in DTYPES, f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+            (all(r >= 1 for r in self.resolutions) and len(set(self.resolutions)) == len(self.resolutions),
+             f"train.resolutions must be distinct image sides of 1 or more (e.g. 24,32,40), "
+             f"got {self.resolutions}"),
             (0 <= self.seed < 2**32, f"train.seed must be in [0, 2**32), got {self.seed}"),
         ]
         for ok, message in checks:
@@ -143,6 +148,14 @@ class RunConfig:
                              "(or --init random for a baseline)")
         if tasks.get(self.task).check:
             tasks.get(self.task).check(self)
+        if self.train.resolutions and self.task not in ("supervised", "finetune"):
+            raise UserError(f"train.resolutions is for task supervised or finetune, not {self.task!r}; "
+                            "leave it empty (train.resolutions=) for this task")
+        odd = [r for r in self.train.resolutions if r % self.model.patch_size]
+        if odd:
+            raise UserError(f"train.resolutions {odd} are not multiples of the patch size "
+                            f"{self.model.patch_size}; use sides such as "
+                            f"{','.join(str(self.model.patch_size * k) for k in (6, 8, 10))}")
 
 
 # Per-command defaults (the CLI's when no --config is given, and the study's trials): each

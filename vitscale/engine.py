@@ -34,6 +34,7 @@ from vitscale.data.sampler import EpochSampler
 from vitscale.device import autocast
 from vitscale.ema import EMA
 from vitscale.errors import Interrupted, StopTraining, UserError
+from vitscale.multires import resize, side_at
 
 
 def resolve(cfg: RunConfig, info: DataInfo) -> RunConfig:
@@ -400,6 +401,8 @@ class Job:
             empty = not len(batch["y"])  # B = 0: the pass keeps ranks in step; it learns nothing
             x = batch["x"].to(d.device, non_blocking=True)
             y = batch["y"].to(d.device, non_blocking=True)
+            if t.resolutions:  # multi-resolution training: this step's side, from (seed, step)
+                x = resize(x, side_at(t.resolutions, t.seed, self.step))
             with (_no_sync(self.forward, micro_step == t.accum - 1), autocast(d.device, t.dtype),
                   evaluate.quiet(empty)):
                 loss = self.forward(x, y)
@@ -471,16 +474,25 @@ class Job:
         return result
 
 
-def evaluate_run(run: str, device: str = "auto", test_views: str = "") -> dict:
+def evaluate_run(run: str, device: str = "auto", test_views: str = "", resolution: int = 0) -> dict:
     """Evaluate a finished (or running) run's best checkpoint, else its newest whole one (what
     is wrong with any passed over is named on stderr); `test_views` (e.g. "5x3") scores its
-    test split over those views instead of its data.test_views."""
+    test split over those views instead of its data.test_views; `resolution` (a side in pixels,
+    a multiple of the patch size) feeds its data at that size instead (the ViT resamples its
+    position embedding to it)."""
     run_dir, warn = Path(run), functools.partial(print, file=sys.stderr)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run!r} is not a run directory (no config.yaml)")
     cfg = load_yaml(run_dir / "config.yaml")
     if test_views:  # the weights do not depend on it
         cfg = replace(cfg, data=replace(cfg.data, test_views=test_views))
+    trained = cfg.data.image_size
+    if resolution:  # the model stays the trained one; only its data changes size
+        if resolution % cfg.model.patch_size:
+            p = cfg.model.patch_size
+            raise UserError(f"--resolution {resolution} is not a multiple of the patch size {p}; "
+                            f"use e.g. {p * (resolution // p + 1)}")
+        cfg = replace(cfg, data=replace(cfg.data, image_size=resolution))
     d = dist.setup(device)
     try:
         train_set, val_set, test_set, info = build_datasets(cfg.data)
@@ -490,7 +502,7 @@ def evaluate_run(run: str, device: str = "auto", test_views: str = "") -> dict:
         if test_views and not len(test_set):
             raise UserError(f"--test-views scores the test split, and {run!r} has none; train with "
                              "data.test_path or data.test_fraction > 0")
-        if resolve(cfg, info) != cfg:
+        if resolve(cfg, replace(info, image_size=trained)) != cfg:
             raise UserError(f"{run_dir / 'config.yaml'}: its model's input or classes are not its data's; "
                              "put back the run's own config.yaml")
         task, module = tasks.get(cfg.task), tasks.build(cfg, info.num_classes)
