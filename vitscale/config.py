@@ -143,14 +143,16 @@ class RunConfig:
     def __post_init__(self) -> None:
         from vitscale import tasks  # (tasks import the models this module configures)
 
-        if tasks.get(self.task).needs_init and not self.init:
+        task = tasks.get(self.task)
+        if task.needs_init and not self.init:
             raise UserError(f"task {self.task!r} needs weights: pass --init RUN_DIR_OR_FILE "
                              "(or --init random for a baseline)")
-        if tasks.get(self.task).check:
-            tasks.get(self.task).check(self)
-        if self.train.resolutions and self.task not in ("supervised", "finetune"):
-            raise UserError(f"train.resolutions is for task supervised or finetune, not {self.task!r}; "
-                            "leave it empty (train.resolutions=) for this task")
+        if task.check:
+            task.check(self)
+        if self.train.resolutions and not task.multires:
+            which = " or ".join(t.name for t in tasks.TASKS.values() if t.multires)
+            raise UserError(f"train.resolutions is for task {which}, not {self.task!r}; leave it empty "
+                            "(train.resolutions=) for this task")
         odd = [r for r in self.train.resolutions if r % self.model.patch_size]
         if odd:
             raise UserError(f"train.resolutions {odd} are not multiples of the patch size "

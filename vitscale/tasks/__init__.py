@@ -40,6 +40,7 @@ class Task:
     after_init: Callable[[nn.Module], list[str]] | None = None  # what changes once --init is loaded
     decoder: bool = False  # its checkpoints hold an MAE decoder, described by the run's `mae` section
     check: Callable[..., None] | None = None  # the task's own checks of a run config (RunConfig)
+    multires: bool = False  # may train at several input sides a step apart (train.resolutions)
 
     def score(self, result: dict) -> float | None:
         """Higher is better: the task's metric, else minus the validation loss (a pre-training run
@@ -50,10 +51,10 @@ class Task:
 
 
 TASKS = {task.name: task for task in (
-    Task("supervised", classify.build, classify.metrics, "val_top1"),
+    Task("supervised", classify.build, classify.metrics, "val_top1", multires=True),
     Task("mae", pretrain.build, pretrain.metrics, "knn_top1", decoder=True),
     Task("finetune", classify.build, classify.metrics, "val_top1", needs_init=True,
-         after_init=classify.start_fine_tuning),
+         after_init=classify.start_fine_tuning, multires=True),
     Task("linprobe", probe.build, classify.metrics, "val_top1", needs_init=True),
     # the feature kind reports no val_top1: ranked by its feature loss (score's fallback)
     Task("distill", distill.build, distill.metrics, "val_top1", check=distill.check),
