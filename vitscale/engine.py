@@ -324,6 +324,7 @@ class Job:
         if self.d.main:
             self.write_final(result)
             visual.curves(metrics.rows, self.run_dir / "curves.png")
+        dist.barrier(self.d)  # ranks leave together: none tears down while rank 0 still writes
         return result
 
     def write_final(self, result: dict) -> None:
