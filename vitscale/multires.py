@@ -24,11 +24,15 @@ def side_at(sides: tuple[int, ...], seed: int, step: int) -> int:
     return sides[order[index]]
 
 
-def resize(x: Tensor, side: int) -> Tensor:
-    """[..., H, W] images (or clips) -> [..., side, side]; the same tensor if already that size."""
-    if tuple(x.shape[-2:]) == (side, side):
+def resize(x: Tensor, size: int | tuple[int, int], mode: str = "bilinear",
+           antialias: bool | None = None) -> Tensor:
+    """[..., H, W] images (or clips) -> [..., h, w] (`size` a side or (h, w)); the same tensor if
+    already that size. Antialiased when it shrinks both sides, unless `antialias` says."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(x.shape[-2:]) == hw:
         return x
+    shrinking = hw[0] < x.shape[-2] and hw[1] < x.shape[-1]  # in both directions
     flat = x.reshape(-1, 1, *x.shape[-2:])  # [B*C(*T), 1, H, W]
-    out = F.interpolate(flat.float(), size=(side, side), mode="bilinear", align_corners=False,
-                        antialias=side < min(x.shape[-2:]))
-    return out.reshape(*x.shape[:-2], side, side).to(x.dtype)
+    out = F.interpolate(flat.float(), size=hw, mode=mode, align_corners=False,
+                        antialias=shrinking if antialias is None else antialias)
+    return out.reshape(*x.shape[:-2], *hw).to(x.dtype)

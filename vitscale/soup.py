@@ -54,7 +54,6 @@ DATA_MAY_DIFFER = {"train_size", "scale_min", "real_scale_min", "hflip", "randau
 @dataclass(frozen=True)
 class Ingredient:
     run: Path  # the run directory
-    cfg: RunConfig  # its config.yaml
     checkpoint: Path  # the checkpoint its weights come from (best/, else the newest whole one)
     ema: bool  # the weights are the checkpoint's EMA (train.ema)
     state: dict[str, Tensor]  # the task module's state dict
@@ -110,7 +109,7 @@ def read(run: str, shapes: dict[str, torch.Size]) -> Ingredient:
         raise UserError(f"{run!r} has no checkpoint yet; train it first")
     ckpt, (model, _, state) = found
     ema = state["ema"] is not None
-    return Ingredient(run_dir, load_yaml(run_dir / "config.yaml"), ckpt, ema, state["ema"] if ema else model)
+    return Ingredient(run_dir, ckpt, ema, state["ema"] if ema else model)
 
 
 def average(states: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:

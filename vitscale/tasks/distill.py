@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from vitscale import evaluate, weights
 from vitscale.errors import UserError
 from vitscale.models.vit import ViT, ViTConfig
+from vitscale.multires import resize
 from vitscale.tasks import classify, pretrain
 from vitscale.tasks.classify import Classifier, mix, need_classes, soft_targets
 
@@ -54,17 +55,6 @@ def feature_distillation(predicted: Tensor, teacher_tokens: Tensor) -> Tensor:
     return F.smooth_l1_loss(predicted, target, beta=FEATURE_BETA)
 
 
-def resized(x: Tensor, hw: tuple[int, int]) -> Tensor:
-    """A batch [B, C, H, W] or [B, C, T, H, W] at height x width `hw` (bicubic; itself if it is)."""
-    if tuple(x.shape[-2:]) == tuple(hw):
-        return x
-    if x.ndim == 5:
-        B, T = x.shape[0], x.shape[2]
-        frames = resized(x.transpose(1, 2).flatten(0, 1), hw)  # [B*T, C, h, w]
-        return frames.unflatten(0, (B, T)).transpose(1, 2)  # [B, C, T, h, w]
-    return F.interpolate(x, size=tuple(hw), mode="bicubic", align_corners=False)
-
-
 class Teacher:
     """A frozen ViT held outside its student's module: in no parameters(), state_dict() or
     train(); moved along by the module's .to() (see Taught); shared, not copied, by deepcopy
@@ -76,15 +66,19 @@ class Teacher:
     def __deepcopy__(self, memo) -> Teacher:
         return self
 
+    def sized(self, x: Tensor) -> Tensor:
+        """The student's batch at the teacher's input size (bicubic, as the teacher's data would be)."""
+        return resize(x, self.model.cfg.hw, "bicubic", antialias=False)
+
     @torch.no_grad()
     def logits(self, x: Tensor) -> Tensor:
         """[B, C, (T,) H, W] at the student's size -> [B, K] float logits of the teacher."""
-        return self.model(resized(x, self.model.cfg.hw)).float()
+        return self.model(self.sized(x)).float()
 
     @torch.no_grad()
     def tokens(self, x: Tensor) -> Tensor:
         """[B, C, (T,) H, W] -> [B, N, D] the last block's patch tokens (before the final norm)."""
-        tokens = self.model.forward_features(resized(x, self.model.cfg.hw), norm=False)
+        tokens = self.model.forward_features(self.sized(x), norm=False)
         return tokens[:, self.model.cfg.num_prefix :].float()
 
 
