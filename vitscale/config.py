@@ -25,6 +25,7 @@ from vitscale.errors import UserError
 from vitscale.models.mae import MAEConfig
 from vitscale.models.vit import ViTConfig, preset
 from vitscale.optim import OPTIMIZERS, SCHEDULES
+from vitscale.plan import CYCLES
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class TrainConfig:
     cutmix: float = 0.0  # cutmix alpha (0 = off); with both, each batch picks one
     resolutions: tuple[int, ...] = ()  # multi-resolution training (ResFormer): each optimizer step
     # resizes its batch to one of these sides in pixels, drawn from (seed, step); () = off
+    multigrid: tuple[str, ...] = ()  # Multigrid training (Wu et al. 2020): long and/or short cycles of
+    # coarse steps (more samples at fewer frames, smaller sides, about a base step's compute); see plan.py
     dtype: str = "fp32"  # "fp32" or "bf16" autocast
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
@@ -95,6 +98,8 @@ class TrainConfig:
             (all(r >= 1 for r in self.resolutions) and len(set(self.resolutions)) == len(self.resolutions),
              f"train.resolutions must be distinct image sides of 1 or more (e.g. 24,32,40), "
              f"got {self.resolutions}"),
+            (set(self.multigrid) <= set(CYCLES) and len(set(self.multigrid)) == len(self.multigrid),
+             f"train.multigrid must be long, short or long,short (empty = off), got {self.multigrid}"),
             (0 <= self.seed < 2**32, f"train.seed must be in [0, 2**32), got {self.seed}"),
         ]
         for ok, message in checks:
@@ -149,10 +154,14 @@ class RunConfig:
                              "(or --init random for a baseline)")
         if task.check:
             task.check(self)
-        if self.train.resolutions and not task.multires:
-            which = " or ".join(t.name for t in tasks.TASKS.values() if t.multires)
-            raise UserError(f"train.resolutions is for task {which}, not {self.task!r}; leave it empty "
-                            "(train.resolutions=) for this task")
+        for name in ("resolutions", "multigrid"):
+            if getattr(self.train, name) and not task.multires:
+                which = " or ".join(t.name for t in tasks.TASKS.values() if t.multires)
+                raise UserError(f"train.{name} is for task {which}, not {self.task!r}; leave it empty "
+                                f"(train.{name}=) for this task")
+        if self.train.resolutions and self.train.multigrid:
+            raise UserError("train.resolutions and train.multigrid both set the shape of each step; "
+                            "use one of them")
         odd = [r for r in self.train.resolutions if r % self.model.patch_size]
         if odd:
             raise UserError(f"train.resolutions {odd} are not multiples of the patch size "

@@ -28,13 +28,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from vitscale import checkpoint, dist, errors, evaluate, lock, optim, signals, tasks, visual, weights
 from vitscale.checkpoint import atomic_write_text
-from vitscale.config import RunConfig, TrainConfig, dump_yaml, load_yaml, to_dict
+from vitscale.config import RunConfig, dump_yaml, load_yaml, to_dict
 from vitscale.data import DataInfo, build_datasets, make_loader, skipped_files
 from vitscale.data.sampler import EpochSampler
 from vitscale.device import autocast
 from vitscale.ema import EMA
 from vitscale.errors import Interrupted, StopTraining, UserError
-from vitscale.multires import resize, side_at
+from vitscale.plan import Plan, Shape, reshape
 
 
 def resolve(cfg: RunConfig, info: DataInfo) -> RunConfig:
@@ -197,13 +197,14 @@ class Job:
         self.micro = t.batch // (d.world * t.accum)  # samples per rank per forward pass
         if self.micro * d.world * t.accum != t.batch:
             raise UserError(f"batch {t.batch} must be divisible by ranks x accum = {d.world * t.accum}")
-        per_rank = len(EpochSampler(len(self.train_set), t.seed, 0, rank=d.rank, world=d.world))
-        self.steps_per_epoch = per_rank // (self.micro * t.accum)
-        if self.steps_per_epoch == 0:
+        self.per_rank = len(EpochSampler(len(self.train_set), t.seed, 0, rank=d.rank, world=d.world))
+        if self.per_rank < self.micro * t.accum:
             raise UserError(f"batch {t.batch} is larger than the training set ({len(self.train_set)}); "
                              "lower --train.batch")
-        self.total = _total_steps(t, self.steps_per_epoch)
-        self.warmup = round(t.warmup_epochs * self.steps_per_epoch)  # in steps: the same for any run length
+        self._plans: dict = {}
+        self.plan = self.plan_of(cfg)
+        self.total = self.plan.total
+        self.warmup = self.plan.warmup()  # in steps: the same for any run length
         self.peak = t.base_lr * t.batch / 256
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
@@ -226,12 +227,20 @@ class Job:
             f"{self.warmup} warm-up, " + (f"wsd decay from step {optim.decay_start(self.total, t.decay_frac)}"
                                           if t.schedule == "wsd" else "cosine"))
 
+    def plan_of(self, cfg: RunConfig) -> Plan:
+        """The steps of a run of `cfg` on this job's data and ranks (plan.py), made once."""
+        m, key = cfg.model, (cfg.train, cfg.model)
+        if key not in self._plans:
+            self._plans[key] = Plan(cfg.train, m.frames, m.hw[0], m.tubelet, m.patch_size, self.per_rank,
+                                    self.micro * cfg.train.accum)
+        return self._plans[key]
+
     def lr(self, step: int, cfg: RunConfig | None = None) -> float:
         """The LR of optimizer step `step` under this run's schedule (or under another run's `cfg`
         of the same data and batch: a branch's parent)."""
-        t, spe = (cfg or self.cfg).train, self.steps_per_epoch
-        return optim.lr_at(step, _total_steps(t, spe), round(t.warmup_epochs * spe),
-                           t.base_lr * t.batch / 256, t.min_lr, t.schedule, t.decay_frac)
+        t, plan = (cfg or self.cfg).train, self.plan if cfg is None else self.plan_of(cfg)
+        peak = t.base_lr * t.batch / 256 * plan.shape(step).lr_mult
+        return optim.lr_at(step, plan.total, plan.warmup(), peak, t.min_lr, t.schedule, t.decay_frac)
 
     def resume(self) -> None:
         """Continue from the run directory's newest whole checkpoint (a damaged one is passed over
@@ -314,7 +323,7 @@ class Job:
             while self.step < self.total:
                 window = self.train_epoch(metrics, lambda info: progress.update(bar, completed=self.step,
                                                                                 info=info))
-                if self.step % self.steps_per_epoch == 0 or self.step == self.total:  # an epoch's end
+                if self.plan.ends_epoch(self.step):
                     result = self.end_epoch(window, metrics)
                 if self.stopped and self.step < self.total:
                     raise Interrupted(f"{self.stopped} at step {self.step} of {self.total}, checkpoint "
@@ -344,7 +353,7 @@ class Job:
             self.log(f"{self.run_dir} finished before: " + ", ".join(f"{k} {done[k]:.4g}" for k in _SHOWN
                                                                       if k in done))
             return done
-        result = self.evaluate(math.ceil(self.step / self.steps_per_epoch))
+        result = self.evaluate(math.ceil(self.plan.epochs_done(self.step)))
         result |= self.test()
         if self.d.main:
             if self.task.score(result) in (None, self.best):  # the kill may have come before best/ too
@@ -356,27 +365,29 @@ class Job:
         """Optimizer steps to the end of the current epoch (or of the run), or to the step a
         signal came in: then, mid-epoch, a checkpoint (all ranks stop at the same step)."""
         t, d = self.cfg.train, self.d
-        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        epoch, end = self.plan.epoch(self.step), min(self.total, self.plan.epoch_end(self.step))
         sampler = EpochSampler(len(self.train_set), t.seed, epoch, rank=d.rank, world=d.world,
-                               start=in_epoch * self.micro * t.accum, repeats=self.cfg.data.repeated_aug)
-        batches = iter(make_loader(self.train_set, sampler, self.micro, self.cfg.data.workers, d.device.type))
+                               start=self.plan.offset(self.step), repeats=self.cfg.data.repeated_aug)
+        batches = iter(make_loader(self.train_set, sampler, self.micro, self.cfg.data.workers, d.device.type,
+                                   sizes=self.plan.batches(self.step, end, self.micro, t.accum)))
         self.forward.train()
-        window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
-        end = min(self.total, (epoch + 1) * self.steps_per_epoch)
+        window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0}
         while self.step < end:
             t0 = time.perf_counter()
             lr = self.lr(self.step)
             optim.set_lr(self.opt, lr)
-            loss = self.train_step(batches, window)
+            shape = self.plan.shape(self.step)
+            loss = self.train_step(batches, window, shape)
             self.step += 1
             window["time"] += time.perf_counter() - t0
             if loss is not None:  # None: not one file of the step's batch could be read
                 window["loss"] += loss
                 window["n"] += 1
-                rate, wait = window["n"] * t.batch / window["time"], window["wait"] / window["time"]
+                window["samples"] += t.batch * shape.mult
+                rate, wait = window["samples"] / window["time"], window["wait"] / window["time"]
                 show(f"epoch {epoch + 1} loss {loss:.4f} lr {lr:.2e} {rate:.0f} samples/s "
                      f"data-wait {wait:.0%}")
-                metrics.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "train",
+                metrics.log({"step": self.step, "epoch": self.plan.epochs_done(self.step), "split": "train",
                              "loss": loss, "lr": lr})
             # mid-epoch checkpoints (end_epoch saves the step that ends an epoch or the run)
             every = t.ckpt_every and self.step % t.ckpt_every == 0
@@ -388,9 +399,9 @@ class Job:
                 break
         return window
 
-    def train_step(self, batches, window: dict) -> float | None:
-        """One optimizer step over `accum` micro-batches; returns the mean loss over ranks, or
-        None (and no update) when no file of any rank's micro-batches could be read."""
+    def train_step(self, batches, window: dict, shape: Shape) -> float | None:
+        """One optimizer step over `accum` micro-batches at the plan's `shape`; returns the mean
+        loss over ranks, or None (and no update) when no file of any rank's micro-batches could be read."""
         t, d = self.cfg.train, self.d
         loss_sum, counted = torch.zeros((), device=d.device), 0  # counted: micro-batches with a readable file
         for micro_step in range(t.accum):
@@ -402,8 +413,7 @@ class Job:
             empty = not len(batch["y"])  # B = 0: the pass keeps ranks in step; it learns nothing
             x = batch["x"].to(d.device, non_blocking=True)
             y = batch["y"].to(d.device, non_blocking=True)
-            if t.resolutions:  # multi-resolution training: this step's side, from (seed, step)
-                x = resize(x, side_at(t.resolutions, t.seed, self.step))
+            x = reshape(x, shape.frames, shape.side)  # the data's shape unless the plan varies it
             with (_no_sync(self.forward, micro_step == t.accum - 1), autocast(d.device, t.dtype),
                   evaluate.quiet(empty)):
                 loss = self.forward(x, y)
@@ -457,12 +467,12 @@ class Job:
 
     def end_epoch(self, window: dict, metrics: Metrics) -> dict:
         """Evaluate, log, checkpoint, and publish the best checkpoint so far."""
-        epoch = math.ceil(self.step / self.steps_per_epoch)
+        epoch = math.ceil(self.plan.epochs_done(self.step))
         result = self.evaluate(epoch)
         seconds = max(window["time"], 1e-9)
-        row = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": "val",
+        row = {"step": self.step, "epoch": self.plan.epochs_done(self.step), "split": "val",
                "train_loss": window["loss"] / max(1, window["n"]),
-               "samples_per_s": window["n"] * self.cfg.train.batch / seconds,
+               "samples_per_s": window["samples"] / seconds,
                "data_wait": window["wait"] / seconds} | result
         metrics.log(row)
         self.log(f"epoch {epoch}: " + ", ".join(f"{k} {row[k]:.4g}" for k in _SHOWN if k in row))
@@ -545,11 +555,6 @@ def _read_final(path: Path, step: int, log) -> dict | None:
         log(f"warning: {path} cannot be read ({e}); evaluating the last checkpoint again")
         return None
     return {k: v for k, v in done.items() if k not in ("step", "best")} if done.get("step") == step else None
-
-
-def _total_steps(t: TrainConfig, steps_per_epoch: int) -> int:
-    """Optimizer steps of a run: all its epochs, or max_steps if fewer."""
-    return min(t.max_steps, steps_per_epoch * t.epochs) if t.max_steps else steps_per_epoch * t.epochs
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

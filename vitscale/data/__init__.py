@@ -10,6 +10,7 @@ Items are a pure function of their key ``(index, seed)``: see `vitscale.data.com
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -86,17 +87,26 @@ def build_datasets(cfg: DataConfig) -> tuple[KeyedDataset, KeyedDataset, KeyedDa
 
 
 def make_loader(dataset: KeyedDataset, sampler, batch_size: int, workers: int = 0,
-                device_type: str = "cpu", prefetch: int = 2, drop_last: bool = False) -> DataLoader:
-    """A DataLoader over keys from `sampler` (an `EpochSampler` or any iterable of keys).
+                device_type: str = "cpu", prefetch: int = 2, drop_last: bool = False,
+                sizes: list[int] | None = None) -> DataLoader:
+    """A DataLoader over keys from `sampler` (an `EpochSampler` or any iterable of keys), in
+    batches of `batch_size`, or of `sizes` in turn (a training plan's steps; keys past them unread).
 
     Batches are `collate` dicts (B = 0 when every file of one was unreadable). The loader
     gets its own generator, so creating an iterator does not draw from the global torch RNG
     (which would break exact resume).
     """
+    if sizes is not None:
+        keys, ends = list(sampler), list(itertools.accumulate(sizes))
+        if ends and ends[-1] > len(keys):
+            raise ValueError(f"batches of {ends[-1]} keys from a sampler of {len(keys)}")
+        batches = {"batch_sampler": [keys[e - n : e] for n, e in zip(sizes, ends, strict=True)]}
+    else:
+        batches = {"batch_size": batch_size, "sampler": sampler, "drop_last": drop_last}
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        dataset, **batches, num_workers=workers,
         collate_fn=functools.partial(collate, shape=dataset.item_shape),
-        pin_memory=device_type == "cuda", drop_last=drop_last,
+        pin_memory=device_type == "cuda",
         prefetch_factor=prefetch if workers > 0 else None, persistent_workers=False,
         generator=torch.Generator().manual_seed(0),
         worker_init_fn=signals.ignore,  # a signal is the trainer's to act on (it stops at a step's end)

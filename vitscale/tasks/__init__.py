@@ -40,7 +40,7 @@ class Task:
     after_init: Callable[[nn.Module], list[str]] | None = None  # what changes once --init is loaded
     decoder: bool = False  # its checkpoints hold an MAE decoder, described by the run's `mae` section
     check: Callable[..., None] | None = None  # the task's own checks of a run config (RunConfig)
-    multires: bool = False  # may train at several input sides a step apart (train.resolutions)
+    multires: bool = False  # may vary its input shape step to step (train.resolutions, multigrid)
 
     def score(self, result: dict) -> float | None:
         """Higher is better: the task's metric, else minus the validation loss (a pre-training run
