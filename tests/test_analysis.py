@@ -269,3 +269,44 @@ def test_the_summary_names_the_split_its_accuracies_are_measured_on():
     assert analysis.summarize(StudyConfig(strategies=("d", "w")), rows).metric == "test top-1"
     no_test = StudyConfig(strategies=("d", "w"), overrides=(*StudyConfig().overrides, "data.test_size=0"))
     assert analysis.summarize(no_test, rows).metric == "val top-1"
+
+
+# ----------------------------------------------------------------------------- recipes
+def _under(r: TrialResult, recipe: str, train_ratio: float) -> TrialResult:
+    """Trial r as its recipe twin: renamed (base+mr, w+mr-x2), in the recipe's families, training at
+    `train_ratio` x its forward multiply-adds per sample (its points' compute with it)."""
+    name = f"base+{recipe}" if r.name == "base" else r.name.replace("-x", f"+{recipe}-x")
+    scale_ = train_ratio * r.flops / r.train_flops_per_sample
+    seeds = tuple(
+        replace(s, trial=name, points=tuple(replace(p, compute=p.compute * scale_) for p in s.points))
+        for s in r.seeds
+    )
+    return replace(r, name=name, strategies=tuple(f"{s}+{recipe}" for s in r.strategies),
+                   train_flops_per_sample=train_ratio * r.flops, seeds=seeds)
+
+
+@pytest.mark.slow  # two families' structure, backtest and fit: about 20 s
+def test_a_recipe_is_fitted_as_families_of_its_own_and_moves_the_frontier(monkeypatch):
+    """A recipe whose trials follow a law 3 points better (at 10% more training compute per sample)
+    gets its own law (its base its anchor), its own backtest check, and a frontier above the plain
+    one where the trials were measured, each family's samples bought at its own training cost."""
+    monkeypatch.setattr(analysis, "BOOTSTRAP", 4)
+    better = replace(TRUE, e=TRUE.e - 0.03)
+    plain = [r for r in epochs_study() if "w" in r.strategies]
+    twins = [_under(r, "mr", 3.3) for r in epochs_study(better) if "w" in r.strategies]
+    study = StudyConfig(strategies=("w",), recipes=("mr:train.resolutions=12,16,20",))
+    s = analysis.summarize(study, plain + twins)
+    assert s.strategies == ("w", "w+mr")
+    assert set(s.backtest.held_out) == {"w-x8", "w+mr-x8"}
+    assert {c.trial for c in s.backtest.checks} == set(s.backtest.held_out)
+    assert all(abs(c.error) < 0.02 for c in s.backtest.checks)
+    assert s.law.law("w+mr") is not s.law.law("w")  # a law per recipe: the recipe may move all of it
+    w4 = next(r for r in plain if r.name == "w-x4")
+    gain = float(s.law.predict("w", w4.flops, w4.samples) - s.law.predict("w+mr", w4.flops, w4.samples))
+    assert gain == pytest.approx(0.03, abs=0.01)
+    top = max(p.compute for r in plain for p in r.points())
+    c = min({p.compute for p in s.frontier if p.compute >= top})
+    at = {p.strategy: p for p in s.frontier if p.compute == c}
+    assert at["w+mr"].accuracy > at["w"].accuracy + 0.01
+    for p in at.values():  # equal compute buys the recipe fewer samples: each at its own cost per sample
+        assert p.samples * (3.3 if p.strategy == "w+mr" else 3.0) * p.flops == pytest.approx(c, rel=1e-6)

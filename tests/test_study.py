@@ -3,6 +3,7 @@ run end to end, killed midway and resumed."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import yaml
 
 from vitscale import optim, results, summary
 from vitscale.complexity import cost
+from vitscale.errors import UserError
 from vitscale.results import SeedResult, SweepPoint, TrialResult
 from vitscale.study import StudyConfig, _base, branches, parse_budget, plan, steps_for, train_flops_per_sample
 
@@ -79,6 +81,94 @@ def test_training_flops_are_two_to_three_forward_passes():
     forward = cost(trial.run.model.replace(num_classes=10))
     per_sample = train_flops_per_sample(trial.run, 10)
     assert 2.5 < per_sample / (forward.flops - forward.bias_flops) < 3.0
+
+
+# ----------------------------------------------------------------------------- recipes
+MR = "mr:train.resolutions=12,16,20"
+TD = "td:model.keep=0.5 model.drop_after=2 model.drop_by=random"
+
+
+def test_a_recipe_runs_every_strategys_trials_again_under_its_overrides():
+    study = StudyConfig(strategies=("w",), factors=(1, 1.5), recipes=(MR, TD))
+    trials = plan(study)
+    assert study.families == ("w", "w+mr", "w+td")
+    assert [t.name for t in trials] == ["base", "w-x1.5", "base+mr", "w+mr-x1.5", "base+td", "w+td-x1.5"]
+    assert [t.strategies for t in trials] == [("w",)] * 2 + [("w+mr",)] * 2 + [("w+td",)] * 2
+    plain = {t.name: t for t in trials}
+    for name in ("base", "w-x1.5"):
+        mr = plain[name.replace("-x", "+mr-x") if "-x" in name else "base+mr"]
+        assert mr.run.model == plain[name].run.model and mr.run.train.resolutions == (12, 16, 20)
+        assert replace(mr.run, train=replace(mr.run.train, resolutions=())) == plain[name].run
+    td = plain["w+td-x1.5"].run.model
+    assert (td.keep, td.drop_after) == (0.5, 2) and td.width > plain["base+td"].run.model.width
+    assert [t.name for t in plan(StudyConfig())] == [  # none by default: the default study's 7 trials
+        "d-x0.5", "base", "d-x1.5", "d-x2.25", "w-x0.5", "w-x1.5", "w-x2.25"]
+
+
+def test_multi_resolution_training_flops_are_the_mean_over_its_sides():
+    """Against a plain run at each side (its own module, its position table native), averaged."""
+    run = plan(StudyConfig(strategies=("w",), factors=(1,), recipes=(MR,)))[1].run
+    at = [replace(run, model=run.model.replace(image_size=s), data=replace(run.data, image_size=s),
+                  train=replace(run.train, resolutions=())) for s in (12, 16, 20)]
+    reference = sum(train_flops_per_sample(r, 10) for r in at) / 3
+    assert train_flops_per_sample(run, 10) == pytest.approx(reference, rel=1e-9)
+    assert train_flops_per_sample(at[1], 10) < 0.97 * reference  # not the data's side alone
+
+
+def test_token_dropping_is_counted_as_the_module_trains():
+    """The training module drops tokens, and FlopCounterMode sees it: against the closed form
+    of the blocks after the drop (3x their forward matmuls: linears and attention's two)."""
+    plain, td = plan(StudyConfig(strategies=("w",), factors=(1,), recipes=(TD,)))
+    m = td.run.model
+    n, k = m.num_patches + 1, m.kept(m.num_patches) + 1  # tokens with the cls token
+    width, hidden = m.width, m.mlp_hidden
+    per_token = 4 * width * width + 2 * width * hidden  # qkv, proj, mlp in and out
+    saved = 3 * (m.depth - m.drop_after) * ((n - k) * per_token + 2 * (n * n - k * k) * width)
+    dropped, full = train_flops_per_sample(td.run, 10), train_flops_per_sample(plain.run, 10)
+    assert k < n and full - dropped == pytest.approx(saved, rel=1e-9)
+
+
+def test_a_multi_resolution_trial_is_timed_at_each_side_as_it_trains(monkeypatch):
+    """Throughput under train.resolutions: a third of the samples at each side, so seconds per
+    sample are the mean of each side's (measurements stubbed: 1000 samples/s at side 12, and so on)."""
+    from vitscale import bench, study
+
+    rate = {12: 1000.0, 16: 500.0, 20: 250.0}
+    seen = []
+
+    def measure_model(model, x, mode, dtype, warmup, iters, loss_fn):
+        seen.append(x.shape[-1])
+        return bench.Measurement("train", x.shape[0], dtype, "cpu", rate[x.shape[-1]],
+                                 1e3 * x.shape[0] / rate[x.shape[-1]], float(x.shape[-1]))
+
+    monkeypatch.setattr(bench, "measure_model", measure_model)
+    run = plan(StudyConfig(strategies=("w",), factors=(1,), recipes=(MR,)))[1].run
+    m = study.measure_trial(run, 10, rounds=2)
+    assert sorted(set(seen)) == [12, 16, 20] and len(seen) == 6
+    assert m.samples_per_s == pytest.approx(1 / ((1 / 1000 + 1 / 500 + 1 / 250) / 3))
+    assert m.ms_per_step == pytest.approx(sum(1e3 * 32 / r for r in rate.values()) / 3)
+    assert m.peak_mem_mb == 20.0
+
+
+@pytest.mark.parametrize("recipes,message", [
+    (("mr",), "not understood"),
+    (("mr:train.resolutionz=12",), "recipe 'mr': unknown config key"),
+    (("mr:train.resolutions=13",), "recipe 'mr': train.resolutions [13] are not multiples"),
+    ((MR, "mr:train.ema=0.99"), "given twice"),
+    (("big:model.width=96",), "model shape the strategies scale"),
+    (("lr:train.base_lr=1e-3",), "which the study sets"),
+])
+def test_bad_recipes_are_one_line_user_errors(recipes, message):
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        StudyConfig(recipes=recipes)
+    assert "\n" not in str(e.value)
+
+
+def test_a_recipe_the_scaled_shapes_cannot_take_is_refused():
+    with pytest.raises(UserError, match="recipe 'mr' sets train.resolutions, but a strategy scales"):
+        StudyConfig(strategies=("r",), recipes=(MR,))
+    with pytest.raises(UserError, match="recipe 'td' with strategy d: drop_after must be"):
+        plan(StudyConfig(strategies=("d",), factors=(0.5, 1), recipes=(TD,)))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -173,6 +263,7 @@ def test_miniature_study_killed_and_resumed(tmp_path):
     (["--seeds", "0"], "seeds must be at least 1"),
     (["--target", "epochs:3"], "give a compute (compute:3e12) or time"),
     (["--holdout", "-1"], "holdout must be 0"),
+    (["--recipe", "big:model.width=96"], "recipe 'big' sets model.width, the model shape"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
     r = subprocess.run([sys.executable, "-m", "vitscale", *MINI, "--out", str(tmp_path / "s"), *args],

@@ -10,6 +10,10 @@ recommend   for a compute or time budget, each strategy's best size (and so leng
             under the law refitted on every trial; candidates within noise tie and the
             cheapest is named; beside it, the best trial measured within the budget
 isoflops    trials at equal compute, measured, as a check of the law's optimum
+
+A recipe's families (w+mr: strategy w under recipe mr, from its own base base+mr) are fitted
+like strategies, each recipe's laws relative to its own base: a shared law is shared within a
+recipe (a recipe may move the whole curve, which one law's common e, a, b could not say).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from vitscale import config, fits, stats
 from vitscale.models.vit import ViTConfig
 from vitscale.results import SweepPoint, TrialResult
 from vitscale.scaling import Scaled, scale_family
-from vitscale.study import StudyConfig, base_run, held_out, parse_budget, pick_lr
+from vitscale.study import StudyConfig, base_run, held_out, is_base, parse_budget, pick_lr
 from vitscale.summary import (
     LEVEL,
     Backtest,
@@ -47,13 +51,26 @@ Z = 1.6449  # the normal quantile of LEVEL's two-sided interval
 
 
 # ----------------------------------------------------------------------------- points and noise
+def _recipe(family: str) -> str:
+    """The recipe a family (or a trial's family) trains under: w+mr -> mr; "" for w and base."""
+    return family.partition("+")[2]
+
+
+def _groups(strategies: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The strategies by recipe (the plain ones first): each group scales from one base."""
+    by: dict[str, list[str]] = {}
+    for s in strategies:
+        by.setdefault(_recipe(s), []).append(s)
+    return [tuple(g) for g in by.values()]
+
+
 def _labelled(rows: list[TrialResult], strategies: tuple[str, ...]) -> list[tuple[TrialResult, str]]:
-    """(trial, strategy) pairs: a trial once per strategy it belongs to, the base once (every
+    """(trial, strategy) pairs: a trial once per strategy it belongs to, a base once (every
     strategy's law agrees at the base's size)."""
     pairs = []
     for r in rows:
         mine = [s for s in strategies if s in r.strategies]
-        pairs += [(r, s) for s in (mine[:1] if r.name == "base" else mine)]
+        pairs += [(r, s) for s in (mine[:1] if is_base(r.name) else mine)]
     return pairs
 
 
@@ -101,34 +118,45 @@ def _final(r: TrialResult) -> float:
 
 
 # ----------------------------------------------------------------------------- fitting
-def _base(rows: list[TrialResult]) -> TrialResult:
-    """The trial every strategy scales from (the smallest where none is named base)."""
-    return next((r for r in rows if r.name == "base"), None) or min(rows, key=lambda r: r.flops)
+def _base(rows: list[TrialResult], recipe: str = "") -> TrialResult:
+    """The trial every strategy (under `recipe`) scales from (the smallest where none is named base)."""
+    mine = [r for r in rows if _recipe(r.family) == recipe] or rows
+    name = f"base+{recipe}" if recipe else "base"
+    return next((r for r in rows if r.name == name), None) or min(mine, key=lambda r: r.flops)
 
 
-def _able(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -> tuple[str, ...]:
-    """The strategies with a trial of another size than the base (a law can be fitted for them)."""
-    return tuple(s for s in strategies if any(s in r.strategies and r.flops != n0 for r in rows))
+def _n0s(rows: list[TrialResult]) -> dict[str, float]:
+    """Each recipe's base size ("" the study's base): what the laws of its families are relative to."""
+    return {g: _base(rows, g).flops for g in dict.fromkeys(_recipe(r.family) for r in rows)}
+
+
+def _able(rows: list[TrialResult], strategies: tuple[str, ...], n0: dict[str, float]) -> tuple[str, ...]:
+    """The strategies with a trial of another size than their base (a law can be fitted for them)."""
+    return tuple(
+        s for s in strategies if any(s in r.strategies and r.flops != n0.get(_recipe(s)) for r in rows)
+    )
 
 
 def _pairs(rows: list[TrialResult], strategies: tuple[str, ...], shared: bool) -> list[list]:
-    """The (trial, strategy) pairs of each law: one list for a shared law, one per strategy (each
-    with the base) otherwise."""
+    """The (trial, strategy) pairs of each law: one list per recipe for a shared law, one per
+    strategy (each with its base) otherwise."""
     if shared:
-        return [_labelled(rows, strategies)]
+        return [_labelled(rows, g) for g in _groups(strategies)]
     return [[(r, s) for r in rows if s in r.strategies] for s in strategies]
 
 
-def _fit_once(groups: list[list], n0: float, start: fits.Laws | None = None, rng=None, luck: float = 0.0):
+def _fit_once(groups: list[list], n0: dict[str, float], start: fits.Laws | None = None, rng=None,
+              luck: float = 0.0):
     return fits.Laws(
         tuple(
-            fits.fit_law(*_points(g, rng, luck), n0=n0, start=start.laws[i] if start else None)
+            fits.fit_law(*_points(g, rng, luck), n0=n0[_recipe(g[0][1]) if g else ""],
+                         start=start.laws[i] if start else None)
             for i, g in enumerate(groups)
         )
     )
 
 
-def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -> Structure:
+def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: dict[str, float]) -> Structure:
     """Shared or separate laws, whichever predicts each trial larger than the base better from
     the others (leave-one-trial-out mean absolute error of its final accuracy; below the base
     the size term is an extrapolation the study never asks for); shared on a tie or where the
@@ -142,7 +170,7 @@ def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -
             continue
         misses = []
         for r in rows:
-            if r.flops <= n0:  # predict larger trials from the rest, as the backtest does
+            if r.flops <= n0[_recipe(r.family)]:  # predict larger trials from the rest, as the backtest does
                 continue
             others = [x for x in rows if x is not r]
             s = next(t for t in strategies if t in r.strategies)
@@ -157,7 +185,7 @@ def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: float) -
 
 
 def fit(
-    rows: list[TrialResult], strategies: tuple[str, ...], n0: float, noise_: Noise | None = None
+    rows: list[TrialResult], strategies: tuple[str, ...], n0: dict[str, float], noise_: Noise | None = None
 ) -> tuple[fits.Laws, list[fits.Laws], Structure]:
     """The laws on every annealed point of `rows` (structure chosen by `structure`), their
     bootstrap refits, and the structure's choice."""
@@ -165,15 +193,16 @@ def fit(
     luck = math.sqrt(max(noise_.seed_sd**2 - noise_.binomial**2, 0.0)) if noise_ else 0.0
     law = _fit_once(_pairs(rows, strategies, choice.shared), n0)
     rng = np.random.default_rng(0)
-    anchors = [r for r in rows if r.flops == n0]
-    groups = {s: [r for r in rows if s in r.strategies and r.flops != n0] for s in strategies}
+    anchors = {g: [r for r in rows if _recipe(r.family) == g and r.flops == n] for g, n in n0.items()}
+    groups = {s: [r for r in rows if s in r.strategies and r.flops != n0[_recipe(s)]] for s in strategies}
     laws = []
     for _ in range(BOOTSTRAP):
         drawn = {s: [g[i] for i in rng.integers(0, len(g), len(g))] for s, g in groups.items()}
         if choice.shared:
-            pairs = [[(r, strategies[0]) for r in anchors] + [(r, s) for s, g in drawn.items() for r in g]]
+            pairs = [[(r, ss[0]) for r in anchors[_recipe(ss[0])]] + [(r, s) for s in ss for r in drawn[s]]
+                     for ss in _groups(strategies)]
         else:
-            pairs = [[(r, s) for r in anchors + g] for s, g in drawn.items()]
+            pairs = [[(r, s) for r in anchors[_recipe(s)] + g] for s, g in drawn.items()]
         try:
             laws.append(_fit_once(pairs, n0, start=law, rng=rng, luck=luck))
         except ValueError:
@@ -204,7 +233,7 @@ def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int,
     held = held_out(rows, strategies, holdout)
     names = {r.name for rs in held.values() for r in rs}
     fitted = [r for r in rows if r.name not in names]
-    n0 = _base(rows).flops
+    n0 = _n0s(rows)
     able = _able(fitted, strategies, n0)
     notes = [
         f"{s} keeps no trial but the base once its largest is held out, so it is not backtested"
@@ -259,31 +288,47 @@ def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int,
 
 # ----------------------------------------------------------------------------- recommendation
 class _Shapes:
-    """Every strategy's shapes on the FACTORS grid, with what training one costs."""
+    """Every strategy's shapes on the FACTORS grid, with what training one costs (a recipe's
+    families scaled from its base, at its training cost per forward multiply-add)."""
 
     def __init__(
         self, rows: list[TrialResult], strategies: tuple[str, ...], runtime: fits.RuntimeModel | None
     ):
-        cfg = self.base = config.from_dict(ViTConfig, _base(rows).model)
-        self.family: dict[str, list[Scaled]] = {s: scale_family(cfg, s, list(FACTORS)) for s in strategies}
-        self.ratio = float(np.median([r.train_flops_per_sample / r.flops for r in rows]))  # train / forward
+        recipes = dict.fromkeys(_recipe(s) for s in strategies)
+        self.bases = {g: config.from_dict(ViTConfig, _base(rows, g).model) for g in recipes}
+        self.family: dict[str, list[Scaled]] = {
+            s: scale_family(self.bases[_recipe(s)], s.partition("+")[0], list(FACTORS)) for s in strategies
+        }
+        mine = {g: [r for r in rows if _recipe(r.family) == g] or rows for g in recipes}
+        self.ratios = {  # train / forward
+            g: float(np.median([r.train_flops_per_sample / r.flops for r in rs])) for g, rs in mine.items()
+        }
         self.batch = rows[0].batch
-        self.smallest = min(r.flops for r in rows)
+        self.smallests = {g: min(r.flops for r in rs) for g, rs in mine.items()}
         self.runtime = runtime
 
+    def ratio(self, strategy: str) -> float:
+        return self.ratios[_recipe(strategy)]
+
+    def smallest(self, strategy: str) -> float:
+        return self.smallests[_recipe(strategy)]
+
     def name(self, strategy: str, m: Scaled) -> str:
-        return "base" if m.config == self.base else f"{strategy}-x{m.achieved:.3g}"
+        g = _recipe(strategy)
+        if m.config == self.bases[g]:
+            return f"base+{g}" if g else "base"
+        return f"{strategy}-x{m.achieved:.3g}"
 
     def seconds_per_sample(self, m: Scaled) -> float:
         if self.runtime is None:
             return float("nan")
         return max(float(self.runtime.predict(m.cost.flops, m.cost.acts)), 1e-12)
 
-    def samples(self, m: Scaled, kind: str, amount: float) -> float:
-        """Training samples a budget buys for shape m."""
+    def samples(self, strategy: str, m: Scaled, kind: str, amount: float) -> float:
+        """Training samples a budget buys for shape m of `strategy`."""
         if kind == "time":
             return amount / self.seconds_per_sample(m)
-        return amount / (self.ratio * m.cost.flops)
+        return amount / (self.ratio(strategy) * m.cost.flops)
 
 
 def _candidate(
@@ -310,7 +355,7 @@ def _candidate(
         m.cost.flops,
         round(d / shapes.batch),
         round(d),
-        d * shapes.ratio * m.cost.flops,
+        d * shapes.ratio(s) * m.cost.flops,
         d * shapes.seconds_per_sample(m),
         acc,
         _interval(_predict(laws, s, m.cost.flops, d), noise_.seed_sd, rng, noise_.dof),
@@ -326,9 +371,9 @@ def _optimum(
     smaller than the smallest trial: below it the size term grows without a measurement to hold it."""
     options = []
     for m in shapes.family[s]:
-        if m.cost.flops < shapes.smallest * 0.99:
+        if m.cost.flops < shapes.smallest(s) * 0.99:
             continue
-        d = shapes.samples(m, kind, amount)
+        d = shapes.samples(s, m, kind, amount)
         if math.isfinite(d) and d >= shapes.batch:
             options.append((float(law.predict(s, m.cost.flops, d)), m, d))
     if not options:
@@ -480,7 +525,7 @@ def recommend(
     note = (
         "The law's best size is the smallest measured: a smaller model may do better still at this budget; "
         "add factors below 1 (e.g. --factors 0.5,1,2,4) to find out."
-        if pick.flops <= shapes.smallest * 1.01
+        if pick.flops <= shapes.smallest(pick.strategy) * 1.01
         else ""
     )
     rec = replace(rec, pick=pick, best=best, tied=tuple(tied), ahead=ahead, note=note)
@@ -594,9 +639,9 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
     """Backtest first (fits without the held-out trials), then the law refitted on every trial
     for the recommendation, the frontier and the IsoFLOP check."""
     noise_ = noise(rows)
-    strategies = tuple(study.strategies)
+    strategies = tuple(study.families)
     bt = backtest(rows, strategies, study.holdout, noise_)
-    n0 = _base(rows).flops
+    n0 = _n0s(rows)
     able = _able(rows, strategies, n0)
     try:
         law, laws, choice = fit(rows, able, n0, noise_)

@@ -239,6 +239,7 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
              ("budget", args.budget), ("objective", args.objective), ("workers", args.workers),
              ("param", args.param), ("lrs", args.lrs), ("fractions", args.fractions), ("seeds", args.seeds),
              ("target", args.target), ("holdout", args.holdout),
+             ("recipes", args.recipe and tuple(args.recipe)),
              ("out", args.out or (config.home(args.config) if args.config else None))]
     changes = {k: v for k, v in given if v is not None}
     overrides = _pairs(extra)
@@ -405,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=int, help="each strategy's largest trials the backtest holds out and "
                    "predicts before the law is refitted on all (default 1; 0 = none)")
     p.add_argument("--workers", type=int, help="trials at once (default: one per core, up to 4; 1 on a GPU)")
+    p.add_argument("--recipe", action="append", type=lambda s: s.strip(),
+                   help="a training recipe studied as families of its own: NAME:KEY=VALUE[ KEY=VALUE...], "
+                   "e.g. 'mr:train.resolutions=12,16,20' or 'td:model.keep=0.5 model.drop_after=2' (every "
+                   "strategy's trials again under it: base+mr, w+mr-x1.5); repeat for more")
     p.add_argument("--out", help="study directory (default runs/study; an existing one continues)")
     p.add_argument("--trial", help="run only this trial, every seed (e.g. one torchrun job per trial on a "
                    "cluster), or 'sweep': only the learning-rate sweep, which the trials need first")

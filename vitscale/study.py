@@ -85,6 +85,9 @@ class StudyConfig:
     # 64's CPU throughput. Heads of 16 (4 at width 64): w then keeps the head size at every factor
     # (48 = 3x16, 80 = 5x16, 96 = 6x16); with the preset's heads of 32, w-x1.5 had to take 2 heads of
     # 40 and fell below its family's trend (backtest misses of 2.4-3.3 points for w-x2.25)
+    recipes: tuple[str, ...] = ()  # training recipes to study as families: "NAME:KEY=VALUE[ KEY=VALUE...]"
+    # (e.g. "mr:train.resolutions=12,16,20"); each runs every strategy's trials again under its
+    # overrides (base+mr, w+mr-x1.5), fitted and reported as families of their own (w+mr)
     out: str = "runs/study"
 
     def __post_init__(self) -> None:
@@ -116,6 +119,12 @@ class StudyConfig:
         if target and (target.kind == "epochs" or target.in_epochs):
             raise UserError(f"target {self.target!r}: give a compute (compute:3e12) or time (time:10m) "
                              "budget")
+        parse_recipes(self)
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """Every family the study fits: each strategy, then each strategy under each recipe (w+mr)."""
+        return (*self.strategies, *(f"{s}+{name}" for name in recipe_names(self) for s in self.strategies))
 
     @property
     def pool_size(self) -> int:
@@ -155,6 +164,55 @@ class Trial:
     run: RunConfig  # the trial's run config (before the budget sets its length)
 
 
+# ----------------------------------------------------------------------------- recipes
+# What a recipe may not set: the model's shape (the strategies scale it from the base) and what
+# the study sets itself for every run (its length, schedule, learning rate, seeds).
+SHAPE_KEYS = ("model.image_size", "model.patch_size", "model.frames", "model.tubelet", "model.in_chans",
+              "model.width", "model.depth", "model.heads", "model.mlp_ratio", "model.num_classes",
+              "model.param", "model.base_width", "model.base_depth", "model.base_head_dim",
+              "data.image_size", "data.frames")
+STUDY_KEYS = ("train.epochs", "train.max_steps", "train.schedule", "train.decay_frac", "train.warmup_epochs",
+              "train.base_lr", "train.seed", "train.keep_steps", "train.branch_from", "train.device",
+              "task", "out", "data.name", "data.path")
+_RECIPE_NAME = re.compile(r"[a-z][a-z0-9]{0,15}")
+
+
+def parse_recipes(study: StudyConfig) -> dict[str, tuple[str, ...]]:
+    """{name: overrides} of the study's recipes, each checked against the base run (one-line errors)."""
+    out: dict[str, tuple[str, ...]] = {}
+    plain = base_run(study) if study.recipes else None
+    for text in study.recipes:
+        name, sep, rest = text.partition(":")
+        overrides = tuple(rest.split())
+        if not sep or not _RECIPE_NAME.fullmatch(name) or not overrides:
+            raise UserError(f"recipe {text!r} not understood; write NAME:KEY=VALUE[ KEY=VALUE...], NAME in "
+                            "lower-case letters and digits (e.g. mr:train.resolutions=12,16,20)")
+        if name in out:
+            raise UserError(f"recipe name {name!r} is given twice; give each recipe its own name")
+        for o in overrides:
+            key = o.lstrip("-").partition("=")[0]
+            if key in SHAPE_KEYS:
+                raise UserError(f"recipe {name!r} sets {key}, the model shape the strategies scale; "
+                                "scale it with --strategy/--factors or set it for every trial with --model")
+            if key in STUDY_KEYS:
+                raise UserError(f"recipe {name!r} sets {key}, which the study sets for every run; "
+                                "leave it out of the recipe")
+        if any("r" in parse_strategy(s) or "t" in parse_strategy(s) for s in study.strategies) and any(
+                o.lstrip("-").startswith("train.resolutions=") for o in overrides):
+            raise UserError(f"recipe {name!r} sets train.resolutions, but a strategy scales the resolution "
+                            "(r) or frames (t) its sides are fixed against; use d/w strategies with it")
+        try:
+            config.apply_overrides(plain, list(overrides))
+        except UserError as e:
+            raise UserError(f"recipe {name!r}: {e}") from None
+        out[name] = overrides
+    return out
+
+
+def recipe_names(study: StudyConfig) -> tuple[str, ...]:
+    return tuple(text.partition(":")[0] for text in study.recipes)
+
+
 # ----------------------------------------------------------------------------- planning
 def base_run(study: StudyConfig) -> RunConfig:
     """The run config every trial starts from: the objective's recipe, the base model, overrides."""
@@ -164,43 +222,73 @@ def base_run(study: StudyConfig) -> RunConfig:
 
 
 def plan(study: StudyConfig, lr: float | None = None) -> list[Trial]:
-    """The trials: one per distinct scaled config (factor 1 is one shared base). Under muP
-    every config is parametrised relative to the base; `lr` sets every trial's base_lr."""
-    run = base_run(study)
-    if lr is not None:
-        run = replace(run, train=replace(run.train, base_lr=lr))
-    _, _, _, info = build_datasets(run.data)
-    base = engine.resolve(run, info).model
-    if study.param == "mup":
-        base = base.replace(param="mup", base_width=base.width, base_depth=base.depth,
-                            base_head_dim=base.width // base.heads)
-    trials: dict[ViTConfig, Trial] = {}
-    for strategy in study.strategies:
-        for s in scale_family(base, strategy, list(study.factors)):
-            if s.config in trials:
-                t = trials[s.config]
-                trials[s.config] = replace(t, strategies=(*t.strategies, strategy))
-                continue
-            name = "base" if s.config == base else f"{strategy}-x{s.target:g}"
-            data = replace(run.data, image_size=s.config.hw[0], frames=s.config.frames)
-            trials[s.config] = Trial(name, (strategy,), s.target, s.achieved,
-                                     replace(run, model=s.config, data=data))
+    """The trials: one per distinct scaled config (factor 1 is one shared base), then the same
+    under each recipe (base+NAME, STRATEGY+NAME-xFACTOR). Under muP every config is parametrised
+    relative to its base; `lr` sets every trial's base_lr."""
+    plain = base_run(study)
+    _, _, _, info = build_datasets(plain.data)
+    trials: dict[tuple[str, ViTConfig], Trial] = {}
+    for recipe, overrides in {"": (), **parse_recipes(study)}.items():
+        run = config.apply_overrides(plain, list(overrides))
+        if lr is not None:
+            run = replace(run, train=replace(run.train, base_lr=lr))
+        base = engine.resolve(run, info).model
+        if study.param == "mup":
+            base = base.replace(param="mup", base_width=base.width, base_depth=base.depth,
+                                base_head_dim=base.width // base.heads)
+        tag = f"+{recipe}" if recipe else ""
+        for strategy in study.strategies:
+            try:
+                family = scale_family(base, strategy, list(study.factors))
+            except UserError as e:
+                raise UserError(f"recipe {recipe!r} with strategy {strategy}: {e}") from None
+            for s in family:
+                key = (recipe, s.config)
+                if key in trials:
+                    t = trials[key]
+                    trials[key] = replace(t, strategies=(*t.strategies, strategy + tag))
+                    continue
+                name = f"base{tag}" if s.config == base else f"{strategy}{tag}-x{s.target:g}"
+                data = replace(run.data, image_size=s.config.hw[0], frames=s.config.frames)
+                trials[key] = Trial(name, (strategy + tag,), s.target, s.achieved,
+                                    replace(run, model=s.config, data=data))
     return list(trials.values())
 
 
-def train_flops_per_sample(run: RunConfig, num_classes: int) -> float:
+def is_base(name: str) -> bool:
+    """Whether a trial is a base: the study's (base) or a recipe's (base+NAME)."""
+    return name == "base" or name.startswith("base+")
+
+
+def sample_shapes(run: RunConfig) -> dict[tuple[int, int], float]:
+    """{(frames, side): share of the training samples seen at that input shape}: the data's
+    alone, or with train.resolutions an equal share at each side (every side trains as many
+    steps of one batch; multires.side_at)."""
+    sides = run.train.resolutions
+    if not sides:
+        return {(run.model.frames, run.model.hw): 1.0}
+    return {(run.model.frames, (s, s)): 1.0 / len(sides) for s in sides}
+
+
+def train_flops_per_sample(run: RunConfig, num_classes: int,
+                           shapes: dict[tuple[int, int | tuple[int, int]], float] | None = None) -> float:
     """Multiply-adds of one training step (forward + backward) per sample, counted by
-    PyTorch's FlopCounterMode on meta tensors (bias additions not included)."""
+    PyTorch's FlopCounterMode on meta tensors (bias additions not included), as the module
+    trains (token dropping included): the mean over `shapes`, {(frames, side or (h, w)): share
+    of the samples} (default: sample_shapes, the data's shape or train.resolutions')."""
     batch = 2
+    total = 0.0
     with torch.device("meta"):
         train = replace(run.train, mixup=0, cutmix=0)
         plain = replace(run, model=run.model.replace(drop_path=0.0), train=train)
         module = tasks.build(plain, num_classes)
-        x = bench.example_input(run.model, batch, "meta")
         y = torch.zeros(batch, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        module(x, y).backward()
-    return counter.get_total_flops() / 2 / batch
+    for (frames, side), share in (shapes or sample_shapes(run)).items():
+        x = bench.example_input(run.model.replace(frames=frames, image_size=side), batch, "meta")
+        with FlopCounterMode(display=False) as counter:
+            module(x, y).backward()
+        total += share * counter.get_total_flops() / 2 / batch
+    return total
 
 
 class _Labelled(torch.nn.Module):
@@ -216,16 +304,26 @@ class _Labelled(torch.nn.Module):
 
 def measure_trial(run: RunConfig, num_classes: int, rounds: int = 3) -> bench.Measurement:
     """Training-step throughput and peak memory of the trial's task module at its batch:
-    the best of a few rounds, so a moment of contention on a shared machine does not stick."""
+    the best of a few rounds, so a moment of contention on a shared machine does not stick.
+    At each input shape the run trains at (sample_shapes: train.resolutions' sides), combined
+    as the run spends its time: seconds per sample and per step their share-weighted means,
+    peak memory the largest (the batch resize between loader and model is not timed)."""
     device = pick_device(run.train.device)
     torch.manual_seed(run.train.seed)
     module = tasks.build(run, num_classes).to(device)
-    x = bench.example_input(run.model, run.train.batch, device)
     y = torch.randint(0, max(num_classes, 1), (run.train.batch,), device=device)
     model = _Labelled(module, y)
-    rounds_ = [bench.measure_model(model, x, "train", run.train.dtype, warmup=1, iters=3, loss_fn=lambda v: v)
-               for _ in range(rounds)]
-    return max(rounds_, key=lambda m: m.samples_per_s)
+    parts = []
+    for (frames, side), share in sample_shapes(run).items():
+        x = bench.example_input(run.model.replace(frames=frames, image_size=side), run.train.batch, device)
+        rounds_ = [bench.measure_model(model, x, "train", run.train.dtype, warmup=1, iters=3,
+                                       loss_fn=lambda v: v) for _ in range(rounds)]
+        parts.append((share, max(rounds_, key=lambda m: m.samples_per_s)))
+    if len(parts) == 1:
+        return parts[0][1]
+    return replace(parts[0][1], samples_per_s=1.0 / sum(w / m.samples_per_s for w, m in parts),
+                   ms_per_step=sum(w * m.ms_per_step for w, m in parts),
+                   peak_mem_mb=max(m.peak_mem_mb for _, m in parts))
 
 
 def steps_for(budget: Budget, per_sample: float, batch: int, steps_per_epoch: int, samples_per_s: float,
@@ -590,7 +688,7 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
         if phase == 1:
             ranked = sorted(trials, key=lambda t: -_chosen_by(seeds[t.name][0]))
             rows = [_trial_result(t, sizes[t.name], seeds[t.name]) for t in trials]
-            held = {r.name for rs in held_out(rows, study.strategies, study.holdout).values() for r in rs}
+            held = {r.name for rs in held_out(rows, study.families, study.holdout).values() for r in rs}
             leaders = ranked if study.leaders == 0 else ranked[:study.leaders]
             chosen = [t for t in ranked if t in leaders or t.name in held]
             units = [(t, k) for t in chosen for k in range(1, study.seeds)]
@@ -611,11 +709,11 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
 
 def held_out(rows: list[TrialResult], strategies: tuple[str, ...],
              holdout: int) -> dict[str, list[TrialResult]]:
-    """Each strategy's `holdout` largest trials by training compute, then by size (never the
-    base): what the backtest predicts, so they run every seed."""
+    """Each strategy's (family's) `holdout` largest trials by training compute, then by size (never
+    a base): what the backtest predicts, so they run every seed."""
     out = {}
     for s in strategies:
-        members = [r for r in rows if s in r.strategies and r.name != "base"]
+        members = [r for r in rows if s in r.strategies and not is_base(r.name)]
         top = max((r.compute for r in members), default=0.0)  # equal budgets differ by a step's rounding
         members.sort(key=lambda r: (r.compute >= top * 0.99, r.flops))
         out[s] = members[len(members) - holdout:] if holdout else []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 
 import numpy as np
@@ -293,7 +294,7 @@ def _recommendation(s: Summary) -> list:
     return lines
 
 
-def _structure(st) -> str:
+def _structure(st, strategies: tuple[str, ...] = ()) -> str:
     if st is None:
         return ""
 
@@ -301,6 +302,8 @@ def _structure(st) -> str:
         return "could not be fitted" if e is None else f"{100 * e:.2f} points"
 
     chosen = "one law shared by the strategies" if st.shared else "a separate law per strategy"
+    if st.shared and any("+" in f for f in strategies):
+        chosen = "one law shared by the strategies of each recipe (the plain ones share one)"
     return (
         f"Structure: {chosen}, the one that predicted each trial's final accuracy better from the others "
         f"(leave-one-trial-out mean absolute error: shared {pts(st.error_shared)}, separate "
@@ -317,11 +320,11 @@ def _law(s: Summary) -> list:
     rmse = ", ".join(f"{'/'.join(law.strategies)} {100 * law.rmse:.2f}" for law in s.law.laws)
     return [
         f"error(s, N, D) = e + a (N / {one.n0:.3g})^-alpha_s + b (D / d0)^-beta (N / {one.n0:.3g})^-gamma, "
-        "N the forward multiply-adds per sample (n0 the base's), D the training samples (gamma > 0: a "
-        "larger model learns more per sample), over every annealed point of every seed, Huber loss from a "
-        "grid of starts. Shared, the strategies (which all start from the base) share e, a and the length "
-        "term and each has its own size exponent; separate, each has all six. "
-        f"{_structure(s.structure)} RMSE (points): {rmse}. Noise: one seed's final accuracy "
+        "N the forward multiply-adds per sample (n0 the base's; a recipe's laws: its base's), D the training "
+        "samples (gamma > 0: a larger model learns more per sample), over every annealed point of every "
+        "seed, Huber loss from a grid of starts. Shared, the strategies (which all start from the base) "
+        "share e, a and the length term and each has its own size exponent; separate, each has all six. "
+        f"{_structure(s.structure, s.strategies)} RMSE (points): {rmse}. Noise: one seed's final accuracy "
         f"varies by {100 * s.noise.seed_sd:.2f} points (standard deviation over {s.noise.dof} degrees of "
         f"freedom; sampling of the measured split alone {100 * s.noise.binomial:.2f}).",
         (head, body),
@@ -406,6 +409,31 @@ TRIALS_NOTE = (
 )
 
 
+def _recipes(s: Summary, rows: list[TrialResult]) -> list:
+    """Each family, a recipe's beside the plain strategies it repeats: measured, and under the law."""
+    budget = s.recommendation.compute
+    head = ("family", "trials", "best measured (full length)", "the law's best near the budget")
+    body = []
+    for st in s.strategies:
+        mine = [r for r in rows if st in r.strategies]
+        best = max(mine, key=lambda r: r.accuracy) if mine else None
+        f = [p for p in s.frontier if p.strategy == st]
+        near = min(f, key=lambda p: abs(math.log(p.compute / budget))) if f and budget else None
+        body.append((
+            st,
+            len(mine),
+            f"{best.name} {_pct(best.accuracy)}" if best else "–",
+            f"{near.factor:.3g}x the base, {_pct(near.accuracy)} (at {near.compute:.3g})" if near else "–",
+        ))
+    return [
+        "A recipe's families (STRATEGY+RECIPE) train every strategy's trials again under the recipe's "
+        "overrides, scaled from its own base, under the same budget; their training compute counts what the "
+        "recipe does per sample (multi-resolution: the mean over its sides; token dropping: the thinner "
+        "blocks). A recipe moves the frontier where its family's row beats its strategy's.",
+        (head, body),
+    ]
+
+
 def _sections(s: Summary, rows: list[TrialResult]) -> list[tuple[str, list]]:
     """The report as (heading, [paragraph str | table (header, rows) | image name]) pairs."""
     trials = (
@@ -452,6 +480,7 @@ def _sections(s: Summary, rows: list[TrialResult]) -> list[tuple[str, list]]:
     return [
         ("Backtest: the law predicts trials it did not see", _backtest(s)),
         ("Recommendation", _recommendation(s)),
+        *([("Recipes", _recipes(s, rows))] if any("+" in f for f in s.strategies) else []),
         ("The law over size and length", _law(s)),
         ("IsoFLOP profiles", _isoflops(s)),
         ("Learning-rate sweep", _sweep(s)),
