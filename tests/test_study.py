@@ -16,8 +16,18 @@ import yaml
 from vitscale import optim, results, summary
 from vitscale.complexity import cost
 from vitscale.errors import UserError
+from vitscale.plan import Plan
 from vitscale.results import SeedResult, SweepPoint, TrialResult
-from vitscale.study import StudyConfig, _base, branches, parse_budget, plan, steps_for, train_flops_per_sample
+from vitscale.study import (
+    StudyConfig,
+    _base,
+    branches,
+    parse_budget,
+    plan,
+    sample_shapes,
+    steps_for,
+    train_flops_per_sample,
+)
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -113,6 +123,8 @@ def test_multi_resolution_training_flops_are_the_mean_over_its_sides():
     reference = sum(train_flops_per_sample(r, 10) for r in at) / 3
     assert train_flops_per_sample(run, 10) == pytest.approx(reference, rel=1e-9)
     assert train_flops_per_sample(at[1], 10) < 0.97 * reference  # not the data's side alone
+    steps = Plan(replace(run.train, epochs=1), 1, 16, 1, 4, per_rank=32 * 9, per_step=32)  # 3 cycles of sides
+    assert sample_shapes(run) == pytest.approx(steps.shares())  # the shares the engine's steps train at
 
 
 def test_token_dropping_is_counted_as_the_module_trains():
@@ -157,6 +169,7 @@ def test_a_multi_resolution_trial_is_timed_at_each_side_as_it_trains(monkeypatch
     ((MR, "mr:train.ema=0.99"), "given twice"),
     (("big:model.width=96",), "model shape the strategies scale"),
     (("lr:train.base_lr=1e-3",), "which the study sets"),
+    (("mg:train.multigrid=long",), "recipe 'mg' sets train.multigrid, which the study cannot size yet"),
 ])
 def test_bad_recipes_are_one_line_user_errors(recipes, message):
     with pytest.raises(UserError, match=re.escape(message)) as e:

@@ -119,6 +119,9 @@ class StudyConfig:
         if target and (target.kind == "epochs" or target.in_epochs):
             raise UserError(f"target {self.target!r}: give a compute (compute:3e12) or time (time:10m) "
                              "budget")
+        if any(o.lstrip("-").startswith("train.multigrid=") and o.partition("=")[2] for o in self.overrides):
+            raise UserError("train.multigrid cannot be set for a study's trials yet (its steps take varying "
+                            "numbers of samples, which the study does not size); leave it out")
         parse_recipes(self)
 
     @property
@@ -194,6 +197,9 @@ def parse_recipes(study: StudyConfig) -> dict[str, tuple[str, ...]]:
             if key in SHAPE_KEYS:
                 raise UserError(f"recipe {name!r} sets {key}, the model shape the strategies scale; "
                                 "scale it with --strategy/--factors or set it for every trial with --model")
+            if key == "train.multigrid":  # its steps take varying samples, which trials do not count yet
+                raise UserError(f"recipe {name!r} sets train.multigrid, which the study cannot size yet "
+                                "(its steps take varying numbers of samples); leave it out of the recipe")
             if key in STUDY_KEYS:
                 raise UserError(f"recipe {name!r} sets {key}, which the study sets for every run; "
                                 "leave it out of the recipe")
@@ -260,14 +266,15 @@ def is_base(name: str) -> bool:
     return name == "base" or name.startswith("base+")
 
 
-def sample_shapes(run: RunConfig) -> dict[tuple[int, int], float]:
-    """{(frames, side): share of the training samples seen at that input shape}: the data's
-    alone, or with train.resolutions an equal share at each side (every side trains as many
-    steps of one batch; multires.side_at)."""
+def sample_shapes(run: RunConfig) -> dict[tuple[int, int | tuple[int, int]], float]:
+    """{(frames, side): share of the training samples seen at that input shape} (as plan.Plan.shares
+    has them): the data's alone, or with train.resolutions an equal share at each side (every side
+    trains as many steps of one batch; multires.side_at)."""
     sides = run.train.resolutions
     if not sides:
-        return {(run.model.frames, run.model.hw): 1.0}
-    return {(run.model.frames, (s, s)): 1.0 / len(sides) for s in sides}
+        h, w = run.model.hw
+        return {(run.model.frames, h if h == w else (h, w)): 1.0}
+    return {(run.model.frames, s): 1.0 / len(sides) for s in sides}
 
 
 def train_flops_per_sample(run: RunConfig, num_classes: int,
