@@ -472,7 +472,7 @@ class Job:
         seconds = max(window["time"], 1e-9)
         row = {"step": self.step, "epoch": self.plan.epochs_done(self.step), "split": "val",
                "train_loss": window["loss"] / max(1, window["n"]),
-               "samples_per_s": window["samples"] / seconds,
+               "samples_per_s": window["samples"] / seconds, "train_s": window["time"],
                "data_wait": window["wait"] / seconds} | result
         metrics.log(row)
         self.log(f"epoch {epoch}: " + ", ".join(f"{k} {row[k]:.4g}" for k in _SHOWN if k in row))
