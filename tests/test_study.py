@@ -170,6 +170,7 @@ def test_a_multi_resolution_trial_is_timed_at_each_side_as_it_trains(monkeypatch
     (("big:model.width=96",), "model shape the strategies scale"),
     (("lr:train.base_lr=1e-3",), "which the study sets"),
     (("mg:train.multigrid=long",), "recipe 'mg' sets train.multigrid, which the study cannot size yet"),
+    (("s2:train.probe_scales=1,2",), "acts on the MAE objective's linear probe only"),
 ])
 def test_bad_recipes_are_one_line_user_errors(recipes, message):
     with pytest.raises(UserError, match=re.escape(message)) as e:
@@ -297,13 +298,15 @@ def test_the_mae_objective_probes_the_final_encoder_not_best(tmp_path, monkeypat
     seen = {}
 
     def fake_train(cfg, log, d):
-        seen["init"] = cfg.init
+        seen["init"], seen["scales"] = cfg.init, cfg.train.probe_scales
         return {"val_top1": 0.5}
 
     monkeypatch.setattr(engine, "train", fake_train)
     monkeypatch.setattr("vitscale.checkpoint.last_good", lambda d: d / "ckpt-00000040")
     assert _probe(study, trial, pretrained, 0, print, None) == 0.5
-    assert seen["init"] == str(run_dir / "ckpt-00000040")
+    assert seen["init"] == str(run_dir / "ckpt-00000040") and seen["scales"] == (1,)
+    s2 = replace(study, recipes=("s2:train.probe_scales=1,2",))  # S² as a recipe: its trials' probes
+    assert _probe(s2, plan(s2)[1], pretrained, 0, print, None) == 0.5 and seen["scales"] == (1, 2)
 
 
 def test_the_leading_trials_are_chosen_on_validation_never_on_test():

@@ -203,6 +203,9 @@ def parse_recipes(study: StudyConfig) -> dict[str, tuple[str, ...]]:
             if key in STUDY_KEYS:
                 raise UserError(f"recipe {name!r} sets {key}, which the study sets for every run; "
                                 "leave it out of the recipe")
+            if key == "train.probe_scales" and study.objective != "mae":
+                raise UserError(f"recipe {name!r} sets train.probe_scales (S²), which acts on the MAE "
+                                "objective's linear probe only; use --objective mae")
         if any("r" in parse_strategy(s) or "t" in parse_strategy(s) for s in study.strategies) and any(
                 o.lstrip("-").startswith("train.resolutions=") for o in overrides):
             raise UserError(f"recipe {name!r} sets train.resolutions, but a strategy scales the resolution "
@@ -526,6 +529,7 @@ def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, l
     probe = replace(probe, model=trial.run.model, data=trial.run.data,
                     out=str(Path(pretrained.out).parent / "probe"),
                     train=replace(probe.train, epochs=study.probe_epochs, seed=seed,
+                                  probe_scales=trial.run.train.probe_scales,  # S² in a recipe
                                   device=trial.run.train.device, threads=trial.run.train.threads))
     final = engine.train(probe, log, d)
     return float(final[_reported(final, "val_top1")[0]])
