@@ -23,7 +23,8 @@ near 95%); runs live in a temporary directory removed at the end.
     python benchmarks/bench_efficiency.py --only multires,drop --out results/
     python benchmarks/bench_efficiency.py --quick              # 6 steps a run, pico/4 speed: seconds
 
-Runtime: about 10 minutes on an idle 2-core CPU with the defaults, longer beside other jobs.
+Runtime: 15 minutes on a 2-core CPU beside other jobs with --threads 1 (multires 7.5, s2 6.0,
+drop 1.7); PyTorch's two threads on cores others are using ran an epoch 7x slower.
 """
 
 from __future__ import annotations
