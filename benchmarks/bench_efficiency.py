@@ -15,9 +15,15 @@
             one supervised pico/4 base on digits (keep 1.0; the multires section's single-side
             run when both run), fine-tuned from it at each keep with tokens dropped in training
             and evaluation.
+  multigrid Multigrid training (Wu et al. 2020, train.multigrid=long,short) on moving digits
+            (8 frames of 16 px, motion direction, pico/4-f8, batch 16): the plain run's final
+            val top-1 is the target; multigrid runs of 1.5x and 3x its epochs, each with when
+            it first reached the target (epoch, training multiply-adds, seconds in training
+            steps) against the plain run's totals, and its CPU time.
 
 Every run is one seed (--seed) on the built-in digits (179 test samples: about ± 1.5 points
-near 95%); runs live in a temporary directory removed at the end.
+near 95%) or moving digits (200 val clips: about ± 2.7 points near 80%); runs live in a
+temporary directory removed at the end.
 
     python benchmarks/bench_efficiency.py                      # all sections
     python benchmarks/bench_efficiency.py --only multires,drop --out results/
@@ -32,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import itertools
 import json
 import sys
 import tempfile
@@ -49,8 +56,10 @@ from vitscale import config, engine  # noqa: E402
 from vitscale.bench import example_input, measure_model, pick_device  # noqa: E402
 from vitscale.complexity import cost  # noqa: E402
 from vitscale.config import RunConfig  # noqa: E402
+from vitscale.data import build_datasets  # noqa: E402
 from vitscale.models.vit import ViT, preset  # noqa: E402
 from vitscale.multires import side_at  # noqa: E402
+from vitscale.plan import Plan  # noqa: E402
 from vitscale.scaling import scale  # noqa: E402
 from vitscale.study import train_flops_per_sample  # noqa: E402
 
@@ -66,11 +75,14 @@ class Lengths:
     pretrain: int  # MAE pre-training of the S² encoders
     probe: int  # linear probes
     finetune: int  # token-drop fine-tunes
+    video: int  # the plain moving-digits run of the multigrid section
     max_steps: int = 0  # stop every run after this many optimizer steps (0: all its epochs)
 
 
-FULL = Lengths(train=40, pretrain=20, probe=15, finetune=10)
-QUICK = Lengths(train=1, pretrain=1, probe=1, finetune=1, max_steps=6)
+FULL = Lengths(train=40, pretrain=20, probe=15, finetune=10, video=20)
+QUICK = Lengths(train=1, pretrain=1, probe=1, finetune=1, video=1, max_steps=6)
+VIDEO = ["model.frames=8", "model.tubelet=2", "data.name=moving-digits", "data.frames=8",
+         "data.image_size=16", "data.label=direction", "train.batch=16"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,7 @@ class Run:
     cfg: RunConfig
     result: dict  # final.json: the last evaluation and the final weights' test metrics
     steps: int  # optimizer steps taken
+    cpu_s: float  # CPU seconds of the process while it trained (all threads; evaluation included)
 
 
 @dataclass
@@ -101,10 +114,11 @@ class Bench:
                       "train.keep_last=1", f"train.seed={a.seed}", f"train.device={a.device}",
                       f"train.max_steps={self.lengths.max_steps}"]
             cfg = config.apply_overrides(config.recipe(command, init=init, out=str(out)), common + overrides)
+            cpu = time.process_time()
             with contextlib.redirect_stdout(io.StringIO()):  # the progress bar
                 result = engine.train(cfg, log=lambda *a, **kw: None)
             steps = json.loads((out / "final.json").read_text())["step"]
-            self.runs[key] = Run(out, cfg, result, steps)
+            self.runs[key] = Run(out, cfg, result, steps, time.process_time() - cpu)
         return self.runs[key]
 
     def test_top1(self, run: Run, side: int = 0) -> float:
@@ -279,8 +293,54 @@ def drop_finetune(b: Bench) -> list[dict]:
     return cells
 
 
+def multigrid(b: Bench) -> dict:
+    plain = b.train("train", "video-plain", [f"train.epochs={b.lengths.video}", *VIDEO])
+    target = plain.result["val_top1"]
+    print(f"multigrid: pico/4-f8 on moving digits (8 frames x 16 px, direction), batch 16; target: the plain "
+          f"{b.lengths.video}-epoch run's final val top-1 {100 * target:.1f}%; a multigrid run reaches it at "
+          "the first epoch whose val top-1 is at least that")
+    rows = []
+    for label, factor in (("plain", 0), ("multigrid x1.5", 1.5), ("multigrid x3", 3.0)):
+        epochs = max(1, round(factor * b.lengths.video))
+        run = plain if not factor else b.train("train", f"multigrid-x{factor}", [
+            f"train.epochs={epochs}", "train.multigrid=long,short", *VIDEO])
+        row = progress(run, target) | {"label": label}
+        rows.append(row)
+        first, base = row["reached"], rows[0]
+        where = ("does not reach it" if first is None else
+                 f"reaches it at epoch {first['epoch']:.3g}: {first['flops'] / base['flops']:.2f}x the plain "
+                 f"run's multiply-adds, {first['train_s'] / base['train_s']:.2f}x its training seconds")
+        print(f"  {label:15s} {row['epochs']:3d} ep {row['steps']:5d} steps  "
+              f"val {100 * row['val_top1']:5.1f}%  test {100 * row['test_top1']:5.1f}%  "
+              f"{row['flops']:.3e} multiply-adds "
+              f"({row['flops'] / base['flops']:.2f}x)  train {row['train_s']:5.1f} s  cpu {run.cpu_s:5.1f} s "
+              f"({run.cpu_s / plain.cpu_s:.2f}x); " + (where if factor else "the target"))
+    return dict(target=target, rows=rows)
+
+
+def progress(run: Run, target: float) -> dict:
+    """A run's totals (steps, training multiply-adds by its plan's shapes, seconds in training steps)
+    and where its val top-1 first reached `target` (None if never)."""
+    cfg = run.cfg
+    train_set, _, _, info = build_datasets(cfg.data)
+    plan = Plan(cfg.train, cfg.data.frames, cfg.data.image_size, cfg.model.tubelet, cfg.model.patch_size,
+                len(train_set), cfg.train.batch)
+    resolved = engine.resolve(cfg, info)
+    per = {k: train_flops_per_sample(resolved, info.num_classes, {k: 1.0})
+           for k in {(s.frames, s.side) for s in plan.shapes}}
+    spent = [0.0, *itertools.accumulate(cfg.train.batch * s.mult * per[(s.frames, s.side)]
+                                        for s in plan.shapes[: run.steps])]
+    rows = [r for r in engine.read_metrics(run.dir) if r["split"] == "val"]
+    seconds = list(itertools.accumulate(r["train_s"] for r in rows))
+    reached = next(({"epoch": r["epoch"], "flops": spent[r["step"]], "train_s": t}
+                    for r, t in zip(rows, seconds, strict=True) if r["val_top1"] >= target), None)
+    return dict(epochs=cfg.train.epochs, steps=run.steps, val_top1=run.result["val_top1"],
+                test_top1=run.result["test_top1"], flops=spent[-1], train_s=seconds[-1], cpu_s=run.cpu_s,
+                reached=reached)
+
+
 # A section: a function of the Bench that prints its lines and returns what --json stores.
-SECTIONS = {"multires": multires, "s2": s2, "drop": drop}
+SECTIONS = {"multires": multires, "s2": s2, "drop": drop, "multigrid": multigrid}
 
 
 def ints(text: str) -> tuple[int, ...]:
