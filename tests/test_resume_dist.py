@@ -91,10 +91,12 @@ def train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if r["split"] == "train"]
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp", pytest.param("ddp-multigrid", marks=pytest.mark.slow)])
 def test_two_gloo_ranks_match_one_process(tmp_path, sharding):
     common = ["train", "--train.batch=32", "--train.max_steps=5", "--train.threads=1", "--data.image_size=16",
               "--model.patch_size=4", "--train.warmup_epochs=0", "--train.label_smoothing=0"]
+    if sharding == "ddp-multigrid":  # steps of 4, 2, 1 x the batch at sides 8, 12, 16, split over ranks
+        common += ["--train.multigrid=short"]
     single = vitscale(*common, "--out", str(tmp_path / "one"))
     assert single.wait(timeout=300) == 0, single.stdout.read()
     extra = ["--train.fsdp=true"] if sharding == "fsdp" else []
