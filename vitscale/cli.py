@@ -9,6 +9,7 @@
     vitscale distill --teacher RUN_DIR --model pico/4  a student taught by a frozen teacher
     vitscale convert SRC --to hf|timm|vitscale OUT    weights between formats
     vitscale soup RUN RUN ... --out DIR [--greedy]  average fine-tuned runs (model soups)
+    vitscale export RUN --to onnx [--out FILE] [--batch dynamic|N]  the run's model as an ONNX graph
 
 User errors (unknown preset, bad strategy, a size the patch does not divide) end in one
 line on stderr and exit code 2; a training stopped by a non-finite loss exits 3, one stopped
@@ -310,6 +311,14 @@ def cmd_soup(args: argparse.Namespace) -> None:
           f"({args.out}/best)")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from vitscale import export
+
+    result = export.export(args.run_dir, args.to, args.out, args.batch, ema=args.ema)
+    print(json.dumps({"written": [str(p) for p in result.files], "max_abs_diff": result.max_diff})
+          if args.json else result.summary())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vitscale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show a bug's traceback instead of saving it")
@@ -457,6 +466,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true", help="print soup.json")
     p.set_defaults(run=cmd_soup)
+
+    p = sub.add_parser("export", help="the model a run trained as an ONNX graph, checked with onnxruntime",
+                       description="Export a run's best checkpoint for inference: a classifier's logits, "
+                       "or an MAE's pooled encoder features, at the run's input size; kept only once "
+                       "onnxruntime matches PyTorch on random inputs. Needs pip install 'vitscale[onnx]'.")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--to", required=True, choices=["onnx"], help="output format")
+    p.add_argument("--out", help="output .onnx file (default RUN/model.onnx; an existing one is refused); "
+                   "FILE.json beside it says the input's shape and normalisation")
+    p.add_argument("--batch", default="dynamic", help="'dynamic' (any batch, the default) or a fixed batch N")
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (train.ema) instead")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_export)
     return parser
 
 
