@@ -9,6 +9,7 @@
     vitscale distill --teacher RUN_DIR --model pico/4  a student taught by a frozen teacher
     vitscale convert SRC --to hf|timm|vitscale OUT    weights between formats
     vitscale soup RUN RUN ... --out DIR [--greedy]  average fine-tuned runs (model soups)
+    vitscale config pretrain [--json]        a command's resolved config, every field with its help
     vitscale export RUN --to onnx [--out FILE] [--batch dynamic|N]  the run's model as an ONNX graph
 
 User errors (unknown preset, bad strategy, a size the patch does not divide) end in one
@@ -278,6 +279,32 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
           f"{tie}; report in {cfg.out}/report.html")
 
 
+CONFIG_COMMANDS = ("train", "pretrain", "finetune", "linprobe", "distill", "study")
+PLACEHOLDERS = {"init": "RUN_DIR_OR_WEIGHTS", "teacher": "TEACHER_RUN_DIR_OR_WEIGHTS"}
+
+
+def cmd_config(args: argparse.Namespace, extra: list[str]) -> None:
+    """The config COMMAND would run with, as YAML with each field's help (a --config file)."""
+    from dataclasses import replace
+
+    from vitscale import config, confighelp, study
+
+    if args.of == "study":
+        cfg = study.load_study(args.config) if args.config else study.StudyConfig()
+        changes = {k: v for k, v in (("model", args.model), ("out", args.out)) if v}
+        trial = tuple(o.lstrip("-") for o in _pairs(extra))
+        cfg = replace(cfg, **changes, overrides=cfg.overrides + trial)
+        config.apply_overrides(study.base_run(cfg), list(cfg.overrides))
+    else:
+        missing = {"init": args.of in ("finetune", "linprobe"), "teacher": args.of == "distill"}
+        for key in (k for k, needed in missing.items() if needed and not (args.config or getattr(args, k))):
+            setattr(args, key, PLACEHOLDERS[key])
+            print(f"vitscale config: {key} shown as {PLACEHOLDERS[key]}; `vitscale {args.of}` needs "
+                  f"--{key}", file=sys.stderr)
+        cfg = _run_config(argparse.Namespace(**{**vars(args), "command": args.of}), extra)
+    print(confighelp.as_json(cfg) if args.json else confighelp.commented_yaml(cfg).rstrip("\n"))
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from vitscale import weights
 
@@ -364,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("finetune", "fine-tune (or --linear-probe) a pre-trained encoder"),
                        ("distill", "train a student taught by a frozen teacher (logits, or features)")]:
         p = sub.add_parser(name, help=text, description=f"{text}. Any config field can be set with "
-                           "--section.key=value (sections: model, data, train, mae, distill).")
+                           "--section.key=value (sections: model, data, train, mae, distill); "
+                           f"`vitscale config {name}` lists every field with its default and help.")
         p.add_argument("--config", help="a run config YAML (e.g. runs/x/config.yaml to reproduce a run)")
         p.add_argument("--model", help="model preset, e.g. pico/4, mu/4, pico/4-f8")
         p.add_argument("--out", help="run directory (an existing one resumes)")
@@ -390,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Scale a base model by each strategy and factor, train every trial under "
                        "the same budget, fit what was measured, and recommend a model. Finished trials are "
                        "never re-run; an interrupted study continues. Any run-config field can be set for "
-                       "every trial with --section.key=value.")
+                       "every trial with --section.key=value. `vitscale config study` lists every study "
+                       "field with its default and help (`vitscale config train` / `pretrain`: the trials').")
     p.add_argument("--config", help="a study YAML (e.g. runs/study/study.yaml to continue a study)")
     p.add_argument("--model", help="base preset (default pico/4)")
     p.add_argument("--strategy", type=lambda s: tuple(x for x in s.split(",") if x),
@@ -424,6 +453,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "cluster), or 'sweep': only the learning-rate sweep, which the trials need first")
     p.add_argument("--json", action="store_true", help="print summary.json")
     p.set_defaults(run=cmd_study)
+
+    p = sub.add_parser("config", help="a command's resolved config: every field, its default and its help",
+                       description="Print the config COMMAND runs with (its recipe, then --config, --model, "
+                       "--init, --teacher and --section.key=value as that command takes them) as YAML, each "
+                       "field's help beside it. The output is a --config file.")
+    p.add_argument("of", metavar="COMMAND", choices=CONFIG_COMMANDS, help=", ".join(CONFIG_COMMANDS))
+    p.add_argument("--config", help="a run (study) config YAML to start from instead of the recipe")
+    p.add_argument("--model", help="model preset (study: the base preset)")
+    p.add_argument("--out", help="run (study) directory")
+    p.add_argument("--init", help="finetune / linprobe / distill: the weights to start from")
+    p.add_argument("--teacher", help="distill: the frozen teacher")
+    p.add_argument("--json", action="store_true", help='print {"config": ..., "help": {dotted key: help}}')
+    p.set_defaults(run=cmd_config)
 
     p = sub.add_parser("convert", help="convert weights: transformers, timm, MAE, VideoMAE, vitscale",
                        description="Read weights in any format vitscale knows, build and check the model, "
@@ -493,7 +535,7 @@ def _out_of_memory(e: Exception) -> str:
     return f"out of memory ({what}): lower the batch, the model or the input size"
 
 
-TAKES_OVERRIDES = ("train", "pretrain", "finetune", "distill", "study")
+TAKES_OVERRIDES = ("train", "pretrain", "finetune", "distill", "study", "config")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,9 +59,9 @@ SWEEP = "sweep"  # --trial sweep runs the learning-rate sweep alone
 @dataclass(frozen=True)
 class StudyConfig:
     model: str = "pico/4"  # the base preset every strategy scales from
-    # d and w: resolution (r, and the r share of d1_w8_r1) changes the token count, across which muP
-    # does not carry the learning rate (r-x8 reached 27.6% at the swept LR, 58.4% at half of it)
-    strategies: tuple[str, ...] = ("d", "w")
+    strategies: tuple[str, ...] = ("d", "w")  # scaling strategies (as `vitscale scale`); d and w, as
+    # resolution (r, and the r share of d1_w8_r1) changes the token count, across which muP does
+    # not carry the learning rate (r-x8 reached 27.6% at the swept LR, 58.4% at half of it)
     factors: tuple[float, ...] = (0.5, 1.0, 1.5, 2.25)  # flops factors (at this budget the smallest wins)
     budget: str = "compute:4ep"  # per trial: epochs:N | compute:Nep | compute:MACS | time:90s
     objective: str = "supervised"  # supervised | mae (MAE pre-training, then a linear probe)
@@ -88,7 +88,7 @@ class StudyConfig:
     recipes: tuple[str, ...] = ()  # training recipes to study as families: "NAME:KEY=VALUE[ KEY=VALUE...]"
     # (e.g. "mr:train.resolutions=12,16,20"); each runs every strategy's trials again under its
     # overrides (base+mr, w+mr-x1.5), fitted and reported as families of their own (w+mr)
-    out: str = "runs/study"
+    out: str = "runs/study"  # study directory (an existing one continues)
 
     def __post_init__(self) -> None:
         checks = [
