@@ -52,8 +52,9 @@ class TrainConfig:
     # resizes its batch to one of these sides in pixels, drawn from (seed, step); () = off
     multigrid: tuple[str, ...] = ()  # Multigrid training (Wu et al. 2020): long and/or short cycles of
     # coarse steps (more samples at fewer frames, smaller sides, about a base step's compute); see plan.py
-    dtype: str = "fp32"  # "fp32" or "bf16" autocast
+    dtype: str = "fp32"  # fp32, or autocast to bf16 or fp16 (fp16 with a dynamic loss scale: vitscale.amp)
     compile: bool = False  # torch.compile the model
+    act_ckpt: bool = False  # activation checkpointing: each transformer block recomputed in backward
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     fsdp: bool = False  # shard parameters with FSDP (fully_shard) across ranks
     seed: int = 0  # seeds init, data order, augmentation and masking
@@ -95,6 +96,8 @@ class TrainConfig:
             (0.0 <= self.label_smoothing < 1.0,
              f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.dtype in DTYPES, f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+            (not (self.dtype == "fp16" and self.fsdp), "train.dtype=fp16 cannot be used with train.fsdp yet "
+             "(its loss scale would see only each rank's gradient shard); use train.dtype=bf16 or DDP"),
             (all(r >= 1 for r in self.resolutions) and len(set(self.resolutions)) == len(self.resolutions),
              f"train.resolutions must be distinct image sides of 1 or more (e.g. 24,32,40), "
              f"got {self.resolutions}"),
@@ -135,12 +138,11 @@ class DistillConfig:
 @dataclass(frozen=True)
 class RunConfig:
     task: str = "supervised"  # one of vitscale.tasks.TASKS: supervised | mae | finetune | linprobe | distill
-    model: ViTConfig = field(default_factory=lambda: preset("pico/4"))  # the architecture (a preset's);
-    # the data sets its input size, frames and classes
-    data: DataConfig = field(default_factory=DataConfig)  # what it trains on; how items are read, augmented
-    train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, schedule, precision, checkpoints
-    mae: MAEConfig = field(default_factory=MAEConfig)  # masking and decoder of MAE / VideoMAE pre-training
-    distill: DistillConfig = field(default_factory=DistillConfig)  # the teacher and loss of task=distill
+    model: ViTConfig = field(default_factory=lambda: preset("pico/4"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     init: str = ""  # weights to start from: a run directory, a transformers directory, a timm / MAE /
     # VideoMAE / vitscale .safetensors or .pth file (see vitscale.weights), or "random" (baseline)
     init_allow: str = ""  # comma-separated fnmatch patterns of keys --init may leave missing or unused

@@ -9,7 +9,7 @@ import torch
 
 from vitscale.errors import UserError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,4})?")
 
@@ -39,7 +39,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def autocast(device: torch.device, dtype: str):
-    """bf16 autocast context on the device's type, or nothing for fp32."""
+    """bf16 or fp16 autocast context on the device's type, or nothing for fp32 (fp16 training
+    also needs a loss scale: vitscale.amp.Scaler)."""
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "fp32":

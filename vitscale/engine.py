@@ -26,7 +26,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from vitscale import checkpoint, dist, errors, evaluate, lock, optim, signals, tasks, visual, weights
+from vitscale import amp, checkpoint, dist, errors, evaluate, lock, optim, signals, tasks, visual, weights
 from vitscale.checkpoint import atomic_write_text
 from vitscale.config import RunConfig, dump_yaml, load_yaml, to_dict
 from vitscale.data import DataInfo, build_datasets, make_loader, skipped_files
@@ -34,6 +34,7 @@ from vitscale.data.sampler import EpochSampler
 from vitscale.device import autocast
 from vitscale.ema import EMA
 from vitscale.errors import Interrupted, StopTraining, UserError
+from vitscale.models.vit import checkpoint_blocks
 from vitscale.plan import Plan, Shape, reshape
 
 
@@ -209,6 +210,8 @@ class Job:
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.module = tasks.build(cfg, self.info.num_classes)
+        if t.act_ckpt:
+            log(f"activation checkpointing: {checkpoint_blocks(self.module)} transformer blocks")
         if cfg.init == "random":
             log("encoder left at its random initialisation (--init random: a baseline)")
         elif cfg.init:
@@ -219,6 +222,7 @@ class Job:
         self.forward = _parallel(self.module, cfg, d)
         groups = optim.param_groups(self.module, t.weight_decay, t.layer_decay, cfg.model.depth)
         self.opt = optim.build(t.optimizer, groups, t.betas)
+        self.scaler = amp.Scaler(t.dtype, d.device)  # fp16's loss scale; a plain step otherwise
         self.step, self.best = 0, None
         self.stopped: str | None = None  # the signal that stopped training, once one has
         log(f"{cfg.task}: {sum(p.numel() for p in self.module.parameters()) / 1e6:.2f} M params on "
@@ -270,6 +274,8 @@ class Job:
                 raise UserError(f"{ckpt} holds no EMA weights (ema.safetensors) but this run has train.ema="
                                  f"{self.cfg.train.ema:g}; resume with the train.ema it was started with")
             self.ema.load_state_dict(state["ema"])
+        if self.scaler.enabled and state.get("scaler"):  # none: the run was not fp16 before
+            self.scaler.load_state_dict(state["scaler"])
         if not checkpoint.restore_rng(ckpt, state, self.d.rank):  # saved by fewer ranks
             torch.manual_seed(rank_seed(self.cfg.train.seed + state["step"], self.d.rank))
         self.step, self.best = state["step"], None if branch else state.get("best")
@@ -303,7 +309,8 @@ class Job:
         path = None
         if self.d.main:
             path = checkpoint.save(self.run_dir, self.step, model_state, optim_state,
-                                   {"step": self.step, "best": self.best}, self.cfg.train.keep_last,
+                                   {"step": self.step, "best": self.best, "scaler": self.scaler.state_dict()},
+                                   self.cfg.train.keep_last,
                                    self.cfg.train.keep_steps, rngs,
                                    ema_state=self.ema.state_dict() if self.ema else None)
         dist.barrier(self.d)
@@ -387,8 +394,9 @@ class Job:
                 rate, wait = window["samples"] / window["time"], window["wait"] / window["time"]
                 show(f"epoch {epoch + 1} loss {loss:.4f} lr {lr:.2e} {rate:.0f} samples/s "
                      f"data-wait {wait:.0%}")
+                scale = {"loss_scale": self.scaler.scale} if self.scaler.enabled else {}  # fp16
                 metrics.log({"step": self.step, "epoch": self.plan.epochs_done(self.step), "split": "train",
-                             "loss": loss, "lr": lr})
+                             "loss": loss, "lr": lr} | scale)
             # mid-epoch checkpoints (end_epoch saves the step that ends an epoch or the run)
             every = t.ckpt_every and self.step % t.ckpt_every == 0
             stop = dist.any_rank(d, signals.received() is not None)
@@ -418,7 +426,7 @@ class Job:
                   evaluate.quiet(empty)):
                 loss = self.forward(x, y)
             loss = loss.nan_to_num(0.0) if empty else loss  # a mean over no sample; zero gradient
-            (loss / t.accum).backward()
+            self.scaler.backward(loss / t.accum)
             loss_sum += loss.detach()
             counted += not empty
         both = torch.stack([loss_sum.float(), torch.tensor(float(counted), device=d.device)])
@@ -433,10 +441,20 @@ class Job:
             raise StopTraining(f"loss is {loss} at step {self.step}; the last good checkpoint is {good}; "
                                "run the same command again with a lower --train.base_lr, "
                                "--train.clip_grad=1 or --train.dtype=fp32 to resume from it")
-        if t.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), t.clip_grad)
-        self.opt.step()
+        # fp16: a step whose scaled gradients overflowed is skipped (its loss was finite) and the
+        # scale halved; only a scale that keeps falling means the run is broken
+        stepped = self.scaler.step(self.opt, self.module.parameters(), t.clip_grad)
         self.opt.zero_grad(set_to_none=True)
+        if not stepped:
+            self.log(f"step {self.step + 1}: fp16 gradients overflowed; update skipped, loss scale now "
+                     f"{self.scaler.scale:g}")
+            if self.scaler.broken:
+                good = checkpoint.last_good(self.run_dir) or "none"
+                raise StopTraining(f"fp16 gradients are not finite at any loss scale (down to "
+                                   f"{self.scaler.scale:g}) at step {self.step}; the last good checkpoint is "
+                                   f"{good}; run the same command again with --train.dtype=bf16 or fp32 "
+                                   "(or a lower --train.base_lr) to resume from it")
+            return loss
         if self.ema is not None:
             self.ema.update(self.module)
         return loss

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from vitscale.errors import UserError
 
@@ -403,6 +404,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_hidden)
         self.drop_path, self.branch_mult = drop_path, branch_mult
+        self.act_ckpt = False  # recompute this block's activations in backward (checkpoint_blocks)
 
     def branch(self, y: Tensor) -> Tensor:
         """A residual branch's output, scaled and dropped."""
@@ -411,12 +413,29 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cls_attn: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """x: [B, L, D] -> [B, L, D]; with cls_attn also the cls attention row [B, L]."""
+        if self.act_ckpt and torch.is_grad_enabled():
+            # keeps only x for backward and runs the block again there; the RNG state (drop-path)
+            # is saved and restored, so the recomputation draws what the forward drew
+            return checkpoint(self._forward, x, cls_attn, use_reentrant=False)
+        return self._forward(x, cls_attn)
+
+    def _forward(self, x: Tensor, cls_attn: bool) -> Tensor | tuple[Tensor, Tensor]:
         if not cls_attn:
             x = x + self.branch(self.attn(self.norm1(x)))
             return x + self.branch(self.mlp(self.norm2(x)))
         y, row = self.attn(self.norm1(x), cls_attn=True)
         x = x + self.branch(y)
         return x + self.branch(self.mlp(self.norm2(x))), row
+
+
+def checkpoint_blocks(module: nn.Module, on: bool = True) -> int:
+    """Activation checkpointing of every transformer block in `module` (a ViT's, an MAE's
+    encoder and decoder blocks): in training each keeps only its input and recomputes the rest
+    in backward, trading about one more forward pass for the activations. Returns the count."""
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.act_ckpt = on
+    return len(blocks)
 
 
 # ----------------------------------------------------------------------------- model
