@@ -1,0 +1,134 @@
+"""`vitscale export RUN --to onnx`: the graph onnxruntime runs gives the PyTorch model's outputs."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitscale import engine, tasks, weights
+from vitscale import export as vexport
+from vitscale.cli import main
+from vitscale.config import RunConfig, apply_overrides, load_yaml
+
+FAST = ["train.batch=32", "train.max_steps=2", "train.threads=1", "data.image_size=16", "model.patch_size=4",
+        "train.warmup_epochs=0"]
+VIDEO = ["data.name=moving-digits", "data.frames=4", "data.num_clips=64", "data.label=direction",
+         "model.frames=4", "model.tubelet=2"]
+MAE = ["mae.decoder_width=32", "mae.decoder_depth=1", "mae.decoder_heads=2"]
+
+
+def trained(tmp_path, name, *overrides, task="supervised", init=""):
+    cfg = apply_overrides(RunConfig(task=task, init=init, out=str(tmp_path / name)), FAST + list(overrides))
+    engine.train(cfg, log=lambda *a: None)
+    return cfg.out
+
+
+def task_module(run):
+    """The run's task module loaded from best/ by hand: the PyTorch reference."""
+    cfg, state = load_yaml(f"{run}/config.yaml"), load_file(f"{run}/best/model.safetensors")
+    head = state.get("vit.head.weight", state.get("head.weight"))
+    module = tasks.build(cfg, 0 if head is None else head.shape[0])
+    module.load_state_dict(state)
+    return module.eval()
+
+
+def onnxruntime_vs(reference, path, shape, batches=(1, 3)):
+    """Max |onnxruntime - reference| over standard-normal inputs at each batch, printed."""
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    diffs = {}
+    for b in batches:
+        x = torch.randn(b, *shape)
+        with torch.no_grad():
+            want = reference(x)
+        got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+        assert got.shape == want.shape
+        diffs[b] = float((got - want).abs().max())
+    print(f"{path}: max abs difference onnxruntime vs PyTorch {diffs}")
+    return diffs
+
+
+def export(run, *args):
+    assert main(["export", run, "--to", "onnx", *args]) == 0
+
+
+@pytest.mark.slow
+def test_image_classifier_exports_with_a_dynamic_batch(tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    run = trained(tmp_path, "sup")
+    export(run)
+    assert "max abs difference" in capsys.readouterr().out
+    model, _ = weights.load(run)  # the run's ViT by the weights reader, not the exporter's loader
+    diffs = onnxruntime_vs(model.eval(), f"{run}/model.onnx", (3, 16, 16))
+    assert max(diffs.values()) < 1e-4
+    meta = json.loads(Path(run, "model.onnx.json").read_text())
+    assert meta["input"]["shape"] == ["batch", 3, 16, 16] and meta["output"] == {"name": "logits",
+                                                                                 "shape": ["batch", 10]}
+    assert meta["input"]["mean"] == [0.5, 0.5, 0.5]
+    with pytest.raises(RuntimeError, match="differ from PyTorch's"):  # the exporter's own check can fail
+        cfg = load_yaml(f"{run}/config.yaml")
+        vexport.check(Path(run, "model.onnx"), lambda x: model(x) + 1e-3, cfg, (1,))
+    assert main(["export", run, "--to", "onnx"]) == 2  # never overwritten
+    assert "model.onnx exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_video_classifier_exports_at_a_fixed_and_a_dynamic_batch(tmp_path):
+    pytest.importorskip("onnxscript")
+    run = trained(tmp_path, "vid", *VIDEO)
+    export(run)
+    export(run, "--batch", "2", "--out", str(tmp_path / "b2.onnx"))
+    model = task_module(run)
+    diffs = onnxruntime_vs(model.predict, f"{run}/model.onnx", (3, 4, 16, 16))
+    diffs |= onnxruntime_vs(model.predict, tmp_path / "b2.onnx", (3, 4, 16, 16), batches=(2,))
+    assert max(diffs.values()) < 1e-4
+    assert json.loads((tmp_path / "b2.onnx.json").read_text())["input"]["shape"] == [2, 3, 4, 16, 16]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, overrides, output, width", [
+    ("mae", MAE, "features", 64),  # the encoder's pooled, normalised features
+    ("linprobe", [], "logits", 10),  # batch-normalised features into the probe's head
+])
+def test_mae_exports_its_encoder_features_and_a_linear_probe_its_logits(tmp_path, task, overrides, output,
+                                                                       width):
+    pytest.importorskip("onnxscript")
+    run = trained(tmp_path, task, *overrides, task=task, init="random" if task == "linprobe" else "")
+    export(run)
+    meta = json.loads(Path(run, "model.onnx.json").read_text())
+    assert meta["task"] == task and meta["output"] == {"name": output, "shape": ["batch", width]}
+    diffs = onnxruntime_vs(task_module(run).predict, f"{run}/model.onnx", (3, 16, 16))
+    assert max(diffs.values()) < 1e-4
+
+
+def test_a_missing_package_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails as if not installed
+    assert main(["export", str(tmp_path), "--to", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'vitscale[onnx]'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--to", "onnx"], "is not a run directory"),
+    (["--to", "onnx", "--batch", "0"], "--batch must be 'dynamic' or a positive whole number"),
+    (["--to", "tflite"], "invalid choice"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, args, message):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(tmp_path / "nothing"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_without_a_checkpoint_is_one_line(tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "new"
+    run.mkdir()
+    (run / "config.yaml").write_text(json.dumps({"task": "supervised"}))
+    assert main(["export", str(run), "--to", "onnx"]) == 2
+    assert "has no checkpoint yet" in capsys.readouterr().err
