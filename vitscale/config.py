@@ -138,11 +138,12 @@ class DistillConfig:
 @dataclass(frozen=True)
 class RunConfig:
     task: str = "supervised"  # one of vitscale.tasks.TASKS: supervised | mae | finetune | linprobe | distill
-    model: ViTConfig = field(default_factory=lambda: preset("pico/4"))
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    model: ViTConfig = field(default_factory=lambda: preset("pico/4"))  # the architecture (a preset's);
+    # the data sets its input size, frames and classes
+    data: DataConfig = field(default_factory=DataConfig)  # what it trains on; how items are read, augmented
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, schedule, precision, checkpoints
+    mae: MAEConfig = field(default_factory=MAEConfig)  # masking and decoder of MAE / VideoMAE pre-training
+    distill: DistillConfig = field(default_factory=DistillConfig)  # the teacher and loss of task=distill
     init: str = ""  # weights to start from: a run directory, a transformers directory, a timm / MAE /
     # VideoMAE / vitscale .safetensors or .pth file (see vitscale.weights), or "random" (baseline)
     init_allow: str = ""  # comma-separated fnmatch patterns of keys --init may leave missing or unused
