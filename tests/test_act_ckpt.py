@@ -4,6 +4,8 @@ included (the checkpoint restores the RNG state for the recomputation).
 
 The first non-reentrant checkpoint in a process imports torch._dynamo (a few seconds once)."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -111,3 +113,12 @@ def test_a_run_with_act_ckpt_ends_bitwise_as_one_without(tmp_path):
     assert any(s.startswith("activation checkpointing: ") for s in said)
     a, b = (load_file(str(at(tmp_path / n, 3) / "model.safetensors")) for n in ("plain", "ckpt"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vitscale_bench_act_ckpt_measures_a_checkpointed_training_step(capsys):
+    from vitscale.cli import main
+
+    assert main(["bench", "pico/4", "--batch", "2", "--mode", "train", "--warmup", "0", "--iters", "1",
+                 "--device", "cpu", "--act-ckpt", "--dtype", "fp16", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["act_ckpt"] is True and row["dtype"] == "fp16" and row["samples_per_s"] > 0

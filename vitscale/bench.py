@@ -1,6 +1,7 @@
 """Measured cost: throughput, latency and peak memory of inference or a training step.
 
-Warm-up steps, then the median of N timed steps; fp32 or bf16 autocast; CPU or CUDA.
+Warm-up steps, then the median of N timed steps; fp32, or bf16 or fp16 autocast (fp16 training
+steps without a loss scale: the timing is the same); CPU or CUDA.
 Peak memory is CUDA's max allocated bytes, or on CPU the process's resident-set high-water
 mark (VmHWM, reset before the timed steps where Linux allows it).
 """
@@ -20,7 +21,7 @@ from torch import nn
 
 from vitscale.device import autocast, pick_device
 from vitscale.errors import UserError
-from vitscale.models.vit import ViT, ViTConfig
+from vitscale.models.vit import ViT, ViTConfig, checkpoint_blocks
 
 
 @dataclass(frozen=True)
@@ -137,10 +138,13 @@ def example_input(cfg: ViTConfig, batch: int, device: torch.device | str = "cpu"
 
 
 def measure(cfg: ViTConfig, batch: int = 8, mode: str = "train", dtype: str = "fp32",
-            device: str = "auto", warmup: int = 2, iters: int = 5, seed: int = 0) -> Measurement:
-    """Build ViT(cfg) on a device and measure it on random input."""
+            device: str = "auto", warmup: int = 2, iters: int = 5, seed: int = 0,
+            act_ckpt: bool = False) -> Measurement:
+    """Build ViT(cfg) on a device and measure it on random input (with act_ckpt, every block
+    checkpointed: train.act_ckpt)."""
     _check_counts(batch, warmup, iters)
     dev = pick_device(device)
     torch.manual_seed(seed)
     model = ViT(cfg).to(dev)
+    checkpoint_blocks(model, on=act_ckpt)
     return measure_model(model, example_input(cfg, batch, dev), mode, dtype, warmup, iters)

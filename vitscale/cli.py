@@ -167,12 +167,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     records = []
     for mode in modes:
         m = bench.measure(cfg, batch=args.batch, mode=mode, dtype=args.dtype, device=args.device,
-                          warmup=args.warmup, iters=args.iters)
-        records.append({"name": args.model} | m.as_dict() | {"params": c.params, "flops": c.flops})
+                          warmup=args.warmup, iters=args.iters, act_ckpt=args.act_ckpt)
+        records.append({"name": args.model} | m.as_dict() | {"act_ckpt": args.act_ckpt, "params": c.params,
+                                                             "flops": c.flops})
     if args.json:
         return report.print_json(records)
     keys = ["name", "mode", "dtype", "batch", "samples_per_s", "ms_per_step", "peak_mem_mb",
-            "params", "flops"]
+            "params", "flops"] + (["act_ckpt"] if args.act_ckpt else [])
     report.console().print(report.table(f"Measured on {records[0]['device']}", records, keys))
 
 
@@ -383,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing of every block "
+                   "(train.act_ckpt): less peak memory in training for about one more forward pass")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_bench)
 
