@@ -22,6 +22,7 @@ import yaml
 from vitscale.data.config import DataConfig
 from vitscale.device import DTYPES, check_device
 from vitscale.errors import UserError
+from vitscale.loggers import BACKENDS as LOGGERS
 from vitscale.models.mae import MAEConfig
 from vitscale.models.vit import ViTConfig, preset
 from vitscale.optim import OPTIMIZERS, SCHEDULES
@@ -68,6 +69,8 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs); for tests
     probe_scales: tuple[int, ...] = (1,)  # linprobe: S² scales (1,2 = the image, plus it upsampled 2x
     # as 2x2 base-size tiles); each scale's feature concatenated into the probe
+    loggers: tuple[str, ...] = ()  # where metric rows go besides metrics.jsonl (always written): any
+    # of csv, tensorboard, wandb (offline, RUN/wandb), mlflow (file store, RUN/mlruns); see loggers.py
 
     def __post_init__(self) -> None:
         least = {"epochs": 1, "batch": 1, "accum": 1, "threads": 0, "ckpt_every": 0, "keep_last": 0,
@@ -104,6 +107,8 @@ class TrainConfig:
             (set(self.multigrid) <= set(CYCLES) and len(set(self.multigrid)) == len(self.multigrid),
              f"train.multigrid must be long, short or long,short (empty = off), got {self.multigrid}"),
             (0 <= self.seed < 2**32, f"train.seed must be in [0, 2**32), got {self.seed}"),
+            (set(self.loggers) <= set(LOGGERS), f"train.loggers must be among {', '.join(LOGGERS)} "
+             f"(e.g. csv,tensorboard), got {self.loggers}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -34,6 +34,8 @@ from vitscale.data.sampler import EpochSampler
 from vitscale.device import autocast
 from vitscale.ema import EMA
 from vitscale.errors import Interrupted, StopTraining, UserError
+from vitscale.loggers import check as check_loggers
+from vitscale.loggers import open_loggers
 from vitscale.models.vit import checkpoint_blocks
 from vitscale.plan import Plan, Shape, reshape
 
@@ -122,21 +124,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 class Metrics:
-    """metrics.jsonl (plus TensorBoard when installed), written by rank 0."""
+    """metrics.jsonl, and the loggers train.loggers names (vitscale.loggers), written by rank 0."""
 
-    def __init__(self, run_dir: Path, main: bool, resume_step: int):
+    def __init__(self, run_dir: Path, main: bool, resume_step: int, loggers: tuple[str, ...] = ()):
         self.path, self.main = run_dir / "metrics.jsonl", main
         self.rows: list[dict] = []
         if main and self.path.exists():  # drop rows a killed run wrote after its last checkpoint
             self.rows = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-        self.tb = None
-        if main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:
-                pass
+        self.loggers = open_loggers(loggers, run_dir, self.rows) if main else []  # from the kept rows
 
     def log(self, row: dict) -> None:
         if not self.main:
@@ -144,10 +140,12 @@ class Metrics:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["step"])
+        for logger in self.loggers:
+            logger.log(row)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
 
 
 def train(cfg: RunConfig, log=print, d: dist.Dist | None = None) -> dict:
@@ -183,6 +181,7 @@ class Job:
 
     def __init__(self, cfg: RunConfig, d: dist.Dist, log):
         t = cfg.train
+        check_loggers(t.loggers)  # a logger's missing package stops the run before any work
         if t.threads:
             torch.set_num_threads(t.threads)
         with warnings.catch_warnings(record=True) as said:  # what the data leaves out goes to the log
@@ -320,12 +319,12 @@ class Job:
         self.resume()
         if self.step >= self.total:
             return self.finished()
-        metrics = Metrics(self.run_dir, self.d.main, self.step)
+        metrics = Metrics(self.run_dir, self.d.main, self.step, self.cfg.train.loggers)
         progress = Progress(TextColumn("{task.description}"), BarColumn(),
                             TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
                             TimeRemainingColumn(), disable=not self.d.main)
         result: dict = {}
-        with progress:
+        with progress, contextlib.closing(metrics):
             bar = progress.add_task(self.cfg.task, total=self.total, completed=self.step, info="")
             while self.step < self.total:
                 window = self.train_epoch(metrics, lambda info: progress.update(bar, completed=self.step,

@@ -1,0 +1,93 @@
+"""pyproject.toml declares every third-party package vitscale's code imports: a module-level
+import as a dependency, one inside a function (an optional backend) at least as an extra."""
+
+import ast
+import functools
+import re
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
+
+ROOT = Path(__file__).resolve().parents[1]
+# import name -> distribution, where they differ, for packages not installed here (else read from
+# the installed distributions' own records)
+DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "mlflow": "mlflow-skinny"}
+# modules of a declared package that need another one: torch.utils.tensorboard writes with tensorboard
+NEEDS = {"torch.utils.tensorboard": "tensorboard"}
+
+
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def declared() -> tuple[set[str], set[str]]:
+    """The distributions pyproject.toml declares: (dependencies, those of any extra)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = lambda reqs: {norm(re.match(r"[A-Za-z0-9_.-]+", r).group()) for r in reqs}  # noqa: E731
+    extras = set().union(*map(names, project.get("optional-dependencies", {}).values()))
+    return names(project["dependencies"]), extras
+
+
+def imports(files) -> dict[str, bool]:
+    """Every module `files` import from outside the standard library and itself, and whether
+    some import of it runs when its file is imported (not only inside a function)."""
+    found: dict[str, bool] = {}
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            names = []
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom) and child.level == 0:
+                names = [child.module]
+            for name in names:
+                if name.split(".")[0] not in sys.stdlib_module_names | {"vitscale"}:
+                    found[name] = found.get(name, False) or not in_function
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            visit(child, inner)
+
+    for path in files:
+        visit(ast.parse(path.read_text(), str(path)), False)
+    return found
+
+
+@functools.cache
+def installed() -> dict[str, list[str]]:
+    return metadata.packages_distributions()  # top-level module -> distributions, from their records
+
+
+def distributions(module: str) -> set[str]:
+    """The distributions that may provide `module`: what the installed ones record, else the table."""
+    top = module.split(".")[0]
+    installed_here = installed().get(top, [])
+    return {norm(d) for d in installed_here} | {norm(DISTRIBUTION.get(top, top))}
+
+
+def test_every_imported_package_is_declared():
+    deps, extras = declared()
+    found = imports((ROOT / "vitscale").rglob("*.py"))
+    assert {"torch", "numpy", "PIL"} <= {m.split(".")[0] for m in found}  # (the scan sees the code)
+    missing = []
+    for module, at_import in sorted(found.items()):
+        need = {NEEDS[p] for p in NEEDS if module == p or module.startswith(p + ".")}
+        wanted = [need] if need else [distributions(module)]
+        for options in wanted:
+            allowed = deps if at_import else deps | extras
+            if not options & allowed:
+                where = "dependencies" if at_import else "dependencies or an extra"
+                missing.append(f"{module} ({' or '.join(sorted(options))}) in {where}")
+    assert not missing, "pyproject.toml does not declare: " + "; ".join(missing)
+
+
+def test_the_scan_tells_module_level_imports_from_lazy_ones(tmp_path):
+    """The check above would pass a module-level `import wandb` if it took it for a lazy one."""
+    (tmp_path / "m.py").write_text("import numpy as np\nfrom . import sibling\n\ndef f():\n    import wandb\n"
+                                   "    g = lambda: __import__('x')\n\nclass C:\n    from PIL import Image\n"
+                                   "    def m(self):\n        import mlflow.entities\n")
+    found = imports([tmp_path / "m.py"])
+    assert found == {"numpy": True, "wandb": False, "PIL": True, "mlflow.entities": False}
+    assert distributions("PIL.Image") == {"pillow"} and distributions("yaml") == {"pyyaml"}
