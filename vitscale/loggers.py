@@ -149,7 +149,7 @@ def _file_store():
 class MLflowLogger:
     """An MLflow run in a file store at RUN/mlruns (experiment "vitscale", run named after RUN):
     `mlflow ui --backend-store-uri RUN/mlruns` shows it. On a resume the earlier run is marked
-    deleted (MLflow's way; its files stay in .trash terms) and a new one holds the kept rows."""
+    deleted (MLflow hides it; its files stay) and a new one holds the kept rows."""
 
     def __init__(self, run_dir: Path):
         from mlflow.tracking import MlflowClient
