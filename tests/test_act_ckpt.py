@@ -122,3 +122,13 @@ def test_vitscale_bench_act_ckpt_measures_a_checkpointed_training_step(capsys):
                  "--device", "cpu", "--act-ckpt", "--dtype", "fp16", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["act_ckpt"] is True and row["dtype"] == "fp16" and row["samples_per_s"] > 0
+
+
+def test_vitscale_bench_act_ckpt_prints_its_table(capsys):
+    """(The table once had no column for act_ckpt: a KeyError.)"""
+    from vitscale.cli import main
+
+    assert main(["bench", "pico/4", "--batch", "2", "--mode", "train", "--warmup", "0", "--iters", "1",
+                 "--device", "cpu", "--act-ckpt"]) == 0
+    out = capsys.readouterr().out
+    assert "act ckpt" in out and "yes" in out

@@ -56,6 +56,7 @@ COLUMNS = {  # record key -> (header, formatter)
     "mode": ("mode", str),
     "dtype": ("dtype", str),
     "batch": ("batch", str),
+    "act_ckpt": ("act ckpt", lambda v: "yes" if v else "no"),
 }
 
 
