@@ -23,7 +23,8 @@ MAX_CANVAS = 256  # cluttered-digits draws 1,024 canvases at once: 256 MB of noi
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "digits"  # one of NAMES: a built-in (digits, moving-digits, cluttered-digits) or real data
-    path: str = ""  # class-per-subfolder folder, or a `path,label` CSV (real data only)
+    path: str = ""  # class-per-subfolder folder, or a video list (real data only): `path,label` lines, or
+    # VideoMAE V2's `path start count [label]` (clips from those frames; count -1 = to the end)
     val_path: str = ""  # separate val folder / CSV; "" = a seeded split of val_fraction
     val_fraction: float = 0.2  # held-out share when val_path is empty (0 = no validation)
     test_path: str = ""  # separate test folder / CSV (real data); "" = a seeded split of test_fraction

@@ -2,10 +2,19 @@
 
 Folders hold one subfolder per class (class ids = sorted subfolder names; files are found
 recursively inside each class folder). A class folder with no files of
-the kind is dropped with a warning. A video list is a UTF-8 text/CSV file with one
-``path,label`` or ``path label`` line per video (relative paths are relative to the list's
-folder; blank and ``#`` lines are ignored, and so is a first line of two words such as
-``path,label``). Labels are class ids: 0 .. K-1 where K is data.num_classes if set, else the
+the kind is dropped with a warning. A video list is a UTF-8 text/CSV file with one line per
+video (relative paths are relative to the list's folder; blank and ``#`` lines are ignored, and
+so is a first line of words such as ``path,label``), in one of VideoMAE V2's forms, fields
+separated by commas or spaces:
+
+    path label                 a labelled video (Kinetics)
+    path start count           frames start .. start+count-1 only (count -1 = to the end), no
+                               label: a pre-training list (``path 0 -1`` = the whole video)
+    path start count label     a labelled frame range
+
+Clips are sampled inside a line's frame range (training, evaluation and test views alike). A
+list's lines are all labelled or all not; an unlabelled list has no classes (pre-training only).
+Labels are class ids: 0 .. K-1 where K is data.num_classes if set, else the
 number of distinct labels in the training list (so a label can never size the head).
 Listed files that do not exist are warned about (and refused if none exists). An unreadable
 file gives a `Skipped` item (or raises with ``strict``); a bad path, an empty folder, a list
@@ -31,6 +40,8 @@ from vitscale.errors import UserError
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
 Sample = tuple[str, int]  # (file path, label id)
+Row = tuple[str, int, int, int]  # a list line: (path, label id or NO_LABEL, first frame, frames or -1)
+NO_LABEL = -1
 
 
 def _files(folder: Path, exts: tuple[str, ...]) -> list[str]:
@@ -91,8 +102,10 @@ def _text(path: str) -> str:
     return text
 
 
-CLASS_ID = re.compile(r"[0-9]+", re.ASCII)
+NUMBER = re.compile(r"-?[0-9]{1,4000}", re.ASCII)  # (int() refuses longer digit strings)
 HEADER_WORD = re.compile(r"[A-Za-z_][\w ]*", re.ASCII)
+FORMS = ("expected `path label`, `path start count` or `path start count label` (VideoMAE V2's lists: "
+         "frames start .. start+count-1, count -1 = to the end; labels are class ids 0, 1, 2, ...)")
 
 
 def _unquote(field: str) -> str:
@@ -101,58 +114,101 @@ def _unquote(field: str) -> str:
     return field[1:-1] if len(field) >= 2 and field[0] == field[-1] == '"' else field
 
 
-def read_list(path: str) -> tuple[list[Sample], list[int]]:
-    """Parse a ``path,label`` / ``path label`` video list -> (samples, the line number of each).
+def _split_line(line: str) -> tuple[str, list[int]]:
+    """'a b.mp4 0 -1' -> ('a b.mp4', [0, -1]): the path, and up to 3 whole numbers after it."""
+    sep = "," if "," in line else None
+    head, numbers = line, []
+    while len(numbers) < 3:
+        parts = head.rsplit(sep, 1)
+        if len(parts) < 2 or not NUMBER.fullmatch(_unquote(parts[1])):
+            break
+        head, numbers = parts[0], [int(_unquote(parts[1])), *numbers]
+    return _unquote(head), numbers
 
-    Labels are class ids 0, 1, 2, ... The first line is a header only when both its fields are
-    words (``path,label``, ``video class_id``); any other line without a class id is refused.
+
+def _row(path: str, n: int, raw: str, numbers: list[int]) -> tuple[int, int, int]:
+    """(label or NO_LABEL, first frame, frame count or -1) of a list line's numbers, else a UserError."""
+    label = numbers[-1] if len(numbers) != 2 else NO_LABEL
+    start, count = numbers[:2] if len(numbers) >= 2 else (0, -1)
+    problem = ("its label must be a class id (0, 1, 2, ...)" if len(numbers) != 2 and label < 0 else
+               "its first frame must be 0 or more" if start < 0 else
+               "its frame count must be 1 or more, or -1 (to the end)" if count == 0 or count < -1 else "")
+    if problem:
+        raise UserError(f"{path}:{n}: {problem}, got {raw[:80]!r}")
+    return label, start, count
+
+
+def read_list(path: str) -> tuple[list[Row], list[int]]:
+    """Parse a video list (`path label`, `path start count`, `path start count label`) ->
+    (rows, the line number of each).
+
+    The first line is a header only when its 2 to 4 fields are all words (``path,label``,
+    ``video class_id``); any other line without the numbers of one of the forms is refused.
     """
-    samples, lines = [], []
+    rows, lines = [], []
     for n, raw in enumerate(_text(path).splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        parts = [_unquote(x) for x in (line.rsplit(",", 1) if "," in line else line.rsplit(None, 1))]
-        label = parts[-1] if len(parts) == 2 and parts[0] else ""
-        if not CLASS_ID.fullmatch(label) or len(label) > 4000:  # int() refuses longer digit strings
-            if not samples and len(parts) == 2 and all(HEADER_WORD.fullmatch(x) for x in parts):
+        name, numbers = _split_line(line)
+        if not numbers or not name:
+            words = [_unquote(x) for x in (line.split(",") if "," in line else line.split())]
+            if not rows and 2 <= len(words) <= 4 and all(HEADER_WORD.fullmatch(x) for x in words):
                 continue  # a header line
-            raise UserError(f"{path}:{n}: expected `path,label` with a class id (0, 1, 2, ...) as label, "
-                             f"got {raw[:80]!r}")
-        f = Path(parts[0]).expanduser()
-        samples.append((str(f if f.is_absolute() else Path(path).expanduser().parent / f), int(label)))
+            raise UserError(f"{path}:{n}: {FORMS}, got {raw[:80]!r}")
+        f = Path(name).expanduser()
+        rows.append((str(f if f.is_absolute() else Path(path).expanduser().parent / f),
+                     *_row(path, n, raw, numbers)))
         lines.append(n)
-    if not samples:
-        raise UserError(f"video list {path!r} has no `path,label` lines")
-    return samples, lines
+    if not rows:
+        raise UserError(f"video list {path!r} has no `path,label` lines (nor `path start count` ones)")
+    return rows, lines
 
 
-def _check_listed(path: str, samples: list[Sample], lines: list[int]) -> None:
-    """Refuse a list none of whose files exist; warn about the missing ones (skipped) of the rest."""
-    missing = [(n, f) for (f, _), n in zip(samples, lines, strict=True) if not Path(f).is_file()]
+def _check_listed(path: str, rows: list[Row], lines: list[int]) -> None:
+    """Refuse a list none of whose files exist, or one naming a folder; warn about the missing ones
+    (skipped) of the rest."""
+    missing = [(n, r[0]) for r, n in zip(rows, lines, strict=True) if not Path(r[0]).is_file()]
     if not missing:
         return
+    folder = next(((n, f) for n, f in missing if Path(f).is_dir()), None)
+    if folder:
+        raise UserError(f"{path}:{folder[0]}: {folder[1]} is a folder (VideoMAE V2's frames as images?); "
+                         "vitscale reads video files: list the videos")
     n, f = missing[0]
-    if len(missing) == len(samples):
+    if len(missing) == len(rows):
         raise UserError(f"{path}:{n}: {f} does not exist, nor does any other file the list names; relative "
                          f"paths are relative to the list's folder ({Path(path).expanduser().parent})")
-    warnings.warn(f"{len(missing)} of the {len(samples)} files listed in {path} do not exist (the first: "
+    warnings.warn(f"{len(missing)} of the {len(rows)} files listed in {path} do not exist (the first: "
                   f"{path}:{n}: {f}); they will be skipped", stacklevel=2)
 
 
-def list_classes(lists: dict[str, tuple[list[Sample], list[int]]], declared: int) -> tuple[str, ...]:
-    """Class names "0" .. "K-1" of video lists {path: (samples, line numbers)}, training list first.
+def list_classes(lists: dict[str, tuple[list[Row], list[int]]], declared: int) -> tuple[str, ...]:
+    """Class names "0" .. "K-1" of video lists {path: (rows, line numbers)}, training list first;
+    () when the lists have no labels (`path start count` lines, for pre-training).
 
     K is `declared` (data.num_classes) if set, else the number of distinct labels in the
     training list, which must then be exactly 0 .. K-1 (and val labels among them): a label
     is a class index, never a free number that sizes the head.
     """
-    k = declared or len({label for _, label in next(iter(lists.values()))[0]})
+    first = next(iter(lists))
+    labelled = lists[first][0][0][1] != NO_LABEL
+    for path, (rows, lines) in lists.items():
+        odd = next((n for r, n in zip(rows, lines, strict=True) if (r[1] != NO_LABEL) != labelled), None)
+        if odd:
+            raise UserError(f"{path}:{odd}: {'no' if labelled else 'a'} label, unlike {first}:"
+                             f"{lists[first][1][0]}; the lists' lines are all labelled (`path label`, `path "
+                             "start count label`) or none are (`path start count`, for pre-training)")
+    if not labelled:
+        if declared:
+            raise UserError(f"{first} has no labels (`path start count` lines): leave data.num_classes 0")
+        return ()
+    k = declared or len({r[1] for r in lists[first][0]})
     rule = (f"labels must be below data.num_classes={declared}; raise it or fix the label" if declared else
             f"the training list uses {k} distinct labels, so labels must be 0..{k - 1}; renumber them, "
             "or set data.num_classes=N when some class ids have no training videos")
-    for path, (samples, lines) in lists.items():
-        bad = next(((label, n) for (_, label), n in zip(samples, lines, strict=True) if label >= k), None)
+    for path, (rows, lines) in lists.items():
+        bad = next(((r[1], n) for r, n in zip(rows, lines, strict=True) if r[1] >= k), None)
         if bad:
             raise UserError(f"{path}:{bad[1]}: label {bad[0]} is no class id: {rule}")
     return tuple(str(i) for i in range(k))
@@ -206,16 +262,19 @@ class ImageFiles(KeyedDataset):
 
 
 class VideoFiles(KeyedDataset):
-    """Clips from a list of (video path, label); frames=1 gives [C, H, W] single frames."""
+    """Clips from a list of (video path, label) or video list rows (path, label, first frame,
+    frames or -1: where clips are taken); frames=1 gives [C, H, W] single frames."""
 
     view_axes = ("clips", "crops")
 
-    def __init__(self, samples: list[Sample], classes: tuple[str, ...], transform: ClipTransform,
+    def __init__(self, samples: list[Sample] | list[Row], classes: tuple[str, ...], transform: ClipTransform,
                  train: bool, frames: int, stride: int, strict: bool = False):
-        self.samples, self.classes, self.transform, self.strict = samples, classes, transform, strict
+        self.samples = [(s[0], max(s[1], 0)) for s in samples]  # (no label: 0, which nothing reads)
+        self.spans = [tuple(s[2:4]) or (0, -1) for s in samples]
+        self.classes, self.transform, self.strict = classes, transform, strict
         self.frames, self.stride = frames, stride
         self.short = transform.source_side(train)
-        self.labels = [label for _, label in samples]
+        self.labels = [label for _, label in self.samples]
         self.counts: dict[str, int] = {}  # frame count cache (per process)
 
     def __len__(self) -> int:
@@ -224,7 +283,7 @@ class VideoFiles(KeyedDataset):
     def load(self, index: int, gen: torch.Generator | None) -> dict | Skipped:
         path, label = self.samples[index]
         try:
-            x = read_clip(path, self.frames, self.stride, gen, self.short, self.counts)
+            x = read_clip(path, self.frames, self.stride, gen, self.short, self.counts, self.spans[index])
         except Exception as e:  # any decoder failure means "this file is unusable"
             return self.skip(path, e)
         if self.frames == 1:
@@ -232,9 +291,9 @@ class VideoFiles(KeyedDataset):
         return {"x": self.transform(x, gen), "y": label, "index": index}
 
 
-def _split(samples: list[Sample], fraction: float, seed: int,
-           stream: int = 0x5EED) -> tuple[list[Sample], list[Sample]]:
-    train, val = stratified_split([label for _, label in samples], fraction, seed, stream)
+def _split(samples: list, fraction: float, seed: int, stream: int = 0x5EED) -> tuple[list, list]:
+    """Seeded stratified split of samples or list rows (label second)."""
+    train, val = stratified_split([s[1] for s in samples], fraction, seed, stream)
     return [samples[i] for i in train], [samples[i] for i in val]
 
 
@@ -247,8 +306,8 @@ def build_real(cfg, train_tf: ClipTransform,
     if cfg.name == "video-csv":
         lists = {p: read_list(p) for p in dict.fromkeys(paths) if p}
         classes = list_classes(lists, cfg.num_classes)
-        for p, (samples, lines) in lists.items():
-            _check_listed(p, samples, lines)
+        for p, (rows, lines) in lists.items():
+            _check_listed(p, rows, lines)
         train_s, val_s, test_s = (lists[p][0] if p else None for p in paths)
     else:
         exts, what = (IMAGE_EXTS, "image") if cfg.name == "image-folder" else (VIDEO_EXTS, "video")

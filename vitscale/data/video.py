@@ -86,10 +86,13 @@ def _decode(container, stream, wanted: list[int], short: int | None, seek: bool)
 
 
 def read_clip(path: str, frames: int, stride: int, gen: torch.Generator | View | None,
-              short: int | None = None, counts: dict | None = None) -> Tensor:
+              short: int | None = None, counts: dict | None = None,
+              span: tuple[int, int] = (0, -1)) -> Tensor:
     """Decode one clip: uint8 [3, T, H, W]; shorter side reduced to `short` if larger.
 
-    `counts` caches frame counts per path. Raises on an unreadable file.
+    The clip is taken from the video's frames `span` = (first, count; -1 = to the end), as if they
+    were the whole video (a VideoMAE V2 list's `start count`). `counts` caches frame counts per
+    path. Raises on an unreadable file.
     """
     with av.open(path) as container:
         if not container.streams.video:
@@ -100,7 +103,11 @@ def read_clip(path: str, frames: int, stride: int, gen: torch.Generator | View |
             total = frame_count(container)
             if counts is not None:
                 counts[path] = total
-        idx = clip_indices(total, frames, stride, gen)
+        first, count = span
+        usable = total - first if count < 0 else min(count, total - first)
+        if usable < 1:
+            raise UserError(f"its listed frames start at {first}, past its end ({total} frames)")
+        idx = [first + i for i in clip_indices(usable, frames, stride, gen)]
         wanted = sorted(set(idx))
         seek = wanted[0] >= SEEK_AFTER
         got = _decode(container, stream, wanted, short, seek=True) if seek else {}
