@@ -97,6 +97,21 @@ def test_a_fixed_batch_with_the_weights_apart(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("task, overrides, shape", [
+    ("supervised", ["model.keep=0.5", "model.drop_after=2"], (3, 16, 16)),  # EViT: top-k of cls attention
+    ("supervised", [*VIDEO, "model.keep=0.5", "model.drop_after=2", "model.drop_by=keyframe"],
+     (3, 4, 16, 16)),  # EVAD: the middle frame's tokens, then top-k
+    ("linprobe", ["train.probe_scales=1,2"], (3, 16, 16)),  # S²: a bicubic upsampling and tiles
+])
+def test_token_dropping_and_multi_scale_probes_export(tmp_path, task, overrides, shape):
+    pytest.importorskip("onnxscript")
+    run = trained(tmp_path, "run", *overrides, task=task, init="random" if task == "linprobe" else "")
+    export(run)
+    diffs = onnxruntime_vs(task_module(run).predict, f"{run}/model.onnx", shape)
+    assert max(diffs.values()) < 1e-4
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("task, overrides, output, width", [
     ("mae", MAE, "features", 64),  # the encoder's pooled, normalised features
     ("linprobe", [], "logits", 10),  # batch-normalised features into the probe's head
