@@ -106,3 +106,16 @@ def test_help_says_where_every_field_is_listed(capsys, command):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert f"vitscale config {command}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_without_the_source_help_is_empty_not_an_error(monkeypatch):
+    @dataclass(frozen=True)
+    class Shipped:
+        a: int = 1  # help
+
+    def no_source(obj):
+        raise OSError("could not get source code")
+
+    monkeypatch.setattr("inspect.getsource", no_source)
+    assert field_help(Shipped) == {"a": ""}
+    assert commented_yaml(Shipped()) == "a: 1  #\n"

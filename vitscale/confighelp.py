@@ -28,13 +28,16 @@ COLUMN = 40  # comments start here (or two spaces after a longer key and value)
 @functools.cache
 def field_help(cls) -> dict[str, str]:
     """{field name: help} of dataclass `cls`, from the comments beside its fields in its source
-    ("" for a field without one)."""
-    source = textwrap.dedent(inspect.getsource(cls))
+    ("" for a field without one, or all "" where the source is not installed)."""
+    names = {f.name for f in fields(cls)}
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # e.g. only .pyc files shipped
+        return dict.fromkeys(sorted(names), "")
     comments: dict[int, tuple[str, bool]] = {}  # line -> (text, whether the line holds it alone)
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             comments[tok.start[0]] = (tok.string.lstrip("#").strip(), not tok.line[:tok.start[1]].strip())
-    names = {f.name for f in fields(cls)}
     out = dict.fromkeys(sorted(names), "")
     for node in ast.parse(source).body[0].body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
