@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from vitscale import engine, tasks, weights
 from vitscale import export as vexport
 from vitscale.cli import main
-from vitscale.config import RunConfig, apply_overrides, load_yaml
+from vitscale.config import DistillConfig, RunConfig, apply_overrides, load_yaml
 
 FAST = ["train.batch=32", "train.max_steps=2", "train.threads=1", "data.image_size=16", "model.patch_size=4",
         "train.warmup_epochs=0"]
@@ -20,8 +20,9 @@ VIDEO = ["data.name=moving-digits", "data.frames=4", "data.num_clips=64", "data.
 MAE = ["mae.decoder_width=32", "mae.decoder_depth=1", "mae.decoder_heads=2"]
 
 
-def trained(tmp_path, name, *overrides, task="supervised", init=""):
-    cfg = apply_overrides(RunConfig(task=task, init=init, out=str(tmp_path / name)), FAST + list(overrides))
+def trained(tmp_path, name, *overrides, task="supervised", init="", **fields):
+    cfg = RunConfig(task=task, init=init, out=str(tmp_path / name), **fields)
+    cfg = apply_overrides(cfg, FAST + list(overrides))
     engine.train(cfg, log=lambda *a: None)
     return cfg.out
 
@@ -115,14 +116,27 @@ def test_token_dropping_and_multi_scale_probes_export(tmp_path, task, overrides,
 @pytest.mark.parametrize("task, overrides, output, width", [
     ("mae", MAE, "features", 64),  # the encoder's pooled, normalised features
     ("linprobe", [], "logits", 10),  # batch-normalised features into the probe's head
+    ("finetune", [], "logits", 10),
 ])
 def test_mae_exports_its_encoder_features_and_a_linear_probe_its_logits(tmp_path, task, overrides, output,
                                                                        width):
     pytest.importorskip("onnxscript")
-    run = trained(tmp_path, task, *overrides, task=task, init="random" if task == "linprobe" else "")
+    run = trained(tmp_path, task, *overrides, task=task, init="random" if task != "mae" else "")
     export(run)
     meta = json.loads(Path(run, "model.onnx.json").read_text())
     assert meta["task"] == task and meta["output"] == {"name": output, "shape": ["batch", width]}
+    diffs = onnxruntime_vs(task_module(run).predict, f"{run}/model.onnx", (3, 16, 16))
+    assert max(diffs.values()) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, output", [("soft", "logits"), ("feature", "features")])
+def test_a_distilled_student_exports_without_its_teacher(tmp_path, kind, output):
+    pytest.importorskip("onnxscript")
+    teacher = trained(tmp_path, "teacher", "train.max_steps=1")
+    run = trained(tmp_path, "student", task="distill", distill=DistillConfig(teacher=teacher, kind=kind))
+    export(run)
+    assert json.loads(Path(run, "model.onnx.json").read_text())["output"]["name"] == output
     diffs = onnxruntime_vs(task_module(run).predict, f"{run}/model.onnx", (3, 16, 16))
     assert max(diffs.values()) < 1e-4
 
