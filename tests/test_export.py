@@ -74,6 +74,23 @@ def test_image_classifier_exports_with_a_dynamic_batch(tmp_path, capsys):
         vexport.check(Path(run, "model.onnx"), lambda x: model(x) + 1e-3, cfg, (1,))
     assert main(["export", run, "--to", "onnx"]) == 2  # never overwritten
     assert "model.onnx exists" in capsys.readouterr().err
+    assert main(["export", run, "--to", "onnx", "--ema", "--out", str(tmp_path / "ema.onnx")]) == 2
+    assert "holds no EMA weights" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ema_exports_the_moving_average(tmp_path):
+    pytest.importorskip("onnxscript")
+    run = trained(tmp_path, "ema", "train.ema=0.5")
+    export(run, "--ema")
+    model, raw = task_module(run), task_module(run)
+    model.load_state_dict(load_file(f"{run}/best/ema.safetensors"))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (model.predict(x) - raw.predict(x)).abs().max() > 1e-3  # the average is not the raw weights
+    diffs = onnxruntime_vs(model.predict, f"{run}/model.onnx", (3, 16, 16))
+    assert max(diffs.values()) < 1e-4
+    assert json.loads(Path(run, "model.onnx.json").read_text())["ema"] is True
 
 
 @pytest.mark.slow
