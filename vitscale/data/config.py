@@ -59,6 +59,8 @@ class DataConfig:
     mean: tuple[float, ...] = ()  # per-channel mean; () = ImageNet for real data, 0.5 for built-ins
     std: tuple[float, ...] = ()  # per-channel std; () = ImageNet for real data, 0.5 for built-ins
     workers: int = 0  # DataLoader worker processes (0 = load in the main process)
+    decode_threads: int = 0  # video decoder threads per loading process (PyAV frame threading); 0 = the
+    # CPUs shared among data.workers (at most 8), 1 = one thread
     strict: bool = False  # raise on an unreadable file instead of skipping it
     seed: int = 0  # dataset seed: train/val split and moving-digits generation
 
@@ -140,6 +142,8 @@ class DataConfig:
             (all(0 < s < math.inf for s in self.std),
              f"data.std values must be positive and finite, got {self.std}"),
             (self.workers >= 0, f"data.workers must be 0 or more, got {self.workers}"),
+            (self.decode_threads >= 0,
+             f"data.decode_threads must be 0 (auto) or more, got {self.decode_threads}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -268,11 +268,11 @@ class VideoFiles(KeyedDataset):
     view_axes = ("clips", "crops")
 
     def __init__(self, samples: list[Sample] | list[Row], classes: tuple[str, ...], transform: ClipTransform,
-                 train: bool, frames: int, stride: int, strict: bool = False):
+                 train: bool, frames: int, stride: int, strict: bool = False, threads: int = 0):
         self.samples = [(s[0], max(s[1], 0)) for s in samples]  # (no label: 0, which nothing reads)
         self.spans = [tuple(s[2:4]) or (0, -1) for s in samples]
         self.classes, self.transform, self.strict = classes, transform, strict
-        self.frames, self.stride = frames, stride
+        self.frames, self.stride, self.threads = frames, stride, threads  # threads: read_clip's
         self.short = transform.source_side(train)
         self.labels = [label for _, label in self.samples]
         self.counts: dict[str, int] = {}  # frame count cache (per process)
@@ -283,7 +283,8 @@ class VideoFiles(KeyedDataset):
     def load(self, index: int, gen: torch.Generator | None) -> dict | Skipped:
         path, label = self.samples[index]
         try:
-            x = read_clip(path, self.frames, self.stride, gen, self.short, self.counts, self.spans[index])
+            x = read_clip(path, self.frames, self.stride, gen, self.short, self.counts, self.spans[index],
+                          self.threads)
         except Exception as e:  # any decoder failure means "this file is unusable"
             return self.skip(path, e)
         if self.frames == 1:
@@ -322,7 +323,7 @@ def build_real(cfg, train_tf: ClipTransform,
     if cfg.name == "image-folder":
         train, val, test = (ImageFiles(s, classes, tf, is_train, cfg.strict) for s, tf, is_train in splits)
     else:
-        clip = dict(frames=cfg.frames, stride=cfg.frame_stride, strict=cfg.strict)
+        clip = dict(frames=cfg.frames, stride=cfg.frame_stride, strict=cfg.strict, threads=cfg.decode_threads)
         train, val, test = (VideoFiles(s, classes, tf, is_train, **clip) for s, tf, is_train in splits)
     for dataset, where in ((train, cfg.path), (val, cfg.val_path or cfg.path),
                            (test, cfg.test_path or cfg.path)):

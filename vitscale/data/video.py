@@ -4,11 +4,16 @@ Clip sampling (as VideoMAE): `frames` frames `stride` apart span ``(frames - 1) 
 source frames. Training starts the span at a random frame, eval centers it, and test views
 start it at evenly spaced frames (`vitscale.data.views`). A video shorter than the span is
 read from frame 0 and padded by repeating its last frame.
+
+Decoding seeks to the keyframe before a clip that starts `SEEK_AFTER` frames or more in, stops
+after the clip's last frame, and runs the codec's frame threading (`decode_threads`); all three
+give the frames a plain single-threaded decode from frame 0 gives (tests/test_video_decode.py).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import av
 import numpy as np
@@ -19,6 +24,17 @@ from vitscale.data.views import View
 from vitscale.errors import UserError
 
 SEEK_AFTER = 24  # seek (to the keyframe before the clip) only when it starts this far in
+MAX_THREADS = 8  # decoder threads at most with data.decode_threads=0 (each delays output a frame)
+
+
+def decode_threads(threads: int = 0) -> int:
+    """Decoder threads: `threads` if positive, else (0 = auto) this process's CPUs shared among the
+    loader's workers when called in one, at most MAX_THREADS."""
+    if threads > 0:
+        return threads
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    worker = torch.utils.data.get_worker_info()
+    return max(1, min(MAX_THREADS, cpus // (worker.num_workers if worker else 1)))
 
 
 def clip_indices(total: int, frames: int, stride: int, gen: torch.Generator | View | None) -> list[int]:
@@ -87,17 +103,21 @@ def _decode(container, stream, wanted: list[int], short: int | None, seek: bool)
 
 def read_clip(path: str, frames: int, stride: int, gen: torch.Generator | View | None,
               short: int | None = None, counts: dict | None = None,
-              span: tuple[int, int] = (0, -1)) -> Tensor:
+              span: tuple[int, int] = (0, -1), threads: int = 0) -> Tensor:
     """Decode one clip: uint8 [3, T, H, W]; shorter side reduced to `short` if larger.
 
     The clip is taken from the video's frames `span` = (first, count; -1 = to the end), as if they
     were the whole video (a VideoMAE V2 list's `start count`). `counts` caches frame counts per
-    path. Raises on an unreadable file.
+    path; `threads` decoder threads (0 = `decode_threads`'s share of the CPUs; 1 = one thread).
+    Raises on an unreadable file.
     """
     with av.open(path) as container:
         if not container.streams.video:
             raise UserError("no video stream")
         stream = container.streams.video[0]
+        n = decode_threads(threads)  # set before the first decode opens the codec
+        stream.codec_context.thread_type = "AUTO" if n > 1 else "SLICE"  # AUTO: frame threads if any
+        stream.codec_context.thread_count = n
         total = counts.get(path) if counts is not None else None
         if total is None:
             total = frame_count(container)
