@@ -32,10 +32,12 @@ from vitscale.data.folders import build_real
 from vitscale.data.generated import build_cluttered
 from vitscale.data.randaugment import RandAugment
 from vitscale.data.sampler import EpochSampler, sample_seed
+from vitscale.data.shards import build_shards
 from vitscale.data.transforms import ClipTransform
 
 # (cfg, train transform, eval transform) -> (train, val, test), by data.name; real data otherwise.
-BUILDERS = {"digits": build_builtin, "moving-digits": build_builtin, "cluttered-digits": build_cluttered}
+BUILDERS = {"digits": build_builtin, "moving-digits": build_builtin, "cluttered-digits": build_cluttered,
+            "webdataset": build_shards}
 
 
 @dataclass(frozen=True)

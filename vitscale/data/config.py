@@ -9,7 +9,9 @@ from vitscale.data.randaugment import RandAugment
 from vitscale.data.views import parse_views
 from vitscale.errors import UserError
 
-NAMES = ("digits", "moving-digits", "cluttered-digits", "image-folder", "video-folder", "video-csv")
+NAMES = ("digits", "moving-digits", "cluttered-digits", "image-folder", "video-folder", "video-csv",
+         "webdataset")
+REAL = ("image-folder", "video-folder", "video-csv", "webdataset")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BUILTIN_MEAN = (0.5, 0.5, 0.5)
@@ -24,13 +26,15 @@ MAX_CANVAS = 256  # cluttered-digits draws 1,024 canvases at once: 256 MB of noi
 class DataConfig:
     name: str = "digits"  # one of NAMES: a built-in (digits, moving-digits, cluttered-digits) or real data
     path: str = ""  # class-per-subfolder folder, or a video list (real data only): `path,label` lines, or
-    # VideoMAE V2's `path start count [label]` (clips from those frames; count -1 = to the end)
+    # VideoMAE V2's `path start count [label]` (clips from those frames; count -1 = to the end), or
+    # webdataset tar shards: train-{000000..000099}.tar, a folder of .tar files, or a comma list
     val_path: str = ""  # separate val folder / CSV; "" = a seeded split of val_fraction
     val_fraction: float = 0.2  # held-out share when val_path is empty (0 = no validation)
     test_path: str = ""  # separate test folder / CSV (real data); "" = a seeded split of test_fraction
     test_fraction: float = -1.0  # test share (reported, never selected on) when test_path is empty;
     # -1 = by data: 0.1 for digits / moving-digits, none for real data (cluttered-digits: test_size)
-    num_classes: int = 0  # video-csv: class ids 0..N-1 (some may have no videos); 0 = the distinct labels
+    num_classes: int = 0  # video-csv, webdataset: class ids 0..N-1 (some may have no items); 0 = the
+    # distinct labels
     image_size: int = 32  # output height = width in pixels
     frames: int = 1  # frames per clip; 1 = images ([C, H, W]), >1 = clips ([C, T, H, W])
     frame_stride: int = 2  # distance between sampled frames of a real video
@@ -65,7 +69,7 @@ class DataConfig:
     seed: int = 0  # dataset seed: train/val split and moving-digits generation
 
     def __post_init__(self) -> None:
-        real = self.name in ("image-folder", "video-folder", "video-csv")
+        real = self.name in REAL
         checks = [
             (self.name in NAMES, f"data.name must be one of {', '.join(NAMES)}, got {self.name!r}"),
             (not real or self.path, f"data.name={self.name!r} needs data.path=FOLDER_OR_CSV"),
@@ -86,8 +90,9 @@ class DataConfig:
              f"data.test_size must be 0 (none) to {MAX_ITEMS:,}, got {self.test_size}"),
             (0 <= self.num_classes <= MAX_CLASSES,
              f"data.num_classes must be 0 (the labels' count) to {MAX_CLASSES}, got {self.num_classes}"),
-            (self.num_classes == 0 or self.name == "video-csv",
-             "data.num_classes is for data.name=video-csv (a folder has a class per subfolder); leave it 0"),
+            (self.num_classes == 0 or self.name in ("video-csv", "webdataset"),
+             "data.num_classes is for data.name=video-csv or webdataset (a folder has a class per "
+             "subfolder); leave it 0"),
             (self.image_size >= 8, f"data.image_size must be at least 8, got {self.image_size}"),
             (self.sample_bytes <= MAX_SAMPLE_BYTES,
              f"data.image_size={self.image_size} with data.frames={self.frames} makes one sample a "
@@ -104,8 +109,8 @@ class DataConfig:
              f"data.hflip must be true, false or auto, got {self.hflip!r}"),
             (not (self.hflip is True and self.label == "direction"),
              "data.hflip would mirror the motion and break direction labels; set data.hflip=false"),
-            (self.name != "image-folder" or self.frames == 1,
-             "image-folder gives single images; set data.frames=1 or use a video dataset"),
+            (self.name not in ("image-folder", "webdataset") or self.frames == 1,
+             f"{self.name} gives single images; set data.frames=1 or use a video dataset"),
             (self.name != "digits" or self.frames == 1,
              "digits are single images; set data.frames=1 or use data.name=moving-digits"),
             (self.name != "cluttered-digits" or self.frames == 1,

@@ -24,6 +24,7 @@ line) and saying what to do.
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from pathlib import Path
@@ -214,7 +215,7 @@ def list_classes(lists: dict[str, tuple[list[Row], list[int]]], declared: int) -
     return tuple(str(i) for i in range(k))
 
 
-def read_image(path: str, short: int | None) -> torch.Tensor:
+def read_image(path: str | io.BytesIO, short: int | None) -> torch.Tensor:
     """Any PIL-readable image as uint8 [3, H, W] RGB; shrunk cheaply when far larger than `short`.
 
     A large image is read without PIL's warning (it is shrunk at once); one of more than twice
@@ -247,15 +248,19 @@ class ImageFiles(KeyedDataset):
                  train: bool, strict: bool = False):
         self.samples, self.classes, self.transform, self.strict = samples, classes, transform, strict
         self.short = transform.source_side(train)
-        self.labels = [label for _, label in samples]
+        self.labels = [s[1] for s in samples]
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def source(self, index: int) -> str | io.BytesIO:
+        """What PIL opens for an item: its file (a tar shard's reader gives the member's bytes)."""
+        return self.samples[index][0]
+
     def load(self, index: int, gen: torch.Generator | None) -> dict | Skipped:
-        path, label = self.samples[index]
+        path, label = self.samples[index][:2]
         try:
-            x = read_image(path, self.short)
+            x = read_image(self.source(index), self.short)
         except Exception as e:  # any decoder failure means "this file is unusable"
             return self.skip(path, e)
         return {"x": self.transform(x, gen), "y": label, "index": index}
@@ -298,6 +303,18 @@ def _split(samples: list, fraction: float, seed: int, stream: int = 0x5EED) -> t
     return [samples[i] for i in train], [samples[i] for i in val]
 
 
+def split_rest(cfg, train_s: list, val_s: list | None, test_s: list | None) -> tuple[list, list, list]:
+    """(train, val, test) samples (label second): a split given as None (no data.val_path /
+    data.test_path) is carved from train, val as data.val_fraction, then test as
+    data.test_fraction of all (`held_out`'s split: val stays the same)."""
+    if val_s is None:
+        train_s, val_s = _split(train_s, cfg.val_fraction, cfg.seed)
+    if test_s is None:
+        share = cfg.test_share / (1 - (cfg.val_fraction if not cfg.val_path else 0))  # of what is left
+        train_s, test_s = _split(train_s, share, cfg.seed, TEST_STREAM) if share > 0 else (train_s, [])
+    return train_s, val_s, test_s
+
+
 def build_real(cfg, train_tf: ClipTransform,
                eval_tf: ClipTransform) -> tuple[KeyedDataset, KeyedDataset, KeyedDataset]:
     """(train, val, test) for image-folder, video-folder and video-csv. val: data.val_path, else
@@ -314,11 +331,7 @@ def build_real(cfg, train_tf: ClipTransform,
         exts, what = (IMAGE_EXTS, "image") if cfg.name == "image-folder" else (VIDEO_EXTS, "video")
         train_s, classes = scan_folder(cfg.path, exts, what=what)
         val_s, test_s = (scan_folder(p, exts, classes, what)[0] if p else None for p in paths[1:])
-    if val_s is None:
-        train_s, val_s = _split(train_s, cfg.val_fraction, cfg.seed)
-    if test_s is None:
-        share = cfg.test_share / (1 - (cfg.val_fraction if not cfg.val_path else 0))  # of what is left
-        train_s, test_s = _split(train_s, share, cfg.seed, TEST_STREAM) if share > 0 else (train_s, [])
+    train_s, val_s, test_s = split_rest(cfg, train_s, val_s, test_s)
     splits = ((train_s, train_tf, True), (val_s, eval_tf, False), (test_s, eval_tf, False))
     if cfg.name == "image-folder":
         train, val, test = (ImageFiles(s, classes, tf, is_train, cfg.strict) for s, tf, is_train in splits)
