@@ -131,4 +131,24 @@ def test_vitscale_bench_act_ckpt_prints_its_table(capsys):
     assert main(["bench", "pico/4", "--batch", "2", "--mode", "train", "--warmup", "0", "--iters", "1",
                  "--device", "cpu", "--act-ckpt"]) == 0
     out = capsys.readouterr().out
-    assert "act ckpt" in out and "yes" in out
+    assert "act ckpt" in out and "yes" in out and "activations held for backward" in out
+
+
+def test_held_for_backward_counts_what_autograd_saves():
+    """Linear -> ReLU -> Linear on [B, 8] keeps the input (B x 8) and the ReLU output (B x 16,
+    which the second Linear saves too: one storage), float32; the weights are not counted."""
+    from vitscale import bench
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    assert bench.held_for_backward(model, torch.randn(5, 8)) == 4 * 5 * (8 + 16)
+
+
+def test_a_checkpointed_block_holds_just_its_input():
+    """One more checkpointed block holds one more [B, L, D] float32 input, nothing else."""
+    from vitscale import bench
+
+    B, cfgs = 3, [preset("pico/4", image_size=16, depth=d) for d in (2, 3)]
+    two, three = (bench.held(c, batch=B, device="cpu", act_ckpt=True) for c in cfgs)
+    L, D = cfgs[0].num_patches + cfgs[0].num_prefix, cfgs[0].width
+    assert three - two == B * L * D * 4
+    assert bench.held(cfgs[1], batch=B, device="cpu") > 5 * three  # plain blocks keep far more

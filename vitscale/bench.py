@@ -131,6 +131,46 @@ def measure_model(model: nn.Module, x: torch.Tensor, mode: str = "train", dtype:
     return Measurement(mode, batch, dtype, device.type, batch / (ms / 1000), ms, _peak_mb(device))
 
 
+def held_for_backward(model: nn.Module, x: torch.Tensor, dtype: str = "fp32") -> int:
+    """Bytes of activations one training forward pass of `model` on `x` keeps for backward: the
+    storages autograd saves, and with checkpointed blocks (train.act_ckpt) each block's input,
+    which the checkpoint holds to run it again; the model's own parameters are not counted.
+    Measured from the tensors themselves, so it is the same on any device (peak memory is not:
+    it adds gradients, optimizer state and the allocator's caching)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    held: dict[int, int] = {}
+
+    def note(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            held[storage.data_ptr()] = storage.nbytes()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        note(t)
+        return t
+
+    hooks = [m.register_forward_pre_hook(lambda _, args: note(args[0])) for m in model.modules()
+             if getattr(m, "act_ckpt", False)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(x.device, dtype):
+            model.train()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(held.values())
+
+
+def held(cfg: ViTConfig, batch: int = 8, dtype: str = "fp32", device: str = "auto", act_ckpt: bool = False,
+         seed: int = 0) -> int:
+    """held_for_backward of ViT(cfg) on random input of `batch` samples (act_ckpt: every block
+    checkpointed)."""
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    model = ViT(cfg).to(dev)
+    checkpoint_blocks(model, on=act_ckpt)
+    return held_for_backward(model, example_input(cfg, batch, dev), dtype)
+
+
 def example_input(cfg: ViTConfig, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Random input of the config's shape: [B, C, H, W] or [B, C, T, H, W]."""
     shape = (cfg.in_chans, cfg.frames, *cfg.hw) if cfg.is_video else (cfg.in_chans, *cfg.hw)

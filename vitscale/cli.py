@@ -175,6 +175,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     keys = ["name", "mode", "dtype", "batch", "samples_per_s", "ms_per_step", "peak_mem_mb",
             "params", "flops"] + (["act_ckpt"] if args.act_ckpt else [])
     report.console().print(report.table(f"Measured on {records[0]['device']}", records, keys))
+    if args.act_ckpt and "train" in modes:
+        plain, ckpt = (bench.held(cfg, args.batch, args.dtype, args.device, act_ckpt=c) / 2**20
+                       for c in (False, True))
+        print(f"activations held for backward ({args.batch} samples, {args.dtype}): {plain:.1f} MB plain, "
+              f"{ckpt:.1f} MB with every block checkpointed ({plain / max(ckpt, 1e-9):.1f}x less)")
 
 
 def _run_config(args: argparse.Namespace, extra: list[str]):
