@@ -247,7 +247,8 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
              ("budget", args.budget), ("objective", args.objective), ("workers", args.workers),
              ("param", args.param), ("lrs", args.lrs), ("fractions", args.fractions), ("seeds", args.seeds),
              ("target", args.target), ("holdout", args.holdout),
-             ("recipes", args.recipe and tuple(args.recipe)),
+             ("recipes", args.recipe and tuple(args.recipe)), ("launcher", args.launcher),
+             ("launcher_args", args.launcher_arg and tuple(args.launcher_arg)),
              ("out", args.out or (config.home(args.config) if args.config else None))]
     changes = {k: v for k, v in given if v is not None}
     overrides = _pairs(extra)
@@ -260,7 +261,17 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
     def to_stderr(message: str) -> None:  # with --json, stdout carries the summary alone
         print(message, file=sys.stderr)
 
-    summary = study.run_study(cfg, only=args.trial, log=to_stderr if args.json else print)
+    if args.plan or args.collect:
+        from vitscale import study_plan
+
+        if args.trial or (args.plan and args.collect):
+            raise UserError("--plan and --collect work on the whole study; give one, without --trial")
+        if args.plan:
+            plan = study_plan.describe(cfg)
+            return report.print_json(plan) if args.json else print("\n".join(study_plan.lines(plan)))
+        summary = study_plan.collect(cfg, log=to_stderr if args.json else print)
+    else:
+        summary = study.run_study(cfg, only=args.trial, log=to_stderr if args.json else print)
     if summary is None:
         return
     if args.json:
@@ -459,7 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="study directory (default runs/study; an existing one continues)")
     p.add_argument("--trial", help="run only this trial, every seed (e.g. one torchrun job per trial on a "
                    "cluster), or 'sweep': only the learning-rate sweep, which the trials need first")
-    p.add_argument("--json", action="store_true", help="print summary.json")
+    p.add_argument("--plan", action="store_true", help="print the trials, phases and estimated compute; "
+                   "trains nothing, writes nothing")
+    p.add_argument("--collect", action="store_true", help="only analyse and report the trials that have "
+                   "finished (the others are listed as missing); trains nothing")
+    p.add_argument("--launcher", choices=["local", "slurm", "ray"], help="where runs go: local (this "
+                   "machine, --workers; default), slurm (a submitit job array) or ray (remote tasks)")
+    p.add_argument("--launcher-arg", action="append", help="KEY=VALUE for the launcher, repeatable: slurm's "
+                   "are submitit's (timeout_min=240, slurm_partition=gpu, gpus_per_node=1, cpus_per_task=8), "
+                   "ray's num_cpus, num_gpus, max_retries, address; both take retries (default 2)")
+    p.add_argument("--json", action="store_true", help="print summary.json (with --plan: the plan)")
     p.set_defaults(run=cmd_study)
 
     p = sub.add_parser("config", help="a command's resolved config: every field, its default and its help",

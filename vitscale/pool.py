@@ -31,6 +31,8 @@ def _in_worker(fn, args: tuple, log_path: Path, threads: int):
 class Runner:
     """Runs jobs (fn, args, log path) in this process, or in a pool of spawned workers."""
 
+    remote = False  # launch.Launcher: jobs on this machine
+
     def __init__(self, workers: int, log):
         self.workers, self.log = workers, log
         self.threads = max(1, torch.get_num_threads() // workers)

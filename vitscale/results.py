@@ -155,6 +155,7 @@ class Sizing:
     val_samples: int  # validation set size
     measured: dict  # bench.Measurement of a training step: best of 3 rounds
     threads: int  # torch threads the measurement ran with (the trial trains with as many)
+    hardware: str = ""  # what measured it (study.hardware: the GPU's or CPU's model; "" before it was kept)
 
     def __post_init__(self) -> None:
         rate = self.measured.get("samples_per_s")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import re
 import time
 from dataclasses import dataclass, replace
@@ -47,13 +48,14 @@ from vitscale.data import build_datasets
 from vitscale.device import pick_device
 from vitscale.errors import Interrupted, UserError
 from vitscale.evaluate import test_name
+from vitscale.launch import Launcher, launcher_for
 from vitscale.models.vit import ViTConfig
-from vitscale.pool import Runner
 from vitscale.results import Point, SeedResult, Sizing, StaleResult, SweepPoint, TrialResult
 from vitscale.scaling import parse_strategy, scale_family
 
 OBJECTIVES = ("supervised", "mae")
 SWEEP = "sweep"  # --trial sweep runs the learning-rate sweep alone
+LAUNCHERS = ("local", "slurm", "ray")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,10 @@ class StudyConfig:
     recipes: tuple[str, ...] = ()  # training recipes to study as families: "NAME:KEY=VALUE[ KEY=VALUE...]"
     # (e.g. "mr:train.resolutions=12,16,20"); each runs every strategy's trials again under its
     # overrides (base+mr, w+mr-x1.5), fitted and reported as families of their own (w+mr)
+    launcher: str = "local"  # where runs go: local (this machine, --workers) | slurm (submitit) | ray
+    launcher_args: tuple[str, ...] = ()  # KEY=VALUE for the launcher (vitscale/launch.py): slurm's are
+    # submitit's executor parameters (timeout_min=240 slurm_partition=gpu gpus_per_node=1 cpus_per_task=8),
+    # ray's num_cpus, num_gpus, max_retries, address; both take retries (resubmissions of a failed job)
     out: str = "runs/study"  # study directory (an existing one continues)
 
     def __post_init__(self) -> None:
@@ -106,6 +112,8 @@ class StudyConfig:
             (0 <= self.warmup < 0.5, "warmup must be in [0, 0.5), e.g. 0.05"),
             (self.seeds >= 1 and self.leaders >= 0, "seeds must be at least 1 and leaders 0 or more"),
             (self.workers >= 0, "workers must be 0 (auto) or more"),
+            (self.launcher in LAUNCHERS,
+             f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}"),
             (self.holdout >= 0, "holdout must be 0 (no backtest) or more"),
             (all(m > 0 for m in self.ahead), "ahead must be positive multiples of the budget, e.g. 2,10,100"),
         ]
@@ -396,10 +404,51 @@ def _size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int
                          f"({steps} steps of batch {run.train.batch}) with a stable phase and a cooldown; "
                          "raise --budget")
     # the reported split's size (the binomial noise of the accuracies): test where the data has one
-    sizing = Sizing(per_sample, steps, spe, len(test_set) or len(val_set), m.as_dict(), threads)
+    sizing = Sizing(per_sample, steps, spe, len(test_set) or len(val_set), m.as_dict(), threads,
+                    hardware(run.train.device))
     path.parent.mkdir(parents=True, exist_ok=True)
     results.write(path, sizing)
     return sizing
+
+
+def size_all(study: StudyConfig, trials: list[Trial], reference: float, threads: int,
+             log=print) -> dict[str, Sizing]:
+    """Every trial sized in one process (a launcher's one job): one node measures them all."""
+    return {t.name: _size_trial(study, t, reference, threads, log) for t in trials}
+
+
+def hardware(device: str = "auto") -> str:
+    """What a time budget's throughput was measured on: the GPU's name, else the CPU's model."""
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{dev.type}: {model}"
+
+
+def one_hardware(study: StudyConfig, sizes: dict[str, Sizing]) -> None:
+    """A time budget's steps come from throughputs measured on one kind of hardware, or not at all."""
+    kinds = {s.hardware or "unrecorded hardware" for s in sizes.values()}
+    if parse_budget(study.budget).kind == "time" and len(kinds) > 1:
+        raise UserError(f"the trials of {study.out!r} were sized on different hardware "
+                         f"({'; '.join(sorted(kinds))}), which a time budget cannot compare; remove the "
+                         "trials/*/trial.json measured elsewhere and run the study again, or use a compute "
+                         "budget")
+
+
+def _same_hardware(study: StudyConfig, name: str, sizing: Sizing, device: str) -> None:
+    """A time budget's run trains on the hardware its steps were measured on (a launcher's node)."""
+    if parse_budget(study.budget).kind != "time" or not sizing.hardware:
+        return
+    here = hardware(device)
+    if here != sizing.hardware:
+        raise UserError(f"{name}'s time budget was measured on {sizing.hardware}, but this node has {here}; "
+                         "run every trial on the hardware that sized them (one Slurm partition or Ray node "
+                         "type) or use a compute budget")
 
 
 def _base(trials: list[Trial]) -> Trial:
@@ -461,6 +510,7 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.D
     found = _seed_result(study, trial, k, log)
     if found is not None:
         return found
+    _same_hardware(study, f"trial {trial.name}", sizing, trial.run.train.device)
     t0 = time.perf_counter()
     plan_ = branches(sizing.steps, study.fractions if k == 0 else (max(study.fractions),), study.decay_frac)
     seed, spe = trial.run.train.seed + k, sizing.steps_per_epoch
@@ -538,6 +588,7 @@ def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, l
 def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float, d: dist.Dist | None = None,
                  log=print) -> SweepPoint:
     """One run of the learning-rate sweep: the base model at `lr` for sweep_length of its budget."""
+    _same_hardware(study, f"the sweep's base at lr {lr:g}", sizing, base.run.train.device)
     steps = max(2, round(study.sweep_length * sizing.steps))
     run = replace(base.run, train=replace(base.run.train, base_lr=lr))
     cfg = _sized(run, study, steps, sizing.steps_per_epoch, run.train.seed,
@@ -570,7 +621,8 @@ def _prepare(study: StudyConfig) -> Path:
     saved = out / "study.yaml"
 
     def identity(s: StudyConfig) -> StudyConfig:  # what the results depend on
-        return replace(s, workers=0, seeds=1, leaders=0, out="", holdout=0, target="", ahead=())
+        return replace(s, workers=0, seeds=1, leaders=0, out="", holdout=0, target="", ahead=(),
+                       launcher="local", launcher_args=())
 
     if saved.is_file() and identity(load_study(saved)) != identity(study) and any(
             (out / "trials").glob("*/trial.json")):
@@ -614,13 +666,21 @@ def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
     unit = f"; a base-model epoch is {reference:.3g} multiply-adds" if in_epochs else ""
     log(f"study: {len(trials)} trials ({', '.join(names)}), budget {study.budget} per trial{unit}, "
         f"{study.param}, cooldowns at {', '.join(f'{f:g}' for f in sorted(study.fractions))} of each budget")
-    runner = Runner(1 if only or d.enabled else study.pool_size, log)
+    if study.launcher != "local" and d.enabled:
+        raise UserError(f"--launcher {study.launcher} starts the study's jobs itself; run it without "
+                         "torchrun")
+    runner = launcher_for(study, 1 if only or d.enabled else study.pool_size, log)
     try:
         wanted = trials if not only or only == SWEEP else [t for t in trials if t.name in ("base", only)]
         sizes = {}
+        if runner.remote:  # one job on one node measures every trial, before any trains
+            runner.map([("sizing", size_all, (study, wanted, reference, runner.threads), out / "sizing.log")],
+                       lambda name, got: sizes.update(got))
         for t in wanted:
-            sizes[t.name] = size_trial(study, t, reference, runner.threads, d, log)
+            if t.name not in sizes:
+                sizes[t.name] = size_trial(study, t, reference, runner.threads, d, log)
             signals.check("while sizing the trials")
+        one_hardware(study, sizes)
         base = _base(trials)
         sweep = _sweep(study, base, sizes[base.name], runner, log, d, run=not only or only == SWEEP)
         if only == SWEEP:
@@ -643,20 +703,15 @@ def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
     return summary
 
 
-def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Runner, log, d: dist.Dist,
+def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Launcher, log, d: dist.Dist,
            run: bool) -> list[SweepPoint]:
     """The learning-rate sweep on the base model (resumable; skipped when lrs is empty)."""
     if not study.lrs:
         return []
+    points = read_sweep(study, log)
+    if points is not None:
+        return points
     path = Path(study.out) / SWEEP / "sweep.json"
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-            points = [results.from_dict(SweepPoint, p, str(path)) for p in saved]
-            if sorted(p.lr for p in points) == sorted(study.lrs):
-                return points
-        except (OSError, ValueError, TypeError) as e:  # StaleResult, a cut file, not a list of records
-            log(f"warning: {path} cannot be read ({e}); running the sweep again (its runs resume)")
     if not run:
         raise UserError(f"the learning-rate sweep of {study.out!r} has not finished; run "
                          f"`vitscale study --config {Path(study.out) / 'study.yaml'} --trial {SWEEP}` first")
@@ -675,13 +730,29 @@ def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Runner, log,
     return points
 
 
+def read_sweep(study: StudyConfig, log) -> list[SweepPoint] | None:
+    """The finished learning-rate sweep (sweep.json), [] with no lrs, None if not finished."""
+    if not study.lrs:
+        return []
+    path = Path(study.out) / SWEEP / "sweep.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            points = [results.from_dict(SweepPoint, p, str(path)) for p in saved]
+            if sorted(p.lr for p in points) == sorted(study.lrs):
+                return points
+        except (OSError, ValueError, TypeError) as e:  # StaleResult, a cut file, not a list of records
+            log(f"warning: {path} cannot be read ({e}); running the sweep again (its runs resume)")
+    return None
+
+
 def _job(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.Dist) -> tuple:
     log_path = trial_dir(study, trial) / f"seed{k}" / "log.txt"
     return (f"{trial.name} seed {k}: {_describe(trial, sizing)}", run_seed, (study, trial, sizing, k, d),
             log_path)
 
 
-def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], runner: Runner,
+def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], runner: Launcher,
              log, d: dist.Dist) -> dict[str, TrialResult]:
     """Seed 0 of every trial, then the other seeds of the leading trials; results.jsonl as they land."""
     seeds: dict[str, dict[int, SeedResult]] = {t.name: {} for t in trials}

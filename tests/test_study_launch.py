@@ -1,0 +1,234 @@
+"""The study without training (--plan, --collect), on submitit's and Ray's launchers, and its time
+budgets tied to the hardware that measured them."""
+
+import importlib.util
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from vitscale import cli, engine, launch, optim, results, study, study_plan
+from vitscale.errors import UserError
+from vitscale.results import Point, SeedResult, Sizing
+
+TINY = ("data.name=cluttered-digits", "data.image_size=8", "data.scale_min=1", "data.train_size=512",
+        "data.val_size=64", "data.test_size=64", "train.batch=32", "model.heads=4", "train.threads=1")
+
+
+def tiny(tmp_path, **kw) -> study.StudyConfig:
+    base = dict(strategies=("d", "w"), factors=(1, 2), budget="epochs:2", lrs=(), fractions=(0.5, 1),
+                seeds=1, overrides=TINY, out=str(tmp_path / "s"))
+    return study.StudyConfig(**(base | kw))
+
+
+# ----------------------------------------------------------------------------- --plan
+def test_the_plan_counts_steps_and_compute_as_the_study_spends_them(tmp_path):
+    cfg = tiny(tmp_path, strategies=("d",), lrs=(1e-3, 2e-3), seeds=2, leaders=1)
+    p = study_plan.describe(cfg)
+    assert not Path(cfg.out).exists()  # nothing written
+    assert [r["name"] for r in p["trials"]] == ["base", "d-x2"]
+    spe = 512 // 32
+    for r in p["trials"]:
+        assert r["steps_per_epoch"] == spe and r["steps"] == 2 * spe  # epochs:2
+        assert r["compute"] == pytest.approx(2 * spe * 32 * r["train_flops_per_sample"])
+        # seed 0: stable to the last branch point, then each branch from its start to its end
+        lengths = [16, 32]
+        starts = [optim.decay_start(n, 0.2) for n in lengths]
+        steps0 = max(starts) + sum(n - s for n, s in zip(lengths, starts, strict=True))
+        assert r["seed0_compute"] == pytest.approx(steps0 * 32 * r["train_flops_per_sample"])
+    d2 = next(r for r in p["trials"] if r["name"] == "d-x2")
+    assert (d2["depth"], d2["width"], d2["heads"], d2["patch"], d2["side"]) == (8, 64, 4, 4, 8)
+    base = p["trials"][0]
+    sweep = p["phases"]["sweep"]
+    assert sweep["steps"] == 16
+    assert sweep["compute"] == pytest.approx(2 * 16 * 32 * base["train_flops_per_sample"])
+    assert p["phases"]["seeds"]["held_out"] == ["d-x2"]  # each family's largest
+    c = p["compute"]
+    extra = sum(r["seed_compute"] for r in p["trials"][1:]) + base["seed_compute"]  # held out + 1 leader
+    assert c["more_seeds"] == pytest.approx(extra)
+    seed0 = sum(r["seed0_compute"] for r in p["trials"])
+    assert c["total"] == pytest.approx(sweep["compute"] + seed0 + extra)
+
+
+def test_a_time_budget_plan_says_measured_when_run(tmp_path, capsys):
+    args = ["study", "--plan", "--budget", "time:1m", "--strategy", "d", "--factors", "1,2", "--lrs", "",
+            "--out", str(tmp_path / "s"), *(f"--{o}" for o in TINY)]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "measured when run" in text and "d-x2: d x2" in text and "depth 8 width 64" in text
+    assert cli.main([*args, "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["kind"] == "StudyPlan" and all(r["steps"] is None for r in p["trials"])
+    assert p["compute"]["total"] is None and not (tmp_path / "s").exists()
+
+
+# ----------------------------------------------------------------------------- --collect
+def _sizing(steps: int, hardware: str = "cpu: test") -> Sizing:
+    return Sizing(3e6, steps, 16, 64, {"samples_per_s": 1000.0, "ms_per_step": 32.0, "peak_mem_mb": 1.0}, 1,
+                  hardware)
+
+
+def _seed(name: str, acc: float, steps: int) -> SeedResult:
+    pts = tuple(Point(f, round(f * steps), round(f * steps) * 32, 3e6 * 32 * round(f * steps), 1.0,
+                      acc - 0.1 * (1 - f), 1.0, 0.05, True) for f in (0.5, 1.0))
+    return SeedResult(name, 0, pts, (replace(pts[0], annealed=False),), 1.0, 1000.0)
+
+
+def test_collect_reports_what_finished_and_names_what_did_not(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path)
+    out = Path(cfg.out)
+    out.mkdir()
+    (out / "study.yaml").write_text(study.dump_study(cfg))
+    for name in ("base", "d-x2", "w-x2"):
+        (out / "trials" / name / "seed0").mkdir(parents=True)
+    for name, acc in (("base", 0.5), ("d-x2", 0.6)):
+        results.write(out / "trials" / name / "trial.json", _sizing(32))
+        results.write(out / "trials" / name / "seed0" / "result.json", _seed(name, acc, 32))
+    results.write(out / "trials" / "w-x2" / "trial.json", _sizing(32))  # sized, not trained
+    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("--collect trained"))
+    lines = []
+    summary = study_plan.collect(cfg, log=lines.append)
+    assert [x for x in lines if x.startswith("missing")] == ["missing: w-x2 (seed 0 has not finished)"]
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["base", "d-x2"]
+    assert summary.recommendation.measured_best.name == "d-x2"
+    assert (out / "summary.json").is_file() and (out / "report.md").is_file()
+    with pytest.raises(UserError, match="holds no study"):
+        study_plan.collect(replace(cfg, out=str(tmp_path / "none")))
+
+
+# ----------------------------------------------------------------------------- hardware
+def test_time_budgets_refuse_sizings_from_other_hardware(tmp_path):
+    cfg = tiny(tmp_path, budget="time:30s")
+    here = study.hardware("cpu")
+    assert here.startswith("cpu: ") and len(here) > 5
+    sizes = {"base": _sizing(32, here), "d-x2": _sizing(16, "cuda: NVIDIA H100 80GB HBM3")}
+    with pytest.raises(UserError, match="sized on different hardware") as e:
+        study.one_hardware(cfg, sizes)
+    assert "\n" not in str(e.value)
+    study.one_hardware(replace(cfg, budget="epochs:2"), sizes)  # steps that do not depend on speed
+    study.one_hardware(cfg, {"base": sizes["base"], "w-x2": _sizing(9, here)})
+    trial = study.plan(cfg)[1]
+    with pytest.raises(UserError, match="measured on cuda: NVIDIA H100 80GB HBM3, but this node has"):
+        study.run_seed(cfg, trial, sizes["d-x2"], 0)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _trial_results(out: Path) -> dict:
+    return {r["name"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+
+
+def test_launcher_arguments_are_checked(tmp_path):
+    with pytest.raises(UserError, match="launcher must be one of local, slurm, ray"):
+        tiny(tmp_path, launcher="k8s")
+    with pytest.raises(UserError, match="not KEY=VALUE"):
+        launch.options(("timeout_min",))
+    assert launch.options(("timeout_min=240", "slurm_partition=gpu")) == {"timeout_min": 240,
+                                                                          "slurm_partition": "gpu"}
+    with pytest.raises(UserError, match="launcher_args are for --launcher slurm or ray"):
+        launch.launcher_for(tiny(tmp_path, launcher_args=("x=1",)), 1, print)
+    if importlib.util.find_spec("submitit"):
+        with pytest.raises(UserError, match="launcher arguments for slurm: Parameter 'foo' need"):
+            launch.launcher_for(tiny(tmp_path, launcher="slurm", launcher_args=("cluster=local", "foo=1")), 1,
+                                print)
+
+
+@pytest.mark.slow
+def test_a_study_on_submitits_local_executor_matches_the_local_one(tmp_path):
+    """Sizing in one job, then every trial a task of one job array; the same results as in process."""
+    pytest.importorskip("submitit")
+    cfg = tiny(tmp_path, strategies=("d",), holdout=0, budget="epochs:1", launcher="slurm",
+               launcher_args=("cluster=local", "timeout_min=5"))
+    study.run_study(cfg, log=print)
+    out = Path(cfg.out)
+    tasks = [p for p in (out / "slurm").glob("*/*_submitted.pkl")]
+    assert len(tasks) == 3  # the sizing job, then the trials' array (one job per task on the local executor)
+    assert {p.name for p in (out / "trials").iterdir()} == {"base", "d-x2"}
+    sized = results.read(out / "trials" / "d-x2" / "trial.json", Sizing)
+    assert sized.hardware == study.hardware("cpu")
+    assert "test (64 items, final weights)" in (out / "trials" / "d-x2" / "seed0" / "log.txt").read_text()
+    remote = _trial_results(out)
+
+    local = replace(cfg, launcher="local", launcher_args=(), workers=1, out=str(tmp_path / "local"))
+    for name in ("base", "d-x2"):  # the same sizing (measured throughput varies), trained in process
+        dest = Path(local.out) / "trials" / name / "trial.json"
+        dest.parent.mkdir(parents=True)
+        dest.write_text((out / "trials" / name / "trial.json").read_text())
+    study.run_study(local, log=print)
+    here = _trial_results(Path(local.out))
+    for name in ("base", "d-x2"):
+        assert remote[name]["accuracies"] == here[name]["accuracies"]  # CPU runs are deterministic
+
+
+def _training(run_dir: Path, deadline: float, after: int = -1, other: int = 0) -> tuple[int, int]:
+    """(pid, step) of the process training in `run_dir` (its .lock), not `other`, once a step past
+    `after` is logged."""
+    while time.time() < deadline:
+        try:
+            pid = json.loads((run_dir / ".lock").read_text())["pid"]
+            steps = [r["step"] for r in engine.read_metrics(run_dir) if r.get("split") == "train"]
+        except (OSError, ValueError, KeyError):
+            pid, steps = None, []
+        if pid and pid != other and steps and max(steps) > after:
+            return pid, max(steps)
+        if steps and pid in (None, other):  # the steps of the process before: a step past them
+            after = max(after, *steps)
+        time.sleep(0.05)
+    pytest.fail(f"{run_dir} did not train past step {after}")
+
+
+@pytest.mark.slow
+def test_a_preempted_or_killed_slurm_task_runs_again_and_ends_bit_for_bit(tmp_path):
+    """Submitit's preemption signal (USR2) stops the run at a checkpoint and the task is requeued;
+    a task killed outright is submitted again; both resume, and end where an uninterrupted run does."""
+    pytest.importorskip("submitit")
+    from vitscale import config
+
+    cfg = config.apply_overrides(config.recipe("train"), ["model.depth=2", "model.width=32", "model.heads=2",
+                                                           "model.patch_size=4", *TINY, "train.epochs=6"])
+    slurm = launch.SlurmLauncher(tmp_path / "slurm", {"cluster": "local", "timeout_min": 5}, 1, print, 0.1)
+    got, failed = {}, []
+    job = ("run", engine.train, (replace(cfg, out=str(tmp_path / "run")),), tmp_path / "run.log")
+
+    def wait():
+        try:
+            slurm.map([job], got.__setitem__)
+        except Exception as e:  # noqa: BLE001
+            failed.append(e)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    pid, step = _training(tmp_path / "run", time.time() + 60)
+    os.kill(pid, signal.SIGUSR2)  # preempted: checkpoint, requeue
+    pid, step = _training(tmp_path / "run", time.time() + 60, after=step, other=pid)
+    os.kill(pid, signal.SIGKILL)  # killed: the launcher submits it again
+    waiter.join(timeout=120)
+    assert not failed and "run" in got, failed
+    log = (tmp_path / "run.log").read_text()
+    assert log.count("resumed from") == 2, log
+    assert "Caught signal SIGUSR2" in "".join(p.read_text() for p in (tmp_path / "slurm").glob("*/*_log.err"))
+    assert len(list((tmp_path / "slurm").glob("*/*_submitted.pkl"))) == 2  # the second submission
+    plain = engine.train(replace(cfg, out=str(tmp_path / "plain")), print)
+    scores = [k for k in plain if "top1" in k or "loss" in k]
+    assert scores and {k: got["run"][k] for k in scores} == {k: plain[k] for k in scores}
+
+
+@pytest.mark.slow
+def test_a_study_on_a_local_ray_cluster(tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = tiny(tmp_path, strategies=("d",), holdout=0, budget="epochs:1", launcher="ray",
+                   launcher_args=("num_cpus=1", "max_retries=2"))
+        study.run_study(cfg, log=print)
+    finally:
+        ray.shutdown()
+    rows = _trial_results(Path(cfg.out))
+    assert set(rows) == {"base", "d-x2"} and all(0 <= a <= 1 for r in rows.values() for a in r["accuracies"])
+    sized = results.read(Path(cfg.out) / "trials" / "base" / "trial.json", Sizing)
+    assert sized.hardware == study.hardware("cpu")

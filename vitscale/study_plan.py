@@ -1,0 +1,185 @@
+"""What a study will do, before it runs (`vitscale study --plan`), and what it has done so far
+(`vitscale study --collect`), without training anything.
+
+The plan counts training compute the way the study spends it (study.branches): a trial seed
+runs its stable phase up to the last branch point, then each cooldown branch from its branch
+point to its end; seeds after the first run the full-length cooldown only; every sweep run is
+a whole short wsd run of the base. Under a time budget the steps come from a throughput
+measured when the study runs (trial.json), so they are "measured when run" unless a trial's
+sizing is already recorded in the study directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vitscale import dist, lock, study
+from vitscale.complexity import cost
+from vitscale.data import build_datasets
+from vitscale.errors import UserError
+from vitscale.results import SeedResult, Sizing
+
+MEASURED = "measured when run"
+
+
+def _recorded(cfg: study.StudyConfig, trial: study.Trial) -> Sizing | None:
+    """A trial's sizing as an earlier run of this study recorded it (trial.json), if whole."""
+    return study.finished(study.trial_dir(cfg, trial) / "trial.json", Sizing, lambda *a: None, "")
+
+
+def _families_held(cfg: study.StudyConfig, rows: list[dict]) -> set[str] | None:
+    """The trials the backtest holds out (each family's largest by compute, then size), which
+    run every seed: study.held_out's rule on planned rows."""
+    if any(r["compute"] is None for r in rows):
+        return None  # chosen by compute: known once the trials are sized
+    held = set()
+    for s in cfg.families:
+        members = [r for r in rows if s in r["strategies"] and not study.is_base(r["name"])]
+        if not cfg.holdout or not members:
+            continue
+        top = max(r["compute"] for r in members)
+        members.sort(key=lambda r: (r["compute"] >= top * 0.99, r["flops"]))
+        held |= {r["name"] for r in members[len(members) - cfg.holdout:]}
+    return held
+
+
+def describe(cfg: study.StudyConfig) -> dict:
+    """The study's trials and phases with their steps and training multiply-adds (None where a
+    time budget leaves them to a measurement not yet made), as one JSON-able record."""
+    trials = study.plan(cfg)
+    budget = study.parse_budget(cfg.budget)
+    counted = {}  # name: (multiply-adds per sample, steps per epoch), as study.reference_compute counts
+    for t in trials:
+        train_set, _, _, info = build_datasets(t.run.data)
+        per_sample = study.train_flops_per_sample(t.run, info.num_classes)
+        counted[t.name] = per_sample, len(train_set) // t.run.train.batch
+    base_name = study._base(trials).name
+    reference = counted[base_name][0] * counted[base_name][1] * study._base(trials).run.train.batch
+    rows = []
+    for t in trials:
+        (per_sample, spe), batch = counted[t.name], t.run.train.batch
+        sizing = _recorded(cfg, t)
+        steps = sizing.steps if sizing else None if budget.kind == "time" else study.steps_for(
+            budget, per_sample, batch, spe, 1.0, reference)
+        seed0 = extra = None
+        if steps is not None:
+            plan_ = study.branches(steps, cfg.fractions, cfg.decay_frac)
+            if not plan_ or plan_[-1][0] != max(cfg.fractions):
+                raise UserError(f"budget {cfg.budget!r} is too small to train trial {t.name} ({steps} steps "
+                                f"of batch {batch}) with a stable phase and a cooldown; raise --budget")
+            seed0 = (max(s for _, _, s in plan_) + sum(n - s for _, n, s in plan_)) * batch * per_sample
+            extra = steps * batch * per_sample  # a later seed: stable to the last start, its cooldown
+        m, c = t.run.model, cost(t.run.model)
+        rows.append({
+            "name": t.name, "strategies": list(t.strategies), "factor": t.factor, "achieved": t.achieved,
+            "depth": m.depth, "width": m.width, "heads": m.heads, "patch": m.patch_size, "side": m.hw[0],
+            "frames": m.frames, "params": c.params, "flops": c.flops, "train_flops_per_sample": per_sample,
+            "batch": batch, "steps_per_epoch": spe, "steps": steps,
+            "steps_from": "trial.json" if sizing else MEASURED if steps is None else cfg.budget,
+            "compute": None if steps is None else steps * batch * per_sample,
+            "seed0_compute": seed0, "seed_compute": extra})
+    held = _families_held(cfg, rows)
+    if held is None:
+        held_names, held = None, set()
+    else:
+        held_names = sorted(held)
+    base = next(r for r in rows if r["name"] == base_name)
+    sweep_steps = None if base["steps"] is None else max(2, round(cfg.sweep_length * base["steps"]))
+    sweep = {"lrs": list(cfg.lrs), "steps": sweep_steps, "compute": None if sweep_steps is None else
+             len(cfg.lrs) * sweep_steps * base["batch"] * base["train_flops_per_sample"]}
+    others = [r for r in rows if r["name"] not in held]
+    leaders = len(others) if cfg.leaders == 0 else min(cfg.leaders, len(others))
+    known = all(r["seed0_compute"] is not None for r in rows)
+    more = cfg.seeds - 1
+    extra = None
+    if known:  # held-out trials exactly; the leaders, chosen after seed 0, at the others' mean
+        mean = sum(r["seed_compute"] for r in others) / len(others) if others else 0.0
+        extra = more * (sum(r["seed_compute"] for r in rows if r["name"] in held) + leaders * mean)
+    seed0 = sum(r["seed0_compute"] for r in rows) if known else None
+    total = None if not known or sweep["compute"] is None and cfg.lrs else (
+        seed0 + extra + (sweep["compute"] or 0.0))
+    return {
+        "kind": "StudyPlan", "out": cfg.out, "budget": cfg.budget, "objective": cfg.objective,
+        "param": cfg.param, "reference_compute": reference, "trials": rows,
+        "phases": {
+            "sizing": f"each of {len(rows)} trials measured (best of 3 rounds): trials/NAME/trial.json",
+            "sweep": sweep,
+            "stable": f"per trial seed: warm-up {cfg.warmup:g} of its length, then a constant LR to the "
+                      "last branch point",
+            "cooldowns": {"fractions": sorted(cfg.fractions), "decay_frac": cfg.decay_frac},
+            "seeds": {"seeds": cfg.seeds, "held_out": held_names, "leaders": leaders if more else 0,
+                      "note": "seed 0 of every trial; the held-out trials and the leaders (chosen by seed "
+                              "0's validation accuracy) run the other seeds, full-length cooldown only"},
+            "probe_epochs": cfg.probe_epochs if cfg.objective == "mae" else None},
+        "compute": {"sweep": sweep["compute"], "seed0": seed0, "more_seeds": extra, "total": total,
+                    "note": "training multiply-adds (forward + backward); sizing and MAE probes not counted"},
+    }
+
+
+def _g(v: float | None) -> str:
+    return MEASURED if v is None else f"{v:.3g}"
+
+
+def lines(p: dict) -> list[str]:
+    """The plan as text, one line per trial and phase."""
+    out = [f"study plan: {len(p['trials'])} trials, budget {p['budget']} per trial, {p['objective']}, "
+           f"{p['param']}; a base-model epoch is {p['reference_compute']:.3g} multiply-adds"]
+    for r in p["trials"]:
+        shape = (f"depth {r['depth']} width {r['width']} heads {r['heads']} patch {r['patch']} "
+                 f"{r['side']}px" + (f" {r['frames']} frames" if r["frames"] > 1 else ""))
+        steps = MEASURED if r["steps"] is None else f"{r['steps']} steps ({r['steps_from']})"
+        out.append(f"  {r['name']}: {'/'.join(r['strategies'])} x{r['factor']:g} ({r['achieved']:.2f}x), "
+                   f"{shape}, {r['params'] / 1e6:.3g}M params, {r['train_flops_per_sample']:.3g} training "
+                   f"multiply-adds/sample, batch {r['batch']}, {steps}, compute {_g(r['compute'])}")
+    ph, c = p["phases"], p["compute"]
+    sw = ph["sweep"]
+    out.append(f"sizing: {ph['sizing']}")
+    each = f"steps {MEASURED}" if sw["steps"] is None else f"{sw['steps']} steps"
+    out.append("sweep: none (--lrs '')" if not sw["lrs"] else
+               f"sweep: base at lrs {', '.join(f'{x:g}' for x in sw['lrs'])}, {each} each, "
+               f"compute {_g(sw['compute'])}")
+    out.append(f"stable runs: {ph['stable']}")
+    out.append(f"cooldowns: at {', '.join(f'{f:g}' for f in ph['cooldowns']['fractions'])} of each budget, "
+               f"the last {ph['cooldowns']['decay_frac']:g} of a run of that length")
+    s = ph["seeds"]
+    held = "chosen when the trials are sized" if s["held_out"] is None else ", ".join(s["held_out"]) or "none"
+    out.append(f"seeds: {s['seeds']}; " + ("one each" if s["seeds"] == 1 else
+               f"more seeds for the held-out trials ({held}) and {s['leaders']} leaders"))
+    if ph["probe_epochs"]:
+        out.append(f"probe: a {ph['probe_epochs']}-epoch linear probe of each seed's final encoder")
+    out.append(f"compute: sweep {_g(c['sweep'])}, seed 0 {_g(c['seed0'])}, more seeds {_g(c['more_seeds'])} "
+               f"(estimated), total {_g(c['total'])} multiply-adds")
+    return out
+
+
+def collect(cfg: study.StudyConfig, log=print):
+    """Analyse and report what has finished, training nothing: the summary.Summary, with the
+    trials (seed 0) not finished named one line each. The study directory must exist."""
+    from vitscale import analysis, study_report
+
+    out = Path(cfg.out)
+    if not (out / "study.yaml").is_file():
+        raise UserError(f"{cfg.out!r} holds no study (no study.yaml); run the study first or choose "
+                         "another --out")
+    with lock.held(out, dist.Dist(), "study directory", log):
+        sweep = study.read_sweep(cfg, log)
+        lr = study.pick_lr(sweep).lr if sweep else None
+        trials = study.plan(cfg, lr)
+        sizes, seeds = {}, {}
+        for t in trials:
+            sizes[t.name] = study.finished(study.trial_dir(cfg, t) / "trial.json", Sizing, log, "not used")
+            found = {k: study._seed_result(cfg, t, k, log) for k in range(cfg.seeds)}
+            seeds[t.name] = {k: r for k, r in found.items() if isinstance(r, SeedResult)}
+            if sizes[t.name] is None or 0 not in seeds[t.name]:
+                log(f"missing: {t.name} (seed 0 has not finished)")
+        ready = [t for t in trials if sizes[t.name] is not None and 0 in seeds[t.name]]
+        if not ready:
+            raise UserError(f"no trial of {cfg.out!r} has finished yet; nothing to report")
+        log(f"collect: {len(ready)} of {len(trials)} trials finished"
+            + (f"; every trial trained at base_lr {lr:g}" if lr is not None else ""))
+        done = study._write_results(cfg, ready, sizes, seeds)
+        rows = [done[t.name] for t in ready]
+        summary = analysis.summarize(cfg, rows, sweep)
+        study_report.write(out, summary, rows)
+    return summary
+
