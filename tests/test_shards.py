@@ -224,3 +224,23 @@ def test_shards_written_by_webdataset_read_back_identically(tmp_path):
         assert a.labels == b.labels and len(a) == len(b)
         for i in range(len(a)):
             assert torch.equal(a[(i, i)]["x"], b[(i, i)]["x"])
+
+
+@pytest.mark.slow  # a 2-step training run: 3 to 5 s on a shared CPU
+def test_cli_trains_on_shards_and_refuses_a_missing_one_in_one_line(tmp_path, capsys):
+    from vitscale.cli import main
+
+    write_shards(tmp_path / "d", pictures(), per_shard=6)
+    fast = ["--train.batch=4", "--train.max_steps=2", "--train.threads=1", "--data.image_size=16",
+            "--model.patch_size=4", "--train.warmup_epochs=0", "--data.name=webdataset",
+            "--data.val_fraction=0"]
+
+    def train(out: str, spec: str) -> int:
+        return main(["train", "--out", str(tmp_path / out), *fast, f"--data.path={tmp_path}/d/{spec}"])
+
+    assert train("run", "s-{0..1}.tar") == 0
+    assert json.loads((tmp_path / "run" / "final.json").read_text())
+    capsys.readouterr()
+    code = train("run2", "s-{0..2}.tar")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "s-2.tar' does not exist" in err[0] and "data.path" in err[0]
