@@ -232,3 +232,41 @@ def test_a_study_on_a_local_ray_cluster(tmp_path):
     assert set(rows) == {"base", "d-x2"} and all(0 <= a <= 1 for r in rows.values() for a in r["accuracies"])
     sized = results.read(Path(cfg.out) / "trials" / "base" / "trial.json", Sizing)
     assert sized.hardware == study.hardware("cpu")
+
+
+@pytest.mark.slow
+def test_a_ray_task_whose_worker_dies_is_retried_and_resumes(tmp_path):
+    """Ray runs a task again when its worker dies (max_retries); the run resumes from its checkpoint
+    and ends where an uninterrupted run does. A job's UserError comes back as one, not retried."""
+    ray = pytest.importorskip("ray")
+    from vitscale import config
+
+    cfg = config.apply_overrides(config.recipe("train"), ["model.depth=2", "model.width=32", "model.heads=2",
+                                                           "model.patch_size=4", *TINY, "train.epochs=3"])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        runner = launch.RayLauncher({"num_cpus": 1, "max_retries": 2}, 0, print)
+        missing = tiny(tmp_path, out=str(tmp_path / "nothing"))
+        with pytest.raises(UserError, match="holds no study"):
+            runner.map([("bad", study_plan.collect, (missing,), tmp_path / "bad.log")], lambda *a: None)
+        got, failed = {}, []
+        job = ("run", engine.train, (replace(cfg, out=str(tmp_path / "run")),), tmp_path / "run.log")
+
+        def wait():
+            try:
+                runner.map([job], got.__setitem__)
+            except Exception as e:  # noqa: BLE001
+                failed.append(e)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        pid, _ = _training(tmp_path / "run", time.time() + 60, after=16)  # past epoch 1's checkpoint
+        os.kill(pid, signal.SIGKILL)
+        waiter.join(timeout=120)
+    finally:
+        ray.shutdown()
+    assert not failed and "run" in got, failed
+    assert (tmp_path / "run.log").read_text().count("resumed from") == 1
+    plain = engine.train(replace(cfg, out=str(tmp_path / "plain")), print)
+    scores = [k for k in plain if "top1" in k or "loss" in k]
+    assert scores and {k: got["run"][k] for k in scores} == {k: plain[k] for k in scores}
