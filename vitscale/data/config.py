@@ -28,9 +28,10 @@ class DataConfig:
     path: str = ""  # class-per-subfolder folder, or a video list (real data only): `path,label` lines, or
     # VideoMAE V2's `path start count [label]` (clips from those frames; count -1 = to the end), or
     # webdataset tar shards: train-{000000..000099}.tar, a folder of .tar files, or a comma list
-    val_path: str = ""  # separate val folder / CSV; "" = a seeded split of val_fraction
+    val_path: str = ""  # separate val folder / CSV / shards; "" = a seeded split of val_fraction
     val_fraction: float = 0.2  # held-out share when val_path is empty (0 = no validation)
-    test_path: str = ""  # separate test folder / CSV (real data); "" = a seeded split of test_fraction
+    test_path: str = ""  # separate test folder / CSV / shards (real data); "" = a seeded split of
+    # test_fraction
     test_fraction: float = -1.0  # test share (reported, never selected on) when test_path is empty;
     # -1 = by data: 0.1 for digits / moving-digits, none for real data (cluttered-digits: test_size)
     num_classes: int = 0  # video-csv, webdataset: class ids 0..N-1 (some may have no items); 0 = the
