@@ -5,9 +5,10 @@ source frames. Training starts the span at a random frame, eval centers it, and 
 start it at evenly spaced frames (`vitscale.data.views`). A video shorter than the span is
 read from frame 0 and padded by repeating its last frame.
 
-Decoding seeks to the keyframe before a clip that starts `SEEK_AFTER` frames or more in, stops
-after the clip's last frame, and runs the codec's frame threading (`decode_threads`); all three
-give the frames a plain single-threaded decode from frame 0 gives (tests/test_video_decode.py).
+Decoding seeks to the keyframe before a clip that starts `SEEK_AFTER` frames or more in, skips
+there the non-reference frames the clip does not take, stops after the clip's last frame, and
+runs the codec's frame threading (`decode_threads`); all of it gives the frames a plain
+single-threaded decode from frame 0 gives (tests/test_video_decode.py).
 """
 
 from __future__ import annotations
@@ -78,26 +79,35 @@ def _to_array(frame: av.VideoFrame, short: int | None) -> np.ndarray:
 
 
 def _decode(container, stream, wanted: list[int], short: int | None, seek: bool) -> dict[int, np.ndarray]:
-    """Decode frames `wanted` (sorted, unique); stop after the last one."""
+    """Decode frames `wanted` (sorted, unique); stop after the last one.
+
+    After a seek, frames are known by their timestamps, so the decoder skips the non-reference
+    frames (no other frame is predicted from them) that the clip does not take."""
     out: dict[int, np.ndarray] = {}
     rate, tb = stream.average_rate or stream.guessed_rate, stream.time_base
     t0 = stream.start_time or 0
     use_pts = seek and rate is not None and tb is not None
+    ctx, take = stream.codec_context, set(wanted)
+    ctx.skip_frame = "DEFAULT"
     if use_pts:
         container.seek(t0 + int(wanted[0] / (rate * tb)), stream=stream, backward=True, any_frame=False)
-    for count, frame in enumerate(container.decode(stream)):
-        if use_pts:
-            if frame.pts is None:
-                return {}  # no timestamps: caller falls back to counting from frame 0
-            i = round(float((frame.pts - t0) * tb * rate))
-            if not out and i > wanted[0]:
-                return {}  # seek landed past the clip
-        else:
-            i = count
-        if i in wanted and i not in out:  # wanted is short: a list is fine
-            out[i] = _to_array(frame, short)
-        if i >= wanted[-1]:
-            break
+    count = 0
+    for packet in container.demux(stream):
+        if use_pts and packet.pts is not None:  # a packet's pts is its frame's: set before it is decoded
+            ctx.skip_frame = "DEFAULT" if round(float((packet.pts - t0) * tb * rate)) in take else "NONREF"
+        for frame in packet.decode():
+            if use_pts:
+                if frame.pts is None:
+                    return {}  # no timestamps: caller falls back to counting from frame 0
+                i = round(float((frame.pts - t0) * tb * rate))
+                if not out and i > wanted[0]:
+                    return {}  # seek landed past the clip
+            else:
+                i, count = count, count + 1
+            if i in take and i not in out:
+                out[i] = _to_array(frame, short)
+            if i >= wanted[-1]:
+                return out
     return out
 
 
