@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitscale import amp, engine
+from vitscale import amp, checkpoint, engine
 from vitscale.checkpoint import at
 from vitscale.config import RunConfig, apply_overrides
 from vitscale.device import autocast
@@ -155,3 +155,15 @@ def test_a_non_finite_loss_under_fp16_still_stops_the_run(tmp_path):
 def test_fp16_with_fsdp_is_refused_in_one_line():
     with pytest.raises(UserError, match="train.dtype=fp16 cannot be used with train.fsdp"):
         apply_overrides(RunConfig(), ["train.dtype=fp16", "train.fsdp=true"])
+
+
+def test_a_checkpoint_with_a_damaged_loss_scale_is_passed_over(tmp_path):
+    run(tmp_path / "r", "train.max_steps=2")
+    path = at(tmp_path / "r", 2) / "state.json"
+    state = json.loads(path.read_text())
+    checkpoint.load(at(tmp_path / "r", 2))  # whole as written
+    for bad in ["x", {"scale": float("nan"), "_growth_tracker": 0}, {"scale": 2.0}]:
+        path.write_text(json.dumps(state | {"scaler": bad}))
+        with pytest.raises(checkpoint.Damaged, match="loss scaler state"):
+            checkpoint.load(at(tmp_path / "r", 2))
+        assert checkpoint.last_good(tmp_path / "r") == at(tmp_path / "r", 1)

@@ -284,6 +284,11 @@ def _check_state(ckpt: Path, state: dict, groups: list, rng: dict[str, torch.Ten
         raise ValueError(f"best {best!r} is not a score")
     if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
         raise ValueError("optimizer param_groups without params")
+    scaler = state.get("scaler")  # fp16's loss scale (vitscale.amp); None for fp32 / bf16
+    if scaler is not None and not (isinstance(scaler, dict) and type(scaler.get("scale")) is float
+                                   and 0 < scaler["scale"] < float("inf")
+                                   and type(scaler.get("_growth_tracker")) is int):
+        raise ValueError(f"loss scaler state {str(scaler)[:60]} is not a positive scale and a step count")
     before = rng_state()
     try:
         set_rng_state({k: v for k, v in rng.items() if "/" not in k}, state["rng"])
