@@ -13,7 +13,7 @@ from vitscale import amp, checkpoint, engine
 from vitscale.checkpoint import at
 from vitscale.config import RunConfig, apply_overrides
 from vitscale.device import autocast
-from vitscale.errors import StopTraining, UserError
+from vitscale.errors import StopTraining
 
 FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "data.image_size=16", "model.patch_size=4",
         "train.warmup_epochs=0", "train.keep_last=10", "train.ckpt_every=1", "train.dtype=fp16"]
@@ -152,9 +152,12 @@ def test_a_non_finite_loss_under_fp16_still_stops_the_run(tmp_path):
         run(tmp_path / "r", "train.base_lr=1e6", "train.max_steps=30", "train.ckpt_every=0")
 
 
-def test_fp16_with_fsdp_is_refused_in_one_line():
-    with pytest.raises(UserError, match="train.dtype=fp16 cannot be used with train.fsdp"):
-        apply_overrides(RunConfig(), ["train.dtype=fp16", "train.fsdp=true"])
+def test_fp16_with_fsdp_takes_the_sharded_scaler():
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    assert apply_overrides(RunConfig(), ["train.dtype=fp16", "train.fsdp=true"]).train.fsdp
+    assert isinstance(amp.Scaler("fp16", CPU, sharded=True).scaler, ShardedGradScaler)
+    assert type(amp.Scaler("fp16", CPU).scaler) is torch.amp.GradScaler
 
 
 def test_a_checkpoint_with_a_damaged_loss_scale_is_passed_over(tmp_path):

@@ -1,5 +1,5 @@
-"""Real processes: 2 gloo ranks under fp16 with activation checkpointing (DDP), and under
-activation checkpointing with FSDP, follow one process's loss curve at the same global batch."""
+"""Real processes: 2 gloo ranks under fp16 with activation checkpointing, with DDP and with FSDP
+(ShardedGradScaler), follow one process's loss curve at the same global batch."""
 
 import json
 import os
@@ -20,8 +20,8 @@ def train_losses(run_dir):
 
 @pytest.mark.slow  # two runs, one of them 2 processes (~30 s beside other jobs)
 @pytest.mark.parametrize("extra", [["--train.dtype=fp16", "--train.act_ckpt=true"],
-                                   ["--train.act_ckpt=true", "--train.fsdp=true"]],
-                         ids=["ddp-fp16-act_ckpt", "fsdp-act_ckpt"])
+                                   ["--train.dtype=fp16", "--train.act_ckpt=true", "--train.fsdp=true"]],
+                         ids=["ddp-fp16-act_ckpt", "fsdp-fp16-act_ckpt"])
 def test_two_gloo_ranks_match_one_process(tmp_path, extra):
     one_extra = [e for e in extra if e != "--train.fsdp=true"]
     single = subprocess.run([sys.executable, "-m", "vitscale", *COMMON, *one_extra, "--out",

@@ -14,6 +14,8 @@ So does a scale that falls below MIN_SCALE: every step skipped for ~17 steps in 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 MIN_SCALE = 1.0  # below it the unscaled gradients themselves overflow float16: a broken run
@@ -24,9 +26,15 @@ class Scaler:
 
     init_scale = 2.0**16  # GradScaler's default; tests set another
 
-    def __init__(self, dtype: str, device: torch.device):
-        self.enabled = dtype == "fp16"
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=self.init_scale, enabled=self.enabled)
+    def __init__(self, dtype: str, device: torch.device, sharded: bool = False):
+        """`sharded`: the gradients are FSDP shards; an overflow found on any rank's shard then
+        skips the step on every rank (ShardedGradScaler all-reduces it)."""
+        self.enabled, self.sharded = dtype == "fp16", sharded
+        if sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            self.scaler = ShardedGradScaler(device.type, init_scale=self.init_scale, enabled=self.enabled)
+        else:
+            self.scaler = torch.amp.GradScaler(device.type, init_scale=self.init_scale, enabled=self.enabled)
         self.skipped = 0  # updates skipped for overflowing gradients, since the run (re)started
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -41,9 +49,13 @@ class Scaler:
                 torch.nn.utils.clip_grad_norm_(params, clip_grad)
             opt.step()
             return True
-        self.scaler.unscale_(opt)  # the gradients' true values, so clip_grad means what it says
+        with warnings.catch_warnings():  # FSDP2: its found-inf flag taken as a replicated DTensor, as meant
+            warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1")
+            self.scaler.unscale_(opt)  # the gradients' true values, so clip_grad means what it says
         if clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(params, clip_grad)  # with an inf: NaNs, and a skip anyway
+        if self.sharded:  # fused AdamW's own skip test fails on FSDP2's DTensor state ("output with shape
+            opt._step_supports_amp_scaling = False  # [] ..."); so GradScaler tests found-inf and steps it
         before = self.scaler.get_scale()
         self.scaler.step(opt)  # skipped when unscale_ found an inf or NaN
         self.scaler.update()

@@ -99,8 +99,6 @@ class TrainConfig:
             (0.0 <= self.label_smoothing < 1.0,
              f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.dtype in DTYPES, f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
-            (not (self.dtype == "fp16" and self.fsdp), "train.dtype=fp16 cannot be used with train.fsdp yet "
-             "(its loss scale would see only each rank's gradient shard); use train.dtype=bf16 or DDP"),
             (all(r >= 1 for r in self.resolutions) and len(set(self.resolutions)) == len(self.resolutions),
              f"train.resolutions must be distinct image sides of 1 or more (e.g. 24,32,40), "
              f"got {self.resolutions}"),

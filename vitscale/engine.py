@@ -221,7 +221,7 @@ class Job:
         self.forward = _parallel(self.module, cfg, d)
         groups = optim.param_groups(self.module, t.weight_decay, t.layer_decay, cfg.model.depth)
         self.opt = optim.build(t.optimizer, groups, t.betas)
-        self.scaler = amp.Scaler(t.dtype, d.device)  # fp16's loss scale; a plain step otherwise
+        self.scaler = amp.Scaler(t.dtype, d.device, sharded=t.fsdp)  # fp16's loss scale; else a plain step
         self.step, self.best = 0, None
         self.stopped: str | None = None  # the signal that stopped training, once one has
         log(f"{cfg.task}: {sum(p.numel() for p in self.module.parameters()) / 1e6:.2f} M params on "
