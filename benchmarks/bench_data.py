@@ -1,4 +1,4 @@
-"""How fast cluttered-digits is made and read, against the real `digits` read in the same run.
+"""How fast cluttered-digits is made and read, and video clips decoded, against peers in the same run.
 
 For each image size: the time to render `--samples` training samples from a fresh dataset
 (chunk by chunk, as a run would meet them), then the time of one item load afterwards
@@ -6,10 +6,21 @@ For each image size: the time to render `--samples` training samples from a fres
 normalisation), and the loader's samples/s at batch 64 (workers=0, as the study runs). The
 peer line is `digits` (8x8 images upsampled per item), the dataset cluttered-digits replaces.
 
-    python benchmarks/bench_data.py                 # 100,000 samples at 16 and 32 px, 1 thread
-    python benchmarks/bench_data.py --samples 20000 --sizes 16
+Video (`--only video`): generated videos (`--videos` of 10 s at 25 fps, 320x240, x264 with a
+keyframe every 2 s, or mpeg4 where PyAV has no x264) in a video-folder. Clips/s of the training
+loader (16 frames, stride 4, batch 4: read_clip's seek, early stop and frame threading, then the
+train transform) with data.workers 0 and 2, against a plain decode of the same clips: one
+thread, every frame from the first, the clip's frames converted to RGB (no transform). Both sides
+alternate in rounds; each keeps its fastest. Then a 2-worker loader's start-up (what persistent
+workers would save an epoch) and its first batch of clips, and the data-wait share (`data_wait` of
+metrics.jsonl) of a pico/4-f8 pretraining run of `--steps` steps with data.workers 0 and 2.
 
-Runtime: about 20 s on a 2-core CPU (longer on one busy with other jobs).
+    python benchmarks/bench_data.py                 # 100,000 samples at 16 and 32 px, 1 thread; video
+    python benchmarks/bench_data.py --samples 20000 --sizes 16 --only cluttered
+    python benchmarks/bench_data.py --only video --videos 8 --clips 24
+
+Runtime: about 20 s on a 2-core CPU for cluttered-digits, 2 min for video (longer on one busy
+with other jobs).
 """
 
 from __future__ import annotations
@@ -17,17 +28,25 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 if importlib.util.find_spec("vitscale") is None:  # run from a checkout that is not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import av  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vitscale.cli import main as vitscale_main  # noqa: E402
 from vitscale.data import DataConfig, EpochSampler, build_datasets, make_loader  # noqa: E402
 from vitscale.data.generated import CHUNK  # noqa: E402
+from vitscale.data.video import clip_indices, decode_threads  # noqa: E402
+
+CLIP = dict(frames=16, frame_stride=4, image_size=112)  # VideoMAE's Kinetics sampling, at 112 px
 
 
 def item_us(dataset, train: bool, n: int = 2000, rounds: int = 3) -> float:
@@ -51,14 +70,143 @@ def loader_rate(dataset, batches: int = 100) -> float:
     return batches * 64 / (time.perf_counter() - start)
 
 
+def write_videos(root: Path, n: int, seconds: int = 10, fps: int = 25, size=(320, 240), gop: int = 50) -> str:
+    """n videos of moving noise in two class folders; returns the codec used."""
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    w, h = size
+    for k in range(n):
+        base = np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        (root / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        with av.open(str(root / f"c{k % 2}" / f"{k}.mp4"), "w") as c:
+            s = c.add_stream(codec, rate=fps)
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            s.codec_context.gop_size = gop
+            if codec == "libx264":
+                s.options = {"preset": "veryfast", "keyint": str(gop), "scenecut": "0"}
+            for t in range(seconds * fps):
+                img = np.roll(base, (t, 3 * t), (0, 1))
+                for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    c.mux(packet)
+            for packet in s.encode():
+                c.mux(packet)
+    return codec
+
+
+def plain_clip(path: str, frames: int, stride: int, gen: torch.Generator, short: int) -> np.ndarray:
+    """The peer: one thread, every frame decoded from the first, the clip's frames kept as RGB."""
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        s.codec_context.thread_count = 1
+        idx = clip_indices(s.frames, frames, stride, gen)
+        kept = {}
+        for i, f in enumerate(c.decode(s)):
+            if i in idx:
+                scale = min(1.0, short / min(f.width, f.height))
+                kept[i] = f.to_ndarray(width=round(f.width * scale), height=round(f.height * scale),
+                                       format="rgb24")
+    return np.stack([kept[i] for i in idx])  # [T, H, W, 3]
+
+
+def video_rates(train, clips: int, workers: int, rounds: int = 2) -> tuple[float, float]:
+    """Best-of-rounds clips/s of (the training loader at batch 4 with `workers`, the plain decode
+    of the same clips: same videos, same random starts)."""
+    keys = EpochSampler(len(train), seed=0).keys() * (-(-clips // len(train)))
+    keys = keys[:clips]
+    ours = theirs = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in make_loader(train, keys, batch_size=4, workers=workers):
+            pass
+        ours = max(ours, clips / (time.perf_counter() - start))
+        start = time.perf_counter()
+        for index, seed in keys:
+            gen = torch.Generator().manual_seed(seed)
+            plain_clip(train.samples[index][0], train.frames, train.stride, gen, train.short)
+        theirs = max(theirs, clips / (time.perf_counter() - start))
+    return ours, theirs
+
+
+class Ready(torch.utils.data.Dataset):
+    """Ready-made zero clips: a loader over them costs only its workers' start-up and transfers."""
+
+    def __init__(self, shape: tuple[int, ...], n: int):
+        self.shape, self.n = shape, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.zeros(self.shape)
+
+
+def epoch_start(train, workers: int = 2, rounds: int = 3) -> tuple[float, float]:
+    """(best-of-rounds seconds from a new `workers`-worker loader over ready-made clips to its first
+    batch: the start-up persistent workers would save an epoch; seconds from a new loader over
+    the real clips to its first batch)."""
+    ready = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        next(iter(torch.utils.data.DataLoader(Ready(train.item_shape, 8), batch_size=4, num_workers=workers)))
+        ready = min(ready, time.perf_counter() - start)
+    start = time.perf_counter()
+    next(iter(make_loader(train, EpochSampler(len(train), seed=1), batch_size=4, workers=workers)))
+    return ready, time.perf_counter() - start
+
+
+def data_wait(root: Path, workers: int, steps: int) -> tuple[float, float]:
+    """(data_wait share, samples/s) over the epochs of a pico/4-f8 pretraining run."""
+    out = root.parent / f"run-w{workers}"
+    argv = ["pretrain", "--model", "pico/4-f8", "--out", str(out), "--data.name=video-folder",
+            f"--data.path={root}", "--data.frames=8", "--data.frame_stride=4", "--data.image_size=64",
+            "--data.val_fraction=0.1", f"--data.workers={workers}", "--train.batch=4",
+            f"--train.max_steps={steps}", "--train.warmup_epochs=0", "--train.threads=1"]
+    if vitscale_main(argv) != 0:
+        raise SystemExit(f"the pretraining run with {workers} workers failed")
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "data_wait" in r]
+    seconds = sum(r["train_s"] for r in rows)  # every epoch's row, weighted by its training time
+    return (sum(r["data_wait"] * r["train_s"] for r in rows) / seconds,
+            sum(r["samples_per_s"] * r["train_s"] for r in rows) / seconds)
+
+
+def bench_video(videos: int, clips: int, steps: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "videos"
+        start = time.perf_counter()
+        codec = write_videos(root, videos)
+        print(f"video: {videos} videos of 10 s, 25 fps, 320x240, {codec} (keyframe every 50 frames) "
+              f"written in {time.perf_counter() - start:.1f} s; clips of {CLIP['frames']} frames, stride "
+              f"{CLIP['frame_stride']}, {CLIP['image_size']} px; {clips} clips a side")
+        train = build_datasets(DataConfig(name="video-folder", path=str(root), val_fraction=0, **CLIP))[0]
+        for workers in (0, 2):
+            ours, theirs = video_rates(train, clips, workers)
+            threads = decode_threads() if workers == 0 else max(1, decode_threads() // workers)
+            print(f"video loader (workers {workers}, decode threads {threads}) vs plain PyAV decode: "
+                  f"{ours:.1f} vs {theirs:.1f} clips/s = {ours / theirs:.2f}x")
+        ready, first = epoch_start(train)
+        print(f"video loader epoch start (workers 2): worker start-up {ready:.2f} s (first batch of "
+              f"ready-made clips), first batch of decoded clips after {first:.2f} s")
+        waits = {w: data_wait(root, w, steps) for w in (0, 2)}
+        print(f"pico/4-f8 pretrain ({steps} steps, batch 4, 8 frames x 64 px) data-wait share: "
+              + ", ".join(f"workers {w} {share:.0%} ({rate:.1f} samples/s)"
+                          for w, (share, rate) in waits.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=100_000, help="training samples to render")
     p.add_argument("--sizes", default="16,32", help="comma-separated image sizes")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the study uses 1)")
+    p.add_argument("--only", choices=["cluttered", "video"], help="one part only (default: both)")
+    p.add_argument("--videos", type=int, default=16, help="generated videos for the video part")
+    p.add_argument("--clips", type=int, default=32, help="clips a side in the video part")
+    p.add_argument("--steps", type=int, default=16, help="steps of each pico video pretraining run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}  threads {torch.get_num_threads()}  chunk {CHUNK}")
+    if args.only != "cluttered":
+        bench_video(args.videos, args.clips, args.steps)
+    if args.only == "video":
+        return
     for size in map(int, args.sizes.split(",")):
         common = dict(image_size=size, scale_min=1.0)
         train = build_datasets(DataConfig(name="cluttered-digits", train_size=args.samples, **common))[0]
