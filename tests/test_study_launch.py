@@ -165,21 +165,20 @@ def test_a_study_on_submitits_local_executor_matches_the_local_one(tmp_path):
         assert remote[name]["accuracies"] == here[name]["accuracies"]  # CPU runs are deterministic
 
 
-def _training(run_dir: Path, deadline: float, after: int = -1, other: int = 0) -> tuple[int, int]:
-    """(pid, step) of the process training in `run_dir` (its .lock), not `other`, once a step past
-    `after` is logged."""
+def _training(run_dir: Path, deadline: float, after: int = -1, other: int = 0, resumes: int = 0) -> int:
+    """The pid of the process training in `run_dir` (its .lock), not `other`, once a step past `after`
+    is logged and the job's log (run.log beside it) says "resumed from" `resumes` times."""
     while time.time() < deadline:
         try:
             pid = json.loads((run_dir / ".lock").read_text())["pid"]
             steps = [r["step"] for r in engine.read_metrics(run_dir) if r.get("split") == "train"]
+            resumed = (run_dir.parent / "run.log").read_text().count("resumed from")
         except (OSError, ValueError, KeyError):
-            pid, steps = None, []
-        if pid and pid != other and steps and max(steps) > after:
-            return pid, max(steps)
-        if steps and pid in (None, other):  # the steps of the process before: a step past them
-            after = max(after, *steps)
+            pid, steps, resumed = None, [], 0
+        if pid and pid != other and steps and max(steps) > after and resumed >= resumes:
+            return pid
         time.sleep(0.05)
-    pytest.fail(f"{run_dir} did not train past step {after}")
+    pytest.fail(f"{run_dir} did not train past step {after} (resumed {resumes} times)")
 
 
 @pytest.mark.slow
@@ -203,9 +202,9 @@ def test_a_preempted_or_killed_slurm_task_runs_again_and_ends_bit_for_bit(tmp_pa
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    pid, step = _training(tmp_path / "run", time.time() + 60)
+    pid = _training(tmp_path / "run", time.time() + 60)
     os.kill(pid, signal.SIGUSR2)  # preempted: checkpoint, requeue
-    pid, step = _training(tmp_path / "run", time.time() + 60, after=step, other=pid)
+    pid = _training(tmp_path / "run", time.time() + 60, other=pid, resumes=1)
     os.kill(pid, signal.SIGKILL)  # killed: the launcher submits it again
     waiter.join(timeout=120)
     assert not failed and "run" in got, failed
@@ -260,7 +259,7 @@ def test_a_ray_task_whose_worker_dies_is_retried_and_resumes(tmp_path):
 
         waiter = threading.Thread(target=wait)
         waiter.start()
-        pid, _ = _training(tmp_path / "run", time.time() + 60, after=16)  # past epoch 1's checkpoint
+        pid = _training(tmp_path / "run", time.time() + 60, after=16)  # past epoch 1's checkpoint
         os.kill(pid, signal.SIGKILL)
         waiter.join(timeout=120)
     finally:

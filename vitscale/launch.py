@@ -196,7 +196,6 @@ class SlurmLauncher:
         except (ValueError, TypeError, NameError) as e:
             raise UserError(f"launcher arguments for slurm: {str(e).strip().splitlines()[0]}") from None
         self.log, self.poll_s, self.retries = log, poll_s, retries
-        self.running: list = []
         log(f"launcher slurm ({self.executor.cluster}): {opts}; submitit's logs in {folder}")
 
     def _submit(self, job: tuple):
@@ -212,23 +211,26 @@ class SlurmLauncher:
         for h, j in zip(handles, jobs, strict=True):
             waiting.add(h, j[0], j)
         self.log(f"submitted {len(jobs)} jobs: {', '.join(j[0].split(':')[0] for j in jobs)}")
-        self.running = handles
-        while waiting.pending:
-            for h in [h for h in waiting.pending if h.done()]:
-                try:
-                    value, error = h.result(), None
-                except Exception as e:  # noqa: BLE001 (a failed or killed task: its error's last line)
-                    value, error = None, f"job {h.job_id}: {_last_line(e)}"
-                got = waiting.finished(h, value, error, self._submit)
-                if got is not None:
-                    done(*got)
-            self.running = list(waiting.pending)
-            signals.check("while waiting for the study's Slurm jobs (they keep running; run the same "
-                          "command again to wait for them)")
-            time.sleep(self.poll_s)
+        try:
+            while waiting.pending:
+                for h in [h for h in waiting.pending if h.done()]:
+                    try:
+                        value, error = h.result(), None
+                    except Exception as e:  # noqa: BLE001 (a failed or killed task: its error's last line)
+                        value, error = None, f"job {h.job_id}: {_last_line(e)}"
+                    got = waiting.finished(h, value, error, self._submit)
+                    if got is not None:
+                        done(*got)
+                signals.check("while waiting for the study's Slurm jobs (cancelled: their runs stop at a "
+                              "checkpoint)")
+                time.sleep(self.poll_s)
+        except BaseException:  # a signal here, or a job's error: the others stop too, checkpointed
+            for h in waiting.pending:
+                h.cancel(check=False)
+            raise
 
     def close(self) -> None:
-        self.running = []
+        pass
 
 
 # ----------------------------------------------------------------------------- ray
@@ -260,17 +262,23 @@ class RayLauncher:
         waiting = _Waiting(self.retries, self.log)
         for j in jobs:
             waiting.add(self._submit(j), j[0], j)
-        while waiting.pending:
-            ready, _ = self.ray.wait(list(waiting.pending), num_returns=1, timeout=1.0)
-            for ref in ready:
-                try:
-                    value, error = self.ray.get(ref), None
-                except Exception as e:  # noqa: BLE001 (a task that failed beyond Ray's retries)
-                    value, error = None, _last_line(e)
-                got = waiting.finished(ref, value, error, self._submit)
-                if got is not None:
-                    done(*got)
-            signals.check("while waiting for the study's Ray tasks")
+        try:
+            while waiting.pending:
+                ready, _ = self.ray.wait(list(waiting.pending), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    try:
+                        value, error = self.ray.get(ref), None
+                    except Exception as e:  # noqa: BLE001 (a task that failed beyond Ray's retries)
+                        value, error = None, _last_line(e)
+                    got = waiting.finished(ref, value, error, self._submit)
+                    if got is not None:
+                        done(*got)
+                signals.check("while waiting for the study's Ray tasks (cancelled: their runs stop at a "
+                              "checkpoint)")
+        except BaseException:  # a signal here, or a task's error: the others stop too (SIGINT: checkpointed)
+            for ref in waiting.pending:
+                self.ray.cancel(ref)
+            raise
 
     def close(self) -> None:
         pass

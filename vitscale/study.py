@@ -10,8 +10,9 @@
     seeds         every trial at seed 0, the leading trials at more seeds
     analysis      fits on annealed points only --> summary.json, report
 
-Every run (sweep run, stable run, branch) is an engine run directory and resumes like
-one; a trial seed is finished when its `result.json` exists (a typed, versioned
+Runs go where study.launcher sends them (vitscale/launch.py: this machine, a Slurm job array,
+Ray tasks), one phase at a time. Every run (sweep run, stable run, branch) is an engine run
+directory and resumes like one; a trial seed is finished when its `result.json` exists (a typed, versioned
 `results.SeedResult`). `results.jsonl` is rebuilt atomically from those, so a killed
 study loses at most the runs it was in, and those resume from their last checkpoints.
 
@@ -673,8 +674,9 @@ def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
     try:
         wanted = trials if not only or only == SWEEP else [t for t in trials if t.name in ("base", only)]
         sizes = {}
-        if runner.remote:  # one job on one node measures every trial, before any trains
-            runner.map([("sizing", size_all, (study, wanted, reference, runner.threads), out / "sizing.log")],
+        todo = [t for t in wanted if not (trial_dir(study, t) / "trial.json").is_file()]
+        if runner.remote and todo:  # one job on one node measures every trial, before any trains
+            runner.map([("sizing", size_all, (study, todo, reference, runner.threads), out / "sizing.log")],
                        lambda name, got: sizes.update(got))
         for t in wanted:
             if t.name not in sizes:
