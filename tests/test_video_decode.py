@@ -75,12 +75,16 @@ def test_clips_equal_a_plain_full_decode(video, threads):
     assert read_clip(str(video), 2, 30, None, threads=threads).shape == (3, 2, 48, 64)  # no scaling
 
 
-def test_decode_threads_auto_shares_the_cpus_among_workers(monkeypatch):
+def test_decode_threads_auto_shares_the_cpus_among_ranks_and_workers(monkeypatch):
     assert decode_threads(5) == 5
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(16)), raising=False)
     assert decode_threads(0) == 8  # main process: all CPUs, capped
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: type("W", (), {"num_workers": 4}))
     assert decode_threads(0) == 4  # 16 CPUs among 4 workers
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert decode_threads(0) == 2  # ... of each of 2 ranks on the node
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1}, raising=False)
     assert decode_threads(0) == 1
 

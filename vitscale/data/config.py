@@ -65,7 +65,7 @@ class DataConfig:
     std: tuple[float, ...] = ()  # per-channel std; () = ImageNet for real data, 0.5 for built-ins
     workers: int = 0  # DataLoader worker processes (0 = load in the main process)
     decode_threads: int = 0  # video decoder threads per loading process (PyAV frame threading); 0 = the
-    # CPUs shared among data.workers (at most 8), 1 = one thread
+    # CPUs shared among the node's ranks and data.workers (at most 8), 1 = one thread
     strict: bool = False  # raise on an unreadable file instead of skipping it
     seed: int = 0  # dataset seed: train/val split and moving-digits generation
 

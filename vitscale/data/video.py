@@ -30,12 +30,14 @@ MAX_THREADS = 8  # decoder threads at most with data.decode_threads=0 (each dela
 
 def decode_threads(threads: int = 0) -> int:
     """Decoder threads: `threads` if positive, else (0 = auto) this process's CPUs shared among the
-    loader's workers when called in one, at most MAX_THREADS."""
+    node's ranks (torchrun's LOCAL_WORLD_SIZE) and, called in a loader worker, the loader's
+    workers; at most MAX_THREADS."""
     if threads > 0:
         return threads
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     worker = torch.utils.data.get_worker_info()
-    return max(1, min(MAX_THREADS, cpus // (worker.num_workers if worker else 1)))
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * (worker.num_workers if worker else 1)
+    return max(1, min(MAX_THREADS, cpus // max(1, sharing)))
 
 
 def clip_indices(total: int, frames: int, stride: int, gen: torch.Generator | View | None) -> list[int]:
