@@ -65,6 +65,14 @@ def test_a_time_budget_plan_says_measured_when_run(tmp_path, capsys):
     p = json.loads(capsys.readouterr().out)
     assert p["kind"] == "StudyPlan" and all(r["steps"] is None for r in p["trials"])
     assert p["compute"]["total"] is None and not (tmp_path / "s").exists()
+    (tmp_path / "s" / "trials" / "base").mkdir(parents=True)
+    results.write(tmp_path / "s" / "trials" / "base" / "trial.json", _sizing(40))  # sized by a run: its steps
+    assert cli.main([*args, "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    steps = [(r["steps"], r["steps_from"]) for r in p["trials"]]
+    assert steps == [(40, "trial.json"), (None, "measured when run")]
+    assert cli.main([*args, "--trial", "base"]) == 2
+    assert "--plan and --collect work on the whole study" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- --collect
@@ -79,7 +87,7 @@ def _seed(name: str, acc: float, steps: int) -> SeedResult:
     return SeedResult(name, 0, pts, (replace(pts[0], annealed=False),), 1.0, 1000.0)
 
 
-def test_collect_reports_what_finished_and_names_what_did_not(tmp_path, monkeypatch):
+def test_collect_reports_what_finished_and_names_what_did_not(tmp_path, monkeypatch, capsys):
     cfg = tiny(tmp_path)
     out = Path(cfg.out)
     out.mkdir()
@@ -100,6 +108,8 @@ def test_collect_reports_what_finished_and_names_what_did_not(tmp_path, monkeypa
     assert (out / "summary.json").is_file() and (out / "report.md").is_file()
     with pytest.raises(UserError, match="holds no study"):
         study_plan.collect(replace(cfg, out=str(tmp_path / "none")))
+    assert cli.main(["study", "--config", str(out / "study.yaml"), "--collect"]) == 0  # the CLI's report
+    assert "missing: w-x2" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- hardware
