@@ -279,3 +279,17 @@ def test_a_ray_task_whose_worker_dies_is_retried_and_resumes(tmp_path):
     plain = engine.train(replace(cfg, out=str(tmp_path / "plain")), print)
     scores = [k for k in plain if "top1" in k or "loss" in k]
     assert scores and {k: got["run"][k] for k in scores} == {k: plain[k] for k in scores}
+
+
+@pytest.mark.slow
+def test_a_slurm_job_of_two_tasks_trains_a_trial_on_two_ranks(tmp_path):
+    """tasks_per_node=2: each run's two ranks are the job's two tasks (gloo here), as under torchrun;
+    the sizing job runs on its first task alone."""
+    pytest.importorskip("submitit")
+    cfg = tiny(tmp_path, strategies=("d",), factors=(1, 2), holdout=0, budget="epochs:1", launcher="slurm",
+               launcher_args=("cluster=local", "timeout_min=5", "tasks_per_node=2"))
+    study.run_study(cfg, log=print)
+    rows = _trial_results(Path(cfg.out))
+    assert set(rows) == {"base", "d-x2"}
+    log = (Path(cfg.out) / "trials" / "d-x2" / "seed0" / "log.txt").read_text()
+    assert "on cpu x2" in log and "ranks 2" in log, log

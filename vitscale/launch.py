@@ -8,7 +8,8 @@ sweep, then seed 0 of every trial, then more seeds) by calling `map` once per ph
     slurm   each job one task of a job array (submitit); a task Slurm preempts or times out
             (its USR2 before the end) stops at a checkpoint and is requeued with the same
             arguments, and a task that dies is resubmitted (`retries`): both resume from
-            their run directories, as every vitscale run does
+            their run directories, as every vitscale run does; a job of several tasks
+            (tasks_per_node, nodes) is one run's ranks, joined as torchrun would join them
     ray     each job a remote task with num_cpus/num_gpus, retried by Ray when its worker dies
             (max_retries)
 
@@ -30,7 +31,7 @@ from typing import Protocol
 import torch
 import yaml
 
-from vitscale import signals
+from vitscale import dist, signals
 from vitscale.errors import Interrupted, StopTraining, UserError
 from vitscale.pool import Runner
 
@@ -92,8 +93,9 @@ def options(pairs: tuple[str, ...]) -> dict:
     return out
 
 
-def launcher_for(study, workers: int, log) -> Launcher:
-    """The study's launcher (study.launcher, its launcher_args); jobs' logs stay in their runs."""
+def launcher_for(study, workers: int, log, device: str = "auto") -> Launcher:
+    """The study's launcher (study.launcher, its launcher_args); jobs' logs stay in their runs.
+    `device`: the runs' train.device (a Slurm job of several tasks puts rank r on cuda:r)."""
     opts = options(study.launcher_args)
     if study.launcher == "local":
         if opts:
@@ -104,7 +106,7 @@ def launcher_for(study, workers: int, log) -> Launcher:
     if not isinstance(retries, int) or retries < 0:
         raise UserError(f"launcher argument retries must be 0 or more, got {retries!r}")
     if study.launcher == "slurm":
-        return SlurmLauncher(Path(study.out) / "slurm", opts, retries, log)
+        return SlurmLauncher(Path(study.out) / "slurm", opts, retries, log, device=device)
     return RayLauncher(opts, retries, log)
 
 
@@ -119,12 +121,35 @@ def _package(name: str, extra: str):
 class SlurmTask:
     """One job as a submitit task. Submitit's preemption signal (USR2, sent before a time limit
     or a preemption) is turned into vitscale's SIGUSR1, so the run stops at its next step with a
-    checkpoint; then submitit's own handler calls `checkpoint` (the same task again) and requeues."""
+    checkpoint; then submitit's own handler calls `checkpoint` (the same task again) and requeues.
 
-    def __init__(self, fn, args: tuple, log_path: Path, threads: int):
-        self.fn, self.args, self.log_path, self.threads = fn, args, log_path, threads
+    A job of several tasks (tasks_per_node, nodes) runs a run's ranks, as torchrun would: the
+    study's run functions take their `dist.Dist` last, and get the job's process group there; a
+    job without one (the sizing) runs on rank 0 alone."""
+
+    def __init__(self, fn, args: tuple, log_path: Path, threads: int, device: str = "auto"):
+        self.fn, self.args, self.log_path, self.threads, self.device = fn, args, log_path, threads, device
 
     def __call__(self):
+        from submitit import JobEnvironment
+
+        env, d = JobEnvironment(), None
+        args = self.args
+        if env.num_tasks > 1:
+            if not (args and isinstance(args[-1], dist.Dist)):
+                return None if env.global_rank else self._run(args)
+            from submitit.helpers import TorchDistributedEnvironment
+
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            d = dist.setup(self.device)
+            args = (*args[:-1], d)
+        try:
+            return self._run(args)
+        finally:
+            if d is not None:
+                dist.teardown(d)
+
+    def _run(self, args: tuple):
         from submitit import JobEnvironment
 
         usr = JobEnvironment._usr_sig()
@@ -137,7 +162,7 @@ class SlurmTask:
 
         signal.signal(usr, stop)
         try:
-            return run_job(self.fn, self.args, self.log_path, self.threads)
+            return run_job(self.fn, args, self.log_path, self.threads)
         except Interrupted:
             if asked and callable(requeue):
                 requeue(usr, None)  # requeues this task and exits
@@ -185,7 +210,8 @@ class SlurmLauncher:
 
     remote = True
 
-    def __init__(self, folder: Path, opts: dict, retries: int, log, poll_s: float = 1.0):
+    def __init__(self, folder: Path, opts: dict, retries: int, log, poll_s: float = 1.0,
+                 device: str = "auto"):
         submitit = _package("submitit", "slurm")
         cluster = opts.pop("cluster", None)  # "local" or "debug": submitit's executors for tests
         self.executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
@@ -195,12 +221,12 @@ class SlurmLauncher:
             self.executor.update_parameters(**opts)
         except (ValueError, TypeError, NameError) as e:
             raise UserError(f"launcher arguments for slurm: {str(e).strip().splitlines()[0]}") from None
-        self.log, self.poll_s, self.retries = log, poll_s, retries
+        self.log, self.poll_s, self.retries, self.device = log, poll_s, retries, device
         log(f"launcher slurm ({self.executor.cluster}): {opts}; submitit's logs in {folder}")
 
     def _submit(self, job: tuple):
         name, fn, args, path = job
-        return self.executor.submit(SlurmTask(fn, args, path, self.threads))
+        return self.executor.submit(SlurmTask(fn, args, path, self.threads, self.device))
 
     def map(self, jobs: list[tuple], done) -> None:
         if not jobs:
@@ -215,7 +241,7 @@ class SlurmLauncher:
             while waiting.pending:
                 for h in [h for h in waiting.pending if h.done()]:
                     try:
-                        value, error = h.result(), None
+                        value, error = h.results()[0], None  # rank 0's (a job of several tasks)
                     except Exception as e:  # noqa: BLE001 (a failed or killed task: its error's last line)
                         value, error = None, f"job {h.job_id}: {_last_line(e)}"
                     got = waiting.finished(h, value, error, self._submit)

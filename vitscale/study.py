@@ -670,7 +670,8 @@ def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
     if study.launcher != "local" and d.enabled:
         raise UserError(f"--launcher {study.launcher} starts the study's jobs itself; run it without "
                          "torchrun")
-    runner = launcher_for(study, 1 if only or d.enabled else study.pool_size, log)
+    runner = launcher_for(study, 1 if only or d.enabled else study.pool_size, log,
+                          base_run(study).train.device)
     try:
         wanted = trials if not only or only == SWEEP else [t for t in trials if t.name in ("base", only)]
         sizes = {}
