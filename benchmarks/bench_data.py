@@ -217,7 +217,7 @@ def main() -> None:
         peer, _, _, _ = build_datasets(DataConfig(name="digits", **common))
         ours, theirs = item_us(train, True), item_us(peer, True, n=len(peer))
         print(f"cluttered-digits {size}px: {args.samples:,} samples rendered in {made:.2f} s "
-              f"({args.samples / made:,.0f}/s, {train.chunks[0][0].element_size() * size * size} B each)")
+              f"({args.samples / made:,.0f}/s, {train.chunk(0)[0].element_size() * size * size} B each)")
         print(f"cluttered-digits {size}px item load vs digits: train {ours:.1f} us vs {theirs:.1f} us = "
               f"{theirs / ours:.2f}x; eval {item_us(train, False):.1f} us")
         print(f"cluttered-digits {size}px loader (batch 64, rendered): {loader_rate(train):,.0f} samples/s "
