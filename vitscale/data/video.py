@@ -95,8 +95,9 @@ def _decode(container, stream, wanted: list[int], short: int | None, seek: bool)
         container.seek(t0 + int(wanted[0] / (rate * tb)), stream=stream, backward=True, any_frame=False)
     count = 0
     for packet in container.demux(stream):
-        if use_pts and packet.pts is not None:  # a packet's pts is its frame's: set before it is decoded
-            ctx.skip_frame = "DEFAULT" if round(float((packet.pts - t0) * tb * rate)) in take else "NONREF"
+        if use_pts:  # a packet's pts is its frame's; one without is decoded
+            j = None if packet.pts is None else round(float((packet.pts - t0) * tb * rate))
+            ctx.skip_frame = "NONREF" if j is not None and j not in take else "DEFAULT"
         for frame in packet.decode():
             if use_pts:
                 if frame.pts is None:
