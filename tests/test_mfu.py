@@ -46,3 +46,25 @@ def test_a_cpu_has_no_peak_unless_given():
     assert peak_tflops("cpu", "fp32", override=2.5) == 2.5
     with pytest.raises(UserError, match="positive"):
         peak_tflops("cpu", "fp32", override=-1)
+
+
+def test_bench_counts_the_models_own_flops_and_gives_mfu_against_a_given_peak(capsys):
+    import json
+
+    from vitscale.bench import macs_per_sample
+    from vitscale.cli import main
+    from vitscale.complexity import cost
+    from vitscale.models.vit import preset
+
+    cfg = preset("pico/4")
+    c = cost(cfg)
+    assert macs_per_sample(cfg, "infer") == c.flops - c.bias_flops  # the cost model's, bias adds aside
+    assert 2.9 < macs_per_sample(cfg, "train") / cost(cfg).flops < 3.0  # backward ~2x forward
+    assert main(["bench", "pico/4", "--batch", "2", "--warmup", "1", "--iters", "1", "--device", "cpu",
+                 "--peak-tflops", "0.5", "--json"]) in (0, None)
+    for r in json.loads(capsys.readouterr().out):
+        want = 2 * macs_per_sample(cfg, r["mode"]) * r["samples_per_s"] / 0.5e12
+        assert r["peak_tflops"] == 0.5 and r["mfu"] == pytest.approx(want)
+    assert main(["bench", "pico/4", "--batch", "2", "--warmup", "1", "--iters", "1", "--device", "cpu",
+                 "--json"]) in (0, None)
+    assert all(r["mfu"] is None for r in json.loads(capsys.readouterr().out))  # a CPU: no table peak

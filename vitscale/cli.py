@@ -26,7 +26,7 @@ import math
 import re
 import sys
 
-from vitscale import bench, errors, report, scaling
+from vitscale import bench, errors, mfu, report, scaling
 from vitscale.complexity import cost
 from vitscale.device import DEVICES, DTYPES, check_device
 from vitscale.errors import UserError
@@ -168,12 +168,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for mode in modes:
         m = bench.measure(cfg, batch=args.batch, mode=mode, dtype=args.dtype, device=args.device,
                           warmup=args.warmup, iters=args.iters, act_ckpt=args.act_ckpt)
+        peak = mfu.peak_tflops(m.device, args.dtype, args.peak_tflops)
         records.append({"name": args.model} | m.as_dict() | {"act_ckpt": args.act_ckpt, "params": c.params,
-                                                             "flops": c.flops})
+                                                             "flops": c.flops, "peak_tflops": peak,
+                       "mfu": mfu.mfu(m.samples_per_s, bench.macs_per_sample(cfg, mode), peak)})
     if args.json:
         return report.print_json(records)
     keys = ["name", "mode", "dtype", "batch", "samples_per_s", "ms_per_step", "peak_mem_mb",
-            "params", "flops"] + (["act_ckpt"] if args.act_ckpt else [])
+            "params", "flops"] + (["act_ckpt"] if args.act_ckpt else []) + (
+        ["mfu"] if records[0]["mfu"] is not None else [])
     report.console().print(report.table(f"Measured on {records[0]['device']}", records, keys))
     if args.act_ckpt and "train" in modes:
         plain, ckpt = (bench.held(cfg, args.batch, args.dtype, args.device, act_ckpt=c) / 2**20
@@ -402,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing of every block "
                    "(train.act_ckpt): less peak memory in training for about one more forward pass")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense peak for --dtype, "
+                   "for MFU (0 = vitscale.mfu's table for known GPUs; none on a CPU unless given)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_bench)
 

@@ -57,6 +57,7 @@ COLUMNS = {  # record key -> (header, formatter)
     "dtype": ("dtype", str),
     "batch": ("batch", str),
     "act_ckpt": ("act ckpt", lambda v: "yes" if v else "no"),
+    "mfu": ("MFU", lambda v: "-" if v is None else f"{100 * v:.1f}%"),
 }
 
 
