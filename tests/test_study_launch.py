@@ -199,7 +199,7 @@ def test_a_preempted_or_killed_slurm_task_runs_again_and_ends_bit_for_bit(tmp_pa
     from vitscale import config
 
     cfg = config.apply_overrides(config.recipe("train"), ["model.depth=2", "model.width=32", "model.heads=2",
-                                                           "model.patch_size=4", *TINY, "train.epochs=6"])
+                                                           "model.patch_size=4", *TINY, "train.epochs=4"])
     slurm = launch.SlurmLauncher(tmp_path / "slurm", {"cluster": "local", "timeout_min": 5}, 1, print, 0.1)
     got, failed = {}, []
     job = ("run", engine.train, (replace(cfg, out=str(tmp_path / "run")),), tmp_path / "run.log")
