@@ -51,9 +51,9 @@ def test_a_cpu_has_no_peak_unless_given():
 def test_bench_counts_the_models_own_flops_and_gives_mfu_against_a_given_peak(capsys):
     import json
 
-    from vitscale.bench import macs_per_sample
     from vitscale.cli import main
     from vitscale.complexity import cost
+    from vitscale.counted import macs_per_sample
     from vitscale.models.vit import preset
 
     cfg = preset("pico/4")
@@ -68,3 +68,22 @@ def test_bench_counts_the_models_own_flops_and_gives_mfu_against_a_given_peak(ca
     assert main(["bench", "pico/4", "--batch", "2", "--warmup", "1", "--iters", "1", "--device", "cpu",
                  "--json"]) in (0, None)
     assert all(r["mfu"] is None for r in json.loads(capsys.readouterr().out))  # a CPU: no table peak
+
+
+def test_the_training_log_gives_mfu_against_a_given_peak_and_none_on_a_cpu_without(tmp_path):
+    from vitscale import config, engine
+    from vitscale.complexity import cost
+    from vitscale.engine import read_metrics
+
+    fast = ["train.batch=32", "train.max_steps=2", "train.threads=1", "train.knn_k=0",
+            "train.warmup_epochs=0"]
+    rows = {}
+    for name, extra in (("given", ["train.peak_tflops=0.001"]), ("none", [])):
+        cfg = config.apply_overrides(config.RunConfig(out=str(tmp_path / name)), fast + extra)
+        engine.train(cfg, log=lambda *a: None)
+        rows[name] = [r for r in read_metrics(tmp_path / name) if r["split"] == "val"][-1]
+    assert "mfu" not in rows["none"]
+    c = cost(config.RunConfig().model.replace(num_classes=10))
+    per_sample = 2 * 3 * (c.flops - c.bias_flops)  # ~3 x the forward's multiply-adds, as flops
+    got = rows["given"]["mfu"] * 0.001e12 / rows["given"]["samples_per_s"]  # flops per sample
+    assert 0.95 < got / per_sample < 1.02

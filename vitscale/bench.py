@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from vitscale.device import autocast, pick_device
 from vitscale.errors import UserError
@@ -176,22 +175,6 @@ def example_input(cfg: ViTConfig, batch: int, device: torch.device | str = "cpu"
     """Random input of the config's shape: [B, C, H, W] or [B, C, T, H, W]."""
     shape = (cfg.in_chans, cfg.frames, *cfg.hw) if cfg.is_video else (cfg.in_chans, *cfg.hw)
     return torch.randn(batch, *shape, device=device)
-
-
-def macs_per_sample(cfg: ViTConfig, mode: str) -> float:
-    """Multiply-adds of one sample's inference, or of its training step (forward + backward), as
-    FlopCounterMode counts them on meta tensors (no recomputation: the model's own flops)."""
-    batch = 2
-    with torch.device("meta"):
-        model = ViT(cfg).train(mode == "train")
-        x = example_input(cfg, batch, "meta")
-    with FlopCounterMode(display=False) as counter:
-        if mode == "train":
-            model(x).float().mean().backward()
-        else:
-            with torch.no_grad():
-                model(x)
-    return counter.get_total_flops() / 2 / batch
 
 
 def measure(cfg: ViTConfig, batch: int = 8, mode: str = "train", dtype: str = "fp32",

@@ -26,7 +26,7 @@ import math
 import re
 import sys
 
-from vitscale import bench, errors, mfu, report, scaling
+from vitscale import bench, counted, errors, mfu, report, scaling
 from vitscale.complexity import cost
 from vitscale.device import DEVICES, DTYPES, check_device
 from vitscale.errors import UserError
@@ -171,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         peak = mfu.peak_tflops(m.device, args.dtype, args.peak_tflops)
         records.append({"name": args.model} | m.as_dict() | {"act_ckpt": args.act_ckpt, "params": c.params,
                                                              "flops": c.flops, "peak_tflops": peak,
-                       "mfu": mfu.mfu(m.samples_per_s, bench.macs_per_sample(cfg, mode), peak)})
+                       "mfu": mfu.mfu(m.samples_per_s, counted.macs_per_sample(cfg, mode), peak)})
     if args.json:
         return report.print_json(records)
     keys = ["name", "mode", "dtype", "batch", "samples_per_s", "ms_per_step", "peak_mem_mb",

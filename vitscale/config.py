@@ -56,6 +56,8 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32, or autocast to bf16 or fp16 (fp16 with a dynamic loss scale: vitscale.amp)
     compile: bool = False  # torch.compile the model
     act_ckpt: bool = False  # activation checkpointing: each transformer block recomputed in backward
+    peak_tflops: float = 0.0  # the device's dense peak for train.dtype, for the MFU in the log and
+    # metrics (0 = vitscale.mfu's table on known GPUs; no MFU on a CPU unless given)
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     fsdp: bool = False  # shard parameters with FSDP (fully_shard) across ranks
     seed: int = 0  # seeds init, data order, augmentation and masking
@@ -98,6 +100,8 @@ class TrainConfig:
             (0.0 < self.layer_decay <= 1.0, f"train.layer_decay must be in (0, 1], got {self.layer_decay}"),
             (0.0 <= self.label_smoothing < 1.0,
              f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.peak_tflops >= 0, f"train.peak_tflops must be 0 (the table's) or a peak in TFLOPS, got "
+             f"{self.peak_tflops}"),
             (self.dtype in DTYPES, f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
             (all(r >= 1 for r in self.resolutions) and len(set(self.resolutions)) == len(self.resolutions),
              f"train.resolutions must be distinct image sides of 1 or more (e.g. 24,32,40), "

@@ -26,9 +26,23 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from vitscale import amp, checkpoint, dist, errors, evaluate, lock, optim, signals, tasks, visual, weights
+from vitscale import (
+    amp,
+    checkpoint,
+    dist,
+    errors,
+    evaluate,
+    lock,
+    mfu,
+    optim,
+    signals,
+    tasks,
+    visual,
+    weights,
+)
 from vitscale.checkpoint import atomic_write_text
 from vitscale.config import RunConfig, dump_yaml, load_yaml, to_dict
+from vitscale.counted import train_flops_per_sample
 from vitscale.data import DataInfo, build_datasets, make_loader, skipped_files
 from vitscale.data.sampler import EpochSampler
 from vitscale.device import autocast
@@ -206,6 +220,9 @@ class Job:
         self.total = self.plan.total
         self.warmup = self.plan.warmup()  # in steps: the same for any run length
         self.peak = t.base_lr * t.batch / 256
+        self.peak_tflops = mfu.peak_tflops(d.device, t.dtype, t.peak_tflops)  # None: no MFU (a CPU)
+        self.macs = train_flops_per_sample(cfg, self.info.num_classes, self.plan.shares()) \
+            if self.peak_tflops else 0.0  # per sample over the run's shapes, for MFU
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.module = tasks.build(cfg, self.info.num_classes)
@@ -391,8 +408,9 @@ class Job:
                 window["n"] += 1
                 window["samples"] += t.batch * shape.mult
                 rate, wait = window["samples"] / window["time"], window["wait"] / window["time"]
+                util = mfu.mfu(rate / d.world, self.macs, self.peak_tflops)  # per device
                 show(f"epoch {epoch + 1} loss {loss:.4f} lr {lr:.2e} {rate:.0f} samples/s "
-                     f"data-wait {wait:.0%}")
+                     + (f"MFU {util:.1%} " if util is not None else "") + f"data-wait {wait:.0%}")
                 scale = {"loss_scale": self.scaler.scale} if self.scaler.enabled else {}  # fp16
                 metrics.log({"step": self.step, "epoch": self.plan.epochs_done(self.step), "split": "train",
                              "loss": loss, "lr": lr} | scale)
@@ -491,6 +509,8 @@ class Job:
                "train_loss": window["loss"] / max(1, window["n"]),
                "samples_per_s": window["samples"] / seconds, "train_s": window["time"],
                "data_wait": window["wait"] / seconds} | result
+        util = mfu.mfu(row["samples_per_s"] / self.d.world, self.macs, self.peak_tflops)
+        row |= {"mfu": util} if util is not None else {}
         metrics.log(row)
         self.log(f"epoch {epoch}: " + ", ".join(f"{k} {row[k]:.4g}" for k in _SHOWN if k in row))
         score = self.task.score(result)  # None without validation data: the latest is the best
@@ -584,7 +604,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 _SHOWN = ("train_loss", "val_loss", "val_top1", "val_top5", "knn_top1", "ema_val_loss", "ema_val_top1",
           "ema_val_top5", "ema_knn_top1", "test_top1", "test_knn_top1", "ema_test_top1", "samples_per_s",
-          "data_wait")
+          "mfu", "data_wait")
 
 
 def _parallel(module: torch.nn.Module, cfg: RunConfig, d: dist.Dist) -> torch.nn.Module:
