@@ -175,6 +175,28 @@ def test_a_study_on_submitits_local_executor_matches_the_local_one(tmp_path):
         assert remote[name]["accuracies"] == here[name]["accuracies"]  # CPU runs are deterministic
 
 
+def _in_background(launcher, cfg, tmp_path):
+    """Run one training job through `launcher` on a thread: (the thread, results by name, errors)."""
+    got, failed = {}, []
+    job = ("run", engine.train, (replace(cfg, out=str(tmp_path / "run")),), tmp_path / "run.log")
+
+    def wait():
+        try:
+            launcher.map([job], got.__setitem__)
+        except Exception as e:  # noqa: BLE001
+            failed.append(e)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    return waiter, got, failed
+
+
+def _same_as_uninterrupted(cfg, result: dict, tmp_path) -> None:
+    plain = engine.train(replace(cfg, out=str(tmp_path / "plain")), print)
+    scores = [k for k in plain if "top1" in k or "loss" in k]
+    assert scores and {k: result[k] for k in scores} == {k: plain[k] for k in scores}
+
+
 def _training(run_dir: Path, deadline: float, after: int = -1, other: int = 0, resumes: int = 0) -> int:
     """The pid of the process training in `run_dir` (its .lock), not `other`, once a step past `after`
     is logged and the job's log (run.log beside it) says "resumed from" `resumes` times."""
@@ -201,17 +223,7 @@ def test_a_preempted_or_killed_slurm_task_runs_again_and_ends_bit_for_bit(tmp_pa
     cfg = config.apply_overrides(config.recipe("train"), ["model.depth=2", "model.width=32", "model.heads=2",
                                                            "model.patch_size=4", *TINY, "train.epochs=4"])
     slurm = launch.SlurmLauncher(tmp_path / "slurm", {"cluster": "local", "timeout_min": 5}, 1, print, 0.1)
-    got, failed = {}, []
-    job = ("run", engine.train, (replace(cfg, out=str(tmp_path / "run")),), tmp_path / "run.log")
-
-    def wait():
-        try:
-            slurm.map([job], got.__setitem__)
-        except Exception as e:  # noqa: BLE001
-            failed.append(e)
-
-    waiter = threading.Thread(target=wait)
-    waiter.start()
+    waiter, got, failed = _in_background(slurm, cfg, tmp_path)
     pid = _training(tmp_path / "run", time.time() + 60)
     os.kill(pid, signal.SIGUSR2)  # preempted: checkpoint, requeue
     pid = _training(tmp_path / "run", time.time() + 60, other=pid, resumes=1)
@@ -222,9 +234,7 @@ def test_a_preempted_or_killed_slurm_task_runs_again_and_ends_bit_for_bit(tmp_pa
     assert log.count("resumed from") == 2, log
     assert "Caught signal SIGUSR2" in "".join(p.read_text() for p in (tmp_path / "slurm").glob("*/*_log.err"))
     assert len(list((tmp_path / "slurm").glob("*/*_submitted.pkl"))) == 2  # the second submission
-    plain = engine.train(replace(cfg, out=str(tmp_path / "plain")), print)
-    scores = [k for k in plain if "top1" in k or "loss" in k]
-    assert scores and {k: got["run"][k] for k in scores} == {k: plain[k] for k in scores}
+    _same_as_uninterrupted(cfg, got["run"], tmp_path)
 
 
 @pytest.mark.slow
@@ -258,17 +268,7 @@ def test_a_ray_task_whose_worker_dies_is_retried_and_resumes(tmp_path):
         missing = tiny(tmp_path, out=str(tmp_path / "nothing"))
         with pytest.raises(UserError, match="holds no study"):
             runner.map([("bad", study_plan.collect, (missing,), tmp_path / "bad.log")], lambda *a: None)
-        got, failed = {}, []
-        job = ("run", engine.train, (replace(cfg, out=str(tmp_path / "run")),), tmp_path / "run.log")
-
-        def wait():
-            try:
-                runner.map([job], got.__setitem__)
-            except Exception as e:  # noqa: BLE001
-                failed.append(e)
-
-        waiter = threading.Thread(target=wait)
-        waiter.start()
+        waiter, got, failed = _in_background(runner, cfg, tmp_path)
         pid = _training(tmp_path / "run", time.time() + 60, after=16)  # past epoch 1's checkpoint
         os.kill(pid, signal.SIGKILL)
         waiter.join(timeout=120)
@@ -276,9 +276,7 @@ def test_a_ray_task_whose_worker_dies_is_retried_and_resumes(tmp_path):
         ray.shutdown()
     assert not failed and "run" in got, failed
     assert (tmp_path / "run.log").read_text().count("resumed from") == 1
-    plain = engine.train(replace(cfg, out=str(tmp_path / "plain")), print)
-    scores = [k for k in plain if "top1" in k or "loss" in k]
-    assert scores and {k: got["run"][k] for k in scores} == {k: plain[k] for k in scores}
+    _same_as_uninterrupted(cfg, got["run"], tmp_path)
 
 
 @pytest.mark.slow
