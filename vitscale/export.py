@@ -90,7 +90,7 @@ def predictor(run: str, ema: bool = False) -> tuple[Predictor, RunConfig, Path, 
             raise UserError(f"--ema: {ckpt} holds no EMA weights (the run did not set train.ema); "
                              "leave --ema out")
         state = extra["ema"]
-    if cfg.task == "distill":  # the student alone: its teacher only taught it
+    if tasks.get(cfg.task).student:  # the student alone: its teacher only taught it
         state = {k: v for k, v in state.items() if k.startswith("vit.")}
         head = state.get("vit.head.weight")
         module = tasks.Classifier(cfg.model.replace(num_classes=0 if head is None else head.shape[0]))

@@ -41,6 +41,8 @@ class Task:
     decoder: bool = False  # its checkpoints hold an MAE decoder, described by the run's `mae` section
     check: Callable[..., None] | None = None  # the task's own checks of a run config (RunConfig)
     multires: bool = False  # may vary its input shape step to step (train.resolutions, multigrid)
+    student: bool = False  # its module wraps a student ViT (vit.*) with training-only parts; what is
+    # deployed (vitscale export) is the student alone
 
     def score(self, result: dict) -> float | None:
         """Higher is better: the task's metric, else minus the validation loss (a pre-training run
@@ -57,7 +59,7 @@ TASKS = {task.name: task for task in (
          after_init=classify.start_fine_tuning, multires=True),
     Task("linprobe", probe.build, classify.metrics, "val_top1", needs_init=True),
     # the feature kind reports no val_top1: ranked by its feature loss (score's fallback)
-    Task("distill", distill.build, distill.metrics, "val_top1", check=distill.check),
+    Task("distill", distill.build, distill.metrics, "val_top1", check=distill.check, student=True),
 )}
 
 
