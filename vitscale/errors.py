@@ -14,6 +14,7 @@ Anything else is a bug: the CLI prints one short line, writes the traceback to a
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 import traceback
@@ -32,6 +33,15 @@ class StopTraining(RuntimeError):
 
 class Interrupted(RuntimeError):
     """A signal stopped training after a checkpoint; the message says how to resume."""
+
+
+def optional(module: str, extra: str, what: str):
+    """Import an optional package, or raise a UserError saying that `what` needs it and which
+    extra brings it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{what} needs {module}: pip install 'vitscale[{extra}]'") from None
 
 
 _crash_dir: Path | None = None

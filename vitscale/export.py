@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from vitscale import checkpoint, tasks
 from vitscale.config import RunConfig, load_yaml
-from vitscale.errors import UserError
+from vitscale.errors import UserError, optional
 
 FORMATS = ("onnx",)
 OPSET = 18  # the opset torch.onnx's dynamo exporter targets natively
@@ -121,16 +121,6 @@ def parse_batch(text: str) -> int | None:
     return int(text)
 
 
-def _need(module: str):
-    """Import an optional package, or say which extra brings it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"exporting to ONNX needs {module}: pip install 'vitscale[onnx]'") from None
-
-
 @contextmanager
 def _quiet():
     """torch.onnx's progress lines and notes (e.g. torchvision ops it skips) off the console."""
@@ -156,7 +146,7 @@ def export(run: str, to: str = "onnx", out: str | None = None, batch: str = "dyn
         raise UserError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
     fixed = parse_batch(batch)
     for module in ("onnx", "onnxscript", "onnxruntime"):
-        _need(module)
+        optional(module, "onnx", "exporting to ONNX")
     model, cfg, ckpt, logits = predictor(run, ema)
     path = Path(out) if out else Path(run) / "model.onnx"
     if path.suffix != ".onnx":
@@ -202,7 +192,7 @@ def check(path: Path, model: nn.Module, cfg: RunConfig, batches: tuple[int, ...]
     """Run the graph with onnxruntime on standard-normal inputs at each batch against the PyTorch
     model: (batch -> max abs difference, the output shape). A difference beyond TOLERANCE is a
     bug of the exporter or of vitscale, not the user's: RuntimeError, and nothing is kept."""
-    ort = _need("onnxruntime")
+    ort = optional("onnxruntime", "onnx", "exporting to ONNX")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
     diffs, shape = {}, ()

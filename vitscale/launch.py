@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from vitscale import dist, signals
-from vitscale.errors import Interrupted, StopTraining, UserError
+from vitscale.errors import Interrupted, StopTraining, UserError, optional
 from vitscale.pool import Runner
 
 
@@ -108,13 +108,6 @@ def launcher_for(study, workers: int, log, device: str = "auto") -> Launcher:
     if study.launcher == "slurm":
         return SlurmLauncher(Path(study.out) / "slurm", opts, retries, log, device=device)
     return RayLauncher(opts, retries, log)
-
-
-def _package(name: str, extra: str):
-    try:
-        return __import__(name)
-    except ImportError:
-        raise UserError(f"--launcher {extra} needs {name}: pip install 'vitscale[{extra}]'") from None
 
 
 # ----------------------------------------------------------------------------- slurm
@@ -212,7 +205,7 @@ class SlurmLauncher:
 
     def __init__(self, folder: Path, opts: dict, retries: int, log, poll_s: float = 1.0,
                  device: str = "auto"):
-        submitit = _package("submitit", "slurm")
+        submitit = optional("submitit", "slurm", "--launcher slurm")
         cluster = opts.pop("cluster", None)  # "local" or "debug": submitit's executors for tests
         self.executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
         self.threads = int(opts.get("cpus_per_task", 1))
@@ -267,7 +260,7 @@ class RayLauncher:
     remote = True
 
     def __init__(self, opts: dict, retries: int, log):
-        ray = _package("ray", "ray")
+        ray = optional("ray", "ray", "--launcher ray")
         unknown = set(opts) - {"num_cpus", "num_gpus", "max_retries", "address"}
         if unknown:
             raise UserError(f"launcher arguments for ray: unknown {', '.join(sorted(unknown))}; "

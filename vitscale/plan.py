@@ -114,9 +114,8 @@ class Plan:
         return min(bisect.bisect_right(self.starts, step) - 1, len(self.starts) - 2)
 
     def offset(self, step: int) -> int:
-        """Keys this rank has read in the step's epoch before it."""
-        e = self.epoch(step)
-        return self.offsets[step] if step < self.starts[e + 1] else self.per_rank
+        """Keys this rank has read in the step's epoch before it (a step of the run: < total)."""
+        return self.offsets[step]
 
     def epoch_end(self, step: int) -> int:
         """The first step of the next epoch, for a step in this one."""

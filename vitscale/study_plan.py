@@ -12,6 +12,7 @@ sizing is already recorded in the study directory.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from vitscale import dist, lock, study
 from vitscale.complexity import cost
@@ -28,19 +29,12 @@ def _recorded(cfg: study.StudyConfig, trial: study.Trial) -> Sizing | None:
 
 
 def _families_held(cfg: study.StudyConfig, rows: list[dict]) -> set[str] | None:
-    """The trials the backtest holds out (each family's largest by compute, then size), which
-    run every seed: study.held_out's rule on planned rows."""
+    """The trials the backtest holds out, which run every seed: study.held_out on planned rows
+    (None while their compute waits on a measurement)."""
     if any(r["compute"] is None for r in rows):
         return None  # chosen by compute: known once the trials are sized
-    held = set()
-    for s in cfg.families:
-        members = [r for r in rows if s in r["strategies"] and not study.is_base(r["name"])]
-        if not cfg.holdout or not members:
-            continue
-        top = max(r["compute"] for r in members)
-        members.sort(key=lambda r: (r["compute"] >= top * 0.99, r["flops"]))
-        held |= {r["name"] for r in members[len(members) - cfg.holdout:]}
-    return held
+    held = study.held_out([SimpleNamespace(**r) for r in rows], cfg.families, cfg.holdout)
+    return {r.name for members in held.values() for r in members}
 
 
 def describe(cfg: study.StudyConfig) -> dict:
@@ -48,13 +42,13 @@ def describe(cfg: study.StudyConfig) -> dict:
     time budget leaves them to a measurement not yet made), as one JSON-able record."""
     trials = study.plan(cfg)
     budget = study.parse_budget(cfg.budget)
-    counted = {}  # name: (multiply-adds per sample, steps per epoch), as study.reference_compute counts
+    counted = {}  # name: (multiply-adds per sample, steps per epoch)
     for t in trials:
         train_set, _, _, info = build_datasets(t.run.data)
         per_sample = study.train_flops_per_sample(t.run, info.num_classes)
         counted[t.name] = per_sample, len(train_set) // t.run.train.batch
     base_name = study._base(trials).name
-    reference = counted[base_name][0] * counted[base_name][1] * study._base(trials).run.train.batch
+    reference = study.reference_compute(trials)
     rows = []
     for t in trials:
         (per_sample, spe), batch = counted[t.name], t.run.train.batch
