@@ -18,11 +18,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 quick: $(STAMP)  # the edit-test loop: everything but the tests marked slow
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto --dist worksteal -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_vit.py

@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
 from vitscale.models import ViT, preset_names
+
+# Under pytest-xdist (`make test` runs `-n auto`) the workers share the CPUs instead of each taking all.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,12 @@
 """The study without training (--plan, --collect), on submitit's and Ray's launchers, and its time
 budgets tied to the hardware that measured them."""
 
+import fcntl
 import importlib.util
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -24,6 +26,20 @@ def tiny(tmp_path, **kw) -> study.StudyConfig:
     base = dict(strategies=("d", "w"), factors=(1, 2), budget="epochs:2", lrs=(), fractions=(0.5, 1),
                 seeds=1, overrides=TINY, out=str(tmp_path / "s"))
     return study.StudyConfig(**(base | kw))
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray cluster of 2 CPUs, one at a time on this machine (make test runs tests on several
+    pytest-xdist workers)."""
+    ray = pytest.importorskip("ray")
+    with open(Path(tempfile.gettempdir()) / "vitscale-tests-ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 # ----------------------------------------------------------------------------- --plan
@@ -238,15 +254,10 @@ def test_a_preempted_or_killed_slurm_task_runs_again_and_ends_bit_for_bit(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_study_on_a_local_ray_cluster(tmp_path):
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        cfg = tiny(tmp_path, strategies=("d",), holdout=0, budget="epochs:1", launcher="ray",
-                   launcher_args=("num_cpus=1", "max_retries=2"))
-        study.run_study(cfg, log=print)
-    finally:
-        ray.shutdown()
+def test_a_study_on_a_local_ray_cluster(tmp_path, local_ray):
+    cfg = tiny(tmp_path, strategies=("d",), holdout=0, budget="epochs:1", launcher="ray",
+               launcher_args=("num_cpus=1", "max_retries=2"))
+    study.run_study(cfg, log=print)
     rows = _trial_results(Path(cfg.out))
     assert set(rows) == {"base", "d-x2"} and all(0 <= a <= 1 for r in rows.values() for a in r["accuracies"])
     sized = results.read(Path(cfg.out) / "trials" / "base" / "trial.json", Sizing)
@@ -254,26 +265,21 @@ def test_a_study_on_a_local_ray_cluster(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_ray_task_whose_worker_dies_is_retried_and_resumes(tmp_path):
+def test_a_ray_task_whose_worker_dies_is_retried_and_resumes(tmp_path, local_ray):
     """Ray runs a task again when its worker dies (max_retries); the run resumes from its checkpoint
     and ends where an uninterrupted run does. A job's UserError comes back as one, not retried."""
-    ray = pytest.importorskip("ray")
     from vitscale import config
 
     cfg = config.apply_overrides(config.recipe("train"), ["model.depth=2", "model.width=32", "model.heads=2",
                                                            "model.patch_size=4", *TINY, "train.epochs=3"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        runner = launch.RayLauncher({"num_cpus": 1, "max_retries": 2}, 0, print)
-        missing = tiny(tmp_path, out=str(tmp_path / "nothing"))
-        with pytest.raises(UserError, match="holds no study"):
-            runner.map([("bad", study_plan.collect, (missing,), tmp_path / "bad.log")], lambda *a: None)
-        waiter, got, failed = _in_background(runner, cfg, tmp_path)
-        pid = _training(tmp_path / "run", time.time() + 60, after=16)  # past epoch 1's checkpoint
-        os.kill(pid, signal.SIGKILL)
-        waiter.join(timeout=120)
-    finally:
-        ray.shutdown()
+    runner = launch.RayLauncher({"num_cpus": 1, "max_retries": 2}, 0, print)
+    missing = tiny(tmp_path, out=str(tmp_path / "nothing"))
+    with pytest.raises(UserError, match="holds no study"):
+        runner.map([("bad", study_plan.collect, (missing,), tmp_path / "bad.log")], lambda *a: None)
+    waiter, got, failed = _in_background(runner, cfg, tmp_path)
+    pid = _training(tmp_path / "run", time.time() + 60, after=16)  # past epoch 1's checkpoint
+    os.kill(pid, signal.SIGKILL)
+    waiter.join(timeout=120)
     assert not failed and "run" in got, failed
     assert (tmp_path / "run.log").read_text().count("resumed from") == 1
     _same_as_uninterrupted(cfg, got["run"], tmp_path)
