@@ -162,6 +162,10 @@ def test_launcher_arguments_are_checked(tmp_path):
         with pytest.raises(UserError, match="launcher arguments for slurm: Parameter 'foo' need"):
             launch.launcher_for(tiny(tmp_path, launcher="slurm", launcher_args=("cluster=local", "foo=1")), 1,
                                 print)
+    if importlib.util.find_spec("ray"):  # both refused before Ray starts
+        for bad, match in (("foo=1", "unknown foo"), ("ranks=0", "ranks must be 1 or more")):
+            with pytest.raises(UserError, match=match):
+                launch.launcher_for(tiny(tmp_path, launcher="ray", launcher_args=(bad,)), 1, print)
 
 
 @pytest.mark.slow
@@ -255,11 +259,15 @@ def test_a_preempted_or_killed_slurm_task_runs_again_and_ends_bit_for_bit(tmp_pa
 
 @pytest.mark.slow
 def test_a_study_on_a_local_ray_cluster(tmp_path, local_ray):
+    """ranks=2: each run's two ranks are processes of its Ray task (gloo here), as under torchrun
+    --standalone; the sizing runs in the task alone."""
     cfg = tiny(tmp_path, strategies=("d",), holdout=0, budget="epochs:1", launcher="ray",
-               launcher_args=("num_cpus=1", "max_retries=2"))
+               launcher_args=("num_cpus=2", "ranks=2", "max_retries=2"))
     study.run_study(cfg, log=print)
     rows = _trial_results(Path(cfg.out))
     assert set(rows) == {"base", "d-x2"} and all(0 <= a <= 1 for r in rows.values() for a in r["accuracies"])
+    log = (Path(cfg.out) / "trials" / "d-x2" / "seed0" / "log.txt").read_text()
+    assert "on cpu x2" in log and "ranks 2" in log, log
     sized = results.read(Path(cfg.out) / "trials" / "base" / "trial.json", Sizing)
     assert sized.hardware == study.hardware("cpu")
 

@@ -11,7 +11,8 @@ sweep, then seed 0 of every trial, then more seeds) by calling `map` once per ph
             their run directories, as every vitscale run does; a job of several tasks
             (tasks_per_node, nodes) is one run's ranks, joined as torchrun would join them
     ray     each job a remote task with num_cpus/num_gpus, retried by Ray when its worker dies
-            (max_retries)
+            (max_retries); with ranks=N a run's N ranks are processes of its task, joined as
+            torchrun --standalone would join them
 
 A job runs `run_job` on its node: its threads, its output appended to its log file, SIGTERM /
 SIGUSR1 stopping it at a checkpoint. A mistake of the user's (UserError) or a non-finite loss
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +85,46 @@ def run_job(fn, args: tuple, log_path: str | Path, threads: int):
         os.close(saved[1])
 
 
+def takes_dist(args: tuple) -> bool:
+    """Whether a job is one of the study's runs, which take their `dist.Dist` last (the sizing does not)."""
+    return bool(args) and isinstance(args[-1], dist.Dist)
+
+
+def as_rank(run, args: tuple, device: str):
+    """`run(args)` as one rank of the process group the environment describes (torchrun's variables),
+    its `Dist` in place of the job's last argument."""
+    d = dist.setup(device)
+    try:
+        return run((*args[:-1], d))
+    finally:
+        dist.teardown(d)
+
+
+def run_ranks(fn, args: tuple, log_path: str | Path, threads: int, ranks: int, device: str):
+    """A job on `ranks` processes of this node, joined as `torchrun --standalone` joins them, each with
+    threads // ranks torch threads; rank 0's value. A job that is not a run runs here alone."""
+    if ranks == 1 or not takes_dist(args):
+        return run_job(fn, args, log_path, threads)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:  # on this node, as the ranks are
+        out = Path(tmp) / "rank0.pt"
+        torch.multiprocessing.start_processes(
+            _rank, args=(fn, args, str(log_path), max(1, threads // ranks), device, ranks, port, str(out)),
+            nprocs=ranks, start_method="spawn")  # raises when a rank fails: the task fails, and is run again
+        return torch.load(out, weights_only=False)
+
+
+def _rank(local: int, fn, args: tuple, log_path: str, threads: int, device: str, world: int, port: int,
+          out: str) -> None:
+    os.environ.update(RANK=str(local), LOCAL_RANK=str(local), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    value = as_rank(lambda a: run_job(fn, a, log_path, threads), args, device)
+    if local == 0:
+        torch.save(value, out)
+
+
 def options(pairs: tuple[str, ...]) -> dict:
     """launcher_args' KEY=VALUE pairs, values read as YAML scalars (240 an int, gpu a string)."""
     out = {}
@@ -107,7 +150,7 @@ def launcher_for(study, workers: int, log, device: str = "auto") -> Launcher:
         raise UserError(f"launcher argument retries must be 0 or more, got {retries!r}")
     if study.launcher == "slurm":
         return SlurmLauncher(Path(study.out) / "slurm", opts, retries, log, device=device)
-    return RayLauncher(opts, retries, log)
+    return RayLauncher(opts, retries, log, device=device)
 
 
 # ----------------------------------------------------------------------------- slurm
@@ -126,21 +169,15 @@ class SlurmTask:
     def __call__(self):
         from submitit import JobEnvironment
 
-        env, d = JobEnvironment(), None
-        args = self.args
-        if env.num_tasks > 1:
-            if not (args and isinstance(args[-1], dist.Dist)):
-                return None if env.global_rank else self._run(args)
-            from submitit.helpers import TorchDistributedEnvironment
+        env = JobEnvironment()
+        if env.num_tasks == 1:
+            return self._run(self.args)
+        if not takes_dist(self.args):
+            return None if env.global_rank else self._run(self.args)
+        from submitit.helpers import TorchDistributedEnvironment
 
-            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-            d = dist.setup(self.device)
-            args = (*args[:-1], d)
-        try:
-            return self._run(args)
-        finally:
-            if d is not None:
-                dist.teardown(d)
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return as_rank(self._run, self.args, self.device)
 
     def _run(self, args: tuple):
         from submitit import JobEnvironment
@@ -259,23 +296,28 @@ class RayLauncher:
 
     remote = True
 
-    def __init__(self, opts: dict, retries: int, log):
+    def __init__(self, opts: dict, retries: int, log, device: str = "auto"):
         ray = optional("ray", "ray", "--launcher ray")
-        unknown = set(opts) - {"num_cpus", "num_gpus", "max_retries", "address"}
+        unknown = set(opts) - {"num_cpus", "num_gpus", "max_retries", "address", "ranks"}
         if unknown:
             raise UserError(f"launcher arguments for ray: unknown {', '.join(sorted(unknown))}; "
-                            "use num_cpus, num_gpus, max_retries, address, retries")
+                            "use num_cpus, num_gpus, ranks, max_retries, address, retries")
+        self.ranks = opts.get("ranks", 1)
+        if not isinstance(self.ranks, int) or self.ranks < 1:
+            raise UserError(f"launcher argument ranks must be 1 or more (processes a run), got "
+                            f"{self.ranks!r}")
         if not ray.is_initialized():
             ray.init(address=opts.get("address"), log_to_driver=False)
         self.threads = int(opts.get("num_cpus", 1))
-        self.ray, self.log, self.retries = ray, log, retries
-        self.remote_job = ray.remote(run_job).options(
+        self.ray, self.log, self.retries, self.device = ray, log, retries, device
+        self.remote_job = ray.remote(run_ranks).options(
             num_cpus=self.threads, num_gpus=opts.get("num_gpus", 0), max_retries=opts.get("max_retries", 3))
-        log(f"launcher ray: {self.threads} CPUs and {opts.get('num_gpus', 0)} GPUs a job")
+        log(f"launcher ray: {self.threads} CPUs and {opts.get('num_gpus', 0)} GPUs a job"
+            + (f", {self.ranks} ranks a run" if self.ranks > 1 else ""))
 
     def _submit(self, job: tuple):
         name, fn, args, path = job
-        return self.remote_job.remote(fn, args, str(path), self.threads)
+        return self.remote_job.remote(fn, args, str(path), self.threads, self.ranks, self.device)
 
     def map(self, jobs: list[tuple], done) -> None:
         waiting = _Waiting(self.retries, self.log)
