@@ -69,6 +69,15 @@ def test_the_plan_counts_steps_and_compute_as_the_study_spends_them(tmp_path):
     assert c["more_seeds"] == pytest.approx(extra)
     seed0 = sum(r["seed0_compute"] for r in p["trials"])
     assert c["total"] == pytest.approx(sweep["compute"] + seed0 + extra)
+    assert p["time"] is None and "time: known once every trial is sized" in "\n".join(study_plan.lines(p))
+    for name in ("base", "d-x2"):  # sized by a run at 1000 samples/s: time is training samples over it
+        (Path(cfg.out) / "trials" / name).mkdir(parents=True)
+        results.write(Path(cfg.out) / "trials" / name / "trial.json", _sizing(2 * spe))
+    t = study_plan.describe(cfg)["time"]
+    assert t["seed0"] == pytest.approx(2 * steps0 * 32 / 1000)
+    assert t["sweep"] == pytest.approx(2 * 16 * 32 / 1000)
+    assert t["more_seeds"] == pytest.approx(2 * 2 * spe * 32 / 1000)  # d-x2 held out, base the leader
+    assert t["total"] == pytest.approx(t["sweep"] + t["seed0"] + t["more_seeds"])
 
 
 def test_a_time_budget_plan_says_measured_when_run(tmp_path, capsys):

@@ -6,7 +6,9 @@ runs its stable phase up to the last branch point, then each cooldown branch fro
 point to its end; seeds after the first run the full-length cooldown only; every sweep run is
 a whole short wsd run of the base. Under a time budget the steps come from a throughput
 measured when the study runs (trial.json), so they are "measured when run" unless a trial's
-sizing is already recorded in the study directory.
+sizing is already recorded in the study directory. Time is estimated the same way: training
+samples over the samples/s a trial's sizing measured, so it is known once the trials are sized
+(the study's first phase: `--plan` again after it).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def describe(cfg: study.StudyConfig) -> dict:
             seed0 = (max(s for _, _, s in plan_) + sum(n - s for _, n, s in plan_)) * batch * per_sample
             extra = steps * batch * per_sample  # a later seed: stable to the last start, its cooldown
         m, c = t.run.model, cost(t.run.model)
+        rate = sizing.measured["samples_per_s"] if sizing else None
         rows.append({
             "name": t.name, "strategies": list(t.strategies), "factor": t.factor, "achieved": t.achieved,
             "depth": m.depth, "width": m.width, "heads": m.heads, "patch": m.patch_size, "side": m.hw[0],
@@ -71,7 +74,7 @@ def describe(cfg: study.StudyConfig) -> dict:
             "batch": batch, "steps_per_epoch": spe, "steps": steps,
             "steps_from": "trial.json" if sizing else MEASURED if steps is None else cfg.budget,
             "compute": None if steps is None else steps * batch * per_sample,
-            "seed0_compute": seed0, "seed_compute": extra})
+            "seed0_compute": seed0, "seed_compute": extra, "samples_per_s": rate})
     held = _families_held(cfg, rows)
     if held is None:
         held_names, held = None, set()
@@ -92,6 +95,7 @@ def describe(cfg: study.StudyConfig) -> dict:
     seed0 = sum(r["seed0_compute"] for r in rows) if known else None
     total = None if not known or sweep["compute"] is None and cfg.lrs else (
         seed0 + extra + (sweep["compute"] or 0.0))
+    time = _time(rows, base, sweep, held, leaders, more)
     return {
         "kind": "StudyPlan", "out": cfg.out, "budget": cfg.budget, "objective": cfg.objective,
         "param": cfg.param, "reference_compute": reference, "trials": rows,
@@ -107,7 +111,33 @@ def describe(cfg: study.StudyConfig) -> dict:
             "probe_epochs": cfg.probe_epochs if cfg.objective == "mae" else None},
         "compute": {"sweep": sweep["compute"], "seed0": seed0, "more_seeds": extra, "total": total,
                     "note": "training multiply-adds (forward + backward); sizing and MAE probes not counted"},
+        "time": time,
     }
+
+
+def _time(rows: list[dict], base: dict, sweep: dict, held: set[str], leaders: int, more: int) -> dict | None:
+    """Seconds of training per phase, one run at a time, at the samples/s each trial's sizing measured;
+    None until every trial is sized. The leaders' extra seeds are taken at the others' mean."""
+    if any(r["samples_per_s"] is None or r["seed0_compute"] is None for r in rows):
+        return None
+
+    def seconds(r: dict, compute: float) -> float:
+        return compute / r["train_flops_per_sample"] / r["samples_per_s"]
+
+    others = [r for r in rows if r["name"] not in held]
+    mean = sum(seconds(r, r["seed_compute"]) for r in others) / len(others) if others else 0.0
+    t = {"sweep": seconds(base, sweep["compute"] or 0.0),
+         "seed0": sum(seconds(r, r["seed0_compute"]) for r in rows),
+         "more_seeds": more * (sum(seconds(r, r["seed_compute"]) for r in rows if r["name"] in held)
+                               + leaders * mean)}
+    return t | {"total": sum(t.values()),
+                "note": "training steps at the samples/s the sizing measured, one run at a time; "
+                        "evaluation not counted"}
+
+
+def _duration(seconds: float) -> str:
+    return (f"{seconds / 3600:.3g} h" if seconds >= 3600 else f"{seconds / 60:.3g} min" if seconds >= 60
+            else f"{seconds:.3g} s")
 
 
 def _g(v: float | None) -> str:
@@ -143,6 +173,12 @@ def lines(p: dict) -> list[str]:
         out.append(f"probe: a {ph['probe_epochs']}-epoch linear probe of each seed's final encoder")
     out.append(f"compute: sweep {_g(c['sweep'])}, seed 0 {_g(c['seed0'])}, more seeds {_g(c['more_seeds'])} "
                f"(estimated), total {_g(c['total'])} multiply-adds")
+    t = p["time"]
+    out.append("time: known once every trial is sized (the study's first phase; --plan again after it)"
+               if t is None else
+               f"time: sweep {_duration(t['sweep'])}, seed 0 {_duration(t['seed0'])}, more seeds "
+               f"{_duration(t['more_seeds'])} (estimated), total {_duration(t['total'])} of training, "
+               "one run at a time, at the samples/s the sizing measured")
     return out
 
 
