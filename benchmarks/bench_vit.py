@@ -13,12 +13,22 @@ Read the ratio as vitscale samples/s over HF samples/s: above 1.00x vitscale is 
 below it is slower. The architectures compute the same function; vitscale fuses q, k, v
 into one matmul where HF runs three, so differences are kernel- and launch-level.
 
-    python benchmarks/bench_vit.py                 # S/16 (224 px, b32) and pico/4 (32 px, b64)
+With --compile on both sides are torch.compile'd (so the ratio stays like for like); the
+first round's warm-up steps absorb the compilation, whose seconds are printed apart (that
+round's warm-up time less as many steady steps). Where the device's peak is known (a GPU in
+vitscale.mfu's table, or --peak-tflops) each line also gives the MFU of both sides: 2 x the
+multiply-adds FlopCounterMode counts per sample (forward, plus backward in training) x
+samples/s over the dtype's dense peak; both sides compute the same function, so one count
+serves both.
+
+    python benchmarks/bench_vit.py                 # CPU: S/16 (224 px, b32) and pico/4 (32 px, b64)
     python benchmarks/bench_vit.py --quick         # pico/4 only, a few seconds
-    python benchmarks/bench_vit.py --device cuda --json out/bench_vit.json
+    python benchmarks/bench_vit.py --device cuda --dtype bf16 --json out/bench_vit.json
+                                                   # GPU: B/16 (b128) and S/16 (b256), compile off and on
 
 Runtime: about 4 minutes on an idle 2-core CPU with the defaults (steps run up to 3x longer
-when other jobs share the cores); well under one on a GPU.
+when other jobs share the cores; --compile off,on adds the compilation and as many timed
+rounds again); on a GPU a few minutes, most of it compiling.
 """
 
 from __future__ import annotations
@@ -37,12 +47,14 @@ import torch  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 
+from vitscale import counted, mfu  # noqa: E402
 from vitscale.bench import Measurement, example_input, measure_model, pick_device  # noqa: E402
+from vitscale.device import DTYPES  # noqa: E402
 from vitscale.models.vit import ViT, ViTConfig, param_count, preset  # noqa: E402
 from vitscale.report import console  # noqa: E402
 
-DTYPES = ("fp32", "bf16")
 MODES = ("infer", "train")
+COMPILE = ("off", "on")
 
 
 @dataclass(frozen=True)
@@ -58,8 +70,12 @@ class Setting:
 
 # Many single-step rounds: a fine interleave, and the best step is the one least disturbed by
 # other load. S/16 train steps take seconds on two CPU cores; pico/4 steps take milliseconds.
-SETTINGS = (Setting("S/16", 32, 1, 1, 4), Setting("pico/4", 64, 3, 1, 40))
+# On a GPU steps are short and the device is not shared: fewer rounds of ten steps, at the
+# batches ViT-B/16 trains with (per device).
+SETTINGS = {"cpu": (Setting("S/16", 32, 1, 1, 4), Setting("pico/4", 64, 3, 1, 40)),
+            "cuda": (Setting("B/16", 128, 5, 10, 4), Setting("S/16", 256, 5, 10, 4))}
 QUICK = (Setting("pico/4", 64, 1, 1, 8),)
+COMPILE_WARMUP = 2  # at least this many untimed steps before a compiled side's first round
 
 
 def hf_peer(cfg: ViTConfig) -> nn.Module:
@@ -100,64 +116,113 @@ def best(ms: list[Measurement]) -> Measurement:
     return max(ms, key=lambda m: m.samples_per_s)
 
 
-def round_warmup(s: Setting, r: int, mode: str) -> int:
-    """Untimed steps before round r: all of them first, then one per train round (its fresh AdamW)."""
+def round_warmup(s: Setting, r: int, mode: str, compiled: bool = False) -> int:
+    """Untimed steps before round r: all of them first (with compilation, at least COMPILE_WARMUP),
+    then one per train round (its fresh AdamW)."""
     if r == 0:
-        return s.warmup
+        return max(s.warmup, COMPILE_WARMUP) if compiled else s.warmup
     return min(s.warmup, 1) if mode == "train" else 0  # AdamW allocates its state on its first step
 
 
 def time_cell(ours: nn.Module, peer: nn.Module, x: torch.Tensor, mode: str, dtype: str,
-              s: Setting) -> tuple[Measurement, Measurement]:
-    """Best-of-rounds measurement of each side, alternating which goes first every round."""
+              s: Setting, compiled: bool = False) -> tuple[list[Measurement], list[Measurement]]:
+    """Every round's measurement of each side (the first round first), alternating which side
+    goes first every round."""
     sides = {"ours": (ours, None), "peer": (peer, hf_loss)}
     runs: dict[str, list[Measurement]] = {"ours": [], "peer": []}
     for r in range(s.rounds):
         for name in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
             model, loss_fn = sides[name]
-            warmup = round_warmup(s, r, mode)
+            warmup = round_warmup(s, r, mode, compiled)
             runs[name].append(measure_model(model, x, mode, dtype, warmup, s.iters, loss_fn))
-    return best(runs["ours"]), best(runs["peer"])
+    return runs["ours"], runs["peer"]
+
+
+def compile_seconds(rounds: list[Measurement], warmup: int) -> float:
+    """Seconds the first round's `warmup` steps took beyond as many steady (best-round) steps:
+    with torch.compile, the compilation."""
+    return max(0.0, rounds[0].warmup_s - warmup * best(rounds).ms_per_step / 1000)
+
+
+def side(m: Measurement, macs: float, peak: float | None) -> dict:
+    """One side's best round, with its MFU (None without a peak)."""
+    return m.as_dict() | {"mfu": mfu.mfu(m.samples_per_s, macs, peak)}
 
 
 def summary(cell: dict) -> str:
-    """One greppable line: 'S/16 b32 fp32 train: vitscale 12.3/s  hf 11.9/s  ratio 1.03x'."""
-    return (f"{cell['config']} b{cell['batch']} {cell['dtype']} {cell['mode']}: "
-            f"vitscale {cell['vitscale']['samples_per_s']:.1f}/s  hf {cell['hf']['samples_per_s']:.1f}/s  "
-            f"ratio {cell['ratio']:.2f}x")
+    """One greppable line: 'B/16 b128 bf16 train compile on: vitscale 1234.5/s  hf 950.0/s  ratio 1.30x
+    MFU vitscale 46.1%  hf 35.5%  (compiling: vitscale 41.0 s, hf 45.2 s)'."""
+    a, b = cell["vitscale"], cell["hf"]
+    line = (f"{cell['config']} b{cell['batch']} {cell['dtype']} {cell['mode']} compile {cell['compile']}: "
+            f"vitscale {a['samples_per_s']:.1f}/s  hf {b['samples_per_s']:.1f}/s  ratio {cell['ratio']:.2f}x")
+    if a["mfu"] is not None:
+        line += f"  MFU vitscale {a['mfu']:.1%}  hf {b['mfu']:.1%}"
+    if cell["compile"] == "on":
+        line += f"  (compiling: vitscale {a['compile_s']:.1f} s, hf {b['compile_s']:.1f} s)"
+    return line
 
 
-def run_setting(s: Setting, device: torch.device, seed: int) -> list[dict]:
-    """All dtype x mode cells of one config; prints each summary line as it finishes."""
+def run_setting(s: Setting, device: torch.device, args: argparse.Namespace) -> list[dict]:
+    """All compile x dtype x mode cells of one config; prints each summary line as it finishes."""
     cfg = preset(s.preset)
-    ours, peer, params = build_pair(cfg, device, seed)
+    ours, peer, params = build_pair(cfg, device, args.seed)
     print(f"{s.preset}: {params:,} parameters on both sides (vitscale == HF)", flush=True)
-    torch.manual_seed(seed)
+    torch.manual_seed(args.seed)
     x = example_input(cfg, s.batch, device)
+    macs = {mode: counted.macs_per_sample(cfg, mode) for mode in MODES}
     cells = []
-    for dtype in DTYPES:
-        for mode in MODES:
-            m_ours, m_peer = time_cell(ours, peer, x, mode, dtype, s)
-            cells.append({
-                "config": s.preset, "batch": s.batch, "dtype": dtype, "mode": mode, "params": params,
-                "vitscale": m_ours.as_dict(), "hf": m_peer.as_dict(),
-                "ratio": m_ours.samples_per_s / m_peer.samples_per_s,
-            })
-            print(summary(cells[-1]), flush=True)
+    for comp in args.compile:
+        on = comp == "on"
+        # the compiled modules share the eager ones' parameters; each compiles once per mode x dtype
+        pair = (torch.compile(ours, backend=args.compile_backend),
+                torch.compile(peer, backend=args.compile_backend)) if on else (ours, peer)
+        for dtype in args.dtype:
+            peak = mfu.peak_tflops(device, dtype, args.peak_tflops)
+            for mode in MODES:
+                r_ours, r_peer = time_cell(*pair, x, mode, dtype, s, on)
+                m_ours, m_peer = best(r_ours), best(r_peer)
+                a, b = side(m_ours, macs[mode], peak), side(m_peer, macs[mode], peak)
+                if on:
+                    first = round_warmup(s, 0, mode, on)
+                    a["compile_s"], b["compile_s"] = (compile_seconds(r, first) for r in (r_ours, r_peer))
+                cells.append({
+                    "config": s.preset, "batch": s.batch, "dtype": dtype, "mode": mode, "compile": comp,
+                    "params": params, "macs_per_sample": macs[mode], "peak_tflops": peak,
+                    "vitscale": a, "hf": b, "ratio": m_ours.samples_per_s / m_peer.samples_per_s,
+                })
+                print(summary(cells[-1]), flush=True)
     return cells
 
 
+def speedups(cells: list[dict]) -> list[str]:
+    """'compile on / off, S/16 b32 fp32 train: vitscale 1.21x  hf 1.10x' for each cell timed both ways."""
+    off = {(c["config"], c["batch"], c["dtype"], c["mode"]): c for c in cells if c["compile"] == "off"}
+    lines = []
+    for c in cells:
+        key = (c["config"], c["batch"], c["dtype"], c["mode"])
+        if c["compile"] == "on" and key in off:
+            gain = {k: c[k]["samples_per_s"] / off[key][k]["samples_per_s"] for k in ("vitscale", "hf")}
+            lines.append(f"compile on / off, {key[0]} b{key[1]} {key[2]} {key[3]}: "
+                         f"vitscale {gain['vitscale']:.2f}x  hf {gain['hf']:.2f}x")
+    return lines
+
+
 def results_table(cells: list[dict]) -> Table:
-    """Rich table of the cells: throughput of each side and the ratio."""
+    """Rich table of the cells: throughput of each side, the ratio, and MFU where a peak is known."""
+    with_mfu = any(c["vitscale"]["mfu"] is not None for c in cells)
     t = Table(title="vitscale ViT vs transformers ViT (ratio > 1: vitscale faster)", title_justify="left")
-    for name in ("config", "batch", "dtype", "mode", "vitscale/s", "HF/s", "ratio",
-                 "vitscale ms", "HF ms"):
-        t.add_column(name, justify="left" if name in ("config", "dtype", "mode") else "right")
+    names = ("config", "batch", "dtype", "mode", "compile", "vitscale/s", "HF/s", "ratio",
+             "vitscale ms", "HF ms") + (("vitscale MFU", "HF MFU") if with_mfu else ())
+    for name in names:
+        t.add_column(name, justify="left" if name in ("config", "dtype", "mode", "compile") else "right")
     for c in cells:
         a, b = c["vitscale"], c["hf"]
-        t.add_row(c["config"], str(c["batch"]), c["dtype"], c["mode"],
-                  f"{a['samples_per_s']:.1f}", f"{b['samples_per_s']:.1f}", f"{c['ratio']:.2f}x",
-                  f"{a['ms_per_step']:.1f}", f"{b['ms_per_step']:.1f}")
+        row = [c["config"], str(c["batch"]), c["dtype"], c["mode"], c["compile"],
+               f"{a['samples_per_s']:.1f}", f"{b['samples_per_s']:.1f}", f"{c['ratio']:.2f}x",
+               f"{a['ms_per_step']:.1f}", f"{b['ms_per_step']:.1f}"]
+        if with_mfu:
+            row += ["-" if m["mfu"] is None else f"{m['mfu']:.1%}" for m in (a, b)]
+        t.add_row(*row)
     return t
 
 
@@ -169,25 +234,53 @@ def with_overrides(settings: tuple[Setting, ...], args: argparse.Namespace) -> l
                     s.rounds if args.rounds is None else args.rounds) for s in settings]
 
 
+def listed(allowed: tuple[str, ...]):
+    """An argparse type: a comma-separated list of `allowed` names, in the order given."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{text!r}: give one or more of {','.join(allowed)}")
+        return names
+    return parse
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = bench_common.parser(__doc__)
     p.add_argument("--warmup", type=int, help="untimed steps per round (default: per config)")
     p.add_argument("--iters", type=int, help="timed steps per round (default: per config)")
+    p.add_argument("--dtype", type=listed(tuple(DTYPES)), default=("fp32", "bf16"),
+                   help="comma-separated dtypes to time (default: fp32,bf16)")
+    p.add_argument("--compile", type=listed(COMPILE),
+                   help="off, on or off,on: time eager and/or torch.compile'd models (default: off,on "
+                        "on a GPU, off on a CPU, where inductor's C++ compilation takes minutes)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend for --compile on (default: inductor)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="the device's dense peak for the dtype, for MFU (0 = vitscale.mfu's table for "
+                        "known GPUs; none on a CPU unless given)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.compile = args.compile or (COMPILE if device.type == "cuda" else ("off",))
     env = bench_common.environment(device)
     print(bench_common.environment_line(env), flush=True)
     cells = []
-    for s in with_overrides(QUICK if args.quick else SETTINGS, args):
-        cells += run_setting(s, device, args.seed)
+    for s in with_overrides(QUICK if args.quick else SETTINGS[device.type], args):
+        cells += run_setting(s, device, args)
+        torch._dynamo.reset()  # the next config compiles afresh, and this one's graphs are freed
         if device.type == "cuda":
             torch.cuda.empty_cache()
     console().print(results_table(cells))
+    for line in speedups(cells):
+        print(line)
     bench_common.write_json(args.json, env | {"cells": cells})
     return 0
 

@@ -1,7 +1,8 @@
 """Measured cost: throughput, latency and peak memory of inference or a training step.
 
 Warm-up steps, then the median of N timed steps; fp32, or bf16 or fp16 autocast (fp16 training
-steps without a loss scale: the timing is the same); CPU or CUDA.
+steps without a loss scale: the timing is the same); CPU or CUDA; eager or torch.compile'd (the
+warm-up steps absorb the compilation, and their seconds are reported apart: warmup_s).
 Peak memory is CUDA's max allocated bytes, or on CPU the process's resident-set high-water
 mark (VmHWM, reset before the timed steps where Linux allows it).
 """
@@ -33,6 +34,7 @@ class Measurement:
     samples_per_s: float
     ms_per_step: float  # median step latency
     peak_mem_mb: float
+    warmup_s: float = 0.0  # seconds of the untimed warm-up steps (with torch.compile: mostly compiling)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,18 +64,21 @@ def _peak_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 1024)
 
 
-def time_steps(step: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Seconds per call of `step` for `iters` calls after `warmup` untimed ones."""
+def time_steps(step: Callable[[], object], device: torch.device, warmup: int,
+               iters: int) -> tuple[float, list[float]]:
+    """(seconds of the `warmup` untimed calls of `step` together, seconds of each of `iters` calls after)."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     _sync(device)
+    warmup_s = time.perf_counter() - t0
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return times
+    return warmup_s, times
 
 
 def make_step(model: nn.Module, x: torch.Tensor, mode: str, device: torch.device, dtype: str,
@@ -125,10 +130,10 @@ def measure_model(model: nn.Module, x: torch.Tensor, mode: str = "train", dtype:
     device = x.device
     step = make_step(model, x, mode, device, dtype, loss_fn)
     _reset_peak(device)
-    times = time_steps(step, device, warmup, iters)
+    warmup_s, times = time_steps(step, device, warmup, iters)
     ms = statistics.median(times) * 1000
     batch = x.shape[0]
-    return Measurement(mode, batch, dtype, device.type, batch / (ms / 1000), ms, _peak_mb(device))
+    return Measurement(mode, batch, dtype, device.type, batch / (ms / 1000), ms, _peak_mb(device), warmup_s)
 
 
 def held_for_backward(model: nn.Module, x: torch.Tensor, dtype: str = "fp32") -> int:
@@ -179,12 +184,14 @@ def example_input(cfg: ViTConfig, batch: int, device: torch.device | str = "cpu"
 
 def measure(cfg: ViTConfig, batch: int = 8, mode: str = "train", dtype: str = "fp32",
             device: str = "auto", warmup: int = 2, iters: int = 5, seed: int = 0,
-            act_ckpt: bool = False) -> Measurement:
+            act_ckpt: bool = False, compile: bool = False) -> Measurement:
     """Build ViT(cfg) on a device and measure it on random input (with act_ckpt, every block
-    checkpointed: train.act_ckpt)."""
+    checkpointed: train.act_ckpt; with compile, torch.compile'd as train.compile does, which
+    the warm-up steps absorb)."""
     _check_counts(batch, warmup, iters)
     dev = pick_device(device)
     torch.manual_seed(seed)
     model = ViT(cfg).to(dev)
     checkpoint_blocks(model, on=act_ckpt)
+    model = torch.compile(model) if compile else model
     return measure_model(model, example_input(cfg, batch, dev), mode, dtype, warmup, iters)

@@ -167,17 +167,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
     records = []
     for mode in modes:
         m = bench.measure(cfg, batch=args.batch, mode=mode, dtype=args.dtype, device=args.device,
-                          warmup=args.warmup, iters=args.iters, act_ckpt=args.act_ckpt)
+                          warmup=args.warmup, iters=args.iters, act_ckpt=args.act_ckpt, compile=args.compile)
         peak = mfu.peak_tflops(m.device, args.dtype, args.peak_tflops)
         records.append({"name": args.model} | m.as_dict() | {"act_ckpt": args.act_ckpt, "params": c.params,
+                                                             "compile": args.compile,
                                                              "flops": c.flops, "peak_tflops": peak,
                        "mfu": mfu.mfu(m.samples_per_s, counted.macs_per_sample(cfg, mode), peak)})
     if args.json:
         return report.print_json(records)
     keys = ["name", "mode", "dtype", "batch", "samples_per_s", "ms_per_step", "peak_mem_mb",
             "params", "flops"] + (["act_ckpt"] if args.act_ckpt else []) + (
+        ["warmup_s"] if args.compile else []) + (
         ["mfu"] if records[0]["mfu"] is not None else [])
-    report.console().print(report.table(f"Measured on {records[0]['device']}", records, keys))
+    how = ", torch.compile'd (warm-up: compiling)" if args.compile else ""
+    report.console().print(report.table(f"Measured on {records[0]['device']}{how}", records, keys))
     if args.act_ckpt and "train" in modes:
         plain, ckpt = (bench.held(cfg, args.batch, args.dtype, args.device, act_ckpt=c) / 2**20
                        for c in (False, True))
@@ -405,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing of every block "
                    "(train.act_ckpt): less peak memory in training for about one more forward pass")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile); the "
+                   "warm-up steps absorb the compilation, their seconds are shown apart (warmup_s)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense peak for --dtype, "
                    "for MFU (0 = vitscale.mfu's table for known GPUs; none on a CPU unless given)")
     p.add_argument("--json", action="store_true")

@@ -53,6 +53,7 @@ COLUMNS = {  # record key -> (header, formatter)
     "samples_per_s": ("samples/s", lambda v: f"{v:.1f}"),
     "ms_per_step": ("ms/step", lambda v: f"{v:.1f}"),
     "peak_mem_mb": ("peak MB", lambda v: f"{v:.0f}"),
+    "warmup_s": ("warm-up s", lambda v: f"{v:.1f}"),
     "mode": ("mode", str),
     "dtype": ("dtype", str),
     "batch": ("batch", str),
