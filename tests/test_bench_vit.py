@@ -66,6 +66,11 @@ def test_compile_list_is_checked():
         bv.parse_args(["--compile", "maybe"])
     with pytest.raises(SystemExit):
         bv.parse_args(["--dtype", "fp8"])
+    s16, pico = bv.chosen("S/16:8, pico/4:64", "cpu")
+    assert (s16.preset, s16.batch, pico.preset, pico.batch) == ("S/16", 8, "pico/4", 64)
+    assert s16.rounds == bv.SETTINGS["cpu"][0].rounds
+    with pytest.raises(SystemExit, match="PRESET:BATCH"):
+        bv.chosen("S/16", "cpu")
 
 
 def quick(tmp_path: Path, *extra: str) -> list[dict]:
