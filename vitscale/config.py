@@ -60,6 +60,8 @@ class TrainConfig:
     # metrics (0 = vitscale.mfu's table on known GPUs; no MFU on a CPU unless given)
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     fsdp: bool = False  # shard parameters with FSDP (fully_shard) across ranks
+    sharded_ckpt: bool = False  # with train.fsdp: each rank writes its own shards of the weights and
+    # optimizer state (torch.distributed.checkpoint), never gathered on one rank; resumes on any ranks
     seed: int = 0  # seeds init, data order, augmentation and masking
     threads: int = 0  # torch intra-op threads (0 = PyTorch's default)
     ckpt_every: int = 0  # also checkpoint every N optimizer steps (0 = each epoch only)
@@ -87,6 +89,8 @@ class TrainConfig:
             (0.0 <= self.ema < 1.0, f"train.ema must be in [0, 1) (0 = off), got {self.ema}"),
             (not (self.ema and self.fsdp), "train.ema cannot be used with train.fsdp yet; use DDP "
              "(leave train.fsdp off) or set train.ema=0"),
+            (self.fsdp or not self.sharded_ckpt, "train.sharded_ckpt needs train.fsdp=true (without FSDP "
+             "every rank holds the whole state); set both, or leave train.sharded_ckpt off"),
             (self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got "
              f"{self.optimizer!r}"),
             (0.0 <= self.decay_frac <= 1.0, f"train.decay_frac must be in [0, 1], got {self.decay_frac}"),

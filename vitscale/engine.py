@@ -86,7 +86,7 @@ def _prepare_run_dir(cfg: RunConfig, d: dist.Dist, log=print) -> Path:
         saved = run_dir / "config.yaml"
         started = saved.is_file() and bool(checkpoint.checkpoints(run_dir))
         differ = _differences(load_yaml(saved), cfg, _PLACE) if started else {}
-        refused = [said for key, said in differ.items() if key not in RECOVERY]
+        refused = [said for key, said in differ.items() if key not in RECOVERY | PARALLELISM]
         if refused:
             raise UserError(f"{str(run_dir)!r} holds a run with another config ({'; '.join(refused[:3])}); "
                              f"resume it with --config {saved} or choose a new --out")
@@ -104,6 +104,9 @@ _PLACE = {"out", "init", "init_allow", "train.branch_from"}
 # What a run stopped by a non-finite loss is told to change before it resumes: these may differ
 # on resume (the change is logged and config.yaml rewritten); any other field may not.
 RECOVERY = {"train.base_lr", "train.clip_grad", "train.dtype"}
+# How the state is held across ranks, not what is trained: a run may resume under other values
+# (a sharded FSDP run on one process, train.fsdp off), logged like RECOVERY's.
+PARALLELISM = {"train.fsdp", "train.sharded_ckpt"}
 
 
 def _differences(saved: RunConfig, cfg: RunConfig, ignored: set[str]) -> dict[str, str]:
@@ -267,7 +270,7 @@ class Job:
         with a warning naming what is wrong); with none, start a branch from train.branch_from if
         set (its best score is not inherited: the branch's best/ is its own)."""
         shapes = {k: v.shape for k, v in self.module.state_dict().items()}
-        found = checkpoint.newest_good(self.run_dir, shapes, warn=self.log)
+        found = checkpoint.newest_good(self.run_dir, shapes, warn=self.log, whole=False)
         branch = found is None and bool(self.cfg.train.branch_from)
         if branch:
             ckpt = Path(self.cfg.train.branch_from)
@@ -275,7 +278,7 @@ class Job:
                 raise UserError(f"train.branch_from={str(ckpt)!r} is not a checkpoint directory "
                                  f"(RUN/{checkpoint.PREFIX}STEP with state.json and safetensors files)")
             try:
-                found = ckpt, checkpoint.load(ckpt, shapes)
+                found = ckpt, checkpoint.load(ckpt, shapes, whole=False)
             except checkpoint.Damaged as e:
                 raise UserError(f"train.branch_from: {e}") from None
         if found is None:
@@ -283,8 +286,16 @@ class Job:
         ckpt, (model_state, optim_state, state) = found
         if branch:
             self._check_branch(ckpt, state["step"])
+        world = checkpoint.world_of(state)
+        if world != self.d.world:
+            self._check_world(ckpt, world)
+        if state["sharded"]:  # this rank's part, from whichever ranks' shards hold it (DCP reshards)
+            model_state, optim_state = checkpoint.load_shards(ckpt, *get_state_dict(
+                self.module, self.opt, options=StateDictOptions(full_state_dict=False)), optim_state,
+                no_dist=not self.d.enabled)
         set_state_dict(self.module, self.opt, model_state_dict=model_state, optim_state_dict=optim_state,
-                       options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.d.enabled))
+                       options=StateDictOptions(full_state_dict=not state["sharded"],
+                                                broadcast_from_rank0=self.d.enabled and not state["sharded"]))
         if self.ema is not None:
             if state["ema"] is None:
                 raise UserError(f"{ckpt} holds no EMA weights (ema.safetensors) but this run has train.ema="
@@ -296,6 +307,31 @@ class Job:
             torch.manual_seed(rank_seed(self.cfg.train.seed + state["step"], self.d.rank))
         self.step, self.best = state["step"], None if branch else state.get("best")
         self.log(f"{'branched' if branch else 'resumed'} from {ckpt} at step {self.step}")
+
+    def _check_world(self, ckpt: Path, world: int) -> None:
+        """Resuming on another number of ranks than `world`, which wrote `ckpt`: the run goes on
+        only where its steps are the same ones (each epoch's steps and their global positions in
+        the data order; the global batch is the same, the micro-batch not); said in the log."""
+        t, d = self.cfg.train, self.d
+        micro = t.batch // (world * t.accum)
+        if micro * world * t.accum != t.batch:
+            raise UserError(f"{ckpt} was written by {world} ranks, and batch {t.batch} does not divide "
+                            f"among them; resume on {world} ranks")
+        m = self.cfg.model
+        theirs = Plan(t, m.frames, m.hw[0], m.tubelet, m.patch_size,
+                      len(EpochSampler(len(self.train_set), t.seed, 0, world=world)), micro * t.accum)
+
+        def steps(plan: Plan, ranks: int) -> tuple:  # the run's steps, offsets as global positions
+            return plan.total, plan.starts, plan.shapes, [o * ranks for o in plan.offsets]
+
+        if steps(theirs, world) != steps(self.plan, d.world):
+            raise UserError(f"{ckpt} was written by {world} ranks, whose epochs of {len(self.train_set)} "
+                            f"items have other steps than {d.world} ranks' (the data is padded to a multiple "
+                            f"of the ranks); resume on {world} ranks")
+        fresh = f"; ranks {world}-{d.world - 1} seed their RNG from seed and step" if d.world > world else ""
+        self.log(f"resuming on {d.world} rank(s) a checkpoint {world} rank(s) wrote: the global batch "
+                 f"{t.batch} is kept (micro-batch {micro} -> {self.micro}), the data goes on from the "
+                 f"same position{fresh}")
 
     def _check_branch(self, ckpt: Path, step: int) -> None:
         """A branch must be its parent's run continued: the same config but for BRANCH_MAY_DIFFER,
@@ -318,12 +354,19 @@ class Job:
                                  "from a step no later than this run's decay start (optim.decay_start)")
 
     def save(self) -> Path | None:
-        """Checkpoint the current step (rank 0 writes; every rank takes part in gathering)."""
+        """Checkpoint the current step (rank 0 writes; every rank takes part in gathering), or
+        with train.sharded_ckpt every rank its own shards (rank 0 the rest)."""
+        sharded = self.cfg.train.sharded_ckpt
         model_state, optim_state = get_state_dict(self.module, self.opt, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True))
+            full_state_dict=not sharded, cpu_offload=not sharded))
         rngs = dist.gather_object(self.d, checkpoint.rng_state())  # every rank's generators
         path = None
-        if self.d.main:
+        if sharded:
+            path = checkpoint.save_sharded(self.run_dir, self.step, model_state, optim_state,
+                                           {"step": self.step, "best": self.best,
+                                            "scaler": self.scaler.state_dict()},
+                                           self.d, self.cfg.train.keep_last, self.cfg.train.keep_steps, rngs)
+        elif self.d.main:
             path = checkpoint.save(self.run_dir, self.step, model_state, optim_state,
                                    {"step": self.step, "best": self.best, "scaler": self.scaler.state_dict()},
                                    self.cfg.train.keep_last,
@@ -575,7 +618,7 @@ def evaluate_run(run: str, device: str = "auto", test_views: str = "", resolutio
 # schedule (checked step by step instead), bookkeeping, and where it runs.
 BRANCH_MAY_DIFFER = {"out", "data.workers", *(f"train.{k}" for k in (
     "epochs", "max_steps", "schedule", "decay_frac", "min_lr", "keep_steps", "ckpt_every", "keep_last",
-    "branch_from", "knn_k", "device", "threads"))}
+    "branch_from", "knn_k", "device", "threads", "fsdp", "sharded_ckpt"))}
 
 
 def _read_final(path: Path, step: int, log) -> dict | None:

@@ -16,7 +16,7 @@ Read (the format is told from the files and key names):
   vitscale  a run directory (its best, else latest checkpoint), a `vitscale convert --to vitscale`
             directory, or a model.safetensors of vitscale's; a run or checkpoint directory of a run
             trained with train.ema gives its EMA weights (ema.safetensors; name RUN/best/model.safetensors
-            for the raw ones)
+            for the raw ones); a sharded one (train.sharded_ckpt) is read whole from its shards/
 Write: hf (a directory transformers' from_pretrained loads), timm (one .safetensors state dict;
 an MAE in the original MAE layout, timm's plus decoder_*), vitscale (a directory).
 
@@ -43,7 +43,7 @@ from pathlib import Path
 
 from torch import nn
 
-from vitscale.checkpoint import newest_good
+from vitscale.checkpoint import is_sharded, newest_good, read_shards
 from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViT, ViTConfig, preset
@@ -88,6 +88,9 @@ def read(path: str | Path, *, like: ViTConfig | None = None, heads: int | None =
                 return _run_dir(p)
             if (p / "model.safetensors").is_file():  # a checkpoint directory of a run (ckpt-N/, best/)
                 p = _weights_file(p)
+            elif is_sharded(p):  # one of a run with train.sharded_ckpt: its shards read whole
+                return _vitscale(read_shards(p), None, None, like=like, heads=heads, image_size=image_size,
+                                 frames=frames)
             else:
                 raise UserError(f"{str(p)!r} is neither a transformers directory (config.json), a vitscale "
                                  "export (vitscale.json), a run (config.yaml) nor a checkpoint "
@@ -148,7 +151,8 @@ def _run_dir(run_dir: Path) -> Source:
     run = load_yaml(run_dir / "config.yaml")
     mae = run.mae if tasks.get(run.task).decoder else None
     path = _weights_file(ckpt)
-    source = _vitscale(read_tensors(path), run.model, mae, where=repr(str(run_dir / "config.yaml")))
+    tensors = found[1][0] if found[1][2]["sharded"] else read_tensors(path)  # shards: read whole by load
+    source = _vitscale(tensors, run.model, mae, where=repr(str(run_dir / "config.yaml")))
     return _noted(source, path)
 
 

@@ -1,0 +1,189 @@
+"""Sharded checkpoints (train.sharded_ckpt: torch.distributed.checkpoint, each rank its own
+shards): read back whole in one process, damaged ones passed over, and a run resumed on another
+number of ranks than wrote its checkpoint continuing the same run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+from vitscale import checkpoint, dist, weights
+from vitscale.config import TrainConfig
+from vitscale.engine import evaluate_run
+from vitscale.errors import UserError
+
+ARGS = ["--train.batch=32", "--train.max_steps=6", "--train.threads=1", "--data.image_size=16",
+            "--model.patch_size=4", "--train.warmup_epochs=0", "--train.label_smoothing=0",
+            "--train.keep_steps=3"]
+SHARDED = ["--train.fsdp=true", "--train.sharded_ckpt=true"]
+TWO_RANKS = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# Not bitwise: 2 ranks reduce the gradient as the mean of two half-batch means, one process as one
+# mean, so the sums run in another order (float32 rounding), and AdamW's division by sqrt(v)
+# carries such differences into the weights. After 6 steps at lr 5e-4 they stay near 3e-6 here
+# (a step moves a weight by up to ~5e-4): 1e-5 is far below one step and far above rounding.
+ATOL = 1e-5
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 6)).square().mean().backward()
+    opt.step()
+    return model, opt
+
+
+def save_tiny(run_dir: Path, step: int, seed=0):
+    model, opt = tiny(seed)
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=False))
+    return model, opt, checkpoint.save_sharded(run_dir, step, msd, osd, {"step": step, "best": None},
+                                               dist.Dist(), keep_last=5)
+
+
+def test_a_sharded_checkpoint_reads_back_whole_and_restores_the_optimizer(tmp_path):
+    model, opt, ckpt = save_tiny(tmp_path, 3)
+    assert checkpoint.is_checkpoint(ckpt) and checkpoint.is_sharded(ckpt)
+    assert not (ckpt / "model.safetensors").exists() and (ckpt / "shards" / ".metadata").is_file()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    found, (weights_, optim_, state) = checkpoint.newest_good(tmp_path, shapes)
+    assert found == ckpt and state["step"] == 3 and state["sharded"] and checkpoint.world_of(state) == 1
+    assert weights_.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights_[k], v) for k, v in model.state_dict().items())
+    fresh, fresh_opt = tiny(seed=1)  # other weights and moments, filled in place from the shards
+    msd, osd = get_state_dict(fresh, fresh_opt, options=StateDictOptions(full_state_dict=False))
+    msd, osd = checkpoint.load_shards(ckpt, msd, osd, optim_, no_dist=True)
+    want = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=False))[1]
+    assert osd["param_groups"] == json.loads(json.dumps(want["param_groups"]))
+    assert {(p, n) for p in want["state"] for n in want["state"][p]} == {
+        (p, n) for p in osd["state"] for n in osd["state"][p]}
+    assert all(torch.equal(osd["state"][p][n], v) for p in want["state"] for n, v in want["state"][p].items())
+    assert all(torch.equal(msd[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("damage,said", [
+    ("metadata", ".metadata is missing"),
+    ("garbled", ".metadata cannot be read"),
+    ("shard", "is cut short"),
+    ("state", "state.json cannot be read"),
+])
+def test_a_damaged_sharded_checkpoint_is_passed_over(tmp_path, damage, said):
+    save_tiny(tmp_path, 1)
+    _, _, newest = save_tiny(tmp_path, 2, seed=1)
+    shards = newest / "shards"
+    if damage == "metadata":
+        (shards / ".metadata").unlink()
+    elif damage == "garbled":
+        (shards / ".metadata").write_bytes((shards / ".metadata").read_bytes()[:40])
+    elif damage == "shard":
+        part = next(shards.glob("*.distcp"))
+        part.write_bytes(part.read_bytes()[:100])
+    else:
+        (newest / "state.json").write_text('{"step": 2, "be')
+    (tmp_path / "ckpt-00000003.tmp" / "shards").mkdir(parents=True)  # a save cut short: never read
+    warned = []
+    found, _ = checkpoint.newest_good(tmp_path, warn=warned.append)
+    assert found == checkpoint.at(tmp_path, 1)
+    assert len(warned) == 1 and said in warned[0] and str(newest) in warned[0], warned
+    assert checkpoint.last_good(tmp_path) == checkpoint.at(tmp_path, 1)
+
+
+def test_sharded_ckpt_needs_fsdp():
+    with pytest.raises(UserError, match="train.sharded_ckpt needs train.fsdp=true") as e:
+        TrainConfig(sharded_ckpt=True)
+    assert "\n" not in str(e.value)
+    assert TrainConfig(sharded_ckpt=True, fsdp=True).sharded_ckpt
+
+
+def vitscale(*args: str, ranks: int = 1) -> subprocess.Popen:
+    launcher = TWO_RANKS if ranks == 2 else [sys.executable]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([*launcher, "-m", "vitscale", "train", *ARGS, *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finished(proc: subprocess.Popen) -> str:
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def cut_back(run_dir: Path, step: int) -> None:
+    """Leave a run as a kill after its checkpoint of `step` would: later checkpoints, best/ and
+    final.json gone (its metrics.jsonl rows past `step` are dropped by the resume)."""
+    for ckpt in checkpoint.checkpoints(run_dir):
+        if checkpoint.step_of(ckpt) > step:
+            shutil.rmtree(ckpt)
+    shutil.rmtree(run_dir / "best")
+    (run_dir / "final.json").unlink()
+
+
+def full_state(ckpt: Path) -> tuple[dict, dict]:
+    """(model, optimizer tensors) of a checkpoint, either kind, read whole."""
+    if checkpoint.is_sharded(ckpt):
+        return checkpoint.read_shards(ckpt), checkpoint.read_shards(ckpt, "optim/")
+    return load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "optim.safetensors"))
+
+
+def assert_close_states(got: tuple[dict, dict], want: tuple[dict, dict]) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for k in w:  # optimizer moments on the scale of each tensor's largest
+            torch.testing.assert_close(g[k], w[k], rtol=1e-3, atol=ATOL * max(1.0, w[k].abs().max().item()),
+                                       msg=k)
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_two_rank_sharded_run_reads_in_one_process_and_resumes_on_one(tmp_path):
+    """2 gloo FSDP ranks write sharded checkpoints; eval and --init read them in one process;
+    stopped after step 3 and resumed on one process (train.fsdp off) it ends close to a run
+    that was one process throughout."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    reference = vitscale("--out", str(one))
+    sharded = vitscale(*SHARDED, "--out", str(two), ranks=2)
+    finished(reference), finished(sharded)
+    assert checkpoint.is_sharded(two / "best") and checkpoint.is_sharded(checkpoint.latest(two))
+    final = json.loads((two / "final.json").read_text())
+    got = evaluate_run(str(two))  # vitscale eval: best/ read whole from both ranks' shards
+    assert got["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+    assert got["val_top1"] == final["val_top1"]
+    init = weights.read(two)  # --init RUN: the same weights, close to the one-process run's
+    want = load_file(str(checkpoint.latest(one) / "model.safetensors"))
+    assert {f"vit.{k}" for k in init.state} == want.keys()
+    for k, v in init.state.items():
+        torch.testing.assert_close(v, want[f"vit.{k}"], rtol=1e-4, atol=ATOL)
+
+    cut_back(two, 3)
+    out = finished(vitscale("--out", str(two)))  # one process: fsdp and sharded_ckpt off
+    assert f"resumed from {checkpoint.at(two, 3)} at step 3" in out, out
+    assert "resuming on 1 rank(s) a checkpoint 2 rank(s) wrote" in out, out
+    assert not checkpoint.is_sharded(checkpoint.latest(two))
+    assert_close_states(full_state(checkpoint.latest(two)), full_state(checkpoint.latest(one)))
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_one_process_run_resumes_on_two_sharded_fsdp_ranks(tmp_path):
+    """A one-process run stopped after step 3 and resumed on 2 gloo FSDP ranks writing sharded
+    checkpoints ends close to the same run never stopped."""
+    whole, moved = tmp_path / "whole", tmp_path / "moved"
+    finished(vitscale("--out", str(whole)))
+    shutil.copytree(whole, moved)
+    cut_back(moved, 3)
+    out = finished(vitscale(*SHARDED, "--out", str(moved), ranks=2))
+    assert f"resumed from {checkpoint.at(moved, 3)} at step 3" in out, out
+    assert "resuming on 2 rank(s) a checkpoint 1 rank(s) wrote" in out and "ranks 1-1 seed" in out, out
+    assert checkpoint.is_sharded(checkpoint.latest(moved))
+    assert_close_states(full_state(checkpoint.latest(moved)), full_state(checkpoint.latest(whole)))
+    assert losses(moved) == pytest.approx(losses(whole), rel=1e-4, abs=1e-5)
