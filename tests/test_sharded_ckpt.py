@@ -2,6 +2,7 @@
 shards): read back whole in one process, damaged ones passed over, and a run resumed on another
 number of ranks than wrote its checkpoint continuing the same run."""
 
+import errno
 import json
 import os
 import shutil
@@ -91,6 +92,33 @@ def test_a_damaged_sharded_checkpoint_is_passed_over(tmp_path, damage, said):
     found, _ = checkpoint.newest_good(tmp_path, warn=warned.append)
     assert found == checkpoint.at(tmp_path, 1)
     assert len(warned) == 1 and said in warned[0] and str(newest) in warned[0], warned
+    assert checkpoint.last_good(tmp_path) == checkpoint.at(tmp_path, 1)
+
+
+def test_a_shard_of_bad_bytes_is_passed_over(tmp_path):
+    save_tiny(tmp_path, 1)
+    _, _, newest = save_tiny(tmp_path, 2, seed=1)
+    part = next((newest / "shards").glob("*.distcp"))
+    part.write_bytes(bytes(len(part.read_bytes())))  # its length, zeros: only reading it tells
+    assert checkpoint.last_good(tmp_path) == newest  # the metadata alone looks whole
+    warned = []
+    assert checkpoint.newest_good(tmp_path, warn=warned.append)[0] == checkpoint.at(tmp_path, 1)
+    assert f"{newest / 'shards'} cannot be read" in warned[0], warned
+
+
+def test_a_full_disk_while_sharding_is_the_os_error_and_leaves_the_older_checkpoint(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    save_tiny(tmp_path, 1)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "shard")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full)
+    with pytest.raises(OSError) as e:  # what engine.train turns into its one line
+        save_tiny(tmp_path, 2)
+    assert e.value.errno == errno.ENOSPC
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-00000001"]
     assert checkpoint.last_good(tmp_path) == checkpoint.at(tmp_path, 1)
 
 

@@ -163,9 +163,17 @@ def save_sharded(run_dir: Path, step: int, model_state: dict, optim_state: dict,
     tmp = _fresh(run_dir, final) if d.main else None
     dist.barrier(d)
     optim_tensors, optim_rest = _optim_split(optim_state)
-    with _one_process():
-        dcp.save(_flat(model_state, optim_tensors), checkpoint_id=run_dir / f"{final.name}.tmp" / SHARDS,
-                 no_dist=not d.enabled)
+    try:
+        with _one_process():
+            dcp.save(_flat(model_state, optim_tensors), checkpoint_id=run_dir / f"{final.name}.tmp" / SHARDS,
+                     no_dist=not d.enabled)
+    except dcp.CheckpointException as e:  # every rank gets any rank's error (a full disk: ENOSPC)
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)  # the older checkpoints stay
+        cause = _failure(e)
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror, cause.filename) from None
+        raise
     dist.barrier(d)  # every rank's shards and rank 0's .metadata written (and fsynced) before the rename
     if d.main:
         return _publish(run_dir, tmp, final, {}, state, optim_rest, rngs, keep_last, keep_steps)
@@ -351,8 +359,8 @@ def read_shards(ckpt: Path, prefix: str = "model/") -> dict[str, torch.Tensor]:
     try:
         with _one_process():
             dcp.load(tensors, checkpoint_id=ckpt / SHARDS, no_dist=True)
-    except Exception as e:  # torch's CheckpointException around each rank's error: bad bytes in a shard
-        raise Damaged(f"{ckpt / SHARDS} cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
+    except dcp.CheckpointException as e:  # bad bytes in a shard
+        raise Damaged(f"{ckpt / SHARDS} cannot be read ({_said(_failure(e))})") from None
     return {k[len(prefix):]: v for k, v in tensors.items()}
 
 
@@ -365,9 +373,21 @@ def load_shards(ckpt: Path, model_state: dict, optim_state: dict, saved_optim: d
     import torch.distributed.checkpoint as dcp
 
     optim_tensors, _ = _optim_split(optim_state)
-    with _one_process():
-        dcp.load(_flat(model_state, optim_tensors), checkpoint_id=ckpt / SHARDS, no_dist=no_dist)
+    try:
+        with _one_process():
+            dcp.load(_flat(model_state, optim_tensors), checkpoint_id=ckpt / SHARDS, no_dist=no_dist)
+    except dcp.CheckpointException as e:  # on every rank: bad bytes in a shard, a key the run lacks
+        raise Damaged(f"{ckpt / SHARDS} cannot be read into this run ({_said(_failure(e))})") from None
     return model_state, _optim_join(optim_tensors, _optim_split(saved_optim)[1])
+
+
+def _failure(e) -> BaseException:
+    """The first failing rank's error inside DCP's CheckpointException."""
+    return next(iter(e.failures.values()))[0]
+
+
+def _said(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
 
 
 @contextmanager
