@@ -43,7 +43,7 @@ from vitscale import (
 from vitscale.checkpoint import atomic_write_text
 from vitscale.config import RunConfig, dump_yaml, load_yaml, to_dict
 from vitscale.counted import train_flops_per_sample
-from vitscale.data import DataInfo, build_datasets, make_loader, skipped_files
+from vitscale.data import DataInfo, RunBatches, build_datasets, close, make_loader, skipped_files
 from vitscale.data.sampler import EpochSampler
 from vitscale.device import autocast
 from vitscale.ema import EMA
@@ -384,11 +384,11 @@ class Job:
                             TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
                             TimeRemainingColumn(), disable=not self.d.main)
         result: dict = {}
-        with progress, contextlib.closing(metrics):
+        with progress, contextlib.closing(metrics), self.batches() as batches:
             bar = progress.add_task(self.cfg.task, total=self.total, completed=self.step, info="")
             while self.step < self.total:
-                window = self.train_epoch(metrics, lambda info: progress.update(bar, completed=self.step,
-                                                                                info=info))
+                window = self.train_epoch(batches, metrics, lambda info: progress.update(
+                    bar, completed=self.step, info=info))
                 if self.plan.ends_epoch(self.step):
                     result = self.end_epoch(window, metrics)
                 if self.stopped and self.step < self.total:
@@ -427,15 +427,26 @@ class Job:
             self.write_final(result)
         return result
 
-    def train_epoch(self, metrics: Metrics, show) -> dict:
-        """Optimizer steps to the end of the current epoch (or of the run), or to the step a
-        signal came in: then, mid-epoch, a checkpoint (all ranks stop at the same step)."""
+    @contextlib.contextmanager
+    def batches(self):
+        """The training micro-batches from this step to the run's end, from one loader: its
+        workers (data.workers) last the run and fetch an epoch's first batches while the one
+        before ends and is evaluated; they are stopped when the run ends or stops."""
+        t, d = self.cfg.train, self.d
+        keys = RunBatches(self.plan, len(self.train_set), t.seed, self.step, self.total, self.micro, t.accum,
+                          rank=d.rank, world=d.world, repeats=self.cfg.data.repeated_aug)
+        batches = iter(make_loader(self.train_set, keys, self.micro, self.cfg.data.workers, d.device.type))
+        try:
+            yield batches
+        finally:
+            close(batches)
+
+    def train_epoch(self, batches, metrics: Metrics, show) -> dict:
+        """Optimizer steps (on micro-batches from `batches`) to the end of the current epoch (or of
+        the run), or to the step a signal came in: then, mid-epoch, a checkpoint (all ranks stop at
+        the same step)."""
         t, d = self.cfg.train, self.d
         epoch, end = self.plan.epoch(self.step), min(self.total, self.plan.epoch_end(self.step))
-        sampler = EpochSampler(len(self.train_set), t.seed, epoch, rank=d.rank, world=d.world,
-                               start=self.plan.offset(self.step), repeats=self.cfg.data.repeated_aug)
-        batches = iter(make_loader(self.train_set, sampler, self.micro, self.cfg.data.workers, d.device.type,
-                                   sizes=self.plan.batches(self.step, end, self.micro, t.accum)))
         self.forward.train()
         window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0}
         while self.step < end:

@@ -3,6 +3,7 @@
     train, val, test, info = build_datasets(DataConfig(name="digits"))
     keys = EpochSampler(len(train), seed=0, epoch=3, rank=0, world=1)
     loader = make_loader(train, keys, batch_size=64, workers=0, device_type="cpu")
+    run = make_loader(train, RunBatches(plan, len(train), 0, step=0, end=plan.total, micro=64), 64, workers=2)
 
 Items are a pure function of their key ``(index, seed)``: see `vitscale.data.common`.
 """
@@ -10,7 +11,6 @@ Items are a pure function of their key ``(index, seed)``: see `vitscale.data.com
 from __future__ import annotations
 
 import functools
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,7 @@ from vitscale.data.config import DataConfig
 from vitscale.data.folders import build_real
 from vitscale.data.generated import build_cluttered
 from vitscale.data.randaugment import RandAugment
-from vitscale.data.sampler import EpochSampler, sample_seed
+from vitscale.data.sampler import EpochSampler, RunBatches, cut, sample_seed
 from vitscale.data.shards import build_shards
 from vitscale.data.transforms import ClipTransform
 
@@ -92,27 +92,37 @@ def make_loader(dataset: KeyedDataset, sampler, batch_size: int, workers: int = 
                 device_type: str = "cpu", prefetch: int = 2, drop_last: bool = False,
                 sizes: list[int] | None = None) -> DataLoader:
     """A DataLoader over keys from `sampler` (an `EpochSampler` or any iterable of keys), in
-    batches of `batch_size`, or of `sizes` in turn (a training plan's steps; keys past them unread).
+    batches of `batch_size`, or of `sizes` in turn (a training plan's steps; keys past them unread);
+    or, given a `RunBatches`, over its batches (a whole run's: one iterator, whose workers live
+    across epochs; `close` it when done).
 
     Batches are `collate` dicts (B = 0 when every file of one was unreadable). The loader
     gets its own generator, so creating an iterator does not draw from the global torch RNG
     (which would break exact resume).
     """
-    if sizes is not None:
-        keys, ends = list(sampler), list(itertools.accumulate(sizes))
-        if ends and ends[-1] > len(keys):
-            raise ValueError(f"batches of {ends[-1]} keys from a sampler of {len(keys)}")
-        batches = {"batch_sampler": [keys[e - n : e] for n, e in zip(sizes, ends, strict=True)]}
+    if isinstance(sampler, RunBatches):
+        batches = {"batch_sampler": sampler}
+    elif sizes is not None:
+        batches = {"batch_sampler": list(cut(list(sampler), sizes))}
     else:
         batches = {"batch_size": batch_size, "sampler": sampler, "drop_last": drop_last}
     return DataLoader(
         dataset, **batches, num_workers=workers,
         collate_fn=functools.partial(collate, shape=dataset.item_shape),
         pin_memory=device_type == "cuda",
-        prefetch_factor=prefetch if workers > 0 else None, persistent_workers=False,
+        prefetch_factor=prefetch if workers > 0 else None,
+        persistent_workers=False,  # a training run's workers last all the same: it takes one iterator
         generator=torch.Generator().manual_seed(0),
         worker_init_fn=signals.ignore,  # a signal is the trainer's to act on (it stops at a step's end)
     )
+
+
+def close(batches) -> None:
+    """End a loader's iterator now: its worker processes (and pin-memory thread) stop, rather than
+    when the iterator is collected (which a traceback holding it delays)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # a multi-process iterator's
+    if shutdown is not None:
+        shutdown()
 
 
 def denormalize(x: Tensor, info: DataInfo) -> Tensor:
@@ -129,5 +139,5 @@ def denormalize(x: Tensor, info: DataInfo) -> Tensor:
 
 
 __all__ = ["DIRECTIONS", "ClipTransform", "DataConfig", "DataInfo", "EpochSampler", "KeyedDataset",
-           "Skipped", "UnreadableFileError", "build_datasets", "collate", "denormalize", "make_loader",
-           "sample_seed", "skipped_files", "stratified_split", "transforms_for"]
+           "RunBatches", "Skipped", "UnreadableFileError", "build_datasets", "close", "collate",
+           "denormalize", "make_loader", "sample_seed", "skipped_files", "stratified_split", "transforms_for"]

@@ -104,3 +104,47 @@ class EpochSampler:
 
     def __len__(self) -> int:
         return self.per_rank - self.start
+
+
+def cut(keys: list[Key], sizes: list[int]) -> Iterator[list[Key]]:
+    """Consecutive batches of `sizes` keys from the front of `keys` (keys past them unread)."""
+    end = 0
+    for n in sizes:
+        if end + n > len(keys):
+            raise ValueError(f"batches of {sum(sizes)} keys from a sampler of {len(keys)}")
+        yield keys[end : end + n]
+        end += n
+
+
+class RunBatches:
+    """A batch sampler for one DataLoader that lasts a run: the micro-batches of keys one rank reads
+    from optimizer step `step` to step `end` of a training plan (`vitscale.plan.Plan`), epoch after
+    epoch, so its workers live across epochs and fetch an epoch's first batches while the last one
+    ends and is evaluated.
+
+    Each epoch's keys are those of that epoch's `EpochSampler` (for the first, from the step's
+    offset in it: a resume) and its micro-batch sizes the plan's (``plan.batches``: `accum` a step,
+    multigrid steps larger), so the batches are those of a new loader made each epoch, key for key.
+    Lazy: one epoch's keys are held at a time."""
+
+    def __init__(self, plan, n: int, seed: int, step: int, end: int, micro: int, accum: int = 1,
+                 rank: int = 0, world: int = 1, repeats: int = 1):
+        self.plan, self.n, self.seed, self.step, self.end = plan, n, seed, step, end
+        self.micro, self.accum, self.rank, self.world, self.repeats = micro, accum, rank, world, repeats
+
+    def epochs(self) -> Iterator[tuple[EpochSampler, list[int]]]:
+        """(the epoch's sampler, its micro-batch sizes) for each epoch the steps reach into."""
+        step = self.step
+        while step < self.end:
+            stop = min(self.end, self.plan.epoch_end(step))
+            yield (EpochSampler(self.n, self.seed, self.plan.epoch(step), rank=self.rank, world=self.world,
+                                start=self.plan.offset(step), repeats=self.repeats),
+                   self.plan.batches(step, stop, self.micro, self.accum))
+            step = stop
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        for sampler, sizes in self.epochs():
+            yield from cut(sampler.keys(), sizes)
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.step) * self.accum
