@@ -1,0 +1,33 @@
+"""benchmarks/bench_ckpt.py runs on 2 gloo ranks and prints what each rank holds to checkpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vitscale.models.vit import ViT, preset
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ckpt.py"
+TWO_RANKS = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_holds_half_the_state_on_each_of_two_ranks(tmp_path):
+    done = subprocess.run([*TWO_RANKS, str(BENCH), "--model", "mu/4", "--out", str(tmp_path)], text=True,
+                          capture_output=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = r"on 2 ranks, (sharded|full) checkpoint: rank (\d) holds ([\d.]+) MiB"
+    held = {(kind, int(rank)): float(mib) for kind, rank, mib in re.findall(said, done.stdout)}
+    assert len(held) == 4, done.stdout
+    # float32 weights and AdamW's two moments (3 x 4 bytes a weight; its step counts are scalars),
+    # whole on rank 0 alone, or split between the ranks
+    whole = sum(p.numel() for p in ViT(preset("mu/4")).parameters()) * 12 / 2**20
+    assert held["full", 0] == pytest.approx(whole, rel=0.01) and held["full", 1] == 0
+    assert held["sharded", 0] + held["sharded", 1] == pytest.approx(whole, rel=0.01)
+    assert max(held["sharded", 0], held["sharded", 1]) < 0.6 * whole
+    assert (tmp_path / "sharded" / "ckpt-00000001" / "shards" / ".metadata").is_file()
