@@ -122,6 +122,31 @@ def test_a_full_disk_while_sharding_is_the_os_error_and_leaves_the_older_checkpo
     assert checkpoint.last_good(tmp_path) == checkpoint.at(tmp_path, 1)
 
 
+def test_a_resume_whose_steps_another_rank_count_changes_is_one_line(tmp_path, capsys):
+    """1,023 items in batches of 8: 127 steps an epoch on one process, 128 on two ranks (padded
+    to 1,024); a checkpoint two ranks wrote does not go on here."""
+    from safetensors.torch import save_file
+
+    from vitscale.cli import main
+
+    args = ["train", "--out", str(tmp_path), "--data.name=cluttered-digits", "--data.train_size=1023",
+            "--data.val_size=64", "--data.test_size=0", "--data.image_size=16", "--model.patch_size=4",
+            "--train.batch=8", "--train.max_steps=2", "--train.ckpt_every=1", "--train.threads=1"]
+    assert main(args) == 0
+    ckpt = checkpoint.at(tmp_path, 1)
+    for later in [*tmp_path.glob("ckpt-0000000[2-9]"), tmp_path / "best", tmp_path / "final.json"]:
+        shutil.rmtree(later) if later.is_dir() else later.unlink()
+    state = json.loads((ckpt / "state.json").read_text())  # as if two ranks had written it
+    state["rng"]["rank_rng"] = [dict(state["rng"])]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    save_file(rng | {f"rank1/{k}": v.clone() for k, v in rng.items()}, str(ckpt / "rng.safetensors"))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "written by 2 ranks" in err and "resume on 2 ranks" in err, err
+
+
 def test_sharded_ckpt_needs_fsdp():
     with pytest.raises(UserError, match="train.sharded_ckpt needs train.fsdp=true") as e:
         TrainConfig(sharded_ckpt=True)
@@ -197,6 +222,20 @@ def test_two_rank_sharded_run_reads_in_one_process_and_resumes_on_one(tmp_path):
     assert f"resumed from {checkpoint.at(two, 3)} at step 3" in out, out
     assert "resuming on 1 rank(s) a checkpoint 2 rank(s) wrote" in out, out
     assert not checkpoint.is_sharded(checkpoint.latest(two))
+    assert_close_states(full_state(checkpoint.latest(two)), full_state(checkpoint.latest(one)))
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_two_rank_ddp_run_resumes_on_one_process(tmp_path):
+    """Full checkpoints (DDP, gathered on rank 0) resume on another number of ranks too."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    reference = vitscale("--out", str(one))
+    finished(vitscale("--out", str(two), ranks=2))
+    finished(reference)
+    cut_back(two, 3)
+    out = finished(vitscale("--out", str(two)))
+    assert "resuming on 1 rank(s) a checkpoint 2 rank(s) wrote" in out, out
     assert_close_states(full_state(checkpoint.latest(two)), full_state(checkpoint.latest(one)))
     assert losses(two) == pytest.approx(losses(one), rel=1e-4, abs=1e-5)
 

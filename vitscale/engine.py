@@ -325,9 +325,9 @@ class Job:
             return plan.total, plan.starts, plan.shapes, [o * ranks for o in plan.offsets]
 
         if steps(theirs, world) != steps(self.plan, d.world):
-            raise UserError(f"{ckpt} was written by {world} ranks, whose epochs of {len(self.train_set)} "
-                            f"items have other steps than {d.world} ranks' (the data is padded to a multiple "
-                            f"of the ranks); resume on {world} ranks")
+            raise UserError(f"{ckpt} was written by {world} ranks, and an epoch of {len(self.train_set)} "
+                            f"items has other steps on {world} ranks than on {d.world} (the data is padded "
+                            f"to a multiple of the ranks); resume on {world} ranks")
         fresh = f"; ranks {world}-{d.world - 1} seed their RNG from seed and step" if d.world > world else ""
         self.log(f"resuming on {d.world} rank(s) a checkpoint {world} rank(s) wrote: the global batch "
                  f"{t.batch} is kept (micro-batch {micro} -> {self.micro}), the data goes on from the "
