@@ -11,15 +11,18 @@ keyframe every 2 s, or mpeg4 where PyAV has no x264) in a video-folder. Clips/s 
 loader (16 frames, stride 4, batch 4: read_clip's seek, early stop and frame threading, then the
 train transform) with data.workers 0 and 2, against a plain decode of the same clips: one
 thread, every frame from the first, the clip's frames converted to RGB (no transform). Both sides
-alternate in rounds; each keeps its fastest. Then a 2-worker loader's start-up (what persistent
-workers would save an epoch) and its first batch of clips, and the data-wait share (`data_wait` of
-metrics.jsonl) of a pico/4-f8 pretraining run of `--steps` steps with data.workers 0 and 2.
+alternate in rounds; each keeps its fastest. Then the wait for an epoch's first batch with 2
+workers, after a 1 s pause standing in for the evaluation before it: from the one loader a run
+keeps for all its epochs (its workers fetch the batch during the pause) against a new loader each
+epoch (as runs had before: its workers start, then decode). Last, the data-wait share
+(`data_wait` of metrics.jsonl), over the run and epoch by epoch, of a pico/4-f8 pretraining run of
+`--steps` steps (about 3 an epoch) with data.workers 0 and 2.
 
     python benchmarks/bench_data.py                 # 100,000 samples at 16 and 32 px, 1 thread; video
     python benchmarks/bench_data.py --samples 20000 --sizes 16 --only cluttered
     python benchmarks/bench_data.py --only video --videos 8 --clips 24
 
-Runtime: about 20 s on a 2-core CPU for cluttered-digits, 2 min for video (longer on one busy
+Runtime: about 20 s on a 2-core CPU for cluttered-digits, 2.5 min for video (longer on one busy
 with other jobs).
 """
 
@@ -42,9 +45,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vitscale.cli import main as vitscale_main  # noqa: E402
-from vitscale.data import DataConfig, EpochSampler, build_datasets, make_loader  # noqa: E402
+from vitscale.config import TrainConfig  # noqa: E402
+from vitscale.data import DataConfig, EpochSampler, RunBatches, build_datasets, close, make_loader  # noqa: E402
 from vitscale.data.generated import CHUNK  # noqa: E402
 from vitscale.data.video import clip_indices, decode_threads  # noqa: E402
+from vitscale.plan import Plan  # noqa: E402
 
 CLIP = dict(frames=16, frame_stride=4, image_size=112)  # VideoMAE's Kinetics sampling, at 112 px
 
@@ -126,35 +131,39 @@ def video_rates(train, clips: int, workers: int, rounds: int = 2) -> tuple[float
     return ours, theirs
 
 
-class Ready(torch.utils.data.Dataset):
-    """Ready-made zero clips: a loader over them costs only its workers' start-up and transfers."""
-
-    def __init__(self, shape: tuple[int, ...], n: int):
-        self.shape, self.n = shape, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.zeros(self.shape)
-
-
-def epoch_start(train, workers: int = 2, rounds: int = 3) -> tuple[float, float]:
-    """(best-of-rounds seconds from a new `workers`-worker loader over ready-made clips to its first
-    batch: the start-up persistent workers would save an epoch; seconds from a new loader over
-    the real clips to its first batch)."""
-    ready = float("inf")
-    for _ in range(rounds):
+def first_batches(train, workers: int = 2, epochs: int = 4, pause: float = 1.0) -> tuple[float, float]:
+    """Mean seconds to the first batch of epochs 2 .. `epochs` (batch 4, `workers` workers), each
+    after a `pause` (an evaluation's stand-in) following the epoch before: (one loader for the whole
+    run over RunBatches, as the engine has it; a new loader each epoch, as it had)."""
+    plan = Plan(TrainConfig(epochs=epochs, batch=4), 1, 1, 1, 1, len(train), 4)
+    lasting, fresh = [], []
+    batches = iter(make_loader(train, RunBatches(plan, len(train), 0, 0, plan.total, 4), 4, workers))
+    try:
+        for step in range(plan.total):
+            if step in plan.starts[1:]:
+                time.sleep(pause)
+                start = time.perf_counter()
+                next(batches)
+                lasting.append(time.perf_counter() - start)
+            else:
+                next(batches)
+    finally:
+        close(batches)
+    for epoch in range(1, epochs):
+        for _ in make_loader(train, EpochSampler(len(train), 0, epoch - 1), 4, workers,
+                             sizes=plan.batches(plan.starts[epoch - 1], plan.starts[epoch], 4, 1)):
+            pass
+        time.sleep(pause)
         start = time.perf_counter()
-        next(iter(torch.utils.data.DataLoader(Ready(train.item_shape, 8), batch_size=4, num_workers=workers)))
-        ready = min(ready, time.perf_counter() - start)
-    start = time.perf_counter()
-    next(iter(make_loader(train, EpochSampler(len(train), seed=1), batch_size=4, workers=workers)))
-    return ready, time.perf_counter() - start
+        next(iter(make_loader(train, EpochSampler(len(train), 0, epoch), 4, workers,
+                              sizes=plan.batches(plan.starts[epoch], plan.starts[epoch + 1], 4, 1))))
+        fresh.append(time.perf_counter() - start)
+    return sum(lasting) / len(lasting), sum(fresh) / len(fresh)
 
 
-def data_wait(root: Path, workers: int, steps: int) -> tuple[float, float]:
-    """(data_wait share, samples/s) over the epochs of a pico/4-f8 pretraining run."""
+def data_wait(root: Path, workers: int, steps: int) -> tuple[float, float, list[float]]:
+    """(data_wait share, samples/s, each epoch's data_wait share) over the epochs of a pico/4-f8
+    pretraining run."""
     out = root.parent / f"run-w{workers}"
     argv = ["pretrain", "--model", "pico/4-f8", "--out", str(out), "--data.name=video-folder",
             f"--data.path={root}", "--data.frames=8", "--data.frame_stride=4", "--data.image_size=64",
@@ -165,7 +174,7 @@ def data_wait(root: Path, workers: int, steps: int) -> tuple[float, float]:
     rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "data_wait" in r]
     seconds = sum(r["train_s"] for r in rows)  # every epoch's row, weighted by its training time
     return (sum(r["data_wait"] * r["train_s"] for r in rows) / seconds,
-            sum(r["samples_per_s"] * r["train_s"] for r in rows) / seconds)
+            sum(r["samples_per_s"] * r["train_s"] for r in rows) / seconds, [r["data_wait"] for r in rows])
 
 
 def bench_video(videos: int, clips: int, steps: int) -> None:
@@ -182,13 +191,15 @@ def bench_video(videos: int, clips: int, steps: int) -> None:
             threads = decode_threads() if workers == 0 else max(1, decode_threads() // workers)
             print(f"video loader (workers {workers}, decode threads {threads}) vs plain PyAV decode: "
                   f"{ours:.1f} vs {theirs:.1f} clips/s = {ours / theirs:.2f}x")
-        ready, first = epoch_start(train)
-        print(f"video loader epoch start (workers 2): worker start-up {ready:.2f} s (first batch of "
-              f"ready-made clips), first batch of decoded clips after {first:.2f} s")
+        lasting, fresh = first_batches(train)
+        print(f"video loader epoch start (workers 2, batch 4, after a 1 s pause): first batch after "
+              f"{lasting:.2f} s from the run's one loader vs {fresh:.2f} s from a new loader each epoch")
         waits = {w: data_wait(root, w, steps) for w in (0, 2)}
         print(f"pico/4-f8 pretrain ({steps} steps, batch 4, 8 frames x 64 px) data-wait share: "
               + ", ".join(f"workers {w} {share:.0%} ({rate:.1f} samples/s)"
-                          for w, (share, rate) in waits.items()))
+                          for w, (share, rate, _) in waits.items()))
+        print("pico/4-f8 pretrain data-wait share by epoch: " + "; ".join(
+            f"workers {w} " + " ".join(f"{x:.0%}" for x in each) for w, (_, _, each) in waits.items()))
 
 
 def main() -> None:
