@@ -192,31 +192,47 @@ def assert_close_states(got: tuple[dict, dict], want: tuple[dict, dict]) -> None
                                        msg=k)
 
 
+@pytest.fixture(scope="module")
+def one(tmp_path_factory) -> Path:
+    """The run on one process, never stopped (full checkpoints at steps 3 and 6): the reference."""
+    run_dir = tmp_path_factory.mktemp("reference") / "one"
+    finished(vitscale("--out", str(run_dir)))
+    return run_dir
+
+
 def losses(run_dir: Path) -> list[float]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["split"] == "train"]
 
 
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """The run on 2 gloo FSDP ranks writing sharded checkpoints (steps 3 and 6, best/)."""
+    run_dir = tmp_path_factory.mktemp("sharded") / "two"
+    finished(vitscale(*SHARDED, "--out", str(run_dir), ranks=2))
+    return run_dir
+
+
 @pytest.mark.slow
-def test_two_rank_sharded_run_reads_in_one_process_and_resumes_on_one(tmp_path):
-    """2 gloo FSDP ranks write sharded checkpoints; eval and --init read them in one process;
-    stopped after step 3 and resumed on one process (train.fsdp off) it ends close to a run
-    that was one process throughout."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    reference = vitscale("--out", str(one))
-    sharded = vitscale(*SHARDED, "--out", str(two), ranks=2)
-    finished(reference), finished(sharded)
-    assert checkpoint.is_sharded(two / "best") and checkpoint.is_sharded(checkpoint.latest(two))
-    final = json.loads((two / "final.json").read_text())
-    got = evaluate_run(str(two))  # vitscale eval: best/ read whole from both ranks' shards
+def test_eval_and_init_read_a_two_rank_sharded_run_in_one_process(sharded, one):
+    assert checkpoint.is_sharded(sharded / "best") and checkpoint.is_sharded(checkpoint.latest(sharded))
+    final = json.loads((sharded / "final.json").read_text())  # the 2 ranks' own evaluation of them
+    got = evaluate_run(str(sharded))  # vitscale eval: best/ read whole from both ranks' shards
     assert got["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
     assert got["val_top1"] == final["val_top1"]
-    init = weights.read(two)  # --init RUN: the same weights, close to the one-process run's
+    init = weights.read(sharded)  # --init RUN: the same weights, close to the one-process run's
     want = load_file(str(checkpoint.latest(one) / "model.safetensors"))
     assert {f"vit.{k}" for k in init.state} == want.keys()
     for k, v in init.state.items():
         torch.testing.assert_close(v, want[f"vit.{k}"], rtol=1e-4, atol=ATOL)
 
+
+@pytest.mark.slow
+def test_a_two_rank_sharded_run_resumes_on_one_process(sharded, one, tmp_path):
+    """Stopped after step 3 and resumed on one process (train.fsdp off), the 2-rank sharded run
+    ends close to the run that was one process throughout."""
+    two = tmp_path / "two"
+    shutil.copytree(sharded, two)
     cut_back(two, 3)
     out = finished(vitscale("--out", str(two)))  # one process: fsdp and sharded_ckpt off
     assert f"resumed from {checkpoint.at(two, 3)} at step 3" in out, out
@@ -227,12 +243,10 @@ def test_two_rank_sharded_run_reads_in_one_process_and_resumes_on_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_two_rank_ddp_run_resumes_on_one_process(tmp_path):
+def test_a_two_rank_ddp_run_resumes_on_one_process(one, tmp_path):
     """Full checkpoints (DDP, gathered on rank 0) resume on another number of ranks too."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    reference = vitscale("--out", str(one))
+    two = tmp_path / "two"
     finished(vitscale("--out", str(two), ranks=2))
-    finished(reference)
     cut_back(two, 3)
     out = finished(vitscale("--out", str(two)))
     assert "resuming on 1 rank(s) a checkpoint 2 rank(s) wrote" in out, out
@@ -241,11 +255,10 @@ def test_a_two_rank_ddp_run_resumes_on_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_one_process_run_resumes_on_two_sharded_fsdp_ranks(tmp_path):
+def test_a_one_process_run_resumes_on_two_sharded_fsdp_ranks(one, tmp_path):
     """A one-process run stopped after step 3 and resumed on 2 gloo FSDP ranks writing sharded
     checkpoints ends close to the same run never stopped."""
-    whole, moved = tmp_path / "whole", tmp_path / "moved"
-    finished(vitscale("--out", str(whole)))
+    whole, moved = one, tmp_path / "moved"
     shutil.copytree(whole, moved)
     cut_back(moved, 3)
     out = finished(vitscale(*SHARDED, "--out", str(moved), ranks=2))
