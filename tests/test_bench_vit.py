@@ -74,9 +74,10 @@ def test_compile_list_is_checked():
 
 
 def quick(tmp_path: Path, *extra: str) -> list[dict]:
+    """The cells of a one-round pico/4 b8 fp32 run on the CPU."""
     out = tmp_path / "cells.json"
-    assert bv.main(["--quick", "--device", "cpu", "--dtype", "fp32", "--rounds", "1", "--json", str(out),
-                    *extra]) == 0
+    assert bv.main(["--models", "pico/4:8", "--device", "cpu", "--dtype", "fp32", "--rounds", "1",
+                    "--json", str(out), *extra]) == 0
     return json.loads(out.read_text())["cells"]
 
 
@@ -87,8 +88,9 @@ def test_quick_run_times_both_sides_compiled_and_not(tmp_path, capsys):
     out = capsys.readouterr().out
     assert [(c["compile"], c["mode"]) for c in cells] == [("off", "infer"), ("off", "train"),
                                                           ("on", "infer"), ("on", "train")]
+    peer_macs = {mode: peer_macs_per_sample(mode) for mode in ("infer", "train")}
     for c in cells:
-        macs = peer_macs_per_sample(c["mode"])
+        macs = peer_macs[c["mode"]]
         assert c["macs_per_sample"] == macs and c["peak_tflops"] == 2.0
         for name in ("vitscale", "hf"):
             side = c[name]
@@ -96,7 +98,10 @@ def test_quick_run_times_both_sides_compiled_and_not(tmp_path, capsys):
             assert ("compile_s" in side) == (c["compile"] == "on")
         assert c["ratio"] == pytest.approx(c["vitscale"]["samples_per_s"] / c["hf"]["samples_per_s"])
         assert f"compile {c['compile']}: vitscale" in out
-    assert "MFU vitscale" in out and out.count("compile on / off, pico/4 b64 fp32") == 2
+    assert "MFU vitscale" in out and out.count("compile on / off, pico/4 b8 fp32") == 2
+    on_train, off_train = cells[3], cells[1]
+    mixed = on_train["vitscale"]["samples_per_s"] / off_train["hf"]["samples_per_s"]
+    assert "train: vitscale" in out and f"(vitscale on / hf off {mixed:.2f}x)" in out
 
     cells = quick(tmp_path, "--compile", "off")  # a CPU has no peak in the table
     assert [c["compile"] for c in cells] == ["off", "off"]
