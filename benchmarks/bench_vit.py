@@ -15,8 +15,10 @@ into one matmul where HF runs three, so differences are kernel- and launch-level
 
 With --compile on both sides are torch.compile'd (so the ratio stays like for like); the
 first round's warm-up steps absorb the compilation, whose seconds are printed apart (that
-round's warm-up time less as many steady steps; inductor keeps compiled graphs on disk, so a
-shape compiled before, by any run, compiles in a fraction of the time). Where the device's
+round's warm-up time less as many steady steps). Read those seconds as rough: inductor keeps
+compiled graphs on disk, so a shape compiled before, by any run, compiles in a fraction of the
+time; kernels both sides share are built once, by the side that opens the cell (vitscale), which
+in a process's first compile also pays inductor's start-up. Where the device's
 peak is known (a GPU in vitscale.mfu's table, or --peak-tflops) each line also gives the MFU
 of both sides: 2 x the multiply-adds FlopCounterMode counts per sample (forward, plus backward
 in training) x samples/s over the dtype's dense peak; both sides compute the same function,
