@@ -154,6 +154,17 @@ def test_sharded_ckpt_needs_fsdp():
     assert TrainConfig(sharded_ckpt=True, fsdp=True).sharded_ckpt
 
 
+def test_fsdp_on_one_process_says_how_to_go_on_there(tmp_path):
+    """A sharded run resumed without torchrun: the line names both fields to turn off."""
+    from vitscale import config, engine
+
+    cfg = config.apply_overrides(config.recipe("train"), [a[2:] for a in [*ARGS, *SHARDED]])
+    with pytest.raises(UserError, match=r"torchrun --nproc_per_node N, or on one process .*"
+                                        r"--train.fsdp=false --train.sharded_ckpt=false") as e:
+        engine.train(config.replace(cfg, out=str(tmp_path / "run")), print)
+    assert "\n" not in str(e.value)
+
+
 def vitscale(*args: str, ranks: int = 1) -> subprocess.Popen:
     launcher = TWO_RANKS if ranks == 2 else [sys.executable]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -667,7 +667,9 @@ def _parallel(module: torch.nn.Module, cfg: RunConfig, d: dist.Dist) -> torch.nn
     if cfg.train.fsdp:
         from torch.distributed.fsdp import fully_shard
         if not d.enabled:
-            raise UserError("--train.fsdp needs several processes: launch with torchrun --nproc_per_node N")
+            raise UserError("--train.fsdp needs several processes: launch with torchrun --nproc_per_node "
+                            "N, or on one process add --train.fsdp=false"
+                            + (" --train.sharded_ckpt=false" if cfg.train.sharded_ckpt else ""))
         for block in module.encoder.blocks:
             fully_shard(block)
         fully_shard(module)
