@@ -78,7 +78,7 @@ class Setting:
 # On a GPU steps are short and the device is not shared: fewer rounds of ten steps, at the
 # batches ViT-B/16 trains with (per device).
 SETTINGS = {"cpu": (Setting("S/16", 32, 1, 1, 4), Setting("pico/4", 64, 3, 1, 40)),
-            "cuda": (Setting("B/16", 128, 5, 10, 4), Setting("S/16", 256, 5, 10, 4))}
+            "gpu": (Setting("B/16", 128, 5, 10, 4), Setting("S/16", 256, 5, 10, 4))}  # cuda, mps
 QUICK = (Setting("pico/4", 64, 1, 1, 8),)
 COMPILE_WARMUP = 2  # at least this many untimed steps before a compiled side's first round
 
@@ -235,10 +235,15 @@ def results_table(cells: list[dict]) -> Table:
     return t
 
 
+def kind(device: str) -> str:
+    """SETTINGS' key for a device type: cpu, or gpu for cuda and mps."""
+    return "cpu" if device == "cpu" else "gpu"
+
+
 def chosen(text: str, device: str) -> tuple[Setting, ...]:
     """--models 'S/16:8,pico/4:64': those presets at those batches, timed as the device's first
     default setting is."""
-    timing = SETTINGS[device][0]
+    timing = SETTINGS[kind(device)][0]
     out = []
     for item in text.split(","):
         name, _, batch = item.strip().partition(":")
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     env = bench_common.environment(device)
     print(bench_common.environment_line(env), flush=True)
     cells = []
-    settings = QUICK if args.quick else SETTINGS[device.type]
+    settings = QUICK if args.quick else SETTINGS[kind(device.type)]
     settings = chosen(args.models, device.type) if args.models else settings
     for s in with_overrides(settings, args):
         cells += run_setting(s, device, args)
