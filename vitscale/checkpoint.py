@@ -469,12 +469,16 @@ def _check_state(ckpt: Path, state: dict, groups: list, rng: dict[str, torch.Ten
         set_rng_state(*before)
 
 
+def _file(ckpt: Path, name: str) -> Path:
+    """Where a checkpoint keeps tensors `name`: `name`.safetensors, or the shards/ directory."""
+    return ckpt / (name if name == SHARDS else f"{name}.safetensors")
+
+
 def _finite(ckpt: Path, model: dict, name: str = "model") -> dict:
     """`model` (the tensors of file `name`.safetensors), Damaged where a weight is not finite."""
     bad = next((k for k, v in model.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
-        where = ckpt / (name if name == SHARDS else f"{name}.safetensors")
-        raise Damaged(f"{where} holds non-finite weights ({bad})")
+        raise Damaged(f"{_file(ckpt, name)} holds non-finite weights ({bad})")
     return model
 
 
@@ -484,13 +488,13 @@ def _check_shapes(ckpt: Path, model: dict, optim: dict, shapes: dict[str, torch.
     (`shards/` of a sharded checkpoint, whose tensors may be on the meta device)."""
     if shapes is None:
         return
-    where = ckpt / (name if name == SHARDS else f"{name}.safetensors")
+    where = _file(ckpt, name)
     missing = sorted(shapes.keys() - model.keys())
     if missing:
         raise Damaged(f"{where} does not fit this run's model: it lacks "
                       f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     params = {f"{k}/": v for k, v in shapes.items()}  # optimizer state is keyed PARAM/NAME
-    optim_file = ckpt / SHARDS if name == SHARDS else ckpt / "optim.safetensors"
+    optim_file = _file(ckpt, SHARDS if name == SHARDS else "optim")
     for file, key, v, want in [(where, k, v, shapes.get(k)) for k, v in model.items()] + [
             (optim_file, k, v, params.get(k[:k.rfind("/") + 1])) for k, v in optim.items()]:
         if want is None or (v.dim() and v.shape != want):
