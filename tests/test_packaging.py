@@ -3,6 +3,7 @@ import as a dependency, one inside a function (an optional backend) at least as 
 
 import ast
 import functools
+import os
 import re
 import sys
 from importlib import metadata
@@ -91,3 +92,57 @@ def test_the_scan_tells_module_level_imports_from_lazy_ones(tmp_path):
     found = imports([tmp_path / "m.py"])
     assert found == {"numpy": True, "wandb": False, "PIL": True, "mlflow.entities": False}
     assert distributions("PIL.Image") == {"pillow"} and distributions("yaml") == {"pyyaml"}
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from vitscale import __version__
+    from vitscale.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert capsys.readouterr().out.strip() == f"vitscale {metadata.version('vitscale')}"
+    assert metadata.version("vitscale") == project["version"] == __version__
+
+
+def test_license_is_apache_2_in_the_file_and_the_metadata():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    assert "9. Accepting Warranty or Additional Liability." in text and text.count("\n") > 190
+
+
+BLOCK_PYAV = """
+import importlib.abc, sys
+
+class NoPyAV(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "av" or name.startswith("av."):
+            raise ImportError("no module named av (blocked)")
+
+sys.meta_path.insert(0, NoPyAV())
+"""
+
+
+def test_vitscale_imports_without_pyav_and_says_so_where_video_is_read():
+    """A machine without PyAV (a GPU image) still runs vitscale on images: nothing imports av until
+    a video is read, and reading one says in one line what to install."""
+    import subprocess
+
+    code = BLOCK_PYAV + """
+import vitscale.cli, vitscale.engine, vitscale.data, vitscale.export
+from vitscale.data.video import pyav
+from vitscale.errors import UserError
+assert "av" not in sys.modules
+try:
+    pyav()
+except UserError as e:
+    print("refused:", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "refused: reading videos needs PyAV: pip install av"

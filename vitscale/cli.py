@@ -369,9 +369,20 @@ def cmd_export(args: argparse.Namespace) -> None:
           if args.json else result.summary())
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's), as pip and importlib.metadata see it."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("vitscale")
+    except metadata.PackageNotFoundError:
+        return "(not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vitscale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show a bug's traceback instead of saving it")
+    parser.add_argument("--version", action="version", version=f"vitscale {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list presets with params, GFLOPs (multiply-adds) and acts")

@@ -35,7 +35,7 @@ from PIL import Image
 
 from vitscale.data.common import TEST_STREAM, KeyedDataset, Skipped, stratified_split
 from vitscale.data.transforms import ClipTransform
-from vitscale.data.video import read_clip
+from vitscale.data.video import pyav, read_clip
 from vitscale.errors import UserError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -281,6 +281,7 @@ class VideoFiles(KeyedDataset):
         self.short = transform.source_side(train)
         self.labels = [label for _, label in self.samples]
         self.counts: dict[str, int] = {}  # frame count cache (per process)
+        pyav()  # without PyAV: one line now, not every clip skipped as unreadable
 
     def __len__(self) -> int:
         return len(self.samples)

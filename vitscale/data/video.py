@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 import torch
 from torch import Tensor
@@ -24,8 +24,21 @@ from torch import Tensor
 from vitscale.data.views import View
 from vitscale.errors import UserError
 
+if TYPE_CHECKING:
+    import av
+
 SEEK_AFTER = 24  # seek (to the keyframe before the clip) only when it starts this far in
 MAX_THREADS = 8  # decoder threads at most with data.decode_threads=0 (each delays output a frame)
+
+
+def pyav():
+    """PyAV, imported where a video is read, so that importing vitscale (and image work) needs
+    no PyAV: a machine that has none (a GPU image, a slim install) still runs on images."""
+    try:
+        import av
+    except ImportError as e:
+        raise UserError("reading videos needs PyAV: pip install av") from e
+    return av
 
 
 def decode_threads(threads: int = 0) -> int:
@@ -61,7 +74,7 @@ def frame_count(container: av.container.InputContainer) -> int:
     if rate and stream.duration and stream.time_base:
         return max(1, int(math.floor(stream.duration * stream.time_base * rate + 1e-6)))
     if rate and container.duration:
-        return max(1, int(math.floor(container.duration / av.time_base * rate + 1e-6)))
+        return max(1, int(math.floor(container.duration / pyav().time_base * rate + 1e-6)))
     n = sum(1 for _ in container.decode(stream))
     container.seek(0)
     return n
@@ -124,7 +137,7 @@ def read_clip(path: str, frames: int, stride: int, gen: torch.Generator | View |
     path; `threads` decoder threads (0 = `decode_threads`'s share of the CPUs; 1 = one thread).
     Raises on an unreadable file.
     """
-    with av.open(path) as container:
+    with pyav().open(path) as container:
         if not container.streams.video:
             raise UserError("no video stream")
         stream = container.streams.video[0]
