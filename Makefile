@@ -18,6 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site  # the docs: a broken link fails
 	$(PY) -m pytest -q -n auto --dist worksteal
 
 quick: $(STAMP)  # the edit-test loop: everything but the tests marked slow
