@@ -35,6 +35,7 @@ from vitscale import (
     lock,
     mfu,
     optim,
+    rundir,
     signals,
     tasks,
     visual,
@@ -72,7 +73,8 @@ def resolve(cfg: RunConfig, info: DataInfo) -> RunConfig:
 def _prepare_run_dir(cfg: RunConfig, d: dist.Dist, log=print) -> Path:
     """Create the run directory; refuse one that holds a different run (but for RECOVERY fields,
     logged). A run's config.yaml is written when it starts, without `out`: a run directory is
-    where it is, moved or copied."""
+    where it is, moved or copied. What the directory may be was checked before its lock was taken
+    (`check_run_dir`)."""
     run_dir = Path(cfg.out)
     if d.main:
         try:
@@ -165,6 +167,13 @@ class Metrics:
             logger.close()
 
 
+def check_run_dir(cfg: RunConfig) -> Path:
+    """Refuse, before anything is written, a --out that is no run directory (vitscale.rundir: the
+    root, a home directory, a folder of other things) or that lies inside the run's own data."""
+    rundir.check_outside(cfg.out, cfg.data)
+    return rundir.check_out(cfg.out)
+
+
 def train(cfg: RunConfig, log=print, d: dist.Dist | None = None) -> dict:
     """Run (or resume) a training job; returns the final evaluation. `d`: the ranks it runs on
     (when not given, set up from train.device and torn down at the end). One process (rank 0
@@ -174,6 +183,7 @@ def train(cfg: RunConfig, log=print, d: dist.Dist | None = None) -> dict:
     d = dist.setup(cfg.train.device) if own else d
     log = log if d.main else (lambda *a, **k: None)
     try:
+        dist.on_main(d, lambda: check_run_dir(cfg))  # before the lock, the first thing written
         with lock.held(cfg.out, d, "run directory", log), signals.deferred():
             return Job(cfg, d, log).run()
     except OSError as e:  # a full disk, wherever the run was writing (checkpoint, metrics, final.json)

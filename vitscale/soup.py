@@ -22,8 +22,9 @@ checkpoint (the epoch its validation chose), its EMA weights where it trained wi
 Floating-point tensors are averaged (in float64, stored in their own dtype); integer buffers
 (a BatchNorm's num_batches_tracked) are the first ingredient's.
 
-The output directory is a run directory (config.yaml of the first ingredient, the chosen soup
-as best/): `vitscale eval DIR`, `--init DIR` and `vitscale convert DIR` read it as a run.
+The output directory is a new (or empty) run directory, so a soup made before is never replaced:
+config.yaml of the first ingredient, the chosen soup as best/. `vitscale eval DIR`, `--init DIR`
+and `vitscale convert DIR` read it as a run.
 soup.json holds every ingredient's and soup's validation and test metrics.
 """
 
@@ -39,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from vitscale import checkpoint, dist, evaluate, tasks
+from vitscale import checkpoint, dist, evaluate, rundir, tasks
 from vitscale.checkpoint import atomic_write_text
 from vitscale.config import RunConfig, load_yaml, to_dict
 from vitscale.data import build_datasets
@@ -219,7 +220,8 @@ def verdict(result: dict) -> str:
 
 
 def _configs(runs: Sequence[str], out: str) -> list[tuple[str, RunConfig]]:
-    """Each run's config.yaml; a missing run, a run given twice, or --out among them refused."""
+    """Each run's config.yaml; a missing run, a run given twice, or --out among them refused, and
+    an --out that is not a new or empty folder (vitscale.rundir) or lies inside the data."""
     if not runs:
         raise UserError("give the runs to soup: vitscale soup RUN RUN ... --out DIR")
     seen: dict[Path, str] = {}
@@ -232,9 +234,10 @@ def _configs(runs: Sequence[str], out: str) -> list[tuple[str, RunConfig]]:
         seen[where] = run
     if Path(out).resolve() in seen:
         raise UserError(f"--out {out!r} is one of the ingredients; choose a new directory")
-    if (Path(out) / "config.yaml").is_file() and not (Path(out) / "soup.json").is_file():
-        raise UserError(f"--out {out!r} holds a run, not a soup; choose a new directory")
-    return [(run, load_yaml(Path(run) / "config.yaml")) for run in runs]
+    rundir.check_out(out, "soup", marker=None)  # new or empty: a soup made before is never replaced
+    configs = [(run, load_yaml(Path(run) / "config.yaml")) for run in runs]
+    rundir.check_outside(out, configs[0][1].data)
+    return configs
 
 
 def _write(out: Path, first: Ingredient, state: dict[str, Tensor], result: dict, score: float | None) -> None:

@@ -40,7 +40,20 @@ from pathlib import Path
 
 import torch
 
-from vitscale import bench, checkpoint, config, dist, engine, errors, lock, optim, results, signals, tasks
+from vitscale import (
+    bench,
+    checkpoint,
+    config,
+    dist,
+    engine,
+    errors,
+    lock,
+    optim,
+    results,
+    rundir,
+    signals,
+    tasks,
+)
 from vitscale.checkpoint import atomic_write_text
 from vitscale.complexity import cost
 from vitscale.config import RunConfig
@@ -601,6 +614,13 @@ def _prepare(study: StudyConfig) -> Path:
     return out
 
 
+def check_study_dir(out: str, base: RunConfig) -> None:
+    """Refuse a --out that is no study directory (vitscale.rundir: new, empty or holding study.yaml)
+    or that lies inside the trials' data."""
+    rundir.check_outside(out, base.data)
+    rundir.check_out(out, "study", rundir.STUDY)
+
+
 def run_study(study: StudyConfig, only: str | None = None, log=print):
     """Size, sweep, train what is not finished, then analyse and report (rank 0): the
     summary.Summary, or None where this process only trained (`only`, ranks above 0).
@@ -608,10 +628,12 @@ def run_study(study: StudyConfig, only: str | None = None, log=print):
     One process works on a study directory at a time (on one trial's directory, with `only`:
     one job per trial may share the study), rank 0 holding the lock for all ranks. A signal
     stops it with its runs checkpointed (Interrupted)."""
-    d = dist.setup(base_run(study).train.device)
+    base = base_run(study)
+    d = dist.setup(base.train.device)
     log = log if d.main else (lambda *a, **k: None)
     where = Path(study.out) / (SWEEP if only == SWEEP else f"trials/{only}" if only else "")
     try:
+        dist.on_main(d, lambda: check_study_dir(study.out, base))  # before the lock, the first write
         with lock.held(where, d, "study directory", log), signals.deferred():
             return _run_study(study, only, log, d)
     except Interrupted as e:

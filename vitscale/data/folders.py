@@ -1,11 +1,14 @@
 """Real data: image folders, video folders and VideoMAE-style video lists.
 
 Folders hold one subfolder per class (class ids = sorted subfolder names; files are found
-recursively inside each class folder). A class folder with no files of
-the kind is dropped with a warning. A video list is a UTF-8 text/CSV file with one line per
-video (relative paths are relative to the list's folder; blank and ``#`` lines are ignored, and
-so is a first line of words such as ``path,label``), in one of VideoMAE V2's forms, fields
-separated by commas or spaces:
+recursively inside each class folder). An image is any file PIL decodes (IMAGE_EXTS: .jpg, .png,
+.webp, .tif, .gif's first frame, ...; any case), in any mode (P, L, LA, RGBA, I;16, CMYK: read
+as RGB). A class folder with no files of the kind is dropped with a warning; the files of
+another kind, and folders that hold a run or a study, are named in a warning and left out.
+
+A video list is a UTF-8 text/CSV file with one line per video (relative paths are relative to
+the list's folder; blank and ``#`` lines are ignored, and so is a first line of words such as
+``path,label``), in one of VideoMAE V2's forms, fields separated by commas or spaces:
 
     path label                 a labelled video (Kinetics)
     path start count           frames start .. start+count-1 only (count -1 = to the end), no
@@ -25,29 +28,78 @@ line) and saying what to do.
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
+from vitscale import rundir
 from vitscale.data.common import TEST_STREAM, KeyedDataset, Skipped, stratified_split
 from vitscale.data.transforms import ClipTransform
 from vitscale.data.video import pyav, read_clip
 from vitscale.errors import UserError
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
+
+
+def _pil_extensions() -> tuple[str, ...]:
+    """Every file extension PIL opens and decodes itself (in any case: a suffix is compared
+    lowered), the common ones first: .tif, .gif (its first frame), .ico, .ppm ... as well as
+    .jpg and .png. Left out: stubs that need a handler from elsewhere (HDF5, GRIB, WMF) and the
+    video extensions (PIL's MPEG plugin only reads a header)."""
+    Image.init()
+
+    def decodes(fmt: str) -> bool:
+        factory = Image.OPEN[fmt][0]
+        return not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
+
+    known = {e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN and decodes(fmt)}
+    common = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+    return common + tuple(sorted(known - set(common) - set(VIDEO_EXTS)))
+
+
+IMAGE_EXTS = _pil_extensions()
 Sample = tuple[str, int]  # (file path, label id)
 Row = tuple[str, int, int, int]  # a list line: (path, label id or NO_LABEL, first frame, frames or -1)
 NO_LABEL = -1
 
 
-def _files(folder: Path, exts: tuple[str, ...]) -> list[str]:
-    return sorted(str(p) for p in folder.rglob("*")
-                  if p.suffix.lower() in exts and p.is_file() and not p.name.startswith("."))
+def _files(folder: Path, exts: tuple[str, ...], passed: list[str] | None = None,
+           other: list[str] | None = None) -> list[str]:
+    """The files of the kind (`exts`, any case) under `folder`, recursively, sorted. A folder
+    holding a run or a study (vitscale.rundir) is passed over and added to `passed`; files of
+    another kind are added to `other` (hidden files are neither)."""
+    passed, other = [] if passed is None else passed, [] if other is None else other
+    found = []
+    for top, dirs, names in os.walk(folder):
+        if rundir.holds_work(Path(top)):
+            passed.append(top)
+            dirs.clear()
+            continue
+        for name in names:
+            f = Path(top) / name
+            if name.startswith("."):
+                continue
+            if f.suffix.lower() in exts and f.is_file():
+                found.append(str(f))
+            else:
+                other.append(str(f))
+    return sorted(found)
+
+
+def _warn_left_out(root: str, what: str, passed: list[str], other: list[str]) -> None:
+    """Name, with their count, what a scan of `root` left out: folders holding a run or a study,
+    and files that are no `what` (by their extension)."""
+    if passed:
+        warnings.warn(f"{root}: passed over {len(passed)} folder(s) that hold a run or a study "
+                      f"({', '.join(sorted(passed)[:5])}); they are not data", stacklevel=3)
+    if other:
+        warnings.warn(f"{root}: skipped {len(other)} file(s) that are no {what} files by their extension "
+                      f"({', '.join(sorted(other)[:5])}{', ...' if len(other) > 5 else ''})", stacklevel=3)
 
 
 def scan_folder(root: str, exts: tuple[str, ...], classes: tuple[str, ...] | None = None,
@@ -60,10 +112,14 @@ def scan_folder(root: str, exts: tuple[str, ...], classes: tuple[str, ...] | Non
     if not p.is_dir():
         raise UserError(f"data folder {root!r} does not exist or is not a folder; "
                          f"set data.path to a folder with one subfolder of {what}s per class")
+    passed, other = [], []
     try:
-        files = {d.name: _files(d, exts) for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")}
+        files = {d.name: _files(d, exts, passed, other) for d in p.iterdir()
+                 if d.is_dir() and not d.name.startswith(".") and not rundir.holds_work(d)}
+        passed += [str(d) for d in p.iterdir() if d.is_dir() and rundir.holds_work(d)]
     except OSError as e:
         raise UserError(f"cannot read data folder {root!r}: {e.strerror} ({e.filename})") from None
+    _warn_left_out(root, what, passed, other)
     if not files:
         raise UserError(f"data folder {root!r} has no class subfolders; put {what}s in {root}/CLASS_NAME/")
     empty = sorted(c for c, f in files.items() if not f)
@@ -72,7 +128,7 @@ def scan_folder(root: str, exts: tuple[str, ...], classes: tuple[str, ...] | Non
                       f"({', '.join(empty[:5])}); they are not classes", stacklevel=2)
     found = sorted(c for c, f in files.items() if f)
     if not found:
-        raise UserError(f"no {what} files ({', '.join(exts)}) under {root!r}; "
+        raise UserError(f"no {what} files ({', '.join(exts[:8])}, ...) under {root!r}; "
                          f"put them in {root}/CLASS_NAME/")
     if classes is None:
         classes = tuple(found)
