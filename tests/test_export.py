@@ -69,6 +69,7 @@ def test_image_classifier_exports_with_a_dynamic_batch(tmp_path, capsys):
     assert meta["input"]["shape"] == ["batch", 3, 16, 16] and meta["output"] == {"name": "logits",
                                                                                  "shape": ["batch", 10]}
     assert meta["input"]["mean"] == [0.5, 0.5, 0.5]
+    assert meta["classes"] == [str(d) for d in range(10)]  # digits' names, from the run's classes.json
     with pytest.raises(RuntimeError, match="differ from PyTorch's"):  # the exporter's own check can fail
         cfg = load_yaml(f"{run}/config.yaml")
         vexport.check(Path(run, "model.onnx"), lambda x: model(x) + 1e-3, cfg, (1,))
@@ -100,6 +101,18 @@ def test_video_classifier_exports_with_a_dynamic_batch(tmp_path):
     export(run)
     diffs = onnxruntime_vs(task_module(run).predict, f"{run}/model.onnx", (3, 4, 16, 16))
     assert max(diffs.values()) < 1e-4
+    meta = json.loads(Path(run, "model.onnx.json").read_text())
+    assert meta["classes"] == ["E", "NE", "N", "NW", "W", "SW", "S", "SE"]  # data.label=direction
+
+
+@pytest.mark.slow
+def test_a_run_without_class_names_exports_its_ids_and_says_so(tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    run = trained(tmp_path, "old")
+    Path(run, "classes.json").unlink()  # as a run trained before vitscale saved class names
+    export(run)
+    assert "has no classes.json" in capsys.readouterr().err
+    assert json.loads(Path(run, "model.onnx.json").read_text())["classes"] == [str(i) for i in range(10)]
 
 
 @pytest.mark.slow
@@ -142,6 +155,7 @@ def test_mae_exports_its_encoder_features_and_a_linear_probe_its_logits(tmp_path
     export(run)
     meta = json.loads(Path(run, "model.onnx.json").read_text())
     assert meta["task"] == task and meta["output"] == {"name": output, "shape": ["batch", width]}
+    assert meta["classes"] == (None if task == "mae" else [str(d) for d in range(10)])
     diffs = onnxruntime_vs(task_module(run).predict, f"{run}/model.onnx", (3, 16, 16))
     assert max(diffs.values()) < 1e-4
 

@@ -3,4 +3,14 @@
 from vitscale.models.vit import ViT, ViTConfig, preset
 
 __version__ = "0.1.0"
-__all__ = ["ViT", "ViTConfig", "preset", "__version__"]
+__all__ = ["LoadedRun", "ViT", "ViTConfig", "load_run", "preset", "__version__"]
+
+
+def __getattr__(name: str):
+    """`vitscale.load_run` (a trained run's model, config and class names) and its `LoadedRun`,
+    imported when first asked for: `import vitscale` stays light (no data or export modules)."""
+    if name in ("load_run", "LoadedRun"):
+        from vitscale import predict
+
+        return getattr(predict, name)
+    raise AttributeError(f"module 'vitscale' has no attribute {name!r}")

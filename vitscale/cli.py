@@ -11,6 +11,7 @@
     vitscale soup RUN RUN ... --out DIR [--greedy]  average fine-tuned runs (model soups)
     vitscale config pretrain [--json]        a command's resolved config, every field with its help
     vitscale export RUN --to onnx [--out FILE] [--batch dynamic|N]  the run's model as an ONNX graph
+    vitscale predict RUN FILE_OR_DIR... [--top-k 5] [--json]  classify files with a trained run
 
 User errors (unknown preset, bad strategy, a size the patch does not divide) end in one
 line on stderr and exit code 2; a training stopped by a non-finite loss exits 3, one stopped
@@ -58,6 +59,12 @@ def _device(text: str) -> str:
         return check_device(text)
     except UserError:
         raise argparse.ArgumentTypeError(f"must be {DEVICES}, got {text[:40]!r}") from None
+
+
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {text[:40]!r}")
+    return int(text)
 
 
 def _image_size(text: str) -> int | tuple[int, int]:
@@ -342,11 +349,35 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
-    from vitscale import engine
+    from pathlib import Path
+
+    from vitscale import classnames, engine
+    from vitscale.config import load_yaml
 
     result = engine.evaluate_run(args.run_dir, device=args.device, test_views=args.test_views or "",
                                  resolution=args.resolution)
-    print(json.dumps(result) if args.json else ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+    # the classes its metrics are over (the data's: an MAE's k-NN's too), by name
+    count = load_yaml(Path(args.run_dir, "config.yaml")).model.num_classes
+    names, named = classnames.read(Path(args.run_dir), count)
+    if not named:
+        print(f"note: {classnames.missing(args.run_dir, len(names))}", file=sys.stderr)
+    if args.json:
+        return print(json.dumps(result | {"classes": list(names)}))
+    print(", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+    print(f"classes ({len(names)}): {classnames.shown(names)}" if names else "no classes (unlabelled data)")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from vitscale import classnames, predict
+
+    run = predict.load_run(args.run_dir, ema=args.ema, device=args.device)
+    found = predict.predict(run, args.files, top_k=args.top_k, batch=args.batch)
+    if not run.named:
+        print(f"note: {classnames.missing(args.run_dir, len(run.classes))}", file=sys.stderr)
+    if args.json:
+        return report.print_json([p.as_dict() for p in found])
+    for p in found:
+        print(p.line(), flush=True)
 
 
 def cmd_soup(args: argparse.Namespace) -> None:
@@ -543,6 +574,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feed the data at this side instead of the trained one (a multiple of the patch)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("predict", help="classify image and video files with a trained run",
+                       description="The most probable classes of each file (a folder: its images and "
+                       "videos), with their probabilities, by the run's best checkpoint through its own "
+                       "evaluation transforms (size, crop, normalisation, frames). An unreadable file is "
+                       "named on stderr and skipped.")
+    p.add_argument("run_dir", help="run directory (train, finetune, linprobe or distill)")
+    p.add_argument("files", nargs="+", metavar="FILE_OR_DIR", help="image or video files, or folders of them")
+    p.add_argument("--top-k", type=_positive, default=5, help="classes shown per file (default 5)")
+    p.add_argument("--batch", type=_positive, default=32, help="files per forward pass (default 32)")
+    p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (train.ema) instead")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {file, top: [{class, id, "
+                   "probability}]}")
+    p.set_defaults(run=cmd_predict)
 
     p = sub.add_parser("soup", help="average fine-tuned runs of one model and initialisation (model soups)",
                        description="Average the weights of runs fine-tuned from one initialisation "

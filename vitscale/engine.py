@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from vitscale import (
     amp,
     checkpoint,
+    classnames,
     dist,
     errors,
     evaluate,
@@ -220,6 +221,7 @@ class Job:
             log("no validation data (data.val_fraction=0): nothing is evaluated; best/ is the latest")
         cfg = resolve(cfg, info=self.info)
         self.cfg, self.d, self.log, self.task = cfg, d, log, tasks.get(cfg.task)
+        self.task.check_data(self.info.num_classes)
         self.run_dir = _prepare_run_dir(cfg, d, log)
         self.micro = t.batch // (d.world * t.accum)  # samples per rank per forward pass
         if self.micro * d.world * t.accum != t.batch:
@@ -259,6 +261,10 @@ class Job:
             f"(micro-batch {self.micro} x accum {t.accum} x ranks {d.world}); {self.total} steps, "
             f"{self.warmup} warm-up, " + (f"wsd decay from step {optim.decay_start(self.total, t.decay_frac)}"
                                           if t.schedule == "wsd" else "cosine"))
+        if d.main and classnames.write(self.run_dir, self.info.class_names):  # for predict, eval, export
+            log(f"classes ({self.info.num_classes}): {classnames.shown(self.info.class_names)} "
+                f"({self.run_dir / classnames.FILE})" if self.info.class_names else
+                f"no classes (unlabelled data): {self.run_dir / classnames.FILE} is []")
 
     def plan_of(self, cfg: RunConfig) -> Plan:
         """The steps of a run of `cfg` on this job's data and ranks (plan.py), made once."""

@@ -7,7 +7,8 @@ best checkpoint (else its newest whole one):
   mae, distill (feature)                             x -> the encoder's pooled, normalised
                                                      feature [B, D] (what the run's k-NN scores)
 x is [B, C, H, W] (images) or [B, C, T, H, W] (video) at the run's own input size, normalised as
-its data were (data.norm, written beside the graph); B is any batch ("dynamic") or a fixed one.
+its data were (data.norm, written beside the graph with the class names: FILE.onnx.json); B is
+any batch ("dynamic") or a fixed one.
 
 The exporter is torch.onnx's (torch.export, "dynamo"), which needs onnxscript; the check needs
 onnxruntime: `pip install 'vitscale[onnx]'`.
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from vitscale import checkpoint, tasks
+from vitscale import checkpoint, classnames, tasks
 from vitscale.config import RunConfig, load_yaml
 from vitscale.errors import UserError, optional
 
@@ -71,10 +72,10 @@ class Predictor(nn.Module):
         return self.module.predict(x)
 
 
-def predictor(run: str, ema: bool = False) -> tuple[Predictor, RunConfig, Path, bool]:
+def predictor(run: str, ema: bool = False) -> tuple[Predictor, RunConfig, Path, int]:
     """The eval-mode model of a run's best checkpoint (else its newest whole one) on the CPU:
-    (model, run config, checkpoint, whether it gives logits). `ema` takes the checkpoint's
-    moving average (train.ema) instead of its raw weights."""
+    (model, run config, checkpoint, its class logits: 0 where it gives features). `ema` takes the
+    checkpoint's moving average (train.ema) instead of its raw weights."""
     run_dir = Path(run)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run!r} is not a run directory (no config.yaml); pass a directory that "
@@ -103,7 +104,7 @@ def predictor(run: str, ema: bool = False) -> tuple[Predictor, RunConfig, Path, 
         first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
         raise UserError(f"{ckpt} does not fit {run_dir / 'config.yaml'} ({first.strip()[:160]}); put "
                          "back the run's own config.yaml") from None
-    return Predictor(module).eval(), cfg, ckpt, head is not None
+    return Predictor(module).eval(), cfg, ckpt, 0 if head is None else head.shape[0]
 
 
 def input_shape(cfg: RunConfig, batch: int) -> tuple[int, ...]:
@@ -147,7 +148,11 @@ def export(run: str, to: str = "onnx", out: str | None = None, batch: str = "dyn
     fixed = parse_batch(batch)
     for module in ("onnx", "onnxscript", "onnxruntime"):
         optional(module, "onnx", "exporting to ONNX")
-    model, cfg, ckpt, logits = predictor(run, ema)
+    model, cfg, ckpt, classes = predictor(run, ema)
+    logits = classes > 0
+    names, named = classnames.read(Path(run), classes)
+    if not named:
+        print(f"note: {classnames.missing(run, classes)}", file=sys.stderr)
     path = Path(out) if out else Path(run) / "model.onnx"
     if path.suffix != ".onnx":
         raise UserError(f"--out {str(path)!r} must end in .onnx")
@@ -182,6 +187,7 @@ def export(run: str, to: str = "onnx", out: str | None = None, batch: str = "dyn
                   "layout": "BCTHW" if cfg.model.is_video else "BCHW",
                   "pixels": "RGB in [0, 1], then (x - mean) / std per channel", "mean": mean, "std": std},
         "output": {"name": result.output, "shape": list(result.output_shape)},
+        "classes": list(names) if logits else None,  # the name of each logit, in class-id order
         "max_abs_diff": {str(b): d for b, d in diffs.items()},
     }, indent=2) + "\n")
     return result

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from vitscale import checkpoint, dist, evaluate, rundir, tasks
+from vitscale import checkpoint, classnames, dist, evaluate, rundir, tasks
 from vitscale.checkpoint import atomic_write_text
 from vitscale.config import RunConfig, load_yaml, to_dict
 from vitscale.data import build_datasets
@@ -247,6 +247,8 @@ def _write(out: Path, first: Ingredient, state: dict[str, Tensor], result: dict,
     except OSError as e:
         raise UserError(f"cannot write to {str(out)!r}: {e.strerror}; choose another --out") from None
     atomic_write_text(out / "config.yaml", (first.run / "config.yaml").read_text())
+    if (first.run / classnames.FILE).is_file():  # the ingredients' classes, by name
+        atomic_write_text(out / classnames.FILE, (first.run / classnames.FILE).read_text())
     ckpt = checkpoint.save(out, 0, state, {"state": {}, "param_groups": []},
                            {"step": 0, "best": score, "soup": result["saved"]}, keep_last=1)
     checkpoint.publish_best(out, ckpt)

@@ -102,11 +102,19 @@ def _warn_left_out(root: str, what: str, passed: list[str], other: list[str]) ->
                       f"({', '.join(sorted(other)[:5])}{', ...' if len(other) > 5 else ''})", stacklevel=3)
 
 
+def _loose(folder: Path, exts: tuple[str, ...]) -> list[str]:
+    """The files of the kind directly in `folder` (not in its subfolders), sorted."""
+    return sorted(str(f) for f in folder.iterdir()
+                  if f.suffix.lower() in exts and f.is_file() and not f.name.startswith("."))
+
+
 def scan_folder(root: str, exts: tuple[str, ...], classes: tuple[str, ...] | None = None,
                 what: str = "image") -> tuple[list[Sample], tuple[str, ...]]:
     """(samples, class names) of a class-per-subfolder tree; `classes` fixes the id map (val).
 
-    A subfolder with no such files is no class: it is dropped with a warning.
+    A subfolder with no such files is no class: it is dropped with a warning. A flat folder (its
+    files directly in it, no class subfolder holding any) is unlabelled data: no classes, every
+    label 0 (pre-training reads no label); so is a val folder when training had no classes.
     """
     p = Path(root).expanduser()
     if not p.is_dir():
@@ -117,9 +125,15 @@ def scan_folder(root: str, exts: tuple[str, ...], classes: tuple[str, ...] | Non
         files = {d.name: _files(d, exts, passed, other) for d in p.iterdir()
                  if d.is_dir() and not d.name.startswith(".") and not rundir.holds_work(d)}
         passed += [str(d) for d in p.iterdir() if d.is_dir() and rundir.holds_work(d)]
+        loose = _loose(p, exts)
     except OSError as e:
         raise UserError(f"cannot read data folder {root!r}: {e.strerror} ({e.filename})") from None
     _warn_left_out(root, what, passed, other)
+    if loose and not classes and not any(files.values()):
+        return [(f, 0) for f in loose], ()
+    if loose and classes is None:
+        warnings.warn(f"{root}: {len(loose)} {what} file(s) lie directly in it, in no class subfolder "
+                      f"(e.g. {Path(loose[0]).name}); they are left out", stacklevel=2)
     if not files:
         raise UserError(f"data folder {root!r} has no class subfolders; put {what}s in {root}/CLASS_NAME/")
     empty = sorted(c for c, f in files.items() if not f)

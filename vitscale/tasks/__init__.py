@@ -43,6 +43,13 @@ class Task:
     multires: bool = False  # may vary its input shape step to step (train.resolutions, multigrid)
     student: bool = False  # its module wraps a student ViT (vit.*) with training-only parts; what is
     # deployed (vitscale export) is the student alone
+    labelled: bool = True  # learns from class labels: data without 2 classes or more is refused before
+    # the run directory is touched (pre-training needs none)
+
+    def check_data(self, num_classes: int) -> None:
+        """Refuse data this task cannot learn from (one line), before any work."""
+        if self.labelled:
+            classify.need_classes(self.name, num_classes)
 
     def score(self, result: dict) -> float | None:
         """Higher is better: the task's metric, else minus the validation loss (a pre-training run
@@ -54,7 +61,7 @@ class Task:
 
 TASKS = {task.name: task for task in (
     Task("supervised", classify.build, classify.metrics, "val_top1", multires=True),
-    Task("mae", pretrain.build, pretrain.metrics, "knn_top1", decoder=True),
+    Task("mae", pretrain.build, pretrain.metrics, "knn_top1", decoder=True, labelled=False),
     Task("finetune", classify.build, classify.metrics, "val_top1", needs_init=True,
          after_init=classify.start_fine_tuning, multires=True),
     Task("linprobe", probe.build, classify.metrics, "val_top1", needs_init=True),

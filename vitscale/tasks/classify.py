@@ -68,7 +68,12 @@ class Classifier(nn.Module):
 
 
 def need_classes(task: str, num_classes: int) -> None:
-    """A classifier needs 2 classes or more to tell apart."""
+    """A classifier needs 2 classes or more to tell apart; unlabelled data (a flat folder, a list
+    without labels) has none."""
+    if num_classes == 0:
+        raise UserError(f"{task} training needs at least 2 classes, and the data has no labels (a flat "
+                         "folder, or a list without labels); put the files in one subfolder per class "
+                         "(DATA/CLASS_NAME/FILE), or pre-train on them with vitscale pretrain")
     if num_classes < 2:
         raise UserError(f"{task} training needs at least 2 classes to tell apart, but the data has "
                          f"{num_classes}; use data with 2 or more classes (pretraining needs none)")

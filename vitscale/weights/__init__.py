@@ -43,6 +43,7 @@ from pathlib import Path
 
 from torch import nn
 
+from vitscale import classnames
 from vitscale.checkpoint import is_sharded, newest_good, read_shards
 from vitscale.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
@@ -135,7 +136,12 @@ def _export_dir(directory: Path) -> Source:
         mae = from_dict(MAEConfig, saved["mae"], "mae.") if saved.get("mae") else None
     except UserError as e:
         raise UserError(f"{str(path)!r}: {e}") from None
-    return _vitscale(read_tensors(directory / "model.safetensors"), cfg, mae, where=repr(str(path)))
+    source = _vitscale(read_tensors(directory / "model.safetensors"), cfg, mae, where=repr(str(path)))
+    labels = saved.get("classes") or ()
+    if not (isinstance(labels, list) and len(labels) == source.model.num_classes
+            and all(isinstance(n, str) for n in labels)):
+        labels = ()  # no names, or not the head's: its classes go by their ids
+    return replace(source, labels=tuple(labels))
 
 
 def _run_dir(run_dir: Path) -> Source:
@@ -153,7 +159,8 @@ def _run_dir(run_dir: Path) -> Source:
     path = _weights_file(ckpt)
     tensors = found[1][0] if found[1][2]["sharded"] else read_tensors(path)  # shards: read whole by load
     source = _vitscale(tensors, run.model, mae, where=repr(str(run_dir / "config.yaml")))
-    return _noted(source, path)
+    names, named = classnames.read(run_dir, source.model.num_classes)
+    return _noted(replace(source, labels=names if named else ()), path)
 
 
 def _weights_file(ckpt: Path) -> Path:
@@ -239,10 +246,12 @@ def standard(model: nn.Module) -> nn.Module:
     return folded.to(next(model.parameters()).device).train(model.training)
 
 
-def export(model: nn.Module, out: str | Path, to: str) -> tuple[list[Path], list[str]]:
+def export(model: nn.Module, out: str | Path, to: str,
+           labels: tuple[str, ...] = ()) -> tuple[list[Path], list[str]]:
     """Write a ViT or MAE in a format ("hf", "timm", "vitscale") as a new file or directory `out`;
     returns (files written, notes). An existing output is refused, never overwritten; the files
-    appear all at once (see files.publish).
+    appear all at once (see files.publish). `labels` name the head's classes (hf: id2label;
+    vitscale: vitscale.json's "classes"; timm keeps none).
 
     hf and timm have no muP multipliers: a muP model is written with them folded into its
     weights (`standard`), which computes the same; vitscale keeps them in its config.
@@ -255,14 +264,15 @@ def export(model: nn.Module, out: str | Path, to: str) -> tuple[list[Path], list
         model = sp
         notes.append("muP multipliers folded into the weights (hf / timm models are standard-parametrised)")
     if to == "hf":
-        config, state, written = hf.write(model)
+        config, state, written = hf.write(model, labels)
         notes += written
         return publish(final, {"model.safetensors": state, "config.json": _json(config)}, directory), notes
     if to == "timm":
         return publish(final, {final.name: timm.write_state(model)}, directory), notes
     is_mae = isinstance(model, MAE)
     prefix, cfg = ("mae.", model.encoder.cfg) if is_mae else ("vit.", model.cfg)
-    saved = {"format": "vitscale", "model": asdict(cfg), "mae": asdict(model.cfg) if is_mae else None}
+    saved = {"format": "vitscale", "model": asdict(cfg), "mae": asdict(model.cfg) if is_mae else None,
+             "classes": list(labels) if labels and len(labels) == cfg.num_classes else None}
     state = {prefix + k: v for k, v in model.state_dict().items()}
     return publish(final, {"model.safetensors": state, "vitscale.json": _json(saved)}, directory), notes
 
@@ -302,7 +312,9 @@ def convert(src: str | Path, to: str, out: str | Path, *, model: str | None = No
     with naming(Path(src)):
         built, report = build(source, image_size=image_size, frames=frames, num_classes=num_classes,
                               head=head, allow=allow)
-    paths, notes = export(built, out, to)
+    same_head = head and num_classes is None and isinstance(built, ViT) and \
+        built.cfg.num_classes == len(source.labels)
+    paths, notes = export(built, out, to, source.labels if same_head else ())
     return replace(report, notes=report.notes + tuple(notes)), paths
 
 

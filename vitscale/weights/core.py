@@ -43,6 +43,8 @@ class Source:
     head_extras: tuple[str, ...] = ()  # unmapped keys that belong to the class head (HF's pooler)
     inferred: frozenset[str] = frozenset()  # config fields guessed rather than read, e.g. "heads"
     notes: tuple[str, ...] = ()  # what was assumed or filled, in words
+    labels: tuple[str, ...] = ()  # the head's class names, in id order, where the source names them (a
+    # run's classes.json, a transformers config's id2label); () otherwise
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,7 @@ def read(directory: Path) -> Source:
     if pretrain:
         mae, notes = _mae_config(config, state, cfg, video, notes)
     return Source(format=f"hf-{model_type}", state=state, model=cfg, mae=mae, unmapped=tuple(unmapped),
-                  head_extras=("pooler.*",), notes=tuple(notes))
+                  head_extras=("pooler.*",), notes=tuple(notes), labels=labels_of(config, cfg.num_classes))
 
 
 def _checked(config: dict, model_type: str, path: Path) -> dict:
@@ -278,8 +278,9 @@ def _mae_config(config: dict, state: State, cfg: ViTConfig, video: bool, notes: 
 
 
 # ----------------------------------------------------------------------------- export
-def write(model) -> tuple[dict, State, list[str]]:
-    """(config.json dict, state dict, notes) of a vitscale ViT or MAE in transformers' layout."""
+def write(model, labels: tuple[str, ...] = ()) -> tuple[dict, State, list[str]]:
+    """(config.json dict, state dict, notes) of a vitscale ViT or MAE in transformers' layout;
+    `labels` name the head's classes in id2label / label2id (else transformers' LABEL_i)."""
     vit = model.encoder if isinstance(model, MAE) else model
     cfg = vit.cfg
     state = dict(model.state_dict())
@@ -293,8 +294,8 @@ def write(model) -> tuple[dict, State, list[str]]:
                   image_size=cfg.image_size if isinstance(cfg.image_size, int) else list(cfg.hw),
                   patch_size=cfg.patch_size, num_channels=cfg.in_chans)
     if cfg.num_classes:
-        common |= dict(id2label={str(i): f"LABEL_{i}" for i in range(cfg.num_classes)},
-                       label2id={f"LABEL_{i}": i for i in range(cfg.num_classes)})
+        common |= id2label(labels if len(labels) == cfg.num_classes else
+                           tuple(f"LABEL_{i}" for i in range(cfg.num_classes)))
     if cfg.is_video:
         model_type, config, arch, norm = _video_layout(model, cfg, state, enc, notes)
         config = common | config
@@ -325,6 +326,27 @@ def write(model) -> tuple[dict, State, list[str]]:
         base = BASE[model_type] + "."
         out = {k[len(base):] if k.startswith(base) else k: v for k, v in out.items()}
     return {"architectures": [arch], "model_type": model_type} | config, out, notes
+
+
+def id2label(names: tuple[str, ...]) -> dict:
+    """transformers' id2label and label2id of class names in id order (label2id keeps the first id
+    of a name given twice)."""
+    ids = {}
+    for i, name in enumerate(names):
+        ids.setdefault(name, i)
+    return dict(id2label={str(i): name for i, name in enumerate(names)}, label2id=ids)
+
+
+def labels_of(config: dict, count: int) -> tuple[str, ...]:
+    """The class names config.json's id2label gives a head of `count` classes, or () where it names
+    none (or only transformers' LABEL_i)."""
+    table = config.get("id2label")
+    if not isinstance(table, dict) or not count:
+        return ()
+    names = tuple(table.get(str(i)) for i in range(count))
+    if not all(isinstance(n, str) for n in names) or names == tuple(f"LABEL_{i}" for i in range(count)):
+        return ()
+    return names
 
 
 def _video_layout(model, cfg: ViTConfig, state: State, enc: str, notes: list) -> tuple[str, dict, str, str]:
