@@ -74,10 +74,11 @@ def test_the_printed_config_reads_back_to_the_default(tmp_path, capsys, command)
     path.write_text(text)
     cfg = config.load_yaml(path, StudyConfig if command == "study" else RunConfig)
     assert cfg == default(command)
-    assert yaml.safe_load(text) == config.to_dict(cfg)
+    # every key but `out`: a config file does not say where a run goes
+    assert yaml.safe_load(text) == {k: v for k, v in config.to_dict(cfg).items() if k != "out"}
     helps = all_help(type(cfg))
     keys = [line for line in text.splitlines() if not line.lstrip().startswith(("#", "- "))]
-    assert len(keys) == len(helps) and all("  # " in line for line in keys)  # each key, its help beside it
+    assert len(keys) == len(helps) - 1 and all("  # " in line for line in keys)  # each key, its help
     assert shown(capsys, command, "--config", str(path)) == text
 
 
@@ -119,3 +120,93 @@ def test_without_the_source_help_is_empty_not_an_error(monkeypatch):
     monkeypatch.setattr("inspect.getsource", no_source)
     assert field_help(Shipped) == {"a": ""}
     assert commented_yaml(Shipped()) == "a: 1  #\n"
+
+
+# ----------------------------------------------------------------------------- flags in --help
+def help_text(capsys, command: str) -> str:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain", "finetune", "distill"])
+def test_every_run_config_field_is_a_flag_in_help_with_its_help_and_the_commands_default(capsys, command):
+    text = help_text(capsys, command)
+    values = config.recipe_values(command)
+    for section in ("model", "data", "train", "mae", "distill"):
+        for name, help_ in field_help(type(getattr(RunConfig(), section))).items():
+            flag = f"--{section}.{name}"
+            assert flag in text, flag
+            first = " ".join(help_.split()[:4])
+            assert first in text, (flag, first)
+    for flag in ("--config", "--model", "--out", "--init", "--init-allow"):  # the top-level fields
+        assert f"{flag} " in text
+    # the recipe's defaults, not RunConfig's: pretrain trains 60 epochs, at betas 0.9,0.95
+    epochs = values["train"]["epochs"]
+    assert f"passes over the training set (default {epochs})" in text
+    if command == "pretrain":
+        assert "(default 0.9,0.95)" in text and "(default sincos)" in text
+
+
+def test_every_study_field_is_a_flag_in_study_help(capsys):
+    from vitscale.configflags import STUDY_FLAGS
+
+    text = help_text(capsys, "study")
+    for name in field_help(StudyConfig):
+        if name != "overrides":  # the trials' --section.key=value
+            assert f"--{STUDY_FLAGS.get(name, name.replace('_', '-'))} " in text, name
+    for flag in ("--leaders", "--sweep-length", "--ahead", "--probe-epochs", "--decay-frac", "--warmup"):
+        assert flag in text
+
+
+@pytest.fixture
+def trained(monkeypatch):
+    from vitscale import engine
+
+    seen = []
+    monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or {})
+    return seen
+
+
+def test_a_flag_takes_its_value_after_an_equals_sign_or_a_space(tmp_path, trained):
+    assert main(["train", "--out", str(tmp_path / "a"), "--train.epochs=5", "--train.betas", "0.8,0.9",
+                 "--data.mean=", "--train.resolutions", "", "--model.image_size", "16x16"]) == 0
+    assert main(["train", "--out", str(tmp_path / "b"), "--train.epochs", "5", "--train.epochs=6"]) == 0
+    first, last_wins = trained
+    assert (first.train.epochs, first.train.betas, first.model.image_size) == (5, (0.8, 0.9), (16, 16))
+    assert last_wins.train.epochs == 6
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["train", "--train.epochs", "ten"], "train.epochs must be int, got 'ten'"),
+    (["train", "--train.epoch=3"], "did you mean train.epochs?"),  # no abbreviation of a field
+    (["train", "--train.compile=maybe"], "train.compile must be true or false"),
+    (["pretrain", "--mae.mask_ratio", "nan"], "mae.mask_ratio"),
+    (["study", "--leaders", "two"], "leaders must be int"),
+    (["study", "--sweep-length", "2"], "sweep_length must be in (0, 1]"),
+    (["study", "--ahead", "2,-1"], "ahead must be positive"),
+    (["study", "--probe-epochs", "1.5"], "probe_epochs must be int"),
+    (["study", "--decay-frac=1"], "decay_frac must be in (0, 1)"),
+    (["study", "--warmup", "0.7"], "warmup must be in [0, 0.5)"),
+    (["study", "--sweep", "0.3"], "unrecognised arguments: --sweep"),  # no abbreviation of a field
+])
+def test_flags_are_typed_and_checked_as_config_files_are(tmp_path, trained, capsys, argv, says):
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
+    assert trained == []
+
+
+def test_study_fields_from_flags_reach_the_study(tmp_path, monkeypatch):
+    from vitscale import study
+
+    seen = []
+    monkeypatch.setattr(study, "run_study", lambda s, only=None, log=print: seen.append(s))
+    assert main(["study", "--out", str(tmp_path / "s"), "--leaders", "1", "--sweep-length", "0.25",
+                 "--ahead", "3,30", "--probe-epochs", "5", "--decay-frac", "0.3", "--warmup", "0.1",
+                 "--recipe", "mr:train.resolutions=12,16", "--lrs", "", "--train.base_lr=1e-3"]) == 0
+    (cfg,) = seen
+    assert (cfg.leaders, cfg.sweep_length, cfg.ahead, cfg.probe_epochs, cfg.decay_frac, cfg.warmup) == (
+        1, 0.25, (3.0, 30.0), 5, 0.3, 0.1)
+    assert cfg.recipes == ("mr:train.resolutions=12,16",) and cfg.lrs == ()
+    assert cfg.overrides[-1] == "train.base_lr=1e-3"

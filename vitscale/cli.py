@@ -196,19 +196,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _run_config(args: argparse.Namespace, extra: list[str]):
-    """--config (else the command's defaults), then --model, --init, --out (else the run directory
-    a run's own config.yaml lies in), then overrides."""
+    """The command's recipe, then --config, then --model, --init, --teacher, --out (else the run
+    directory a run's own config.yaml lies in) and --section.key=value (config.layered)."""
     from vitscale import config
 
-    init, teacher = getattr(args, "init", None) or "", getattr(args, "teacher", None)
-    if args.config:
-        cfg = config.load_yaml(args.config)
-    else:
-        command = "linprobe" if getattr(args, "linear_probe", False) else args.command
-        taught = {"distill": config.DistillConfig(teacher)} if teacher else {}
-        cfg = config.recipe(command, init=init, **taught)
-    if args.model:
-        cfg = config.with_preset(cfg, args.model)
+    command = "linprobe" if getattr(args, "linear_probe", False) else args.command
+    init, teacher = getattr(args, "init", None), getattr(args, "teacher", None)
     out = args.out or (config.home(args.config) if args.config else None)
     changes = ([f"out={out}"] if out else []) + ([f"init={init}"] if init else [])
     changes += [f"init_allow={','.join(args.init_allow)}"] if getattr(args, "init_allow", None) else []
@@ -217,7 +210,8 @@ def _run_config(args: argparse.Namespace, extra: list[str]):
     if unknown:
         raise UserError(f"unrecognised arguments: {' '.join(unknown)} "
                          "(overrides look like --train.epochs=5)")
-    cfg = config.apply_overrides(cfg, changes + _pairs(extra))
+    changes += getattr(args, "overrides", []) + _pairs(extra)
+    cfg = config.layered(command, args.config, args.model or "", changes)
     if not cfg.out.strip():
         raise UserError("out (the run directory) is empty; set --out DIR")
     return cfg
@@ -250,27 +244,32 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
           f"done: {', '.join(f'{k} {v:.4g}' for k, v in result.items())}; results in {cfg.out}")
 
 
-def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
+def _study_config(path: str | None, given: dict, extra: list[str]):
+    """StudyConfig's defaults, then the --config file at `path`, then the flags' fields `given`
+    ({field: text}); the trial overrides in `extra` (--section.key=value) go after the file's.
+    All checked (the trials' run config too) before any work."""
     from dataclasses import replace
 
     from vitscale import config, study
 
-    cfg = study.load_study(args.config) if args.config else study.StudyConfig()
-    given = [("model", args.model), ("strategies", args.strategy), ("factors", args.factors),
-             ("budget", args.budget), ("objective", args.objective), ("workers", args.workers),
-             ("param", args.param), ("lrs", args.lrs), ("fractions", args.fractions), ("seeds", args.seeds),
-             ("target", args.target), ("holdout", args.holdout),
-             ("recipes", args.recipe and tuple(args.recipe)), ("launcher", args.launcher),
-             ("launcher_args", args.launcher_arg and tuple(args.launcher_arg)),
-             ("out", args.out or (config.home(args.config) if args.config else None))]
-    changes = {k: v for k, v in given if v is not None}
     overrides = _pairs(extra)
     bad = [o for o in overrides if not o.startswith("--") or "." not in o.split("=")[0]]
     if bad:
         raise UserError(f"unrecognised arguments: {' '.join(bad)} "
                          "(trial overrides look like --train.base_lr=2e-3)")
-    cfg = replace(cfg, **changes, overrides=cfg.overrides + tuple(o.lstrip("-") for o in overrides))
-    config.apply_overrides(study.base_run(cfg), list(cfg.overrides))  # check them before any work
+    out = given.get("out") or (config.home(path) if path else None)
+    values = config.read_config(path, study.StudyConfig) if path else {}
+    cfg = config.from_dict(study.StudyConfig, config.merge(values, given | ({"out": out} if out else {})))
+    cfg = replace(cfg, overrides=cfg.overrides + tuple(o.lstrip("-") for o in overrides))
+    config.apply_overrides(study.base_run(cfg), list(cfg.overrides))
+    return cfg
+
+
+def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
+    from vitscale import study
+
+    cfg = _study_config(args.config, args.fields, extra)
+
     def to_stderr(message: str) -> None:  # with --json, stdout carries the summary alone
         print(message, file=sys.stderr)
 
@@ -315,16 +314,11 @@ PLACEHOLDERS = {"init": "RUN_DIR_OR_WEIGHTS", "teacher": "TEACHER_RUN_DIR_OR_WEI
 
 def cmd_config(args: argparse.Namespace, extra: list[str]) -> None:
     """The config COMMAND would run with, as YAML with each field's help (a --config file)."""
-    from dataclasses import replace
-
-    from vitscale import config, confighelp, study
+    from vitscale import confighelp
 
     if args.of == "study":
-        cfg = study.load_study(args.config) if args.config else study.StudyConfig()
-        changes = {k: v for k, v in (("model", args.model), ("out", args.out)) if v}
-        trial = tuple(o.lstrip("-") for o in _pairs(extra))
-        cfg = replace(cfg, **changes, overrides=cfg.overrides + trial)
-        config.apply_overrides(study.base_run(cfg), list(cfg.overrides))
+        cfg = _study_config(args.config, {k: v for k, v in (("model", args.model), ("out", args.out)) if v},
+                            extra)
     else:
         missing = {"init": args.of in ("finetune", "linprobe"), "teacher": args.of == "distill"}
         for key in (k for k, needed in missing.items() if needed and not (args.config or getattr(args, k))):
@@ -332,7 +326,9 @@ def cmd_config(args: argparse.Namespace, extra: list[str]) -> None:
             print(f"vitscale config: {key} shown as {PLACEHOLDERS[key]}; `vitscale {args.of}` needs "
                   f"--{key}", file=sys.stderr)
         cfg = _run_config(argparse.Namespace(**{**vars(args), "command": args.of}), extra)
-    print(confighelp.as_json(cfg) if args.json else confighelp.commented_yaml(cfg).rstrip("\n"))
+    # the YAML is a --config file, and a config file does not say where a run goes
+    print(confighelp.as_json(cfg) if args.json else
+          confighelp.commented_yaml(cfg, leave_out=("out",)).rstrip("\n"))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -410,7 +406,14 @@ def _version() -> str:
         return "(not installed: pip install -e .)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+USAGE = "%(prog)s [options] [--SECTION.KEY VALUE ...]"
+
+
+def build_parser(fields_for: str = "") -> argparse.ArgumentParser:
+    """The parser; the subcommand `fields_for` also gets a flag per config field (generated by
+    vitscale.configflags: they import the configs, which the other commands need not wait for)."""
+    from vitscale import configflags
+
     parser = _Parser(prog="vitscale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show a bug's traceback instead of saving it")
     parser.add_argument("--version", action="version", version=f"vitscale {_version()}")
@@ -461,76 +464,61 @@ def build_parser() -> argparse.ArgumentParser:
                        ("pretrain", "MAE / VideoMAE masked pre-training"),
                        ("finetune", "fine-tune (or --linear-probe) a pre-trained encoder"),
                        ("distill", "train a student taught by a frozen teacher (logits, or features)")]:
-        p = sub.add_parser(name, help=text, description=f"{text}. Any config field can be set with "
-                           "--section.key=value (sections: model, data, train, mae, distill); "
-                           f"`vitscale config {name}` lists every field with its default and help.")
-        p.add_argument("--config", help="a run config YAML (e.g. runs/x/config.yaml to reproduce a run)")
+        p = sub.add_parser(name, help=text, allow_abbrev=False, usage=USAGE,
+                           description=f"{text}. The command sets the task and its recipe's defaults "
+                           "(shown below); a --config file sets what it names over them, and flags set what "
+                           "they name over both: --section.key=value or --section.key value. "
+                           f"`vitscale config {name}` prints the resolved config."
+                           + (" --linear-probe has defaults of its own (`vitscale config linprobe`)."
+                              if name == "finetune" else ""))
+        p.add_argument("--config", help="a run config YAML: its keys over the recipe's (runs/x/config.yaml "
+                       "reproduces run x, and resumes it in place)")
         p.add_argument("--model", help="model preset, e.g. pico/4, mu/4, pico/4-f8")
         p.add_argument("--out", help="run directory (an existing one resumes)")
         if name == "finetune":
             p.add_argument("--init", help="weights: a run directory, a transformers model directory, a "
                            "timm / MAE / VideoMAE .safetensors or .pth file, or 'random' (a baseline); "
                            "required unless the --config names one")
-            p.add_argument("--init-allow", action="append", metavar="PATTERN",
-                           help="a key pattern (fnmatch) the --init weights may leave missing or unused; "
-                           "repeatable")
             p.add_argument("--linear-probe", action="store_true",
                            help="freeze the encoder and train a linear head")
-        if name == "distill":
+        elif name == "distill":
             p.add_argument("--teacher", help="the frozen teacher: a run directory, a transformers model "
                            "directory, or a timm / MAE / VideoMAE / vitscale weights file (distill.teacher); "
                            "--distill.kind=soft|hard|feature, --distill.alpha, --distill.temperature")
             p.add_argument("--init", help="start the student from weights, e.g. a --distill.kind=feature run "
                            "(G2SD's specific stage after its generic one)")
+        else:
+            p.add_argument("--init", help="start from these weights (a run directory, a transformers "
+                           "directory, a timm / MAE / VideoMAE / vitscale file) instead of at random")
+        p.add_argument("--init-allow", action="append", metavar="PATTERN",
+                       help="a key pattern (fnmatch) the --init weights may leave missing or unused; "
+                       "repeatable")
+        if name == fields_for:
+            from vitscale import config
+
+            configflags.add_run_fields(p, config.RunConfig, config.recipe_values(name))
         p.add_argument("--json", action="store_true")
         p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("study", help="the scaling study: train a scaled family, fit, report, recommend",
+                       allow_abbrev=False, usage=USAGE,
                        description="Scale a base model by each strategy and factor, train every trial under "
                        "the same budget, fit what was measured, and recommend a model. Finished trials are "
                        "never re-run; an interrupted study continues. Any run-config field can be set for "
                        "every trial with --section.key=value. `vitscale config study` lists every study "
                        "field with its default and help (`vitscale config train` / `pretrain`: the trials').")
-    p.add_argument("--config", help="a study YAML (e.g. runs/study/study.yaml to continue a study)")
-    p.add_argument("--model", help="base preset (default pico/4)")
-    p.add_argument("--strategy", type=lambda s: tuple(x for x in s.split(",") if x),
-                   help="comma-separated strategies (default d,w)")
-    p.add_argument("--factors", type=lambda s: tuple(_floats(s)),
-                   help="flops factors (default 0.5,1,1.5,2.25)")
-    p.add_argument("--budget", help="per trial: epochs:N, compute:Nep (the base model's N epochs), "
-                   "compute:MACS (multiply-adds) or time:90s (default compute:4ep)")
-    p.add_argument("--objective", choices=["supervised", "mae"],
-                   help="supervised, or MAE pre-training then a linear probe (default supervised)")
-    p.add_argument("--param", choices=["mup", "sp"],
-                   help="mup: every trial in muP relative to the base, one swept LR for all (default); sp")
-    p.add_argument("--lrs", type=lambda s: tuple(_floats(s)) if s else (),
-                   help="base_lr values swept on the base model (default 2e-3,4e-3,8e-3,1.6e-2; "
-                   "'' = none)")
-    p.add_argument("--fractions", type=lambda s: tuple(_floats(s)),
-                   help="cooldown branch points as shares of each trial's budget (default 0.35,0.5,0.71,1)")
-    p.add_argument("--seeds", type=int, help="seeds of the leading and held-out trials (default 2; the rest "
-                   "run one)")
-    p.add_argument("--target", help="budget to recommend for, if not the study's: compute:MACS or time:10m "
-                   "(finished trials are reused; only the analysis changes)")
-    p.add_argument("--holdout", type=int, help="each strategy's largest trials the backtest holds out and "
-                   "predicts before the law is refitted on all (default 1; 0 = none)")
-    p.add_argument("--workers", type=int, help="trials at once (default: one per core, up to 4; 1 on a GPU)")
-    p.add_argument("--recipe", action="append", type=lambda s: s.strip(),
-                   help="a training recipe studied as families of its own: NAME:KEY=VALUE[ KEY=VALUE...], "
-                   "e.g. 'mr:train.resolutions=12,16,20' or 'td:model.keep=0.5 model.drop_after=2' (every "
-                   "strategy's trials again under it: base+mr, w+mr-x1.5); repeat for more")
-    p.add_argument("--out", help="study directory (default runs/study; an existing one continues)")
+    p.add_argument("--config", help="a study YAML: its keys over the defaults (runs/study/study.yaml "
+                   "continues that study)")
     p.add_argument("--trial", help="run only this trial, every seed (e.g. one torchrun job per trial on a "
                    "cluster), or 'sweep': only the learning-rate sweep, which the trials need first")
     p.add_argument("--plan", action="store_true", help="print the trials, phases and estimated compute; "
                    "trains nothing, writes nothing")
     p.add_argument("--collect", action="store_true", help="only analyse and report the trials that have "
                    "finished (the others are listed as missing); trains nothing")
-    p.add_argument("--launcher", choices=["local", "slurm", "ray"], help="where runs go: local (this "
-                   "machine, --workers; default), slurm (a submitit job array) or ray (remote tasks)")
-    p.add_argument("--launcher-arg", action="append", help="KEY=VALUE for the launcher, repeatable: slurm's "
-                   "are submitit's (timeout_min=240, slurm_partition=gpu, gpus_per_node=1, cpus_per_task=8), "
-                   "ray's num_cpus, num_gpus, max_retries, address; both take retries (default 2)")
+    if fields_for == "study":
+        from vitscale.study import StudyConfig
+
+        configflags.add_study_fields(p, StudyConfig, leave_out=("overrides",))
     p.add_argument("--json", action="store_true", help="print summary.json (with --plan: the plan)")
     p.set_defaults(run=cmd_study)
 
@@ -634,7 +622,8 @@ TAKES_OVERRIDES = ("train", "pretrain", "finetune", "distill", "study", "config"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, args = build_parser(), None
+    argv = sys.argv[1:] if argv is None else argv
+    parser, args = build_parser(fields_for=next((a for a in argv if not a.startswith("-")), "")), None
     try:
         args, extra = parser.parse_known_args(argv)
         if extra and args.command not in TAKES_OVERRIDES:

@@ -208,6 +208,42 @@ def recipe(command: str, **fields) -> RunConfig:
     return apply_overrides(RunConfig(**fields), RECIPES[command])
 
 
+def recipe_values(command: str) -> dict:
+    """A command's recipe as typed nested values, not yet a RunConfig (finetune's needs the --init
+    a later layer gives): the first layer of `layered`, and the defaults `--help` shows."""
+    data = to_dict(RunConfig())
+    for item in RECIPES[command]:
+        _set(data, item)
+    return typed(RunConfig, data)
+
+
+def command_for(task: str) -> str:
+    """The command that runs `task` ("mae" -> "pretrain", "linprobe" -> "finetune --linear-probe")."""
+    name = next(c for c, items in RECIPES.items() if f"task={task}" in items)
+    return "finetune --linear-probe" if name == "linprobe" else name
+
+
+def layered(command: str, path: str | Path | None = None, model: str = "",
+            changes: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The config `vitscale COMMAND` runs with, in layers: the command's recipe (its task and
+    defaults), then what the --config file at `path` names, then preset `model`, then `changes`
+    (`key=value` strings: the flags). Checked once, at the end. A file for another task is refused,
+    naming the command that runs it."""
+    values = recipe_values(command)
+    if path:
+        given = read_config(path)
+        task = given.get("task", values["task"])
+        if task != values["task"]:
+            raise UserError(f"config file {str(path)!r} is for task {task}, not {values['task']}: run it "
+                            f"with `vitscale {command_for(task)} --config {path}`")
+        values = merge(values, given)
+    if model:  # a preset's architecture; the position table stays, as in with_preset
+        values["model"] = to_dict(preset(model, pos_embed=values["model"]["pos_embed"]))
+    for item in changes:
+        _set(values, item)
+    return from_dict(RunConfig, values)
+
+
 # ----------------------------------------------------------------------------- typed parsing
 def _show(value, limit: int = 60) -> str:
     """A value as an error message shows it: short whatever its size (a list by its length)."""
@@ -259,11 +295,12 @@ def _convert(value, tp, where: str):
     return out
 
 
-def from_dict(cls, data: dict, where: str = ""):
-    """Build dataclass `cls` from a nested dict, checking every key and type (an empty section
-    takes its defaults)."""
+def typed(cls, data: dict | None, where: str = "") -> dict:
+    """`data` (a nested dict from YAML or overrides) with every key checked against dataclass `cls`
+    and every value converted to its field's type; nothing is built, so no field's check runs yet
+    (a layer of a config: a file's keys, before the flags that complete it)."""
     hints, known = typing.get_type_hints(cls), {f.name for f in fields(cls)}
-    kwargs = {}
+    out = {}
     for key, value in (data or {}).items():
         name = f"{where}{key}"
         if key not in known:
@@ -274,15 +311,38 @@ def from_dict(cls, data: dict, where: str = ""):
             if not isinstance(value, dict | None):
                 raise UserError(f"{name!r} is a section, not a value: set its keys ({name}.KEY), got "
                                 f"{_show(value)}")
-            kwargs[key] = from_dict(hints[key], value, f"{name}.")
+            out[key] = typed(hints[key], value, f"{name}.")
         else:
-            kwargs[key] = _convert(value, hints[key], name)
+            out[key] = _convert(value, hints[key], name)
+    return out
+
+
+def _build(cls, values: dict, where: str = ""):
+    """Dataclass `cls` from `typed` values, each section built (and checked) before its parent."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _build(hints[k], v, f"{where}{k}.") if is_dataclass(hints[k]) else v
+              for k, v in values.items()}
     try:
         return cls(**kwargs)
     except UserError as e:  # a section's own check: say which section
         if where and not str(e).startswith(where):
             raise UserError(f"{where[:-1]}: {e}") from None
         raise
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from a nested dict, checking every key and type (an empty section
+    takes its defaults)."""
+    return _build(cls, typed(cls, data, where), where)
+
+
+def merge(base: dict, top: dict) -> dict:
+    """`top` laid over `base`: a section both hold is merged key by key, any other key replaced."""
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if both else value
+    return out
 
 
 def to_dict(cfg) -> dict:
@@ -293,6 +353,21 @@ def to_dict(cfg) -> dict:
             else plain(getattr(cfg, f.name)) for f in fields(cfg)}
 
 
+def _set(data: dict, item: str) -> dict:
+    """Set one `section.key=value` string (leading dashes optional) in nested dict `data`."""
+    key, sep, text = item.lstrip("-").partition("=")
+    if not sep:
+        raise UserError(f"override {_show(item)} must look like --section.key=value")
+    *sections, name = key.split(".")
+    node = data
+    for depth, section in enumerate(sections, 1):
+        node = node.setdefault(section, {})  # an unknown section is named by from_dict
+        if not isinstance(node, dict):
+            raise UserError(f"{'.'.join(sections[:depth])!r} has no sub-keys")
+    node[name] = text
+    return data
+
+
 def apply_overrides(cfg, overrides: list[str]):
     """Apply `section.key=value` strings (leading dashes optional) to a config.
 
@@ -301,16 +376,7 @@ def apply_overrides(cfg, overrides: list[str]):
     """
     data = to_dict(cfg)
     for item in overrides:
-        key, sep, text = item.lstrip("-").partition("=")
-        if not sep:
-            raise UserError(f"override {_show(item)} must look like --section.key=value")
-        *sections, name = key.split(".")
-        node = data
-        for depth, section in enumerate(sections, 1):
-            node = node.setdefault(section, {})  # an unknown section is named by from_dict
-            if not isinstance(node, dict):
-                raise UserError(f"{'.'.join(sections[:depth])!r} has no sub-keys")
-        node[name] = text
+        _set(data, item)
     return from_dict(type(cfg), data)
 
 
@@ -381,15 +447,40 @@ def _read_yaml(p: Path):
         raise UserError(f"config file {str(p)!r} is not valid YAML{where}: {problem[:100]}") from None
 
 
-def load_yaml(path: str | Path, cls=RunConfig):
-    """Read a config YAML (a run config unless `cls` says; missing keys take their defaults)."""
-    p = Path(path)
+def _mapping(p: Path) -> dict:
+    """The mapping of keys config file `p` holds ({} for an empty file), else a UserError."""
     data = _read_yaml(p)
     if data is not None and not isinstance(data, dict):
         raise UserError(f"config file {str(p)!r} must hold a mapping of keys (e.g. `train: {{epochs: 5}}`), "
                         f"got {_show(data)}")
+    return data or {}
+
+
+def load_yaml(path: str | Path, cls=RunConfig):
+    """Read a config YAML (a run config unless `cls` says; missing keys take their defaults)."""
+    p = Path(path)
+    data = _mapping(p)
     try:
         return from_dict(cls, data)
+    except UserError as e:
+        raise UserError(f"config file {str(p)!r}: {e}") from None
+
+
+def read_config(path: str | Path, cls=RunConfig) -> dict:
+    """The typed values a --config file names: a layer over a command's defaults, not a config yet.
+
+    A file naming `out` is refused: a run (a study) goes where --out says, or where its own
+    config.yaml (study.yaml) lies. In that one place an `out` an older vitscale saved is ignored.
+    """
+    p = Path(path)
+    data = dict(_mapping(p))
+    if "out" in data and home(p) is None:
+        what = "run" if cls is RunConfig else "study"
+        raise UserError(f"config file {str(p)!r} sets out: a config file does not say where a {what} goes; "
+                        "remove the key and use --out DIR")
+    data.pop("out", None)
+    try:
+        return typed(cls, data)
     except UserError as e:
         raise UserError(f"config file {str(p)!r}: {e}") from None
 
@@ -418,4 +509,4 @@ def with_preset(cfg: RunConfig, name: str) -> RunConfig:
 
 
 __all__ = ["DistillConfig", "RunConfig", "TrainConfig", "apply_overrides", "dump_yaml", "from_dict",
-           "load_yaml", "to_dict", "with_preset"]
+           "layered", "load_yaml", "read_config", "to_dict", "with_preset"]

@@ -61,29 +61,32 @@ def all_help(cls, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _scalar(value) -> str:
+def scalar(value) -> str:
     """One value as YAML on one line: 40, 'auto', [0.9, 0.95], ''."""
     text = yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True,
                           width=float("inf"), allow_unicode=True)
     return text.removesuffix("...\n").strip()
 
 
-def commented_yaml(cfg, width: int = 0) -> str:
+def commented_yaml(cfg, width: int = 0, leave_out: tuple[str, ...] = ()) -> str:
     """Config `cfg` (a dataclass) as YAML, each key followed by its help as a comment, wrapped to
-    `width` columns (0 = the terminal's, at least 80). `load_yaml` reads it back to `cfg`."""
+    `width` columns (0 = the terminal's, at least 80), without the top-level fields `leave_out`.
+    `load_yaml` reads it back to `cfg` (to its defaults where left out)."""
     rows: list[tuple[str, str, list[str]]] = []  # (key and value, help, lines of a long list)
 
     def walk(obj, indent: str) -> None:
         helps = field_help(type(obj))
         for f in fields(obj):
+            if not indent and f.name in leave_out:
+                continue
             value, key = getattr(obj, f.name), f"{indent}{f.name}:"
             if is_dataclass(value):
                 rows.append((key, helps[f.name], []))
                 walk(value, indent + "  ")
-            elif isinstance(value, tuple) and len(f"{key} {_scalar(value)}") > COLUMN - 2:
-                rows.append((key, helps[f.name], [f"{indent}  - {_scalar(v)}" for v in value]))
+            elif isinstance(value, tuple) and len(f"{key} {scalar(value)}") > COLUMN - 2:
+                rows.append((key, helps[f.name], [f"{indent}  - {scalar(v)}" for v in value]))
             else:
-                rows.append((f"{key} {_scalar(value)}", helps[f.name], []))
+                rows.append((f"{key} {scalar(value)}", helps[f.name], []))
 
     walk(cfg, "")
     width = width or max(80, shutil.get_terminal_size().columns)

@@ -1,0 +1,160 @@
+"""`--config` layers: the command decides the task and its recipe's defaults, a config file
+overrides what it names, flags override both; a file for another task, or one that says where
+the run goes (`out`), is refused in one line. The same for a study file."""
+
+from dataclasses import replace
+
+import pytest
+import yaml
+
+from vitscale import config, engine, study
+from vitscale.cli import main
+from vitscale.config import DistillConfig, RunConfig, dump_yaml, recipe
+
+
+@pytest.fixture
+def trained(monkeypatch):
+    """The configs that reach training, recorded instead of trained."""
+    seen = []
+    monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or {})
+    return seen
+
+
+def write(path, data: dict):
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def one_line_error(capsys, argv, *fragments) -> str:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("vitscale: error:") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_a_file_with_only_data_keeps_the_commands_task_and_recipe(tmp_path, trained):
+    """Reproduces issue 21: `pretrain --config my.yaml` with only a data section ran supervised."""
+    path = write(tmp_path / "my.yaml", {"data": {"train_size": 500}})
+    assert main(["pretrain", "--config", path, "--out", str(tmp_path / "run")]) == 0
+    want = recipe("pretrain")
+    assert trained == [replace(want, data=replace(want.data, train_size=500), out=str(tmp_path / "run"))]
+    assert trained[0].task == "mae" and trained[0].model.pos_embed == "sincos"
+
+
+def test_the_file_overrides_what_it_names_and_flags_override_both(tmp_path, trained):
+    path = write(tmp_path / "my.yaml", {"train": {"epochs": 7, "weight_decay": 0.1},
+                                        "model": {"depth": 3}, "mae": {"mask_ratio": 0.5}})
+    assert main(["pretrain", "--config", path, "--out", str(tmp_path / "a")]) == 0
+    assert main(["pretrain", "--config", path, "--out", str(tmp_path / "b"), "--train.epochs", "3",
+                 "--model", "mu/4", "--mae.mask_ratio=0.6"]) == 0
+    file_only, flagged = trained
+    base = recipe("pretrain")
+    assert (file_only.train.epochs, file_only.train.weight_decay, file_only.model.depth) == (7, 0.1, 3)
+    assert file_only.train.betas == base.train.betas == (0.9, 0.95)  # the recipe's, not RunConfig's
+    assert file_only.mae.mask_ratio == 0.5 and file_only.mae.decoder_width == base.mae.decoder_width
+    assert (flagged.train.epochs, flagged.train.weight_decay, flagged.mae.mask_ratio) == (3, 0.1, 0.6)
+    assert flagged.model == config.with_preset(base, "mu/4").model  # --model replaces the file's model
+
+
+def test_init_and_teacher_from_flags_complete_a_file(tmp_path, trained):
+    path = write(tmp_path / "my.yaml", {"data": {"train_size": 300}})
+    assert main(["finetune", "--config", path, "--init", "random", "--out", str(tmp_path / "f")]) == 0
+    assert main(["finetune", "--linear-probe", "--config", path, "--init", "random",
+                 "--out", str(tmp_path / "p")]) == 0
+    assert main(["distill", "--config", path, "--teacher", "T", "--out", str(tmp_path / "d")]) == 0
+    finetuned, probed, distilled = trained
+    assert finetuned == replace(recipe("finetune", init="random"), out=str(tmp_path / "f"),
+                                data=replace(recipe("train").data, train_size=300))
+    assert probed.task == "linprobe" and probed.train.base_lr == recipe("linprobe", init="x").train.base_lr
+    assert distilled == replace(recipe("distill", distill=DistillConfig("T")), out=str(tmp_path / "d"),
+                                data=replace(recipe("train").data, train_size=300))
+
+
+@pytest.mark.parametrize(("task", "command", "says"), [
+    ("mae", "train", "vitscale pretrain --config"),
+    ("supervised", "pretrain", "vitscale train --config"),
+    ("linprobe", "finetune", "vitscale finetune --linear-probe --config"),
+    ("finetune", "distill", "vitscale finetune --config"),
+])
+def test_a_file_for_another_task_is_refused_naming_the_command(tmp_path, trained, capsys, task, command,
+                                                               says):
+    path = write(tmp_path / "config.yaml", {"task": task, "init": "random", "train": {"epochs": 2}})
+    flags = {"finetune": ["--init", "random"], "distill": ["--teacher", "T"]}.get(command, [])
+    one_line_error(capsys, [command, "--config", path, *flags], f"task {task}", says)
+    assert trained == []
+
+
+def test_a_pretrain_runs_config_yaml_given_to_train_is_refused(tmp_path, trained, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_yaml(recipe("pretrain"), leave_out=("out",)))
+    (run / "metrics.jsonl").write_text("")
+    one_line_error(capsys, ["train", "--config", run / "config.yaml"], "vitscale pretrain --config")
+    assert main(["pretrain", "--config", str(run / "config.yaml")]) == 0  # and resumes in its directory
+    assert trained == [replace(recipe("pretrain"), out=str(run))]
+
+
+def test_config_shows_the_layered_result(tmp_path, capsys):
+    path = write(tmp_path / "my.yaml", {"data": {"train_size": 500}, "train": {"epochs": 7}})
+    assert main(["config", "pretrain", "--config", path, "--train.epochs=9"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    want = config.apply_overrides(recipe("pretrain"), ["data.train_size=500", "train.epochs=9"])
+    assert shown == {k: v for k, v in config.to_dict(want).items() if k != "out"}
+
+
+def test_what_config_prints_is_a_config_file_the_command_takes(tmp_path, capsys, trained):
+    assert main(["config", "train", "--train.epochs=5"]) == 0
+    path = tmp_path / "c.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert "out" not in yaml.safe_load(path.read_text())
+    assert main(["train", "--config", str(path)]) == 0
+    assert trained == [config.apply_overrides(recipe("train"), ["train.epochs=5"])]
+
+
+# ----------------------------------------------------------------------------- fuzz item 2: out
+def test_an_out_key_in_a_run_config_file_is_refused(tmp_path, trained, capsys):
+    """Reproduces fuzz item 2: an `out:` key sent the run there."""
+    elsewhere = tmp_path / "elsewhere"
+    path = write(tmp_path / "my.yaml", {"out": str(elsewhere), "train": {"epochs": 2}})
+    one_line_error(capsys, ["train", "--config", path], "does not say where a run goes", "--out DIR")
+    one_line_error(capsys, ["train", "--config", path, "--out", tmp_path / "r"], "--out DIR")
+    one_line_error(capsys, ["config", "train", "--config", path], "--out DIR")
+    assert trained == [] and not elsewhere.exists()
+
+
+def test_an_out_key_in_a_study_file_is_refused(tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(study, "run_study", lambda s, only=None, log=print: seen.append(s))
+    path = write(tmp_path / "s.yaml", {"out": str(tmp_path / "elsewhere"), "seeds": 1})
+    one_line_error(capsys, ["study", "--config", path], "does not say where a study goes", "--out DIR")
+    assert seen == []
+
+
+def test_a_runs_own_config_yaml_still_resumes_where_it_lies(tmp_path, trained):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_yaml(recipe("train"), leave_out=("out",)))
+    (run / "final.json").write_text("{}")
+    assert main(["train", "--config", str(run / "config.yaml")]) == 0
+    assert trained == [replace(recipe("train"), out=str(run))]
+
+
+# ----------------------------------------------------------------------------- study
+def test_a_study_takes_its_defaults_then_the_file_then_flags(tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(study, "run_study", lambda s, only=None, log=print: seen.append(s))
+    path = write(tmp_path / "s.yaml", {"seeds": 1, "factors": [1.0, 2.0], "leaders": 1})
+    assert main(["study", "--config", path, "--out", str(tmp_path / "st"), "--seeds", "3",
+                 "--sweep-length", "0.25"]) == 0
+    assert seen == [replace(study.StudyConfig(), seeds=3, factors=(1.0, 2.0), leaders=1, sweep_length=0.25,
+                            out=str(tmp_path / "st"))]
+
+
+def test_layers_are_checked_once_at_the_end():
+    """A file may name a field that only a later layer makes valid (finetune's init from --init)."""
+    with pytest.raises(config.UserError, match="needs weights"):
+        config.layered("finetune")
+    assert config.layered("finetune", changes=["init=random"]) == recipe("finetune", init="random")
+    assert isinstance(config.layered("train"), RunConfig)
