@@ -23,3 +23,14 @@ def meta_model(cfg):
     """Build a model with no storage: enough for counting params, shapes and flops."""
     with torch.device("meta"):
         return ViT(cfg)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a CUDA device: skipped (and reported so) without one; `make gpu-check`
+    runs them on a GPU (pytest -m cuda)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device (make gpu-check runs the cuda tests on a GPU)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)

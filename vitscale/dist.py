@@ -42,8 +42,15 @@ class Dist:
         return self.world > 1
 
 
+def _torchrun() -> bool:
+    """Launched by torchrun, even as its only process: a group of one rank then stands, so that
+    FSDP (train.fsdp, which needs a group) runs on one GPU as on many."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def setup(device: str = "auto") -> Dist:
-    """Join the process group torchrun describes (if any) and pick this rank's device."""
+    """Join the process group torchrun describes (if any; torchrun of one process: a group of one)
+    and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device)
@@ -51,7 +58,7 @@ def setup(device: str = "auto") -> Dist:
         dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not td.is_initialized():
+    if (world > 1 or _torchrun()) and not td.is_initialized():
         td.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
     return Dist(rank, world, local, dev)
 
@@ -61,7 +68,7 @@ def teardown(d: Dist) -> None:
     hooks, with the collectives' work handles it keeps) are freed first, while the group and the
     interpreter still stand: freed at interpreter exit instead, gloo's threads have been seen to
     abort the process (SIGABRT after a finished run, about 1 in 10 two-rank runs on a loaded CPU)."""
-    if d.enabled and td.is_initialized():
+    if (d.enabled or _torchrun()) and td.is_initialized():
         gc.collect()
         td.destroy_process_group()
 

@@ -682,7 +682,7 @@ def _parallel(module: torch.nn.Module, cfg: RunConfig, d: dist.Dist) -> torch.nn
     wrapped = module
     if cfg.train.fsdp:
         from torch.distributed.fsdp import fully_shard
-        if not d.enabled:
+        if not (d.enabled or torch.distributed.is_initialized()):  # torchrun of one process has a group
             raise UserError("--train.fsdp needs several processes: launch with torchrun --nproc_per_node "
                             "N, or on one process add --train.fsdp=false"
                             + (" --train.sharded_ckpt=false" if cfg.train.sharded_ckpt else ""))
