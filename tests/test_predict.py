@@ -291,3 +291,15 @@ def test_a_flat_folder_is_unlabelled_data(tmp_path):
     with pytest.warns(UserWarning, match="2 image file.* in no class subfolder"):  # class folders win
         samples, classes = scan_folder(str(tmp_path), IMAGE_EXTS)
     assert classes == ("cat",) and samples == [(str(tmp_path / "cat" / "c.png"), 0)]
+
+
+def test_a_flat_folder_of_videos_is_unlabelled_data(tmp_path):
+    from vitscale.data.folders import VIDEO_EXTS, scan_folder
+
+    for name in ("b.mp4", "a.mkv"):
+        (tmp_path / name).write_bytes(b"")  # scanning goes by the name; reading is the reader's
+    samples, classes = scan_folder(str(tmp_path), VIDEO_EXTS, what="video")
+    assert classes == () and [f for f, _ in samples] == [str(tmp_path / "a.mkv"), str(tmp_path / "b.mp4")]
+    assert scan_folder(str(tmp_path), VIDEO_EXTS, classes=(), what="video")[1] == ()  # a flat val folder
+    with pytest.raises(vitscale.errors.UserError, match="no class subfolders"):  # training had classes
+        scan_folder(str(tmp_path), VIDEO_EXTS, classes=("cat", "dog"), what="video")

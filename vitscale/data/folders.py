@@ -135,7 +135,8 @@ def scan_folder(root: str, exts: tuple[str, ...], classes: tuple[str, ...] | Non
         warnings.warn(f"{root}: {len(loose)} {what} file(s) lie directly in it, in no class subfolder "
                       f"(e.g. {Path(loose[0]).name}); they are left out", stacklevel=2)
     if not files:
-        raise UserError(f"data folder {root!r} has no class subfolders; put {what}s in {root}/CLASS_NAME/")
+        raise UserError(f"data folder {root!r} has no class subfolders and no {what} files; put {what}s in "
+                         f"{root}/CLASS_NAME/ (or, to pre-train without labels, in {root} itself)")
     empty = sorted(c for c, f in files.items() if not f)
     if classes is None and empty and len(empty) < len(files):
         warnings.warn(f"{root}: dropped {len(empty)} class folder(s) with no {what} files "
