@@ -75,9 +75,9 @@ def test_tensorboard_events_hold_every_scalar_once(tmp_path):
         assert got == [(s, pytest.approx(v, rel=1e-6)) for s, v in points]
 
 
-def wandb_history(path: Path) -> list[dict]:
-    """The history records of an offline W&B run file (run-ID.wandb): a 7-byte header (":W&B",
-    magic, version), then LevelDB-log records (crc32, length, kind; 32 KiB blocks) each holding a
+def wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file (run-ID.wandb): a 7-byte header (":W&B", magic,
+    version), then LevelDB-log records (crc32, length, kind; 32 KiB blocks) each holding a
     protobuf Record, decoded with wandb's own message type."""
     from wandb.proto import wandb_internal_pb2
 
@@ -92,11 +92,33 @@ def wandb_history(path: Path) -> list[dict]:
         if kind in (1, 4):  # FULL or LAST: a whole record
             record = wandb_internal_pb2.Record()
             record.ParseFromString(part)
-            if record.WhichOneof("record_type") == "history":
-                out.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)  # (a/b is nested)
-                            for i in record.history.item})
+            out.append(record)
             part = b""
     return out
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of an offline W&B run file, {key: value} (a/b for a nested key)."""
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            for record in wandb_records(path) if record.WhichOneof("record_type") == "history"]
+
+
+TRACKING = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_variables(monkeypatch):
+    """The defaults are tested without the variables a developer's shell may set."""
+    for name in TRACKING:
+        monkeypatch.delenv(name, raising=False)
+
+
+def log_rows(run_dir: Path, names: tuple[str, ...]) -> None:
+    run_dir.mkdir(exist_ok=True)
+    metrics = engine.Metrics(run_dir, True, 0, names)
+    for row in rows(1, 3):
+        metrics.log(row)
+    metrics.close()
 
 
 @pytest.mark.slow  # (two wandb.init: 2-5 s)
@@ -131,6 +153,51 @@ def test_mlflow_file_store_holds_every_scalar_once(tmp_path, monkeypatch):
     assert sorted(run.data.metrics) == sorted(want)
     for key, points in want.items():
         got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert got == [(s, pytest.approx(v)) for s, v in points]
+
+
+@pytest.mark.slow  # (a wandb.init: 1-3 s)
+def test_wandb_takes_its_mode_project_and_entity_from_its_environment_variables(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "my-project")
+    monkeypatch.setenv("WANDB_ENTITY", "my-team")
+    log_rows(tmp_path / "run", ("wandb",))
+    (path,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    (run,) = [r.run for r in wandb_records(path) if r.WhichOneof("record_type") == "run"]
+    assert (run.project, run.entity, run.display_name) == ("my-project", "my-team", "run")
+
+
+@pytest.mark.slow  # (importing wandb: 1-3 s)
+def test_wandb_mode_disabled_from_the_environment_writes_no_wandb_run(tmp_path, monkeypatch):
+    """The mode is the user's (it was forced offline); `disabled` is the one mode testable here."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    log_rows(tmp_path / "run", ("wandb",))
+    assert not list((tmp_path / "run").glob("wandb/offline-run-*"))
+    assert len(engine.read_metrics(tmp_path / "run")) == len(rows(1, 3))
+
+
+@pytest.mark.slow  # (importing mlflow and four runs: 2-5 s)
+def test_mlflow_logs_to_the_tracking_uri_of_its_environment_variable(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "shared"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{store}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    log_rows(tmp_path / "a", ("mlflow",))
+    (tmp_path / "b").mkdir()
+    want = expected_scalars(killed_and_resumed(tmp_path / "b", ("mlflow",)))
+    assert not (tmp_path / "a" / "mlruns").exists() and not (tmp_path / "b" / "mlruns").exists()
+    client = MlflowClient(tracking_uri=f"file:{store}")
+    runs = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
+    # b's killed start was replaced by its resumed one; a's run, another run in the store, is kept
+    assert sorted(r.info.run_name for r in runs) == ["a", "b"]
+    (b,) = [r for r in runs if r.info.run_name == "b"]
+    for key, points in want.items():
+        got = sorted((m.step, m.value) for m in client.get_metric_history(b.info.run_id, key))
         assert got == [(s, pytest.approx(v)) for s, v in points]
 
 

@@ -1,9 +1,12 @@
 """Where a run's metric rows go besides metrics.jsonl: CSV, TensorBoard, Weights & Biases, MLflow.
 
-Every backend writes into the run directory and nowhere else (W&B offline, MLflow's file store),
-so a run's record travels with it. Each is rebuilt from the rows a run keeps when it starts or
-resumes (the rows up to its checkpoint, as metrics.jsonl is), so a kill and a resume leave every
-backend holding each row once. Their packages are optional extras, imported only here.
+By default every backend writes into the run directory and nowhere else (W&B offline, MLflow's
+file store), so a run's record travels with it. W&B and MLflow go online where the user's
+environment says so, through the variables those tools already read: WANDB_MODE, WANDB_PROJECT,
+WANDB_ENTITY; MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME. Each backend is rebuilt from the rows a
+run keeps when it starts or resumes (the rows up to its checkpoint, as metrics.jsonl is), so a kill
+and a resume leave every backend holding each row once. Their packages are optional extras,
+imported only here.
 
     metrics row {"step": 40, "split": "val", "top1": 0.81, ...} -> each logger's log(row)
 """
@@ -117,14 +120,19 @@ class TensorBoardLogger:
 
 
 class WandbLogger:
-    """An offline W&B run in RUN/wandb (`wandb sync RUN/wandb/offline-run-*` uploads it)."""
+    """A W&B run named after RUN, its local files in RUN/wandb. WANDB_MODE, WANDB_PROJECT and
+    WANDB_ENTITY choose where it goes (online, say); unset, it is offline in project "vitscale"
+    (`wandb sync RUN/wandb/offline-run-*` uploads it). A resume starts a new W&B run holding the
+    kept rows (online, the killed run's W&B run stays, with the rows it got)."""
 
     def __init__(self, run_dir: Path):
         import wandb
 
         shutil.rmtree(run_dir / "wandb", ignore_errors=True)  # rebuilt from the kept rows
-        self.run = wandb.init(mode="offline", dir=str(run_dir), project="vitscale", name=run_dir.name,
-                              settings=wandb.Settings(silent=True, console="off"))
+        env = os.environ
+        self.run = wandb.init(mode=env.get("WANDB_MODE") or "offline", project=env.get("WANDB_PROJECT")
+                              or "vitscale", entity=env.get("WANDB_ENTITY") or None, dir=str(run_dir),
+                              name=run_dir.name, settings=wandb.Settings(silent=True, console="off"))
 
     def log(self, row: dict) -> None:
         self.run.log(scalars(row), step=int(row["step"]))
@@ -147,22 +155,32 @@ def _file_store():
 
 
 class MLflowLogger:
-    """An MLflow run in a file store at RUN/mlruns (experiment "vitscale", run named after RUN):
-    `mlflow ui --backend-store-uri RUN/mlruns` shows it. On a resume the earlier run is marked
-    deleted (MLflow hides it; its files stay) and a new one holds the kept rows."""
+    """An MLflow run named after RUN, in experiment MLFLOW_EXPERIMENT_NAME ("vitscale" if unset), at
+    MLFLOW_TRACKING_URI (a server, or file:DIR); unset, in a file store at RUN/mlruns, which
+    `mlflow ui --backend-store-uri RUN/mlruns` shows. RUN/mlflow-run-id names the MLflow run: on a
+    resume that run is marked deleted (MLflow hides it; its files stay) and a new one holds the kept
+    rows. Other runs in the store are left alone."""
+
+    ID = "mlflow-run-id"
 
     def __init__(self, run_dir: Path):
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        store = run_dir / "mlruns"
-        store.mkdir(exist_ok=True)
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            (run_dir / "mlruns").mkdir(exist_ok=True)
+            uri = (run_dir / "mlruns").resolve().as_uri()
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "vitscale"
         with _file_store():
-            self.client = MlflowClient(tracking_uri=store.resolve().as_uri())
-            found = self.client.get_experiment_by_name("vitscale")
-            experiment = found.experiment_id if found else self.client.create_experiment("vitscale")
-            for run in self.client.search_runs([experiment]):  # a killed (or earlier) run's
-                self.client.delete_run(run.info.run_id)
+            self.client = MlflowClient(tracking_uri=uri)
+            found = self.client.get_experiment_by_name(name)
+            experiment = found.experiment_id if found else self.client.create_experiment(name)
+            if (run_dir / self.ID).is_file():  # a killed (or earlier) start's
+                with contextlib.suppress(MlflowException):  # (gone, or in another store)
+                    self.client.delete_run((run_dir / self.ID).read_text().strip())
             self.run_id = self.client.create_run(experiment, run_name=run_dir.name).info.run_id
+        atomic_write_text(run_dir / self.ID, self.run_id + "\n")
 
     def log(self, row: dict) -> None:
         from mlflow.entities import Metric
