@@ -14,7 +14,7 @@ from vitscale.confighelp import all_help, commented_yaml, field_help
 from vitscale.data.config import DataConfig
 from vitscale.models.mae import MAEConfig
 from vitscale.models.vit import ViTConfig
-from vitscale.study import StudyConfig
+from vitscale.study import DEMO, StudyConfig
 
 CONFIGS = (RunConfig, TrainConfig, DistillConfig, DataConfig, ViTConfig, MAEConfig, StudyConfig)
 
@@ -37,6 +37,25 @@ class Example:
 def test_help_is_the_comment_beside_each_field_and_the_lines_after_it():
     assert field_help(Example) == {"plain": "one line", "hashed": "the text after the value is", "bare": "",
                                    "long": "after a default of two lines and the comment line after it"}
+
+
+@dataclass(frozen=True)
+class Above:
+    # a block above a field
+    # is its help when it has none beside it
+    first: int = 1
+    second: int = 2  # beside
+    # and after it: second's, not third's
+    third: int = 3
+
+    # after a blank line: fourth's
+    fourth: int = 4
+
+
+def test_a_field_without_a_comment_beside_it_takes_the_block_above_it():
+    assert field_help(Above) == {"first": "a block above a field is its help when it has none beside it",
+                                 "second": "beside and after it: second's, not third's", "third": "",
+                                 "fourth": "after a blank line: fourth's"}
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
@@ -85,7 +104,8 @@ def test_the_printed_config_reads_back_to_the_default(tmp_path, capsys, command)
 def test_overrides_and_a_preset_are_applied_as_the_command_would(tmp_path, capsys):
     text = shown(capsys, "pretrain", "--model", "mu/4", "--train.epochs=3", "--data.frames", "1")
     (tmp_path / "c.yaml").write_text(text)
-    want = config.apply_overrides(config.with_preset(config.recipe("pretrain"), "mu/4"), ["train.epochs=3"])
+    want = config.apply_overrides(config.with_preset(config.recipe("pretrain"), "mu/4"),
+                                  ["train.epochs=3", "data.frames=1"])
     assert config.load_yaml(tmp_path / "c.yaml") == want
     assert main(["config", "train", "--train.epochs=ten"]) == 2
     assert "train.epochs" in capsys.readouterr().err
@@ -97,7 +117,7 @@ def test_json_gives_the_values_and_the_help(capsys):
 
 
 def test_long_help_wraps_and_long_lists_go_one_item_a_line():
-    text = commented_yaml(StudyConfig(), width=80)
+    text = commented_yaml(StudyConfig(overrides=DEMO), width=80)
     assert max(len(line) for line in text.splitlines() if "#" in line) <= 80
     assert "overrides:" in text and "  - data.name=cluttered-digits" in text
 

@@ -2,7 +2,8 @@
 and a config printed as YAML with that help beside each key (`vitscale config COMMAND`).
 
 The source comments are the one copy of the help: a field's help is the comment on its line(s)
-plus the comment-only lines right after it, joined.
+plus the comment-only lines right after it, joined; a field with no comment of its own takes the
+block of comment-only lines right above it (one that does not continue the field before).
 
     print(commented_yaml(recipe("pretrain")))   # model:, data:, ... each key with its help
 """
@@ -38,7 +39,7 @@ def field_help(cls) -> dict[str, str]:
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             comments[tok.start[0]] = (tok.string.lstrip("#").strip(), not tok.line[:tok.start[1]].strip())
-    out = dict.fromkeys(sorted(names), "")
+    out, taken = dict.fromkeys(sorted(names), ""), set()
     for node in ast.parse(source).body[0].body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and node.target.id in names):
@@ -46,6 +47,10 @@ def field_help(cls) -> dict[str, str]:
         lines = list(range(node.lineno, node.end_lineno + 1))  # the statement, then lone comments
         while lines[-1] + 1 in comments and comments[lines[-1] + 1][1]:
             lines.append(lines[-1] + 1)
+        if not any(n in comments for n in lines):  # none of its own: the block above it
+            while lines[0] - 1 in comments and comments[lines[0] - 1][1] and lines[0] - 1 not in taken:
+                lines.insert(0, lines[0] - 1)
+        taken.update(lines)
         out[node.target.id] = " ".join(comments[n][0] for n in lines if n in comments and comments[n][0])
     return out
 
