@@ -218,7 +218,8 @@ class Job:
         for w in said:
             log(f"warning: {w.message}")
         if not len(self.val_set):
-            log("no validation data (data.val_fraction=0): nothing is evaluated; best/ is the latest")
+            log("warning: no validation data (data.val_fraction=0): nothing is evaluated, best/ is the "
+                "latest checkpoint and final.json has no val_ metrics")
         cfg = resolve(cfg, info=self.info)
         self.cfg, self.d, self.log, self.task = cfg, d, log, tasks.get(cfg.task)
         self.task.check_data(self.info.num_classes)
@@ -408,9 +409,7 @@ class Job:
                 if self.plan.ends_epoch(self.step):
                     result = self.end_epoch(window, metrics)
                 if self.stopped and self.step < self.total:
-                    raise Interrupted(f"{self.stopped} at step {self.step} of {self.total}, checkpoint "
-                                      f"{checkpoint.latest(self.run_dir)}; to resume, run the same command "
-                                      f"again (or vitscale train --config {self.run_dir / 'config.yaml'})")
+                    raise self.interrupted(self.stopped)
         result |= self.test()
         if self.d.main:
             self.write_final(result)
@@ -546,25 +545,44 @@ class Job:
             self.ema.update(self.module)
         return loss
 
+    def interrupted(self, what: str) -> Interrupted:
+        """What stops the run at its latest checkpoint (`what`: the signal, and where it came)."""
+        return Interrupted(f"{what} at step {self.step} of {self.total}, checkpoint "
+                           f"{checkpoint.latest(self.run_dir)}; to resume, run the same command "
+                           f"again (or vitscale train --config {self.run_dir / 'config.yaml'})")
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """An evaluation a signal stops (at its next batch: evaluate.stop_if_signalled) stops the run
+        at its latest checkpoint; on resume the steps after it are trained again."""
+        try:
+            yield
+        except Interrupted as e:
+            raise self.interrupted(str(e)) from None
+
     def evaluate(self, epoch: int) -> dict:
         """The trained weights' metrics after epoch `epoch` (1-based), and with train.ema the
         moving average's beside them, prefixed ema_ (ema_val_top1 ...)."""
         ctx = evaluate.Context(self.cfg, self.train_set, self.val_set, self.info, self.d, self.log,
                                self.run_dir / f"recon-epoch{epoch:03d}.png")
-        with _unsharded(self.module):
-            result = evaluate.evaluate(self.task, self.module, ctx)
-        if self.ema is not None:
-            result |= evaluate.evaluate(self.task, self.ema.module, replace(ctx, picture=None), prefix="ema_")
+        with self.evaluating():
+            with _unsharded(self.module):
+                result = evaluate.evaluate(self.task, self.module, ctx)
+            if self.ema is not None:
+                result |= evaluate.evaluate(self.task, self.ema.module, replace(ctx, picture=None),
+                                            prefix="ema_")
         return result
 
     def test(self) -> dict:
         """The final weights' metrics on the test split, named test_* (with train.ema the moving
         average's too, ema_test_*): reported in final.json beside val's, never selected on."""
         ctx = evaluate.Context(self.cfg, self.train_set, self.val_set, self.info, self.d, self.log)
-        with _unsharded(self.module):
-            result = evaluate.evaluate_test(self.task, self.module, ctx, self.test_set)
-        if self.ema is not None:
-            result |= evaluate.evaluate_test(self.task, self.ema.module, ctx, self.test_set, prefix="ema_")
+        with self.evaluating():
+            with _unsharded(self.module):
+                result = evaluate.evaluate_test(self.task, self.module, ctx, self.test_set)
+            if self.ema is not None:
+                result |= evaluate.evaluate_test(self.task, self.ema.module, ctx, self.test_set,
+                                                 prefix="ema_")
         if result:
             self.log(f"test ({len(self.test_set)} items, final weights): "
                      + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from vitscale import dist
-from vitscale.data import DataInfo, make_loader, skipped_files
+from vitscale import dist, signals
+from vitscale.data import DataInfo, close, make_loader, skipped_files
 from vitscale.data.views import Views, distinct, parse_views
 from vitscale.device import autocast
-from vitscale.errors import UserError
+from vitscale.errors import Interrupted, UserError
 
 
 def _shard(n: int, d: dist.Dist) -> list:
@@ -64,15 +64,20 @@ def outputs(fn, dataset, cfg, d: dist.Dist, log=None) -> tuple[Tensor, Tensor]:
 def indexed_outputs(fn, dataset, cfg, d: dist.Dist, log=None) -> tuple[Tensor, Tensor, Tensor]:
     """`outputs`, and each row's item index (rows are in rank order, not index order)."""
     micro = max(1, cfg.train.batch // (d.world * cfg.train.accum))
-    loader = make_loader(dataset, _shard(len(dataset), d), micro, cfg.data.workers, d.device.type)
+    batches = iter(make_loader(dataset, _shard(len(dataset), d), micro, cfg.data.workers, d.device.type))
     outs, labels, indexes, skipped = [], [], [], []
-    for batch in loader:
-        mine = batch["index"] % d.world == d.rank  # not a padded duplicate
-        with autocast(d.device, cfg.train.dtype), quiet(not len(mine)):
-            outs.append(fn(batch["x"].to(d.device)).float()[mine.to(d.device)])
-        labels.append(batch["y"][mine].to(d.device))
-        indexes.append(batch["index"][mine].to(d.device))
-        skipped += batch["skipped"]
+    signalled = signals.count()
+    try:
+        for batch in batches:
+            mine = batch["index"] % d.world == d.rank  # not a padded duplicate
+            with autocast(d.device, cfg.train.dtype), quiet(not len(mine)):
+                outs.append(fn(batch["x"].to(d.device)).float()[mine.to(d.device)])
+            labels.append(batch["y"][mine].to(d.device))
+            indexes.append(batch["index"][mine].to(d.device))
+            skipped += batch["skipped"]
+            stop_if_signalled(d, signalled)
+    finally:
+        close(batches)  # its workers stop now, not when a traceback holding them is collected
     if skipped and log:
         log(f"evaluation: {skipped_files(skipped)}")
     out, y, index = (_gather(d, torch.cat(t)) for t in (outs, labels, indexes))
@@ -80,6 +85,15 @@ def indexed_outputs(fn, dataset, cfg, d: dist.Dist, log=None) -> tuple[Tensor, T
         raise UserError(f"none of the {len(dataset)} files to evaluate on could be read (the log names "
                          "them); fix them, or set data.val_path to readable data")
     return out, y, index
+
+
+def stop_if_signalled(d: dist.Dist, before: int) -> None:
+    """Raise Interrupted on every rank if a signal came to any since `signals.count()` was
+    `before` (within `signals.deferred()`, as a run is): an evaluation stops after the batch it is
+    on, not thousands of items later; the run says where it resumes from (engine). A signal that
+    came before the evaluation began (in an epoch's last step) lets it finish: the run stops after it."""
+    if dist.any_rank(d, signals.count() > before):
+        raise Interrupted(f"{signals.received() or 'a signal to another rank'} during evaluation")
 
 
 def merge_views(logits: Tensor, y: Tensor, item: Tensor, n: int) -> tuple[Tensor, Tensor]:

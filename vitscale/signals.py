@@ -21,9 +21,12 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 _received: list[int] = []  # signals noted since the outermost deferred() began
 _forward: list = []  # callables giving the PIDs to pass a signal on to (a pool's workers)
 _depth = 0
+_count = 0  # signals noted in this process's life, repeats too
 
 
 def _note(signum: int, frame) -> None:
+    global _count
+    _count += 1
     if signum not in _received:
         _received.append(signum)
     for pids in _forward:
@@ -35,6 +38,12 @@ def _note(signum: int, frame) -> None:
 def received() -> str | None:
     """The name of the first signal noted (e.g. "SIGTERM"), None if none came."""
     return signal.Signals(_received[0]).name if _received else None
+
+
+def count() -> int:
+    """How many signals were noted so far (repeats too): one that came after a moment is
+    `count() > the count then` (an evaluation stops for a signal that came while it ran)."""
+    return _count
 
 
 def check(what: str) -> None:

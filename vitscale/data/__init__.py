@@ -34,6 +34,7 @@ from vitscale.data.randaugment import RandAugment
 from vitscale.data.sampler import EpochSampler, RunBatches, cut, sample_seed
 from vitscale.data.shards import build_shards
 from vitscale.data.transforms import ClipTransform
+from vitscale.errors import UserError
 
 # (cfg, train transform, eval transform) -> (train, val, test), by data.name; real data otherwise.
 BUILDERS = {"digits": build_builtin, "moving-digits": build_builtin, "cluttered-digits": build_cluttered,
@@ -73,7 +74,8 @@ def transforms_for(cfg: DataConfig) -> tuple[ClipTransform, ClipTransform]:
 
 def build_datasets(cfg: DataConfig) -> tuple[KeyedDataset, KeyedDataset, KeyedDataset, DataInfo]:
     """(train, val, test, info) for a data config; raises UserError on a bad path or empty data and
-    warns (`warnings`) about what it leaves out. val is empty when data.val_fraction is 0.
+    warns (`warnings`) about what it leaves out. val is empty when data.val_fraction is 0 (a split
+    that holds out nothing at another fraction is refused: `check_validation`).
 
     The three splits are disjoint. val selects (best/ checkpoints, the study's LR, a greedy soup's
     ingredients); test only reports (final.json's test_*, the study's accuracies). test is empty
@@ -81,11 +83,24 @@ def build_datasets(cfg: DataConfig) -> tuple[KeyedDataset, KeyedDataset, KeyedDa
     are eval-transformed like val's."""
     train_tf, eval_tf = transforms_for(cfg)
     train, val, test = BUILDERS.get(cfg.name, build_real)(cfg, train_tf, eval_tf)
+    check_validation(cfg, train, val)
     mean, std = cfg.norm
     info = DataInfo(name=cfg.name, num_classes=len(train.classes), class_names=tuple(train.classes),
                     in_chans=3, frames=cfg.frames, image_size=cfg.image_size, mean=mean, std=std)
     train.item_shape = val.item_shape = test.item_shape = info.item_shape
     return train, val, test, info
+
+
+def check_validation(cfg: DataConfig, train: KeyedDataset, val: KeyedDataset) -> None:
+    """Refuse a split that holds out nothing though data.val_fraction asks for a share (classes of
+    one or two items: each gives round(val_fraction x its items)): the run would train without
+    validation unasked, its best/ the latest and final.json's best null."""
+    if len(val) or cfg.val_path or not cfg.val_fraction:
+        return
+    classes = f" in {len(train.classes):,} classes" if train.classes else ""
+    raise UserError(f"data.val_fraction={cfg.val_fraction:g} holds out no item of the {len(train):,}"
+                    f"{classes} (each class gives round(val_fraction x its items)): add images, give "
+                    "data.val_path, or set data.val_fraction=0 to train without validation")
 
 
 def make_loader(dataset: KeyedDataset, sampler, batch_size: int, workers: int = 0,
