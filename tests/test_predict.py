@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vitscale
-from vitscale import classnames
+from vitscale import classnames, weights
 from vitscale.cli import main
 from vitscale.config import load_yaml
 from vitscale.data import build_datasets
@@ -259,6 +259,9 @@ def test_hf_export_writes_id2label_that_transformers_reads(folder_run, tmp_path,
         str(i): c for i, c in enumerate(CLASSES)}
     assert main(["convert", str(folder_run), str(tmp_path / "new"), "--to", "hf", "--num-classes", "5"]) == 0
     assert json.loads((tmp_path / "new" / "config.json").read_text())["id2label"]["4"] == "LABEL_4"
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "vs"), "--to", "vitscale"]) == 0
+    assert json.loads((tmp_path / "vs" / "vitscale.json").read_text())["classes"] == list(CLASSES)
+    assert weights.read(tmp_path / "vs").labels == CLASSES  # and back
     capsys.readouterr()
 
 

@@ -42,6 +42,7 @@ def test_a_uniform_soup_of_one_run_is_that_run(runs, tmp_path):
     for key in ("val_top1", "val_loss", "test_top1", "test_loss"):
         assert result["uniform"][key] == result["ingredients"][0][key] == alone[key], key
     assert json.loads((tmp_path / "s" / "soup.json").read_text()) == result
+    assert json.loads((tmp_path / "s" / "classes.json").read_text()) == [str(d) for d in range(10)]  # digits'
 
 
 def test_a_uniform_soup_of_two_runs_is_their_mean(runs, tmp_path):
