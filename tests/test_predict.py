@@ -144,10 +144,12 @@ def test_predict_scans_a_folder_names_an_unreadable_file_and_prints_top_k_lines(
         Image.new("RGB", (30, 20), COLOURS[c]).save(photos / name)
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     (photos / "notes.txt").write_text("not an image")
+    video(photos / "clip.mp4", COLOURS["dog"])  # an image model takes a video's middle frame
     assert main(["predict", str(folder_run), str(photos), "--top-k", "2", "--batch", "2"]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert [line.split(":")[0] for line in lines] == [str(photos / "a.png"), str(photos / "more" / "b.jpg")]
+    names = ("a.png", "clip.mp4", "more/b.jpg")
+    assert [line.split(":")[0] for line in lines] == [str(photos / n) for n in names]
     assert all(len(line.split(": ")[1].split(", ")) == 2 for line in lines)  # top 2
     assert all(line.split(": ")[1].split(" ")[0] in CLASSES for line in lines)
     assert err.count("\n") == 1 and "skipped" in err and str(photos / "broken.jpg") in err
