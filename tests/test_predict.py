@@ -205,6 +205,7 @@ def test_an_mae_run_is_refused_in_one_line(tmp_path, capsys):
     (["--top-k", "0"], ["--top-k", "1 or more"]),
     (["--batch", "-1"], ["--batch", "1 or more"]),
     (["--device", "tpu"], ["--device"]),
+    (["--ema"], ["not a run directory"]),
     ([], ["not a run directory"]),
 ])
 def test_bad_predict_input_is_one_line(tmp_path, capsys, args, words):
@@ -233,6 +234,9 @@ def test_predict_on_a_video_run(tmp_path, capsys):
     records = json.loads(out)
     assert [r["file"] for r in records] == files  # the still image is no clip: named and skipped
     assert str(picture) in err and "clips of 4 frames" in err and err.count("\n") == 1
+    with pytest.raises(vitscale.errors.UserError, match="give it a video"):
+        vitscale.load_run(run).preprocess(picture)
+    assert vitscale.load_run(run).preprocess(files[0]).shape == (3, 4, 16, 16)  # [C, T, H, W]
     with torch.no_grad():
         want = model_of(run)(torch.stack([val[i]["x"] for i in range(len(val))])).softmax(-1)
     for r, p in zip(records, want, strict=True):
@@ -308,3 +312,12 @@ def test_a_flat_folder_of_videos_is_unlabelled_data(tmp_path):
     assert scan_folder(str(tmp_path), VIDEO_EXTS, classes=(), what="video")[1] == ()  # a flat val folder
     with pytest.raises(vitscale.errors.UserError, match="no class subfolders"):  # training had classes
         scan_folder(str(tmp_path), VIDEO_EXTS, classes=("cat", "dog"), what="video")
+
+
+def test_a_folder_without_images_or_videos_is_one_line(tmp_path):
+    from vitscale.predict import files_of
+
+    (tmp_path / "notes.txt").write_text("no picture")
+    with pytest.raises(vitscale.errors.UserError, match="holds no image or video files"):
+        files_of([tmp_path])
+    assert files_of([tmp_path / "notes.txt"]) == [str(tmp_path / "notes.txt")]  # a file named is tried

@@ -53,8 +53,12 @@ class LoadedRun:
 
     def preprocess(self, path: str | Path) -> Tensor:
         """One image or video file as the model's input: [C, H, W] or [C, T, H, W]; UserError if
-        it cannot be read."""
-        item = _reader(self, [str(path)], video=_is_video(str(path)))[0]
+        it cannot be read, or is an image and the model takes clips."""
+        video = _is_video(str(path))
+        if not video and self.config.model.is_video:
+            raise UserError(f"{path} is an image; this run's model takes clips of {self.config.model.frames} "
+                             "frames: give it a video")
+        item = _reader(self, [str(path)], video)[0]
         if not item:
             raise UserError(f"cannot read {path}: {item.reason}")
         return item["x"]
@@ -113,7 +117,9 @@ def files_of(paths: Iterable[str | Path]) -> list[str]:
         if p.is_dir():
             inside = _files(p, IMAGE_EXTS + VIDEO_EXTS)
             if not inside:
-                raise UserError(f"{p} holds no image or video files ({', '.join(IMAGE_EXTS + VIDEO_EXTS)})")
+                kinds = ", ".join(IMAGE_EXTS[:8] + VIDEO_EXTS[:3])
+                raise UserError(f"{p} holds no image or video files ({kinds}, ...); pass files, or folders "
+                                 "of them")
             found += inside
         elif p.is_file():
             found.append(str(p))
