@@ -32,49 +32,93 @@ from vitscale.plan import CYCLES
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30  # passes over the training set
-    batch: int = 128  # global batch per optimizer step (all ranks and accumulation steps)
-    accum: int = 1  # gradient accumulation steps per optimizer step
-    base_lr: float = 1e-3  # learning rate per 256 samples: lr = base_lr * batch / 256
-    min_lr: float = 1e-6  # where the LR schedule ends
-    warmup_epochs: float = 2.0  # linear warm-up length (rounded to whole steps; the same for any run length)
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay: constant LR, then a short decay)
-    decay_frac: float = 0.2  # wsd: share of the run's steps spent decaying to min_lr as 1 - sqrt;
-    # 0 = never decay (a stable run to branch cooldowns from; see optim.decay_start)
-    weight_decay: float = 0.05  # AdamW decay (not on norms, biases, tokens, position tables)
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (MAE pre-training uses 0.95)
-    optimizer: str = "adamw"  # adamw | lars (MAE's linear probe: SGD momentum betas[0], trust ratio)
-    ema: float = 0.0  # decay of a moving average of the weights (0 = off), evaluated beside them (ema_*)
-    layer_decay: float = 1.0  # layer-wise LR decay for fine-tuning (1.0 = off; MAE uses 0.75)
-    clip_grad: float = 0.0  # max gradient norm (0 = off)
-    label_smoothing: float = 0.1  # supervised cross-entropy smoothing
-    mixup: float = 0.0  # mixup alpha (0 = off)
-    cutmix: float = 0.0  # cutmix alpha (0 = off); with both, each batch picks one
-    resolutions: tuple[int, ...] = ()  # multi-resolution training (ResFormer): each optimizer step
-    # resizes its batch to one of these sides in pixels, drawn from (seed, step); () = off
-    multigrid: tuple[str, ...] = ()  # Multigrid training (Wu et al. 2020): long and/or short cycles of
-    # coarse steps (more samples at fewer frames, smaller sides, about a base step's compute); see plan.py
-    dtype: str = "fp32"  # fp32, or autocast to bf16 or fp16 (fp16 with a dynamic loss scale: vitscale.amp)
-    compile: bool = False  # torch.compile the model
-    act_ckpt: bool = False  # activation checkpointing: each transformer block recomputed in backward
-    peak_tflops: float = 0.0  # the device's dense peak for train.dtype, for the MFU in the log and
-    # metrics (0 = vitscale.mfu's table on known GPUs; no MFU on a CPU unless given)
-    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    fsdp: bool = False  # shard parameters with FSDP (fully_shard) across ranks
-    sharded_ckpt: bool = False  # with train.fsdp: each rank writes its own shards of the weights and
-    # optimizer state (torch.distributed.checkpoint), never gathered on one rank; resumes on any ranks
-    seed: int = 0  # seeds init, data order, augmentation and masking
-    threads: int = 0  # torch intra-op threads (0 = PyTorch's default)
-    ckpt_every: int = 0  # also checkpoint every N optimizer steps (0 = each epoch only)
-    keep_last: int = 2  # checkpoints kept besides the best and keep_steps
-    keep_steps: tuple[int, ...] = ()  # also checkpoint at these optimizer steps and never prune them
-    branch_from: str = ""  # a checkpoint directory (RUN/ckpt-STEP) to start from when this run has none:
-    # weights, optimizer, RNG and step, as a resume (a cooldown branch of a wsd stable run)
-    knn_k: int = 20  # k for the k-NN accuracy of pre-trained features (0 = off)
-    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs); for tests
-    probe_scales: tuple[int, ...] = (1,)  # linprobe: S² scales (1,2 = the image, plus it upsampled 2x
-    # as 2x2 base-size tiles); each scale's feature concatenated into the probe
-    loggers: tuple[str, ...] = ()  # where metric rows go besides metrics.jsonl (always written): any
-    # of csv, tensorboard, wandb (offline, RUN/wandb), mlflow (file store, RUN/mlruns); see loggers.py
+    batch: int = 128  # samples per optimizer step, over all ranks and accumulation steps
+
+    # micro-batches each optimizer step is split into (batch / accum samples each): the same
+    # training in less memory
+    accum: int = 1
+
+    # learning rate per 256 samples: the rate used is base_lr x batch / 256, so that a change of
+    # batch keeps the step size per sample
+    base_lr: float = 1e-3
+    min_lr: float = 1e-6  # the learning rate the schedule ends at
+    warmup_epochs: float = 2.0  # linear warm-up from 0 in epochs (whole steps): the same at any run length
+
+    # cosine: decay from the peak to min_lr over the whole run; wsd (warmup-stable-decay): hold the
+    # peak, then decay over the run's last decay_frac (a stable run can branch cooldowns)
+    schedule: str = "cosine"
+
+    # wsd: the share of the run's steps spent decaying to min_lr (as 1 - sqrt); 0 = never decay (a
+    # stable run to branch cooldowns from, as the study does)
+    decay_frac: float = 0.2
+    weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases, tokens, position tables)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's betas (the pretrain recipe's are MAE's 0.9,0.95)
+    optimizer: str = "adamw"  # adamw, or lars: SGD, momentum betas[0], a per-layer trust ratio (MAE's probe)
+
+    # decay of an exponential moving average of the weights (0 = off; e.g. 0.9999); the average is
+    # evaluated beside the weights (ema_* metrics) and can be exported instead of them
+    ema: float = 0.0
+
+    # layer-wise LR decay: each block learns at this times the rate of the block above it, so early
+    # blocks of a pre-trained encoder change least (1 = off; the finetune recipe's 0.75 is MAE's)
+    layer_decay: float = 1.0
+    clip_grad: float = 0.0  # clip the gradients' global norm to this (0 = off)
+    label_smoothing: float = 0.1  # cross-entropy label smoothing of supervised training (0 = off)
+    mixup: float = 0.0  # mixup alpha: mix pairs of samples and their labels (0 = off; DeiT uses 0.8)
+
+    # cutmix alpha: paste a box of one sample into another, labels mixed by area (0 = off; DeiT
+    # uses 1.0); with mixup too, each batch takes one of the two
+    cutmix: float = 0.0
+
+    # multi-resolution training (ResFormer): each optimizer step resizes its batch to one of these
+    # sides in pixels, drawn from (seed, step); empty = off
+    resolutions: tuple[int, ...] = ()
+
+    # Multigrid training (Wu et al. 2020): long and/or short cycles of coarse steps (more samples at
+    # fewer frames or smaller sides, each about a base step's compute); empty = off
+    multigrid: tuple[str, ...] = ()
+
+    # fp32, or autocast to bf16 or fp16 (fp16 with a dynamic loss scale); bf16 keeps fp32's range
+    # and needs no loss scale
+    dtype: str = "fp32"
+    compile: bool = False  # torch.compile the model: faster steps after a compilation at the start
+
+    # activation checkpointing: each transformer block is recomputed in backward, for less memory at
+    # about one more forward pass
+    act_ckpt: bool = False
+
+    # the device's dense peak TFLOPS at train.dtype, for the MFU in the log and metrics (0 = the table
+    # in vitscale.mfu for known GPUs; no MFU on a CPU unless given)
+    peak_tflops: float = 0.0
+    device: str = "auto"  # auto (CUDA if there is one, else the CPU), cpu, cuda, cuda:N or mps
+
+    # shard parameters, gradients and optimizer state across ranks with FSDP (fully_shard): for
+    # models too large for a whole copy on each rank (DDP, the default)
+    fsdp: bool = False
+
+    # with train.fsdp: each rank writes its own shards of the weights and optimizer state
+    # (torch.distributed.checkpoint), never gathered on one rank; resumes on any number of ranks
+    sharded_ckpt: bool = False
+    seed: int = 0  # seeds initialisation, data order, augmentation and masking: one seed, one run
+    threads: int = 0  # torch intra-op CPU threads (0 = PyTorch's default)
+    ckpt_every: int = 0  # also checkpoint every N optimizer steps (0 = at the end of each epoch only)
+    keep_last: int = 2  # checkpoints kept besides the best and keep_steps (older ones are deleted)
+    keep_steps: tuple[int, ...] = ()  # also checkpoint at these optimizer steps, and never delete them
+
+    # a checkpoint directory (RUN/ckpt-STEP) to start from when this run has none of its own: its
+    # weights, optimizer, RNG and step, as a resume does (a cooldown branched from a wsd stable run)
+    branch_from: str = ""
+    knn_k: int = 20  # neighbours of the k-NN accuracy that scores pre-trained features (0 = off)
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run every epoch): for quick checks
+
+    # linear probe: the S² scales whose features are concatenated; 1 = the image, 2 adds the image
+    # upsampled 2x and cut into 2x2 tiles of the base size
+    probe_scales: tuple[int, ...] = (1,)
+
+    # where metric rows go besides metrics.jsonl (always written): any of csv, tensorboard, wandb,
+    # mlflow. W&B and MLflow keep their runs in the run directory (RUN/wandb offline, RUN/mlruns)
+    # unless their own variables say otherwise (WANDB_MODE, WANDB_PROJECT, MLFLOW_TRACKING_URI, ...)
+    loggers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         least = {"epochs": 1, "batch": 1, "accum": 1, "threads": 0, "ckpt_every": 0, "keep_last": 0,
@@ -127,12 +171,17 @@ DISTILL_KINDS = ("soft", "hard", "both", "feature")
 
 @dataclass(frozen=True)
 class DistillConfig:
-    teacher: str = ""  # task=distill: a run directory or any weights vitscale reads (see vitscale.weights)
-    kind: str = "soft"  # soft: KL to the teacher's logits at a temperature; hard: CE to its top class
-    # (DeiT); both: the mean of the two; feature: the student's tokens predict the teacher's (G2SD's
-    # generic stage, no labels)
+    teacher: str = ""  # task distill: the frozen teacher, a run directory or weights (see vitscale.weights)
+
+    # soft: KL divergence to the teacher's logits at a temperature; hard: cross-entropy to its top
+    # class (DeiT); both: the mean of the two; feature: the student's tokens predict the teacher's
+    # (G2SD's generic stage: no labels needed)
+    kind: str = "soft"
     alpha: float = 0.5  # soft / hard: loss = (1 - alpha) x label loss + alpha x distillation loss
-    temperature: float = 1.0  # soft: both logits / T, the KL x T^2 (DeiT's tau)
+
+    # soft: both logits are divided by T and the KL multiplied by T^2 (DeiT's tau); 1 = the logits
+    # as they are
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -148,17 +197,23 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    task: str = "supervised"  # one of vitscale.tasks.TASKS: supervised | mae | finetune | linprobe | distill
-    model: ViTConfig = field(default_factory=lambda: preset("pico/4"))  # the architecture (a preset's);
-    # the data sets its input size, frames and classes
-    data: DataConfig = field(default_factory=DataConfig)  # what it trains on; how items are read, augmented
+    # the task, set by the command: supervised (train), mae (pretrain), finetune, linprobe
+    # (finetune --linear-probe) or distill
+    task: str = "supervised"
+
+    # the architecture, a preset's (--model); its input shape and classes are settled with the data,
+    # and the run's first line says them
+    model: ViTConfig = field(default_factory=lambda: preset("pico/4"))
+    data: DataConfig = field(default_factory=DataConfig)  # what it trains on; how it is read and augmented
     train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, schedule, precision, checkpoints
     mae: MAEConfig = field(default_factory=MAEConfig)  # masking and decoder of MAE / VideoMAE pre-training
-    distill: DistillConfig = field(default_factory=DistillConfig)  # the teacher and loss of task=distill
-    init: str = ""  # weights to start from: a run directory, a transformers directory, a timm / MAE /
-    # VideoMAE / vitscale .safetensors or .pth file (see vitscale.weights), or "random" (baseline)
-    init_allow: str = ""  # comma-separated fnmatch patterns of keys --init may leave missing or unused
-    out: str = "runs/run"  # run directory
+    distill: DistillConfig = field(default_factory=DistillConfig)  # the teacher and loss of task distill
+
+    # weights to start from: a run directory, a transformers directory, a timm / MAE / VideoMAE /
+    # vitscale .safetensors or .pth file (see vitscale.weights), or "random" (a from-scratch baseline)
+    init: str = ""
+    init_allow: str = ""  # comma-separated key patterns (fnmatch) the init weights may lack or not use
+    out: str = "runs/run"  # the run directory (--out; never a config file's): an existing run resumes there
 
     def __post_init__(self) -> None:
         from vitscale import tasks  # (tasks import the models this module configures)
