@@ -32,18 +32,27 @@ DECODER_MASKINGS = ("running_cell", "random")
 
 @dataclass(frozen=True)
 class MAEConfig:
-    mask_ratio: float = 0.75  # fraction of patch tokens hidden from the encoder (VideoMAE: 0.9)
-    masking: str = "random"  # "random" per token, or "tube": one spatial mask for all time steps
+    # share of patch tokens hidden from the encoder: a high ratio makes the task hard enough to learn
+    # from and the encoder cheap, as it sees the rest only (MAE: 0.75; VideoMAE: 0.9 for video)
+    mask_ratio: float = 0.75
+    masking: str = "random"  # "random" per token, or "tube": one spatial mask for every time step (video)
     decoder_width: int = 512  # decoder token dimension (MAE: 512; VideoMAE ViT-B: 384)
-    decoder_depth: int = 8  # decoder blocks (MAE: 8; VideoMAE: 4)
+    decoder_depth: int = 8  # decoder blocks (MAE: 8; VideoMAE: 4); the decoder is dropped after pre-training
     decoder_heads: int = 16  # decoder attention heads; must divide decoder_width
-    norm_pix_loss: bool | str = True  # target = each patch's pixels normalised (MAE); "auto" (the
-    # pretrain recipe's): on for real data, off for the built-in digits, decided by engine.resolve
-    norm_pix_by: str = "patch"  # "patch": one mean / std per patch (MAE); "channel": one per channel
-    # of a patch, std + eps, on whatever pixels the loss is given (VideoMAE, transformers' VideoMAE)
-    encoder_on_all_tokens: bool = False  # ablation (MAE Table 2): mask tokens in the encoder, on all N
-    decoder_pos_embed: str = "sincos"  # fixed decoder positions: "sincos" (MAE) or "sincos1d" (VideoMAE)
-    decoder_mask_ratio: float = 0.0  # VideoMAE V2 dual masking: fraction of masked tokens the decoder drops
+
+    # predict each patch's pixels normalised by their own mean and std, as MAE does; "auto" (the
+    # pretrain recipe's): on for real data, off for the built-in digits
+    norm_pix_loss: bool | str = True
+
+    # "patch": one mean and std per patch (MAE); "channel": one per channel of a patch, std + eps,
+    # on whatever pixels the loss is given (VideoMAE, and transformers' VideoMAE)
+    norm_pix_by: str = "patch"
+    encoder_on_all_tokens: bool = False  # ablation (MAE Table 2): the encoder sees mask tokens, all N
+    decoder_pos_embed: str = "sincos"  # the decoder's fixed positions: "sincos" (MAE), "sincos1d" (VideoMAE)
+
+    # VideoMAE V2's dual masking: the share of masked tokens the decoder also drops, for a cheaper
+    # decoder (0 = off)
+    decoder_mask_ratio: float = 0.0
     decoder_masking: str = "running_cell"  # which it drops: "running_cell" (VideoMAE V2) or "random"
 
     def __post_init__(self) -> None:

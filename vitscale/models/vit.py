@@ -50,29 +50,44 @@ DEPTH_LR_EXPONENT = 0.0
 
 @dataclass(frozen=True)
 class ViTConfig:
-    image_size: int | tuple[int, int] = 224  # input height and width (int = square)
-    patch_size: int = 16  # spatial patch side in pixels
-    frames: int = 1  # input frames; 1 = an image model
-    tubelet: int = 1  # frames per token (temporal patch); must divide frames
+    image_size: int | tuple[int, int] = 224  # input height and width in pixels (N, or HxW)
+    patch_size: int = 16  # side of a square patch in pixels: one token per patch (per tubelet of frames)
+    frames: int = 1  # input frames: 1 = an image model, more = a video model
+    tubelet: int = 1  # frames per token (the temporal patch size); must divide frames
     in_chans: int = 3  # input channels
     width: int = 768  # token dimension D
     depth: int = 12  # transformer blocks
     heads: int = 12  # attention heads; must divide width
-    mlp_ratio: float = 4.0  # MLP hidden = int(width * mlp_ratio)
-    num_classes: int = 1000  # 0 = features only, no head
-    pool: str = "cls"  # "cls" token, or "mean" of patch tokens (the final norm then follows the mean)
-    class_token: bool = True  # prepend a learned cls token (required by pool="cls")
-    pos_embed: str = "learned"  # "learned" parameter, or a fixed table: "sincos" or "sincos1d" (VideoMAE's)
-    qkv_bias: bool = True  # bias on the fused qkv projection
-    drop_path: float = 0.0  # stochastic depth rate, linear over blocks
-    norm_eps: float = 1e-6  # LayerNorm epsilon (timm / MAE: 1e-6; Hugging Face ViT: 1e-12)
-    param: str = "sp"  # parametrisation: "sp" (standard) or "mup" (muP + depth-muP, relative to base_*)
+    mlp_ratio: float = 4.0  # MLP hidden size as a multiple of width: int(width x mlp_ratio)
+    num_classes: int = 1000  # classifier outputs; 0 = features only, no head (the data sets it for a run)
+
+    # what the head reads: "cls", the class token, or "mean" of the patch tokens (the final norm then
+    # follows the mean)
+    pool: str = "cls"
+    class_token: bool = True  # prepend a learned class token (pool="cls" needs it)
+
+    # position embedding: "learned", or a fixed table with nothing to learn: "sincos" (MAE's 2-D
+    # rows and columns, plus time for video) or "sincos1d" (VideoMAE's, over the flattened tokens)
+    pos_embed: str = "learned"
+    qkv_bias: bool = True  # bias on the fused query / key / value projection
+    drop_path: float = 0.0  # stochastic depth: the last block's rate, rising linearly from 0 at the first
+    norm_eps: float = 1e-6  # LayerNorm epsilon (timm and MAE use 1e-6; Hugging Face's ViT 1e-12)
+
+    # parametrisation: "sp" (standard) or "mup" (muP with depth-muP, relative to base_*): under muP
+    # the best learning rate holds as width and depth grow, so one swept on a small model transfers
+    param: str = "sp"
     base_width: int = 0  # muP: the width the multipliers are relative to (0 = this model's: ratio 1)
     base_depth: int = 0  # muP: the depth the residual branches are relative to (0 = this model's)
-    base_head_dim: int = 0  # muP: the head dim the attention scale is relative to (0 = this model's)
-    drop_after: int = 0  # token dropping: blocks that see every token before the drop (0 = no drop)
-    keep: float = 1.0  # token dropping: share of patch tokens kept after block drop_after (cls always kept)
-    drop_by: str = "attention"  # which tokens are kept: one of DROP_BY
+    base_head_dim: int = 0  # muP: the head size the attention scale is relative to (0 = this model's)
+
+    # token dropping: the blocks that see every token before the drop (0 = no drop); later blocks
+    # see only the kept share, for less compute
+    drop_after: int = 0
+    keep: float = 1.0  # token dropping: the share of patch tokens kept after block drop_after (cls always)
+
+    # which tokens are kept: "attention" (those the class token attends to most, EViT), "random" (an
+    # evenly spaced subset at eval), or "keyframe" (video: the middle frame's, then by attention, EVAD)
+    drop_by: str = "attention"
 
     def __post_init__(self) -> None:
         h, w = self.hw
