@@ -5,13 +5,19 @@ with `mkdocs build --strict`, which checks the links between the pages."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
+import shlex
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from vitscale.cli import build_parser
+from vitscale.config import RunConfig
+from vitscale.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -98,3 +104,59 @@ def test_every_page_is_in_the_site_nav():
     nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))["nav"]
     listed = {page for entry in nav for page in entry.values()}
     assert listed == {p.name for p in PAGES}
+
+
+def _documented_commands(text: str) -> list[str]:
+    """Every `vitscale ...` command line in the bash blocks of a markdown text (`python -m vitscale`
+    and `torchrun ... -m vitscale` too), continuation lines joined, comments left out."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.DOTALL)
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    found = []
+    for line in lines:
+        tokens = shlex.split(line, comments=True)
+        starts = [i + 1 for i, t in enumerate(tokens) if t == "vitscale"
+                  and (i == 0 or tokens[i - 1] == "-m" or re.fullmatch(r"\w+=\S*", tokens[i - 1]))]
+        if starts and "..." not in tokens:
+            rest = tokens[starts[0]:]
+            cut = next((i for i, t in enumerate(rest) if t in (">", "|", "&&", ";")), len(rest))
+            found.append(" ".join(shlex.quote(t) for t in rest[:cut]))
+    return found
+
+
+def _config_fields() -> set[str]:
+    """Every `section.key` of a run config."""
+    hints = typing.get_type_hints(RunConfig)
+    sections = [f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])]
+    return {f"{s}.{g.name}" for s in sections for g in dataclasses.fields(hints[s])}
+
+
+@functools.cache
+def _parser(command: str):
+    """The parser cli.main builds for `vitscale COMMAND ...` (with the command's config flags)."""
+    return build_parser(fields_for=command)
+
+
+@pytest.mark.parametrize("page", [README, *PAGES], ids=lambda p: p.name)
+def test_documented_commands_parse(page: Path):
+    """Each command the page shows is one the parser takes, and each --section.key=value it sets
+    is a run-config field: a renamed flag or field fails here, not in a reader's shell."""
+    commands = _documented_commands(page.read_text(encoding="utf-8"))
+    fields, bad = _config_fields(), []
+    for command in commands:
+        argv = shlex.split(command)
+        try:
+            args, extra = _parser(argv[0]).parse_known_args(argv)
+        except (UserError, SystemExit) as e:
+            bad.append(f"{command}: {e}")
+            continue
+        unknown = [e for e in extra if not e.startswith("--") or e[2:].partition("=")[0] not in fields]
+        if unknown:
+            bad.append(f"{command}: not config fields: {unknown}")
+    assert not bad, "\n".join(bad)
+
+
+def test_documented_commands_are_found():
+    sample = ("```bash\nvitscale train --x.y=1   # a comment\n"
+              "torchrun --nproc_per_node 2 -m vitscale eval \\\n    runs/a\n"
+              "vitscale config pretrain > mae.yaml\necho vitscale\nA=1 vitscale models\n```\n")
+    assert _documented_commands(sample) == ["train --x.y=1", "eval runs/a", "config pretrain", "models"]
