@@ -56,6 +56,48 @@ from vitscale.models.vit import checkpoint_blocks
 from vitscale.plan import Plan, Shape, reshape
 
 
+def settle(cfg: RunConfig) -> RunConfig:
+    """Decide the data's input shape before the data is built: a data.image_size / data.frames of 0
+    takes the model's (built-in data keeps its own size: DataConfig.sized). Runs, a study's plan and
+    its trials all decide it here; `resolve` then makes the model follow the data."""
+    return replace(cfg, data=cfg.data.sized(cfg.model.hw[0], cfg.model.frames))
+
+
+def input_note(asked: RunConfig, cfg: RunConfig) -> str:
+    """One line where `asked`'s model was made for another input than the data's, which it takes
+    (`cfg`, resolved), and why; "" where they agree: no mismatch is silent."""
+    was, now, data = asked.model, cfg.model, asked.data
+    if (was.hw, was.frames) == (now.hw, now.frames):
+        return ""
+    why = [f"data.{k}={v} given" for k, v in (("image_size", data.image_size), ("frames", data.frames))
+           if v and v != getattr(was, k)]
+    if was.hw != now.hw and not data.image_size:
+        why.append(f"{data.name} is built-in data of {now.hw[0]} px; set data.image_size to change it")
+    if was.hw != now.hw and not why:
+        why.append("the data's items are square")
+    return (f"note: the model is made for {_shape(was)}; it trains at the data's {_shape(now)} "
+            f"({'; '.join(why)})")
+
+
+def _shape(m) -> str:
+    """A model's input as words: '224 px', '160x224 px, 16 frames'."""
+    h, w = m.hw
+    return (f"{h} px" if h == w else f"{h}x{w} px") + (f", {m.frames} frames" if m.frames > 1 else "")
+
+
+def trains_at(cfg: RunConfig, info: DataInfo, sizes: tuple[int, int, int]) -> str:
+    """A run's first log line: its task, model, input, tokens a sample, classes, and the sizes of
+    its (train, val, test) splits."""
+    m, t = cfg.model, cfg.train
+    tokens = f"{m.num_patches} tokens a sample" + (f" (tubelet {m.tubelet})" if m.is_video else "")
+    varies = (f"; steps at {','.join(map(str, t.resolutions))} px" if t.resolutions else
+              "; train.multigrid varies the shape by step" if t.multigrid else "")
+    classes = f"{info.num_classes} classes" if info.num_classes else "no labels"
+    return (f"{cfg.task}: ViT depth {m.depth} width {m.width} heads {m.heads} patch {m.patch_size} at "
+            f"{_shape(m)}{'' if m.is_video else ', 1 frame'}, {tokens}{varies}; {classes}; data {info.name}: "
+            f"{sizes[0]:,} train, {sizes[1]:,} val, {sizes[2]:,} test items")
+
+
 def resolve(cfg: RunConfig, info: DataInfo) -> RunConfig:
     """Make the model's input shape and classes those of the data (which sets the frames), and
     decide mae.norm_pix_loss=auto (the pretrain recipe's): on for real data, off for built-in digits."""
@@ -212,15 +254,18 @@ class Job:
         check_loggers(t.loggers)  # a logger's missing package stops the run before any work
         if t.threads:
             torch.set_num_threads(t.threads)
+        asked, cfg = cfg, settle(cfg)
         with warnings.catch_warnings(record=True) as said:  # what the data leaves out goes to the log
             warnings.simplefilter("always")
             self.train_set, self.val_set, self.test_set, self.info = build_datasets(cfg.data)
-        for w in said:
-            log(f"warning: {w.message}")
+        cfg = resolve(cfg, info=self.info)
+        log(trains_at(cfg, self.info, (len(self.train_set), len(self.val_set), len(self.test_set))))
+        for line in [input_note(asked, cfg)] + [f"warning: {w.message}" for w in said]:
+            if line:
+                log(line)
         if not len(self.val_set):
             log("warning: no validation data (data.val_fraction=0): nothing is evaluated, best/ is the "
                 "latest checkpoint and final.json has no val_ metrics")
-        cfg = resolve(cfg, info=self.info)
         self.cfg, self.d, self.log, self.task = cfg, d, log, tasks.get(cfg.task)
         self.task.check_data(self.info.num_classes)
         self.run_dir = _prepare_run_dir(cfg, d, log)
@@ -619,7 +664,7 @@ def evaluate_run(run: str, device: str = "auto", test_views: str = "", resolutio
     run_dir, warn = Path(run), functools.partial(print, file=sys.stderr)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run!r} is not a run directory (no config.yaml)")
-    cfg = load_yaml(run_dir / "config.yaml")
+    cfg = settle(load_yaml(run_dir / "config.yaml"))
     if test_views:  # the weights do not depend on it
         cfg = replace(cfg, data=replace(cfg.data, test_views=test_views))
     trained = cfg.data.image_size

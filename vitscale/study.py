@@ -95,12 +95,11 @@ class StudyConfig:
     ahead: tuple[float, ...] = (2.0, 10.0, 100.0)  # larger budgets (multiples) to predict for
     probe_epochs: int = 20  # linear-probe epochs after MAE pre-training (not counted in the budget)
     workers: int = 0  # trials at once; 0 = auto (1 on a GPU, else one single-thread worker per core, up to 4)
-    overrides: tuple[str, ...] = ("data.name=cluttered-digits", "data.image_size=16", "data.scale_min=1",
-                                  "data.train_size=16384", "train.batch=32", "model.heads=4")
-    # run-config overrides for every trial. Batch 32: more optimizer steps per sample, at 85% of batch
-    # 64's CPU throughput. Heads of 16 (4 at width 64): w then keeps the head size at every factor
-    # (48 = 3x16, 80 = 5x16, 96 = 6x16); with the preset's heads of 32, w-x1.5 had to take 2 heads of
-    # 40 and fell below its family's trend (backtest misses of 2.4-3.3 points for w-x2.25)
+    overrides: tuple[str, ...] = ()  # run-config overrides for every trial (--section.key=value, e.g.
+    # data.name=image-folder data.path=DIR). With no data named, a study runs the demo: generated
+    # cluttered digits with the demo's settings (DEMO: 16 px, their size, batch, and heads of 16 for
+    # pico/4). On your own data every trial starts from the base preset's shape and resolution, and
+    # an epoch is your data's (`vitscale study --plan` shows both)
     recipes: tuple[str, ...] = ()  # training recipes to study as families: "NAME:KEY=VALUE[ KEY=VALUE...]"
     # (e.g. "mr:train.resolutions=12,16,20"); each runs every strategy's trials again under its
     # overrides (base+mr, w+mr-x1.5), fitted and reported as families of their own (w+mr)
@@ -245,11 +244,35 @@ def recipe_names(study: StudyConfig) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------- planning
+# The demo's trial settings (`make demo`), for a study on its default data only: the generated
+# cluttered digits at 16 px, a fixed epoch, and batch 32 (more optimizer steps per sample on a CPU).
+# DEMO_HEADS is for the default base alone: heads of 16 channels at pico/4's width 64, so that w keeps
+# the head size at every factor (48 = 3x16, 80 = 5x16, 96 = 6x16) where the preset's heads of 32
+# force odd splits on the widths between.
+DEMO_DATA = "cluttered-digits"
+DEMO = ("data.name=cluttered-digits", "data.image_size=16", "data.scale_min=1", "data.train_size=16384",
+        "train.batch=32")
+DEMO_MODEL, DEMO_HEADS = "pico/4", "model.heads=4"
+
+
+def demo_settings(study: StudyConfig) -> tuple[str, ...]:
+    """The demo's settings a study's own overrides come after: DEMO where its data is the default
+    (no data.name given, or cluttered-digits), with DEMO_HEADS where its base is DEMO_MODEL; none on
+    any other data. (A study.yaml from before DEMO was split out holds them among its overrides.)"""
+    pairs = [o.lstrip("-").partition("=") for o in study.overrides]
+    names = [value for key, _, value in pairs if key == "data.name"]
+    if (names[-1] if names else DEMO_DATA) != DEMO_DATA:
+        return ()
+    return DEMO + ((DEMO_HEADS,) if study.model == DEMO_MODEL else ())
+
+
 def base_run(study: StudyConfig) -> RunConfig:
-    """The run config every trial starts from: the objective's recipe, the base model, overrides."""
+    """The run config every trial starts from: the objective's recipe, the base model, the demo's
+    settings on the demo's data, the study's overrides; its input shape decided (engine.settle)."""
     recipe = config.recipe("pretrain" if study.objective == "mae" else "train")
-    cfg = config.apply_overrides(config.with_preset(recipe, study.model), list(study.overrides))
-    return replace(cfg, out="")
+    overrides = [*demo_settings(study), *study.overrides]
+    cfg = config.apply_overrides(config.with_preset(recipe, study.model), overrides)
+    return engine.settle(replace(cfg, out=""))
 
 
 def plan(study: StudyConfig, lr: float | None = None) -> list[Trial]:
@@ -257,7 +280,10 @@ def plan(study: StudyConfig, lr: float | None = None) -> list[Trial]:
     under each recipe (base+NAME, STRATEGY+NAME-xFACTOR). Under muP every config is parametrised
     relative to its base; `lr` sets every trial's base_lr."""
     plain = base_run(study)
-    _, _, _, info = build_datasets(plain.data)
+    train_set, _, _, info = build_datasets(plain.data)
+    if len(train_set) < plain.train.batch:  # an epoch of no step: every budget would be 0
+        raise UserError(f"the training split of {plain.data.name} holds {len(train_set)} items, fewer than "
+                        f"a batch of {plain.train.batch}; lower --train.batch or give the study more data")
     trials: dict[tuple[str, ViTConfig], Trial] = {}
     for recipe, overrides in {"": (), **parse_recipes(study)}.items():
         run = config.apply_overrides(plain, list(overrides))

@@ -44,12 +44,14 @@ def describe(cfg: study.StudyConfig) -> dict:
     time budget leaves them to a measurement not yet made), as one JSON-able record."""
     trials = study.plan(cfg)
     budget = study.parse_budget(cfg.budget)
-    counted = {}  # name: (multiply-adds per sample, steps per epoch)
+    counted, splits = {}, {}  # name: (multiply-adds per sample, steps per epoch); name: the data
     for t in trials:
-        train_set, _, _, info = build_datasets(t.run.data)
+        train_set, val_set, test_set, info = build_datasets(t.run.data)
         per_sample = study.train_flops_per_sample(t.run, info.num_classes)
         counted[t.name] = per_sample, len(train_set) // t.run.train.batch
-    base_name = study._base(trials).name
+        splits[t.name] = info, len(train_set), len(val_set), len(test_set)
+    base_trial = study._base(trials)
+    base_name = base_trial.name
     reference = study.reference_compute(trials)
     rows = []
     for t in trials:
@@ -98,7 +100,10 @@ def describe(cfg: study.StudyConfig) -> dict:
     time = _time(rows, base, sweep, held, leaders, more)
     return {
         "kind": "StudyPlan", "out": cfg.out, "budget": cfg.budget, "objective": cfg.objective,
-        "param": cfg.param, "reference_compute": reference, "trials": rows,
+        "param": cfg.param, "reference_compute": reference,
+        "base": _base_shape(cfg.model, base_trial.run.model),
+        "data": _data(base_trial.run.data, *splits[base_name]),
+        "trials": rows,
         "phases": {
             "sizing": f"each of {len(rows)} trials measured (best of 3 rounds): trials/NAME/trial.json",
             "sweep": sweep,
@@ -113,6 +118,18 @@ def describe(cfg: study.StudyConfig) -> dict:
                     "note": "training multiply-adds (forward + backward); sizing and MAE probes not counted"},
         "time": time,
     }
+
+
+def _base_shape(preset: str, m) -> dict:
+    """The base model's shape as the study trains it: its preset's, on the data's input."""
+    return {"preset": preset, "side": m.hw[0], "frames": m.frames, "patch": m.patch_size,
+            "tokens": m.num_patches, "width": m.width, "depth": m.depth, "heads": m.heads}
+
+
+def _data(data, info, train: int, val: int, test: int) -> dict:
+    """What the study's trials train on: the data's name, where it is, its splits' items, classes."""
+    return {"name": data.name, "path": data.path, "items": train + val + test, "train": train, "val": val,
+            "test": test, "classes": info.num_classes}
 
 
 def _time(rows: list[dict], base: dict, sweep: dict, held: set[str], leaders: int, more: int) -> dict | None:
@@ -148,6 +165,12 @@ def lines(p: dict) -> list[str]:
     """The plan as text, one line per trial and phase."""
     out = [f"study plan: {len(p['trials'])} trials, budget {p['budget']} per trial, {p['objective']}, "
            f"{p['param']}; a base-model epoch is {p['reference_compute']:.3g} multiply-adds"]
+    b, d = p["base"], p["data"]
+    frames = f", {b['frames']} frames" if b["frames"] > 1 else ""
+    out.append(f"base: {b['preset']} at {b['side']} px{frames}, patch {b['patch']}, {b['tokens']} tokens, "
+               f"width {b['width']}, depth {b['depth']}, heads {b['heads']}")
+    out.append(f"data: {d['name']}" + (f" ({d['path']})" if d["path"] else "") + f", {d['items']:,} items: "
+               f"{d['train']:,} train, {d['val']:,} val, {d['test']:,} test; {d['classes']} classes")
     for r in p["trials"]:
         shape = (f"depth {r['depth']} width {r['width']} heads {r['heads']} patch {r['patch']} "
                  f"{r['side']}px" + (f" {r['frames']} frames" if r["frames"] > 1 else ""))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vitscale.data.randaugment import RandAugment
 from vitscale.data.views import parse_views
@@ -12,6 +12,8 @@ from vitscale.errors import UserError
 NAMES = ("digits", "moving-digits", "cluttered-digits", "image-folder", "video-folder", "video-csv",
          "webdataset")
 REAL = ("image-folder", "video-folder", "video-csv", "webdataset")
+VIDEO = ("moving-digits", "video-folder", "video-csv")  # data that can give clips (data.frames > 1)
+BUILTIN_SIZE = 32  # the built-in data's side in pixels when data.image_size is 0 (their native size)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BUILTIN_MEAN = (0.5, 0.5, 0.5)
@@ -36,8 +38,11 @@ class DataConfig:
     # -1 = by data: 0.1 for digits / moving-digits, none for real data (cluttered-digits: test_size)
     num_classes: int = 0  # video-csv, webdataset: class ids 0..N-1 (some may have no items); 0 = the
     # distinct labels
-    image_size: int = 32  # output height = width in pixels
-    frames: int = 1  # frames per clip; 1 = images ([C, H, W]), >1 = clips ([C, T, H, W])
+    image_size: int = 0  # output height = width in pixels; 0 = the model's (its preset's resolution, e.g.
+    # 224 for Ti/16) on real data, BUILTIN_SIZE on built-ins (drawn for small models); another size is
+    # allowed, and the model then takes the data's (the run's log says so)
+    frames: int = 0  # frames per clip; 1 = images ([C, H, W]), >1 = clips ([C, T, H, W]); 0 = the model's
+    # on video data (its preset's, e.g. 16 for S/16-f16), 1 on image data
     frame_stride: int = 2  # distance between sampled frames of a real video
     label: str = "digit"  # moving-digits target: "digit" class or motion "direction"
     num_clips: int = 2000  # moving-digits clips, train + val
@@ -94,27 +99,28 @@ class DataConfig:
             (self.num_classes == 0 or self.name in ("video-csv", "webdataset"),
              "data.num_classes is for data.name=video-csv or webdataset (a folder has a class per "
              "subfolder); leave it 0"),
-            (self.image_size >= 8, f"data.image_size must be at least 8, got {self.image_size}"),
+            (self.image_size == 0 or self.image_size >= 8,
+             f"data.image_size must be at least 8 (or 0: the model's), got {self.image_size}"),
             (self.sample_bytes <= MAX_SAMPLE_BYTES,
              f"data.image_size={self.image_size} with data.frames={self.frames} makes one sample a "
              f"{self.sample_bytes / 2**30:.3g} GB tensor (at most {MAX_SAMPLE_BYTES >> 20} MB); lower them"),
-            (self.frames >= 1, f"data.frames must be at least 1, got {self.frames}"),
+            (self.frames >= 0, f"data.frames must be at least 1 (or 0: the model's), got {self.frames}"),
             (self.frame_stride >= 1, f"data.frame_stride must be at least 1, got {self.frame_stride}"),
             (self.label in ("digit", "direction"),
              f"data.label must be 'digit' or 'direction', got {self.label!r}"),
             (self.label == "digit" or self.name == "moving-digits",
              "data.label='direction' exists only for data.name=moving-digits"),
-            (self.label == "digit" or self.frames >= 2,
+            (self.label == "digit" or self.frames != 1,
              "data.label='direction' needs motion: set data.frames to 2 or more"),
             (self.hflip in (True, False, "auto"),
              f"data.hflip must be true, false or auto, got {self.hflip!r}"),
             (not (self.hflip is True and self.label == "direction"),
              "data.hflip would mirror the motion and break direction labels; set data.hflip=false"),
-            (self.name not in ("image-folder", "webdataset") or self.frames == 1,
+            (self.name not in ("image-folder", "webdataset") or self.frames <= 1,
              f"{self.name} gives single images; set data.frames=1 or use a video dataset"),
-            (self.name != "digits" or self.frames == 1,
+            (self.name != "digits" or self.frames <= 1,
              "digits are single images; set data.frames=1 or use data.name=moving-digits"),
-            (self.name != "cluttered-digits" or self.frames == 1,
+            (self.name != "cluttered-digits" or self.frames <= 1,
              "cluttered-digits are single images; set data.frames=1 or use data.name=moving-digits"),
             (1 <= self.train_size <= MAX_ITEMS,
              f"data.train_size must be 1 to {MAX_ITEMS:,}, got {self.train_size}"),
@@ -155,6 +161,13 @@ class DataConfig:
             if not ok:
                 raise UserError(message)
         parse_views(self.test_views)  # raises naming data.test_views
+
+    def sized(self, side: int = BUILTIN_SIZE, frames: int = 1) -> DataConfig:
+        """This config with its input shape decided: a given data.image_size / data.frames stays; a
+        0 takes BUILTIN_SIZE on built-in data, else `side` (the model's: engine.settle passes it),
+        and `frames` (the model's) on video data, 1 on image data."""
+        size = self.image_size or (BUILTIN_SIZE if self.is_builtin else side)
+        return replace(self, image_size=size, frames=self.frames or (frames if self.name in VIDEO else 1))
 
     @property
     def sample_bytes(self) -> int:
