@@ -3,7 +3,8 @@ and a config printed as YAML with that help beside each key (`vitscale config CO
 
 The source comments are the one copy of the help: a field's help is the comment on its line(s)
 plus the comment-only lines right after it, joined; a field with no comment of its own takes the
-block of comment-only lines right above it (one that does not continue the field before).
+block of comment-only lines right above it, which a blank line parts from the field before (else
+the block continues that field's comment).
 
     print(commented_yaml(recipe("pretrain")))   # model:, data:, ... each key with its help
 """

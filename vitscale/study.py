@@ -75,39 +75,69 @@ LAUNCHERS = ("local", "slurm", "ray")
 @dataclass(frozen=True)
 class StudyConfig:
     model: str = "pico/4"  # the base preset every strategy scales from
-    strategies: tuple[str, ...] = ("d", "w")  # scaling strategies (as `vitscale scale`); d and w, as
-    # resolution (r, and the r share of d1_w8_r1) changes the token count, across which muP does
-    # not carry the learning rate (r-x8 reached 27.6% at the swept LR, 58.4% at half of it)
-    factors: tuple[float, ...] = (0.5, 1.0, 1.5, 2.25)  # flops factors (at this budget the smallest wins)
-    budget: str = "compute:4ep"  # per trial: epochs:N | compute:Nep | compute:MACS | time:90s
-    objective: str = "supervised"  # supervised | mae (MAE pre-training, then a linear probe)
-    param: str = "mup"  # mup: every trial in muP relative to the base (one LR for all shapes) | sp
-    lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3, 1.6e-2)  # base_lr swept on the base; () = none
-    sweep_length: float = 0.5  # a sweep run's length as a share of the base trial's
-    fractions: tuple[float, ...] = (0.35, 0.5, 0.71, 1.0)  # cooldown branch points (shares of the budget)
-    decay_frac: float = 0.2  # a cooldown's share of the run length it ends (wsd's decay phase)
+
+    # scaling strategies, as `vitscale scale` takes them. d and w by default: r (and r's share of
+    # d1_w8_r1) changes the token count, across which muP does not carry the learning rate, so the
+    # one learning rate swept on the base would not suit its trials
+    strategies: tuple[str, ...] = ("d", "w")
+
+    # flops factors of the trials relative to the base (1 = the base): on both sides of it, since
+    # under a fixed budget a larger model trains fewer steps and may lose to a smaller one
+    factors: tuple[float, ...] = (0.5, 1.0, 1.5, 2.25)
+
+    # what every trial may spend: epochs:N (N epochs each), compute:Nep (what the base spends in N
+    # epochs), compute:MACS (multiply-adds) or time:90s (wall time; also 2m, 1h). Equal compute
+    # compares shapes at equal cost
+    budget: str = "compute:4ep"
+    objective: str = "supervised"  # supervised, or mae: MAE pre-training, then a linear probe scores it
+
+    # mup: every trial parametrised in muP relative to the base, so that one learning rate swept on
+    # the base suits every shape; sp: the standard parametrisation
+    param: str = "mup"
+
+    # base_lr values swept on the base model, the best used by every trial (doubling steps span a
+    # wide range in few runs); empty (--lrs '') = no sweep, the recipe's base_lr
+    lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3, 1.6e-2)
+    sweep_length: float = 0.5  # a sweep run's length as a share of the base trial's: LRs ranked at half cost
+
+    # cooldown branch points as shares of each trial's budget: each is an annealed point on the
+    # trial's curve, branched from one stable run, from which the fits are made
+    fractions: tuple[float, ...] = (0.35, 0.5, 0.71, 1.0)
+    decay_frac: float = 0.2  # a cooldown's share of the run length it ends (the decay of a wsd schedule)
     warmup: float = 0.05  # linear warm-up as a share of each trial's full length
-    seeds: int = 2  # seeds of the leading and the held-out trials (every other trial runs seed 0
-    # only; seeds after the first run the full-length cooldown only)
+
+    # seeds of the leading and the held-out trials, whose noise matters most; every other trial
+    # runs seed 0 only, and seeds after the first run only the full-length cooldown
+    seeds: int = 2
     leaders: int = 2  # how many trials, best first by seed 0, run every seed (0 = all trials)
-    holdout: int = 1  # each strategy's largest trials the backtest holds out and predicts (0 = none)
-    target: str = ""  # budget to recommend for: compute:MACS | time:10m ("" = the study's budget)
-    ahead: tuple[float, ...] = (2.0, 10.0, 100.0)  # larger budgets (multiples) to predict for
+    holdout: int = 1  # each strategy's largest trials the backtest holds out and predicts (0 = no backtest)
+    target: str = ""  # the budget to recommend for: compute:MACS or time:10m ("" = the study's budget)
+    ahead: tuple[float, ...] = (2.0, 10.0, 100.0)  # larger budgets, as multiples of the study's, to predict
     probe_epochs: int = 20  # linear-probe epochs after MAE pre-training (not counted in the budget)
-    workers: int = 0  # trials at once; 0 = auto (1 on a GPU, else one single-thread worker per core, up to 4)
+
+    # trials trained at once; 0 = auto: 1 on a GPU, else one single-thread worker per CPU core, up to
+    # 4 (more workers share the same cores)
+    workers: int = 0
     overrides: tuple[str, ...] = ()  # run-config overrides for every trial (--section.key=value, e.g.
     # data.name=image-folder data.path=DIR). With no data named, a study runs the demo: generated
     # cluttered digits with the demo's settings (DEMO: 16 px, their size, batch, and heads of 16 for
     # pico/4). On your own data every trial starts from the base preset's shape and resolution, and
     # an epoch is your data's (`vitscale study --plan` shows both)
-    recipes: tuple[str, ...] = ()  # training recipes to study as families: "NAME:KEY=VALUE[ KEY=VALUE...]"
-    # (e.g. "mr:train.resolutions=12,16,20"); each runs every strategy's trials again under its
-    # overrides (base+mr, w+mr-x1.5), fitted and reported as families of their own (w+mr)
-    launcher: str = "local"  # where runs go: local (this machine, --workers) | slurm (submitit) | ray
-    launcher_args: tuple[str, ...] = ()  # KEY=VALUE for the launcher (vitscale/launch.py): slurm's are
-    # submitit's executor parameters (timeout_min=240 slurm_partition=gpu gpus_per_node=1 cpus_per_task=8),
-    # ray's num_cpus, num_gpus, max_retries, address; both take retries (resubmissions of a failed job)
-    out: str = "runs/study"  # study directory (an existing one continues)
+
+    # training recipes studied as families of their own, "NAME:KEY=VALUE[ KEY=VALUE...]" (e.g.
+    # "mr:train.resolutions=12,16,20"): each runs every strategy's trials again under its overrides
+    # (base+mr, w+mr-x1.5), fitted and reported as a family (w+mr)
+    recipes: tuple[str, ...] = ()
+
+    # where runs go: local (this machine, `workers` at once), slurm (a submitit job array) or ray
+    # (Ray tasks)
+    launcher: str = "local"
+
+    # KEY=VALUE for the launcher (vitscale/launch.py): slurm's are submitit's executor parameters
+    # (timeout_min=240 slurm_partition=gpu gpus_per_node=1 cpus_per_task=8), ray's num_cpus,
+    # num_gpus, max_retries, address; both take retries (resubmissions of a failed job)
+    launcher_args: tuple[str, ...] = ()
+    out: str = "runs/study"  # the study directory (--out; never a config file's): an existing one continues
 
     def __post_init__(self) -> None:
         checks = [
