@@ -26,53 +26,88 @@ MAX_CANVAS = 256  # cluttered-digits draws 1,024 canvases at once: 256 MB of noi
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"  # one of NAMES: a built-in (digits, moving-digits, cluttered-digits) or real data
-    path: str = ""  # class-per-subfolder folder, or a video list (real data only): `path,label` lines, or
-    # VideoMAE V2's `path start count [label]` (clips from those frames; count -1 = to the end), or
-    # webdataset tar shards: train-{000000..000099}.tar, a folder of .tar files, or a comma list
-    val_path: str = ""  # separate val folder / CSV / shards; "" = a seeded split of val_fraction
-    val_fraction: float = 0.2  # held-out share when val_path is empty (0 = no validation)
-    test_path: str = ""  # separate test folder / CSV / shards (real data); "" = a seeded split of
-    # test_fraction
-    test_fraction: float = -1.0  # test share (reported, never selected on) when test_path is empty;
-    # -1 = by data: 0.1 for digits / moving-digits, none for real data (cluttered-digits: test_size)
-    num_classes: int = 0  # video-csv, webdataset: class ids 0..N-1 (some may have no items); 0 = the
-    # distinct labels
+    # one of NAMES: built-in data, nothing to download (digits: scikit-learn's 8x8 handwritten
+    # digits; moving-digits, cluttered-digits: made from them), or real data at data.path
+    # (image-folder, video-folder, video-csv, webdataset)
+    name: str = "digits"
+
+    # real data: a folder of class subfolders; a video list (`path,label` lines, or VideoMAE V2's
+    # `path start count [label]`: clips from those frames, count -1 = to the end); or webdataset tar
+    # shards (train-{000000..000099}.tar, a folder of .tar files, or a comma list)
+    path: str = ""
+    val_path: str = ""  # a separate validation folder / list / shards; "" = a seeded split of val_fraction
+    val_fraction: float = 0.2  # the share held out for validation when val_path is empty (0 = none)
+    test_path: str = ""  # a separate test folder / list / shards (real data); "" = a split of test_fraction
+
+    # the share held out as the test split (reported, never selected on) when test_path is empty;
+    # -1 = by data: 0.1 for digits and moving-digits, none for real data (cluttered-digits: test_size)
+    test_fraction: float = -1.0
+
+    # video-csv, webdataset: class ids 0..N-1 (some may have no items); 0 = as many as the distinct
+    # labels found
+    num_classes: int = 0
     image_size: int = 0  # output height = width in pixels; 0 = the model's (its preset's resolution, e.g.
     # 224 for Ti/16) on real data, BUILTIN_SIZE on built-ins (drawn for small models); another size is
     # allowed, and the model then takes the data's (the run's log says so)
     frames: int = 0  # frames per clip; 1 = images ([C, H, W]), >1 = clips ([C, T, H, W]); 0 = the model's
     # on video data (its preset's, e.g. 16 for S/16-f16), 1 on image data
-    frame_stride: int = 2  # distance between sampled frames of a real video
-    label: str = "digit"  # moving-digits target: "digit" class or motion "direction"
-    num_clips: int = 2000  # moving-digits clips, train + val
-    digits_per_clip: int = 1  # moving-digits: 1, or 2 (the second is a dim distractor)
-    train_size: int = 100_000  # cluttered-digits: generated training samples (one epoch)
-    val_size: int = 10_000  # cluttered-digits: generated val samples (top-1 std error <= 0.5 points)
-    test_size: int = 10_000  # cluttered-digits: generated test samples of the held-out digits (0 = none)
-    canvas: int = 32  # cluttered-digits: side in pixels the scene is drawn at, then resized to image_size
-    scale_min: float = 0.35  # random resized crop: smallest crop area as a share of the frame; 0 = by
-    # data: 0.8 for built-ins (small digits crop gently), real_scale_min for real data (the recipes set 0)
-    real_scale_min: float = 0.08  # real data's crop share when scale_min is 0: 0.08 as DeiT and MAE
-    # fine-tuning (the pretrain recipe sets 0.2, as MAE pre-training)
-    hflip: bool | str = "auto"  # random horizontal flips; auto = on for real data, off for built-ins
-    # (digits and motion direction must not be mirrored)
-    interpolation: str = "auto"  # crop resize: bilinear or bicubic; auto = bicubic for real data (MAE,
-    # DeiT), bilinear for built-ins
-    randaugment: str = ""  # timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (DeiT); "" = off
-    color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength (DeiT 0.4); unused
-    # with randaugment, as in timm
-    erase_prob: float = 0.0  # random erasing probability (DeiT 0.25): one box of N(0, 1) noise per pixel
-    repeated_aug: int = 1  # repeated augmentation: each image this many times per epoch (DeiT 3); 1 = off
-    eval_crop: float = 0.875  # eval center crop as a share of the shorter side (real data)
-    test_views: str = "1x1"  # test report: CLIPSxCROPS views averaged per item (VideoMAE: 5x3, 2x3 SSv2)
-    mean: tuple[float, ...] = ()  # per-channel mean; () = ImageNet for real data, 0.5 for built-ins
-    std: tuple[float, ...] = ()  # per-channel std; () = ImageNet for real data, 0.5 for built-ins
+    frame_stride: int = 2  # distance between the frames sampled from a real video (2 = every other frame)
+    label: str = "digit"  # moving-digits: what a clip is labelled by, its "digit" or its motion "direction"
+    num_clips: int = 2000  # moving-digits: clips generated, train + val
+    digits_per_clip: int = 1  # moving-digits: 1, or 2 (the second a dim distractor)
+    train_size: int = 100_000  # cluttered-digits: training samples generated (one epoch)
+
+    # cluttered-digits: validation samples generated; 10,000 keeps the top-1 standard error at or
+    # under 0.5 points
+    val_size: int = 10_000
+    test_size: int = 10_000  # cluttered-digits: test samples generated, of held-out digits (0 = none)
+    canvas: int = 32  # cluttered-digits: the side in pixels a scene is drawn at, then resized to image_size
+
+    # random resized crop: the smallest crop as a share of the frame's area; 0 = by data: 0.8 for
+    # built-ins (small digits are cropped gently), real_scale_min for real data (the recipes set 0)
+    scale_min: float = 0.35
+
+    # real data's smallest crop share when scale_min is 0: 0.08, as DeiT and MAE fine-tuning (the
+    # pretrain recipe sets 0.2, as MAE pre-training)
+    real_scale_min: float = 0.08
+
+    # random horizontal flips; auto = on for real data, off for built-ins (digits and motion
+    # directions must not be mirrored)
+    hflip: bool | str = "auto"
+
+    # how crops are resized: bilinear or bicubic; auto = bicubic for real data (as MAE and DeiT),
+    # bilinear for built-ins
+    interpolation: str = "auto"
+    randaugment: str = ""  # a timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (DeiT's); "" = off
+
+    # brightness / contrast / saturation jitter strength (0 = off; DeiT: 0.4); unused with
+    # randaugment, as in timm
+    color_jitter: float = 0.0
+
+    # random erasing probability (0 = off; DeiT: 0.25): one box of an image replaced by N(0, 1)
+    # noise, pixel by pixel
+    erase_prob: float = 0.0
+
+    # repeated augmentation: each image this many times an epoch, augmented each time (1 = off;
+    # DeiT: 3)
+    repeated_aug: int = 1
+
+    # evaluation center crop as a share of the shorter side (real data): 0.875, the usual 224 of
+    # 256 of ImageNet evaluation
+    eval_crop: float = 0.875
+
+    # test report: CLIPSxCROPS views averaged per item (1x1 = one center view; VideoMAE reports 5x3
+    # on Kinetics, 2x3 on Something-Something V2)
+    test_views: str = "1x1"
+    mean: tuple[float, ...] = ()  # per-channel mean to normalise by; empty = ImageNet's (real data), 0.5
+    std: tuple[float, ...] = ()  # per-channel std to normalise by; empty = ImageNet's (real data), 0.5
     workers: int = 0  # DataLoader worker processes (0 = load in the main process)
-    decode_threads: int = 0  # video decoder threads per loading process (PyAV frame threading); 0 = the
-    # CPUs shared among the node's ranks and data.workers (at most 8), 1 = one thread
-    strict: bool = False  # raise on an unreadable file instead of skipping it
-    seed: int = 0  # dataset seed: train/val split and moving-digits generation
+
+    # video decoder threads per loading process (PyAV frame threading); 0 = the node's CPUs shared
+    # among its ranks and data.workers (at most 8); 1 = one thread
+    decode_threads: int = 0
+    strict: bool = False  # stop at an unreadable file instead of skipping it
+    seed: int = 0  # dataset seed: the seeded train / val / test split and moving-digits generation
 
     def __post_init__(self) -> None:
         real = self.name in REAL
