@@ -30,6 +30,8 @@ ratio at least 1.3x and vitscale's MFU at least 45% on an H100.
     python benchmarks/bench_vit.py --models S/16:8 --compile off,on --dtype fp32 --threads 1
     python benchmarks/bench_vit.py --device cuda --dtype bf16 --json out/bench_vit.json
                                                    # GPU: B/16 (b128) and S/16 (b256), compile off and on
+    python benchmarks/bench_vit.py --device cuda --models B/16:128 --dtype bf16 --modes train
+                                                   # the B/16 b128 bf16 train lines alone (make gpu-check)
 
 Runtime: about 4 minutes on an idle 2-core CPU with the defaults (steps run up to 3x longer
 when other jobs share the cores; --compile off,on adds the compilation and as many timed
@@ -183,7 +185,7 @@ def run_setting(s: Setting, device: torch.device, args: argparse.Namespace) -> l
                 torch.compile(peer, backend=args.compile_backend)) if on else (ours, peer)
         for dtype in args.dtype:
             peak = mfu.peak_tflops(device, dtype, args.peak_tflops)
-            for mode in MODES:
+            for mode in args.modes:
                 r_ours, r_peer = time_cell(*pair, x, mode, dtype, s, on)
                 m_ours, m_peer = best(r_ours), best(r_peer)
                 a, b = side(m_ours, macs[mode], peak), side(m_peer, macs[mode], peak)
@@ -279,6 +281,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, help="timed steps per round (default: per config)")
     p.add_argument("--dtype", type=listed(tuple(DTYPES)), default=("fp32", "bf16"),
                    help="comma-separated dtypes to time (default: fp32,bf16)")
+    p.add_argument("--modes", type=listed(MODES), default=MODES,
+                   help="comma-separated modes to time: infer, train or infer,train (default both)")
     p.add_argument("--compile", type=listed(COMPILE),
                    help="off, on or off,on: time eager and/or torch.compile'd models (default: off,on "
                         "on a GPU, off on a CPU, where inductor's C++ compilation takes minutes)")
