@@ -2,7 +2,9 @@
 overrides what it names, flags override both; a file for another task, or one that says where
 the run goes (`out`), is refused in one line. The same for a study file."""
 
+import shlex
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
@@ -158,3 +160,20 @@ def test_layers_are_checked_once_at_the_end():
         config.layered("finetune")
     assert config.layered("finetune", changes=["init=random"]) == recipe("finetune", init="random")
     assert isinstance(config.layered("train"), RunConfig)
+
+
+# ----------------------------------------------------------------------------- shipped configs
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_runs_with_the_commands_its_header_gives(path, tmp_path, trained, monkeypatch):
+    """The configs/ files name no out and their task matches the command their header gives."""
+    monkeypatch.chdir(tmp_path)
+    commands = [shlex.split(line.lstrip("# ")) for line in path.read_text().splitlines()
+                if line.startswith("#   vitscale ") and f"configs/{path.name}" in line]
+    assert commands and "out" not in yaml.safe_load(path.read_text())
+    for argv in commands:
+        argv = [str(path) if a == f"configs/{path.name}" else a for a in argv[1:]]
+        assert main(argv) == 0, argv
+    assert [cfg.out for cfg in trained] == [argv[argv.index("--out") + 1] for argv in commands]

@@ -26,9 +26,9 @@ MAX_CANVAS = 256  # cluttered-digits draws 1,024 canvases at once: 256 MB of noi
 
 @dataclass(frozen=True)
 class DataConfig:
-    # one of NAMES: built-in data, nothing to download (digits: scikit-learn's 8x8 handwritten
-    # digits; moving-digits, cluttered-digits: made from them), or real data at data.path
-    # (image-folder, video-folder, video-csv, webdataset)
+    # built-in data, nothing to download (digits: scikit-learn's 8x8 handwritten digits;
+    # moving-digits, cluttered-digits: made from them), or real data at data.path: image-folder,
+    # video-folder, video-csv or webdataset
     name: str = "digits"
 
     # real data: a folder of class subfolders; a video list (`path,label` lines, or VideoMAE V2's
