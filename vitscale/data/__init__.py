@@ -62,7 +62,9 @@ class DataInfo:
 
 
 def transforms_for(cfg: DataConfig) -> tuple[ClipTransform, ClipTransform]:
-    """(train, eval) transforms; built-ins are rendered at full size, so eval takes all of it."""
+    """(train, eval) transforms; built-ins are rendered at full size, so eval takes all of it. At
+    data.image_size, decided as build_datasets does (DataConfig.sized)."""
+    cfg = cfg.sized()
     mean, std = cfg.norm
     eval_crop = 1.0 if cfg.is_builtin else cfg.eval_crop
     policy = RandAugment.parse(cfg.randaugment) if cfg.randaugment else None
