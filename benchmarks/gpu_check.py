@@ -5,8 +5,12 @@
 2. train: `vitscale train` of S/16 at 224 px for 200 steps, bf16, torch.compile'd, on generated data
    (cluttered-digits, 8 epochs of 25 steps): samples/s, MFU and data-wait of the epochs after the first
    (which compiles), and whether the loss fell;
-3. bench: bench_vit's B/16 b128 bf16 lines (vitscale against transformers of the same shape, eager and
-   compiled): the ratio of samples/s (above 1: vitscale faster) and both sides' MFU.
+3. bench: bench_vit's B/16 b128 bf16 train lines (vitscale against transformers of the same shape), one
+   run eager and one compiled: the ratio of samples/s (above 1: vitscale faster) and both sides' MFU.
+
+Each stage runs in a process of its own under a time limit (--timeout-*: 240 s, 150 s, 150 s a bench
+run), so a hang or a slow compile costs its own stage only. Sized for 8 minutes on one H100 (compiling
+S/16 and B/16 takes most of it); not yet timed on one.
 
 Then a table, and JSON in OUT/gpu-check.json (default OUT: runs/gpu-check/TIME, which git ignores).
 Exit 0 when every stage passed. Without a CUDA device (and --device auto) it says so in one line and
@@ -16,7 +20,7 @@ fails, the stages run the checkout through PYTHONPATH.
 
     python benchmarks/gpu_check.py --install          # make gpu-check
     python benchmarks/gpu_check.py --device cpu --no-tests --preset pico/4 --image-size 32 --batch 8 \\
-        --steps 2 --bench-models pico/4:8 --bench-rounds 1    # a dry run of the stages on a CPU
+        --steps 2 --no-compile --bench-models pico/4:8 --bench-rounds 1    # a dry run on a CPU
 """
 
 from __future__ import annotations
@@ -142,30 +146,38 @@ def training_figures(metrics: Path) -> dict:
             "first_loss": losses[0], "last_loss": losses[-1], "epochs": len(epochs)}
 
 
-def bench(args: argparse.Namespace, out: Path) -> Stage:
-    """bench_vit.py's lines for --bench-models in bf16: its training cells' ratio and MFU."""
-    result = out / "bench_vit.json"
+def bench(args: argparse.Namespace, out: Path) -> list[Stage]:
+    """bench_vit.py's train lines for --bench-models in the dtype, one run for eager models and one for
+    compiled ones (each its own time limit: the compiled run, mostly compiling, may run out alone)."""
+    return [bench_run(args, out, compiled) for compiled in args.bench_compile]
+
+
+def bench_run(args: argparse.Namespace, out: Path, compiled: str) -> Stage:
+    """One bench_vit run (--compile off or on): its training cells' ratio and MFU."""
+    name = "bench " + {"off": "eager", "on": "compiled"}[compiled]
+    result, log = out / f"bench_vit-{compiled}.json", out / f"bench-{compiled}.log"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_vit.py"), "--device", args.device,
-           "--models", args.bench_models, "--dtype", args.dtype, "--modes", "train", "--json", str(result)]
+           "--models", args.bench_models, "--dtype", args.dtype, "--modes", "train", "--compile", compiled,
+           "--json", str(result)]
     cmd += ["--rounds", str(args.bench_rounds), "--iters", "1", "--warmup", "1"] if args.bench_rounds else []
-    code, seconds = run(cmd, out / "bench.log", args.timeout_bench)
+    code, seconds = run(cmd, log, args.timeout_bench)
     if code != 0 or not result.is_file():
-        return failed("bench", code or 1, seconds, out / "bench.log")
-    cells = [c for c in json.loads(result.read_text())["cells"] if c["mode"] == "train"]
+        return failed(name, code or 1, seconds, log)
+    cells = json.loads(result.read_text())["cells"]
     parts = []
     for c in cells:
         mfu = c["vitscale"]["mfu"]
-        parts.append(f"{c['config']} b{c['batch']} {c['dtype']} train compile {c['compile']}: ratio "
-                     f"{c['ratio']:.2f}x" + (f", MFU {mfu:.1%} (hf {c['hf']['mfu']:.1%})" if mfu is not None
-                                              else ""))
-    return Stage("bench", bool(cells), seconds, "; ".join(parts) or "no train cells",
-                 {"cells": cells, "json": str(result)})
+        parts.append(f"{c['config']} b{c['batch']} {c['dtype']} train: ratio {c['ratio']:.2f}x"
+                     + (f", MFU {mfu:.1%} (hf {c['hf']['mfu']:.1%})" if mfu is not None else "")
+                     + (f", compiling {c['vitscale']['compile_s']:.0f} s" if compiled == "on" else ""))
+    figures = {"cells": cells, "json": str(result)}
+    return Stage(name, bool(cells), seconds, "; ".join(parts) or "no cells", figures)
 
 
 def table(stages: list[Stage]) -> str:
     """The stages as fixed-width text: name, result, seconds, summary."""
-    lines = [f"{'stage':<7} {'result':<6} {'seconds':>8}  figures"]
-    lines += [f"{s.name:<7} {'ok' if s.ok else 'FAILED':<6} {s.seconds:>8.1f}  {s.summary}" for s in stages]
+    lines = [f"{'stage':<14} {'result':<6} {'seconds':>8}  figures"]
+    lines += [f"{s.name:<14} {'ok' if s.ok else 'FAILED':<6} {s.seconds:>8.1f}  {s.summary}" for s in stages]
     return "\n".join(lines)
 
 
@@ -212,11 +224,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.compile the trained model (default on)")
     p.add_argument("--workers", type=int, help="data loader workers (default: 8 on a GPU, 0 on a CPU)")
     p.add_argument("--bench-models", default="B/16:128", help="bench_vit --models (PRESET:BATCH,...)")
+    p.add_argument("--bench-compile", type=lambda t: [c for c in t.split(",") if c in ("off", "on")],
+                   help="bench_vit runs: off, on or off,on (default off,on on a GPU, off on a CPU)")
     p.add_argument("--bench-rounds", type=int, default=0, help="bench_vit rounds of one step each "
                    "(0 = bench_vit's own timing)")
-    for stage, seconds in (("tests", 240), ("train", 180), ("bench", 180)):
+    for stage, seconds in (("tests", 240), ("train", 150), ("bench", 150)):
         p.add_argument(f"--timeout-{stage}", type=float, default=seconds, help=f"seconds the {stage} "
-                       f"stage may take (default {seconds})")
+                       f"stage (each bench run) may take (default {seconds})")
     return p.parse_args(argv)
 
 
@@ -231,17 +245,19 @@ def main(argv: list[str] | None = None) -> int:
               + ("" if torch else f" (no torch in {sys.executable}: GPU_PYTHON=... make gpu-check)"))
         return 0
     args.device = "cuda" if args.device == "auto" else args.device
-    args.workers = args.workers if args.workers is not None else (8 if args.device == "cuda" else 0)
+    gpu = args.device.startswith("cuda")
+    args.workers = args.workers if args.workers is not None else (8 if gpu else 0)
+    args.bench_compile = args.bench_compile or (["off", "on"] if gpu else ["off"])
     out = args.out or ROOT / "runs" / "gpu-check" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=False)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    name = torch.cuda.get_device_name(args.device) if gpu else args.device
     env = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
            "python": sys.version.split()[0]}
     print(f"gpu-check on {name}: torch {env['torch']} (CUDA {env['cuda']}); logs in {out}", flush=True)
     stages = [install()] if args.install else []
-    for stage, wanted in ((tests, args.run_tests), (train, True), (bench, True)):
-        if wanted:
-            done = stage(args, out)
+    for stage in [tests, train, bench] if args.run_tests else [train, bench]:
+        result = stage(args, out)
+        for done in result if isinstance(result, list) else [result]:
             stages.append(done)
             print(f"{done.name}: {'ok' if done.ok else 'FAILED'}: {done.summary}", flush=True)
     print(table(stages))
