@@ -164,3 +164,15 @@ def test_the_default_plan_shows_the_demos_base_and_data():
     text = "\n".join(study_plan.lines(plan))
     assert "base: pico/4 at 16 px, patch 4, 16 tokens, width 64, depth 4, heads 4" in text
     assert "data: cluttered-digits, 36,384 items: 16,384 train, 10,000 val, 10,000 test; 10 classes" in text
+
+
+def test_a_demo_study_made_before_continues_under_the_same_command(tmp_path):
+    out = tmp_path / "study"
+    (out / "trials" / "base").mkdir(parents=True)
+    (out / "trials" / "base" / "trial.json").write_text("{}")  # a study with work in it
+    (out / "study.yaml").write_text(study.dump_study(study.StudyConfig(overrides=DEMO_BEFORE)))
+    study._prepare(study.StudyConfig(out=str(out)))  # `make demo` again: the same trials, so it goes on
+    assert study.load_study(out / "study.yaml").overrides == ()
+    (out / "study.yaml").write_text(study.dump_study(study.StudyConfig(overrides=DEMO_BEFORE)))
+    with pytest.raises(UserError, match="another config"):  # what changes a trial is still refused
+        study._prepare(study.StudyConfig(overrides=("train.batch=16",), out=str(out)))

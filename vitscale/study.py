@@ -658,9 +658,11 @@ def _prepare(study: StudyConfig) -> Path:
                          "choose another --out") from None
     saved = out / "study.yaml"
 
-    def identity(s: StudyConfig) -> StudyConfig:  # what the results depend on
-        return replace(s, workers=0, seeds=1, leaders=0, out="", holdout=0, target="", ahead=(),
-                       launcher="local", launcher_args=())
+    def identity(s: StudyConfig) -> tuple[StudyConfig, RunConfig]:  # what the results depend on
+        # the overrides as the run config they make: a study.yaml written before the demo's settings
+        # had their own place (DEMO) holds them among its overrides, and its trials are the same
+        return (replace(s, workers=0, seeds=1, leaders=0, out="", holdout=0, target="", ahead=(),
+                        launcher="local", launcher_args=(), overrides=()), base_run(s))
 
     if saved.is_file() and identity(load_study(saved)) != identity(study) and any(
             (out / "trials").glob("*/trial.json")):
