@@ -68,9 +68,12 @@ def test_a_home_directory_is_refused_even_empty(tmp_path, capsys, monkeypatch, n
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
     refused(capsys, ["train", "--out", str(home), *FAST], "home directory")
     refused(capsys, ["train", "--out", str(home / "sub" / ".."), *FAST], "home directory")
-    assert listing(home) == []
+    refused(capsys, ["train", "--out=~", *FAST], "home directory")  # as `--out=~` reaches it
+    assert listing(home) == [] and listing(tmp_path) == ["home"]
 
 
 @pytest.mark.parametrize("what", ["run", "study", "soup"])

@@ -36,6 +36,14 @@ def _home() -> Path | None:
         return None
 
 
+def _expanded(path: str | Path) -> Path:
+    """`path` with a leading ~ expanded, resolved (as it is where no such user is known)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except RuntimeError:
+        return Path(path).resolve()
+
+
 def _is_empty(folder: Path) -> bool:
     return all(entry.name in TRANSIENT for entry in folder.iterdir())
 
@@ -48,9 +56,9 @@ def check_out(out: str | Path, what: str = "run", marker: str | None = RUN) -> P
     if where == Path(where.anchor):
         raise UserError(f"--out {str(out)!r} is the filesystem root; give the {what} a folder of its own, "
                          f"e.g. --out runs/NAME")
-    if where == _home():
+    if _home() in (where, _expanded(out)):  # also a "~" the shell left as it was (--out=~)
         raise UserError(f"--out {str(out)!r} is your home directory; give the {what} a folder of its own, "
-                         f"e.g. --out ~/runs/NAME")
+                         f"e.g. --out runs/NAME")
     if not path.exists():
         return path
     if not path.is_dir():
@@ -76,7 +84,7 @@ def check_outside(out: str | Path, data) -> None:
     (data.path, val_path, test_path of the SCANNED kinds; a video list or shards are files)."""
     if data.name not in SCANNED:
         return
-    where = Path(out).expanduser().resolve()
+    where = Path(out).resolve()  # where the run writes (a run directory's path is taken as given)
     for field in ("path", "val_path", "test_path"):
         folder = getattr(data, field)
         if not folder or not Path(folder).expanduser().is_dir():
