@@ -474,7 +474,7 @@ def build_parser(fields_for: str = "") -> argparse.ArgumentParser:
         p.add_argument("--config", help="a run config YAML: its keys over the recipe's (runs/x/config.yaml "
                        "reproduces run x, and resumes it in place)")
         p.add_argument("--model", help="model preset, e.g. pico/4, mu/4, pico/4-f8")
-        p.add_argument("--out", help="run directory (an existing one resumes)")
+        p.add_argument("--out", help="run directory: a new or empty folder, or this run's (it resumes)")
         if name == "finetune":
             p.add_argument("--init", help="weights: a run directory, a transformers model directory, a "
                            "timm / MAE / VideoMAE .safetensors or .pth file, or 'random' (a baseline); "
@@ -584,7 +584,8 @@ def build_parser(fields_for: str = "") -> argparse.ArgumentParser:
                        "on the validation split, reported on the test split; the soup saved is a run.")
     p.add_argument("runs", nargs="+",
                    help="run directories (their best/ checkpoints; EMA weights where kept)")
-    p.add_argument("--out", required=True, help="output run directory (soup.json, config.yaml, best/)")
+    p.add_argument("--out", required=True, help="output run directory, new or empty (soup.json, config.yaml, "
+                   "best/)")
     p.add_argument("--greedy", action="store_true",
                    help="also cook the greedy soup (add ingredients best first while val does not fall) "
                    "and save it instead of the uniform one")

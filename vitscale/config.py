@@ -213,7 +213,10 @@ class RunConfig:
     # vitscale .safetensors or .pth file (see vitscale.weights), or "random" (a from-scratch baseline)
     init: str = ""
     init_allow: str = ""  # comma-separated key patterns (fnmatch) the init weights may lack or not use
-    out: str = "runs/run"  # the run directory (--out; never a config file's): an existing run resumes there
+
+    # the run directory (--out; never a config file's): a new or empty folder, or this run's, which
+    # resumes; never the filesystem root, a home directory, a folder of other files or the data
+    out: str = "runs/run"
 
     def __post_init__(self) -> None:
         from vitscale import tasks  # (tasks import the models this module configures)

@@ -137,7 +137,10 @@ class StudyConfig:
     # (timeout_min=240 slurm_partition=gpu gpus_per_node=1 cpus_per_task=8), ray's num_cpus,
     # num_gpus, max_retries, address; both take retries (resubmissions of a failed job)
     launcher_args: tuple[str, ...] = ()
-    out: str = "runs/study"  # the study directory (--out; never a config file's): an existing one continues
+
+    # the study directory (--out; never a config file's): a new or empty folder, or this study's,
+    # which continues; never the filesystem root, a home directory or a folder of other files
+    out: str = "runs/study"
 
     def __post_init__(self) -> None:
         checks = [
