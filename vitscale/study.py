@@ -118,11 +118,13 @@ class StudyConfig:
     # trials trained at once; 0 = auto: 1 on a GPU, else one single-thread worker per CPU core, up to
     # 4 (more workers share the same cores)
     workers: int = 0
-    overrides: tuple[str, ...] = ()  # run-config overrides for every trial (--section.key=value, e.g.
-    # data.name=image-folder data.path=DIR). With no data named, a study runs the demo: generated
-    # cluttered digits with the demo's settings (DEMO: 16 px, their size, batch, and heads of 16 for
-    # pico/4). On your own data every trial starts from the base preset's shape and resolution, and
-    # an epoch is your data's (`vitscale study --plan` shows both)
+
+    # run-config overrides for every trial (--section.key=value, e.g. data.name=image-folder
+    # data.path=DIR). With no data named, a study runs the demo: generated cluttered digits at 16 px,
+    # 16,384 training samples an epoch, batch 32, and (on its pico/4 base) heads of 16 channels. On
+    # your own data every trial starts from the base preset's shape and resolution, and an epoch is
+    # your data's; `vitscale study --plan` shows both
+    overrides: tuple[str, ...] = ()
 
     # training recipes studied as families of their own, "NAME:KEY=VALUE[ KEY=VALUE...]" (e.g.
     # "mr:train.resolutions=12,16,20"): each runs every strategy's trials again under its overrides

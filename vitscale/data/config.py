@@ -47,8 +47,8 @@ class DataConfig:
     # labels found
     num_classes: int = 0
     image_size: int = 0  # output height = width in pixels; 0 = the model's (its preset's resolution, e.g.
-    # 224 for Ti/16) on real data, BUILTIN_SIZE on built-ins (drawn for small models); another size is
-    # allowed, and the model then takes the data's (the run's log says so)
+    # 224 for Ti/16) on real data, 32 on the built-ins (their own size); another size is allowed, and
+    # the model then takes the data's (the run's log says so)
     frames: int = 0  # frames per clip; 1 = images ([C, H, W]), >1 = clips ([C, T, H, W]); 0 = the model's
     # on video data (its preset's, e.g. 16 for S/16-f16), 1 on image data
     frame_stride: int = 2  # distance between the frames sampled from a real video (2 = every other frame)
