@@ -177,3 +177,17 @@ def test_every_shipped_config_runs_with_the_commands_its_header_gives(path, tmp_
         argv = [str(path) if a == f"configs/{path.name}" else a for a in argv[1:]]
         assert main(argv) == 0, argv
     assert [cfg.out for cfg in trained] == [argv[argv.index("--out") + 1] for argv in commands]
+
+
+def test_config_study_takes_the_study_flags_over_the_file(tmp_path, capsys):
+    path = write(tmp_path / "s.yaml", {"seeds": 1, "leaders": 1})
+    assert main(["config", "study", "--config", path, "--leaders", "3", "--ahead", "4,40",
+                 "--train.base_lr=1e-3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert (shown["seeds"], shown["leaders"], shown["ahead"]) == (1, 3, [4.0, 40.0])
+    assert shown["overrides"][-1] == "train.base_lr=1e-3" and "out" not in shown
+
+
+def test_train_and_pretrain_take_init_too(tmp_path, trained):
+    assert main(["pretrain", "--init", "random", "--init-allow", "head.*", "--out", str(tmp_path / "p")]) == 0
+    assert (trained[0].task, trained[0].init, trained[0].init_allow) == ("mae", "random", "head.*")
