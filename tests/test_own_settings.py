@@ -12,7 +12,7 @@ from PIL import Image
 
 from vitscale import config, engine, study, study_plan
 from vitscale.cli import main
-from vitscale.data import build_datasets
+from vitscale.data import DataInfo, build_datasets
 from vitscale.errors import UserError
 
 CLASSES = ("ant", "bee", "cat")
@@ -85,6 +85,9 @@ def test_builtins_keep_their_own_size():
 def test_frames_follow_a_video_model_on_video_data(folder):
     clips = engine.settle(run_config("S/16-f16", "data.name=video-folder", f"data.path={folder}"))
     assert (clips.data.image_size, clips.data.frames) == (224, 16)
+    info = DataInfo("video-folder", 5, tuple("abcde"), 3, 16, 224, (0.5,) * 3, (0.5,) * 3)
+    assert " at 224 px, 16 frames, 1568 tokens a sample (tubelet 2); 5 classes; data video-folder: 40 train" \
+        in engine.trains_at(engine.resolve(clips, info), info, (40, 10, 0))
     moving = engine.settle(run_config("pico/4-f8", "data.name=moving-digits"))
     assert (moving.data.image_size, moving.data.frames) == (32, 8)
     assert engine.settle(run_config("pico/4", "data.name=moving-digits")).data.frames == 1
