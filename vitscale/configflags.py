@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import typing
-from dataclasses import fields, is_dataclass
+from dataclasses import fields
 
 from vitscale.confighelp import field_help, scalar
 
@@ -35,7 +35,8 @@ def metavar(tp) -> str:
 def _help(text: str, default) -> str:
     """A field's help with its default as a flag takes it (a list comma-separated), escaped for
     argparse's %-formatting."""
-    shown = ",".join(scalar(v) for v in default) or "''" if isinstance(default, tuple) else scalar(default)
+    listed = ",".join(scalar(v) for v in default) if isinstance(default, tuple) else ""
+    shown = listed or ("''" if default == () else scalar(default))
     return f"{text} (default {shown})".replace("%", "%%")
 
 
@@ -79,10 +80,10 @@ def add_study_fields(parser: argparse.ArgumentParser, cls, leave_out: tuple[str,
     group = parser.add_argument_group("study fields (a --config file's keys; a flag sets its field over "
                                       "the file's)")
     for f in fields(cls):
-        if f.name in leave_out or is_dataclass(hints[f.name]):
+        if f.name in leave_out:
             continue
         flag = STUDY_FLAGS.get(f.name, f.name.replace("_", "-"))
         more = "; repeat the flag for more" if f.name in REPEATED else ""
         group.add_argument(f"--{flag}", dest=f.name, action=_Field,
-                            metavar="TEXT" if f.name in REPEATED else metavar(hints[f.name]),
-                            help=_help(helps[f.name] + more, getattr(default, f.name)))
+                           metavar="TEXT" if f.name in REPEATED else metavar(hints[f.name]),
+                           help=_help(helps[f.name] + more, getattr(default, f.name)))
