@@ -191,3 +191,10 @@ def test_config_study_takes_the_study_flags_over_the_file(tmp_path, capsys):
 def test_train_and_pretrain_take_init_too(tmp_path, trained):
     assert main(["pretrain", "--init", "random", "--init-allow", "head.*", "--out", str(tmp_path / "p")]) == 0
     assert (trained[0].task, trained[0].init, trained[0].init_allow) == ("mae", "random", "head.*")
+
+
+@pytest.mark.parametrize("task", ["foo", 5, "x" * 500])
+def test_a_file_naming_a_task_no_command_runs_is_one_line(tmp_path, trained, capsys, task):
+    path = write(tmp_path / "my.yaml", {"task": task})
+    err = one_line_error(capsys, ["train", "--config", path], "which no command runs", "leave task out")
+    assert len(err) < 400 and trained == []

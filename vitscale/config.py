@@ -276,8 +276,9 @@ def recipe_values(command: str) -> dict:
 
 
 def command_for(task: str) -> str:
-    """The command that runs `task` ("mae" -> "pretrain", "linprobe" -> "finetune --linear-probe")."""
-    name = next(c for c, items in RECIPES.items() if f"task={task}" in items)
+    """The command that runs `task` ("mae" -> "pretrain", "linprobe" -> "finetune --linear-probe"),
+    or "" for a task no command runs."""
+    name = next((c for c, items in RECIPES.items() if f"task={task}" in items), "")
     return "finetune --linear-probe" if name == "linprobe" else name
 
 
@@ -291,6 +292,9 @@ def layered(command: str, path: str | Path | None = None, model: str = "",
     if path:
         given = read_config(path)
         task = given.get("task", values["task"])
+        if task != values["task"] and not command_for(task):
+            raise UserError(f"config file {str(path)!r} names task {_show(task)}, which no command runs; "
+                            f"leave task out (`vitscale {command}` sets {values['task']})")
         if task != values["task"]:
             raise UserError(f"config file {str(path)!r} is for task {task}, not {values['task']}: run it "
                             f"with `vitscale {command_for(task)} --config {path}`")
