@@ -148,14 +148,18 @@ def test_a_signal_stops_an_evaluation_at_the_next_batch(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def small_run(tmp_path, *overrides: str) -> RunConfig:
+    """A run of batches of 16 on generated data, a few steps an epoch."""
+    small = ["data.name=cluttered-digits", "train.batch=16", "train.max_steps=0", "train.threads=1",
+             "data.image_size=16", "model.patch_size=4", "model.depth=1", "train.warmup_epochs=0"]
+    return apply_overrides(RunConfig(out=str(tmp_path / "run")), [*small, *overrides])
+
+
 def test_a_run_signalled_during_evaluation_keeps_its_last_checkpoint(tmp_path, monkeypatch):
     """SIGTERM while epoch 2 is evaluated: Interrupted, the checkpoint of epoch 1 kept (the epoch
     is trained again on resume), and the run resumes to its end."""
-    cfg = apply_overrides(RunConfig(out=str(tmp_path / "run")),
-                          ["data.name=cluttered-digits", "data.train_size=64", "data.val_size=256",
-                           "train.batch=16", "train.epochs=3", "train.max_steps=0", "train.threads=1",
-                           "data.image_size=16", "model.patch_size=4", "model.depth=1",
-                           "train.warmup_epochs=0"])  # 4 steps an epoch; val: 16 batches
+    cfg = small_run(tmp_path, "data.train_size=64", "data.val_size=256", "train.epochs=3")
+    # 4 steps an epoch; val: 16 batches
     real = evaluate.indexed_outputs
     calls = []
 
@@ -175,3 +179,21 @@ def test_a_run_signalled_during_evaluation_keeps_its_last_checkpoint(tmp_path, m
     assert str(checkpoint.latest(tmp_path / "run")) in str(e.value)
     final = engine.train(cfg, log=lambda *a: None)
     assert checkpoint.step_of(checkpoint.latest(tmp_path / "run")) == 12 and "val_top1" in final
+
+
+def test_a_run_signalled_in_its_first_evaluation_says_it_starts_over(tmp_path, monkeypatch):
+    cfg = small_run(tmp_path, "data.train_size=32", "data.val_size=64", "train.epochs=1")
+    real = evaluate.indexed_outputs
+
+    def outputs(fn, *args, **kwargs):
+        def signalled(x):
+            os.kill(os.getpid(), signal.SIGINT)
+            return fn(x)
+        return real(signalled, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "indexed_outputs", outputs)
+        with pytest.raises(Interrupted, match="SIGINT during evaluation at step 2 of 2, no checkpoint yet"):
+            engine.train(cfg, log=lambda *a: None)
+    assert checkpoint.latest(tmp_path / "run") is None
+    assert "val_top1" in engine.train(cfg, log=lambda *a: None)

@@ -592,9 +592,10 @@ class Job:
 
     def interrupted(self, what: str) -> Interrupted:
         """What stops the run at its latest checkpoint (`what`: the signal, and where it came)."""
-        return Interrupted(f"{what} at step {self.step} of {self.total}, checkpoint "
-                           f"{checkpoint.latest(self.run_dir)}; to resume, run the same command "
-                           f"again (or vitscale train --config {self.run_dir / 'config.yaml'})")
+        latest = checkpoint.latest(self.run_dir)
+        kept = f"checkpoint {latest}" if latest else "no checkpoint yet (it starts over)"
+        return Interrupted(f"{what} at step {self.step} of {self.total}, {kept}; to resume, run the same "
+                           f"command again (or vitscale train --config {self.run_dir / 'config.yaml'})")
 
     @contextlib.contextmanager
     def evaluating(self):
