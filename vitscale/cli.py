@@ -472,9 +472,9 @@ def build_parser(fields_for: str = "") -> argparse.ArgumentParser:
                            f"`vitscale config {name}` prints the resolved config."
                            + (" --linear-probe has defaults of its own (`vitscale config linprobe`)."
                               if name == "finetune" else ""))
-        p.add_argument("--config", help="a run config YAML: its keys over the recipe's (runs/x/config.yaml "
-                       "reproduces run x, and resumes it in place)")
-        p.add_argument("--model", help="model preset, e.g. pico/4, mu/4, pico/4-f8")
+        p.add_argument("--config", metavar="FILE", help="a run config YAML: the keys it names over the "
+                       "recipe's (a run's own config.yaml resumes that run; with --out DIR, repeats it)")
+        p.add_argument("--model", metavar="PRESET", help="model preset, e.g. pico/4, mu/4, pico/4-f8")
         p.add_argument("--out", help="run directory: a new or empty folder, or this run's (it resumes)")
         if name == "finetune":
             p.add_argument("--init", help="weights: a run directory, a transformers model directory, a "
