@@ -96,7 +96,7 @@ class StudyConfig:
     param: str = "mup"
 
     # base_lr values swept on the base model, the best used by every trial (doubling steps span a
-    # wide range in few runs); empty (--lrs '') = no sweep, the recipe's base_lr
+    # wide range in few runs); empty (--lrs '') = no sweep: every trial at its train.base_lr
     lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3, 1.6e-2)
     sweep_length: float = 0.5  # a sweep run's length as a share of the base trial's: LRs ranked at half cost
 
