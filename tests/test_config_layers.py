@@ -198,3 +198,14 @@ def test_a_file_naming_a_task_no_command_runs_is_one_line(tmp_path, trained, cap
     path = write(tmp_path / "my.yaml", {"task": task})
     err = one_line_error(capsys, ["train", "--config", path], "which no command runs", "leave task out")
     assert len(err) < 400 and trained == []
+
+
+def test_config_shows_a_placeholder_for_weights_neither_the_file_nor_a_flag_gives(tmp_path, capsys):
+    path = write(tmp_path / "my.yaml", {"data": {"train_size": 500}})
+    assert main(["config", "finetune", "--config", path]) == 0
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["init"] == "RUN_DIR_OR_WEIGHTS" and "needs --init" in err
+    named = write(tmp_path / "named.yaml", {"init": "runs/mae", "distill": {"teacher": "runs/t"}})
+    assert main(["config", "distill", "--config", named]) == 0
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["distill"]["teacher"] == "runs/t" and err == ""

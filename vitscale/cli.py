@@ -320,8 +320,12 @@ def cmd_config(args: argparse.Namespace, extra: list[str]) -> None:
         given = {k: v for k, v in (("model", args.model), ("out", args.out)) if v}
         cfg = _study_config(args.config, args.fields | given, extra)
     else:
+        from vitscale import config
+
+        given = config.read_config(args.config) if args.config else {}
+        named = {"init": given.get("init"), "teacher": given.get("distill", {}).get("teacher")}
         missing = {"init": args.of in ("finetune", "linprobe"), "teacher": args.of == "distill"}
-        for key in (k for k, needed in missing.items() if needed and not (args.config or getattr(args, k))):
+        for key in (k for k, needed in missing.items() if needed and not (named[k] or getattr(args, k))):
             setattr(args, key, PLACEHOLDERS[key])
             print(f"vitscale config: {key} shown as {PLACEHOLDERS[key]}; `vitscale {args.of}` needs "
                   f"--{key}", file=sys.stderr)
