@@ -209,3 +209,15 @@ def test_config_shows_a_placeholder_for_weights_neither_the_file_nor_a_flag_give
     assert main(["config", "distill", "--config", named]) == 0
     out, err = capsys.readouterr()
     assert yaml.safe_load(out)["distill"]["teacher"] == "runs/t" and err == ""
+
+
+def test_an_older_study_yaml_naming_out_continues_where_it_lies(tmp_path, monkeypatch):
+    """A study.yaml in its own study directory (one with trials/) ignores an `out` an older
+    vitscale saved; anywhere else the key is refused (above)."""
+    seen = []
+    monkeypatch.setattr(study, "run_study", lambda s, only=None, log=print: seen.append(s))
+    home = tmp_path / "st"
+    (home / "trials").mkdir(parents=True)
+    path = write(home / "study.yaml", {"out": str(tmp_path / "elsewhere"), "seeds": 1})
+    assert main(["study", "--config", path]) == 0
+    assert [(s.out, s.seeds) for s in seen] == [(str(home), 1)]
