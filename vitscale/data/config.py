@@ -206,8 +206,9 @@ class DataConfig:
 
     @property
     def sample_bytes(self) -> int:
-        """Bytes of one float32 sample: 3 x frames x image_size^2 x 4."""
-        return 3 * self.frames * self.image_size**2 * 4
+        """Bytes of one float32 sample: 3 x frames x image_size^2 x 4 (frames 0, the model's, counts
+        as at least one)."""
+        return 3 * max(self.frames, 1) * self.image_size**2 * 4
 
     @property
     def is_builtin(self) -> bool:
