@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -189,6 +190,27 @@ def write(stages: list[Stage], env: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def wanted() -> list[str]:
+    """The distributions the stages use: pyproject's dependencies, pytest and transformers."""
+    text = (ROOT / "pyproject.toml").read_text()
+    block = text[text.index("dependencies = [") :].split("]", 1)[0]
+    return re.findall(r'^\s*"([A-Za-z0-9_.-]+)', block, re.M) + ["pytest", "transformers"]
+
+
+def missing() -> list[str]:
+    """What of `wanted` this python lacks: a failed stage's likely cause on a machine that reaches
+    no registry."""
+    from importlib import metadata
+
+    lacking = []
+    for name in wanted():
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            lacking.append(name)
+    return lacking
+
+
 def install() -> Stage:
     """This checkout into the running python, without dependencies or a build environment."""
     start = time.perf_counter()
@@ -252,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=False)
     name = torch.cuda.get_device_name(args.device) if gpu else args.device
     env = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-           "python": sys.version.split()[0]}
-    print(f"gpu-check on {name}: torch {env['torch']} (CUDA {env['cuda']}); logs in {out}", flush=True)
+           "python": sys.version.split()[0], "missing": missing()}
+    print(f"gpu-check on {name}: torch {env['torch']} (CUDA {env['cuda']}); logs in {out}"
+          + (f"; not installed: {', '.join(env['missing'])}" if env["missing"] else ""), flush=True)
     stages = [install()] if args.install else []
     for stage in [tests, train, bench] if args.run_tests else [train, bench]:
         result = stage(args, out)

@@ -42,6 +42,14 @@ def test_the_training_figures_are_the_steady_epochs_medians(tmp_path):
                    "first_loss": 2.5, "last_loss": 1.0, "epochs": 4}
 
 
+def test_it_names_the_packages_this_python_lacks(monkeypatch):
+    names = gpu_check.wanted()
+    assert {"torch", "numpy", "pillow", "av", "scipy", "pytest", "transformers"} <= set(names)
+    assert all(n.replace("-", "").replace("_", "").isalnum() for n in names)  # names, not comments
+    monkeypatch.setattr(gpu_check, "wanted", lambda: ["torch", "no-such-package-here"])
+    assert gpu_check.missing() == ["no-such-package-here"]
+
+
 TINY = """
 import pytest
 
@@ -74,6 +82,7 @@ def test_a_cpu_dry_run_fills_the_table_and_the_json(tmp_path, capsys):
     report = json.loads((out / "gpu-check.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
     assert list(stages) == ["tests", "train", "bench eager"] and report["device"] == "cpu"
+    assert report["missing"] == []
     assert not report["ok"]
     tests, train, bench = stages["tests"], stages["train"], stages["bench eager"]
     assert not tests["ok"] and tests["figures"] == {"passed": 1, "failed": 1, "skipped": 1,
