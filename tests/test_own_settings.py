@@ -131,8 +131,12 @@ def test_the_default_study_plans_exactly_the_demo():
 
 
 def test_the_demos_settings_stay_with_the_demos_data():
-    other_base = study.base_run(study.StudyConfig(model="mu/4"))  # demo data, another base: its own heads
-    assert (other_base.data.image_size, other_base.model.heads, other_base.train.batch) == (16, 3, 32)
+    # the demo's data, another base: its own heads, and the data's native 32 px (Ti/16 at the demo's
+    # 16 px would see one token)
+    other_base = study.base_run(study.StudyConfig(model="mu/4"))
+    assert (other_base.data.image_size, other_base.model.heads, other_base.train.batch) == (32, 3, 32)
+    tiny = study.base_run(study.StudyConfig(model="Ti/16"))
+    assert (tiny.data.image_size, tiny.model.heads) == (32, 3)
     digits = study.base_run(study.StudyConfig(overrides=("data.name=digits",)))  # another built-in
     assert (digits.data.image_size, digits.data.scale_min, digits.model.heads, digits.train.batch) == (
         32, 0.0, 2, 64)

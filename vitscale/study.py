@@ -47,6 +47,7 @@ from vitscale import (
     dist,
     engine,
     errors,
+    launch,
     lock,
     optim,
     results,
@@ -152,6 +153,8 @@ class StudyConfig:
             (bool(self.strategies) and bool(self.factors),
              "a study needs at least one strategy and one factor"),
             (all(f > 0 for f in self.factors), "factors must be positive, e.g. 1,2,4,8"),
+            (all(1 / 64 <= f <= 1024 for f in self.factors),  # beyond, the plan builds models of gigabytes
+             "factors must be between 1/64 and 1024 (the base's flops times each), e.g. 0.5,1,2,4"),
             (bool(self.fractions) and all(0 < f <= 1 for f in self.fractions),
              "fractions must be in (0, 1], e.g. 0.125,0.25,0.5,1"),
             (all(lr > 0 for lr in self.lrs), "lrs must be positive learning rates, e.g. 1e-3,2e-3,4e-3"),
@@ -171,7 +174,7 @@ class StudyConfig:
         for s in self.strategies:
             parse_strategy(s)
         parse_budget(self.budget)
-        target = parse_budget(self.target) if self.target else None
+        target = parse_budget(self.target, "target") if self.target else None
         if target and (target.kind == "epochs" or target.in_epochs):
             raise UserError(f"target {self.target!r}: give a compute (compute:3e12) or time (time:10m) "
                              "budget")
@@ -179,6 +182,7 @@ class StudyConfig:
             raise UserError("train.multigrid cannot be set for a study's trials yet (its steps take varying "
                             "numbers of samples, which the study does not size); leave it out")
         parse_recipes(self)
+        launch.options(self.launcher, self.launcher_args)  # typed and in range, before anything starts
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -199,7 +203,15 @@ class Budget:
     in_epochs: bool = False  # compute given as base-model epochs
 
 
-def parse_budget(text: str) -> Budget:
+# The largest budget each kind takes: far beyond any study, but finite (1e400 reads as infinity, whose
+# steps would be an OverflowError): a million epochs, 1e30 multiply-adds, a year of training.
+MOST = {"epochs": (1e6, "1e+06 epochs"), "compute": (1e30, "1e+30 multiply-adds"),
+        "time": (365 * 86400.0, "a year (31536000 s)")}
+
+
+def parse_budget(text: str, what: str = "budget") -> Budget:
+    """A budget (or, `what`, a target) from its text: one-line UserErrors for one not understood or
+    out of range."""
     m = re.fullmatch(r"(epochs|compute|time):([0-9.eE+-]+)(ep|s|m|h)?", text.strip())
     try:
         kind, amount, unit = m.group(1), float(m.group(2)), m.group(3) or ""
@@ -208,10 +220,14 @@ def parse_budget(text: str) -> Budget:
     valid = (kind == "epochs" and unit == "") or (kind == "compute" and unit in ("", "ep")) or (
         kind == "time" and unit in ("", "s", "m", "h"))
     if not valid or not amount > 0:
-        raise UserError(f"budget {text!r} not understood; use epochs:20, compute:20ep (base-model epochs), "
+        raise UserError(f"{what} {text!r} not understood; use epochs:20, compute:20ep (base-model epochs), "
                          "compute:3e12 (multiply-adds) or time:90s / time:2m")
     seconds = {"m": 60, "h": 3600}.get(unit, 1)
-    return Budget(kind, amount * seconds if kind == "time" else amount, unit == "ep")
+    budget = Budget(kind, amount * seconds if kind == "time" else amount, unit == "ep")
+    most, words = MOST["epochs" if budget.in_epochs else kind]
+    if not budget.amount <= most:
+        raise UserError(f"{what} {text!r} is out of range: at most {words}; give a finite budget")
+    return budget
 
 
 @dataclass(frozen=True)
@@ -280,25 +296,26 @@ def recipe_names(study: StudyConfig) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------- planning
 # The demo's trial settings (`make demo`), for a study on its default data only: the generated
-# cluttered digits at 16 px, a fixed epoch, and batch 32 (more optimizer steps per sample on a CPU).
-# DEMO_HEADS is for the default base alone: heads of 16 channels at pico/4's width 64, so that w keeps
-# the head size at every factor (48 = 3x16, 80 = 5x16, 96 = 6x16) where the preset's heads of 32
-# force odd splits on the widths between.
+# cluttered digits, a fixed epoch, and batch 32 (more optimizer steps per sample on a CPU).
+# DEMO_SHAPE is for the default base alone: 16 px (16 tokens at pico/4's patch 4), and heads of 16
+# channels at its width 64, so that w keeps the head size at every factor (48 = 3x16, 80 = 5x16,
+# 96 = 6x16) where the preset's heads of 32 force odd splits on the widths between. Another base on
+# the demo's data keeps its own heads and the data's native 32 px (a patch-16 preset at 16 px would
+# see one token).
 DEMO_DATA = "cluttered-digits"
-DEMO = ("data.name=cluttered-digits", "data.image_size=16", "data.scale_min=1", "data.train_size=16384",
-        "train.batch=32")
-DEMO_MODEL, DEMO_HEADS = "pico/4", "model.heads=4"
+DEMO = ("data.name=cluttered-digits", "data.scale_min=1", "data.train_size=16384", "train.batch=32")
+DEMO_MODEL, DEMO_SHAPE = "pico/4", ("data.image_size=16", "model.heads=4")
 
 
 def demo_settings(study: StudyConfig) -> tuple[str, ...]:
     """The demo's settings a study's own overrides come after: DEMO where its data is the default
-    (no data.name given, or cluttered-digits), with DEMO_HEADS where its base is DEMO_MODEL; none on
+    (no data.name given, or cluttered-digits), with DEMO_SHAPE where its base is DEMO_MODEL; none on
     any other data. (A study.yaml from before DEMO was split out holds them among its overrides.)"""
     pairs = [o.lstrip("-").partition("=") for o in study.overrides]
     names = [value for key, _, value in pairs if key == "data.name"]
     if (names[-1] if names else DEMO_DATA) != DEMO_DATA:
         return ()
-    return DEMO + ((DEMO_HEADS,) if study.model == DEMO_MODEL else ())
+    return DEMO + (DEMO_SHAPE if study.model == DEMO_MODEL else ())
 
 
 def base_run(study: StudyConfig) -> RunConfig:
@@ -691,6 +708,7 @@ def run_study(study: StudyConfig, only: str | None = None, log=print):
     One process works on a study directory at a time (on one trial's directory, with `only`:
     one job per trial may share the study), rank 0 holding the lock for all ranks. A signal
     stops it with its runs checkpointed (Interrupted)."""
+    launch.available(study)  # Slurm without sbatch, a launcher's package missing: before anything is written
     base = base_run(study)
     d = dist.setup(base.train.device)
     log = log if d.main else (lambda *a, **k: None)
