@@ -49,7 +49,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.cuda
 def test_bf16_autocast_logits_are_close_to_fp32s(exact_fp32):
     """S/16 at 224 px: bf16 (8 bits of mantissa, ~0.4% a rounding) through 12 blocks stays within a few
-    percent of the fp32 logits and ranks the classes alike."""
+    percent of the fp32 logits and keeps fp32's most probable class among its five."""
     model = ViT(preset("S/16")).to(CUDA).eval()
     x = torch.randn(8, 3, 224, 224, device=CUDA)
     with torch.no_grad():
@@ -58,7 +58,7 @@ def test_bf16_autocast_logits_are_close_to_fp32s(exact_fp32):
             got = model(x)
     assert got.dtype == torch.bfloat16 and want.dtype == torch.float32
     assert relative_error(got, want) < 0.05
-    assert (got.float().argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.75
+    assert (got.float().topk(5).indices == want.argmax(-1, keepdim=True)).any(-1).all()
 
 
 def mha_reference(attn: torch.nn.Module, dim: int, heads: int) -> torch.nn.MultiheadAttention:
