@@ -178,7 +178,8 @@ def test_a_soup_already_made_is_not_replaced(tmp_path, capsys):
     (out / "config.yaml").write_text((tmp_path / "a" / "config.yaml").read_text())
     (out / "soup.json").write_text("{}")
     before = {p: p.read_text() for p in out.iterdir()}
-    refused(capsys, ["soup", a, b, "--out", str(out)], "already holds a soup", "new folder")
+    refused(capsys, ["soup", a, b, "--out", str(out)], "already holds a soup", "new or empty folder",
+            "delete that soup")
     assert {p: p.read_text() for p in out.iterdir()} == before
 
 

@@ -70,9 +70,10 @@ def check_out(out: str | Path, what: str = "run", marker: str | None = RUN) -> P
         raise UserError(f"cannot read --out {str(out)!r}: {e.strerror}; choose another --out") from None
     if marker is None:
         kind = next((k for f, k in (("soup.json", "a soup"), (RUN, "a run"), (STUDY, "a study"))
-                     if (path / f).is_file()), "files")
-        raise UserError(f"--out {str(out)!r} already holds {kind}; give the {what} a new folder (or delete "
-                         "that one to make it again)")
+                     if (path / f).is_file()), None)
+        again = f" (or delete that {kind[2:]} to make it again)" if kind else ""
+        raise UserError(f"--out {str(out)!r} already holds {kind or 'files'}; give the {what} a new or empty "
+                         f"folder{again}")
     if not (path / marker).is_file():
         raise UserError(f"--out {str(out)!r} is a folder that holds other files and no {what} (no {marker}); "
                          f"give the {what} a new or empty folder")
@@ -87,9 +88,9 @@ def check_outside(out: str | Path, data) -> None:
     where = Path(out).resolve()  # where the run writes (a run directory's path is taken as given)
     for field in ("path", "val_path", "test_path"):
         folder = getattr(data, field)
-        if not folder or not Path(folder).expanduser().is_dir():
+        if not folder or not _expanded(folder).is_dir():
             continue
-        root = Path(folder).expanduser().resolve()
+        root = _expanded(folder)
         if where == root or root in where.parents:
             raise UserError(f"--out {str(out)!r} is inside data.{field} ({folder}): the next scan of that "
                              "folder would read the run as data; put runs outside the data, e.g. "
