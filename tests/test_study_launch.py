@@ -162,17 +162,17 @@ def test_launcher_arguments_are_checked(tmp_path):
     with pytest.raises(UserError, match="launcher must be one of local, slurm, ray"):
         tiny(tmp_path, launcher="k8s")
     with pytest.raises(UserError, match="not KEY=VALUE"):
-        launch.options(("timeout_min",))
-    assert launch.options(("timeout_min=240", "slurm_partition=gpu")) == {"timeout_min": 240,
-                                                                          "slurm_partition": "gpu"}
+        launch.options("slurm", ("timeout_min",))
+    assert launch.options("slurm", ("timeout_min=240", "slurm_partition=gpu")) == {"timeout_min": 240,
+                                                                                   "slurm_partition": "gpu"}
     with pytest.raises(UserError, match="launcher_args are for --launcher slurm or ray"):
         launch.launcher_for(tiny(tmp_path, launcher_args=("x=1",)), 1, print)
     if importlib.util.find_spec("submitit"):
-        with pytest.raises(UserError, match="launcher arguments for slurm: Parameter 'foo' need"):
+        with pytest.raises(UserError, match="launcher arguments for slurm: unknown foo; known: cluster"):
             launch.launcher_for(tiny(tmp_path, launcher="slurm", launcher_args=("cluster=local", "foo=1")), 1,
                                 print)
     if importlib.util.find_spec("ray"):  # both refused before Ray starts
-        for bad, match in (("foo=1", "unknown foo"), ("ranks=0", "ranks must be 1 or more")):
+        for bad, match in (("foo=1", "unknown foo"), ("ranks=0", "ranks must be an integer of 1 or more")):
             with pytest.raises(UserError, match=match):
                 launch.launcher_for(tiny(tmp_path, launcher="ray", launcher_args=(bad,)), 1, print)
 

@@ -18,6 +18,7 @@ recipe (a recipe may move the whole curve, which one law's common e, a, b could 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 
@@ -242,7 +243,8 @@ def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int,
     ]
     empty = Backtest(tuple(sorted(names)), tuple(r.name for r in fitted), None, None, (), None, None, 0, "")
     if not names:
-        return replace(empty, note="nothing held out (holdout 0)")
+        return replace(empty, note="nothing held out (holdout 0)" if not holdout else
+                       "no trial but a base has finished, so none is held out")
     if not able:
         return replace(empty, note="; ".join(notes))
     try:
@@ -643,10 +645,10 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
     bt = backtest(rows, strategies, study.holdout, noise_)
     n0 = _n0s(rows)
     able = _able(rows, strategies, n0)
-    try:
-        law, laws, choice = fit(rows, able, n0, noise_)
-    except ValueError:
-        law, laws, choice = None, [], None
+    law, laws, choice = None, [], None
+    if able:  # a law needs a trial of another size than its base (--collect with the base alone has none)
+        with contextlib.suppress(ValueError):  # too few points for its parameters
+            law, laws, choice = fit(rows, able, n0, noise_)
     rt = runtime(rows)
     rec, frontier, shapes = recommend(study, rows, law, laws, noise_, rt.model)
     growth = tuple(

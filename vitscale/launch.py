@@ -17,26 +17,37 @@ sweep, then seed 0 of every trial, then more seeds) by calling `map` once per ph
 A job runs `run_job` on its node: its threads, its output appended to its log file, SIGTERM /
 SIGUSR1 stopping it at a checkpoint. A mistake of the user's (UserError) or a non-finite loss
 (StopTraining) there comes back as what it is, raised here, never retried.
+
+Launcher arguments are checked against a typed table per launcher (LAUNCHER_ARGS) when the study's
+config is made, before anything is written or started. A job's value comes back as JSON (`encode`,
+`decode`: the study's typed records only), never as a pickle read here. Submitit itself runs each
+Slurm job from the pickle it writes in the study's slurm/ folder (`*_submitted.pkl`, loaded on the
+node by submitit): whoever can write that folder can run code as the study's jobs.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shutil
 import signal
 import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import yaml
 
-from vitscale import dist, signals
+from vitscale import dist, results, signals
+from vitscale.checkpoint import atomic_write_text
 from vitscale.errors import Interrupted, StopTraining, UserError, optional
 from vitscale.pool import Runner
+from vitscale.results import SeedResult, Sizing, SweepPoint
 
 
 class Launcher(Protocol):
@@ -52,11 +63,121 @@ class Launcher(Protocol):
 class Failed:
     """A job's UserError or StopTraining, carried back to be raised where the study runs."""
 
-    kind: str
+    error: str  # the class of what was raised: UserError or StopTraining
     message: str
 
     def raise_(self) -> None:
-        raise (UserError if self.kind == "UserError" else StopTraining)(self.message)
+        raise (UserError if self.error == "UserError" else StopTraining)(self.message)
+
+
+# ----------------------------------------------------------------------------- a job's value as JSON
+_RECORDS = {c.__name__: c for c in (Sizing, SweepPoint, SeedResult, Failed)}  # what a job returns
+
+
+def _plain(value):
+    if is_dataclass(value):
+        if type(value).__name__ not in _RECORDS:
+            raise TypeError(f"a job returned a {type(value).__name__}, which encode does not know")
+        return results.to_dict(value)
+    if isinstance(value, dict):  # {name: record} (the sizing job) or a run's final metrics
+        return {"kind": "map", "items": {str(k): _plain(v) for k, v in value.items()}}
+    return value
+
+
+def encode(value) -> str:
+    """A job's value as JSON: None, a study record (Sizing, SweepPoint, SeedResult, Failed), a
+    {name: value} map of them, or a run's final metrics."""
+    return json.dumps(_plain(value))
+
+
+def _built(data):
+    if not isinstance(data, dict):
+        return data
+    kind = data.get("kind")
+    if kind == "map":
+        return {k: _built(v) for k, v in data["items"].items()}
+    if kind not in _RECORDS:
+        raise ValueError(f"{kind!r} is not a job value vitscale reads")
+    return results.from_dict(_RECORDS[kind], data, "a job's value")
+
+
+def decode(text: str):
+    """`encode`'s value back: only the study's own records are built (ValueError on anything else)."""
+    return _built(json.loads(text))
+
+
+# ----------------------------------------------------------------------------- launcher arguments
+@dataclass(frozen=True)
+class Arg:
+    """A launcher argument's type and range, read from its KEY=VALUE text."""
+
+    type: type  # int, float, bool, str, list (of strings) or dict
+    least: float | None = None  # ints and floats: the smallest allowed
+    above: bool = False  # floats: strictly above `least`
+    choices: tuple[str, ...] = ()  # strings: the only values allowed
+
+    def read(self, key: str, text: str):
+        """The value of `text`, or a one-line UserError saying what `key` takes."""
+        try:
+            value = self._parse(text.strip())
+        except (ValueError, yaml.YAMLError):
+            value = None
+        if value is None:
+            raise UserError(f"launcher argument {key} must be {self.wants()}, got {text!r}")
+        return value
+
+    def _parse(self, text: str):
+        if self.type is bool:
+            return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
+                text.lower())
+        if self.type in (int, float):
+            value = self.type(text)
+            ok = math.isfinite(value) and (self.least is None or value > self.least
+                                           or (value == self.least and not self.above))
+            return value if ok else None
+        if self.type is str:
+            return text if text and (not self.choices or text in self.choices) else None
+        value = yaml.safe_load(text)
+        if self.type is list:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        return value if ok else None
+
+    def wants(self) -> str:
+        if self.type is bool:
+            return "true or false"
+        if self.type in (int, float):
+            what = "an integer" if self.type is int else "a number"
+            return f"{what} above {self.least:g}" if self.above else f"{what} of {self.least:g} or more"
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        return {str: "a string that is not empty", list: "a list of strings, e.g. [module load cuda]",
+                dict: "a mapping, e.g. {reservation: mine}"}[self.type]
+
+
+_TEXT = Arg(str)
+# Slurm's: submitit's shared parameters (AutoExecutor._typed_parameters, checked by a test), then the
+# slurm_ ones most clusters need; `cluster` picks submitit's executor and `retries` is vitscale's.
+LAUNCHER_ARGS: dict[str, dict[str, Arg]] = {
+    "local": {},
+    "slurm": {
+        "cluster": Arg(str, choices=("slurm", "local", "debug")), "retries": Arg(int, 0),
+        "name": _TEXT, "timeout_min": Arg(int, 1), "mem_gb": Arg(float, 0, above=True), "nodes": Arg(int, 1),
+        "cpus_per_task": Arg(int, 1), "gpus_per_node": Arg(int, 0), "tasks_per_node": Arg(int, 1),
+        "stderr_to_stdout": Arg(bool),
+        **{f"slurm_{k}": _TEXT for k in ("partition", "account", "qos", "constraint", "exclude", "nodelist",
+                                         "gres", "mem", "mem_per_cpu", "mem_per_gpu", "comment", "mail_type",
+                                         "mail_user", "dependency", "wckey", "job_name")},
+        "slurm_time": Arg(int, 1), "slurm_signal_delay_s": Arg(int, 0),
+        "slurm_array_parallelism": Arg(int, 1), "slurm_cpus_per_gpu": Arg(int, 1),
+        "slurm_gpus_per_task": Arg(int, 0), "slurm_exclusive": Arg(bool),
+        "slurm_use_srun": Arg(bool), "slurm_setup": Arg(list), "slurm_srun_args": Arg(list),
+        "slurm_additional_parameters": Arg(dict),
+    },
+    "ray": {"num_cpus": Arg(int, 1), "num_gpus": Arg(float, 0), "max_retries": Arg(int, -1), "address": _TEXT,
+            "ranks": Arg(int, 1), "retries": Arg(int, 0)},
+}
 
 
 def run_job(fn, args: tuple, log_path: str | Path, threads: int):
@@ -109,11 +230,11 @@ def run_ranks(fn, args: tuple, log_path: str | Path, threads: int, ranks: int, d
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:  # on this node, as the ranks are
-        out = Path(tmp) / "rank0.pt"
+        out = Path(tmp) / "rank0.json"
         torch.multiprocessing.start_processes(
             _rank, args=(fn, args, str(log_path), max(1, threads // ranks), device, ranks, port, str(out)),
             nprocs=ranks, start_method="spawn")  # raises when a rank fails: the task fails, and is run again
-        return torch.load(out, weights_only=False)
+        return decode(out.read_text())
 
 
 def _rank(local: int, fn, args: tuple, log_path: str, threads: int, device: str, world: int, port: int,
@@ -122,32 +243,62 @@ def _rank(local: int, fn, args: tuple, log_path: str, threads: int, device: str,
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     value = as_rank(lambda a: run_job(fn, a, log_path, threads), args, device)
     if local == 0:
-        torch.save(value, out)
+        Path(out).write_text(encode(value))
 
 
-def options(pairs: tuple[str, ...]) -> dict:
-    """launcher_args' KEY=VALUE pairs, values read as YAML scalars (240 an int, gpu a string)."""
+def options(launcher: str, pairs: tuple[str, ...]) -> dict:
+    """launcher_args' KEY=VALUE pairs as typed values, each checked against the launcher's table
+    (LAUNCHER_ARGS): one-line UserErrors, before anything is written or started."""
+    table = LAUNCHER_ARGS[launcher]
+    if pairs and not table:
+        raise UserError("launcher_args are for --launcher slurm or ray; the local launcher takes --workers")
     out = {}
     for p in pairs:
         key, sep, value = p.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise UserError(f"launcher argument {p!r} is not KEY=VALUE (e.g. timeout_min=240)")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        if key not in table:
+            raise UserError(f"launcher arguments for {launcher}: unknown {key}; known: {', '.join(table)}")
+        if key in out:
+            raise UserError(f"launcher argument {key} is given twice; give it once")
+        out[key] = table[key].read(key, value)
     return out
+
+
+def checked(launcher: str, opts: dict) -> dict:
+    """Typed arguments given in code (a test, a library caller) checked as the CLI's pairs are."""
+    return options(launcher, tuple(f"{k}={v}" for k, v in opts.items()))
+
+
+def _cluster(opts: dict) -> str:
+    """Submitit's executor: Slurm's where sbatch is; its local or debug one only where named."""
+    cluster = opts.pop("cluster", "slurm")
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("no Slurm here (sbatch not found): run the study where sbatch is (a Slurm login "
+                        "node), or use --launcher local; --launcher-arg cluster=local runs the jobs with "
+                        "submitit's local executor on this machine")
+    return cluster
+
+
+def available(study) -> None:
+    """Refuse, in one line, a launcher this machine cannot start (its package missing, Slurm without
+    sbatch): before the study writes anything."""
+    opts = options(study.launcher, study.launcher_args)
+    if study.launcher == "slurm":
+        optional("submitit", "slurm", "--launcher slurm")
+        _cluster(opts)
+    elif study.launcher == "ray":
+        optional("ray", "ray", "--launcher ray")
 
 
 def launcher_for(study, workers: int, log, device: str = "auto") -> Launcher:
     """The study's launcher (study.launcher, its launcher_args); jobs' logs stay in their runs.
     `device`: the runs' train.device (a Slurm job of several tasks puts rank r on cuda:r)."""
-    opts = options(study.launcher_args)
+    opts = options(study.launcher, study.launcher_args)
     if study.launcher == "local":
-        if opts:
-            raise UserError("launcher_args are for --launcher slurm or ray; the local launcher takes "
-                            "--workers")
         return Runner(workers, log)
     retries = opts.pop("retries", 2)
-    if not isinstance(retries, int) or retries < 0:
-        raise UserError(f"launcher argument retries must be 0 or more, got {retries!r}")
     if study.launcher == "slurm":
         return SlurmLauncher(Path(study.out) / "slurm", opts, retries, log, device=device)
     return RayLauncher(opts, retries, log, device=device)
@@ -166,10 +317,17 @@ class SlurmTask:
     def __init__(self, fn, args: tuple, log_path: Path, threads: int, device: str = "auto"):
         self.fn, self.args, self.log_path, self.threads, self.device = fn, args, log_path, threads, device
 
-    def __call__(self):
+    def __call__(self) -> None:
+        """Rank 0 writes the job's value as JSON (value_path) for the launcher; submitit pickles what
+        this returns (None) beside it, which nothing reads."""
         from submitit import JobEnvironment
 
         env = JobEnvironment()
+        value = self._value(env)
+        if env.global_rank == 0:
+            atomic_write_text(value_path(env.paths.folder, env.job_id), encode(value))
+
+    def _value(self, env):
         if env.num_tasks == 1:
             return self._run(self.args)
         if not takes_dist(self.args):
@@ -230,9 +388,14 @@ class _Waiting:
         return name, value
 
 
-def _last_line(e: BaseException) -> str:
+def _last_line(e: BaseException | str) -> str:
     lines = [x for x in str(e).strip().splitlines() if x.strip()]
     return (lines[-1] if lines else type(e).__name__)[:200]
+
+
+def value_path(folder: str | Path, job_id: str) -> Path:
+    """Where a Slurm job's value is written as JSON: beside submitit's own files of that job."""
+    return Path(folder) / f"{job_id}_value.json"
 
 
 class SlurmLauncher:
@@ -241,9 +404,10 @@ class SlurmLauncher:
     remote = True
 
     def __init__(self, folder: Path, opts: dict, retries: int, log, poll_s: float = 1.0,
-                 device: str = "auto"):
+                 device: str = "auto", settle_s: float = 10.0):
         submitit = optional("submitit", "slurm", "--launcher slurm")
-        cluster = opts.pop("cluster", None)  # "local" or "debug": submitit's executors for tests
+        opts = checked("slurm", opts)
+        cluster = _cluster(opts)  # "local" or "debug" where named: submitit's executors on this machine
         self.executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
         self.threads = int(opts.get("cpus_per_task", 1))
         opts = {"name": "vitscale-study", "cpus_per_task": self.threads} | opts
@@ -252,6 +416,7 @@ class SlurmLauncher:
         except (ValueError, TypeError, NameError) as e:
             raise UserError(f"launcher arguments for slurm: {str(e).strip().splitlines()[0]}") from None
         self.log, self.poll_s, self.retries, self.device = log, poll_s, retries, device
+        self.settle_s = settle_s
         log(f"launcher slurm ({self.executor.cluster}): {opts}; submitit's logs in {folder}")
 
     def _submit(self, job: tuple):
@@ -270,10 +435,7 @@ class SlurmLauncher:
         try:
             while waiting.pending:
                 for h in [h for h in waiting.pending if h.done()]:
-                    try:
-                        value, error = h.results()[0], None  # rank 0's (a job of several tasks)
-                    except Exception as e:  # noqa: BLE001 (a failed or killed task: its error's last line)
-                        value, error = None, f"job {h.job_id}: {_last_line(e)}"
+                    value, error = self._outcome(h)
                     got = waiting.finished(h, value, error, self._submit)
                     if got is not None:
                         done(*got)
@@ -284,6 +446,22 @@ class SlurmLauncher:
             for h in waiting.pending:
                 h.cancel(check=False)
             raise
+
+    def _outcome(self, h) -> tuple[object, str | None]:
+        """A finished job's (value, None) from the JSON its rank 0 wrote, or (None, the last line of
+        its error log) where it wrote none: it failed or was killed. Submitit's result pickle is never
+        loaded. A job killed outright leaves no result pickle: its JSON is waited for `settle_s`, as
+        a shared file system may show a file late."""
+        path = value_path(h.paths.folder, h.job_id)
+        deadline = time.monotonic() + self.settle_s
+        while not path.is_file() and not h.paths.result_pickle.exists() and time.monotonic() < deadline:
+            time.sleep(min(self.poll_s, 0.5))
+        if path.is_file():
+            try:
+                return decode(path.read_text()), None
+            except (OSError, ValueError) as e:
+                return None, f"job {h.job_id}: its value {path} cannot be read ({_last_line(e)})"
+        return None, f"job {h.job_id}: {_last_line(h.stderr() or 'no output (killed?)')}"
 
     def close(self) -> None:
         pass
@@ -297,15 +475,9 @@ class RayLauncher:
     remote = True
 
     def __init__(self, opts: dict, retries: int, log, device: str = "auto"):
+        opts = checked("ray", opts)  # before Ray starts
         ray = optional("ray", "ray", "--launcher ray")
-        unknown = set(opts) - {"num_cpus", "num_gpus", "max_retries", "address", "ranks"}
-        if unknown:
-            raise UserError(f"launcher arguments for ray: unknown {', '.join(sorted(unknown))}; "
-                            "use num_cpus, num_gpus, ranks, max_retries, address, retries")
         self.ranks = opts.get("ranks", 1)
-        if not isinstance(self.ranks, int) or self.ranks < 1:
-            raise UserError(f"launcher argument ranks must be 1 or more (processes a run), got "
-                            f"{self.ranks!r}")
         if not ray.is_initialized():
             ray.init(address=opts.get("address"), log_to_driver=False)
         self.threads = int(opts.get("num_cpus", 1))

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from vitscale import dist, lock, study
+from vitscale import dist, errors, lock, study
 from vitscale.complexity import cost
 from vitscale.data import build_datasets
 from vitscale.errors import UserError
@@ -207,13 +207,15 @@ def lines(p: dict) -> list[str]:
 
 def collect(cfg: study.StudyConfig, log=print):
     """Analyse and report what has finished, training nothing: the summary.Summary, with the
-    trials (seed 0) not finished named one line each. The study directory must exist."""
+    trials (seed 0) not finished named one line each, and what the analysis could not do with
+    those that have (`skipped`). The study directory must exist; a bug's traceback goes there."""
     from vitscale import analysis, study_report
 
     out = Path(cfg.out)
     if not (out / "study.yaml").is_file():
         raise UserError(f"{cfg.out!r} holds no study (no study.yaml); run the study first or choose "
                          "another --out")
+    errors.crash_dir(out)
     with lock.held(out, dist.Dist(), "study directory", log):
         sweep = study.read_sweep(cfg, log)
         lr = study.pick_lr(sweep).lr if sweep else None
@@ -233,6 +235,26 @@ def collect(cfg: study.StudyConfig, log=print):
         done = study._write_results(cfg, ready, sizes, seeds)
         rows = [done[t.name] for t in ready]
         summary = analysis.summarize(cfg, rows, sweep)
+        for line in skipped(summary):
+            log(line)
         study_report.write(out, summary, rows)
     return summary
+
+
+def skipped(summary) -> list[str]:
+    """What the analysis could not do with the trials it had, one line each (the report says the
+    same at length)."""
+    out = []
+    rec, bt = summary.recommendation, summary.backtest
+    if summary.law is None:
+        out.append(f"skipped: the scaling law: no family ({', '.join(summary.strategies)}) has a finished "
+                   "trial of another size than the base, or enough points to fit; --collect again when more "
+                   "trials have finished")
+    if not bt.checks:
+        out.append(f"skipped: the backtest: {bt.note or 'no held-out trial could be predicted'}")
+    if rec.pick is None:
+        why = "no law was fitted" if summary.law is None else "the law names no shape within the budget"
+        out.append(f"skipped: the law's recommendation for {rec.budget} ({why}); the best trial measured "
+                   "is reported instead")
+    return out
 
