@@ -132,13 +132,16 @@ class StudyConfig:
     # (base+mr, w+mr-x1.5), fitted and reported as a family (w+mr)
     recipes: tuple[str, ...] = ()
 
-    # where runs go: local (this machine, `workers` at once), slurm (a submitit job array) or ray
-    # (Ray tasks)
+    # where runs go: local (this machine, `workers` at once), slurm (a submitit job array; submitit
+    # runs each job from a pickle it writes in the study's slurm/ folder, so keep that folder yours;
+    # vitscale reads the jobs' values back as JSON) or ray (Ray tasks)
     launcher: str = "local"
 
-    # KEY=VALUE for the launcher (vitscale/launch.py): slurm's are submitit's executor parameters
-    # (timeout_min=240 slurm_partition=gpu gpus_per_node=1 cpus_per_task=8), ray's num_cpus,
-    # num_gpus, max_retries, address; both take retries (resubmissions of a failed job)
+    # KEY=VALUE for the launcher, each checked for its type and range before anything starts (an
+    # unknown key is refused with the known ones): slurm's are submitit's executor parameters
+    # (timeout_min=240 slurm_partition=gpu gpus_per_node=1 cpus_per_task=8) and cluster=local for
+    # submitit's local executor, ray's num_cpus, num_gpus, ranks, max_retries, address; both take
+    # retries (resubmissions of a failed job)
     launcher_args: tuple[str, ...] = ()
 
     # the study directory (--out; never a config file's): a new or empty folder, or this study's,
