@@ -185,11 +185,13 @@ def test_fsdp_on_one_device_writes_sharded_checkpoints_that_match_a_plain_run(de
     """torchrun of one process: a one-rank group (NCCL on a GPU, gloo on the CPU), so train.fsdp and
     train.sharded_ckpt run on one device. Its weights, read whole from the shards, and its losses are
     the plain run's to rounding; vitscale eval reads its best/ shards in one process."""
-    dtype = "bf16" if device == "cuda" else "fp32"
+    from vitscale.cli import main
+
     sharded, plain = tmp_path / "sharded", tmp_path / "plain"
-    run_cli("train", *(f"--{o}" for o in FAST), f"--train.device={device}", f"--train.dtype={dtype}",
-            "--train.fsdp=true", "--train.sharded_ckpt=true", "--out", str(sharded), launcher=ONE_RANK)
-    train(plain, f"train.dtype={dtype}", device=device)
+    args = ["train", *(f"--{o}" for o in FAST), f"--train.device={device}",
+            f"--train.dtype={'bf16' if device == 'cuda' else 'fp32'}"]
+    run_cli(*args, "--train.fsdp=true", "--train.sharded_ckpt=true", "--out", str(sharded), launcher=ONE_RANK)
+    assert main([*args, "--out", str(plain)]) == 0  # the same command, one process, no FSDP
     last = checkpoint.latest(sharded)
     assert checkpoint.is_sharded(last) and checkpoint.is_sharded(sharded / "best")
     assert checkpoint.world_of(json.loads((last / "state.json").read_text())) == 1
