@@ -39,7 +39,7 @@ def same(a, b) -> bool:
 @pytest.mark.parametrize("kwargs, words", [
     (dict(name="cifar"), "data.name"),
     (dict(name="image-folder"), "data.path"),
-    (dict(name="moving-digits", label="direction"), "frames"),
+    (dict(name="moving-digits", label="direction", frames=1), "frames"),
     (dict(name="moving-digits", label="direction", frames=4, hflip=True), "hflip=false"),
     (dict(label="direction"), "moving-digits"),
     (dict(name="image-folder", path="x", frames=4), "frames=1"),
@@ -49,6 +49,14 @@ def same(a, b) -> bool:
 def test_config_errors_say_what_to_do(kwargs, words):
     with pytest.raises(ValueError, match=words):
         DataConfig(**kwargs)
+
+
+def test_direction_labels_need_the_frames_the_model_gives():
+    """data.frames=0 takes the model's frames: an image model (1 frame) cannot learn motion."""
+    directions = DataConfig(name="moving-digits", label="direction")
+    with pytest.raises(ValueError, match="needs motion"):
+        directions.sized(32, frames=1)
+    assert directions.sized(32, frames=4).frames == 4
 
 
 # ----------------------------------------------------------------------------- digits
