@@ -162,3 +162,14 @@ def test_documented_commands_are_found():
               "torchrun --nproc_per_node 2 -m vitscale eval \\\n    runs/a\n"
               "vitscale config pretrain > mae.yaml\necho vitscale\nA=1 vitscale models\n```\n")
     assert _documented_commands(sample) == ["train --x.y=1", "eval runs/a", "config pretrain", "models"]
+
+
+def test_layout_names_every_module():
+    """docs/design.md's layout names each module and package of vitscale/, so it cannot drift from
+    the tree (a file's name, or its path for the packages and their files)."""
+    layout = (DOCS / "design.md").read_text(encoding="utf-8").split("## Layout", 1)[1]
+    package = ROOT / "vitscale"
+    names = [p.name for p in package.glob("*.py") if p.name != "__init__.py"]
+    names += [f"vitscale/{p.name}/" for p in package.iterdir() if (p / "__init__.py").is_file()]
+    missing = [n for n in names if not re.search(rf"(?<!\w){re.escape(n)}", layout)]
+    assert not missing, f"docs/design.md's layout does not name: {missing}"
