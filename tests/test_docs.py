@@ -173,3 +173,14 @@ def test_layout_names_every_module():
     names += [f"vitscale/{p.name}/" for p in package.iterdir() if (p / "__init__.py").is_file()]
     missing = [n for n in names if not re.search(rf"(?<!\w){re.escape(n)}", layout)]
     assert not missing, f"docs/design.md's layout does not name: {missing}"
+
+
+@pytest.mark.parametrize("page", [README, *PAGES], ids=lambda p: p.name)
+def test_fields_named_are_config_fields(page: Path):
+    """Each `section.key` a page names (data.val_path, train.ema, ...) is a run-config field."""
+    fields = _config_fields()
+    sections = "|".join(sorted({f.split(".")[0] for f in fields}))
+    files = (".py", ".md", ".yaml", ".json", ".onnx", ".safetensors", ".pth", ".tar", ".png", ".csv", ".data")
+    named = set(re.findall(rf"(?<![\w/.-])((?:{sections})\.[a-z_0-9]+)", page.read_text(encoding="utf-8")))
+    unknown = sorted(n for n in named if n not in fields and not n.endswith(files))
+    assert not unknown, f"{page.name} names fields there are not: {unknown}"
