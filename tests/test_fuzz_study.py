@@ -272,6 +272,7 @@ def test_slurm_jobs_values_come_back_as_json_never_a_pickle(tmp_path, monkeypatc
     (["--lrs", "-1"], "lrs must be positive"),
     (["--target", "epochs:3"], "give a compute"),
     (["--strategy", "q"], "strategy"),
+    (["--strategy", "d,w,d"], "strategies must each be given once, got d,w,d"),
     (["--launcher", "local", "--launcher-arg", "x=1"], "launcher_args are for --launcher slurm or ray"),
 ])
 def test_other_hostile_study_flags_are_one_line(tmp_path, capsys, flags, message):

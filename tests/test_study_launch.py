@@ -198,6 +198,7 @@ def test_a_study_on_submitits_local_executor_matches_the_local_one(tmp_path):
         dest = Path(local.out) / "trials" / name / "trial.json"
         dest.parent.mkdir(parents=True)
         dest.write_text((out / "trials" / name / "trial.json").read_text())
+    (Path(local.out) / "study.yaml").write_text(study.dump_study(local))  # a study's folder, as --out wants
     study.run_study(local, log=print)
     here = _trial_results(Path(local.out))
     for name in ("base", "d-x2"):

@@ -155,6 +155,8 @@ class StudyConfig:
             (self.param in ("sp", "mup"), f"param must be sp or mup, got {self.param!r}"),
             (bool(self.strategies) and bool(self.factors),
              "a study needs at least one strategy and one factor"),
+            (len(set(self.strategies)) == len(self.strategies),
+             f"strategies must each be given once, got {','.join(self.strategies)}"),
             (all(f > 0 for f in self.factors), "factors must be positive, e.g. 1,2,4,8"),
             (all(1 / 64 <= f <= 1024 for f in self.factors),  # beyond, the plan builds models of gigabytes
              "factors must be between 1/64 and 1024 (the base's flops times each), e.g. 0.5,1,2,4"),
