@@ -1,4 +1,4 @@
-"""Efficiency techniques (issue 12), each against its plain baseline measured in the same run.
+"""Efficiency techniques, each against its plain baseline measured in the same run.
 
   multires  ResFormer: pico/4 on digits trained at side 32 and at sides 24,32,40 with the same
             training multiply-adds (FlopCounterMode, forward + backward: the multi-side run
