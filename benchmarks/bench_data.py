@@ -167,7 +167,7 @@ def data_wait(root: Path, workers: int, steps: int) -> tuple[float, float, list[
     out = root.parent / f"run-w{workers}"
     argv = ["pretrain", "--model", "pico/4-f8", "--out", str(out), "--data.name=video-folder",
             f"--data.path={root}", "--data.frames=8", "--data.frame_stride=4", "--data.image_size=64",
-            "--data.val_fraction=0.1", f"--data.workers={workers}", "--train.batch=4",
+            "--data.val_fraction=0", f"--data.workers={workers}", "--train.batch=4",
             f"--train.max_steps={steps}", "--train.warmup_epochs=0", "--train.threads=1"]
     if vitscale_main(argv) != 0:
         raise SystemExit(f"the pretraining run with {workers} workers failed")

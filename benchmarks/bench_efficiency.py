@@ -118,7 +118,8 @@ class Bench:
             with contextlib.redirect_stdout(io.StringIO()):  # the progress bar
                 result = engine.train(cfg, log=lambda *a, **kw: None)
             steps = json.loads((out / "final.json").read_text())["step"]
-            self.runs[key] = Run(out, cfg, result, steps, time.process_time() - cpu)
+            # the config with its input shape decided (a data.image_size of 0 is the model's)
+            self.runs[key] = Run(out, engine.settle(cfg), result, steps, time.process_time() - cpu)
         return self.runs[key]
 
     def test_top1(self, run: Run, side: int = 0) -> float:
