@@ -15,6 +15,7 @@ from vitscale.checkpoint import atomic_write_text
 from vitscale.errors import UserError
 
 FILE = "classes.json"
+_FIX = "remove it (classes are then named by their ids) or put back the run's own"
 
 
 def write(run_dir: Path, names: tuple[str, ...]) -> bool:
@@ -39,14 +40,11 @@ def read(run_dir: Path, count: int) -> tuple[tuple[str, ...], bool]:
     try:
         names = json.loads(path.read_bytes())
     except (OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read ({str(e).splitlines()[0]}); remove it (classes are then "
-                         "named by their ids) or put back the run's own") from None
+        raise UserError(f"{path} cannot be read ({str(e).splitlines()[0]}); {_FIX}") from None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise UserError(f"{path} is not a JSON list of class names; remove it (classes are then named by "
-                         "their ids) or put back the run's own")
+        raise UserError(f"{path} is not a JSON list of class names; {_FIX}")
     if len(names) != count:
-        raise UserError(f"{path} names {len(names)} classes, the model has {count} outputs; remove it "
-                         "(classes are then named by their ids) or put back the run's own")
+        raise UserError(f"{path} names {len(names)} classes, the model has {count} outputs; {_FIX}")
     return tuple(names), True
 
 
