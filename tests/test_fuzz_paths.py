@@ -197,3 +197,14 @@ def test_an_empty_folder_takes_a_soup(tmp_path):
     (tmp_path / "s").mkdir()
     configs = soup._configs([a, b], str(tmp_path / "s"))
     assert [c[0] for c in configs] == [a, b] and yaml.safe_load(Path(a, "config.yaml").read_text())
+
+
+def test_a_study_workers_log_alone_does_not_make_a_folder_foreign(tmp_path):
+    """A study's worker opens log.txt in a sweep run's directory before the run writes config.yaml
+    (make demo failed on runs/study/sweep/lr-0.004)."""
+    from vitscale import rundir
+
+    run = tmp_path / "sweep" / "lr-0.004"
+    run.mkdir(parents=True)
+    (run / "log.txt").write_text("study: starting\n")
+    assert rundir.check_out(run) == run

@@ -17,9 +17,10 @@ from vitscale.errors import UserError
 
 RUN = "config.yaml"  # what marks a run directory (written when the run starts)
 STUDY = "study.yaml"  # what marks a study directory
-# What a process leaves in a directory while it holds it (vitscale.lock's .lock, the write probe):
-# a folder with only these in it is as good as empty (a run killed before it wrote its config).
-TRANSIENT = {".lock", ".write-test"}
+# What a process leaves in a directory while it holds it (vitscale.lock's .lock, the write probe,
+# and log.txt, which a study's worker opens in a trial's or sweep run's directory before the run
+# writes its config): a folder with only these in it is as good as empty.
+TRANSIENT = {".lock", ".write-test", "log.txt"}
 SCANNED = ("image-folder", "video-folder")  # data read from every file under a folder
 
 
