@@ -26,7 +26,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from vitscale import checkpoint, dist
+from vitscale.common import checkpoint, dist
 from vitscale.models.vit import ViT, preset
 
 

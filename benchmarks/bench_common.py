@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from vitscale.checkpoint import atomic_write_text
+from vitscale.common.checkpoint import atomic_write_text
 
 
 def transformers():

@@ -44,12 +44,12 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vitscale.cli import main as vitscale_main  # noqa: E402
-from vitscale.config import TrainConfig  # noqa: E402
+from vitscale.cli.main import main as vitscale_main  # noqa: E402
 from vitscale.data import DataConfig, EpochSampler, RunBatches, build_datasets, close, make_loader  # noqa: E402
 from vitscale.data.generated import CHUNK  # noqa: E402
 from vitscale.data.video import clip_indices, decode_threads  # noqa: E402
-from vitscale.plan import Plan  # noqa: E402
+from vitscale.train.config import TrainConfig  # noqa: E402
+from vitscale.train.steps import Plan  # noqa: E402
 
 CLIP = dict(frames=16, frame_stride=4, image_size=112)  # VideoMAE's Kinetics sampling, at 112 px
 

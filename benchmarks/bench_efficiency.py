@@ -6,7 +6,7 @@
             top-1 of each run's best checkpoint with the test data made at sides 16 to 48;
             one line per side, and a plot (multires.png in --out) with the trained sides marked.
   s2        S² linear probes of frozen MAE encoders (pre-trained on digits, same recipe): pico/4
-            at probe scales 1 and 1,2, and a wider pico/4 (vitscale.scaling.scale, strategy w)
+            at probe scales 1 and 1,2, and a wider pico/4 (vitscale.cost.scaling.scale, strategy w)
             of about the 1,2 probe's multiply-adds at scale 1; test and val top-1, multiply-adds
             per image of a probe training step.
   drop      token dropping after block 1 (EViT's cls-attention ranking by default): inference
@@ -52,16 +52,17 @@ if importlib.util.find_spec("vitscale") is None:  # run from a checkout that is 
 import bench_common  # noqa: E402
 import torch  # noqa: E402
 
-from vitscale import config, engine  # noqa: E402
-from vitscale.bench import example_input, measure_model, pick_device  # noqa: E402
-from vitscale.complexity import cost  # noqa: E402
-from vitscale.config import RunConfig  # noqa: E402
+from vitscale.common import records
+from vitscale.cost.complexity import cost  # noqa: E402
+from vitscale.cost.measure import example_input, measure_model, pick_device  # noqa: E402
+from vitscale.cost.scaling import scale  # noqa: E402
 from vitscale.data import build_datasets  # noqa: E402
+from vitscale.data.multires import side_at  # noqa: E402
 from vitscale.models.vit import ViT, preset  # noqa: E402
-from vitscale.multires import side_at  # noqa: E402
-from vitscale.plan import Plan  # noqa: E402
-from vitscale.scaling import scale  # noqa: E402
-from vitscale.study import train_flops_per_sample  # noqa: E402
+from vitscale.train import config, engine  # noqa: E402
+from vitscale.train.config import RunConfig  # noqa: E402
+from vitscale.train.flops import train_flops_per_sample  # noqa: E402
+from vitscale.train.steps import Plan  # noqa: E402
 
 KEEPS = (1.0, 0.7, 0.5)
 CLASSES = 10  # digits
@@ -113,7 +114,7 @@ class Bench:
             common = [f"train.threads={a.threads}", "train.knn_k=0", "train.ckpt_every=0",
                       "train.keep_last=1", f"train.seed={a.seed}", f"train.device={a.device}",
                       f"train.max_steps={self.lengths.max_steps}"]
-            cfg = config.apply_overrides(config.recipe(command, init=init, out=str(out)), common + overrides)
+            cfg = records.apply_overrides(config.recipe(command, init=init, out=str(out)), common + overrides)
             cpu = time.process_time()
             with contextlib.redirect_stdout(io.StringIO()):  # the progress bar
                 result = engine.train(cfg, log=lambda *a, **kw: None)
@@ -184,7 +185,7 @@ def multires(b: Bench) -> dict:
 def plot_multires(rows: list[dict], trained: dict[str, tuple[int, ...]], names: dict[str, str],
                   path: Path) -> Path:
     """Test top-1 against test side, one line per recipe; filled markers at its trained sides."""
-    from vitscale.visual import plt, save_figure  # matplotlib (Agg) only when a plot is made
+    from vitscale.common.figures import plt, save_figure  # matplotlib (Agg) only when a plot is made
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     sides = [r["side"] for r in rows]

@@ -1,7 +1,7 @@
 """MAE's efficiency, measured: the encoder on visible tokens only vs on all tokens, and vs HF.
 
 Two cells, each timing a pre-training train step (forward, backward, AdamW) of three models
-with vitscale.bench.measure_model in rotating rounds (each side keeps its best round):
+with vitscale.cost.measure.measure_model in rotating rounds (each side keeps its best round):
 
   visible  vitscale MAE: the encoder runs on the visible tokens only (the paper's design)
   all      the same weights with MAEConfig(encoder_on_all_tokens=True): a mask token replaces
@@ -60,7 +60,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from vitscale.bench import Measurement, example_input, measure_model, pick_device  # noqa: E402
+from vitscale.cost.measure import Measurement, example_input, measure_model, pick_device  # noqa: E402
 from vitscale.models.mae import MAE, MAEConfig, tube_masking  # noqa: E402
 from vitscale.models.vit import ViTConfig, preset  # noqa: E402
 

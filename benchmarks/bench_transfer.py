@@ -50,11 +50,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from vitscale import engine  # noqa: E402
-from vitscale.bench import pick_device  # noqa: E402
-from vitscale.config import RunConfig, apply_overrides  # noqa: E402
+from vitscale.cli.tables import console  # noqa: E402
+from vitscale.common.records import apply_overrides
+from vitscale.cost.measure import pick_device  # noqa: E402
 from vitscale.models import vit  # noqa: E402
-from vitscale.report import console  # noqa: E402
+from vitscale.train import engine  # noqa: E402
+from vitscale.train.config import RunConfig
 
 HEAD_DIM = 32  # the base's head dim, kept at every width
 

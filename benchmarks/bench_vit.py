@@ -4,7 +4,7 @@ Each cell (config x compile x dtype x mode) builds ViT(cfg) and a transformers
 ViTForImageClassification with the same width, depth, heads, MLP, patch, image size and
 classes (SDPA attention, no dropout, exact GELU, LayerNorm eps 1e-6; no pooler, so the
 parameter counts must be equal, and are asserted to be). Both take the same random
-input and are timed with vitscale.bench.measure_model in alternating rounds (ours then
+input and are timed with vitscale.cost.measure.measure_model in alternating rounds (ours then
 HF, then HF then ours, ...) so that load from other processes on a shared machine hits
 both sides alike; each side keeps its best round (a round's figure is its median step).
 Best-of is the figure to trust on a shared machine: contention only ever slows a step.
@@ -19,7 +19,7 @@ round's warm-up time less as many steady steps). Read those seconds as rough: in
 compiled graphs on disk, so a shape compiled before, by any run, compiles in a fraction of the
 time; kernels both sides share are built once, by the side that opens the cell (vitscale), which
 in a process's first compile also pays inductor's start-up. Where the device's
-peak is known (a GPU in vitscale.mfu's table, or --peak-tflops) each line also gives the MFU
+peak is known (a GPU in vitscale.cost.mfu's table, or --peak-tflops) each line also gives the MFU
 of both sides: 2 x the multiply-adds FlopCounterMode counts per sample (forward, plus backward
 in training) x samples/s over the dtype's dense peak; both sides compute the same function,
 so one count serves both. The issue's targets read off the GPU run's B/16 bf16 train lines:
@@ -54,11 +54,11 @@ import torch  # noqa: E402
 from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 
-from vitscale import counted, mfu  # noqa: E402
-from vitscale.bench import Measurement, example_input, measure_model, pick_device  # noqa: E402
-from vitscale.device import DTYPES  # noqa: E402
+from vitscale.cli.tables import console  # noqa: E402
+from vitscale.common.device import DTYPES  # noqa: E402
+from vitscale.cost import counted, mfu  # noqa: E402
+from vitscale.cost.measure import Measurement, example_input, measure_model, pick_device  # noqa: E402
 from vitscale.models.vit import ViT, ViTConfig, param_count, preset  # noqa: E402
-from vitscale.report import console  # noqa: E402
 
 MODES = ("infer", "train")
 COMPILE = ("off", "on")
@@ -289,7 +289,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend for --compile on (default: inductor)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
-                   help="the device's dense peak for the dtype, for MFU (0 = vitscale.mfu's table for "
+                   help="the device's dense peak for the dtype, for MFU (0 = vitscale.cost.mfu's table for "
                         "known GPUs; none on a CPU unless given)")
     p.add_argument("--models", help="comma-separated PRESET:BATCH to time instead of the device's "
                    "defaults (e.g. S/16:8,pico/4:64)")

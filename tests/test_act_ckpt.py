@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitscale import engine
-from vitscale.checkpoint import at
-from vitscale.config import RunConfig, apply_overrides
+from vitscale.common.checkpoint import at
+from vitscale.common.records import apply_overrides
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViT, checkpoint_blocks, preset
+from vitscale.train import engine
+from vitscale.train.config import RunConfig
 
 
 def loss_and_grads(model, forward, seed=0):
@@ -116,7 +117,7 @@ def test_a_run_with_act_ckpt_ends_bitwise_as_one_without(tmp_path):
 
 
 def test_vitscale_bench_act_ckpt_measures_a_checkpointed_training_step(capsys):
-    from vitscale.cli import main
+    from vitscale.cli.main import main
 
     assert main(["bench", "pico/4", "--batch", "2", "--mode", "train", "--warmup", "0", "--iters", "1",
                  "--device", "cpu", "--act-ckpt", "--dtype", "fp16", "--json"]) == 0
@@ -126,7 +127,7 @@ def test_vitscale_bench_act_ckpt_measures_a_checkpointed_training_step(capsys):
 
 def test_vitscale_bench_act_ckpt_prints_its_table(capsys):
     """(The table once had no column for act_ckpt: a KeyError.)"""
-    from vitscale.cli import main
+    from vitscale.cli.main import main
 
     assert main(["bench", "pico/4", "--batch", "2", "--mode", "train", "--warmup", "0", "--iters", "1",
                  "--device", "cpu", "--act-ckpt"]) == 0
@@ -137,18 +138,18 @@ def test_vitscale_bench_act_ckpt_prints_its_table(capsys):
 def test_held_for_backward_counts_what_autograd_saves():
     """Linear -> ReLU -> Linear on [B, 8] keeps the input (B x 8) and the ReLU output (B x 16,
     which the second Linear saves too: one storage), float32; the weights are not counted."""
-    from vitscale import bench
+    from vitscale.cost import measure
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    assert bench.held_for_backward(model, torch.randn(5, 8)) == 4 * 5 * (8 + 16)
+    assert measure.held_for_backward(model, torch.randn(5, 8)) == 4 * 5 * (8 + 16)
 
 
 def test_a_checkpointed_block_holds_just_its_input():
     """One more checkpointed block holds one more [B, L, D] float32 input, nothing else."""
-    from vitscale import bench
+    from vitscale.cost import measure
 
     B, cfgs = 3, [preset("pico/4", image_size=16, depth=d) for d in (2, 3)]
-    two, three = (bench.held(c, batch=B, device="cpu", act_ckpt=True) for c in cfgs)
+    two, three = (measure.held(c, batch=B, device="cpu", act_ckpt=True) for c in cfgs)
     L, D = cfgs[0].num_patches + cfgs[0].num_prefix, cfgs[0].width
     assert three - two == B * L * D * 4
-    assert bench.held(cfgs[1], batch=B, device="cpu") > 5 * three  # plain blocks keep far more
+    assert measure.held(cfgs[1], batch=B, device="cpu") > 5 * three  # plain blocks keep far more

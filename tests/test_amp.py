@@ -1,4 +1,4 @@
-"""train.dtype=fp16: autocast to float16 with a dynamic loss scale (vitscale.amp.Scaler, torch's
+"""train.dtype=fp16: autocast to float16 with a dynamic loss scale (vitscale.train.amp.Scaler, torch's
 GradScaler), on CPU as on CUDA; skipped overflow steps, clipping of the true gradients, the scale
 checkpointed and resumed, and a non-finite loss still stopping the run."""
 
@@ -9,11 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitscale import amp, checkpoint, engine
-from vitscale.checkpoint import at
-from vitscale.config import RunConfig, apply_overrides
-from vitscale.device import autocast
-from vitscale.errors import StopTraining
+from vitscale.common import checkpoint
+from vitscale.common.checkpoint import at
+from vitscale.common.device import autocast
+from vitscale.common.errors import StopTraining
+from vitscale.common.records import apply_overrides
+from vitscale.train import amp, engine
+from vitscale.train.config import RunConfig
 
 FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "data.image_size=16", "model.patch_size=4",
         "train.warmup_epochs=0", "train.keep_last=10", "train.ckpt_every=1", "train.dtype=fp16"]

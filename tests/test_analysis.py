@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from scipy.optimize import least_squares
 
-from vitscale import analysis, config, fits, summary
-from vitscale.complexity import cost
-from vitscale.results import Point, SeedResult, StaleResult, TrialResult
-from vitscale.scaling import scale
-from vitscale.study import StudyConfig
+from vitscale.common import records
+from vitscale.cost.complexity import cost
+from vitscale.cost.scaling import scale
+from vitscale.study import analysis, fits, summary
+from vitscale.study.config import StudyConfig
+from vitscale.study.results import Point, SeedResult, StaleResult, TrialResult
+from vitscale.train import config
 
 BASE = config.with_preset(config.recipe("train"), "pico/4").model.replace(image_size=16, num_classes=10)
 N0 = cost(BASE).flops
@@ -69,7 +71,7 @@ def trial(
         ("d", "w") if factor == 1 else (strategy,),
         factor,
         c.flops / N0,
-        config.to_dict(cfg),
+        records.to_dict(cfg),
         c.params,
         c.flops,
         c.acts,

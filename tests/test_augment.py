@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from vitscale import config
+from vitscale.common import records
+from vitscale.common.errors import UserError
 from vitscale.data import DataConfig, EpochSampler, build_datasets, transforms_for
 from vitscale.data import randaugment as ra
 from vitscale.data.sampler import sample_seeds
 from vitscale.data.transforms import ClipTransform, color_jitter, erase_box, random_erase, resized_crop
-from vitscale.errors import UserError
+from vitscale.train import config
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FILL = (124, 116, 104)  # timm's fill: the ImageNet mean in 8 bits
@@ -281,9 +282,9 @@ def test_defaults_by_data():
                          ("randaugment", "rand-m11-inc1"), ("real_scale_min", 0.0)):
         with pytest.raises(UserError, match=f"data.{field}"):
             DataConfig(**{field: value})
-    cfg = config.apply_overrides(config.RunConfig(),
+    cfg = records.apply_overrides(config.RunConfig(),
                                  ["data.hflip=auto", "data.name=image-folder", "data.path=x"])
-    assert cfg.data.flip and config.apply_overrides(cfg, ["data.hflip=false"]).data.flip is False
+    assert cfg.data.flip and records.apply_overrides(cfg, ["data.hflip=false"]).data.flip is False
 
 
 @pytest.mark.parametrize("command,builtin,real", [("pretrain", 0.8, 0.2), ("train", 0.8, 0.08),
@@ -291,8 +292,8 @@ def test_defaults_by_data():
 def test_recipes_crop_built_ins_gently_and_real_data_as_mae_and_deit(command, builtin, real):
     cfg = config.recipe(command, init="random")
     assert cfg.data.crop_scale == builtin
-    assert config.apply_overrides(cfg, ["data.name=image-folder", "data.path=x"]).data.crop_scale == real
-    assert config.apply_overrides(cfg, ["data.scale_min=0.5"]).data.crop_scale == 0.5
+    assert records.apply_overrides(cfg, ["data.name=image-folder", "data.path=x"]).data.crop_scale == real
+    assert records.apply_overrides(cfg, ["data.scale_min=0.5"]).data.crop_scale == 0.5
     assert DataConfig().crop_scale == 0.35  # a DataConfig of its own keeps the old default
 
 
@@ -357,8 +358,8 @@ def test_a_run_with_every_augmentation_resumes_bitwise(tmp_path):
 
     from safetensors.torch import load_file
 
-    from vitscale import engine
-    from vitscale.checkpoint import at
+    from vitscale.common.checkpoint import at
+    from vitscale.train import engine
 
     fast = ["train.batch=32", "train.max_steps=4", "train.threads=1", "data.image_size=16",
             "model.patch_size=4", "train.warmup_epochs=0", "train.keep_last=10", "train.ckpt_every=1",
@@ -367,7 +368,7 @@ def test_a_run_with_every_augmentation_resumes_bitwise(tmp_path):
             "data.hflip=true", "data.interpolation=bicubic", "data.scale_min=0.5", "data.repeated_aug=3"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     for out in (whole, killed):
-        cfg = config.apply_overrides(config.RunConfig(out=str(out)), fast)
+        cfg = records.apply_overrides(config.RunConfig(out=str(out)), fast)
         if out == killed:
             shutil.copytree(whole, killed)
             for gone in (at(killed, 3), at(killed, 4), killed / "best", killed / "final.json"):

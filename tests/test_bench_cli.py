@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from vitscale import bench
-from vitscale.cli import main
-from vitscale.complexity import cost
+from vitscale.cli.main import main
+from vitscale.cost import measure as bench
+from vitscale.cost.complexity import cost
 from vitscale.models import preset
 
 

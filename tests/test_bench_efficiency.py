@@ -13,7 +13,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_efficiency as be  # noqa: E402
 
-from vitscale.multires import side_at  # noqa: E402
+from vitscale.data.multires import side_at  # noqa: E402
 
 
 @pytest.mark.parametrize("budget", [1.0, 7.0, 20.0, 20.5, 101.0])

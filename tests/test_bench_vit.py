@@ -16,19 +16,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 pytest.importorskip("transformers")
 import bench_vit as bv  # noqa: E402
 
-from vitscale import bench, counted  # noqa: E402
-from vitscale.cli import main as cli_main  # noqa: E402
+from vitscale.cli.main import main as cli_main  # noqa: E402
+from vitscale.cost import (
+    counted,
+    measure,  # noqa: E402
+)
 from vitscale.models.vit import preset  # noqa: E402
 
 
 def peer_macs_per_sample(mode: str, batch: int = 2) -> float:
     """Multiply-adds per sample of pico/4's HF peer, counted on the peer itself. On meta tensors, as
-    vitscale.counted counts: there SDPA runs its math path, whose matmuls FlopCounterMode counts
+    vitscale.cost.counted counts: there SDPA runs its math path, whose matmuls FlopCounterMode counts
     (on real CPU tensors it does not count the CPU flash-attention kernel at all)."""
     cfg = preset("pico/4")
     with torch.device("meta"):
         peer = bv.hf_peer(cfg)
-        x = bench.example_input(cfg, batch, "meta")
+        x = measure.example_input(cfg, batch, "meta")
     with FlopCounterMode(display=False) as counter:
         if mode == "train":
             bv.hf_loss(peer.train()(x)).backward()
@@ -55,7 +58,7 @@ def test_peer_attends_with_sdpa(monkeypatch):
     _, peer, _ = bv.build_pair(cfg, torch.device("cpu"), 0)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
     with torch.no_grad():
-        peer.eval()(bench.example_input(cfg, 2))
+        peer.eval()(measure.example_input(cfg, 2))
     tokens = 1 + (cfg.image_size // cfg.patch_size) ** 2  # cls + patches
     assert calls == [(2, cfg.heads, tokens, cfg.width // cfg.heads)] * cfg.depth  # once per block
 

@@ -6,8 +6,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitscale.bench import example_input
-from vitscale.complexity import cost
+from vitscale.cost.complexity import cost
+from vitscale.cost.measure import example_input
 from vitscale.models import param_count, preset
 from vitscale.models.vit import Attention
 

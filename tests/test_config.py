@@ -2,7 +2,8 @@
 
 import pytest
 
-from vitscale.config import RunConfig, apply_overrides, dump_yaml, from_dict, load_yaml
+from vitscale.common.records import apply_overrides, dump_yaml, from_dict
+from vitscale.train.config import RunConfig, load_yaml
 
 
 def test_overrides_are_parsed_by_field_type():

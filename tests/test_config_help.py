@@ -7,14 +7,15 @@ from dataclasses import dataclass, fields
 import pytest
 import yaml
 
-from vitscale import config
-from vitscale.cli import CONFIG_COMMANDS, PLACEHOLDERS, main
-from vitscale.config import DistillConfig, RunConfig, TrainConfig
-from vitscale.confighelp import all_help, commented_yaml, field_help
+from vitscale.cli.main import CONFIG_COMMANDS, PLACEHOLDERS, main
+from vitscale.common import records
 from vitscale.data.config import DataConfig
 from vitscale.models.mae import MAEConfig
 from vitscale.models.vit import ViTConfig
-from vitscale.study import DEMO, StudyConfig
+from vitscale.study.config import DEMO, StudyConfig
+from vitscale.train import config
+from vitscale.train.config import DistillConfig, RunConfig, TrainConfig
+from vitscale.train.fieldhelp import all_help, commented_yaml, field_help
 
 CONFIGS = (RunConfig, TrainConfig, DistillConfig, DataConfig, ViTConfig, MAEConfig, StudyConfig)
 
@@ -94,7 +95,7 @@ def test_the_printed_config_reads_back_to_the_default(tmp_path, capsys, command)
     cfg = config.load_yaml(path, StudyConfig if command == "study" else RunConfig)
     assert cfg == default(command)
     # every key but `out`: a config file does not say where a run goes
-    assert yaml.safe_load(text) == {k: v for k, v in config.to_dict(cfg).items() if k != "out"}
+    assert yaml.safe_load(text) == {k: v for k, v in records.to_dict(cfg).items() if k != "out"}
     helps = all_help(type(cfg))
     keys = [line for line in text.splitlines() if not line.lstrip().startswith(("#", "- "))]
     assert len(keys) == len(helps) - 1 and all("  # " in line for line in keys)  # each key, its help
@@ -104,7 +105,7 @@ def test_the_printed_config_reads_back_to_the_default(tmp_path, capsys, command)
 def test_overrides_and_a_preset_are_applied_as_the_command_would(tmp_path, capsys):
     text = shown(capsys, "pretrain", "--model", "mu/4", "--train.epochs=3", "--data.frames", "1")
     (tmp_path / "c.yaml").write_text(text)
-    want = config.apply_overrides(config.with_preset(config.recipe("pretrain"), "mu/4"),
+    want = records.apply_overrides(config.with_preset(config.recipe("pretrain"), "mu/4"),
                                   ["train.epochs=3", "data.frames=1"])
     assert config.load_yaml(tmp_path / "c.yaml") == want
     assert main(["config", "train", "--train.epochs=ten"]) == 2
@@ -113,7 +114,7 @@ def test_overrides_and_a_preset_are_applied_as_the_command_would(tmp_path, capsy
 
 def test_json_gives_the_values_and_the_help(capsys):
     got = json.loads(shown(capsys, "train", "--json"))
-    assert got == {"config": config.to_dict(config.recipe("train")), "help": all_help(RunConfig)}
+    assert got == {"config": records.to_dict(config.recipe("train")), "help": all_help(RunConfig)}
 
 
 def test_long_help_wraps_and_long_lists_go_one_item_a_line():
@@ -169,7 +170,7 @@ def test_every_run_config_field_is_a_flag_in_help_with_its_help_and_the_commands
 
 
 def test_every_study_field_is_a_flag_in_study_help(capsys):
-    from vitscale.configflags import STUDY_FLAGS
+    from vitscale.cli.flags import STUDY_FLAGS
 
     text = help_text(capsys, "study")
     for name in field_help(StudyConfig):
@@ -181,7 +182,7 @@ def test_every_study_field_is_a_flag_in_study_help(capsys):
 
 @pytest.fixture
 def trained(monkeypatch):
-    from vitscale import engine
+    from vitscale.train import engine
 
     seen = []
     monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or {})
@@ -218,10 +219,10 @@ def test_flags_are_typed_and_checked_as_config_files_are(tmp_path, trained, caps
 
 
 def test_study_fields_from_flags_reach_the_study(tmp_path, monkeypatch):
-    from vitscale import study
+    from vitscale.study import runner
 
     seen = []
-    monkeypatch.setattr(study, "run_study", lambda s, only=None, log=print: seen.append(s))
+    monkeypatch.setattr(runner, "run_study", lambda s, only=None, log=print: seen.append(s))
     assert main(["study", "--out", str(tmp_path / "s"), "--leaders", "1", "--sweep-length", "0.25",
                  "--ahead", "3,30", "--probe-epochs", "5", "--decay-frac", "0.3", "--warmup", "0.1",
                  "--recipe", "mr:train.resolutions=12,16", "--lrs", "", "--train.base_lr=1e-3"]) == 0

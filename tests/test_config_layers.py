@@ -9,9 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vitscale import config, engine, study
-from vitscale.cli import main
-from vitscale.config import DistillConfig, RunConfig, dump_yaml, recipe
+from vitscale.cli.main import main
+from vitscale.common import records
+from vitscale.common.records import dump_yaml
+from vitscale.study import runner
+from vitscale.study.config import StudyConfig
+from vitscale.train import config, engine
+from vitscale.train.config import DistillConfig, RunConfig, recipe
 
 
 @pytest.fixture
@@ -102,8 +106,8 @@ def test_config_shows_the_layered_result(tmp_path, capsys):
     path = write(tmp_path / "my.yaml", {"data": {"train_size": 500}, "train": {"epochs": 7}})
     assert main(["config", "pretrain", "--config", path, "--train.epochs=9"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
-    want = config.apply_overrides(recipe("pretrain"), ["data.train_size=500", "train.epochs=9"])
-    assert shown == {k: v for k, v in config.to_dict(want).items() if k != "out"}
+    want = records.apply_overrides(recipe("pretrain"), ["data.train_size=500", "train.epochs=9"])
+    assert shown == {k: v for k, v in records.to_dict(want).items() if k != "out"}
 
 
 def test_what_config_prints_is_a_config_file_the_command_takes(tmp_path, capsys, trained):
@@ -112,7 +116,7 @@ def test_what_config_prints_is_a_config_file_the_command_takes(tmp_path, capsys,
     path.write_text(capsys.readouterr().out)
     assert "out" not in yaml.safe_load(path.read_text())
     assert main(["train", "--config", str(path)]) == 0
-    assert trained == [config.apply_overrides(recipe("train"), ["train.epochs=5"])]
+    assert trained == [records.apply_overrides(recipe("train"), ["train.epochs=5"])]
 
 
 # ----------------------------------------------------------------------------- fuzz item 2: out
@@ -128,7 +132,7 @@ def test_an_out_key_in_a_run_config_file_is_refused(tmp_path, trained, capsys):
 
 def test_an_out_key_in_a_study_file_is_refused(tmp_path, monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(study, "run_study", lambda s, only=None, log=print: seen.append(s))
+    monkeypatch.setattr(runner, "run_study", lambda s, only=None, log=print: seen.append(s))
     path = write(tmp_path / "s.yaml", {"out": str(tmp_path / "elsewhere"), "seeds": 1})
     one_line_error(capsys, ["study", "--config", path], "does not say where a study goes", "--out DIR")
     assert seen == []
@@ -146,11 +150,11 @@ def test_a_runs_own_config_yaml_still_resumes_where_it_lies(tmp_path, trained):
 # ----------------------------------------------------------------------------- study
 def test_a_study_takes_its_defaults_then_the_file_then_flags(tmp_path, monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(study, "run_study", lambda s, only=None, log=print: seen.append(s))
+    monkeypatch.setattr(runner, "run_study", lambda s, only=None, log=print: seen.append(s))
     path = write(tmp_path / "s.yaml", {"seeds": 1, "factors": [1.0, 2.0], "leaders": 1})
     assert main(["study", "--config", path, "--out", str(tmp_path / "st"), "--seeds", "3",
                  "--sweep-length", "0.25"]) == 0
-    assert seen == [replace(study.StudyConfig(), seeds=3, factors=(1.0, 2.0), leaders=1, sweep_length=0.25,
+    assert seen == [replace(StudyConfig(), seeds=3, factors=(1.0, 2.0), leaders=1, sweep_length=0.25,
                             out=str(tmp_path / "st"))]
 
 
@@ -215,7 +219,7 @@ def test_an_older_study_yaml_naming_out_continues_where_it_lies(tmp_path, monkey
     """A study.yaml in its own study directory (one with trials/) ignores an `out` an older
     vitscale saved; anywhere else the key is refused (above)."""
     seen = []
-    monkeypatch.setattr(study, "run_study", lambda s, only=None, log=print: seen.append(s))
+    monkeypatch.setattr(runner, "run_study", lambda s, only=None, log=print: seen.append(s))
     home = tmp_path / "st"
     (home / "trials").mkdir(parents=True)
     path = write(home / "study.yaml", {"out": str(tmp_path / "elsewhere"), "seeds": 1})

@@ -20,10 +20,12 @@ import torch
 from safetensors.torch import load_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from vitscale import amp, checkpoint, engine
-from vitscale.config import RunConfig, apply_overrides
-from vitscale.device import autocast
+from vitscale.common import checkpoint
+from vitscale.common.device import autocast
+from vitscale.common.records import apply_overrides
 from vitscale.models.vit import ViT, preset
+from vitscale.train import amp, engine
+from vitscale.train.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
@@ -185,7 +187,7 @@ def test_fsdp_on_one_device_writes_sharded_checkpoints_that_match_a_plain_run(de
     """torchrun of one process: a one-rank group (NCCL on a GPU, gloo on the CPU), so train.fsdp and
     train.sharded_ckpt run on one device. Its weights, read whole from the shards, and its losses are
     the plain run's to rounding; vitscale eval reads its best/ shards in one process."""
-    from vitscale.cli import main
+    from vitscale.cli.main import main
 
     sharded, plain = tmp_path / "sharded", tmp_path / "plain"
     args = ["train", *(f"--{o}" for o in FAST), f"--train.device={device}",
@@ -212,7 +214,7 @@ import torch
 # deterministic kernels where there are; an op without one warns (the bitwise check below judges)
 torch.use_deterministic_algorithms(True, warn_only=True)
 torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-from vitscale.cli import main
+from vitscale.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """)
 

@@ -11,14 +11,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from vitscale import config, engine, tasks, weights
-from vitscale.checkpoint import latest
-from vitscale.cli import main
-from vitscale.config import DistillConfig, RunConfig, apply_overrides
-from vitscale.errors import UserError
+from vitscale import tasks, weights
+from vitscale.cli.main import main
+from vitscale.common.checkpoint import latest
+from vitscale.common.errors import UserError
+from vitscale.common.records import apply_overrides
 from vitscale.models.vit import ViT, preset
-from vitscale.study import train_flops_per_sample
 from vitscale.tasks.distill import Distiller, FeatureDistiller, hard_distillation, soft_distillation
+from vitscale.train import config, engine
+from vitscale.train.config import DistillConfig, RunConfig
+from vitscale.train.flops import train_flops_per_sample
 
 STUDENT = preset("pico/4", image_size=8, num_classes=10)
 FAST = ["train.batch=32", "train.max_steps=4", "train.ckpt_every=2", "train.threads=1", "train.knn_k=5",

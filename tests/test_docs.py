@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vitscale.cli import build_parser
-from vitscale.config import RunConfig
-from vitscale.errors import UserError
+from vitscale.cli.main import build_parser
+from vitscale.common.errors import UserError
+from vitscale.train.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

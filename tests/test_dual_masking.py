@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from vitscale.bench import example_input
-from vitscale.errors import UserError
+from vitscale.common.errors import UserError
+from vitscale.cost.measure import example_input
 from vitscale.models.mae import MAE, MAEConfig, decoder_keep, patchify, running_cell_mask, unpatchify
 from vitscale.models.vit import preset
 

@@ -10,11 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitscale import engine, weights
-from vitscale.checkpoint import at
-from vitscale.config import RunConfig, apply_overrides
-from vitscale.ema import EMA
-from vitscale.errors import UserError
+from vitscale import weights
+from vitscale.common.checkpoint import at
+from vitscale.common.errors import UserError
+from vitscale.common.records import apply_overrides
+from vitscale.train import engine
+from vitscale.train.config import RunConfig
+from vitscale.train.ema import EMA
 
 FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "data.image_size=16", "model.patch_size=4",
         "train.warmup_epochs=0", "train.keep_last=10", "train.ckpt_every=1"]

@@ -3,7 +3,8 @@ with its traceback saved (issue 10, item 16)."""
 
 import pytest
 
-from vitscale import cli, errors
+from vitscale.cli import main as cli
+from vitscale.common import errors
 
 
 def _boom(message):

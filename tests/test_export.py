@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitscale import engine, tasks, weights
-from vitscale import export as vexport
-from vitscale.cli import main
-from vitscale.config import DistillConfig, RunConfig, apply_overrides, load_yaml
+from vitscale import tasks, weights
+from vitscale.cli.main import main
+from vitscale.common.records import apply_overrides
+from vitscale.runs import export as vexport
+from vitscale.train import engine
+from vitscale.train.config import DistillConfig, RunConfig, load_yaml
 
 FAST = ["train.batch=32", "train.max_steps=2", "train.threads=1", "data.image_size=16", "model.patch_size=4",
         "train.warmup_epochs=0"]

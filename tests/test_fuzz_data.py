@@ -12,12 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from vitscale import checkpoint, dist, engine, evaluate, signals
-from vitscale.cli import main
-from vitscale.config import RunConfig, apply_overrides
+from vitscale.cli.main import main
+from vitscale.common import checkpoint, dist, signals
+from vitscale.common.errors import Interrupted, UserError
+from vitscale.common.records import apply_overrides
 from vitscale.data import DataConfig, build_datasets
 from vitscale.data.folders import IMAGE_EXTS, read_image, scan_folder
-from vitscale.errors import Interrupted, UserError
+from vitscale.tasks import evaluate
+from vitscale.train import engine
+from vitscale.train.config import RunConfig
 
 FAST = ["--train.batch=8", "--train.max_steps=2", "--train.threads=1", "--data.image_size=16",
         "--model.patch_size=4", "--model.depth=1", "--train.warmup_epochs=0"]

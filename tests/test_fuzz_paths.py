@@ -10,11 +10,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from vitscale import lock, rundir, soup
-from vitscale.cli import main
-from vitscale.config import RunConfig, apply_overrides, dump_yaml
+from vitscale.cli.main import main
+from vitscale.common import lock, rundir
+from vitscale.common.errors import UserError
+from vitscale.common.records import apply_overrides, dump_yaml
 from vitscale.data.folders import IMAGE_EXTS, scan_folder
-from vitscale.errors import UserError
+from vitscale.runs import soup
+from vitscale.train.config import RunConfig
 
 FAST = ["--train.batch=8", "--train.max_steps=1", "--train.threads=1", "--data.image_size=16",
         "--model.patch_size=4", "--model.depth=1", "--train.warmup_epochs=0"]
@@ -202,7 +204,7 @@ def test_an_empty_folder_takes_a_soup(tmp_path):
 def test_a_study_workers_log_alone_does_not_make_a_folder_foreign(tmp_path):
     """A study's worker opens log.txt in a sweep run's directory before the run writes config.yaml
     (make demo failed on runs/study/sweep/lr-0.004)."""
-    from vitscale import rundir
+    from vitscale.common import rundir
 
     run = tmp_path / "sweep" / "lr-0.004"
     run.mkdir(parents=True)

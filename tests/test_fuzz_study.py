@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 from test_study_launch import TINY, _seed, _sizing, tiny
 
-from vitscale import analysis, cli, errors, launch, results, study, study_plan
-from vitscale.errors import UserError
-from vitscale.results import SeedResult, Sizing, SweepPoint
+from vitscale.cli.main import main
+from vitscale.common import errors
+from vitscale.common.errors import UserError
+from vitscale.study import analysis, config, launch, preview, results, runner
+from vitscale.study.results import SeedResult, Sizing, SweepPoint
+from vitscale.study.trials import plan, reference_compute, size_all
 
 TINY_FLAGS = ["--strategy", "d,w", "--factors", "1,2", "--budget", "epochs:1", "--lrs", "",
               "--fractions", "0.5,1", "--seeds", "1", *(f"--{o}" for o in TINY)]
@@ -29,7 +32,7 @@ def _no_crash_dir():
 def _one_line_exit_2(argv: list[str], capsys) -> str:
     """Run the CLI: exit 2 and one line on stderr, which is returned."""
     try:
-        code = cli.main(argv)
+        code = main(argv)
     except SystemExit as e:  # argparse's own refusals (a type it cannot parse)
         code = e.code
     err = capsys.readouterr().err.strip()
@@ -38,13 +41,13 @@ def _one_line_exit_2(argv: list[str], capsys) -> str:
     return err
 
 
-def _study(tmp_path, finished: tuple[str, ...], **kw) -> study.StudyConfig:
+def _study(tmp_path, finished: tuple[str, ...], **kw) -> config.StudyConfig:
     """A study directory whose `finished` trials have their sizing and seed 0 written, as the study
     writes them (nothing trained)."""
     cfg = tiny(tmp_path, **kw)
     out = Path(cfg.out)
     out.mkdir()
-    (out / "study.yaml").write_text(study.dump_study(cfg))
+    (out / "study.yaml").write_text(config.dump_study(cfg))
     for i, name in enumerate(finished):
         (out / "trials" / name / "seed0").mkdir(parents=True)
         results.write(out / "trials" / name / "trial.json", _sizing(32))
@@ -56,7 +59,7 @@ def _study(tmp_path, finished: tuple[str, ...], **kw) -> study.StudyConfig:
 def test_collect_with_only_the_base_finished_reports_it_and_skips_the_fits(tmp_path, capsys):
     cfg = _study(tmp_path, ("base",))
     out = Path(cfg.out)
-    assert cli.main(["study", "--config", str(out / "study.yaml"), "--collect"]) == 0, capsys.readouterr().err
+    assert main(["study", "--config", str(out / "study.yaml"), "--collect"]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out.splitlines()
     assert "collect: 1 of 3 trials finished" in printed
     assert [x for x in printed if x.startswith("missing")] == [
@@ -67,7 +70,7 @@ def test_collect_with_only_the_base_finished_reports_it_and_skips_the_fits(tmp_p
     assert any(x.startswith("best measured within the budget: base") for x in printed), printed
     assert (out / "summary.json").is_file() and (out / "report.md").is_file()
     assert not (out / "crash.txt").exists()
-    assert cli.main(["study", "--config", str(out / "study.yaml"), "--collect", "--json"]) == 0
+    assert main(["study", "--config", str(out / "study.yaml"), "--collect", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["law"] is None and summary["recommendation"]["measured_best"]["name"] == "base"
 
@@ -75,12 +78,12 @@ def test_collect_with_only_the_base_finished_reports_it_and_skips_the_fits(tmp_p
 def test_a_study_of_its_base_alone_is_summarized_without_a_law(tmp_path):
     """factors=(1,): every strategy's only trial is the base; nothing to fit, the base measured."""
     cfg = tiny(tmp_path, factors=(1,))
-    (base,) = study.plan(cfg)
-    row = study._trial_result(base, _sizing(32), {0: _seed("base", 0.5, 32)})
+    (base,) = plan(cfg)
+    row = runner._trial_result(base, _sizing(32), {0: _seed("base", 0.5, 32)})
     summary = analysis.summarize(cfg, [row])
     assert summary.law is None and summary.recommendation.pick is None
     assert summary.recommendation.measured_best.name == "base"
-    assert any("scaling law" in x for x in study_plan.skipped(summary))
+    assert any("scaling law" in x for x in preview.skipped(summary))
 
 
 def test_a_crash_in_collect_leaves_its_traceback_in_the_study_folder(tmp_path, monkeypatch, capsys):
@@ -91,7 +94,7 @@ def test_a_crash_in_collect_leaves_its_traceback_in_the_study_folder(tmp_path, m
         raise RuntimeError("a planted bug")
 
     monkeypatch.setattr(analysis, "summarize", bug)
-    assert cli.main(["study", "--config", str(out / "study.yaml"), "--collect"]) == 1
+    assert main(["study", "--config", str(out / "study.yaml"), "--collect"]) == 1
     err = capsys.readouterr().err
     assert f"traceback in {out / 'crash.txt'}" in err, err
     assert "a planted bug" in (out / "crash.txt").read_text()
@@ -172,7 +175,7 @@ def test_the_slurm_table_is_submitits_own():
                                   "time:1e9s", "time:1e6h"])
 def test_budgets_beyond_any_machine_are_refused(text, capsys):
     with pytest.raises(UserError, match="out of range") as e:
-        study.parse_budget(text)
+        config.parse_budget(text)
     assert "\n" not in str(e.value)
     err = _one_line_exit_2(["study", *TINY_FLAGS, "--budget", text, "--plan"], capsys)
     assert f"budget {text!r}" in err and "out of range" in err, err
@@ -185,9 +188,9 @@ def test_targets_beyond_any_machine_are_refused(text, capsys):
 
 
 def test_budgets_in_range_still_parse():
-    assert study.parse_budget("compute:1e30").amount == 1e30
-    assert study.parse_budget("epochs:1e6").amount == 1e6
-    assert study.parse_budget("time:1000h").amount == 3.6e6
+    assert config.parse_budget("compute:1e30").amount == 1e30
+    assert config.parse_budget("epochs:1e6").amount == 1e6
+    assert config.parse_budget("time:1000h").amount == 3.6e6
 
 
 # ----------------------------------------------------------------------------- 10: Slurm without Slurm
@@ -248,16 +251,16 @@ def test_slurm_jobs_values_come_back_as_json_never_a_pickle(tmp_path, monkeypatc
 
     monkeypatch.setattr(utils, "pickle_load", no_pickle)
     cfg = tiny(tmp_path, strategies=("d",), factors=(1,))
-    trials = study.plan(cfg)
+    trials = plan(cfg)
     slurm = launch.SlurmLauncher(tmp_path / "slurm", {"cluster": "local", "timeout_min": 5}, 0, print, 0.1)
     got = {}
-    slurm.map([("sizing", study.size_all, (cfg, trials, study.reference_compute(trials), 1),
+    slurm.map([("sizing", size_all, (cfg, trials, reference_compute(trials), 1),
                 tmp_path / "sizing.log")], got.__setitem__)
     assert isinstance(got["sizing"]["base"], Sizing)
     assert [p.name.split("_", 1)[1] for p in (tmp_path / "slurm").glob("*/*_value.json")] == ["value.json"]
     missing = tiny(tmp_path, out=str(tmp_path / "nothing"))  # a job's UserError comes back as one
     with pytest.raises(UserError, match="holds no study"):
-        slurm.map([("bad", study_plan.collect, (missing,), tmp_path / "bad.log")], lambda *a: None)
+        slurm.map([("bad", preview.collect, (missing,), tmp_path / "bad.log")], lambda *a: None)
 
 
 # ----------------------------------------------------------------------------- the study's other flags
@@ -287,6 +290,6 @@ def test_factors_beyond_what_the_scaler_can_build_are_refused(factors):
     """A factor of 1e9 planned a model of gigabytes (the plan counts its flops on the real model): up
     to 1024x (as far as the analysis' grid reaches), down to 1/64; checked on the config, before a plan."""
     with pytest.raises(UserError, match="factors must be between 1/64 and 1024") as e:
-        study.StudyConfig(factors=factors)
+        config.StudyConfig(factors=factors)
     assert "\n" not in str(e.value)
 

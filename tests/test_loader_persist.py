@@ -9,12 +9,13 @@ import signal
 import pytest
 import torch
 
-from vitscale import config, engine
-from vitscale.config import TrainConfig
+from vitscale.common import records
+from vitscale.common.errors import Interrupted
 from vitscale.data import DataConfig, RunBatches, build_datasets, make_loader, sampler
 from vitscale.data.sampler import EpochSampler
-from vitscale.errors import Interrupted
-from vitscale.plan import Plan
+from vitscale.train import config, engine
+from vitscale.train.config import TrainConfig
+from vitscale.train.steps import Plan
 
 
 def per_epoch(dataset, plan, seed, step, micro, accum, rank, world, repeats, workers):
@@ -79,7 +80,7 @@ def test_run_batches_hold_one_epochs_keys_at_a_time(monkeypatch):
 
 def _fast(tmp_path, name, *overrides):
     run = config.with_preset(config.RunConfig(out=str(tmp_path / name)), "pico/4")
-    return config.apply_overrides(run, [
+    return records.apply_overrides(run, [
         "data.name=cluttered-digits", "data.train_size=48", "data.val_size=16", "data.test_size=16",
         "data.image_size=16", "train.batch=16", "train.epochs=3", "train.threads=1", "train.knn_k=0",
         "train.warmup_epochs=0", "data.workers=2", *overrides])  # 3 epochs of 3 steps

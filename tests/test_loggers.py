@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from vitscale import engine, loggers
-from vitscale.config import RunConfig, apply_overrides
-from vitscale.errors import UserError
+from vitscale.common.errors import UserError
+from vitscale.common.records import apply_overrides
+from vitscale.train import engine, loggers
+from vitscale.train.config import RunConfig
 
 FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "train.knn_k=0",
         "data.image_size=16", "model.patch_size=4", "train.warmup_epochs=0"]

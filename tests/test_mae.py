@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vitscale.bench import example_input
+from vitscale.cost.measure import example_input
 from vitscale.models.mae import (
     MAE,
     MAEConfig,

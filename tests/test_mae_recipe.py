@@ -14,11 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from vitscale import config, engine, weights
-from vitscale.cli import main
+from vitscale import weights
+from vitscale.cli.main import main
+from vitscale.common import records
 from vitscale.data import DataInfo
 from vitscale.models.mae import MAE, MAEConfig, masking_of, normalize_channels, patchify, tube_masking
 from vitscale.models.vit import INIT_STD, ViT, fixed_pos_embed, preset
+from vitscale.train import config, engine
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[None, :, None, None, None]  # transformers' constants
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[None, :, None, None, None]
@@ -102,7 +104,7 @@ def info(name: str) -> DataInfo:
 
 
 def pretrain(*overrides: str):
-    return config.apply_overrides(config.recipe("pretrain"), list(overrides))
+    return records.apply_overrides(config.recipe("pretrain"), list(overrides))
 
 
 @pytest.mark.parametrize("data, expected", [

@@ -3,8 +3,9 @@ is 2 x multiply-adds x samples/s over the peak (checked on figures worked by han
 
 import pytest
 
-from vitscale.errors import UserError
-from vitscale.mfu import mfu, peak_tflops, table_peak
+from vitscale.common import records
+from vitscale.common.errors import UserError
+from vitscale.cost.mfu import mfu, peak_tflops, table_peak
 
 
 @pytest.mark.parametrize("name,dtype,want", [
@@ -51,9 +52,9 @@ def test_a_cpu_has_no_peak_unless_given():
 def test_bench_counts_the_models_own_flops_and_gives_mfu_against_a_given_peak(capsys):
     import json
 
-    from vitscale.cli import main
-    from vitscale.complexity import cost
-    from vitscale.counted import macs_per_sample
+    from vitscale.cli.main import main
+    from vitscale.cost.complexity import cost
+    from vitscale.cost.counted import macs_per_sample
     from vitscale.models.vit import preset
 
     cfg = preset("pico/4")
@@ -71,15 +72,15 @@ def test_bench_counts_the_models_own_flops_and_gives_mfu_against_a_given_peak(ca
 
 
 def test_the_training_log_gives_mfu_against_a_given_peak_and_none_on_a_cpu_without(tmp_path):
-    from vitscale import config, engine
-    from vitscale.complexity import cost
-    from vitscale.engine import read_metrics
+    from vitscale.cost.complexity import cost
+    from vitscale.train import config, engine
+    from vitscale.train.engine import read_metrics
 
     fast = ["train.batch=32", "train.max_steps=2", "train.threads=1", "train.knn_k=0",
             "train.warmup_epochs=0"]
     rows = {}
     for name, extra in (("given", ["train.peak_tflops=0.001"]), ("none", [])):
-        cfg = config.apply_overrides(config.RunConfig(out=str(tmp_path / name)), fast + extra)
+        cfg = records.apply_overrides(config.RunConfig(out=str(tmp_path / name)), fast + extra)
         engine.train(cfg, log=lambda *a: None)
         rows[name] = [r for r in read_metrics(tmp_path / name) if r["split"] == "val"][-1]
     assert "mfu" not in rows["none"]

@@ -10,14 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitscale import config, engine, optim
-from vitscale.checkpoint import at
-from vitscale.config import TrainConfig
+from vitscale.common import records
+from vitscale.common.checkpoint import at
+from vitscale.common.errors import UserError
 from vitscale.data import build_datasets, make_loader
 from vitscale.data.sampler import EpochSampler
-from vitscale.errors import UserError
 from vitscale.models.vit import PatchEmbed
-from vitscale.plan import Plan, multigrid_stages, reshape
+from vitscale.train import config, engine, optim
+from vitscale.train.config import TrainConfig
+from vitscale.train.steps import Plan, multigrid_stages, reshape
 
 CYCLES = [(), ("long",), ("short",), ("long", "short")]
 FAST = ["data.name=moving-digits", "data.frames=4", "data.image_size=16", "data.num_clips=150",
@@ -27,7 +28,7 @@ FAST = ["data.name=moving-digits", "data.frames=4", "data.image_size=16", "data.
 
 def train(out, *overrides):
     run = config.with_preset(config.RunConfig(out=str(out)), "pico/4-f4")
-    cfg = config.apply_overrides(run, FAST + list(overrides))
+    cfg = records.apply_overrides(run, FAST + list(overrides))
     return cfg, engine.train(cfg, log=lambda *a: None)
 
 
@@ -143,4 +144,4 @@ def test_a_multigrid_run_killed_mid_epoch_resumes_bitwise(tmp_path):
 ])
 def test_bad_multigrid_is_one_line_naming_the_field(overrides, message):
     with pytest.raises(UserError, match=message):
-        config.apply_overrides(config.RunConfig(), ["model.patch_size=4", *overrides])
+        records.apply_overrides(config.RunConfig(), ["model.patch_size=4", *overrides])

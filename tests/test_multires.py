@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from vitscale import config, engine
-from vitscale.checkpoint import at
-from vitscale.cli import main
-from vitscale.errors import UserError
+from vitscale.cli.main import main
+from vitscale.common import records
+from vitscale.common.checkpoint import at
+from vitscale.common.errors import UserError
+from vitscale.data.multires import resize, side_at
 from vitscale.models.vit import PatchEmbed, ViT, ViTConfig
-from vitscale.multires import resize, side_at
+from vitscale.train import config, engine
 
 FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "data.image_size=16", "model.patch_size=4",
         "train.warmup_epochs=0", "train.knn_k=0", "train.keep_last=10", "train.ckpt_every=1",
@@ -24,7 +25,7 @@ FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "data.image_si
 
 
 def train(out, *overrides):
-    cfg = config.apply_overrides(config.RunConfig(out=str(out)), FAST + list(overrides))
+    cfg = records.apply_overrides(config.RunConfig(out=str(out)), FAST + list(overrides))
     return cfg, engine.train(cfg, log=lambda *a: None)
 
 
@@ -117,5 +118,5 @@ def test_eval_at_another_resolution_feeds_the_data_at_that_side(tmp_path, monkey
 ])
 def test_bad_resolutions_are_one_line_naming_the_field(overrides, message):
     with pytest.raises(UserError, match=message):
-        config.apply_overrides(config.RunConfig(), ["model.patch_size=4", *overrides])
-    assert config.apply_overrides(config.RunConfig(), ["train.resolutions="]).train.resolutions == ()
+        records.apply_overrides(config.RunConfig(), ["model.patch_size=4", *overrides])
+    assert records.apply_overrides(config.RunConfig(), ["train.resolutions="]).train.resolutions == ()

@@ -7,14 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitscale import engine, optim, weights
-from vitscale.complexity import cost
-from vitscale.config import RunConfig, apply_overrides
+from vitscale import weights
+from vitscale.common.records import apply_overrides
+from vitscale.common.stats import loglog_slope
+from vitscale.cost.complexity import cost
+from vitscale.cost.scaling import scale
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViT, ViTConfig, preset
-from vitscale.scaling import scale
-from vitscale.stats import loglog_slope
 from vitscale.tasks import Classifier, Pretrainer
+from vitscale.train import engine, optim
+from vitscale.train.config import RunConfig
 
 SMALL = dict(image_size=8, patch_size=4, in_chans=3, num_classes=10)
 

@@ -10,10 +10,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from vitscale import config, engine, study, study_plan
-from vitscale.cli import main
+from vitscale.cli.main import main
+from vitscale.common import records
+from vitscale.common.errors import UserError
 from vitscale.data import DataInfo, build_datasets
-from vitscale.errors import UserError
+from vitscale.study import preview, runner
+from vitscale.study.config import StudyConfig, base_run, dump_study, load_study
+from vitscale.study.trials import plan
+from vitscale.train import config, engine
 
 CLASSES = ("ant", "bee", "cat")
 
@@ -33,7 +37,7 @@ def folder(tmp_path_factory):
 
 def run_config(model: str, *overrides: str, command: str = "train"):
     """What `vitscale COMMAND --model MODEL OVERRIDES...` starts from (cli._run_config's order)."""
-    return config.apply_overrides(config.with_preset(config.recipe(command), model), list(overrides))
+    return records.apply_overrides(config.with_preset(config.recipe(command), model), list(overrides))
 
 
 def resolved(cfg):
@@ -120,24 +124,24 @@ DEMO_BEFORE = ("data.name=cluttered-digits", "data.image_size=16", "data.scale_m
 
 
 def test_the_default_study_plans_exactly_the_demo():
-    trials = study.plan(study.StudyConfig())
+    trials = plan(StudyConfig())
     assert [t.name for t in trials] == ["d-x0.5", "base", "d-x1.5", "d-x2.25", "w-x0.5", "w-x1.5", "w-x2.25"]
     base = next(t.run for t in trials if t.name == "base")
     assert (base.data.name, base.data.image_size, base.data.scale_min, base.data.train_size) == (
         "cluttered-digits", 16, 1.0, 16384)
     assert (base.train.batch, base.model.heads, base.model.width, base.model.hw) == (32, 4, 64, (16, 16))
     # a study.yaml written before keeps its trials: the demo's settings were its overrides then
-    assert [t.run for t in study.plan(study.StudyConfig(overrides=DEMO_BEFORE))] == [t.run for t in trials]
+    assert [t.run for t in plan(StudyConfig(overrides=DEMO_BEFORE))] == [t.run for t in trials]
 
 
 def test_the_demos_settings_stay_with_the_demos_data():
     # the demo's data, another base: its own heads, and the data's native 32 px (Ti/16 at the demo's
     # 16 px would see one token)
-    other_base = study.base_run(study.StudyConfig(model="mu/4"))
+    other_base = base_run(StudyConfig(model="mu/4"))
     assert (other_base.data.image_size, other_base.model.heads, other_base.train.batch) == (32, 3, 32)
-    tiny = study.base_run(study.StudyConfig(model="Ti/16"))
+    tiny = base_run(StudyConfig(model="Ti/16"))
     assert (tiny.data.image_size, tiny.model.heads) == (32, 3)
-    digits = study.base_run(study.StudyConfig(overrides=("data.name=digits",)))  # another built-in
+    digits = base_run(StudyConfig(overrides=("data.name=digits",)))  # another built-in
     assert (digits.data.image_size, digits.data.scale_min, digits.model.heads, digits.train.batch) == (
         32, 0.0, 2, 64)
 
@@ -150,10 +154,10 @@ def test_a_study_on_a_folder_plans_the_presets_shape_at_the_datas_size(folder, c
     plan = json.loads(capsys.readouterr().out)
     assert plan["data"]["items"] == 36 and plan["data"]["classes"] == 3 and plan["reference_compute"] > 0
     assert {(r["side"], r["heads"], r["patch"], r["batch"]) for r in plan["trials"]} == {(224, 3, 16, 8)}
-    text = "\n".join(study_plan.lines(plan))
+    text = "\n".join(preview.lines(plan))
     assert "base: Ti/16 at 224 px, patch 16, 196 tokens, width 192, depth 12, heads 3" in text
     assert f"data: image-folder ({folder}), 36 items: " in text and "; 3 classes" in text
-    runs = study.plan(replace(study.StudyConfig(model="Ti/16", strategies=("d",), factors=(1,)),
+    runs = plan(replace(StudyConfig(model="Ti/16", strategies=("d",), factors=(1,)),
                               overrides=("data.name=image-folder", f"data.path={folder}", "train.batch=8")))
     data = runs[0].run.data  # none of the demo's settings
     assert (data.image_size, data.scale_min, data.train_size) == (224, 0.0, 100_000)
@@ -167,8 +171,8 @@ def test_a_folder_smaller_than_a_batch_is_refused_in_one_line(folder, capsys):
 
 
 def test_the_default_plan_shows_the_demos_base_and_data():
-    plan = study_plan.describe(study.StudyConfig(strategies=("w",), factors=(1,)))
-    text = "\n".join(study_plan.lines(plan))
+    plan = preview.describe(StudyConfig(strategies=("w",), factors=(1,)))
+    text = "\n".join(preview.lines(plan))
     assert "base: pico/4 at 16 px, patch 4, 16 tokens, width 64, depth 4, heads 4" in text
     assert "data: cluttered-digits, 36,384 items: 16,384 train, 10,000 val, 10,000 test; 10 classes" in text
 
@@ -177,9 +181,9 @@ def test_a_demo_study_made_before_continues_under_the_same_command(tmp_path):
     out = tmp_path / "study"
     (out / "trials" / "base").mkdir(parents=True)
     (out / "trials" / "base" / "trial.json").write_text("{}")  # a study with work in it
-    (out / "study.yaml").write_text(study.dump_study(study.StudyConfig(overrides=DEMO_BEFORE)))
-    study._prepare(study.StudyConfig(out=str(out)))  # `make demo` again: the same trials, so it goes on
-    assert study.load_study(out / "study.yaml").overrides == ()
-    (out / "study.yaml").write_text(study.dump_study(study.StudyConfig(overrides=DEMO_BEFORE)))
+    (out / "study.yaml").write_text(dump_study(StudyConfig(overrides=DEMO_BEFORE)))
+    runner._prepare(StudyConfig(out=str(out)))  # `make demo` again: the same trials, so it goes on
+    assert load_study(out / "study.yaml").overrides == ()
+    (out / "study.yaml").write_text(dump_study(StudyConfig(overrides=DEMO_BEFORE)))
     with pytest.raises(UserError, match="another config"):  # what changes a trial is still refused
-        study._prepare(study.StudyConfig(overrides=("train.batch=16",), out=str(out)))
+        runner._prepare(StudyConfig(overrides=("train.batch=16",), out=str(out)))

@@ -17,11 +17,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vitscale
-from vitscale import classnames, weights
-from vitscale.cli import main
-from vitscale.config import load_yaml
+from vitscale import weights
+from vitscale.cli.main import main
+from vitscale.common import classnames
 from vitscale.data import build_datasets
 from vitscale.models.vit import ViT
+from vitscale.train.config import load_yaml
 
 FAST = ["--train.batch=4", "--train.max_steps=3", "--train.threads=1", "--data.image_size=16",
         "--model.patch_size=4", "--train.warmup_epochs=0", "--model", "pico/4"]
@@ -110,7 +111,7 @@ def test_a_builtin_run_saves_its_class_names(tmp_path, capsys, data, names):
 
 def test_a_damaged_classes_file_is_one_line(tmp_path):
     (tmp_path / "classes.json").write_text('["a", "b"]')
-    with pytest.raises(vitscale.errors.UserError, match="names 2 classes, the model has 3 outputs"):
+    with pytest.raises(vitscale.common.errors.UserError, match="names 2 classes, the model has 3 outputs"):
         classnames.read(tmp_path, 3)
     assert classnames.read(tmp_path / "old", 3) == (("0", "1", "2"), False)  # an old run: by id
 
@@ -173,7 +174,7 @@ def test_load_run_is_what_predict_uses(folder_run, capsys):
 
 @pytest.mark.slow
 def test_importing_vitscale_stays_light():
-    code = ("import sys, vitscale; assert 'vitscale.predict' not in sys.modules; "
+    code = ("import sys, vitscale; assert 'vitscale.runs.predict' not in sys.modules; "
             "assert 'vitscale.data' not in sys.modules; assert callable(vitscale.load_run)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -234,7 +235,7 @@ def test_predict_on_a_video_run(tmp_path, capsys):
     records = json.loads(out)
     assert [r["file"] for r in records] == files  # the still image is no clip: named and skipped
     assert str(picture) in err and "clips of 4 frames" in err and err.count("\n") == 1
-    with pytest.raises(vitscale.errors.UserError, match="give it a video"):
+    with pytest.raises(vitscale.common.errors.UserError, match="give it a video"):
         vitscale.load_run(run).preprocess(picture)
     assert vitscale.load_run(run).preprocess(files[0]).shape == (3, 4, 16, 16)  # [C, T, H, W]
     with torch.no_grad():
@@ -310,14 +311,14 @@ def test_a_flat_folder_of_videos_is_unlabelled_data(tmp_path):
     samples, classes = scan_folder(str(tmp_path), VIDEO_EXTS, what="video")
     assert classes == () and [f for f, _ in samples] == [str(tmp_path / "a.mkv"), str(tmp_path / "b.mp4")]
     assert scan_folder(str(tmp_path), VIDEO_EXTS, classes=(), what="video")[1] == ()  # a flat val folder
-    with pytest.raises(vitscale.errors.UserError, match="no class subfolders"):  # training had classes
+    with pytest.raises(vitscale.common.errors.UserError, match="no class subfolders"):  # training had classes
         scan_folder(str(tmp_path), VIDEO_EXTS, classes=("cat", "dog"), what="video")
 
 
 def test_a_folder_without_images_or_videos_is_one_line(tmp_path):
-    from vitscale.predict import files_of
+    from vitscale.runs.predict import files_of
 
     (tmp_path / "notes.txt").write_text("no picture")
-    with pytest.raises(vitscale.errors.UserError, match="holds no image or video files"):
+    with pytest.raises(vitscale.common.errors.UserError, match="holds no image or video files"):
         files_of([tmp_path])
     assert files_of([tmp_path / "notes.txt"]) == [str(tmp_path / "notes.txt")]  # a file named is tried

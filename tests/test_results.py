@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from vitscale import results
-from vitscale.results import Point, SeedResult, StaleResult, TrialResult
+from vitscale.study import results
+from vitscale.study.results import Point, SeedResult, StaleResult, TrialResult
 
 
 def _law(n, d):

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitscale import checkpoint, optim
-from vitscale.checkpoint import latest
+from vitscale.common import checkpoint
+from vitscale.common.checkpoint import latest
+from vitscale.train import optim
 
 ARGS = ["train", "--train.batch=32", "--train.max_steps=60", "--train.ckpt_every=2", "--train.threads=1",
         "--data.image_size=16", "--model.patch_size=4", "--train.warmup_epochs=0", "--model.drop_path=0.1",

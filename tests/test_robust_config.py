@@ -7,7 +7,9 @@ import time
 import pytest
 import torch
 
-from vitscale import cli, engine, errors
+from vitscale.cli import main as cli
+from vitscale.common import errors
+from vitscale.train import engine
 
 MAX_SECONDS, MAX_CHARS = 3.0, 600  # a refusal is quick and its message short
 
@@ -157,7 +159,7 @@ def test_a_directory_or_missing_config(capsys, tmp_path):
 
 
 def test_an_empty_section_takes_the_defaults(tmp_path):
-    from vitscale.config import RunConfig, load_yaml
+    from vitscale.train.config import RunConfig, load_yaml
 
     path = tmp_path / "config.yaml"
     path.write_text("train:\nmae:\n")

@@ -17,9 +17,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from vitscale.cli import main
+from vitscale.cli.main import main
+from vitscale.common.errors import UserError
 from vitscale.data import DataConfig, build_datasets
-from vitscale.errors import UserError
 
 FAST = ["--train.batch=4", "--train.max_steps=2", "--train.threads=1", "--data.image_size=16",
         "--model.patch_size=4", "--train.warmup_epochs=0"]

@@ -14,9 +14,13 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vitscale import checkpoint, config, engine, results, study, tasks
-from vitscale.cli import main
-from vitscale.results import Point, SeedResult, Sizing
+from vitscale import tasks
+from vitscale.cli.main import main
+from vitscale.common import checkpoint
+from vitscale.study import results, runner
+from vitscale.study.config import StudyConfig
+from vitscale.study.results import Point, SeedResult, Sizing
+from vitscale.train import config, engine
 
 FAST = ["--train.batch=32", "--train.max_steps=4", "--train.ckpt_every=2", "--train.threads=1",
         "--data.image_size=16", "--model.patch_size=4", "--train.warmup_epochs=0"]
@@ -149,13 +153,13 @@ def test_a_moved_cooldown_branch_resumes(tmp_path, capsys):
 
 
 def test_a_moved_study_continues_where_it_is(tmp_path, monkeypatch, capsys):
-    cfg = study.StudyConfig(out=str(tmp_path / "made"))
-    study._prepare(cfg)
+    cfg = StudyConfig(out=str(tmp_path / "made"))
+    runner._prepare(cfg)
     assert "out" not in yaml.safe_load((tmp_path / "made" / "study.yaml").read_text())
     (tmp_path / "made" / "trials" / "base").mkdir(parents=True)
     shutil.move(tmp_path / "made", tmp_path / "moved")
     seen = []
-    monkeypatch.setattr(study, "run_study", lambda s, only=None, log=print: seen.append(s.out))
+    monkeypatch.setattr(runner, "run_study", lambda s, only=None, log=print: seen.append(s.out))
     assert vitscale(capsys, "study", "--config", str(tmp_path / "moved" / "study.yaml"))[0] == 0
     assert seen == [str(tmp_path / "moved")]
 
@@ -344,10 +348,10 @@ def test_a_damaged_study_record_is_run_again_with_a_warning(tmp_path, record, te
     path, said = tmp_path / "result.json", []
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     expect = {"trial": "base", "seed": 0} if record is SEED else {}
-    assert study.finished(path, type(record), said.append, "running it again", **expect) is None
+    assert results.finished(path, type(record), said.append, "running it again", **expect) is None
     assert len(said) == 1 and said[0].startswith(f"warning: {path}") and said[0].endswith("running it again")
     results.write(path, record)
-    assert study.finished(path, type(record), said.append, "running it again", **expect) == record
+    assert results.finished(path, type(record), said.append, "running it again", **expect) == record
     assert len(said) == 1
 
 
@@ -355,4 +359,4 @@ def test_damaged_metrics_lines_are_passed_over(tmp_path):
     rows = [{"step": 1, "split": "val", "val_top1": 0.5}, {"step": 2, "split": "val", "val_top1": 0.6}]
     (tmp_path / "metrics.jsonl").write_bytes(json.dumps(rows[0]).encode() + b"\n[3]\n\xff\n{\"st"
                                             + b"\n" + json.dumps(rows[1]).encode() + b"\n")
-    assert study.engine_rows(tmp_path) == rows
+    assert runner.engine_rows(tmp_path) == rows

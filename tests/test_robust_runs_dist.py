@@ -16,11 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitscale import checkpoint, dist, engine, lock, signals, study
-from vitscale.cli import main
-from vitscale.config import RunConfig, apply_overrides
-from vitscale.errors import Interrupted, UserError
-from vitscale.pool import Runner
+from vitscale.cli.main import main
+from vitscale.common import checkpoint, dist, lock, signals
+from vitscale.common.errors import Interrupted, UserError
+from vitscale.common.records import apply_overrides
+from vitscale.study import runner as study
+from vitscale.study.pool import Runner
+from vitscale.train import engine
+from vitscale.train.config import RunConfig
 
 FAST = ["train.batch=32", "train.max_steps=6", "train.threads=1", "train.knn_k=5", "data.image_size=16",
         "model.patch_size=4", "train.warmup_epochs=0", "model.drop_path=0.1", "train.mixup=0.2"]
@@ -98,7 +101,7 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_4(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("vitscale.cli.cmd_models", interrupted)
+    monkeypatch.setattr("vitscale.cli.main.cmd_models", interrupted)
     assert main(["models"]) == 4
     assert capsys.readouterr().err == "vitscale: interrupted: SIGINT\n"
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vitscale import errors, weights
-from vitscale.cli import main
+from vitscale import weights
+from vitscale.cli.main import main
+from vitscale.common import errors
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import preset
 from vitscale.weights import files

@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitscale import tasks
-from vitscale.config import RunConfig, TrainConfig, apply_overrides
-from vitscale.errors import UserError
+from vitscale.common.errors import UserError
+from vitscale.common.records import apply_overrides
 from vitscale.models.vit import ViT, preset
-from vitscale.study import train_flops_per_sample
 from vitscale.tasks.probe import LinearProbe
+from vitscale.train.config import RunConfig, TrainConfig
+from vitscale.train.flops import train_flops_per_sample
 
 TINY = preset("pico/4", image_size=8, num_classes=10, depth=2)
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from vitscale.complexity import cost
+from vitscale.cost.complexity import cost
+from vitscale.cost.scaling import growth_exponent, parse_strategy, scale, scale_family
 from vitscale.models import preset
-from vitscale.scaling import growth_exponent, parse_strategy, scale, scale_family
 
 STRATEGIES = ["d", "w", "r", "dw", "dwr", "d1_w8_r1"]
 FACTORS = [2, 4, 8, 16]

@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitscale import checkpoint, engine, optim
-from vitscale.config import RunConfig, apply_overrides
+from vitscale.common import checkpoint
+from vitscale.common.records import apply_overrides
+from vitscale.train import engine, optim
+from vitscale.train.config import RunConfig
 
 # 1,438 training digits (no test split) at batch 128: 11 steps an epoch. Drop path and mixup make
 # every step draw from the RNG, so a branch that restored it wrongly would drift.
@@ -139,7 +141,7 @@ def test_bad_branches_fail_with_one_line(tmp_path):
 
 def test_lars_step_is_its_definition():
     """Two LARS steps on a matrix and a vector against the formulas (You et al. 2017; MAE's probe)."""
-    from vitscale.optim import LARS
+    from vitscale.train.optim import LARS
 
     torch.manual_seed(0)
     w, b = torch.randn(3, 4, requires_grad=True), torch.randn(3, requires_grad=True)

@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-from vitscale import checkpoint, dist, weights
-from vitscale.config import TrainConfig
-from vitscale.engine import evaluate_run
-from vitscale.errors import UserError
+from vitscale import weights
+from vitscale.common import checkpoint, dist, records
+from vitscale.common.errors import UserError
+from vitscale.train.config import TrainConfig
+from vitscale.train.engine import evaluate_run
 
 ARGS = ["--train.batch=32", "--train.max_steps=6", "--train.threads=1", "--data.image_size=16",
             "--model.patch_size=4", "--train.warmup_epochs=0", "--train.label_smoothing=0",
@@ -127,7 +128,7 @@ def test_a_resume_whose_steps_another_rank_count_changes_is_one_line(tmp_path, c
     to 1,024); a checkpoint two ranks wrote does not go on here."""
     from safetensors.torch import save_file
 
-    from vitscale.cli import main
+    from vitscale.cli.main import main
 
     args = ["train", "--out", str(tmp_path), "--data.name=cluttered-digits", "--data.train_size=1023",
             "--data.val_size=64", "--data.test_size=0", "--data.image_size=16", "--model.patch_size=4",
@@ -156,9 +157,9 @@ def test_sharded_ckpt_needs_fsdp():
 
 def test_fsdp_on_one_process_says_how_to_go_on_there(tmp_path):
     """A sharded run resumed without torchrun: the line names both fields to turn off."""
-    from vitscale import config, engine
+    from vitscale.train import config, engine
 
-    cfg = config.apply_overrides(config.recipe("train"), [a[2:] for a in [*ARGS, *SHARDED]])
+    cfg = records.apply_overrides(config.recipe("train"), [a[2:] for a in [*ARGS, *SHARDED]])
     with pytest.raises(UserError, match=r"torchrun --nproc_per_node N, or on one process .*"
                                         r"--train.fsdp=false --train.sharded_ckpt=false") as e:
         engine.train(config.replace(cfg, out=str(tmp_path / "run")), print)

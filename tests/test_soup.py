@@ -1,4 +1,4 @@
-"""Model soups: uniform and greedy averages of runs from one initialisation (vitscale.soup)."""
+"""Model soups: uniform and greedy averages of runs from one initialisation (vitscale.runs.soup)."""
 
 import json
 from pathlib import Path
@@ -8,9 +8,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vitscale import engine, soup
-from vitscale.cli import main
-from vitscale.config import RunConfig, apply_overrides, load_yaml
+from vitscale.cli.main import main
+from vitscale.common.records import apply_overrides
+from vitscale.runs import soup
+from vitscale.train import engine
+from vitscale.train.config import RunConfig, load_yaml
 
 FAST = ["train.batch=32", "train.max_steps=3", "train.threads=1", "data.image_size=16", "model.patch_size=4",
         "model.depth=1", "train.warmup_epochs=0", "train.seed=0", "data.val_fraction=0.1",

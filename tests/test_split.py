@@ -8,11 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from vitscale import checkpoint, engine, study, tasks
-from vitscale.config import RunConfig, apply_overrides
+from vitscale import tasks
+from vitscale.common import checkpoint
+from vitscale.common.errors import UserError
+from vitscale.common.records import apply_overrides
 from vitscale.data import DataConfig, build_datasets
-from vitscale.errors import UserError
-from vitscale.results import Sizing
+from vitscale.study import runner
+from vitscale.study.results import Sizing
+from vitscale.train import engine
+from vitscale.train.config import RunConfig
 
 FAST = ["train.batch=32", "train.max_steps=3", "train.threads=1", "train.knn_k=5",
         "data.image_size=16", "model.patch_size=4", "train.warmup_epochs=0"]
@@ -106,9 +110,9 @@ def test_the_study_reports_annealed_runs_on_test_and_curves_on_val():
     run = RunConfig()
     sizing = Sizing(1.0, 10, 5, 180, {"samples_per_s": 100.0}, 1)
     final = {"val_top1": 0.9, "val_loss": 0.3, "test_top1": 0.7, "test_loss": 0.8}
-    point = study._point(1.0, 10, run, sizing, final, 100.0, True)
+    point = runner._point(1.0, 10, run, sizing, final, 100.0, True)
     assert (point.accuracy, point.loss) == (0.7, 0.8)
-    row = study._point(0.5, 5, run, sizing, final, 100.0, False)  # a mid-run val row: plots only
+    row = runner._point(0.5, 5, run, sizing, final, 100.0, False)  # a mid-run val row: plots only
     assert (row.accuracy, row.loss) == (0.9, 0.3)
-    no_test = study._point(1.0, 10, run, sizing, {"val_top1": 0.9, "val_loss": 0.3}, 100.0, True)
+    no_test = runner._point(1.0, 10, run, sizing, {"val_top1": 0.9, "val_loss": 0.3}, 100.0, True)
     assert no_test.accuracy == 0.9  # data without a test split: val is all there is

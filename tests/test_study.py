@@ -13,21 +13,15 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from vitscale import optim, results, summary
-from vitscale.complexity import cost
-from vitscale.errors import UserError
-from vitscale.plan import Plan
-from vitscale.results import SeedResult, SweepPoint, TrialResult
-from vitscale.study import (
-    StudyConfig,
-    _base,
-    branches,
-    parse_budget,
-    plan,
-    sample_shapes,
-    steps_for,
-    train_flops_per_sample,
-)
+from vitscale.common.errors import UserError
+from vitscale.cost.complexity import cost
+from vitscale.study import results, summary, trials
+from vitscale.study.config import StudyConfig, parse_budget
+from vitscale.study.results import SeedResult, SweepPoint, TrialResult
+from vitscale.study.trials import _base, branches, plan, steps_for
+from vitscale.train import optim
+from vitscale.train.flops import sample_shapes, train_flops_per_sample
+from vitscale.train.steps import Plan
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -143,19 +137,19 @@ def test_token_dropping_is_counted_as_the_module_trains():
 def test_a_multi_resolution_trial_is_timed_at_each_side_as_it_trains(monkeypatch):
     """Throughput under train.resolutions: a third of the samples at each side, so seconds per
     sample are the mean of each side's (measurements stubbed: 1000 samples/s at side 12, and so on)."""
-    from vitscale import bench, study
+    from vitscale.cost import measure
 
     rate = {12: 1000.0, 16: 500.0, 20: 250.0}
     seen = []
 
     def measure_model(model, x, mode, dtype, warmup, iters, loss_fn):
         seen.append(x.shape[-1])
-        return bench.Measurement("train", x.shape[0], dtype, "cpu", rate[x.shape[-1]],
+        return measure.Measurement("train", x.shape[0], dtype, "cpu", rate[x.shape[-1]],
                                  1e3 * x.shape[0] / rate[x.shape[-1]], float(x.shape[-1]))
 
-    monkeypatch.setattr(bench, "measure_model", measure_model)
+    monkeypatch.setattr(measure, "measure_model", measure_model)
     run = plan(StudyConfig(strategies=("w",), factors=(1,), recipes=(MR,)))[1].run
-    m = study.measure_trial(run, 10, rounds=2)
+    m = trials.measure_trial(run, 10, rounds=2)
     assert sorted(set(seen)) == [12, 16, 20] and len(seen) == 6
     assert m.samples_per_s == pytest.approx(1 / ((1 / 1000 + 1 / 500 + 1 / 250) / 3))
     assert m.ms_per_step == pytest.approx(sum(1e3 * 32 / r for r in rate.values()) / 3)
@@ -288,8 +282,8 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 
 def test_the_mae_objective_probes_the_final_encoder_not_best(tmp_path, monkeypatch):
     """The budget counts every step of pre-training, so the probe reads the last checkpoint."""
-    from vitscale import engine
-    from vitscale.study import _probe
+    from vitscale.study.runner import _probe
+    from vitscale.train import engine
 
     study = StudyConfig(objective="mae", strategies=("d",), factors=(1,))
     trial = plan(study)[0]
@@ -302,7 +296,7 @@ def test_the_mae_objective_probes_the_final_encoder_not_best(tmp_path, monkeypat
         return {"val_top1": 0.5}
 
     monkeypatch.setattr(engine, "train", fake_train)
-    monkeypatch.setattr("vitscale.checkpoint.last_good", lambda d: d / "ckpt-00000040")
+    monkeypatch.setattr("vitscale.common.checkpoint.last_good", lambda d: d / "ckpt-00000040")
     assert _probe(study, trial, pretrained, 0, print, None) == 0.5
     assert seen["init"] == str(run_dir / "ckpt-00000040") and seen["scales"] == (1,)
     s2 = replace(study, recipes=("s2:train.probe_scales=1,2",))  # S² as a recipe: its trials' probes
@@ -311,8 +305,8 @@ def test_the_mae_objective_probes_the_final_encoder_not_best(tmp_path, monkeypat
 
 def test_the_leading_trials_are_chosen_on_validation_never_on_test():
     """Extra seeds go to the trials best on val (the stable run's last evaluation); test only reports."""
-    from vitscale.results import Point
-    from vitscale.study import _chosen_by
+    from vitscale.study.results import Point
+    from vitscale.study.runner import _chosen_by
 
     def seed(val: float, test: float) -> SeedResult:
         mid = Point(0.9, 90, 90, 1.0, 1.0, val, 1.0, 0.01, False)

@@ -14,9 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from vitscale import cli, engine, launch, optim, results, study, study_plan
-from vitscale.errors import UserError
-from vitscale.results import Point, SeedResult, Sizing
+from vitscale.cli.main import main
+from vitscale.common import records
+from vitscale.common.errors import UserError
+from vitscale.study import launch, preview, results
+from vitscale.study import runner as study
+from vitscale.study.results import Point, SeedResult, Sizing
+from vitscale.study.trials import hardware
+from vitscale.train import engine, optim
 
 TINY = ("data.name=cluttered-digits", "data.image_size=8", "data.scale_min=1", "data.train_size=512",
         "data.val_size=64", "data.test_size=64", "train.batch=32", "model.heads=4", "train.threads=1")
@@ -45,7 +50,7 @@ def local_ray():
 # ----------------------------------------------------------------------------- --plan
 def test_the_plan_counts_steps_and_compute_as_the_study_spends_them(tmp_path):
     cfg = tiny(tmp_path, strategies=("d",), lrs=(1e-3, 2e-3), seeds=2, leaders=1)
-    p = study_plan.describe(cfg)
+    p = preview.describe(cfg)
     assert not Path(cfg.out).exists()  # nothing written
     assert [r["name"] for r in p["trials"]] == ["base", "d-x2"]
     spe = 512 // 32
@@ -69,11 +74,11 @@ def test_the_plan_counts_steps_and_compute_as_the_study_spends_them(tmp_path):
     assert c["more_seeds"] == pytest.approx(extra)
     seed0 = sum(r["seed0_compute"] for r in p["trials"])
     assert c["total"] == pytest.approx(sweep["compute"] + seed0 + extra)
-    assert p["time"] is None and "time: known once every trial is sized" in "\n".join(study_plan.lines(p))
+    assert p["time"] is None and "time: known once every trial is sized" in "\n".join(preview.lines(p))
     for name in ("base", "d-x2"):  # sized by a run at 1000 samples/s: time is training samples over it
         (Path(cfg.out) / "trials" / name).mkdir(parents=True)
         results.write(Path(cfg.out) / "trials" / name / "trial.json", _sizing(2 * spe))
-    t = study_plan.describe(cfg)["time"]
+    t = preview.describe(cfg)["time"]
     assert t["seed0"] == pytest.approx(2 * steps0 * 32 / 1000)
     assert t["sweep"] == pytest.approx(2 * 16 * 32 / 1000)
     assert t["more_seeds"] == pytest.approx(2 * 2 * spe * 32 / 1000)  # d-x2 held out, base the leader
@@ -83,20 +88,20 @@ def test_the_plan_counts_steps_and_compute_as_the_study_spends_them(tmp_path):
 def test_a_time_budget_plan_says_measured_when_run(tmp_path, capsys):
     args = ["study", "--plan", "--budget", "time:1m", "--strategy", "d", "--factors", "1,2", "--lrs", "",
             "--out", str(tmp_path / "s"), *(f"--{o}" for o in TINY)]
-    assert cli.main(args) == 0
+    assert main(args) == 0
     text = capsys.readouterr().out
     assert "measured when run" in text and "d-x2: d x2" in text and "depth 8 width 64" in text
-    assert cli.main([*args, "--json"]) == 0
+    assert main([*args, "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert p["kind"] == "StudyPlan" and all(r["steps"] is None for r in p["trials"])
     assert p["compute"]["total"] is None and not (tmp_path / "s").exists()
     (tmp_path / "s" / "trials" / "base").mkdir(parents=True)
     results.write(tmp_path / "s" / "trials" / "base" / "trial.json", _sizing(40))  # sized by a run: its steps
-    assert cli.main([*args, "--json"]) == 0
+    assert main([*args, "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     steps = [(r["steps"], r["steps_from"]) for r in p["trials"]]
     assert steps == [(40, "trial.json"), (None, "measured when run")]
-    assert cli.main([*args, "--trial", "base"]) == 2
+    assert main([*args, "--trial", "base"]) == 2
     assert "--plan and --collect work on the whole study" in capsys.readouterr().err
 
 
@@ -125,22 +130,22 @@ def test_collect_reports_what_finished_and_names_what_did_not(tmp_path, monkeypa
     results.write(out / "trials" / "w-x2" / "trial.json", _sizing(32))  # sized, not trained
     monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("--collect trained"))
     lines = []
-    summary = study_plan.collect(cfg, log=lines.append)
+    summary = preview.collect(cfg, log=lines.append)
     assert [x for x in lines if x.startswith("missing")] == ["missing: w-x2 (seed 0 has not finished)"]
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == ["base", "d-x2"]
     assert summary.recommendation.measured_best.name == "d-x2"
     assert (out / "summary.json").is_file() and (out / "report.md").is_file()
     with pytest.raises(UserError, match="holds no study"):
-        study_plan.collect(replace(cfg, out=str(tmp_path / "none")))
-    assert cli.main(["study", "--config", str(out / "study.yaml"), "--collect"]) == 0  # the CLI's report
+        preview.collect(replace(cfg, out=str(tmp_path / "none")))
+    assert main(["study", "--config", str(out / "study.yaml"), "--collect"]) == 0  # the CLI's report
     assert "missing: w-x2" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- hardware
 def test_time_budgets_refuse_sizings_from_other_hardware(tmp_path):
     cfg = tiny(tmp_path, budget="time:30s")
-    here = study.hardware("cpu")
+    here = hardware("cpu")
     assert here.startswith("cpu: ") and len(here) > 5
     sizes = {"base": _sizing(32, here), "d-x2": _sizing(16, "cuda: NVIDIA H100 80GB HBM3")}
     with pytest.raises(UserError, match="sized on different hardware") as e:
@@ -189,7 +194,7 @@ def test_a_study_on_submitits_local_executor_matches_the_local_one(tmp_path):
     assert len(tasks) == 3  # the sizing job, then the trials' array (one job per task on the local executor)
     assert {p.name for p in (out / "trials").iterdir()} == {"base", "d-x2"}
     sized = results.read(out / "trials" / "d-x2" / "trial.json", Sizing)
-    assert sized.hardware == study.hardware("cpu")
+    assert sized.hardware == hardware("cpu")
     assert "test (64 items, final weights)" in (out / "trials" / "d-x2" / "seed0" / "log.txt").read_text()
     remote = _trial_results(out)
 
@@ -248,9 +253,9 @@ def test_a_preempted_or_killed_slurm_task_runs_again_and_ends_bit_for_bit(tmp_pa
     """Submitit's preemption signal (USR2) stops the run at a checkpoint and the task is requeued;
     a task killed outright is submitted again; both resume, and end where an uninterrupted run does."""
     pytest.importorskip("submitit")
-    from vitscale import config
+    from vitscale.train import config
 
-    cfg = config.apply_overrides(config.recipe("train"), ["model.depth=2", "model.width=32", "model.heads=2",
+    cfg = records.apply_overrides(config.recipe("train"), ["model.depth=2", "model.width=32", "model.heads=2",
                                                            "model.patch_size=4", *TINY, "train.epochs=4"])
     slurm = launch.SlurmLauncher(tmp_path / "slurm", {"cluster": "local", "timeout_min": 5}, 1, print, 0.1)
     waiter, got, failed = _in_background(slurm, cfg, tmp_path)
@@ -279,21 +284,21 @@ def test_a_study_on_a_local_ray_cluster(tmp_path, local_ray):
     log = (Path(cfg.out) / "trials" / "d-x2" / "seed0" / "log.txt").read_text()
     assert "on cpu x2" in log and "ranks 2" in log, log
     sized = results.read(Path(cfg.out) / "trials" / "base" / "trial.json", Sizing)
-    assert sized.hardware == study.hardware("cpu")
+    assert sized.hardware == hardware("cpu")
 
 
 @pytest.mark.slow
 def test_a_ray_task_whose_worker_dies_is_retried_and_resumes(tmp_path, local_ray):
     """Ray runs a task again when its worker dies (max_retries); the run resumes from its checkpoint
     and ends where an uninterrupted run does. A job's UserError comes back as one, not retried."""
-    from vitscale import config
+    from vitscale.train import config
 
-    cfg = config.apply_overrides(config.recipe("train"), ["model.depth=2", "model.width=32", "model.heads=2",
+    cfg = records.apply_overrides(config.recipe("train"), ["model.depth=2", "model.width=32", "model.heads=2",
                                                            "model.patch_size=4", *TINY, "train.epochs=3"])
     runner = launch.RayLauncher({"num_cpus": 1, "max_retries": 2}, 0, print)
     missing = tiny(tmp_path, out=str(tmp_path / "nothing"))
     with pytest.raises(UserError, match="holds no study"):
-        runner.map([("bad", study_plan.collect, (missing,), tmp_path / "bad.log")], lambda *a: None)
+        runner.map([("bad", preview.collect, (missing,), tmp_path / "bad.log")], lambda *a: None)
     waiter, got, failed = _in_background(runner, cfg, tmp_path)
     pid = _training(tmp_path / "run", time.time() + 60, after=16)  # past epoch 1's checkpoint
     os.kill(pid, signal.SIGKILL)

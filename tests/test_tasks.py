@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from vitscale import config, tasks
-from vitscale.config import RunConfig
-from vitscale.errors import UserError
+from vitscale import tasks
+from vitscale.common.errors import UserError
+from vitscale.train import config
+from vitscale.train.config import RunConfig
 
 
 def test_each_task_ranks_checkpoints_by_its_own_metric():

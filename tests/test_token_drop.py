@@ -8,9 +8,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitscale.bench import example_input
-from vitscale.complexity import cost
-from vitscale.errors import UserError
+from vitscale.common.errors import UserError
+from vitscale.cost.complexity import cost
+from vitscale.cost.measure import example_input
 from vitscale.models import ViT, param_count, preset
 
 

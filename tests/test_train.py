@@ -7,9 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitscale import engine, optim, tasks
-from vitscale.checkpoint import latest
-from vitscale.config import RunConfig, apply_overrides
+from vitscale import tasks
+from vitscale.common.checkpoint import latest
+from vitscale.common.records import apply_overrides
+from vitscale.train import engine, optim
+from vitscale.train.config import RunConfig
 
 FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "train.knn_k=5",
         "data.image_size=16", "model.patch_size=4", "train.warmup_epochs=0"]
@@ -36,7 +38,7 @@ def test_supervised_run_writes_everything(tmp_path):
 
 
 def test_top_k_is_the_share_of_labels_among_the_k_highest_logits():
-    from vitscale.evaluate import top_k
+    from vitscale.tasks.evaluate import top_k
 
     logits = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
     y = torch.tensor([2, 0, 0, 2])  # ranks of the label: 2nd, 1st, 3rd, 3rd

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from vitscale.common.errors import UserError
 from vitscale.data import DataConfig
 from vitscale.data.video import clip_indices, decode_threads, read_clip
 from vitscale.data.views import View
-from vitscale.errors import UserError
 
 
 def write_textured(path: Path, n: int, codec: str, gop: int, w: int = 64, h: int = 48) -> None:

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitscale import dist, evaluate, tasks
-from vitscale.cli import main
-from vitscale.config import RunConfig, TrainConfig
+from vitscale import tasks
+from vitscale.cli.main import main
+from vitscale.common import dist
+from vitscale.common.errors import UserError
 from vitscale.data import DataConfig
 from vitscale.data.builtin import Digits, MovingDigits
 from vitscale.data.common import KeyedDataset
@@ -26,8 +27,8 @@ from vitscale.data.generated import ClutteredDigits
 from vitscale.data.transforms import ClipTransform, center_crop_box
 from vitscale.data.video import clip_indices
 from vitscale.data.views import View, Views, distinct, parse_views
-from vitscale.errors import UserError
-from vitscale.tasks import classify
+from vitscale.tasks import classify, evaluate
+from vitscale.train.config import RunConfig, TrainConfig
 
 
 def videomae_clip(total: int, frames: int, stride: int, clip: int, clips: int) -> list[int]:

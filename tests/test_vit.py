@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import ALL_PRESETS, meta_model
 
-from vitscale.bench import example_input
+from vitscale.cost.measure import example_input
 from vitscale.models import ViT, ViTConfig, preset
 from vitscale.models.vit import resample_pos_embed, sincos_pos_embed
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from vitscale import weights
-from vitscale.cli import main
+from vitscale.cli.main import main
 from vitscale.models.mae import MAE, MAEConfig, masking_of, patchify, random_masking, tube_masking
 from vitscale.models.vit import ViT, preset, sincos_pos_embed
 

@@ -10,7 +10,7 @@ def __getattr__(name: str):
     """`vitscale.load_run` (a trained run's model, config and class names) and its `LoadedRun`,
     imported when first asked for: `import vitscale` stays light (no data or export modules)."""
     if name in ("load_run", "LoadedRun"):
-        from vitscale import predict
+        from vitscale.runs import predict
 
         return getattr(predict, name)
     raise AttributeError(f"module 'vitscale' has no attribute {name!r}")

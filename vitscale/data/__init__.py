@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from vitscale import signals
+from vitscale.common import signals
+from vitscale.common.errors import UserError
 from vitscale.data.builtin import DIRECTIONS, build_builtin
 from vitscale.data.common import (
     KeyedDataset,
@@ -34,7 +35,6 @@ from vitscale.data.randaugment import RandAugment
 from vitscale.data.sampler import EpochSampler, RunBatches, cut, sample_seed
 from vitscale.data.shards import build_shards
 from vitscale.data.transforms import ClipTransform
-from vitscale.errors import UserError
 
 # (cfg, train transform, eval transform) -> (train, val, test), by data.name; real data otherwise.
 BUILDERS = {"digits": build_builtin, "moving-digits": build_builtin, "cluttered-digits": build_cluttered,

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from vitscale.errors import UserError
+from vitscale.common.errors import UserError
 
 Key = tuple[int, int | None]  # (index, sample seed or None for eval)
 

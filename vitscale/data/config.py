@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from vitscale.common.errors import UserError
 from vitscale.data.randaugment import RandAugment
 from vitscale.data.views import parse_views
-from vitscale.errors import UserError
 
 NAMES = ("digits", "moving-digits", "cluttered-digits", "image-folder", "video-folder", "video-csv",
          "webdataset")

@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
-from vitscale import rundir
+from vitscale.common import rundir
+from vitscale.common.errors import UserError
 from vitscale.data.common import TEST_STREAM, KeyedDataset, Skipped, stratified_split
 from vitscale.data.transforms import ClipTransform
 from vitscale.data.video import pyav, read_clip
-from vitscale.errors import UserError
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
 
@@ -71,7 +71,7 @@ NO_LABEL = -1
 def _files(folder: Path, exts: tuple[str, ...], passed: list[str] | None = None,
            other: list[str] | None = None) -> list[str]:
     """The files of the kind (`exts`, any case) under `folder`, recursively, sorted. A folder
-    holding a run or a study (vitscale.rundir) is passed over and added to `passed`; files of
+    holding a run or a study (vitscale.common.rundir) is passed over and added to `passed`; files of
     another kind are added to `other` (hidden files are neither)."""
     passed, other = [] if passed is None else passed, [] if other is None else other
     found = []

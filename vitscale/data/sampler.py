@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from vitscale.common.errors import UserError
 from vitscale.data.common import Key
-from vitscale.errors import UserError
 
 _MASK64 = np.uint64(2**64 - 1)
 
@@ -118,7 +118,7 @@ def cut(keys: list[Key], sizes: list[int]) -> Iterator[list[Key]]:
 
 class RunBatches:
     """A batch sampler for one DataLoader that lasts a run: the micro-batches of keys one rank reads
-    from optimizer step `step` to step `end` of a training plan (`vitscale.plan.Plan`), epoch after
+    from optimizer step `step` to step `end` of a training plan (`vitscale.train.steps.Plan`), epoch after
     epoch, so its workers live across epochs and fetch an epoch's first batches while the last one
     ends and is evaluated.
 

@@ -33,10 +33,10 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 
+from vitscale.common.errors import UserError
 from vitscale.data.common import KeyedDataset
 from vitscale.data.folders import ImageFiles, probe, split_rest
 from vitscale.data.transforms import ClipTransform
-from vitscale.errors import UserError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")  # preference order when a sample has several
 JSON_KEYS = ("json", "jsn")

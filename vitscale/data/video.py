@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vitscale.common.errors import UserError
 from vitscale.data.views import View
-from vitscale.errors import UserError
 
 if TYPE_CHECKING:
     import av

@@ -3,7 +3,7 @@
 VideoMAE (Tong et al. 2022) tests Kinetics with 5 clips x 3 crops and Something-Something
 with 2 x 3: the clips start at evenly spaced positions of the video, the crops sit at the
 start, middle and end of the frame's longer side, and a video's score is the mean of the
-softmax over its views (the averaging is `vitscale.evaluate.view_scores`).
+softmax over its views (the averaging is `vitscale.tasks.evaluate.view_scores`).
 
 A `View` stands where a dataset's `load(index, gen)` takes its generator: a generator draws
 a training sample, None takes the eval view (centered clip, center crop), and a View takes
@@ -21,8 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from vitscale.common.errors import UserError
 from vitscale.data.common import KeyedDataset, Skipped
-from vitscale.errors import UserError
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels
 MAX_VIEWS = 100  # clips x crops at most (VideoMAE's largest grid is 5 x 3)

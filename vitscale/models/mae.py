@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from vitscale.errors import UserError
+from vitscale.common.errors import UserError
 from vitscale.models.vit import Block, Grid, ViT, ViTConfig, fixed_pos_embed
 
 MASKINGS = ("random", "tube")

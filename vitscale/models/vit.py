@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vitscale.errors import UserError
+from vitscale.common.errors import UserError
 
 Grid = tuple[int, int, int]  # (t, h, w) tokens along time, height, width
 POS_EMBEDS = ("learned", "sincos", "sincos1d")

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from vitscale.errors import UserError
-from vitscale.evaluate import Context
+from vitscale.common.errors import UserError
 from vitscale.tasks import classify, distill, pretrain, probe
 from vitscale.tasks.classify import Classifier, mix, soft_targets
+from vitscale.tasks.evaluate import Context
 from vitscale.tasks.pretrain import Pretrainer
 from vitscale.tasks.probe import LinearProbe
 

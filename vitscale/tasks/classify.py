@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitscale import evaluate
-from vitscale.errors import UserError
+from vitscale.common.errors import UserError
 from vitscale.models.vit import ViT, ViTConfig
+from vitscale.tasks import evaluate
 
 
 def soft_targets(y: Tensor, classes: int, smoothing: float) -> Tensor:

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitscale import evaluate, weights
-from vitscale.errors import UserError
+from vitscale import weights
+from vitscale.common.errors import UserError
+from vitscale.data.multires import resize
 from vitscale.models.vit import ViT, ViTConfig
-from vitscale.multires import resize
-from vitscale.tasks import classify, pretrain
+from vitscale.tasks import classify, evaluate, pretrain
 from vitscale.tasks.classify import Classifier, mix, need_classes, soft_targets
 
 KINDS = ("soft", "hard", "feature")

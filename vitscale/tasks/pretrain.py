@@ -3,13 +3,17 @@ k-NN accuracy of the encoder's pooled features; each evaluation draws reconstruc
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
-from vitscale import evaluate, visual
-from vitscale.errors import UserError
+from vitscale.common.errors import UserError
+from vitscale.common.figures import plt, save_figure
+from vitscale.data import denormalize
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViT, ViTConfig
+from vitscale.tasks import evaluate
 
 
 class Pretrainer(nn.Module):
@@ -54,5 +58,33 @@ def metrics(module: Pretrainer, ctx: evaluate.Context) -> dict:
         if items:  # the first readable items
             pictures = module.mae.reconstruct(torch.stack([it["x"] for it in items]).to(ctx.d.device))
             if ctx.d.main:
-                visual.reconstructions(pictures, ctx.info, ctx.picture)
+                reconstructions(pictures, ctx.info, ctx.picture)
     return result
+
+
+def _image(x: torch.Tensor, info):
+    """[C, H, W] normalised -> [H, W, C] in [0, 1]."""
+    return denormalize(x, info).clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
+
+
+def reconstructions(pictures: dict[str, torch.Tensor], info, path: Path) -> None:
+    """A grid: per sample, masked input | reconstruction | original; video as frame strips.
+
+    pictures: name -> [B, C, H, W] or [B, C, T, H, W], in the model's normalised input space.
+    """
+    names = ["masked", "reconstruction", "original"]
+    first = pictures[names[0]]
+    B = first.shape[0]
+    T = first.shape[2] if first.ndim == 5 else 1
+    fig, axes = plt.subplots(B, len(names) * T, figsize=(1.2 * len(names) * T, 1.2 * B), squeeze=False)
+    for b in range(B):
+        for j, name in enumerate(names):
+            clip = pictures[name][b]
+            for t in range(T):
+                ax = axes[b, j * T + t]
+                ax.imshow(_image(clip[:, t] if clip.ndim == 4 else clip, info))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if b == 0 and t == 0:
+                    ax.set_title(name, fontsize=8, loc="left")
+    save_figure(fig, path)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitscale.errors import UserError
+from vitscale.common.errors import UserError
 from vitscale.models.vit import ViT, ViTConfig
 from vitscale.tasks.classify import need_classes
 

@@ -43,9 +43,9 @@ from pathlib import Path
 
 from torch import nn
 
-from vitscale import classnames
-from vitscale.checkpoint import is_sharded, newest_good, read_shards
-from vitscale.errors import UserError
+from vitscale.common import classnames, records
+from vitscale.common.checkpoint import is_sharded, newest_good, read_shards
+from vitscale.common.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViT, ViTConfig, preset
 from vitscale.weights import hf, timm
@@ -125,15 +125,13 @@ def naming(path: Path):
 
 def _export_dir(directory: Path) -> Source:
     """A `vitscale convert --to vitscale` directory: vitscale.json and model.safetensors."""
-    from vitscale.config import from_dict
-
     path = directory / "vitscale.json"
     saved = read_json(path)
     try:
         if not isinstance(saved.get("model"), dict) or not isinstance(saved.get("mae") or {}, dict):
             raise UserError("it needs a 'model' object (and 'mae', null or an object)")
-        cfg = from_dict(ViTConfig, saved["model"], "model.")
-        mae = from_dict(MAEConfig, saved["mae"], "mae.") if saved.get("mae") else None
+        cfg = records.from_dict(ViTConfig, saved["model"], "model.")
+        mae = records.from_dict(MAEConfig, saved["mae"], "mae.") if saved.get("mae") else None
     except UserError as e:
         raise UserError(f"{str(path)!r}: {e}") from None
     source = _vitscale(read_tensors(directory / "model.safetensors"), cfg, mae, where=repr(str(path)))
@@ -147,20 +145,29 @@ def _export_dir(directory: Path) -> Source:
 def _run_dir(run_dir: Path) -> Source:
     """A vitscale run: its best checkpoint, else its newest whole one (a damaged one passed over
     with a warning), with the run's config."""
-    from vitscale import tasks
-    from vitscale.config import load_yaml
-
     found = newest_good(run_dir, warn=lambda m: print(m, file=sys.stderr), first=(run_dir / "best",))
     if found is None:
         raise UserError(f"{str(run_dir)!r} holds no checkpoint to start from")
     ckpt = found[0]
-    run = load_yaml(run_dir / "config.yaml")
-    mae = run.mae if tasks.get(run.task).decoder else None
     path = _weights_file(ckpt)
     tensors = found[1][0] if found[1][2]["sharded"] else read_tensors(path)  # shards: read whole by load
-    source = _vitscale(tensors, run.model, mae, where=repr(str(run_dir / "config.yaml")))
+    model, mae = _run_shape(run_dir / "config.yaml", decoder=any(k.startswith("mae.") for k in tensors))
+    source = _vitscale(tensors, model, mae, where=repr(str(run_dir / "config.yaml")))
     names, named = classnames.read(run_dir, source.model.num_classes)
     return _noted(replace(source, labels=names if named else ()), path)
+
+
+def _run_shape(path: Path, decoder: bool) -> tuple[ViTConfig, MAEConfig | None]:
+    """The model a run's config.yaml describes, and its MAE decoder where its weights hold one
+    (a pre-training task's module keeps its MAE under `mae.`). Only these two sections are read:
+    the weights need no more of the run than its shape."""
+    data = records.read_mapping(path)
+    try:
+        model = records.from_dict(ViTConfig, data.get("model") or {}, "model.")
+        mae = records.from_dict(MAEConfig, data.get("mae") or {}, "mae.") if decoder else None
+    except UserError as e:
+        raise UserError(f"config file {str(path)!r}: {e}") from None
+    return model, mae
 
 
 def _weights_file(ckpt: Path) -> Path:

@@ -17,7 +17,7 @@ from fnmatch import fnmatch
 import torch
 from torch import Tensor, nn
 
-from vitscale.errors import UserError
+from vitscale.common.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import SIZES, ViT, ViTConfig, fixed_pos_embed, resample_pos_embed
 from vitscale.weights.files import some

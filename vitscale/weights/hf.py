@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from vitscale.errors import UserError
+from vitscale.common.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig, num_visible
 from vitscale.models.vit import ViTConfig
 from vitscale.weights.core import (

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from vitscale.errors import UserError
+from vitscale.common.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViTConfig
 from vitscale.weights.core import (

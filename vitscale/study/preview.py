@@ -1,0 +1,274 @@
+"""What a study will do, before it runs (`vitscale study --plan`), and what it has done so far
+(`vitscale study --collect`), without training anything.
+
+The plan counts training compute the way the study spends it (study.branches): a trial seed
+runs its stable phase up to the last branch point, then each cooldown branch from its branch
+point to its end; seeds after the first run the full-length cooldown only; every sweep run is
+a whole short wsd run of the base. Under a time budget the steps come from a throughput
+measured when the study runs (trial.json), so they are "measured when run" unless a trial's
+sizing is already recorded in the study directory. Time is estimated the same way: training
+samples over the samples/s a trial's sizing measured, so it is known once the trials are sized
+(the study's first phase: `--plan` again after it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from vitscale.common import dist, errors, lock
+from vitscale.common.errors import UserError
+from vitscale.cost.complexity import cost
+from vitscale.data import build_datasets
+from vitscale.study import config, results, runner
+from vitscale.study.results import SeedResult, Sizing
+from vitscale.study.trials import (
+    Trial,
+    _base,
+    branches,
+    held_out,
+    pick_lr,
+    plan,
+    reference_compute,
+    steps_for,
+    trial_dir,
+)
+from vitscale.train.flops import train_flops_per_sample
+
+MEASURED = "measured when run"
+
+
+def _recorded(cfg: config.StudyConfig, trial: Trial) -> Sizing | None:
+    """A trial's sizing as an earlier run of this study recorded it (trial.json), if whole."""
+    return results.finished(trial_dir(cfg, trial) / "trial.json", Sizing, lambda *a: None, "")
+
+
+def _families_held(cfg: config.StudyConfig, rows: list[dict]) -> set[str] | None:
+    """The trials the backtest holds out, which run every seed: study.held_out on planned rows
+    (None while their compute waits on a measurement)."""
+    if any(r["compute"] is None for r in rows):
+        return None  # chosen by compute: known once the trials are sized
+    held = held_out([SimpleNamespace(**r) for r in rows], cfg.families, cfg.holdout)
+    return {r.name for members in held.values() for r in members}
+
+
+def describe(cfg: config.StudyConfig) -> dict:
+    """The study's trials and phases with their steps and training multiply-adds (None where a
+    time budget leaves them to a measurement not yet made), as one JSON-able record."""
+    trials = plan(cfg)
+    budget = config.parse_budget(cfg.budget)
+    counted, splits = {}, {}  # name: (multiply-adds per sample, steps per epoch); name: the data
+    for t in trials:
+        train_set, val_set, test_set, info = build_datasets(t.run.data)
+        per_sample = train_flops_per_sample(t.run, info.num_classes)
+        counted[t.name] = per_sample, len(train_set) // t.run.train.batch
+        splits[t.name] = info, len(train_set), len(val_set), len(test_set)
+    base_trial = _base(trials)
+    base_name = base_trial.name
+    reference = reference_compute(trials)
+    rows = []
+    for t in trials:
+        (per_sample, spe), batch = counted[t.name], t.run.train.batch
+        sizing = _recorded(cfg, t)
+        steps = sizing.steps if sizing else None if budget.kind == "time" else steps_for(
+            budget, per_sample, batch, spe, 1.0, reference)
+        seed0 = extra = None
+        if steps is not None:
+            plan_ = branches(steps, cfg.fractions, cfg.decay_frac)
+            if not plan_ or plan_[-1][0] != max(cfg.fractions):
+                raise UserError(f"budget {cfg.budget!r} is too small to train trial {t.name} ({steps} steps "
+                                f"of batch {batch}) with a stable phase and a cooldown; raise --budget")
+            seed0 = (max(s for _, _, s in plan_) + sum(n - s for _, n, s in plan_)) * batch * per_sample
+            extra = steps * batch * per_sample  # a later seed: stable to the last start, its cooldown
+        m, c = t.run.model, cost(t.run.model)
+        rate = sizing.measured["samples_per_s"] if sizing else None
+        rows.append({
+            "name": t.name, "strategies": list(t.strategies), "factor": t.factor, "achieved": t.achieved,
+            "depth": m.depth, "width": m.width, "heads": m.heads, "patch": m.patch_size, "side": m.hw[0],
+            "frames": m.frames, "params": c.params, "flops": c.flops, "train_flops_per_sample": per_sample,
+            "batch": batch, "steps_per_epoch": spe, "steps": steps,
+            "steps_from": "trial.json" if sizing else MEASURED if steps is None else cfg.budget,
+            "compute": None if steps is None else steps * batch * per_sample,
+            "seed0_compute": seed0, "seed_compute": extra, "samples_per_s": rate})
+    held = _families_held(cfg, rows)
+    if held is None:
+        held_names, held = None, set()
+    else:
+        held_names = sorted(held)
+    base = next(r for r in rows if r["name"] == base_name)
+    sweep_steps = None if base["steps"] is None else max(2, round(cfg.sweep_length * base["steps"]))
+    sweep = {"lrs": list(cfg.lrs), "steps": sweep_steps, "compute": None if sweep_steps is None else
+             len(cfg.lrs) * sweep_steps * base["batch"] * base["train_flops_per_sample"]}
+    others = [r for r in rows if r["name"] not in held]
+    leaders = len(others) if cfg.leaders == 0 else min(cfg.leaders, len(others))
+    known = all(r["seed0_compute"] is not None for r in rows)
+    more = cfg.seeds - 1
+    extra = None
+    if known:  # held-out trials exactly; the leaders, chosen after seed 0, at the others' mean
+        mean = sum(r["seed_compute"] for r in others) / len(others) if others else 0.0
+        extra = more * (sum(r["seed_compute"] for r in rows if r["name"] in held) + leaders * mean)
+    seed0 = sum(r["seed0_compute"] for r in rows) if known else None
+    total = None if not known or sweep["compute"] is None and cfg.lrs else (
+        seed0 + extra + (sweep["compute"] or 0.0))
+    time = _time(rows, base, sweep, held, leaders, more)
+    return {
+        "kind": "StudyPlan", "out": cfg.out, "budget": cfg.budget, "objective": cfg.objective,
+        "param": cfg.param, "reference_compute": reference,
+        "base": _base_shape(cfg.model, base_trial.run.model),
+        "data": _data(base_trial.run.data, *splits[base_name]),
+        "trials": rows,
+        "phases": {
+            "sizing": f"each of {len(rows)} trials measured (best of 3 rounds): trials/NAME/trial.json",
+            "sweep": sweep,
+            "stable": f"per trial seed: warm-up {cfg.warmup:g} of its length, then a constant LR to the "
+                      "last branch point",
+            "cooldowns": {"fractions": sorted(cfg.fractions), "decay_frac": cfg.decay_frac},
+            "seeds": {"seeds": cfg.seeds, "held_out": held_names, "leaders": leaders if more else 0,
+                      "note": "seed 0 of every trial; the held-out trials and the leaders (chosen by seed "
+                              "0's validation accuracy) run the other seeds, full-length cooldown only"},
+            "probe_epochs": cfg.probe_epochs if cfg.objective == "mae" else None},
+        "compute": {"sweep": sweep["compute"], "seed0": seed0, "more_seeds": extra, "total": total,
+                    "note": "training multiply-adds (forward + backward); sizing and MAE probes not counted"},
+        "time": time,
+    }
+
+
+def _base_shape(preset: str, m) -> dict:
+    """The base model's shape as the study trains it: its preset's, on the data's input."""
+    return {"preset": preset, "side": m.hw[0], "frames": m.frames, "patch": m.patch_size,
+            "tokens": m.num_patches, "width": m.width, "depth": m.depth, "heads": m.heads}
+
+
+def _data(data, info, train: int, val: int, test: int) -> dict:
+    """What the study's trials train on: the data's name, where it is, its splits' items, classes."""
+    return {"name": data.name, "path": data.path, "items": train + val + test, "train": train, "val": val,
+            "test": test, "classes": info.num_classes}
+
+
+def _time(rows: list[dict], base: dict, sweep: dict, held: set[str], leaders: int, more: int) -> dict | None:
+    """Seconds of training per phase, one run at a time, at the samples/s each trial's sizing measured;
+    None until every trial is sized. The leaders' extra seeds are taken at the others' mean."""
+    if any(r["samples_per_s"] is None or r["seed0_compute"] is None for r in rows):
+        return None
+
+    def seconds(r: dict, compute: float) -> float:
+        return compute / r["train_flops_per_sample"] / r["samples_per_s"]
+
+    others = [r for r in rows if r["name"] not in held]
+    mean = sum(seconds(r, r["seed_compute"]) for r in others) / len(others) if others else 0.0
+    t = {"sweep": seconds(base, sweep["compute"] or 0.0),
+         "seed0": sum(seconds(r, r["seed0_compute"]) for r in rows),
+         "more_seeds": more * (sum(seconds(r, r["seed_compute"]) for r in rows if r["name"] in held)
+                               + leaders * mean)}
+    return t | {"total": sum(t.values()),
+                "note": "training steps at the samples/s the sizing measured, one run at a time; "
+                        "evaluation not counted"}
+
+
+def _duration(seconds: float) -> str:
+    return (f"{seconds / 3600:.3g} h" if seconds >= 3600 else f"{seconds / 60:.3g} min" if seconds >= 60
+            else f"{seconds:.3g} s")
+
+
+def _g(v: float | None) -> str:
+    return MEASURED if v is None else f"{v:.3g}"
+
+
+def lines(p: dict) -> list[str]:
+    """The plan as text, one line per trial and phase."""
+    out = [f"study plan: {len(p['trials'])} trials, budget {p['budget']} per trial, {p['objective']}, "
+           f"{p['param']}; a base-model epoch is {p['reference_compute']:.3g} multiply-adds"]
+    b, d = p["base"], p["data"]
+    frames = f", {b['frames']} frames" if b["frames"] > 1 else ""
+    out.append(f"base: {b['preset']} at {b['side']} px{frames}, patch {b['patch']}, {b['tokens']} tokens, "
+               f"width {b['width']}, depth {b['depth']}, heads {b['heads']}")
+    out.append(f"data: {d['name']}" + (f" ({d['path']})" if d["path"] else "") + f", {d['items']:,} items: "
+               f"{d['train']:,} train, {d['val']:,} val, {d['test']:,} test; {d['classes']} classes")
+    for r in p["trials"]:
+        shape = (f"depth {r['depth']} width {r['width']} heads {r['heads']} patch {r['patch']} "
+                 f"{r['side']}px" + (f" {r['frames']} frames" if r["frames"] > 1 else ""))
+        steps = MEASURED if r["steps"] is None else f"{r['steps']} steps ({r['steps_from']})"
+        out.append(f"  {r['name']}: {'/'.join(r['strategies'])} x{r['factor']:g} ({r['achieved']:.2f}x), "
+                   f"{shape}, {r['params'] / 1e6:.3g}M params, {r['train_flops_per_sample']:.3g} training "
+                   f"multiply-adds/sample, batch {r['batch']}, {steps}, compute {_g(r['compute'])}")
+    ph, c = p["phases"], p["compute"]
+    sw = ph["sweep"]
+    out.append(f"sizing: {ph['sizing']}")
+    each = f"steps {MEASURED}" if sw["steps"] is None else f"{sw['steps']} steps"
+    out.append("sweep: none (--lrs '')" if not sw["lrs"] else
+               f"sweep: base at lrs {', '.join(f'{x:g}' for x in sw['lrs'])}, {each} each, "
+               f"compute {_g(sw['compute'])}")
+    out.append(f"stable runs: {ph['stable']}")
+    out.append(f"cooldowns: at {', '.join(f'{f:g}' for f in ph['cooldowns']['fractions'])} of each budget, "
+               f"the last {ph['cooldowns']['decay_frac']:g} of a run of that length")
+    s = ph["seeds"]
+    held = "chosen when the trials are sized" if s["held_out"] is None else ", ".join(s["held_out"]) or "none"
+    out.append(f"seeds: {s['seeds']}; " + ("one each" if s["seeds"] == 1 else
+               f"more seeds for the held-out trials ({held}) and {s['leaders']} leaders"))
+    if ph["probe_epochs"]:
+        out.append(f"probe: a {ph['probe_epochs']}-epoch linear probe of each seed's final encoder")
+    out.append(f"compute: sweep {_g(c['sweep'])}, seed 0 {_g(c['seed0'])}, more seeds {_g(c['more_seeds'])} "
+               f"(estimated), total {_g(c['total'])} multiply-adds")
+    t = p["time"]
+    out.append("time: known once every trial is sized (the study's first phase; --plan again after it)"
+               if t is None else
+               f"time: sweep {_duration(t['sweep'])}, seed 0 {_duration(t['seed0'])}, more seeds "
+               f"{_duration(t['more_seeds'])} (estimated), total {_duration(t['total'])} of training, "
+               "one run at a time, at the samples/s the sizing measured")
+    return out
+
+
+def collect(cfg: config.StudyConfig, log=print):
+    """Analyse and report what has finished, training nothing: the summary.Summary, with the
+    trials (seed 0) not finished named one line each, and what the analysis could not do with
+    those that have (`skipped`). The study directory must exist; a bug's traceback goes there."""
+    from vitscale.study import analysis
+    from vitscale.study import report as study_report
+
+    out = Path(cfg.out)
+    if not (out / "study.yaml").is_file():
+        raise UserError(f"{cfg.out!r} holds no study (no study.yaml); run the study first or choose "
+                         "another --out")
+    errors.crash_dir(out)
+    with lock.held(out, dist.Dist(), "study directory", log):
+        sweep = runner.read_sweep(cfg, log)
+        lr = pick_lr(sweep).lr if sweep else None
+        trials = plan(cfg, lr)
+        sizes, seeds = {}, {}
+        for t in trials:
+            sizes[t.name] = results.finished(trial_dir(cfg, t) / "trial.json", Sizing, log, "not used")
+            found = {k: runner._seed_result(cfg, t, k, log) for k in range(cfg.seeds)}
+            seeds[t.name] = {k: r for k, r in found.items() if isinstance(r, SeedResult)}
+            if sizes[t.name] is None or 0 not in seeds[t.name]:
+                log(f"missing: {t.name} (seed 0 has not finished)")
+        ready = [t for t in trials if sizes[t.name] is not None and 0 in seeds[t.name]]
+        if not ready:
+            raise UserError(f"no trial of {cfg.out!r} has finished yet; nothing to report")
+        log(f"collect: {len(ready)} of {len(trials)} trials finished"
+            + (f"; every trial trained at base_lr {lr:g}" if lr is not None else ""))
+        done = runner._write_results(cfg, ready, sizes, seeds)
+        rows = [done[t.name] for t in ready]
+        summary = analysis.summarize(cfg, rows, sweep)
+        for line in skipped(summary):
+            log(line)
+        study_report.write(out, summary, rows)
+    return summary
+
+
+def skipped(summary) -> list[str]:
+    """What the analysis could not do with the trials it had, one line each (the report says the
+    same at length)."""
+    out = []
+    rec, bt = summary.recommendation, summary.backtest
+    if summary.law is None:
+        out.append(f"skipped: the scaling law: no family ({', '.join(summary.strategies)}) has a finished "
+                   "trial of another size than the base, or enough points to fit; --collect again when more "
+                   "trials have finished")
+    if not bt.checks:
+        out.append(f"skipped: the backtest: {bt.note or 'no held-out trial could be predicted'}")
+    if rec.pick is None:
+        why = "no law was fitted" if summary.law is None else "the law names no shape within the budget"
+        out.append(f"skipped: the law's recommendation for {rec.budget} ({why}); the best trial measured "
+                   "is reported instead")
+    return out
+

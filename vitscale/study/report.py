@@ -1,0 +1,567 @@
+"""A study's report: summary.json, PNG plots, report.md, and report.html with the plots
+embedded (it opens in a browser with no network). The backtest comes first: a reader
+sees how well the law predicted trials it did not see before reading what it recommends."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.ticker import NullFormatter
+
+from vitscale.common.checkpoint import atomic_write_text
+from vitscale.common.figures import plt, save_figure
+from vitscale.study import summary as summary_
+from vitscale.study.results import TrialResult
+from vitscale.study.summary import LEVEL, Candidate, Summary
+
+PLOTS = {
+    "frontier.png": "Error against training compute: every annealed point (seed means), the law's fit along "
+    "each trial, each strategy's compute-optimal frontier under the law, the held-out trials marked",
+    "isoflops.png": "IsoFLOP profiles: trials at equal training compute against their size, measured "
+    "(points) "
+    "and the law (lines)",
+    "runtime.png": "Measured time per training sample against acts and against flops",
+    "growth.png": "Activations against flops for each scaled family (growth exponent in the legend)",
+}
+
+
+def _colors(strategies) -> dict[str, str]:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {s: cycle[i % len(cycle)] for i, s in enumerate(("base", *strategies))}
+
+
+# ----------------------------------------------------------------------------- plots
+def plot_frontier(out: Path, s: Summary, rows: list[TrialResult]) -> None:
+    colors = _colors(s.strategies)
+    held = set(s.backtest.held_out)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        pts = r.points()
+        c = colors[r.family]
+        marker = dict(marker="*", ms=11, mfc="none") if r.name in held else dict(marker="o", ms=4)
+        ax.plot([p.compute for p in pts], [1 - p.accuracy for p in pts], ls="", color=c, **marker)
+        if s.law and (law_s := s.law.strategy_of(r.family)):
+            d = np.geomspace(pts[0].samples, pts[-1].samples, 20)
+            ax.plot(
+                d * r.train_flops_per_sample,
+                s.law.predict(law_s, r.flops, d),
+                "-",
+                color=c,
+                lw=0.7,
+                alpha=0.6,
+            )
+    for st in s.strategies:
+        f = sorted((p for p in s.frontier if p.strategy == st), key=lambda p: p.compute)
+        if f:
+            ax.plot(
+                [p.compute for p in f],
+                [1 - p.accuracy for p in f],
+                "--",
+                color=colors[st],
+                label=f"{st}: the law's best shape at each compute",
+            )
+    for st in ("base", *s.strategies):
+        ax.plot([], [], "o", color=colors[st], label=f"{st} trials (annealed)")
+    ax.plot([], [], "*", color="gray", mfc="none", ms=11, label="held out by the backtest")
+    budget = s.recommendation.compute
+    if budget:
+        ax.axvline(budget, color="gray", lw=0.8, ls=":")
+        ax.annotate("budget", (budget, ax.get_ylim()[1]), fontsize=7, va="top", ha="right", rotation=90)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="training compute (multiply-adds)",
+        ylabel=f"error (1 - {s.metric})",
+        title="thin lines: the law along each trial's length",
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, out / "frontier.png")
+
+
+def plot_isoflops(out: Path, s: Summary) -> None:
+    if not s.isoflops:
+        return
+    colors = _colors(s.strategies)
+    fig, axes = plt.subplots(
+        1, len(s.isoflops), figsize=(3.6 * len(s.isoflops), 3.6), squeeze=False, sharey=True
+    )
+    for ax, iso in zip(axes[0], s.isoflops, strict=True):
+        for st, n, acc in zip(iso.strategies, iso.flops, iso.measured, strict=True):
+            ax.plot(n, acc, "o", color=colors[st], ms=5)
+        for st in s.law.strategies if s.law else ():
+            f = [m for m in s.frontier if m.strategy == st]
+            if not f:
+                continue
+            n = np.geomspace(min(iso.flops), max(iso.flops) * 1.2, 40)  # the law holds from the base up
+            ratio = np.median([iso.compute / (d * m) for d, m in zip(iso.samples, iso.flops, strict=True)])
+            ax.plot(
+                n, 1 - s.law.predict(st, n, iso.compute / (ratio * n)), "-", color=colors[st], lw=1, label=st
+            )
+        ax.set(
+            xscale="log", xlabel="multiply-adds per sample", title=f"{iso.compute:.3g} MACs: best {iso.best}"
+        )
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.title.set_fontsize(8)
+    axes[0][0].plot([], [], "o", color=colors["base"], label="base")
+    axes[0][0].set_ylabel(s.metric)
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, out / "isoflops.png")
+
+
+def plot_runtime(out: Path, s: Summary, rows: list[TrialResult]) -> None:
+    seconds = [1e3 / r.measured["samples_per_s"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("acts", "flops"), strict=True):
+        ax.scatter([getattr(r, key) for r in rows], seconds, s=12)
+        for r, t in zip(rows, seconds, strict=True):
+            ax.annotate(r.name, (getattr(r, key), t), fontsize=6)
+        ax.set(
+            xlabel=f"{key} per sample",
+            ylabel="ms per training sample",
+            title=f"Pearson r = {getattr(s.runtime, f'pearson_{key}'):.3f}",
+        )
+    save_figure(fig, out / "runtime.png")
+
+
+def plot_growth(out: Path, s: Summary, rows: list[TrialResult]) -> None:
+    colors = _colors(s.strategies)
+    by_name = {r.name: r for r in rows}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for g in s.growth:
+        members = [by_name[n] for n in g.trials]
+        ax.plot(
+            [r.flops for r in members],
+            [r.acts for r in members],
+            "o-",
+            color=colors[g.strategy],
+            label=f"{g.strategy}: acts ~ flops^{g.acts_exponent:.2f}",
+        )
+    ax.set(xscale="log", yscale="log", xlabel="flops (multiply-adds)", ylabel="acts")
+    ax.legend(fontsize=7)
+    save_figure(fig, out / "growth.png")
+
+
+# ----------------------------------------------------------------------------- text
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _span(iv) -> str:
+    return f"{100 * iv[0]:.1f}–{100 * iv[1]:.1f}"
+
+
+def _shape(c: Candidate) -> str:
+    m = c.model
+    size = m["image_size"] if isinstance(m["image_size"], int) else "x".join(map(str, m["image_size"]))
+    return (
+        f"depth {m['depth']}, width {m['width']}, {m['heads']} head{'s' * (m['heads'] > 1)}, {size} px, "
+        f"patch {m['patch_size']}"
+        + (f", {m['frames']} frames" if m["frames"] > 1 else "")
+        + f" ({c.params / 1e6:.2f} M params, {c.flops / 1e6:.3g} M multiply-adds per sample)"
+    )
+
+
+def _backtest(s: Summary) -> list:
+    bt = s.backtest
+    if not bt.checks:
+        return [f"Nothing was backtested: {bt.note or 'no strategy has a trial to hold out'}."]
+    head = (
+        "strategy",
+        "held out",
+        "seeds",
+        "predicted",
+        f"{LEVEL:.0%} interval",
+        "measured (± noise)",
+        "error (points)",
+        "covered",
+    )
+    body = [
+        (
+            c.strategy,
+            c.trial,
+            c.seeds,
+            _pct(c.predicted),
+            _span(c.interval),
+            f"{_pct(c.measured)} ± {100 * c.noise:.1f}",
+            f"{100 * c.error:+.1f}",
+            "yes" if c.covered else "**no**",
+        )
+        for c in bt.checks
+    ]
+    lines = [
+        f"The law was fitted without each strategy's largest trial ({', '.join(bt.held_out)}), on "
+        f"{', '.join(bt.fitted_on)}, and then predicted the held-out trials' final {s.metric}. "
+        f"Mean absolute error **{100 * bt.mean_abs_error:.1f} points**, maximum "
+        f"**{100 * bt.max_abs_error:.1f}**; the {LEVEL:.0%} interval covered {bt.covered} of "
+        f"{len(bt.checks)}. Intervals: refits to trials resampled within each strategy (a random seed of "
+        f"each, every point moved by its sampling noise on the measured split), plus the held-out "
+        f"trial's own measurement noise.",
+        (head, body),
+    ]
+    if bt.structure:
+        lines.append(_structure(bt.structure).replace("Structure:", "Fitted without the held-out trials:"))
+    if bt.note:
+        lines.append(bt.note + ".")
+    lines.append("Only after this check is the law refitted on every trial for the recommendation below.")
+    return lines
+
+
+def _recommendation(s: Summary) -> list:
+    rec = s.recommendation
+    lines = [f"Budget: {rec.budget}."]
+    m = rec.measured
+    if rec.pick:
+        p = rec.pick
+        lines.append(
+            f"The law (fitted on every trial) recommends **{p.strategy} at {p.factor:.3g}x the base's "
+            f"flops**: {_shape(p)}, trained **{p.steps} steps** ({p.samples} samples). Predicted "
+            f"{s.metric} **{_pct(p.accuracy)}** ({LEVEL:.0%} interval for one training run "
+            f"{_span(p.interval)})"
+            + (", an extrapolation beyond the sizes and lengths measured" if p.extrapolation else "")
+            + "."
+        )
+        if len(rec.tied) > 1:
+            lines.append(
+                "Tied within noise (one run of each could come out either way): "
+                + ", ".join(
+                    f"{c.strategy} at {c.factor:.3g}x, {c.steps} steps, {_pct(c.accuracy)}" for c in rec.tied
+                )
+                + "; the cheapest to train is named"
+                + (f" ({rec.best.strategy} is the most accurate)." if rec.best != p else ".")
+            )
+    else:
+        lines.append(
+            "No law could be fitted (too few trials or lengths); the recommendation is the best trial "
+            "measured."
+        )
+    lines.append(
+        f"Best measured within the budget: **{rec.measured_best.name}** at {rec.measured_best.steps} steps, "
+        f"{_pct(rec.measured_best.accuracy)} "
+        f"(± {100 * (rec.measured_best.interval[1] - rec.measured_best.accuracy):.1f} "
+        f"at {LEVEL:.0%})"
+        + (
+            f"; tied with it and cheaper to train: **{m.name}** at {m.steps} steps, {_pct(m.accuracy)}"
+            if m.name != rec.measured_best.name or m.steps != rec.measured_best.steps
+            else ""
+        )
+        + (
+            f". Ties within noise: {', '.join(f'{c.name}@{c.steps}' for c in rec.measured_tied)}"
+            if len(rec.measured_tied) > 1
+            else ""
+        )
+        + "."
+    )
+    if rec.pick:
+        gain = rec.pick.accuracy - rec.measured_best.accuracy
+        lines.append(f"The law's pick is predicted {100 * gain:+.1f} points against the best measured.")
+    if rec.note:
+        lines.append(rec.note)
+    if rec.ahead:
+        head = (
+            "budget",
+            "strategy",
+            "x base flops",
+            "shape",
+            "steps",
+            "predicted",
+            f"{LEVEL:.0%} interval",
+            "extrapolation",
+        )
+        body = [
+            (
+                f"{c.multiple:g}x",
+                c.strategy,
+                f"{c.factor:.3g}",
+                _shape(c),
+                c.steps,
+                _pct(c.accuracy),
+                _span(c.interval),
+                "yes" if c.extrapolation else "no",
+            )
+            for c in rec.ahead
+        ]
+        lines += [
+            "For larger budgets, the law's best (extrapolations are forecasts, not measurements):",
+            (head, body),
+        ]
+    if s.fit_metric_note:
+        lines.append(s.fit_metric_note)
+    return lines
+
+
+def _structure(st, strategies: tuple[str, ...] = ()) -> str:
+    if st is None:
+        return ""
+
+    def pts(e):
+        return "could not be fitted" if e is None else f"{100 * e:.2f} points"
+
+    chosen = "one law shared by the strategies" if st.shared else "a separate law per strategy"
+    if st.shared and any("+" in f for f in strategies):
+        chosen = "one law shared by the strategies of each recipe (the plain ones share one)"
+    return (
+        f"Structure: {chosen}, the one that predicted each trial's final accuracy better from the others "
+        f"(leave-one-trial-out mean absolute error: shared {pts(st.error_shared)}, separate "
+        f"{pts(st.error_separate)})."
+    )
+
+
+def _law(s: Summary) -> list:
+    if not s.law:
+        return ["No law was fitted."]
+    one = s.law.laws[0]
+    head = ("parameter", "value", f"{LEVEL:.0%} bootstrap interval")
+    body = [(p.name, f"{p.value:.4g}", f"{p.interval[0]:.4g}–{p.interval[1]:.4g}") for p in s.parameters]
+    rmse = ", ".join(f"{'/'.join(law.strategies)} {100 * law.rmse:.2f}" for law in s.law.laws)
+    return [
+        f"error(s, N, D) = e + a (N / {one.n0:.3g})^-alpha_s + b (D / d0)^-beta (N / {one.n0:.3g})^-gamma, "
+        "N the forward multiply-adds per sample (n0 the base's; a recipe's laws: its base's), D the training "
+        "samples (gamma > 0: a larger model learns more per sample), over every annealed point of every "
+        "seed, Huber loss from a grid of starts. Shared, the strategies (which all start from the base) "
+        "share e, a and the length term and each has its own size exponent; separate, each has all six. "
+        f"{_structure(s.structure, s.strategies)} RMSE (points): {rmse}. Noise: one seed's final accuracy "
+        f"varies by {100 * s.noise.seed_sd:.2f} points (standard deviation over {s.noise.dof} degrees of "
+        f"freedom; sampling of the measured split alone {100 * s.noise.binomial:.2f}).",
+        (head, body),
+        "frontier.png",
+    ]
+
+
+def _isoflops(s: Summary) -> list:
+    if not s.isoflops:
+        return ["No compute is reached by three or more trials' annealed points."]
+    head = ("compute", "trials (measured / law)", "best measured", "law's optimum")
+    body = [
+        (
+            f"{i.compute:.3g}",
+            ", ".join(
+                f"{t} {100 * a:.1f}/{'-' if p is None else f'{100 * p:.1f}'}"
+                for t, a, p in zip(i.trials, i.measured, i.predicted, strict=True)
+            ),
+            i.best,
+            f"{i.law_best} ({i.law_best_flops / 1e6:.3g} M)" if i.law_best_flops else "-",
+        )
+        for i in s.isoflops
+    ]
+    return [
+        "At each compute, every trial whose annealed points reach it (between two of its points, linear in "
+        "log compute): measured against the law at the same size and length, and the size each prefers.",
+        (head, body),
+        "isoflops.png",
+    ]
+
+
+def _sweep(s: Summary) -> list:
+    sw = s.sweep
+    if not sw:
+        return ["No learning-rate sweep: every trial used the recipe's base_lr."]
+    head = ("base_lr", "steps", "accuracy (± s.e.)", "val loss", "chosen")
+    body = [
+        (
+            f"{p.lr:g}",
+            p.steps,
+            f"{_pct(p.accuracy)} ± {100 * p.stderr:.1f}",
+            "-" if p.loss is None else f"{p.loss:.4f}",
+            "yes" if p.lr == sw.lr else "",
+        )
+        for p in sw.points
+    ]
+    return [
+        f"The base model at each learning rate, each run annealed with its own cooldown; every {s.param} "
+        f"trial then trains at base_lr {sw.lr:g}. The sweep cost {sw.compute:.3g} multiply-adds, "
+        f"{100 * sw.share:.1f}% of the trials' {sw.trials_compute:.3g}, in {sw.wall_s:.0f} s.",
+        (head, body),
+    ]
+
+
+def _runtime(s: Summary) -> list:
+    rt = s.runtime
+    lines = [
+        f"Pearson r of measured time per training sample with flops {rt.pearson_flops:.3f}, params "
+        f"{rt.pearson_params:.3f}, acts {rt.pearson_acts:.3f}."
+    ]
+    if rt.model:
+        m = rt.model
+        loo = np.abs(rt.loo_errors) if rt.loo_errors else None
+        lines.append(
+            f"Runtime model: seconds per sample = {m.per_flop:.3g} x flops + {m.per_act:.3g} x acts + "
+            f"{m.overhead:.3g}; in-sample R² {m.r2:.3f} over {m.points} configs"
+            + (
+                f"; leave-one-out error mean {100 * loo.mean():.1f}%, max {100 * loo.max():.1f}%"
+                if loo is not None
+                else ""
+            )
+            + ". It prices the training time of the law's candidates."
+        )
+    elif rt.note:
+        lines.append(f"No runtime model: {rt.note}.")
+    return [*lines, "runtime.png"]
+
+
+TRIALS_NOTE = (
+    "Each trial runs a stable phase and, from its checkpoints, a cooldown branch ending at each "
+    "fraction of the budget: every accuracy below is annealed. Seeds: the final accuracy of each."
+)
+
+
+def _recipes(s: Summary, rows: list[TrialResult]) -> list:
+    """Each family, a recipe's beside the plain strategies it repeats: measured, and under the law."""
+    budget = s.recommendation.compute
+    head = ("family", "trials", "best measured (full length)", "the law's best near the budget")
+    body = []
+    for st in s.strategies:
+        mine = [r for r in rows if st in r.strategies]
+        best = max(mine, key=lambda r: r.accuracy) if mine else None
+        f = [p for p in s.frontier if p.strategy == st]
+        near = min(f, key=lambda p: abs(math.log(p.compute / budget))) if f and budget else None
+        body.append((
+            st,
+            len(mine),
+            f"{best.name} {_pct(best.accuracy)}" if best else "–",
+            f"{near.factor:.3g}x the base, {_pct(near.accuracy)} (at {near.compute:.3g})" if near else "–",
+        ))
+    return [
+        "A recipe's families (STRATEGY+RECIPE) train every strategy's trials again under the recipe's "
+        "overrides, scaled from its own base, under the same budget; their training compute counts what the "
+        "recipe does per sample (multi-resolution: the mean over its sides; token dropping: the thinner "
+        "blocks). A recipe moves the frontier where its family's row beats its strategy's.",
+        (head, body),
+    ]
+
+
+def _sections(s: Summary, rows: list[TrialResult]) -> list[tuple[str, list]]:
+    """The report as (heading, [paragraph str | table (header, rows) | image name]) pairs."""
+    trials = (
+        "trial",
+        "strategies",
+        "depth",
+        "width",
+        "heads",
+        "res",
+        "params (M)",
+        "M MACs",
+        "acts (M)",
+        "steps",
+        "train compute",
+        "samples/s",
+        "peak MB",
+        "annealed accuracy by fraction",
+        "seeds",
+        "accuracy ± s.e.",
+        "wall s",
+    )
+    trial_rows = [
+        (
+            r.name,
+            ",".join(r.strategies),
+            r.model["depth"],
+            r.model["width"],
+            r.model["heads"],
+            r.model["image_size"],
+            f"{r.params / 1e6:.2f}",
+            f"{r.flops / 1e6:.3g}",
+            f"{r.acts / 1e6:.2f}",
+            r.steps,
+            f"{r.compute:.3g}",
+            f"{r.measured['samples_per_s']:.0f}",
+            f"{r.measured['peak_mem_mb']:.0f}",
+            " / ".join(f"{100 * p.accuracy:.1f}" for p in r.points()),
+            ", ".join(f"{100 * a:.1f}" for a in r.accuracies),
+            f"{_pct(r.accuracy)} ± {100 * r.stderr:.1f}",
+            f"{r.wall_s:.0f}",
+        )
+        for r in rows
+    ]
+    return [
+        ("Backtest: the law predicts trials it did not see", _backtest(s)),
+        ("Recommendation", _recommendation(s)),
+        *([("Recipes", _recipes(s, rows))] if any("+" in f for f in s.strategies) else []),
+        ("The law over size and length", _law(s)),
+        ("IsoFLOP profiles", _isoflops(s)),
+        ("Learning-rate sweep", _sweep(s)),
+        ("Trials", [TRIALS_NOTE, (trials, trial_rows)]),
+        ("Runtime", _runtime(s)),
+        ("Growth", ["growth.png"]),
+    ]
+
+
+def markdown(sections) -> str:
+    out = ["# Scaling study report", ""]
+    for heading, items in sections:
+        out += [f"## {heading}", ""]
+        for item in items:
+            if isinstance(item, tuple):
+                head, body = item
+                out.append("| " + " | ".join(map(str, head)) + " |")
+                out.append("|" + "---|" * len(head))
+                out += ["| " + " | ".join(map(str, r)) + " |" for r in body]
+            elif item.endswith(".png"):
+                out.append(f"![{PLOTS[item]}]({item})")
+            else:
+                out.append(item)
+            out.append("")
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    parts = html.escape(text).split("**")
+    text = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+    parts = text.split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def page(sections, out: Path) -> str:
+    body = ["<h1>Scaling study report</h1>"]
+    for heading, items in sections:
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        for item in items:
+            if isinstance(item, tuple):
+                head, rows = item
+                body.append(
+                    "<table><tr>"
+                    + "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
+                    + "</tr>"
+                    + "".join(
+                        "<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in r) + "</tr>" for r in rows
+                    )
+                    + "</table>"
+                )
+            elif item.endswith(".png"):
+                if not (out / item).is_file():
+                    continue
+                data = base64.b64encode((out / item).read_bytes()).decode()
+                caption = html.escape(PLOTS[item])
+                body.append(
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{caption}">'
+                    f"<figcaption>{caption}</figcaption></figure>"
+                )
+            else:
+                body.append(f"<p>{_inline(item)}</p>")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
+        "text-align:right}img{max-width:100%}figcaption{font-size:12px;color:#555}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>vitscale study</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+    )
+
+
+def write(out: Path, s: Summary, rows: list[TrialResult]) -> None:
+    """summary.json, the plots, report.md and report.html in the study directory."""
+    summary_.write(out / "summary.json", s)
+    for stale in ("accuracy_vs_compute.png", "accuracy_vs_time.png"):  # plots of the first report
+        (out / stale).unlink(missing_ok=True)
+    plot_frontier(out, s, rows)
+    plot_isoflops(out, s)
+    plot_runtime(out, s, rows)
+    plot_growth(out, s, rows)
+    sections = _sections(s, rows)
+    atomic_write_text(out / "report.md", markdown(sections))
+    atomic_write_text(out / "report.html", page(sections, out))

@@ -1,0 +1,411 @@
+"""The scaling study: which ViT to train for a budget, answered by measurement.
+
+    base model --scaler--> one trial per (strategy, factor)
+    sizing        each trial measured (best of 3) and given its steps by the budget: trial.json
+    sweep         the base model at several learning rates (short wsd runs): one LR for all,
+                  which holds across shapes because trials are parametrised in muP
+    trials        per seed: one stable run (warm-up, then a constant LR) with checkpoints at
+                  the branch points, and from each a cooldown branch (the last 20% of a wsd
+                  run of that length): an annealed point at each fraction of the budget
+    seeds         every trial at seed 0, the leading trials at more seeds
+    analysis      fits on annealed points only --> summary.json, report
+
+Runs go where study.launcher sends them (vitscale/study/launch.py: this machine, a Slurm job array,
+Ray tasks), one phase at a time. Every run (sweep run, stable run, branch) is an engine run
+directory and resumes like one; a trial seed is finished when its `result.json` exists (a typed, versioned
+`results.SeedResult`). `results.jsonl` is rebuilt atomically from those, so a killed
+study loses at most the runs it was in, and those resume from their last checkpoints.
+
+Selection and reporting use different data: the LR sweep chooses on the validation split;
+trials are measured by their final weights on the test split (final.json's test_top1, the
+MAE probe's too; val where the data holds no test split).
+
+Budgets (the same for every trial):
+    epochs:20      every trial trains 20 epochs (bigger models spend more compute)
+    compute:1ep    equal training compute: what the base model spends in one epoch
+    compute:3e12   equal training compute in multiply-adds (forward + backward)
+    time:90s       equal wall time (also 2m, 1h): steps from the measured throughput
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from vitscale import tasks
+from vitscale.common import checkpoint, dist, errors, lock, records, rundir, signals
+from vitscale.common.checkpoint import atomic_write_text
+from vitscale.common.errors import Interrupted, UserError
+from vitscale.cost.complexity import cost
+from vitscale.study import launch, results
+from vitscale.study.config import (
+    SWEEP,
+    StudyConfig,
+    base_run,
+    dump_study,
+    load_study,
+    parse_budget,
+)
+from vitscale.study.launch import Launcher, launcher_for
+from vitscale.study.results import Point, SeedResult, Sizing, SweepPoint, TrialResult, finished
+from vitscale.study.trials import (
+    Trial,
+    _base,
+    _same_hardware,
+    branches,
+    held_out,
+    one_hardware,
+    pick_lr,
+    plan,
+    reference_compute,
+    size_all,
+    size_trial,
+    trial_dir,
+)
+from vitscale.tasks.evaluate import test_name
+from vitscale.train import config, engine
+from vitscale.train.config import RunConfig
+
+
+# ----------------------------------------------------------------------------- runs
+def _sized(run: RunConfig, study: StudyConfig, length: int, spe: int, seed: int, out: Path,
+           **train) -> RunConfig:
+    """A wsd run of a trial: epochs and warm-up fixed by the trial's full `length`, so every
+    run of one trial (stable, branches) shares them; `train` sets the rest (max_steps, ...)."""
+    t = replace(run.train, schedule="wsd", epochs=math.ceil(length / spe), seed=seed,
+                warmup_epochs=study.warmup * length / spe, **train)
+    return replace(run, train=t, out=str(out))
+
+
+def _metric(run: RunConfig) -> str:
+    return tasks.get(run.task).metric
+
+
+def _chosen_by(r: SeedResult) -> float:
+    """What the leading trials are chosen by: a seed's validation accuracy at the end of its stable
+    run (the last mid-run evaluation), never the test accuracy its points report."""
+    return r.curve[-1].accuracy if r.curve else r.final.accuracy
+
+
+def _reported(final: dict, metric: str) -> tuple[str, str]:
+    """(accuracy, loss) keys a finished run is reported by: its test split's (test_top1, test_loss)
+    where it has one, else val's. Only the LR sweep and mid-run curves read val alone."""
+    test = test_name(metric)
+    return (test, "test_loss") if test in final else (metric, "val_loss")
+
+
+def _point(fraction: float, steps: int, run: RunConfig, sizing: Sizing, final: dict, rate: float,
+           annealed: bool) -> Point:
+    """A measured point: an annealed run's final.json (reported on test), or a mid-run val row."""
+    samples = steps * run.train.batch
+    metric, loss = _reported(final, _metric(run)) if annealed else (_metric(run), "val_loss")
+    acc = float(final.get(metric, float("nan")))
+    return Point(fraction, steps, samples, samples * sizing.train_flops_per_sample, samples / rate, acc,
+                 final.get(loss), results.binomial_stderr(acc, sizing.val_samples), annealed)
+
+
+def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.Dist | None = None,
+             log=print) -> SeedResult | None:
+    """One seed of a trial: the stable run, then a cooldown branch per fraction (seeds after the
+    first: the full-length one only); result.json (rank 0: None on the others)."""
+    out = trial_dir(study, trial) / f"seed{k}"
+    done = out / "result.json"
+    found = _seed_result(study, trial, k, log)
+    if found is not None:
+        return found
+    _same_hardware(study, f"trial {trial.name}", sizing, trial.run.train.device)
+    t0 = time.perf_counter()
+    plan_ = branches(sizing.steps, study.fractions if k == 0 else (max(study.fractions),), study.decay_frac)
+    seed, spe = trial.run.train.seed + k, sizing.steps_per_epoch
+
+    def run(name: str, **train) -> RunConfig:
+        return _sized(trial.run, study, sizing.steps, spe, seed, out / name, **train)
+
+    stable = run("stable", decay_frac=0.0, max_steps=max(s for _, _, s in plan_),
+                 keep_steps=tuple(s for _, _, s in plan_))
+    engine.train(stable, log, d)
+    rows = engine_rows(Path(stable.out))
+    rate = next((r["samples_per_s"] for r in reversed(rows)), sizing.measured["samples_per_s"])
+    curve = tuple(_point(r["step"] / sizing.steps, r["step"], trial.run, sizing, r, rate, False)
+                  for r in rows)
+    points, last = [], None
+    for f, length, start in plan_:
+        last = run(f"cool-{f:g}", decay_frac=study.decay_frac, max_steps=length,
+                   branch_from=str(checkpoint.at(stable.out, start)))
+        points.append(_point(f, length, trial.run, sizing, engine.train(last, log, d), rate, True))
+    probe = _probe(study, trial, last, seed, log, d) if study.objective == "mae" else None
+    if d is not None and not d.main:
+        return None
+    result = SeedResult(trial.name, seed, tuple(points), curve, time.perf_counter() - t0, rate, probe)
+    results.write(done, result)
+    return result
+
+
+def _seed_result(study: StudyConfig, trial: Trial, k: int, log) -> SeedResult | None:
+    """Seed k of a trial as its result.json has it, if it finished (and the file is whole)."""
+    return finished(trial_dir(study, trial) / f"seed{k}" / "result.json", SeedResult, log,
+                    "running that seed again (its runs resume from their checkpoints)",
+                    trial=trial.name, seed=trial.run.train.seed + k)
+
+
+def engine_rows(run_dir: Path) -> list[dict]:
+    """The validation rows of a run's metrics.jsonl (mid-run evaluations)."""
+    return [r for r in engine.read_metrics(run_dir) if r.get("split") == "val"]
+
+
+def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, log,
+           d: dist.Dist | None) -> float:
+    """MAE objective: a linear probe of the full-length encoder, its final checkpoint (not best/,
+    the best k-NN epoch: the budget counts every step); the probe is not counted in the budget."""
+    final = checkpoint.last_good(Path(pretrained.out))
+    if final is None:
+        raise UserError(f"{pretrained.out} has no whole checkpoint to probe; run the study again to redo it")
+    probe = config.recipe("linprobe", init=str(final))
+    probe = replace(probe, model=trial.run.model, data=trial.run.data,
+                    out=str(Path(pretrained.out).parent / "probe"),
+                    train=replace(probe.train, epochs=study.probe_epochs, seed=seed,
+                                  probe_scales=trial.run.train.probe_scales,  # S² in a recipe
+                                  device=trial.run.train.device, threads=trial.run.train.threads))
+    final = engine.train(probe, log, d)
+    return float(final[_reported(final, "val_top1")[0]])
+
+
+def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float, d: dist.Dist | None = None,
+                 log=print) -> SweepPoint:
+    """One run of the learning-rate sweep: the base model at `lr` for sweep_length of its budget."""
+    _same_hardware(study, f"the sweep's base at lr {lr:g}", sizing, base.run.train.device)
+    steps = max(2, round(study.sweep_length * sizing.steps))
+    run = replace(base.run, train=replace(base.run.train, base_lr=lr))
+    cfg = _sized(run, study, steps, sizing.steps_per_epoch, run.train.seed,
+                 Path(study.out) / SWEEP / f"lr-{lr:g}", decay_frac=study.decay_frac, max_steps=steps)
+    t0 = time.perf_counter()
+    final = engine.train(cfg, log, d)
+    acc = float(final.get(_metric(run), float("nan")))
+    return SweepPoint(lr, steps, steps * run.train.batch * sizing.train_flops_per_sample, acc,
+                      final.get("val_loss"), results.binomial_stderr(acc, sizing.val_samples),
+                      time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- the study
+def _prepare(study: StudyConfig) -> Path:
+    out = Path(study.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_text("")
+        (out / ".write-test").unlink()
+        errors.crash_dir(out)
+    except OSError as e:
+        raise UserError(f"cannot write to study directory {study.out!r}: {e.strerror}; "
+                         "choose another --out") from None
+    saved = out / "study.yaml"
+
+    def identity(s: StudyConfig) -> tuple[StudyConfig, RunConfig]:  # what the results depend on
+        # the overrides as the run config they make: a study.yaml written before the demo's settings
+        # had their own place (DEMO) holds them among its overrides, and its trials are the same
+        return (replace(s, workers=0, seeds=1, leaders=0, out="", holdout=0, target="", ahead=(),
+                        launcher="local", launcher_args=(), overrides=()), base_run(s))
+
+    if saved.is_file() and identity(load_study(saved)) != identity(study) and any(
+            (out / "trials").glob("*/trial.json")):
+        raise UserError(f"{study.out!r} holds a study with another config; continue it with "
+                         f"--config {saved} or choose a new --out")
+    atomic_write_text(saved, dump_study(study))
+    return out
+
+
+def check_study_dir(out: str, base: RunConfig) -> None:
+    """Refuse a --out that is no study directory (vitscale.common.rundir: new, empty or holding study.yaml)
+    or that lies inside the trials' data."""
+    rundir.check_outside(out, base.data)
+    rundir.check_out(out, "study", rundir.STUDY)
+
+
+def run_study(study: StudyConfig, only: str | None = None, log=print):
+    """Size, sweep, train what is not finished, then analyse and report (rank 0): the
+    summary.Summary, or None where this process only trained (`only`, ranks above 0).
+
+    One process works on a study directory at a time (on one trial's directory, with `only`:
+    one job per trial may share the study), rank 0 holding the lock for all ranks. A signal
+    stops it with its runs checkpointed (Interrupted)."""
+    launch.available(study)  # Slurm without sbatch, a launcher's package missing: before anything is written
+    base = base_run(study)
+    d = dist.setup(base.train.device)
+    log = log if d.main else (lambda *a, **k: None)
+    where = Path(study.out) / (SWEEP if only == SWEEP else f"trials/{only}" if only else "")
+    try:
+        dist.on_main(d, lambda: check_study_dir(study.out, base))  # before the lock, the first write
+        with lock.held(where, d, "study directory", log), signals.deferred():
+            return _run_study(study, only, log, d)
+    except Interrupted as e:
+        raise Interrupted(f"{e}; the study's finished runs are kept, its others checkpointed: to continue, "
+                          f"run the same command again (or vitscale study --config {study.out}/study.yaml"
+                          + (f" --trial {only}" if only else "") + ")") from None
+    finally:
+        dist.teardown(d)
+
+
+def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
+    from vitscale.study import analysis
+    from vitscale.study import report as study_report
+
+    out = dist.on_main(d, lambda: _prepare(study))
+    trials = plan(study)
+    names = [t.name for t in trials]
+    if only and only not in (*names, SWEEP):
+        raise UserError(f"no trial named {only!r}; the trials are: {', '.join(names)}, and {SWEEP}")
+    reference = reference_compute(trials)
+    in_epochs = parse_budget(study.budget).in_epochs
+    unit = f"; a base-model epoch is {reference:.3g} multiply-adds" if in_epochs else ""
+    log(f"study: {len(trials)} trials ({', '.join(names)}), budget {study.budget} per trial{unit}, "
+        f"{study.param}, cooldowns at {', '.join(f'{f:g}' for f in sorted(study.fractions))} of each budget")
+    if study.launcher != "local" and d.enabled:
+        raise UserError(f"--launcher {study.launcher} starts the study's jobs itself; run it without "
+                         "torchrun")
+    runner = launcher_for(study, 1 if only or d.enabled else study.pool_size, log,
+                          base_run(study).train.device)
+    try:
+        wanted = trials if not only or only == SWEEP else [t for t in trials if t.name in ("base", only)]
+        sizes = {}
+        todo = [t for t in wanted if not (trial_dir(study, t) / "trial.json").is_file()]
+        if runner.remote and todo:  # one job on one node measures every trial, before any trains
+            runner.map([("sizing", size_all, (study, todo, reference, runner.threads), out / "sizing.log")],
+                       lambda name, got: sizes.update(got))
+        for t in wanted:
+            if t.name not in sizes:
+                sizes[t.name] = size_trial(study, t, reference, runner.threads, d, log)
+            signals.check("while sizing the trials")
+        one_hardware(study, sizes)
+        base = _base(trials)
+        sweep = _sweep(study, base, sizes[base.name], runner, log, d, run=not only or only == SWEEP)
+        if only == SWEEP:
+            return None
+        lr = pick_lr(sweep).lr if sweep else None
+        trials = plan(study, lr)
+        if only:
+            trials = [t for t in trials if t.name == only]
+            runner.map([_job(study, t, sizes[t.name], k, d) for t in trials for k in range(study.seeds)],
+                       lambda name, r: None)
+            return None
+        done = _collect(study, trials, sizes, runner, log, d)
+    finally:
+        runner.close()
+    if not d.main:
+        return None
+    rows = [done[t.name] for t in trials]
+    summary = analysis.summarize(study, rows, sweep)
+    study_report.write(out, summary, rows)
+    return summary
+
+
+def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Launcher, log, d: dist.Dist,
+           run: bool) -> list[SweepPoint]:
+    """The learning-rate sweep on the base model (resumable; skipped when lrs is empty)."""
+    if not study.lrs:
+        return []
+    points = read_sweep(study, log)
+    if points is not None:
+        return points
+    path = Path(study.out) / SWEEP / "sweep.json"
+    if not run:
+        raise UserError(f"the learning-rate sweep of {study.out!r} has not finished; run "
+                         f"`vitscale study --config {Path(study.out) / 'study.yaml'} --trial {SWEEP}` first")
+    got: dict[float, SweepPoint] = {}
+    jobs = [(f"sweep lr {lr:g}", run_sweep_lr, (study, base, sizing, lr, d),
+             Path(study.out) / SWEEP / f"lr-{lr:g}" / "log.txt") for lr in study.lrs]
+    runner.map(jobs, lambda name, p: got.__setitem__(p.lr, p))
+    points = [got[lr] for lr in study.lrs]
+    if d.main:
+        atomic_write_text(path, json.dumps([results.to_dict(p) for p in points], indent=2))
+    best = pick_lr(points)
+    log("sweep: " + ", ".join(f"lr {p.lr:g} {100 * p.accuracy:.1f}%" for p in points)
+        + f"; every trial trains at base_lr {best.lr:g}")
+    if best.lr in (min(study.lrs), max(study.lrs)) and len(study.lrs) > 2:
+        log(f"warning: the best learning rate {best.lr:g} is at the edge of the sweep; widen --lrs")
+    return points
+
+
+def read_sweep(study: StudyConfig, log) -> list[SweepPoint] | None:
+    """The finished learning-rate sweep (sweep.json), [] with no lrs, None if not finished."""
+    if not study.lrs:
+        return []
+    path = Path(study.out) / SWEEP / "sweep.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            points = [results.from_dict(SweepPoint, p, str(path)) for p in saved]
+            if sorted(p.lr for p in points) == sorted(study.lrs):
+                return points
+        except (OSError, ValueError, TypeError) as e:  # StaleResult, a cut file, not a list of records
+            log(f"warning: {path} cannot be read ({e}); running the sweep again (its runs resume)")
+    return None
+
+
+def _job(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.Dist) -> tuple:
+    log_path = trial_dir(study, trial) / f"seed{k}" / "log.txt"
+    return (f"{trial.name} seed {k}: {_describe(trial, sizing)}", run_seed, (study, trial, sizing, k, d),
+            log_path)
+
+
+def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], runner: Launcher,
+             log, d: dist.Dist) -> dict[str, TrialResult]:
+    """Seed 0 of every trial, then the other seeds of the leading trials; results.jsonl as they land."""
+    seeds: dict[str, dict[int, SeedResult]] = {t.name: {} for t in trials}
+    by_name = {t.name: t for t in trials}
+
+    def done(name: str, r: SeedResult | None) -> None:
+        if r is None:
+            return
+        seeds[r.trial][r.seed - by_name[r.trial].run.train.seed] = r
+        _write_results(study, trials, sizes, seeds)
+        log(f"{name.split(':')[0]}: accuracy {100 * r.final.accuracy:.1f}% "
+            f"(annealed: {', '.join(f'{100 * p.accuracy:.1f}' for p in r.points)}), {r.wall_s:.0f} s")
+
+    for phase in range(2):
+        if phase == 1:
+            ranked = sorted(trials, key=lambda t: -_chosen_by(seeds[t.name][0]))
+            rows = [_trial_result(t, sizes[t.name], seeds[t.name]) for t in trials]
+            held = {r.name for rs in held_out(rows, study.families, study.holdout).values() for r in rs}
+            leaders = ranked if study.leaders == 0 else ranked[:study.leaders]
+            chosen = [t for t in ranked if t in leaders or t.name in held]
+            units = [(t, k) for t in chosen for k in range(1, study.seeds)]
+        else:
+            units = [(t, 0) for t in trials]
+        jobs = []
+        for t, k in units:
+            found = _seed_result(study, t, k, log)
+            if found is not None:
+                seeds[t.name][k] = found
+                continue
+            jobs.append(_job(study, t, sizes[t.name], k, d))
+        if len(jobs) < len(units):
+            log(f"{len(units) - len(jobs)} trial seeds finished before, not re-run")
+        runner.map(jobs, done)
+    return _write_results(study, trials, sizes, seeds)
+
+
+def _trial_result(t: Trial, sizing: Sizing, seeds: dict[int, SeedResult]) -> TrialResult:
+    c = cost(t.run.model)
+    return TrialResult(t.name, t.strategies, t.factor, t.achieved, records.to_dict(t.run.model), c.params,
+                       c.flops, c.acts, t.run.train.batch, t.run.train.base_lr, sizing.steps,
+                       sizing.train_flops_per_sample, sizing.measured, sizing.val_samples,
+                       tuple(seeds[k] for k in sorted(seeds)))
+
+
+def _write_results(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing],
+                   seeds: dict[str, dict[int, SeedResult]]) -> dict[str, TrialResult]:
+    rows = {t.name: _trial_result(t, sizes[t.name], seeds[t.name]) for t in trials if 0 in seeds[t.name]}
+    atomic_write_text(Path(study.out) / "results.jsonl",
+                      "".join(json.dumps(r.row()) + "\n" for r in rows.values()))
+    return rows
+
+
+def _describe(t: Trial, sizing: Sizing) -> str:
+    m = t.run.model
+    return (f"depth {m.depth} width {m.width} heads {m.heads} {m.hw[0]}px"
+            + (f" {m.frames} frames" if m.frames > 1 else "")
+            + f", {t.achieved:.2f}x flops, {sizing.steps} steps")
+
+

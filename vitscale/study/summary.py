@@ -1,0 +1,209 @@
+"""What a scaling study concludes, as typed, versioned records: summary.json.
+
+    Backtest        the law fitted without each strategy's largest trials, checked on them
+    Recommendation  the model and length for the budget (and for larger budgets), from the
+                    law refitted on every trial, beside the best trial measured
+    IsoFlop         trials compared at equal training compute, measured and predicted
+    Summary         all of it, with the noise, the law, the sweep and the runtime model
+
+`read` gives back a Summary or raises results.StaleResult.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitscale.study import results
+from vitscale.study.fits import Laws, RuntimeModel
+from vitscale.study.results import SweepPoint
+
+VERSION = 2  # 2: the law's gamma (a larger model learns more per sample)
+LEVEL = 0.9  # the coverage every interval claims
+
+
+@dataclass(frozen=True)
+class Noise:
+    """How much one measured accuracy moves between runs."""
+
+    seed_sd: float  # standard deviation of one seed's final accuracy (seeds and validation sampling)
+    dof: int  # degrees of freedom of that estimate (0: no trial had two seeds; binomial only)
+    binomial: float  # validation sampling alone (typical point)
+
+    def sd(self, seeds: int = 1) -> float:
+        """Noise of a mean over `seeds` seeds."""
+        return self.seed_sd / seeds**0.5
+
+
+@dataclass(frozen=True)
+class Check:
+    """One held-out trial: the law's prediction against what it measured."""
+
+    strategy: str
+    trial: str
+    flops: float
+    samples: int
+    predicted: float
+    interval: tuple[float, float]  # for the measured value: the fit's spread plus measurement noise
+    measured: float  # mean final accuracy over its seeds
+    noise: float  # measurement noise of `measured`
+    seeds: int
+    error: float  # predicted - measured
+    covered: bool
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Shared or separate laws, chosen by leave-one-trial-out error on the trials fitted."""
+
+    shared: bool  # one law for every strategy (an exponent each), or one law per strategy
+    error_shared: float | None  # mean absolute error predicting each trial's final accuracy from the others
+    error_separate: float | None  # the same for separate laws (None: they could not be fitted)
+
+
+@dataclass(frozen=True)
+class Backtest:
+    held_out: tuple[str, ...]
+    fitted_on: tuple[str, ...]
+    law: Laws | None
+    structure: Structure | None
+    checks: tuple[Check, ...]
+    mean_abs_error: float | None
+    max_abs_error: float | None
+    covered: int  # checks whose interval held the measured value
+    note: str  # what could not be backtested, and why
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A shape and a length: the law's best for a budget, or a measured trial."""
+
+    strategy: str
+    name: str  # trial name when measured, STRATEGY-xFACTOR when predicted
+    factor: float  # flops over the base
+    model: dict  # the ViTConfig
+    params: int
+    flops: float  # forward multiply-adds per sample
+    steps: int
+    samples: int
+    compute: float  # training multiply-adds
+    seconds: float  # training time (measured throughput, or the runtime model's for a prediction)
+    accuracy: float
+    interval: tuple[float, float]  # predicted: for one training run; measured: +-1.645 noise
+    extrapolation: bool  # beyond the sizes or lengths the law was fitted on
+    multiple: float = 1.0  # of the study's budget
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    budget: str  # what the budget is, in words
+    compute: float | None  # training multiply-adds (compute and epochs budgets)
+    seconds: float | None  # training time (time budgets)
+    pick: Candidate | None  # the law's recommendation: the cheapest of `tied`
+    best: Candidate | None  # the law's most accurate candidate
+    tied: tuple[Candidate, ...]  # the law's candidates (one per strategy) within noise of `best`
+    measured: Candidate  # the measured pick: the cheapest of `measured_tied`
+    measured_best: Candidate  # the most accurate measured point within the budget
+    measured_tied: tuple[Candidate, ...]
+    ahead: tuple[Candidate, ...]  # the law's best at larger budgets
+    note: str = ""  # what to read into it with care
+
+
+@dataclass(frozen=True)
+class IsoFlop:
+    """Trials at one training compute (annealed points; interpolated in log compute
+    between a trial's neighbouring points where none falls on it)."""
+
+    compute: float
+    trials: tuple[str, ...]
+    strategies: tuple[str, ...]
+    flops: tuple[float, ...]
+    samples: tuple[float, ...]
+    measured: tuple[float, ...]
+    predicted: tuple[float | None, ...]  # the law's, at the same size and length
+    best: str  # the measured optimum
+    law_best: str  # the law's optimum over every shape of every strategy (STRATEGY-xFACTOR)
+    law_best_flops: float | None
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """The law's best shape and length for a strategy at one compute."""
+
+    strategy: str
+    compute: float
+    factor: float
+    flops: float
+    samples: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    value: float
+    interval: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    pearson_flops: float
+    pearson_params: float
+    pearson_acts: float
+    model: RuntimeModel | None
+    loo_errors: tuple[float, ...]  # relative error of each config predicted by a fit to the others
+    note: str
+
+
+@dataclass(frozen=True)
+class Sweep:
+    points: tuple[SweepPoint, ...]
+    lr: float
+    compute: float
+    trials_compute: float
+    share: float
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class Growth:
+    strategy: str
+    trials: tuple[str, ...]
+    acts_exponent: float  # acts ~ flops^exponent along the family
+
+
+@dataclass(frozen=True)
+class Summary:
+    budget: str
+    budget_kind: str
+    objective: str
+    param: str
+    metric: str
+    fit_metric_note: str
+    strategies: tuple[str, ...]
+    trials: int
+    total_wall_s: float
+    noise: Noise
+    backtest: Backtest
+    law: Laws | None  # fitted on every trial
+    structure: Structure | None
+    parameters: tuple[Parameter, ...]  # the law's, with bootstrap intervals
+    recommendation: Recommendation
+    frontier: tuple[FrontierPoint, ...]
+    isoflops: tuple[IsoFlop, ...]
+    sweep: Sweep | None
+    runtime: Runtime
+    growth: tuple[Growth, ...]
+
+
+def write(path: Path, summary: Summary) -> None:
+    results.write(path, summary, VERSION)
+
+
+def read(path: Path) -> Summary:
+    return results.read(path, Summary, VERSION)
+
+
+def as_json(summary: Summary) -> str:
+    return json.dumps(results.to_dict(summary, VERSION), indent=2)

@@ -1,0 +1,778 @@
+"""One training loop for supervised training, MAE pre-training, fine-tuning and linear probing.
+
+    config -> datasets -> task module -> optimizer -> [steps, evals, checkpoints] -> metrics
+
+The loop is a pure function of the config and the checkpoint it resumes from: the data
+order and every augmentation come from (seed, epoch, index), the LR from the step, and the
+RNG state is saved with each checkpoint. On CPU a run killed at any point and resumed ends
+with the same weights, bit for bit, as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from vitscale import tasks, weights
+from vitscale.common import checkpoint, classnames, dist, errors, figures, lock, rundir, signals
+from vitscale.common.checkpoint import atomic_write_text
+from vitscale.common.device import autocast
+from vitscale.common.errors import Interrupted, StopTraining, UserError
+from vitscale.common.records import dump_yaml, to_dict
+from vitscale.cost import mfu
+from vitscale.data import DataInfo, RunBatches, build_datasets, close, make_loader, skipped_files
+from vitscale.data.sampler import EpochSampler
+from vitscale.models.vit import checkpoint_blocks
+from vitscale.tasks import evaluate
+from vitscale.train import amp, optim
+from vitscale.train.config import RunConfig, load_yaml
+from vitscale.train.ema import EMA
+from vitscale.train.flops import train_flops_per_sample
+from vitscale.train.loggers import check as check_loggers
+from vitscale.train.loggers import open_loggers
+from vitscale.train.steps import Plan, Shape, reshape
+
+
+def settle(cfg: RunConfig) -> RunConfig:
+    """Decide the data's input shape before the data is built: a data.image_size / data.frames of 0
+    takes the model's (built-in data keeps its own size: DataConfig.sized). Runs, a study's plan and
+    its trials all decide it here; `resolve` then makes the model follow the data."""
+    return replace(cfg, data=cfg.data.sized(cfg.model.hw[0], cfg.model.frames))
+
+
+def input_note(asked: RunConfig, cfg: RunConfig) -> str:
+    """One line where `asked`'s model was made for another input than the data's, which it takes
+    (`cfg`, resolved), and why; "" where they agree: no mismatch is silent."""
+    was, now, data = asked.model, cfg.model, asked.data
+    if (was.hw, was.frames) == (now.hw, now.frames):
+        return ""
+    why = [f"data.{k}={v} given" for k, v in (("image_size", data.image_size), ("frames", data.frames))
+           if v and v != getattr(was, k)]
+    if was.hw != now.hw and not data.image_size:
+        why.append(f"{data.name} is built-in data of {now.hw[0]} px; set data.image_size to change it")
+    if was.hw != now.hw and not why:
+        why.append("the data's items are square")
+    return (f"note: the model is made for {_shape(was)}; it trains at the data's {_shape(now)} "
+            f"({'; '.join(why)})")
+
+
+def _shape(m) -> str:
+    """A model's input as words: '224 px', '160x224 px, 16 frames'."""
+    h, w = m.hw
+    return (f"{h} px" if h == w else f"{h}x{w} px") + (f", {m.frames} frames" if m.frames > 1 else "")
+
+
+def trains_at(cfg: RunConfig, info: DataInfo, sizes: tuple[int, int, int]) -> str:
+    """A run's first log line: its task, model, input, tokens a sample, classes, and the sizes of
+    its (train, val, test) splits."""
+    m, t = cfg.model, cfg.train
+    tokens = f"{m.num_patches} tokens a sample" + (f" (tubelet {m.tubelet})" if m.is_video else "")
+    varies = (f"; steps at {','.join(map(str, t.resolutions))} px" if t.resolutions else
+              "; train.multigrid varies the shape by step" if t.multigrid else "")
+    classes = f"{info.num_classes} classes" if info.num_classes else "no labels"
+    return (f"{cfg.task}: ViT depth {m.depth} width {m.width} heads {m.heads} patch {m.patch_size} at "
+            f"{_shape(m)}{'' if m.is_video else ', 1 frame'}, {tokens}{varies}; {classes}; data {info.name}: "
+            f"{sizes[0]:,} train, {sizes[1]:,} val, {sizes[2]:,} test items")
+
+
+def resolve(cfg: RunConfig, info: DataInfo) -> RunConfig:
+    """Make the model's input shape and classes those of the data (which sets the frames), and
+    decide mae.norm_pix_loss=auto (the pretrain recipe's): on for real data, off for built-in digits."""
+    if cfg.model.is_video and info.frames == 1:
+        raise UserError(f"the model is a video model ({cfg.model.frames} frames) but data {info.name!r} "
+                         "gives images; use video data (e.g. --data.name=moving-digits) or an image preset")
+    model = cfg.model.replace(image_size=info.image_size, frames=info.frames, in_chans=info.in_chans,
+                              tubelet=cfg.model.tubelet if info.frames > 1 else 1,
+                              num_classes=info.num_classes)
+    mae = cfg.mae
+    if mae.norm_pix_loss == "auto":  # an explicit true / false stays
+        mae = replace(mae, norm_pix_loss=not cfg.data.is_builtin)
+    return replace(cfg, model=model, mae=mae)
+
+
+def _prepare_run_dir(cfg: RunConfig, d: dist.Dist, log=print) -> Path:
+    """Create the run directory; refuse one that holds a different run (but for RECOVERY fields,
+    logged). A run's config.yaml is written when it starts, without `out`: a run directory is
+    where it is, moved or copied. What the directory may be was checked before its lock was taken
+    (`check_run_dir`)."""
+    run_dir = Path(cfg.out)
+    if d.main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+            errors.crash_dir(run_dir)
+        except OSError as e:
+            raise UserError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror}") from None
+        saved = run_dir / "config.yaml"
+        started = saved.is_file() and bool(checkpoint.checkpoints(run_dir))
+        differ = _differences(load_yaml(saved), cfg, _PLACE) if started else {}
+        refused = [said for key, said in differ.items() if key not in RECOVERY | PARALLELISM]
+        if refused:
+            raise UserError(f"{str(run_dir)!r} holds a run with another config ({'; '.join(refused[:3])}); "
+                             f"resume it with --config {saved} or choose a new --out")
+        if differ:
+            log(f"resuming with a changed recipe: {'; '.join(differ.values())}")
+        if not started or differ:
+            atomic_write_text(saved, dump_yaml(cfg, leave_out=("out",)))
+    dist.barrier(d)
+    return run_dir
+
+
+# Where a run lies and what it started from: no part of what it is once it has a checkpoint
+# (the weights carry them), so a run moved, or whose init moved, resumes.
+_PLACE = {"out", "init", "init_allow", "train.branch_from"}
+# What a run stopped by a non-finite loss is told to change before it resumes: these may differ
+# on resume (the change is logged and config.yaml rewritten); any other field may not.
+RECOVERY = {"train.base_lr", "train.clip_grad", "train.dtype"}
+# How the state is held across ranks, not what is trained: a run may resume under other values
+# (a sharded FSDP run on one process, train.fsdp off), logged like RECOVERY's.
+PARALLELISM = {"train.fsdp", "train.sharded_ckpt"}
+
+
+def _differences(saved: RunConfig, cfg: RunConfig, ignored: set[str]) -> dict[str, str]:
+    """{key: "key is A there, B here"} for each field but `ignored` in which `cfg` differs from
+    `saved` (a run's config.yaml, a branch's parent's)."""
+    theirs, mine = _flat(to_dict(saved)), _flat(to_dict(cfg))
+    return {k: f"{k} is {theirs.get(k)!r} there, {mine.get(k)!r} here"
+            for k in sorted(theirs.keys() | mine.keys()) if k not in ignored and theirs.get(k) != mine.get(k)}
+
+
+def _init_weights(module: torch.nn.Module, cfg: RunConfig, task: tasks.Task, log) -> None:
+    """Start the encoder from --init weights in any format vitscale reads (vitscale.weights),
+    then make the changes the task makes to them (fine-tuning: a tiny head, a fresh fc_norm)."""
+    patterns = tuple(p.strip() for p in cfg.init_allow.split(",") if p.strip())
+    report = weights.init_encoder(module.encoder, cfg.init, allow=patterns)
+    log(f"encoder weights from {cfg.init}: {report.summary()}")
+    if task.after_init and (changed := task.after_init(module)):
+        log(f"{task.name}: " + "; ".join(changed))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, passing over lines a kill cut or damage left unreadable."""
+    path, rows = run_dir / "metrics.jsonl", []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
+    return rows
+
+
+class Metrics:
+    """metrics.jsonl, and the loggers train.loggers names (vitscale.train.loggers), written by rank 0."""
+
+    def __init__(self, run_dir: Path, main: bool, resume_step: int, loggers: tuple[str, ...] = ()):
+        self.path, self.main = run_dir / "metrics.jsonl", main
+        self.rows: list[dict] = []
+        if main and self.path.exists():  # drop rows a killed run wrote after its last checkpoint
+            self.rows = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.loggers = open_loggers(loggers, run_dir, self.rows) if main else []  # from the kept rows
+
+    def log(self, row: dict) -> None:
+        if not self.main:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for logger in self.loggers:
+            logger.log(row)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+def check_run_dir(cfg: RunConfig) -> Path:
+    """Refuse, before anything is written, a --out that is no run directory (vitscale.common.rundir: the
+    root, a home directory, a folder of other things) or that lies inside the run's own data."""
+    rundir.check_outside(cfg.out, cfg.data)
+    return rundir.check_out(cfg.out)
+
+
+def train(cfg: RunConfig, log=print, d: dist.Dist | None = None) -> dict:
+    """Run (or resume) a training job; returns the final evaluation. `d`: the ranks it runs on
+    (when not given, set up from train.device and torn down at the end). One process (rank 0
+    for all ranks) holds the run directory's lock; a signal stops it at a checkpoint
+    (Interrupted)."""
+    own = d is None
+    d = dist.setup(cfg.train.device) if own else d
+    log = log if d.main else (lambda *a, **k: None)
+    try:
+        dist.on_main(d, lambda: check_run_dir(cfg))  # before the lock, the first thing written
+        with lock.held(cfg.out, d, "run directory", log), signals.deferred():
+            return Job(cfg, d, log).run()
+    except OSError as e:  # a full disk, wherever the run was writing (checkpoint, metrics, final.json)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StopTraining(f"no space left in {cfg.out} ({e.strerror}: {e.filename}); the last good "
+                           f"checkpoint is {checkpoint.last_good(Path(cfg.out)) or 'none'}; free some space, "
+                           "then run the same command again to resume") from None
+    finally:
+        if own:
+            dist.teardown(d)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of what rank `rank` draws while training (masks, drop-path, mixup): a stream of
+    its own, so ranks do not draw alike, and none equal to another seed's (seed + 1, rank 0)."""
+    return int(np.random.SeedSequence([seed & (2**63 - 1), rank]).generate_state(1, np.uint64)[0]) >> 1
+
+
+class Job:
+    """One run: the data, the task module, its optimizer and where it has got to."""
+
+    def __init__(self, cfg: RunConfig, d: dist.Dist, log):
+        t = cfg.train
+        check_loggers(t.loggers)  # a logger's missing package stops the run before any work
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        asked, cfg = cfg, settle(cfg)
+        with warnings.catch_warnings(record=True) as said:  # what the data leaves out goes to the log
+            warnings.simplefilter("always")
+            self.train_set, self.val_set, self.test_set, self.info = build_datasets(cfg.data)
+        cfg = resolve(cfg, info=self.info)
+        log(trains_at(cfg, self.info, (len(self.train_set), len(self.val_set), len(self.test_set))))
+        for line in [input_note(asked, cfg)] + [f"warning: {w.message}" for w in said]:
+            if line:
+                log(line)
+        if not len(self.val_set):
+            log("warning: no validation data (data.val_fraction=0): nothing is evaluated, best/ is the "
+                "latest checkpoint and final.json has no val_ metrics")
+        self.cfg, self.d, self.log, self.task = cfg, d, log, tasks.get(cfg.task)
+        self.task.check_data(self.info.num_classes)
+        self.run_dir = _prepare_run_dir(cfg, d, log)
+        self.micro = t.batch // (d.world * t.accum)  # samples per rank per forward pass
+        if self.micro * d.world * t.accum != t.batch:
+            raise UserError(f"batch {t.batch} must be divisible by ranks x accum = {d.world * t.accum}")
+        self.per_rank = len(EpochSampler(len(self.train_set), t.seed, 0, rank=d.rank, world=d.world))
+        if self.per_rank < self.micro * t.accum:
+            raise UserError(f"batch {t.batch} is larger than the training set ({len(self.train_set)}); "
+                             "lower --train.batch")
+        self._plans: dict = {}
+        self.plan = self.plan_of(cfg)
+        self.total = self.plan.total
+        self.warmup = self.plan.warmup()  # in steps: the same for any run length
+        self.peak = t.base_lr * t.batch / 256
+        self.peak_tflops = mfu.peak_tflops(d.device, t.dtype, t.peak_tflops)  # None: no MFU (a CPU)
+        self.macs = train_flops_per_sample(cfg, self.info.num_classes, self.plan.shares()) \
+            if self.peak_tflops else 0.0  # per sample over the run's shapes, for MFU
+
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.module = tasks.build(cfg, self.info.num_classes)
+        if t.act_ckpt:
+            log(f"activation checkpointing: {checkpoint_blocks(self.module)} transformer blocks")
+        if cfg.init == "random":
+            log("encoder left at its random initialisation (--init random: a baseline)")
+        elif cfg.init:
+            _init_weights(self.module, cfg, self.task, log)
+        torch.manual_seed(rank_seed(t.seed, d.rank))  # then each rank's own draws
+        self.module.to(d.device)
+        self.ema = EMA(self.module, t.ema) if t.ema else None  # from the initial weights, as they train
+        self.forward = _parallel(self.module, cfg, d)
+        groups = optim.param_groups(self.module, t.weight_decay, t.layer_decay, cfg.model.depth)
+        self.opt = optim.build(t.optimizer, groups, t.betas)
+        self.scaler = amp.Scaler(t.dtype, d.device, sharded=t.fsdp)  # fp16's loss scale; else a plain step
+        self.step, self.best = 0, None
+        self.stopped: str | None = None  # the signal that stopped training, once one has
+        log(f"{cfg.task}: {sum(p.numel() for p in self.module.parameters()) / 1e6:.2f} M params on "
+            f"{d.device} x{d.world}; lr = base_lr {t.base_lr:g} x batch {t.batch} / 256 = {self.peak:.3g} "
+            f"(micro-batch {self.micro} x accum {t.accum} x ranks {d.world}); {self.total} steps, "
+            f"{self.warmup} warm-up, " + (f"wsd decay from step {optim.decay_start(self.total, t.decay_frac)}"
+                                          if t.schedule == "wsd" else "cosine"))
+        if d.main and classnames.write(self.run_dir, self.info.class_names):  # for predict, eval, export
+            log(f"classes ({self.info.num_classes}): {classnames.shown(self.info.class_names)} "
+                f"({self.run_dir / classnames.FILE})" if self.info.class_names else
+                f"no classes (unlabelled data): {self.run_dir / classnames.FILE} is []")
+
+    def plan_of(self, cfg: RunConfig) -> Plan:
+        """The steps of a run of `cfg` on this job's data and ranks (plan.py), made once."""
+        m, key = cfg.model, (cfg.train, cfg.model)
+        if key not in self._plans:
+            self._plans[key] = Plan(cfg.train, m.frames, m.hw[0], m.tubelet, m.patch_size, self.per_rank,
+                                    self.micro * cfg.train.accum)
+        return self._plans[key]
+
+    def lr(self, step: int, cfg: RunConfig | None = None) -> float:
+        """The LR of optimizer step `step` under this run's schedule (or under another run's `cfg`
+        of the same data and batch: a branch's parent)."""
+        t, plan = (cfg or self.cfg).train, self.plan if cfg is None else self.plan_of(cfg)
+        peak = t.base_lr * t.batch / 256 * plan.shape(step).lr_mult
+        return optim.lr_at(step, plan.total, plan.warmup(), peak, t.min_lr, t.schedule, t.decay_frac)
+
+    def resume(self) -> None:
+        """Continue from the run directory's newest whole checkpoint (a damaged one is passed over
+        with a warning naming what is wrong); with none, start a branch from train.branch_from if
+        set (its best score is not inherited: the branch's best/ is its own)."""
+        shapes = {k: v.shape for k, v in self.module.state_dict().items()}
+        found = checkpoint.newest_good(self.run_dir, shapes, warn=self.log, whole=False)
+        branch = found is None and bool(self.cfg.train.branch_from)
+        if branch:
+            ckpt = Path(self.cfg.train.branch_from)
+            if not checkpoint.is_checkpoint(ckpt):
+                raise UserError(f"train.branch_from={str(ckpt)!r} is not a checkpoint directory "
+                                 f"(RUN/{checkpoint.PREFIX}STEP with state.json and safetensors files)")
+            try:
+                found = ckpt, checkpoint.load(ckpt, shapes, whole=False)
+            except checkpoint.Damaged as e:
+                raise UserError(f"train.branch_from: {e}") from None
+        if found is None:
+            return
+        ckpt, (model_state, optim_state, state) = found
+        if branch:
+            self._check_branch(ckpt, state["step"])
+        world = checkpoint.world_of(state)
+        if world != self.d.world:
+            self._check_world(ckpt, world)
+        if state["sharded"]:  # this rank's part, from whichever ranks' shards hold it (DCP reshards)
+            model_state, optim_state = checkpoint.load_shards(ckpt, *get_state_dict(
+                self.module, self.opt, options=StateDictOptions(full_state_dict=False)), optim_state,
+                no_dist=not self.d.enabled)
+        set_state_dict(self.module, self.opt, model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=StateDictOptions(full_state_dict=not state["sharded"],
+                                                broadcast_from_rank0=self.d.enabled and not state["sharded"]))
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise UserError(f"{ckpt} holds no EMA weights (ema.safetensors) but this run has train.ema="
+                                 f"{self.cfg.train.ema:g}; resume with the train.ema it was started with")
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler.enabled and state.get("scaler"):  # none: the run was not fp16 before
+            self.scaler.load_state_dict(state["scaler"])
+        if not checkpoint.restore_rng(ckpt, state, self.d.rank):  # saved by fewer ranks
+            torch.manual_seed(rank_seed(self.cfg.train.seed + state["step"], self.d.rank))
+        self.step, self.best = state["step"], None if branch else state.get("best")
+        self.log(f"{'branched' if branch else 'resumed'} from {ckpt} at step {self.step}")
+
+    def _check_world(self, ckpt: Path, world: int) -> None:
+        """Resuming on another number of ranks than `world`, which wrote `ckpt`: the run goes on
+        only where its steps are the same ones (each epoch's steps and their global positions in
+        the data order; the global batch is the same, the micro-batch not); said in the log."""
+        t, d = self.cfg.train, self.d
+        micro = t.batch // (world * t.accum)
+        if micro * world * t.accum != t.batch:
+            raise UserError(f"{ckpt} was written by {world} ranks, and batch {t.batch} does not divide "
+                            f"among them; resume on {world} ranks")
+        m = self.cfg.model
+        theirs = Plan(t, m.frames, m.hw[0], m.tubelet, m.patch_size,
+                      len(EpochSampler(len(self.train_set), t.seed, 0, world=world)), micro * t.accum)
+
+        def steps(plan: Plan, ranks: int) -> tuple:  # the run's steps, offsets as global positions
+            return plan.total, plan.starts, plan.shapes, [o * ranks for o in plan.offsets]
+
+        if steps(theirs, world) != steps(self.plan, d.world):
+            raise UserError(f"{ckpt} was written by {world} ranks, and an epoch of {len(self.train_set)} "
+                            f"items has other steps on {world} ranks than on {d.world} (the data is padded "
+                            f"to a multiple of the ranks); resume on {world} ranks")
+        fresh = f"; ranks {world}-{d.world - 1} seed their RNG from seed and step" if d.world > world else ""
+        self.log(f"resuming on {d.world} rank(s) a checkpoint {world} rank(s) wrote: the global batch "
+                 f"{t.batch} is kept (micro-batch {micro} -> {self.micro}), the data goes on from the "
+                 f"same position{fresh}")
+
+    def _check_branch(self, ckpt: Path, step: int) -> None:
+        """A branch must be its parent's run continued: the same config but for BRANCH_MAY_DIFFER,
+        and the same LR at every step before the branch point."""
+        saved = ckpt.parent / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"train.branch_from={str(ckpt)!r} has no config.yaml beside it to check "
+                             "that this run continues it")
+        parent = load_yaml(saved)
+        if differ := _differences(parent, self.cfg, BRANCH_MAY_DIFFER):
+            raise UserError(f"train.branch_from={str(ckpt)!r}: a branch must keep its parent's config, but "
+                             + ", ".join(differ.values()))
+        if step >= self.total:
+            raise UserError(f"train.branch_from={str(ckpt)!r} is at step {step}, not before this run's "
+                             f"last ({self.total})")
+        for s in range(step):
+            if self.lr(s, parent) != self.lr(s):
+                raise UserError(f"train.branch_from={str(ckpt)!r}: its run's LR at step {s} was "
+                                 f"{self.lr(s, parent):.4g}, this run's would be {self.lr(s):.4g}; branch "
+                                 "from a step no later than this run's decay start (optim.decay_start)")
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (rank 0 writes; every rank takes part in gathering), or
+        with train.sharded_ckpt every rank its own shards (rank 0 the rest)."""
+        sharded = self.cfg.train.sharded_ckpt
+        model_state, optim_state = get_state_dict(self.module, self.opt, options=StateDictOptions(
+            full_state_dict=not sharded, cpu_offload=not sharded))
+        rngs = dist.gather_object(self.d, checkpoint.rng_state())  # every rank's generators
+        path = None
+        if sharded:
+            path = checkpoint.save_sharded(self.run_dir, self.step, model_state, optim_state,
+                                           {"step": self.step, "best": self.best,
+                                            "scaler": self.scaler.state_dict()},
+                                           self.d, self.cfg.train.keep_last, self.cfg.train.keep_steps, rngs)
+        elif self.d.main:
+            path = checkpoint.save(self.run_dir, self.step, model_state, optim_state,
+                                   {"step": self.step, "best": self.best, "scaler": self.scaler.state_dict()},
+                                   self.cfg.train.keep_last,
+                                   self.cfg.train.keep_steps, rngs,
+                                   ema_state=self.ema.state_dict() if self.ema else None)
+        dist.barrier(self.d)
+        return path
+
+    def run(self) -> dict:
+        self.resume()
+        if self.step >= self.total:
+            return self.finished()
+        metrics = Metrics(self.run_dir, self.d.main, self.step, self.cfg.train.loggers)
+        progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                            TimeRemainingColumn(), disable=not self.d.main)
+        result: dict = {}
+        with progress, contextlib.closing(metrics), self.batches() as batches:
+            bar = progress.add_task(self.cfg.task, total=self.total, completed=self.step, info="")
+            while self.step < self.total:
+                window = self.train_epoch(batches, metrics, lambda info: progress.update(
+                    bar, completed=self.step, info=info))
+                if self.plan.ends_epoch(self.step):
+                    result = self.end_epoch(window, metrics)
+                if self.stopped and self.step < self.total:
+                    raise self.interrupted(self.stopped)
+        result |= self.test()
+        if self.d.main:
+            self.write_final(result)
+            figures.curves(metrics.rows, self.run_dir / "curves.png")
+        dist.barrier(self.d)  # ranks leave together: none tears down while rank 0 still writes
+        return result
+
+    def write_final(self, result: dict) -> None:
+        """final.json: the last evaluation (and the final weights' test metrics), at the step it was made."""
+        if (self.run_dir / "final.json").is_dir():
+            raise UserError(f"{self.run_dir / 'final.json'} is a directory, not vitscale's result file; "
+                            "move it away and run the same command again")
+        atomic_write_text(self.run_dir / "final.json",
+                          json.dumps(result | {"step": self.step, "best": self.best}, indent=2))
+
+    def finished(self) -> dict:
+        """A run at its end already: its final evaluation from final.json, or evaluated again (and
+        best/ published if it is the best) where a kill came between the last checkpoint and
+        final.json, or final.json was damaged."""
+        done = _read_final(self.run_dir / "final.json", self.step, self.log)
+        if done is not None:
+            self.log(f"{self.run_dir} finished before: " + ", ".join(f"{k} {done[k]:.4g}" for k in _SHOWN
+                                                                      if k in done))
+            return done
+        result = self.evaluate(math.ceil(self.plan.epochs_done(self.step)))
+        result |= self.test()
+        if self.d.main:
+            if self.task.score(result) in (None, self.best):  # the kill may have come before best/ too
+                checkpoint.publish_best(self.run_dir, checkpoint.at(self.run_dir, self.step))
+            self.write_final(result)
+        return result
+
+    @contextlib.contextmanager
+    def batches(self):
+        """The training micro-batches from this step to the run's end, from one loader: its
+        workers (data.workers) last the run and fetch an epoch's first batches while the one
+        before ends and is evaluated; they are stopped when the run ends or stops."""
+        t, d = self.cfg.train, self.d
+        keys = RunBatches(self.plan, len(self.train_set), t.seed, self.step, self.total, self.micro, t.accum,
+                          rank=d.rank, world=d.world, repeats=self.cfg.data.repeated_aug)
+        batches = iter(make_loader(self.train_set, keys, self.micro, self.cfg.data.workers, d.device.type))
+        try:
+            yield batches
+        finally:
+            close(batches)
+
+    def train_epoch(self, batches, metrics: Metrics, show) -> dict:
+        """Optimizer steps (on micro-batches from `batches`) to the end of the current epoch (or of
+        the run), or to the step a signal came in: then, mid-epoch, a checkpoint (all ranks stop at
+        the same step)."""
+        t, d = self.cfg.train, self.d
+        epoch, end = self.plan.epoch(self.step), min(self.total, self.plan.epoch_end(self.step))
+        self.forward.train()
+        window = {"loss": 0.0, "n": 0, "samples": 0, "wait": 0.0, "time": 0.0}
+        while self.step < end:
+            t0 = time.perf_counter()
+            lr = self.lr(self.step)
+            optim.set_lr(self.opt, lr)
+            shape = self.plan.shape(self.step)
+            loss = self.train_step(batches, window, shape)
+            self.step += 1
+            window["time"] += time.perf_counter() - t0
+            if loss is not None:  # None: not one file of the step's batch could be read
+                window["loss"] += loss
+                window["n"] += 1
+                window["samples"] += t.batch * shape.mult
+                rate, wait = window["samples"] / window["time"], window["wait"] / window["time"]
+                util = mfu.mfu(rate / d.world, self.macs, self.peak_tflops)  # per device
+                show(f"epoch {epoch + 1} loss {loss:.4f} lr {lr:.2e} {rate:.0f} samples/s "
+                     + (f"MFU {util:.1%} " if util is not None else "") + f"data-wait {wait:.0%}")
+                scale = {"loss_scale": self.scaler.scale} if self.scaler.enabled else {}  # fp16
+                metrics.log({"step": self.step, "epoch": self.plan.epochs_done(self.step), "split": "train",
+                             "loss": loss, "lr": lr} | scale)
+            # mid-epoch checkpoints (end_epoch saves the step that ends an epoch or the run)
+            every = t.ckpt_every and self.step % t.ckpt_every == 0
+            stop = dist.any_rank(d, signals.received() is not None)
+            if self.step < end and (every or self.step in t.keep_steps or stop):
+                self.save()
+            if stop:
+                self.stopped = signals.received() or "a signal to another rank"
+                break
+        return window
+
+    def train_step(self, batches, window: dict, shape: Shape) -> float | None:
+        """One optimizer step over `accum` micro-batches at the plan's `shape`; returns the mean
+        loss over ranks, or None (and no update) when no file of any rank's micro-batches could be read."""
+        t, d = self.cfg.train, self.d
+        loss_sum, counted = torch.zeros((), device=d.device), 0  # counted: micro-batches with a readable file
+        for micro_step in range(t.accum):
+            tw = time.perf_counter()
+            batch = next(batches)
+            window["wait"] += time.perf_counter() - tw
+            if batch["skipped"]:
+                self.log(f"step {self.step + 1}: {skipped_files(batch['skipped'])}")
+            empty = not len(batch["y"])  # B = 0: the pass keeps ranks in step; it learns nothing
+            x = batch["x"].to(d.device, non_blocking=True)
+            y = batch["y"].to(d.device, non_blocking=True)
+            x = reshape(x, shape.frames, shape.side)  # the data's shape unless the plan varies it
+            with (_no_sync(self.forward, micro_step == t.accum - 1), autocast(d.device, t.dtype),
+                  evaluate.quiet(empty)):
+                loss = self.forward(x, y)
+            loss = loss.nan_to_num(0.0) if empty else loss  # a mean over no sample; zero gradient
+            self.scaler.backward(loss / t.accum)
+            loss_sum += loss.detach()
+            counted += not empty
+        both = torch.stack([loss_sum.float(), torch.tensor(float(counted), device=d.device)])
+        loss_sum, counted = dist.mean(d, both).tolist()  # (their ratio is the mean over ranks)
+        if not counted:
+            self.opt.zero_grad(set_to_none=True)
+            self.log(f"step {self.step + 1}: no file of its batch could be read: no update")
+            return None
+        loss = loss_sum / counted
+        if not math.isfinite(loss):
+            good = checkpoint.last_good(self.run_dir) or "none"
+            raise StopTraining(f"loss is {loss} at step {self.step}; the last good checkpoint is {good}; "
+                               "run the same command again with a lower --train.base_lr, "
+                               "--train.clip_grad=1 or --train.dtype=fp32 to resume from it")
+        # fp16: a step whose scaled gradients overflowed is skipped (its loss was finite) and the
+        # scale halved; only a scale that keeps falling means the run is broken
+        stepped = self.scaler.step(self.opt, self.module.parameters(), t.clip_grad)
+        self.opt.zero_grad(set_to_none=True)
+        if not stepped:
+            self.log(f"step {self.step + 1}: fp16 gradients overflowed; update skipped, loss scale now "
+                     f"{self.scaler.scale:g}")
+            if self.scaler.broken:
+                good = checkpoint.last_good(self.run_dir) or "none"
+                raise StopTraining(f"fp16 gradients are not finite at any loss scale (down to "
+                                   f"{self.scaler.scale:g}) at step {self.step}; the last good checkpoint is "
+                                   f"{good}; run the same command again with --train.dtype=bf16 or fp32 "
+                                   "(or a lower --train.base_lr) to resume from it")
+            return loss
+        if self.ema is not None:
+            self.ema.update(self.module)
+        return loss
+
+    def interrupted(self, what: str) -> Interrupted:
+        """What stops the run at its latest checkpoint (`what`: the signal, and where it came)."""
+        latest = checkpoint.latest(self.run_dir)
+        kept = f"checkpoint {latest}" if latest else "no checkpoint yet (it starts over)"
+        return Interrupted(f"{what} at step {self.step} of {self.total}, {kept}; to resume, run the same "
+                           f"command again (or vitscale train --config {self.run_dir / 'config.yaml'})")
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """An evaluation a signal stops (at its next batch: evaluate.stop_if_signalled) stops the run
+        at its latest checkpoint; on resume the steps after it are trained again."""
+        try:
+            yield
+        except Interrupted as e:
+            raise self.interrupted(str(e)) from None
+
+    def evaluate(self, epoch: int) -> dict:
+        """The trained weights' metrics after epoch `epoch` (1-based), and with train.ema the
+        moving average's beside them, prefixed ema_ (ema_val_top1 ...)."""
+        ctx = evaluate.Context(self.cfg, self.train_set, self.val_set, self.info, self.d, self.log,
+                               self.run_dir / f"recon-epoch{epoch:03d}.png")
+        with self.evaluating():
+            with _unsharded(self.module):
+                result = evaluate.evaluate(self.task, self.module, ctx)
+            if self.ema is not None:
+                result |= evaluate.evaluate(self.task, self.ema.module, replace(ctx, picture=None),
+                                            prefix="ema_")
+        return result
+
+    def test(self) -> dict:
+        """The final weights' metrics on the test split, named test_* (with train.ema the moving
+        average's too, ema_test_*): reported in final.json beside val's, never selected on."""
+        ctx = evaluate.Context(self.cfg, self.train_set, self.val_set, self.info, self.d, self.log)
+        with self.evaluating():
+            with _unsharded(self.module):
+                result = evaluate.evaluate_test(self.task, self.module, ctx, self.test_set)
+            if self.ema is not None:
+                result |= evaluate.evaluate_test(self.task, self.ema.module, ctx, self.test_set,
+                                                 prefix="ema_")
+        if result:
+            self.log(f"test ({len(self.test_set)} items, final weights): "
+                     + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        return result
+
+    def end_epoch(self, window: dict, metrics: Metrics) -> dict:
+        """Evaluate, log, checkpoint, and publish the best checkpoint so far."""
+        epoch = math.ceil(self.plan.epochs_done(self.step))
+        result = self.evaluate(epoch)
+        seconds = max(window["time"], 1e-9)
+        row = {"step": self.step, "epoch": self.plan.epochs_done(self.step), "split": "val",
+               "train_loss": window["loss"] / max(1, window["n"]),
+               "samples_per_s": window["samples"] / seconds, "train_s": window["time"],
+               "data_wait": window["wait"] / seconds} | result
+        util = mfu.mfu(row["samples_per_s"] / self.d.world, self.macs, self.peak_tflops)
+        row |= {"mfu": util} if util is not None else {}
+        metrics.log(row)
+        self.log(f"epoch {epoch}: " + ", ".join(f"{k} {row[k]:.4g}" for k in _SHOWN if k in row))
+        score = self.task.score(result)  # None without validation data: the latest is the best
+        improved = score is None or self.best is None or score > self.best
+        self.best = score if improved else self.best
+        path = self.save()
+        if improved and self.d.main:
+            checkpoint.publish_best(self.run_dir, path)
+        return result
+
+
+def evaluate_run(run: str, device: str = "auto", test_views: str = "", resolution: int = 0) -> dict:
+    """Evaluate a finished (or running) run's best checkpoint, else its newest whole one (what
+    is wrong with any passed over is named on stderr); `test_views` (e.g. "5x3") scores its
+    test split over those views instead of its data.test_views; `resolution` (a side in pixels,
+    a multiple of the patch size) feeds its data at that size instead (the ViT resamples its
+    position embedding to it)."""
+    run_dir, warn = Path(run), functools.partial(print, file=sys.stderr)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run!r} is not a run directory (no config.yaml)")
+    cfg = settle(load_yaml(run_dir / "config.yaml"))
+    if test_views:  # the weights do not depend on it
+        cfg = replace(cfg, data=replace(cfg.data, test_views=test_views))
+    trained = cfg.data.image_size
+    if resolution:  # the model stays the trained one; only its data changes size
+        if resolution % cfg.model.patch_size:
+            p = cfg.model.patch_size
+            raise UserError(f"--resolution {resolution} is not a multiple of the patch size {p}; "
+                            f"use e.g. {p * (resolution // p + 1)}")
+        cfg = replace(cfg, data=replace(cfg.data, image_size=resolution))
+    d = dist.setup(device)
+    try:
+        train_set, val_set, test_set, info = build_datasets(cfg.data)
+        if not len(val_set):
+            raise UserError(f"{run!r} has no validation data to evaluate on (data.val_fraction=0); "
+                             "train with data.val_fraction > 0 or a data.val_path")
+        if test_views and not len(test_set):
+            raise UserError(f"--test-views scores the test split, and {run!r} has none; train with "
+                             "data.test_path or data.test_fraction > 0")
+        if resolve(cfg, replace(info, image_size=trained)) != cfg:
+            raise UserError(f"{run_dir / 'config.yaml'}: its model's input or classes are not its data's; "
+                             "put back the run's own config.yaml")
+        task, module = tasks.get(cfg.task), tasks.build(cfg, info.num_classes)
+        shapes = {k: v.shape for k, v in module.state_dict().items()}
+        found = checkpoint.newest_good(run_dir, shapes, warn, first=(run_dir / "best",))
+        if found is None:
+            raise UserError(f"{run!r} has no checkpoint yet")
+        module.load_state_dict(found[1][0])
+        module.to(d.device)
+        ctx = evaluate.Context(cfg, train_set, val_set, info, d, warn, run_dir / "recon-epoch000.png")
+        result = evaluate.evaluate(task, module, ctx) | evaluate.evaluate_test(task, module, ctx, test_set)
+        if found[1][2]["ema"] is not None:  # a run with train.ema: its moving average beside it
+            module.load_state_dict(found[1][2]["ema"])
+            result |= evaluate.evaluate(task, module, replace(ctx, picture=None), prefix="ema_")
+            result |= evaluate.evaluate_test(task, module, ctx, test_set, prefix="ema_")
+        return result
+    finally:
+        dist.teardown(d)
+
+
+# Config keys a branch (train.branch_from) may set apart from its parent: its length and
+# schedule (checked step by step instead), bookkeeping, and where it runs.
+BRANCH_MAY_DIFFER = {"out", "data.workers", *(f"train.{k}" for k in (
+    "epochs", "max_steps", "schedule", "decay_frac", "min_lr", "keep_steps", "ckpt_every", "keep_last",
+    "branch_from", "knn_k", "device", "threads", "fsdp", "sharded_ckpt"))}
+
+
+def _read_final(path: Path, step: int, log) -> dict | None:
+    """The metrics final.json holds for optimizer step `step`, or None: missing, of another step,
+    or damaged (then a warning names it)."""
+    if not path.is_file():
+        return None
+    try:
+        done = json.loads(path.read_text())
+        if not isinstance(done, dict) or not all(isinstance(v, (int, float)) for v in done.values()
+                                                 if v is not None):
+            raise ValueError("not a mapping of metrics")
+    except (OSError, ValueError) as e:  # a cut or garbled file (JSONDecodeError, UnicodeDecodeError)
+        log(f"warning: {path} cannot be read ({e}); evaluating the last checkpoint again")
+        return None
+    return {k: v for k, v in done.items() if k not in ("step", "best")} if done.get("step") == step else None
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"epochs": 3}} -> {"train.epochs": 3}."""
+    out = {}
+    for k, v in tree.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+_SHOWN = ("train_loss", "val_loss", "val_top1", "val_top5", "knn_top1", "ema_val_loss", "ema_val_top1",
+          "ema_val_top5", "ema_knn_top1", "test_top1", "test_knn_top1", "ema_test_top1", "samples_per_s",
+          "mfu", "data_wait")
+
+
+def _parallel(module: torch.nn.Module, cfg: RunConfig, d: dist.Dist) -> torch.nn.Module:
+    """Wrap for data parallel (DDP) or sharded (FSDP) training, then compile if asked."""
+    wrapped = module
+    if cfg.train.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        if not (d.enabled or torch.distributed.is_initialized()):  # torchrun of one process has a group
+            raise UserError("--train.fsdp needs several processes: launch with torchrun --nproc_per_node "
+                            "N, or on one process add --train.fsdp=false"
+                            + (" --train.sharded_ckpt=false" if cfg.train.sharded_ckpt else ""))
+        for block in module.encoder.blocks:
+            fully_shard(block)
+        fully_shard(module)
+    elif d.enabled:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if cfg.train.compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+@contextlib.contextmanager
+def _unsharded(module: torch.nn.Module):
+    """Gather an FSDP root's own parameters for calls that bypass its forward (evaluation).
+
+    Blocks sharded on their own gather themselves when called; only the root's parameters
+    (embeddings, final norm, head) need this.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+def _no_sync(module: torch.nn.Module, sync: bool):
+    """Skip DDP's gradient all-reduce on all but the last accumulation step."""
+    inner = getattr(module, "_orig_mod", module)
+    if not sync and isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        return inner.no_sync()
+    return contextlib.nullcontext()
