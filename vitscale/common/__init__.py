@@ -1,0 +1,3 @@
+"""What every layer uses: errors, devices and dtypes, torchrun ranks, signals, locks, run-directory
+rules, atomic checkpoints, class names, figures and the typed record codec. Imports no other
+vitscale package."""

@@ -1,0 +1,2 @@
+"""What is done with finished runs: classify files (predict), average them (soup), export them
+(ONNX, transformers, timm)."""
