@@ -27,7 +27,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.fsdp import fully_shard
 
 from vitscale.common import checkpoint, dist
-from vitscale.models.vit import ViT, preset
+from vitscale.models.presets import preset
+from vitscale.models.vit import ViT
 
 
 def held(state: dict) -> int:

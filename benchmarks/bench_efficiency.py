@@ -58,7 +58,8 @@ from vitscale.cost.measure import example_input, measure_model, pick_device  # n
 from vitscale.cost.scaling import scale  # noqa: E402
 from vitscale.data import build_datasets  # noqa: E402
 from vitscale.data.multires import side_at  # noqa: E402
-from vitscale.models.vit import ViT, preset  # noqa: E402
+from vitscale.models.presets import preset  # noqa: E402
+from vitscale.models.vit import ViT  # noqa: E402
 from vitscale.train import config, engine  # noqa: E402
 from vitscale.train.config import RunConfig  # noqa: E402
 from vitscale.train.flops import train_flops_per_sample  # noqa: E402

@@ -12,8 +12,10 @@ from safetensors.torch import load_file
 
 from vitscale.common.checkpoint import at
 from vitscale.common.records import apply_overrides
+from vitscale.models.layers import checkpoint_blocks
 from vitscale.models.mae import MAE, MAEConfig
-from vitscale.models.vit import ViT, checkpoint_blocks, preset
+from vitscale.models.presets import preset
+from vitscale.models.vit import ViT
 from vitscale.train import engine
 from vitscale.train.config import RunConfig
 

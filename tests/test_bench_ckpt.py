@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vitscale.models.vit import ViT, preset
+from vitscale.models.presets import preset
+from vitscale.models.vit import ViT
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ckpt.py"
 TWO_RANKS = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

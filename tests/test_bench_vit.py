@@ -21,7 +21,7 @@ from vitscale.cost import (
     counted,
     measure,  # noqa: E402
 )
-from vitscale.models.vit import preset  # noqa: E402
+from vitscale.models.presets import preset  # noqa: E402
 
 
 def peer_macs_per_sample(mode: str, batch: int = 2) -> float:

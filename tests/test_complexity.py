@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vitscale.cost.complexity import cost
 from vitscale.cost.measure import example_input
 from vitscale.models import param_count, preset
-from vitscale.models.vit import Attention
+from vitscale.models.layers import Attention
 
 VARIANTS = [
     dict(pos_embed="sincos"),

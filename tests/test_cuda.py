@@ -23,7 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from vitscale.common import checkpoint
 from vitscale.common.device import autocast
 from vitscale.common.records import apply_overrides
-from vitscale.models.vit import ViT, preset
+from vitscale.models.presets import preset
+from vitscale.models.vit import ViT
 from vitscale.train import amp, engine
 from vitscale.train.config import RunConfig
 

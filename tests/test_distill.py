@@ -16,7 +16,8 @@ from vitscale.cli.main import main
 from vitscale.common.checkpoint import latest
 from vitscale.common.errors import UserError
 from vitscale.common.records import apply_overrides
-from vitscale.models.vit import ViT, preset
+from vitscale.models.presets import preset
+from vitscale.models.vit import ViT
 from vitscale.tasks.distill import Distiller, FeatureDistiller, hard_distillation, soft_distillation
 from vitscale.train import config, engine
 from vitscale.train.config import DistillConfig, RunConfig

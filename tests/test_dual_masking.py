@@ -6,7 +6,7 @@ import torch
 from vitscale.common.errors import UserError
 from vitscale.cost.measure import example_input
 from vitscale.models.mae import MAE, MAEConfig, decoder_keep, patchify, running_cell_mask, unpatchify
-from vitscale.models.vit import preset
+from vitscale.models.presets import preset
 
 VIDEO = preset("pico/4-f8", class_token=False, pool="mean")  # 4x8x8 = 256 tokens
 IMAGE = preset("pico/4")  # 8x8 = 64 tokens, cls token

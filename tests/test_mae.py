@@ -14,7 +14,8 @@ from vitscale.models.mae import (
     tube_masking,
     unpatchify,
 )
-from vitscale.models.vit import PatchEmbed, ViT, preset
+from vitscale.models.presets import preset
+from vitscale.models.vit import PatchEmbed, ViT
 
 IMAGE = preset("pico/4")  # 32 px, 8x8 = 64 tokens, cls token
 VIDEO = preset("pico/4-f8", class_token=False, pool="mean")  # 8 frames, tubelet 2: 4x8x8 = 256 tokens

@@ -18,8 +18,10 @@ from vitscale import weights
 from vitscale.cli.main import main
 from vitscale.common import records
 from vitscale.data import DataInfo
+from vitscale.models.layers import fixed_pos_embed
 from vitscale.models.mae import MAE, MAEConfig, masking_of, normalize_channels, patchify, tube_masking
-from vitscale.models.vit import INIT_STD, ViT, fixed_pos_embed, preset
+from vitscale.models.presets import preset
+from vitscale.models.vit import INIT_STD, ViT
 from vitscale.train import config, engine
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[None, :, None, None, None]  # transformers' constants

@@ -55,7 +55,7 @@ def test_bench_counts_the_models_own_flops_and_gives_mfu_against_a_given_peak(ca
     from vitscale.cli.main import main
     from vitscale.cost.complexity import cost
     from vitscale.cost.counted import macs_per_sample
-    from vitscale.models.vit import preset
+    from vitscale.models.presets import preset
 
     cfg = preset("pico/4")
     c = cost(cfg)

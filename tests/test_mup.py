@@ -13,7 +13,8 @@ from vitscale.common.stats import loglog_slope
 from vitscale.cost.complexity import cost
 from vitscale.cost.scaling import scale
 from vitscale.models.mae import MAE, MAEConfig
-from vitscale.models.vit import ViT, ViTConfig, preset
+from vitscale.models.presets import preset
+from vitscale.models.vit import ViT, ViTConfig
 from vitscale.tasks import Classifier, Pretrainer
 from vitscale.train import engine, optim
 from vitscale.train.config import RunConfig

@@ -13,7 +13,7 @@ from vitscale import weights
 from vitscale.cli.main import main
 from vitscale.common import errors
 from vitscale.models.mae import MAE, MAEConfig
-from vitscale.models.vit import preset
+from vitscale.models.presets import preset
 from vitscale.weights import files
 
 transformers = pytest.importorskip("transformers")

@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from vitscale import tasks
 from vitscale.common.errors import UserError
 from vitscale.common.records import apply_overrides
-from vitscale.models.vit import ViT, preset
+from vitscale.models.presets import preset
+from vitscale.models.vit import ViT
 from vitscale.tasks.probe import LinearProbe
 from vitscale.train.config import RunConfig, TrainConfig
 from vitscale.train.flops import train_flops_per_sample

@@ -6,7 +6,7 @@ from conftest import ALL_PRESETS, meta_model
 
 from vitscale.cost.measure import example_input
 from vitscale.models import ViT, ViTConfig, preset
-from vitscale.models.vit import resample_pos_embed, sincos_pos_embed
+from vitscale.models.layers import resample_pos_embed, sincos_pos_embed
 
 
 @pytest.mark.parametrize("name", ALL_PRESETS)

@@ -19,8 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from vitscale import weights
 from vitscale.cli.main import main
+from vitscale.models.layers import sincos_pos_embed
 from vitscale.models.mae import MAE, MAEConfig, masking_of, patchify, random_masking, tube_masking
-from vitscale.models.vit import ViT, preset, sincos_pos_embed
+from vitscale.models.presets import preset
+from vitscale.models.vit import ViT
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

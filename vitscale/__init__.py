@@ -1,6 +1,7 @@
 """vitscale: design, scale, train and benchmark vanilla Vision Transformers."""
 
-from vitscale.models.vit import ViT, ViTConfig, preset
+from vitscale.models.presets import preset
+from vitscale.models.vit import ViT, ViTConfig
 
 __version__ = "0.1.0"
 __all__ = ["LoadedRun", "ViT", "ViTConfig", "load_run", "preset", "__version__"]

@@ -36,7 +36,8 @@ from vitscale.common.stats import pearson
 from vitscale.cost import counted, mfu, scaling
 from vitscale.cost import measure as bench
 from vitscale.cost.complexity import cost
-from vitscale.models.vit import ViTConfig, preset, preset_names
+from vitscale.models.presets import preset, preset_names
+from vitscale.models.vit import ViTConfig
 
 
 class _Parser(argparse.ArgumentParser):

@@ -22,7 +22,8 @@ from torch import nn
 
 from vitscale.common.device import autocast, pick_device
 from vitscale.common.errors import UserError
-from vitscale.models.vit import ViT, ViTConfig, checkpoint_blocks
+from vitscale.models.layers import checkpoint_blocks
+from vitscale.models.vit import ViT, ViTConfig
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from vitscale.common.errors import UserError
-from vitscale.models.vit import Block, Grid, ViT, ViTConfig, fixed_pos_embed
+from vitscale.models.layers import Block, Grid, fixed_pos_embed
+from vitscale.models.vit import ViT, ViTConfig
 
 MASKINGS = ("random", "tube")
 NORM_PIX_BY = ("patch", "channel")

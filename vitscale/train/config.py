@@ -26,7 +26,8 @@ from vitscale.common.records import (
 )
 from vitscale.data.config import DataConfig
 from vitscale.models.mae import MAEConfig
-from vitscale.models.vit import ViTConfig, preset
+from vitscale.models.presets import preset
+from vitscale.models.vit import ViTConfig
 from vitscale.train.loggers import BACKENDS as LOGGERS
 from vitscale.train.optim import OPTIMIZERS, SCHEDULES
 from vitscale.train.steps import CYCLES

@@ -21,21 +21,21 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from vitscale import tasks, weights
-from vitscale.common import checkpoint, classnames, dist, errors, figures, lock, rundir, signals
-from vitscale.common.checkpoint import atomic_write_text
+from vitscale.common import checkpoint, classnames, dist, errors, figures, lock, rng, rundir, signals
 from vitscale.common.device import autocast
 from vitscale.common.errors import Interrupted, StopTraining, UserError
+from vitscale.common.io import atomic_write_text
 from vitscale.common.records import dump_yaml, to_dict
+from vitscale.common.rng import rank_seed
 from vitscale.cost import mfu
 from vitscale.data import DataInfo, RunBatches, build_datasets, close, make_loader, skipped_files
 from vitscale.data.sampler import EpochSampler
-from vitscale.models.vit import checkpoint_blocks
+from vitscale.models.layers import checkpoint_blocks
 from vitscale.tasks import evaluate
 from vitscale.train import amp, optim
 from vitscale.train.config import RunConfig, load_yaml
@@ -230,12 +230,6 @@ def train(cfg: RunConfig, log=print, d: dist.Dist | None = None) -> dict:
             dist.teardown(d)
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of what rank `rank` draws while training (masks, drop-path, mixup): a stream of
-    its own, so ranks do not draw alike, and none equal to another seed's (seed + 1, rank 0)."""
-    return int(np.random.SeedSequence([seed & (2**63 - 1), rank]).generate_state(1, np.uint64)[0]) >> 1
-
-
 class Job:
     """One run: the data, the task module, its optimizer and where it has got to."""
 
@@ -330,29 +324,28 @@ class Job:
                 raise UserError(f"train.branch_from={str(ckpt)!r} is not a checkpoint directory "
                                  f"(RUN/{checkpoint.PREFIX}STEP with state.json and safetensors files)")
             try:
-                found = ckpt, checkpoint.load(ckpt, shapes, whole=False)
+                found = checkpoint.load(ckpt, shapes, whole=False)
             except checkpoint.Damaged as e:
                 raise UserError(f"train.branch_from: {e}") from None
         if found is None:
             return
-        ckpt, (model_state, optim_state, state) = found
+        ckpt, model_state, optim_state, state = found.path, found.model, found.optim, found.state
         if branch:
-            self._check_branch(ckpt, state["step"])
-        world = checkpoint.world_of(state)
-        if world != self.d.world:
-            self._check_world(ckpt, world)
-        if state["sharded"]:  # this rank's part, from whichever ranks' shards hold it (DCP reshards)
+            self._check_branch(ckpt, found.step)
+        if found.world != self.d.world:
+            self._check_world(ckpt, found.world)
+        if found.sharded:  # this rank's part, from whichever ranks' shards hold it (DCP reshards)
             model_state, optim_state = checkpoint.load_shards(ckpt, *get_state_dict(
                 self.module, self.opt, options=StateDictOptions(full_state_dict=False)), optim_state,
                 no_dist=not self.d.enabled)
         set_state_dict(self.module, self.opt, model_state_dict=model_state, optim_state_dict=optim_state,
-                       options=StateDictOptions(full_state_dict=not state["sharded"],
-                                                broadcast_from_rank0=self.d.enabled and not state["sharded"]))
+                       options=StateDictOptions(full_state_dict=not found.sharded,
+                                                broadcast_from_rank0=self.d.enabled and not found.sharded))
         if self.ema is not None:
-            if state["ema"] is None:
+            if found.ema is None:
                 raise UserError(f"{ckpt} holds no EMA weights (ema.safetensors) but this run has train.ema="
                                  f"{self.cfg.train.ema:g}; resume with the train.ema it was started with")
-            self.ema.load_state_dict(state["ema"])
+            self.ema.load_state_dict(found.ema)
         if self.scaler.enabled and state.get("scaler"):  # none: the run was not fp16 before
             self.scaler.load_state_dict(state["scaler"])
         if not checkpoint.restore_rng(ckpt, state, self.d.rank):  # saved by fewer ranks
@@ -411,7 +404,7 @@ class Job:
         sharded = self.cfg.train.sharded_ckpt
         model_state, optim_state = get_state_dict(self.module, self.opt, options=StateDictOptions(
             full_state_dict=not sharded, cpu_offload=not sharded))
-        rngs = dist.gather_object(self.d, checkpoint.rng_state())  # every rank's generators
+        rngs = dist.gather_object(self.d, rng.rng_state())  # every rank's generators
         path = None
         if sharded:
             path = checkpoint.save_sharded(self.run_dir, self.step, model_state, optim_state,
@@ -682,12 +675,12 @@ def evaluate_run(run: str, device: str = "auto", test_views: str = "", resolutio
         found = checkpoint.newest_good(run_dir, shapes, warn, first=(run_dir / "best",))
         if found is None:
             raise UserError(f"{run!r} has no checkpoint yet")
-        module.load_state_dict(found[1][0])
+        module.load_state_dict(found.model)
         module.to(d.device)
         ctx = evaluate.Context(cfg, train_set, val_set, info, d, warn, run_dir / "recon-epoch000.png")
         result = evaluate.evaluate(task, module, ctx) | evaluate.evaluate_test(task, module, ctx, test_set)
-        if found[1][2]["ema"] is not None:  # a run with train.ema: its moving average beside it
-            module.load_state_dict(found[1][2]["ema"])
+        if found.ema is not None:  # a run with train.ema: its moving average beside it
+            module.load_state_dict(found.ema)
             result |= evaluate.evaluate(task, module, replace(ctx, picture=None), prefix="ema_")
             result |= evaluate.evaluate_test(task, module, ctx, test_set, prefix="ema_")
         return result

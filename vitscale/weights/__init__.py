@@ -47,7 +47,8 @@ from vitscale.common import classnames, records
 from vitscale.common.checkpoint import is_sharded, newest_good, read_shards
 from vitscale.common.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
-from vitscale.models.vit import ViT, ViTConfig, preset
+from vitscale.models.presets import preset
+from vitscale.models.vit import ViT, ViTConfig
 from vitscale.weights import hf, timm
 from vitscale.weights.core import (
     DECODER_KEYS,
@@ -148,9 +149,8 @@ def _run_dir(run_dir: Path) -> Source:
     found = newest_good(run_dir, warn=lambda m: print(m, file=sys.stderr), first=(run_dir / "best",))
     if found is None:
         raise UserError(f"{str(run_dir)!r} holds no checkpoint to start from")
-    ckpt = found[0]
-    path = _weights_file(ckpt)
-    tensors = found[1][0] if found[1][2]["sharded"] else read_tensors(path)  # shards: read whole by load
+    path = _weights_file(found.path)
+    tensors = found.model if found.sharded else read_tensors(path)  # shards: read whole by load
     model, mae = _run_shape(run_dir / "config.yaml", decoder=any(k.startswith("mae.") for k in tensors))
     source = _vitscale(tensors, model, mae, where=repr(str(run_dir / "config.yaml")))
     names, named = classnames.read(run_dir, source.model.num_classes)

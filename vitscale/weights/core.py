@@ -18,8 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from vitscale.common.errors import UserError
+from vitscale.models.layers import fixed_pos_embed, resample_pos_embed
 from vitscale.models.mae import MAE, MAEConfig
-from vitscale.models.vit import SIZES, ViT, ViTConfig, fixed_pos_embed, resample_pos_embed
+from vitscale.models.presets import SIZES
+from vitscale.models.vit import ViT, ViTConfig
 from vitscale.weights.files import some
 
 # Heads of the standard ViT widths (Ti/S/B/L/H, and vitscale's small presets): a state dict
