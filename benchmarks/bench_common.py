@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from vitscale.common.checkpoint import atomic_write_text
+from vitscale.common.io import atomic_write_text
 
 
 def transformers():

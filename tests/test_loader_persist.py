@@ -123,5 +123,5 @@ def test_a_run_stopped_with_workers_resumes_to_an_uninterrupted_ones_weights(tmp
             engine.train(_fast(tmp_path, "cut"), log=lambda *a: None)
     engine.train(_fast(tmp_path, "cut"), log=lambda *a: None)
     engine.train(_fast(tmp_path, "whole", "data.workers=0"), log=lambda *a: None)
-    a, b = (engine.checkpoint.load(engine.checkpoint.latest(tmp_path / r))[0] for r in ("cut", "whole"))
+    a, b = (engine.checkpoint.load(engine.checkpoint.latest(tmp_path / r)).model for r in ("cut", "whole"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -54,8 +54,9 @@ def test_a_sharded_checkpoint_reads_back_whole_and_restores_the_optimizer(tmp_pa
     assert checkpoint.is_checkpoint(ckpt) and checkpoint.is_sharded(ckpt)
     assert not (ckpt / "model.safetensors").exists() and (ckpt / "shards" / ".metadata").is_file()
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    found, (weights_, optim_, state) = checkpoint.newest_good(tmp_path, shapes)
-    assert found == ckpt and state["step"] == 3 and state["sharded"] and checkpoint.world_of(state) == 1
+    found = checkpoint.newest_good(tmp_path, shapes)
+    weights_, optim_, state = found.model, found.optim, found.state
+    assert found.path == ckpt and state["step"] == 3 and found.sharded and checkpoint.world_of(state) == 1
     assert weights_.keys() == model.state_dict().keys()
     assert all(torch.equal(weights_[k], v) for k, v in model.state_dict().items())
     fresh, fresh_opt = tiny(seed=1)  # other weights and moments, filled in place from the shards
@@ -90,7 +91,7 @@ def test_a_damaged_sharded_checkpoint_is_passed_over(tmp_path, damage, said):
         (newest / "state.json").write_text('{"step": 2, "be')
     (tmp_path / "ckpt-00000003.tmp" / "shards").mkdir(parents=True)  # a save cut short: never read
     warned = []
-    found, _ = checkpoint.newest_good(tmp_path, warn=warned.append)
+    found = checkpoint.newest_good(tmp_path, warn=warned.append).path
     assert found == checkpoint.at(tmp_path, 1)
     assert len(warned) == 1 and said in warned[0] and str(newest) in warned[0], warned
     assert checkpoint.last_good(tmp_path) == checkpoint.at(tmp_path, 1)
@@ -103,7 +104,7 @@ def test_a_shard_of_bad_bytes_is_passed_over(tmp_path):
     part.write_bytes(bytes(len(part.read_bytes())))  # its length, zeros: only reading it tells
     assert checkpoint.last_good(tmp_path) == newest  # the metadata alone looks whole
     warned = []
-    assert checkpoint.newest_good(tmp_path, warn=warned.append)[0] == checkpoint.at(tmp_path, 1)
+    assert checkpoint.newest_good(tmp_path, warn=warned.append).path == checkpoint.at(tmp_path, 1)
     assert f"{newest / 'shards'} cannot be read" in warned[0], warned
 
 

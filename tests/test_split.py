@@ -86,8 +86,8 @@ def test_final_json_reports_the_final_weights_on_test(tmp_path):
         assert key in final and final[key] == result[key], key
     _, _, test, info = build_datasets(cfg.data)
     module = tasks.build(engine.resolve(cfg, info), info.num_classes).eval()
-    model, _, state = checkpoint.load(checkpoint.latest(Path(cfg.out)))  # the final step's weights
-    for weights, key in ((model, "test_top1"), (state["ema"], "ema_test_top1")):
+    found = checkpoint.load(checkpoint.latest(Path(cfg.out)))  # the final step's weights
+    for weights, key in ((found.model, "test_top1"), (found.ema, "ema_test_top1")):
         module.load_state_dict(weights)
         with torch.no_grad():
             x = torch.stack([test[i]["x"] for i in range(len(test))])

@@ -23,26 +23,27 @@ readable, state.json complete, finite weights of the model's shapes; for a shard
 `.metadata` readable, every shard file it names there and long enough, the shapes it records
 the model's) before anything is restored, and `newest_good` passes over damaged ones to the
 newest that is whole. The number of ranks a checkpoint was written by is its RNG states'
-(`world_of`); a run resumes on another number (engine.Job.resume).
+(`world_of`); a run resumes on another number (vitscale.train.checkpointer).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vitscale.common.errors import UserError
+from vitscale.common.io import fsync
+from vitscale.common.rng import rng_state, set_rng_state
 
 PREFIX = "ckpt-"
 SHARDS = "shards"  # a sharded checkpoint's DCP directory
@@ -53,28 +54,39 @@ class Damaged(UserError):
     """A checkpoint that cannot be used as it is; the message names it and what is wrong."""
 
 
-def fsync(path: Path) -> None:
-    """Flush a file's or a directory's entries to disk (before a rename publishes them)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass(frozen=True)
+class Checkpoint:
+    """What `load` read of a checkpoint, checked whole; nothing of it restored yet."""
 
+    # the checkpoint directory (ckpt-STEP/, best/, or a branch's parent's)
+    path: Path
+    # the model's state dict; None for a sharded one read with whole=False (a resume reads its
+    # own shards: load_shards)
+    model: dict[str, torch.Tensor] | None
+    # the optimizer's state dict, keyed by parameter name; a sharded one's holds only its param
+    # groups and scalars (its tensors are in the shards)
+    optim: dict
+    # the rest of state.json: step, best, scaler, and every rank's python / numpy RNG state
+    state: dict
+    # the moving average of the weights (train.ema runs), keyed as model; else None
+    ema: dict[str, torch.Tensor] | None
+    # whether the model and optimizer are DCP shards (`save_sharded`)
+    sharded: bool
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file, fsync and rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk: leave the old file, not a cut temporary one
-        raise
-    os.replace(tmp, path)
-    fsync(path.parent)
+    @property
+    def step(self) -> int:
+        """The optimizer step it was written at."""
+        return self.state["step"]
+
+    @property
+    def best(self) -> float | None:
+        """The run's best validation score when it was written (None: none yet, or no validation)."""
+        return self.state.get("best")
+
+    @property
+    def world(self) -> int:
+        """How many ranks wrote it (`world_of`)."""
+        return world_of(self.state)
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -96,29 +108,6 @@ def _optim_join(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
         param, name = key.rsplit("/", 1)
         state.setdefault(param, {})[name] = value
     return {"state": state, "param_groups": rest["param_groups"]}
-
-
-def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    """Every generator the training loop draws from."""
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    py = random.getstate()
-    np_state = np.random.get_state()
-    rest = {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    return tensors, rest
-
-
-def set_rng_state(tensors: dict[str, torch.Tensor], rest: dict) -> None:
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    py = rest["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npv = rest["numpy"]
-    np.random.set_state((npv[0], np.array(npv[1], dtype=np.uint32), *npv[2:]))
 
 
 def at(run_dir: Path, step: int) -> Path:
@@ -270,7 +259,7 @@ def is_sharded(ckpt: Path) -> bool:
 
 
 def world_of(state: dict) -> int:
-    """How many ranks wrote a checkpoint (`load`'s state dict): one RNG state each."""
+    """How many ranks wrote a checkpoint (its state.json's dict): one RNG state each."""
     return 1 + len(state["rng"].get("rank_rng", []))
 
 
@@ -279,11 +268,8 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(ckpt: Path, shapes: dict[str, torch.Size] | None = None,
-         whole: bool = True) -> tuple[dict | None, dict, dict]:
-    """(model state, optimizer state, state dict) of a checkpoint; restores nothing yet. The
-    state dict's "ema" holds the EMA weights where the checkpoint has them (else None), its
-    "sharded" whether the model and optimizer are DCP shards (`save_sharded`).
+def load(ckpt: Path, shapes: dict[str, torch.Size] | None = None, whole: bool = True) -> Checkpoint:
+    """A checkpoint's contents, checked whole; restores nothing yet.
 
     The whole checkpoint is checked first: every file there and readable, state.json complete,
     the weights finite and, given `shapes` (the model's state-dict shapes), each model and
@@ -312,17 +298,16 @@ def load(ckpt: Path, shapes: dict[str, torch.Size] | None = None,
         _check_state(ckpt, state, optim_rest["param_groups"], rng)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
         raise Damaged(f"{ckpt / 'state.json'} is incomplete or wrong ({type(e).__name__}: {e})") from None
-    state["sharded"] = sharded
     if sharded:
         _check_shapes(ckpt, model, optim_tensors, shapes, SHARDS)
         model = _finite(ckpt, read_shards(ckpt), SHARDS) if whole else None
     else:
         _check_shapes(ckpt, _finite(ckpt, model), optim_tensors, shapes)
     ema_path = ckpt / "ema.safetensors"
-    state["ema"] = _read(ema_path, lambda p: load_file(str(p))) if ema_path.is_file() else None
-    if state["ema"] is not None:
-        _check_shapes(ckpt, _finite(ckpt, state["ema"], "ema"), {}, shapes, "ema")
-    return model, optim, state
+    ema = _read(ema_path, lambda p: load_file(str(p))) if ema_path.is_file() else None
+    if ema is not None:
+        _check_shapes(ckpt, _finite(ckpt, ema, "ema"), {}, shapes, "ema")
+    return Checkpoint(ckpt, model, optim, state, ema, sharded)
 
 
 def _metadata(ckpt: Path):
@@ -405,10 +390,10 @@ def _flat(model_state: dict, optim_tensors: dict) -> dict:
 
 
 def newest_good(run_dir: Path, shapes: dict[str, torch.Size] | None = None, warn=None,
-                first: tuple[Path, ...] = (), whole: bool = True) -> tuple[Path, tuple] | None:
+                first: tuple[Path, ...] = (), whole: bool = True) -> Checkpoint | None:
     """The newest checkpoint of a run that `load` accepts (`first`, e.g. best/, before the rest),
-    and what `load` gave (`whole`: as load's); each one passed over is named to `warn` with
-    what is wrong with it. None where the run has none; Damaged where it has some and none is whole."""
+    as `load` gave it (`whole`: as load's); each one passed over is named to `warn` with what is
+    wrong with it. None where the run has none; Damaged where it has some and none is whole."""
     problems = []
     for ckpt in [*(p for p in first if p.exists()), *reversed(checkpoints(run_dir))]:
         try:
@@ -418,7 +403,7 @@ def newest_good(run_dir: Path, shapes: dict[str, torch.Size] | None = None, warn
             continue
         for problem in problems if warn else []:
             warn(f"warning: {problem}; using {ckpt} instead")
-        return ckpt, loaded
+        return loaded
     if problems:
         more = f" (and {len(problems) - 1} older one(s) cannot be used either)" if len(problems) > 1 else ""
         raise Damaged(f"no usable checkpoint in {run_dir}: {problems[0]}{more}; put back what changed (a "
@@ -433,7 +418,7 @@ def last_good(run_dir: Path) -> Path | None:
         found = newest_good(run_dir, whole=False)
     except Damaged:
         return None
-    return found[0] if found else None
+    return found.path if found else None
 
 
 def _read(path: Path, reader):

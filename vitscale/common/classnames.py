@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vitscale.common.checkpoint import atomic_write_text
 from vitscale.common.errors import UserError
+from vitscale.common.io import atomic_write_text
 
 FILE = "classes.json"
 _FIX = "remove it (classes are then named by their ids) or put back the run's own"

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from vitscale import tasks
-from vitscale.common import checkpoint, classnames
-from vitscale.train.config import RunConfig, load_yaml
+from vitscale.common import checkpoint, classnames, io
 from vitscale.common.errors import UserError, optional
+from vitscale.train.config import RunConfig, load_yaml
 
 FORMATS = ("onnx",)
 OPSET = 18  # the opset torch.onnx's dynamo exporter targets natively
@@ -86,12 +86,12 @@ def predictor(run: str, ema: bool = False) -> tuple[Predictor, RunConfig, Path, 
                                    first=(run_dir / "best",))
     if found is None:
         raise UserError(f"{run!r} has no checkpoint yet; export it once it has trained")
-    ckpt, (state, _, extra) = found
+    ckpt, state = found.path, found.model
     if ema:
-        if extra["ema"] is None:
+        if found.ema is None:
             raise UserError(f"--ema: {ckpt} holds no EMA weights (the run did not set train.ema); "
                              "leave --ema out")
-        state = extra["ema"]
+        state = found.ema
     if tasks.get(cfg.task).student:  # the student alone: its teacher only taught it
         state = {k: v for k, v in state.items() if k.startswith("vit.")}
         head = state.get("vit.head.weight")
@@ -176,13 +176,13 @@ def export(run: str, to: str = "onnx", out: str | None = None, batch: str = "dyn
         files = sorted(Path(tmp).iterdir())
         for f in files:  # the graph, and its weights where apart (named in the graph: same names)
             os.replace(f, path.parent / f.name)
-        checkpoint.fsync(path.parent)
+        io.fsync(path.parent)
     written = tuple(path.parent / f.name for f in files)
     batch_dim = fixed or "batch"
     result = Exported(path, (*written, sidecar), ckpt, "logits" if logits else "features",
                       (batch_dim, *input_shape(cfg, 1)[1:]), (batch_dim, out_shape[1]), diffs)
     mean, std = cfg.data.norm
-    checkpoint.atomic_write_text(sidecar, json.dumps({
+    io.atomic_write_text(sidecar, json.dumps({
         "run": str(run), "checkpoint": str(ckpt), "task": cfg.task, "ema": ema, "opset": OPSET,
         "input": {"name": "x", "shape": list(result.input_shape),
                   "layout": "BCTHW" if cfg.model.is_video else "BCHW",

@@ -42,12 +42,12 @@ from torch import Tensor
 
 from vitscale import tasks
 from vitscale.common import checkpoint, classnames, dist, rundir
-from vitscale.tasks import evaluate
-from vitscale.common.checkpoint import atomic_write_text
-from vitscale.train.config import RunConfig, load_yaml
+from vitscale.common.errors import UserError
+from vitscale.common.io import atomic_write_text
 from vitscale.common.records import to_dict
 from vitscale.data import build_datasets
-from vitscale.common.errors import UserError
+from vitscale.tasks import evaluate
+from vitscale.train.config import RunConfig, load_yaml
 
 # What ingredients may set apart: training settings, not what the model or its data is.
 MODEL_MAY_DIFFER = {"drop_path"}
@@ -111,9 +111,8 @@ def read(run: str, shapes: dict[str, torch.Size]) -> Ingredient:
         raise UserError(str(e)) from None
     if found is None:
         raise UserError(f"{run!r} has no checkpoint yet; train it first")
-    ckpt, (model, _, state) = found
-    ema = state["ema"] is not None
-    return Ingredient(run_dir, ckpt, ema, state["ema"] if ema else model)
+    ema = found.ema is not None
+    return Ingredient(run_dir, found.path, ema, found.ema if ema else found.model)
 
 
 def average(states: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:

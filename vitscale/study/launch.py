@@ -44,8 +44,8 @@ import torch
 import yaml
 
 from vitscale.common import dist, signals
-from vitscale.common.checkpoint import atomic_write_text
 from vitscale.common.errors import Interrupted, StopTraining, UserError, optional
+from vitscale.common.io import atomic_write_text
 from vitscale.study import results
 from vitscale.study.pool import Runner
 from vitscale.study.results import SeedResult, Sizing, SweepPoint

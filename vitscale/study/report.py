@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import NullFormatter
 
-from vitscale.common.checkpoint import atomic_write_text
 from vitscale.common.figures import plt, save_figure
+from vitscale.common.io import atomic_write_text
 from vitscale.study import summary as summary_
 from vitscale.study.results import TrialResult
 from vitscale.study.summary import LEVEL, Candidate, Summary

@@ -20,8 +20,8 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
-from vitscale.common.checkpoint import atomic_write_text
 from vitscale.common.errors import UserError
+from vitscale.common.io import atomic_write_text
 from vitscale.study import results
 
 VERSION = 2  # 1: the untyped rows of the first study (mid-run curves, one seed, no sweep)

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from vitscale import tasks
 from vitscale.common import checkpoint, dist, errors, lock, records, rundir, signals
-from vitscale.common.checkpoint import atomic_write_text
 from vitscale.common.errors import Interrupted, UserError
+from vitscale.common.io import atomic_write_text
 from vitscale.cost.complexity import cost
 from vitscale.study import launch, results
 from vitscale.study.config import (

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from vitscale.common.checkpoint import atomic_write_text
 from vitscale.common.errors import UserError
+from vitscale.common.io import atomic_write_text
 
 # name in train.loggers -> (module that must be importable, extra that installs it); jsonl is always on
 BACKENDS = {"jsonl": ("", ""), "csv": ("", ""), "tensorboard": ("tensorboard", "tensorboard"),

@@ -19,8 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from vitscale.common.checkpoint import fsync
 from vitscale.common.errors import UserError
+from vitscale.common.io import fsync
 
 State = dict[str, Tensor]
 WRAPPERS = ("model", "module", "state_dict")  # training scripts nest the weights under these
