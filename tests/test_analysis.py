@@ -12,7 +12,7 @@ from scipy.optimize import least_squares
 from vitscale.common import records
 from vitscale.cost.complexity import cost
 from vitscale.cost.scaling import scale
-from vitscale.study import analysis, fits, summary
+from vitscale.study import analysis, fits, lawfit, summary
 from vitscale.study.config import StudyConfig
 from vitscale.study.results import Point, SeedResult, StaleResult, TrialResult
 from vitscale.train import config
@@ -24,7 +24,7 @@ TRUE = fits.Law(("d", "w"), 0.05, 0.3, (0.3, 0.6), 0.5, 0.4, 0.15, N0, 1e4, 0.0,
 
 @pytest.fixture(autouse=True)
 def _few_refits(monkeypatch):
-    monkeypatch.setattr(analysis, "BOOTSTRAP", 60)
+    monkeypatch.setattr(lawfit, "BOOTSTRAP", 60)
 
 
 def trial(
@@ -97,8 +97,8 @@ def epochs_study(law=TRUE, sd=0.0, seed=0, steps=2000, **kw) -> list[TrialResult
 
 # ----------------------------------------------------------------------------- the law
 def _columns(rows):
-    pairs = analysis._labelled(rows, ("d", "w"))
-    return analysis._points(pairs)
+    pairs = lawfit.labelled(rows, ("d", "w"))
+    return lawfit.points(pairs)
 
 
 def test_law_recovers_the_parameters_its_points_were_drawn_from():
@@ -132,7 +132,7 @@ def test_law_is_as_good_as_scipy_least_squares():
 def test_law_needs_a_second_size_for_every_strategy():
     rows = [r for r in epochs_study() if r.name == "base" or "d" in r.strategies]
     with pytest.raises(ValueError, match="strategy w has no trial but the base"):
-        fits.fit_law(*analysis._points([(rows[0], "w"), *((r, "d") for r in rows[1:])]), n0=N0)
+        fits.fit_law(*lawfit.points([(rows[0], "w"), *((r, "d") for r in rows[1:])]), n0=N0)
 
 
 # ----------------------------------------------------------------------------- backtest
@@ -292,7 +292,7 @@ def test_a_recipe_is_fitted_as_families_of_its_own_and_moves_the_frontier(monkey
     """A recipe whose trials follow a law 3 points better (at 10% more training compute per sample)
     gets its own law (its base its anchor), its own backtest check, and a frontier above the plain
     one where the trials were measured, each family's samples bought at its own training cost."""
-    monkeypatch.setattr(analysis, "BOOTSTRAP", 4)
+    monkeypatch.setattr(lawfit, "BOOTSTRAP", 4)
     better = replace(TRUE, e=TRUE.e - 0.03)
     plain = [r for r in epochs_study() if "w" in r.strategies]
     twins = [_under(r, "mr", 3.3) for r in epochs_study(better) if "w" in r.strategies]

@@ -14,8 +14,9 @@ from test_study_launch import TINY, _seed, _sizing, tiny
 from vitscale.cli.main import main
 from vitscale.common import errors
 from vitscale.common.errors import UserError
-from vitscale.study import analysis, config, launch, preview, results, runner
+from vitscale.study import analysis, config, jobs, launch_args, preview, results, runner
 from vitscale.study.results import SeedResult, Sizing, SweepPoint
+from vitscale.study.slurm import SlurmLauncher
 from vitscale.study.trials import plan, reference_compute, size_all
 
 TINY_FLAGS = ["--strategy", "d,w", "--factors", "1,2", "--budget", "epochs:1", "--lrs", "",
@@ -138,17 +139,17 @@ def test_bad_launcher_arguments_are_one_line_before_anything_is_written(tmp_path
 
 
 def test_launcher_arguments_come_out_typed():
-    got = launch.options("slurm", ("timeout_min=240", "slurm_partition=123", "mem_gb=7.5",
+    got = launch_args.options("slurm", ("timeout_min=240", "slurm_partition=123", "mem_gb=7.5",
                                    "stderr_to_stdout=true", "slurm_setup=[module load cuda]", "cluster=local",
                                    "retries=0"))
     assert got == {"timeout_min": 240, "slurm_partition": "123", "mem_gb": 7.5, "stderr_to_stdout": True,
                    "slurm_setup": ["module load cuda"], "cluster": "local", "retries": 0}
-    assert launch.options("ray", ("num_cpus=2", "num_gpus=0.5", "address=auto", "max_retries=-1")) == {
+    assert launch_args.options("ray", ("num_cpus=2", "num_gpus=0.5", "address=auto", "max_retries=-1")) == {
         "num_cpus": 2, "num_gpus": 0.5, "address": "auto", "max_retries": -1}
     with pytest.raises(UserError, match="launcher_args are for --launcher slurm or ray"):
-        launch.options("local", ("num_cpus=2",))
+        launch_args.options("local", ("num_cpus=2",))
     with pytest.raises(UserError, match="timeout_min is given twice"):
-        launch.options("slurm", ("timeout_min=2", "timeout_min=3"))
+        launch_args.options("slurm", ("timeout_min=2", "timeout_min=3"))
 
 
 def test_the_slurm_table_is_submitits_own():
@@ -158,7 +159,7 @@ def test_the_slurm_table_is_submitits_own():
     from submitit.slurm.slurm import SlurmExecutor
 
     generic = AutoExecutor._typed_parameters()
-    for key, kind in launch.LAUNCHER_ARGS["slurm"].items():
+    for key, kind in launch_args.LAUNCHER_ARGS["slurm"].items():
         if key in ("cluster", "retries"):  # vitscale's own
             continue
         if key.startswith("slurm_"):
@@ -166,7 +167,7 @@ def test_the_slurm_table_is_submitits_own():
         else:
             assert key in generic, key
             assert kind.type is generic[key], key
-    assert set(generic) <= set(launch.LAUNCHER_ARGS["slurm"])
+    assert set(generic) <= set(launch_args.LAUNCHER_ARGS["slurm"])
 
 
 # ----------------------------------------------------------------------------- 9: budgets and targets
@@ -206,8 +207,8 @@ def test_slurm_without_sbatch_is_one_line_unless_the_local_executor_is_named(tmp
         assert "no Slurm here (sbatch not found)" in err and "cluster=local" in err, err
         assert not out.exists()
     with pytest.raises(UserError, match="no Slurm here"):
-        launch.SlurmLauncher(tmp_path / "slurm", {}, 0, print)
-    named = launch.SlurmLauncher(tmp_path / "slurm", {"cluster": "local"}, 0, print)
+        SlurmLauncher(tmp_path / "slurm", {}, 0, print)
+    named = SlurmLauncher(tmp_path / "slurm", {"cluster": "local"}, 0, print)
     assert named.executor.cluster == "local"
 
 
@@ -216,16 +217,16 @@ VALUES = [
     {"base": _sizing(32), "d-x2": _sizing(16)},
     SweepPoint(2e-3, 10, 3e9, 0.5, None, 0.05, 1.5),
     _seed("base", 0.5, 32),
-    launch.Failed("UserError", "a user's mistake"),
+    jobs.Failed("UserError", "a user's mistake"),
     {"val_top1": 0.5, "val_loss": math.nan, "test_top1": None},
 ]
 
 
 @pytest.mark.parametrize("value", VALUES, ids=["none", "sizings", "sweep", "seed", "failed", "final"])
 def test_a_jobs_value_goes_through_json_and_back(value):
-    text = launch.encode(value)
+    text = jobs.encode(value)
     json.loads(text)  # plain JSON: no code in it
-    back = launch.decode(text)
+    back = jobs.decode(text)
     if isinstance(value, dict) and "val_loss" in value:
         assert math.isnan(back.pop("val_loss")) and back == {"val_top1": 0.5, "test_top1": None}
     else:
@@ -234,9 +235,9 @@ def test_a_jobs_value_goes_through_json_and_back(value):
 
 def test_decode_builds_only_the_known_records():
     with pytest.raises(ValueError, match="not a job value"):
-        launch.decode(json.dumps({"kind": "Popen", "version": 2, "args": ["sh"]}))
-    assert isinstance(launch.decode(launch.encode(_seed("base", 0.5, 32))), SeedResult)
-    assert isinstance(launch.decode(launch.encode({"b": _sizing(8)}))["b"], Sizing)
+        jobs.decode(json.dumps({"kind": "Popen", "version": 2, "args": ["sh"]}))
+    assert isinstance(jobs.decode(jobs.encode(_seed("base", 0.5, 32))), SeedResult)
+    assert isinstance(jobs.decode(jobs.encode({"b": _sizing(8)}))["b"], Sizing)
 
 
 @pytest.mark.slow
@@ -252,7 +253,7 @@ def test_slurm_jobs_values_come_back_as_json_never_a_pickle(tmp_path, monkeypatc
     monkeypatch.setattr(utils, "pickle_load", no_pickle)
     cfg = tiny(tmp_path, strategies=("d",), factors=(1,))
     trials = plan(cfg)
-    slurm = launch.SlurmLauncher(tmp_path / "slurm", {"cluster": "local", "timeout_min": 5}, 0, print, 0.1)
+    slurm = SlurmLauncher(tmp_path / "slurm", {"cluster": "local", "timeout_min": 5}, 0, print, 0.1)
     got = {}
     slurm.map([("sizing", size_all, (cfg, trials, reference_compute(trials), 1),
                 tmp_path / "sizing.log")], got.__setitem__)

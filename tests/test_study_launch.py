@@ -17,9 +17,10 @@ import pytest
 from vitscale.cli.main import main
 from vitscale.common import records
 from vitscale.common.errors import UserError
-from vitscale.study import launch, preview, results
+from vitscale.study import launch, launch_args, preview, results
 from vitscale.study import runner as study
 from vitscale.study.results import Point, SeedResult, Sizing
+from vitscale.study.slurm import SlurmLauncher
 from vitscale.study.trials import hardware
 from vitscale.train import engine, optim
 
@@ -167,8 +168,8 @@ def test_launcher_arguments_are_checked(tmp_path):
     with pytest.raises(UserError, match="launcher must be one of local, slurm, ray"):
         tiny(tmp_path, launcher="k8s")
     with pytest.raises(UserError, match="not KEY=VALUE"):
-        launch.options("slurm", ("timeout_min",))
-    assert launch.options("slurm", ("timeout_min=240", "slurm_partition=gpu")) == {"timeout_min": 240,
+        launch_args.options("slurm", ("timeout_min",))
+    assert launch_args.options("slurm", ("timeout_min=240", "slurm_partition=gpu")) == {"timeout_min": 240,
                                                                                    "slurm_partition": "gpu"}
     with pytest.raises(UserError, match="launcher_args are for --launcher slurm or ray"):
         launch.launcher_for(tiny(tmp_path, launcher_args=("x=1",)), 1, print)
@@ -257,7 +258,7 @@ def test_a_preempted_or_killed_slurm_task_runs_again_and_ends_bit_for_bit(tmp_pa
 
     cfg = records.apply_overrides(config.recipe("train"), ["model.depth=2", "model.width=32", "model.heads=2",
                                                            "model.patch_size=4", *TINY, "train.epochs=4"])
-    slurm = launch.SlurmLauncher(tmp_path / "slurm", {"cluster": "local", "timeout_min": 5}, 1, print, 0.1)
+    slurm = SlurmLauncher(tmp_path / "slurm", {"cluster": "local", "timeout_min": 5}, 1, print, 0.1)
     waiter, got, failed = _in_background(slurm, cfg, tmp_path)
     pid = _training(tmp_path / "run", time.time() + 60)
     os.kill(pid, signal.SIGUSR2)  # preempted: checkpoint, requeue

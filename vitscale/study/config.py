@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from vitscale.common import records
 from vitscale.common.errors import UserError
 from vitscale.cost.scaling import parse_strategy
-from vitscale.study import launch
+from vitscale.study import launch_args
 from vitscale.train import config, engine
 from vitscale.train.config import RunConfig
 
@@ -130,8 +131,8 @@ class StudyConfig:
                 raise UserError(message)
         for s in self.strategies:
             parse_strategy(s)
-        parse_budget(self.budget)
-        target = parse_budget(self.target, "target") if self.target else None
+        # each parsed once, here, and kept: a bad budget or target is refused before anything runs
+        target = self.parsed_budget and self.parsed_target
         if target and (target.kind == "epochs" or target.in_epochs):
             raise UserError(f"target {self.target!r}: give a compute (compute:3e12) or time (time:10m) "
                              "budget")
@@ -139,7 +140,17 @@ class StudyConfig:
             raise UserError("train.multigrid cannot be set for a study's trials yet (its steps take varying "
                             "numbers of samples, which the study does not size); leave it out")
         parse_recipes(self)
-        launch.options(self.launcher, self.launcher_args)  # typed and in range, before anything starts
+        launch_args.options(self.launcher, self.launcher_args)  # typed and in range, before anything starts
+
+    @cached_property
+    def parsed_budget(self) -> Budget:
+        """`budget` parsed: what every trial may spend (its text stays the field, as study.yaml has it)."""
+        return parse_budget(self.budget)
+
+    @cached_property
+    def parsed_target(self) -> Budget | None:
+        """`target` parsed (None: recommend for the study's own budget)."""
+        return parse_budget(self.target, "target") if self.target else None
 
     @property
     def families(self) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from vitscale.common import dist, errors, lock
 from vitscale.common.errors import UserError
 from vitscale.cost.complexity import cost
 from vitscale.data import build_datasets
-from vitscale.study import config, results, runner
+from vitscale.study import analysis, config, results, runner
 from vitscale.study.results import SeedResult, Sizing
 from vitscale.study.trials import (
     Trial,
@@ -56,7 +56,7 @@ def describe(cfg: config.StudyConfig) -> dict:
     """The study's trials and phases with their steps and training multiply-adds (None where a
     time budget leaves them to a measurement not yet made), as one JSON-able record."""
     trials = plan(cfg)
-    budget = config.parse_budget(cfg.budget)
+    budget = cfg.parsed_budget
     counted, splits = {}, {}  # name: (multiply-adds per sample, steps per epoch); name: the data
     for t in trials:
         train_set, val_set, test_set, info = build_datasets(t.run.data)
@@ -222,8 +222,7 @@ def collect(cfg: config.StudyConfig, log=print):
     """Analyse and report what has finished, training nothing: the summary.Summary, with the
     trials (seed 0) not finished named one line each, and what the analysis could not do with
     those that have (`skipped`). The study directory must exist; a bug's traceback goes there."""
-    from vitscale.study import analysis
-    from vitscale.study import report as study_report
+    from vitscale.study import report  # local: matplotlib loads only when a study reports
 
     out = Path(cfg.out)
     if not (out / "study.yaml").is_file():
@@ -251,7 +250,7 @@ def collect(cfg: config.StudyConfig, log=print):
         summary = analysis.summarize(cfg, rows, sweep)
         for line in skipped(summary):
             log(line)
-        study_report.write(out, summary, rows)
+        report.write(out, summary, rows)
     return summary
 
 

@@ -40,14 +40,13 @@ from vitscale.common import checkpoint, dist, errors, lock, records, rundir, sig
 from vitscale.common.errors import Interrupted, UserError
 from vitscale.common.io import atomic_write_text
 from vitscale.cost.complexity import cost
-from vitscale.study import launch, results
+from vitscale.study import analysis, launch, results
 from vitscale.study.config import (
     SWEEP,
     StudyConfig,
     base_run,
     dump_study,
     load_study,
-    parse_budget,
 )
 from vitscale.study.launch import Launcher, launcher_for
 from vitscale.study.results import Point, SeedResult, Sizing, SweepPoint, TrialResult, finished
@@ -248,8 +247,7 @@ def run_study(study: StudyConfig, only: str | None = None, log=print):
 
 
 def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
-    from vitscale.study import analysis
-    from vitscale.study import report as study_report
+    from vitscale.study import report  # local: matplotlib loads only when a study reports
 
     out = dist.on_main(d, lambda: _prepare(study))
     trials = plan(study)
@@ -257,7 +255,7 @@ def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
     if only and only not in (*names, SWEEP):
         raise UserError(f"no trial named {only!r}; the trials are: {', '.join(names)}, and {SWEEP}")
     reference = reference_compute(trials)
-    in_epochs = parse_budget(study.budget).in_epochs
+    in_epochs = study.parsed_budget.in_epochs
     unit = f"; a base-model epoch is {reference:.3g} multiply-adds" if in_epochs else ""
     log(f"study: {len(trials)} trials ({', '.join(names)}), budget {study.budget} per trial{unit}, "
         f"{study.param}, cooldowns at {', '.join(f'{f:g}' for f in sorted(study.fractions))} of each budget")
@@ -296,7 +294,7 @@ def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
         return None
     rows = [done[t.name] for t in trials]
     summary = analysis.summarize(study, rows, sweep)
-    study_report.write(out, summary, rows)
+    report.write(out, summary, rows)
     return summary
 
 

@@ -23,7 +23,6 @@ from vitscale.study.config import (
     StudyConfig,
     base_run,
     is_base,
-    parse_budget,
     parse_recipes,
 )
 from vitscale.study.results import Sizing, SweepPoint, TrialResult, finished
@@ -166,7 +165,7 @@ def _size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int
     finally:
         torch.set_num_threads(before)
     spe = len(train_set) // run.train.batch
-    budget = parse_budget(study.budget)
+    budget = study.parsed_budget
     steps = steps_for(budget, per_sample, run.train.batch, spe, m.samples_per_s, reference)
     if not any(f == max(study.fractions) for f, _, _ in branches(steps, study.fractions, study.decay_frac)):
         raise UserError(f"budget {study.budget!r} is too small to train trial {trial.name} "
@@ -202,7 +201,7 @@ def hardware(device: str = "auto") -> str:
 def one_hardware(study: StudyConfig, sizes: dict[str, Sizing]) -> None:
     """A time budget's steps come from throughputs measured on one kind of hardware, or not at all."""
     kinds = {s.hardware or "unrecorded hardware" for s in sizes.values()}
-    if parse_budget(study.budget).kind == "time" and len(kinds) > 1:
+    if study.parsed_budget.kind == "time" and len(kinds) > 1:
         raise UserError(f"the trials of {study.out!r} were sized on different hardware "
                          f"({'; '.join(sorted(kinds))}), which a time budget cannot compare; remove the "
                          "trials/*/trial.json measured elsewhere and run the study again, or use a compute "
@@ -211,7 +210,7 @@ def one_hardware(study: StudyConfig, sizes: dict[str, Sizing]) -> None:
 
 def _same_hardware(study: StudyConfig, name: str, sizing: Sizing, device: str) -> None:
     """A time budget's run trains on the hardware its steps were measured on (a launcher's node)."""
-    if parse_budget(study.budget).kind != "time" or not sizing.hardware:
+    if study.parsed_budget.kind != "time" or not sizing.hardware:
         return
     here = hardware(device)
     if here != sizing.hardware:

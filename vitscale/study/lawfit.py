@@ -1,0 +1,206 @@
+"""A study's trials as the points a law is fitted to, their noise, and the law fitted with its
+bootstrap: what the backtest, the recommendation and the IsoFLOP check share.
+
+points      every annealed point of every seed: (strategy, N, D, error), N the model's
+            forward multiply-adds per sample, D the samples it trained on
+law         error(s, N, D) = e + a (N/n0)^-alpha_s + b (D/d0)^-beta (N/n0)^-gamma  (fits.fit_law)
+bootstrap   refits to trials resampled within each strategy, a random seed of each,
+            each point moved by its validation sampling noise: the spread of a prediction
+
+A recipe's families (w+mr: strategy w under recipe mr, from its own base base+mr) are fitted
+like strategies, each recipe's laws relative to its own base: a shared law is shared within a
+recipe (a recipe may move the whole curve, which one law's common e, a, b could not say).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from vitscale.study import fits
+from vitscale.study.config import is_base
+from vitscale.study.results import TrialResult
+from vitscale.study.summary import LEVEL, Noise, Structure
+
+BOOTSTRAP = 200  # refits per interval
+Z = 1.6449  # the normal quantile of LEVEL's two-sided interval
+
+
+# ----------------------------------------------------------------------------- points and noise
+def recipe_of(family: str) -> str:
+    """The recipe a family (or a trial's family) trains under: w+mr -> mr; "" for w and base."""
+    return family.partition("+")[2]
+
+
+def _groups(strategies: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The strategies by recipe (the plain ones first): each group scales from one base."""
+    by: dict[str, list[str]] = {}
+    for s in strategies:
+        by.setdefault(recipe_of(s), []).append(s)
+    return [tuple(g) for g in by.values()]
+
+
+def labelled(rows: list[TrialResult], strategies: tuple[str, ...]) -> list[tuple[TrialResult, str]]:
+    """(trial, strategy) pairs: a trial once per strategy it belongs to, a base once (every
+    strategy's law agrees at the base's size)."""
+    pairs = []
+    for r in rows:
+        mine = [s for s in strategies if s in r.strategies]
+        pairs += [(r, s) for s in (mine[:1] if is_base(r.name) else mine)]
+    return pairs
+
+
+def points(
+    pairs, rng: np.random.Generator | None = None, luck: float = 0.0
+) -> tuple[list, list, list, list]:
+    """Annealed points as (strategy, N, D, error) columns. With `rng`: each fraction's value from a
+    random seed of those that ran it, moved by its validation sampling noise; where one seed ran
+    it, moved also by a draw of the seed-to-seed spread `luck` (one per trial, as a seed's luck
+    lasts its whole run)."""
+    rows = []
+    for r, s in pairs:
+        shift = rng.normal(0.0, luck) if rng is not None and luck else 0.0
+        by_fraction: dict[float, list] = {}
+        for seed in r.seeds:
+            for p in seed.points:
+                by_fraction.setdefault(p.fraction, []).append(p)
+        for ps in by_fraction.values():
+            if rng is None:
+                rows += [(s, r.flops, p.samples, 1.0 - p.accuracy) for p in ps]
+                continue
+            p = ps[rng.integers(len(ps))]
+            moved = p.accuracy + rng.normal(0.0, p.stderr) + (shift if len(ps) == 1 else 0.0)
+            rows.append((s, r.flops, p.samples, 1.0 - moved))
+    return tuple(list(c) for c in zip(*rows, strict=True)) if rows else ([], [], [], [])
+
+
+def noise(rows: list[TrialResult]) -> Noise:
+    """Seed-to-seed spread of final accuracy, pooled over trials with two or more seeds
+    (validation sampling included); the binomial error alone where no trial has two."""
+    ss, dof = 0.0, 0
+    for r in rows:
+        acc = [s.final.accuracy for s in r.seeds]
+        if len(acc) > 1:
+            ss += float(np.sum((np.asarray(acc) - np.mean(acc)) ** 2))
+            dof += len(acc) - 1
+    binomial = float(np.median([s.final.stderr for r in rows for s in r.seeds]))
+    sd = max(math.sqrt(ss / dof), binomial) if dof else binomial
+    return Noise(sd, dof, binomial)
+
+
+def final(r: TrialResult) -> float:
+    """Mean over seeds of the full-length annealed point (the fitted metric)."""
+    return r.points()[-1].accuracy
+
+
+# ----------------------------------------------------------------------------- fitting
+def base_trial(rows: list[TrialResult], recipe: str = "") -> TrialResult:
+    """The trial every strategy (under `recipe`) scales from (the smallest where none is named base)."""
+    mine = [r for r in rows if recipe_of(r.family) == recipe] or rows
+    name = f"base+{recipe}" if recipe else "base"
+    return next((r for r in rows if r.name == name), None) or min(mine, key=lambda r: r.flops)
+
+
+def n0s(rows: list[TrialResult]) -> dict[str, float]:
+    """Each recipe's base size ("" the study's base): what the laws of its families are relative to."""
+    return {g: base_trial(rows, g).flops for g in dict.fromkeys(recipe_of(r.family) for r in rows)}
+
+
+def able(rows: list[TrialResult], strategies: tuple[str, ...], n0: dict[str, float]) -> tuple[str, ...]:
+    """The strategies with a trial of another size than their base (a law can be fitted for them)."""
+    return tuple(
+        s for s in strategies if any(s in r.strategies and r.flops != n0.get(recipe_of(s)) for r in rows)
+    )
+
+
+def _pairs(rows: list[TrialResult], strategies: tuple[str, ...], shared: bool) -> list[list]:
+    """The (trial, strategy) pairs of each law: one list per recipe for a shared law, one per
+    strategy (each with its base) otherwise."""
+    if shared:
+        return [labelled(rows, g) for g in _groups(strategies)]
+    return [[(r, s) for r in rows if s in r.strategies] for s in strategies]
+
+
+def _fit_once(groups: list[list], n0: dict[str, float], start: fits.Laws | None = None, rng=None,
+              luck: float = 0.0):
+    return fits.Laws(
+        tuple(
+            fits.fit_law(*points(g, rng, luck), n0=n0[recipe_of(g[0][1]) if g else ""],
+                         start=start.laws[i] if start else None)
+            for i, g in enumerate(groups)
+        )
+    )
+
+
+def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: dict[str, float]) -> Structure:
+    """Shared or separate laws, whichever predicts each trial larger than the base better from
+    the others (leave-one-trial-out mean absolute error of its final accuracy; below the base
+    the size term is an extrapolation the study never asks for); shared on a tie or where the
+    separate laws cannot be fitted (an error is None where a structure predicts nothing)."""
+    errors: dict[bool, float | None] = {}
+    for shared in (True, False):
+        try:
+            full = _fit_once(_pairs(rows, strategies, shared), n0)
+        except ValueError:
+            errors[shared] = None
+            continue
+        misses = []
+        for r in rows:
+            # predict the trials larger than their base from the rest, as the backtest does
+            if r.flops <= n0[recipe_of(r.family)]:
+                continue
+            others = [x for x in rows if x is not r]
+            s = next(t for t in strategies if t in r.strategies)
+            try:
+                law = _fit_once(_pairs(others, strategies, shared), n0, start=full)
+            except ValueError:
+                continue
+            misses.append(abs(1.0 - float(law.predict(s, r.flops, r.samples)) - final(r)))
+        errors[shared] = float(np.mean(misses)) if misses else None
+    separate_better = errors[False] is not None and (errors[True] is None or errors[False] < errors[True])
+    return Structure(not separate_better, errors[True], errors[False])
+
+
+def fit(
+    rows: list[TrialResult], strategies: tuple[str, ...], n0: dict[str, float], noise_: Noise | None = None
+) -> tuple[fits.Laws, list[fits.Laws], Structure]:
+    """The laws on every annealed point of `rows` (structure chosen by `structure`), their
+    bootstrap refits, and the structure's choice."""
+    choice = structure(rows, strategies, n0)
+    luck = math.sqrt(max(noise_.seed_sd**2 - noise_.binomial**2, 0.0)) if noise_ else 0.0
+    law = _fit_once(_pairs(rows, strategies, choice.shared), n0)
+    rng = np.random.default_rng(0)
+    anchors = {g: [r for r in rows if recipe_of(r.family) == g and r.flops == n] for g, n in n0.items()}
+    groups = {s: [r for r in rows if s in r.strategies and r.flops != n0[recipe_of(s)]] for s in strategies}
+    laws = []
+    for _ in range(BOOTSTRAP):
+        drawn = {s: [g[i] for i in rng.integers(0, len(g), len(g))] for s, g in groups.items()}
+        if choice.shared:
+            pairs = [[(r, ss[0]) for r in anchors[recipe_of(ss[0])]] + [(r, s) for s in ss for r in drawn[s]]
+                     for ss in _groups(strategies)]
+        else:
+            pairs = [[(r, s) for r in anchors[recipe_of(s)] + g] for s, g in drawn.items()]
+        try:
+            laws.append(_fit_once(pairs, n0, start=law, rng=rng, luck=luck))
+        except ValueError:
+            continue
+    return law, laws, choice
+
+
+def interval(draws: np.ndarray, sd: float, rng: np.random.Generator, dof: int = 0) -> tuple[float, float]:
+    """LEVEL interval of accuracies `draws` (one per refit), each moved by noise of `sd`: Student's
+    t with `dof` degrees of freedom where sd was estimated from that few seed pairs (a few pairs
+    that happen to agree must not make the interval tight), normal where it is known (dof 0).
+    NaNs where no refit could be made (fewer points than the law has parameters)."""
+    if len(draws) == 0:
+        return math.nan, math.nan
+    z = rng.standard_t(dof, 10 * len(draws)) if dof else rng.standard_normal(10 * len(draws))
+    spread = np.clip(np.repeat(draws, 10) + sd * z, 0.0, 1.0)
+    q = (1 - LEVEL) / 2
+    return float(np.quantile(spread, q)), float(np.quantile(spread, 1 - q))
+
+
+def predictions(laws: list[fits.Laws], strategy: str, n: float, d: float) -> np.ndarray:
+    return np.array([1.0 - float(lw.predict(strategy, n, d)) for lw in laws])
+
