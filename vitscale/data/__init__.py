@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from vitscale.common import signals
+from vitscale.common import compat, signals
 from vitscale.common.errors import UserError
 from vitscale.data.builtin import DIRECTIONS, build_builtin
 from vitscale.data.common import (
@@ -139,9 +139,7 @@ def make_loader(dataset: KeyedDataset, sampler, batch_size: int, workers: int = 
 def close(batches) -> None:
     """End a loader's iterator now: its worker processes (and pin-memory thread) stop, rather than
     when the iterator is collected (which a traceback holding it delays)."""
-    shutdown = getattr(batches, "_shutdown_workers", None)  # a multi-process iterator's
-    if shutdown is not None:
-        shutdown()
+    compat.shutdown_workers(batches)
 
 
 def denormalize(x: Tensor, info: DataInfo) -> Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vitscale.common import signals
+from vitscale.common import compat, signals
 
 
 def _in_worker(fn, args: tuple, log_path: Path, threads: int):
@@ -59,7 +59,7 @@ class Runner:
 
     def _pids(self) -> list[int]:
         """The workers' process ids (to pass a signal on to)."""
-        return list(getattr(self.pool, "_processes", None) or {})
+        return compat.pool_pids(self.pool)
 
     def close(self) -> None:
         if self.pool is not None:

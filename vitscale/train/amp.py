@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from vitscale.common import compat
+
 MIN_SCALE = 1.0  # below it the unscaled gradients themselves overflow float16: a broken run
 
 
@@ -54,8 +56,8 @@ class Scaler:
             self.scaler.unscale_(opt)  # the gradients' true values, so clip_grad means what it says
         if clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(params, clip_grad)  # with an inf: NaNs, and a skip anyway
-        if self.sharded:  # fused AdamW's own skip test fails on FSDP2's DTensor state ("output with shape
-            opt._step_supports_amp_scaling = False  # [] ..."); so GradScaler tests found-inf and steps it
+        if self.sharded:  # fused AdamW's own skip test fails on FSDP2's DTensor state
+            compat.let_scaler_check_inf(opt)
         before = self.scaler.get_scale()
         self.scaler.step(opt)  # skipped when unscale_ found an inf or NaN
         self.scaler.update()

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from vitscale import tasks, weights
-from vitscale.common import checkpoint, classnames, dist, errors, figures, lock, rng, rundir, signals
+from vitscale.common import checkpoint, classnames, compat, dist, errors, figures, lock, rng, rundir, signals
 from vitscale.common.device import autocast
 from vitscale.common.errors import Interrupted, StopTraining, UserError
 from vitscale.common.io import atomic_write_text
@@ -765,7 +765,7 @@ def _unsharded(module: torch.nn.Module):
 
 def _no_sync(module: torch.nn.Module, sync: bool):
     """Skip DDP's gradient all-reduce on all but the last accumulation step."""
-    inner = getattr(module, "_orig_mod", module)
+    inner = compat.uncompiled(module)
     if not sync and isinstance(inner, torch.nn.parallel.DistributedDataParallel):
         return inner.no_sync()
     return contextlib.nullcontext()

@@ -19,12 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from vitscale.common.compat import COMPILED_PREFIX
 from vitscale.common.errors import UserError
 from vitscale.common.io import fsync
 
 State = dict[str, Tensor]
 WRAPPERS = ("model", "module", "state_dict")  # training scripts nest the weights under these
-PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile key prefixes
+PREFIXES = ("module.", COMPILED_PREFIX)  # DistributedDataParallel and torch.compile key prefixes
 
 
 def read_tensors(path: Path) -> State:
