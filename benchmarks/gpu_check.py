@@ -20,7 +20,7 @@ fails, the stages run the checkout through PYTHONPATH.
 
     python benchmarks/gpu_check.py --install          # make gpu-check
     python benchmarks/gpu_check.py --device cpu --no-tests --preset pico/4 --image-size 32 --batch 8 \\
-        --steps 2 --no-compile --bench-models pico/4:8 --bench-rounds 1    # a dry run on a CPU
+        --steps 2 --val-size 16 --no-compile --bench-models pico/4:8 --bench-rounds 1   # a dry run on a CPU
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def train(args: argparse.Namespace, out: Path) -> Stage:
     cmd = [sys.executable, "-m", "vitscale", "train", "--model", args.preset, "--out", str(run_dir),
            # crops of the whole frame: loading keeps up with the GPU, so the figures are the model's
            "--data.name=cluttered-digits", f"--data.image_size={args.image_size}", "--data.scale_min=1",
-           f"--data.train_size={steps_per_epoch * args.batch}", "--data.val_size=512", "--data.test_size=0",
+           f"--data.train_size={steps_per_epoch * args.batch}", f"--data.val_size={args.val_size}",
+           "--data.test_size=0",
            f"--data.workers={args.workers}", f"--train.batch={args.batch}", f"--train.max_steps={args.steps}",
            f"--train.device={args.device}", f"--train.dtype={args.dtype}", f"--train.compile={args.compile}"]
     code, seconds = run(cmd, out / "train.log", args.timeout_train)
@@ -241,6 +242,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224, help="its input side in pixels")
     p.add_argument("--batch", type=int, default=256, help="training batch")
     p.add_argument("--steps", type=int, default=200, help="training steps")
+    p.add_argument("--val-size", type=int, default=512, help="validation items scored after each epoch")
     p.add_argument("--dtype", default="bf16", help="training and benchmark dtype")
     p.add_argument("--compile", default=True, action=argparse.BooleanOptionalAction,
                    help="torch.compile the trained model (default on)")

@@ -76,7 +76,8 @@ def test_a_cpu_dry_run_fills_the_table_and_the_json(tmp_path, capsys):
     (tmp_path / "test_tiny.py").write_text(TINY)
     out = tmp_path / "check"
     code = gpu_check.main(["--device", "cpu", "--tests", str(tmp_path / "test_tiny.py"), "--preset", "pico/4",
-                           "--image-size", "32", "--batch", "8", "--steps", "2", "--no-compile",
+                           "--image-size", "32", "--batch", "8", "--steps", "2", "--val-size", "16",
+                           "--no-compile",
                            "--bench-models", "pico/4:8", "--bench-rounds", "1", "--out", str(out)])
     assert code == 1  # the tiny selection's broken test fails the check
     report = json.loads((out / "gpu-check.json").read_text())
