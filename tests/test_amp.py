@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 
 def run(out, *overrides, log=lambda *a: None):
     cfg = apply_overrides(RunConfig(out=str(out)), FAST + list(overrides))
-    return engine.train(cfg, log=log)
+    return engine.train(cfg, log=log).metrics
 
 
 def weights(run_dir, step):

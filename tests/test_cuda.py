@@ -105,7 +105,7 @@ def test_every_sdpa_kernel_equals_the_explicit_attention(backend, dtype, exact_f
 
 def train(out: Path, *overrides: str, device: str = "cuda", log=lambda *a: None) -> dict:
     cfg = apply_overrides(RunConfig(out=str(out)), [*FAST, f"train.device={device}", *overrides])
-    return engine.train(cfg, log=log)
+    return engine.train(cfg, log=log).metrics
 
 
 def rows(run_dir: Path, split: str = "train") -> list[dict]:

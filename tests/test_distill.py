@@ -191,11 +191,11 @@ def test_a_distilled_run_resumes_exactly_and_a_feature_run_starts_the_task_stage
     engine.train(pre, log=lambda *a: None)
     feature = apply_overrides(RunConfig(out=str(tmp_path / "feat")),
                               FAST + ["task=distill", f"distill.teacher={pre.out}", "distill.kind=feature"])
-    result = engine.train(feature, log=lambda *a: None)
+    result = engine.train(feature, log=lambda *a: None).metrics
     assert {"val_loss", "knn_top1"} <= set(result) and "val_top1" not in result
     lines = []
     tuned = apply_overrides(RunConfig(task="finetune", init=feature.out, out=str(tmp_path / "ft")), FAST)
-    assert "val_top1" in engine.train(tuned, log=lines.append)
+    assert "val_top1" in engine.train(tuned, log=lines.append).metrics
     student = load_file(str(latest(tmp_path / "feat") / "model.safetensors"))
     start = [x for x in lines if "encoder weights from" in x]
     assert start and "left out: head.weight (class head dropped)" in start[0], lines  # the projection

@@ -180,7 +180,7 @@ def test_a_run_signalled_during_evaluation_keeps_its_last_checkpoint(tmp_path, m
     assert len(calls) == 16 + 2  # not one batch after the signal
     assert checkpoint.step_of(checkpoint.latest(tmp_path / "run")) == 4
     assert str(checkpoint.latest(tmp_path / "run")) in str(e.value)
-    final = engine.train(cfg, log=lambda *a: None)
+    final = engine.train(cfg, log=lambda *a: None).metrics
     assert checkpoint.step_of(checkpoint.latest(tmp_path / "run")) == 12 and "val_top1" in final
 
 
@@ -199,4 +199,4 @@ def test_a_run_signalled_in_its_first_evaluation_says_it_starts_over(tmp_path, m
         with pytest.raises(Interrupted, match="SIGINT during evaluation at step 2 of 2, no checkpoint yet"):
             engine.train(cfg, log=lambda *a: None)
     assert checkpoint.latest(tmp_path / "run") is None
-    assert "val_top1" in engine.train(cfg, log=lambda *a: None)
+    assert "val_top1" in engine.train(cfg, log=lambda *a: None).metrics

@@ -208,7 +208,7 @@ def test_a_training_run_sends_its_metrics_jsonl_rows_to_csv_and_tensorboard(tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = apply_overrides(RunConfig(out=str(tmp_path / "run")), [*FAST, "train.loggers=csv,tensorboard"])
-    result = engine.train(cfg, log=lambda *a: None)
+    result = engine.train(cfg, log=lambda *a: None).metrics
     written = engine.read_metrics(tmp_path / "run")
     with open(tmp_path / "run" / "metrics.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [r["step"] for r in written]

@@ -228,7 +228,7 @@ def _in_background(launcher, cfg, tmp_path):
 
 
 def _same_as_uninterrupted(cfg, result: dict, tmp_path) -> None:
-    plain = engine.train(replace(cfg, out=str(tmp_path / "plain")), print)
+    plain = engine.train(replace(cfg, out=str(tmp_path / "plain")), print).metrics
     scores = [k for k in plain if "top1" in k or "loss" in k]
     assert scores and {k: result[k] for k in scores} == {k: plain[k] for k in scores}
 

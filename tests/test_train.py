@@ -20,7 +20,7 @@ FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "train.knn_k=5
 def run(tmp_path, name, *overrides, task="supervised", init=""):
     cfg = RunConfig(task=task, init=init, out=str(tmp_path / name))
     cfg = apply_overrides(cfg, FAST + list(overrides))
-    return cfg, engine.train(cfg, log=lambda *a: None)
+    return cfg, engine.train(cfg, log=lambda *a: None).metrics
 
 
 def losses(cfg):
@@ -50,11 +50,11 @@ def test_a_finished_run_run_again_keeps_its_result(tmp_path):
     returns (and keeps) the final evaluation instead of writing one without metrics."""
     cfg, first = run(tmp_path, "done")
     final = tmp_path / "done" / "final.json"
-    again = engine.train(cfg, log=lambda *a: None)
+    again = engine.train(cfg, log=lambda *a: None).metrics
     assert again == first and json.loads(final.read_text())["val_top1"] == first["val_top1"]
     final.unlink()  # as a kill right after the last checkpoint leaves it
     rows = losses(cfg)
-    again = engine.train(cfg, log=lambda *a: None)
+    again = engine.train(cfg, log=lambda *a: None).metrics
     assert again["val_top1"] == first["val_top1"] and again["val_loss"] == pytest.approx(first["val_loss"])
     assert json.loads(final.read_text())["val_top1"] == first["val_top1"] and losses(cfg) == rows
 

@@ -241,7 +241,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     cfg = _run_config(args, extra)
     d = dist.setup(cfg.train.device)
     try:
-        result = engine.train(cfg, d=d)
+        result = engine.train(cfg, d=d).metrics
     finally:
         dist.teardown(d)
     if not d.main:

@@ -134,7 +134,7 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.D
     for f, length, start in plan_:
         last = run(f"cool-{f:g}", decay_frac=study.decay_frac, max_steps=length,
                    branch_from=str(checkpoint.at(stable.out, start)))
-        points.append(_point(f, length, trial.run, sizing, engine.train(last, log, d), rate, True))
+        points.append(_point(f, length, trial.run, sizing, engine.train(last, log, d).metrics, rate, True))
     probe = _probe(study, trial, last, seed, log, d) if study.objective == "mae" else None
     if d is not None and not d.main:
         return None
@@ -168,7 +168,7 @@ def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, l
                     train=replace(probe.train, epochs=study.probe_epochs, seed=seed,
                                   probe_scales=trial.run.train.probe_scales,  # S² in a recipe
                                   device=trial.run.train.device, threads=trial.run.train.threads))
-    final = engine.train(probe, log, d)
+    final = engine.train(probe, log, d).metrics
     return float(final[_reported(final, "val_top1")[0]])
 
 
@@ -181,7 +181,7 @@ def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float, d: 
     cfg = _sized(run, study, steps, sizing.steps_per_epoch, run.train.seed,
                  Path(study.out) / SWEEP / f"lr-{lr:g}", decay_frac=study.decay_frac, max_steps=steps)
     t0 = time.perf_counter()
-    final = engine.train(cfg, log, d)
+    final = engine.train(cfg, log, d).metrics
     acc = float(final.get(_metric(run), float("nan")))
     return SweepPoint(lr, steps, steps * run.train.batch * sizing.train_flops_per_sample, acc,
                       final.get("val_loss"), results.binomial_stderr(acc, sizing.val_samples),

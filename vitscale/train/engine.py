@@ -18,19 +18,17 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from vitscale import tasks, weights
-from vitscale.common import checkpoint, classnames, compat, dist, errors, figures, lock, rng, rundir, signals
+from vitscale.common import checkpoint, classnames, compat, dist, figures, lock, rundir, signals
 from vitscale.common.device import autocast
 from vitscale.common.errors import Interrupted, StopTraining, UserError
 from vitscale.common.io import atomic_write_text
-from vitscale.common.records import dump_yaml, to_dict
 from vitscale.common.rng import rank_seed
 from vitscale.cost import mfu
 from vitscale.data import DataInfo, RunBatches, build_datasets, close, make_loader, skipped_files
@@ -38,6 +36,7 @@ from vitscale.data.sampler import EpochSampler
 from vitscale.models.layers import checkpoint_blocks
 from vitscale.tasks import evaluate
 from vitscale.train import amp, optim
+from vitscale.train.checkpointer import Checkpointer, prepare_run_dir
 from vitscale.train.config import RunConfig, load_yaml
 from vitscale.train.ema import EMA
 from vitscale.train.flops import train_flops_per_sample
@@ -103,55 +102,6 @@ def resolve(cfg: RunConfig, info: DataInfo) -> RunConfig:
     return replace(cfg, model=model, mae=mae)
 
 
-def _prepare_run_dir(cfg: RunConfig, d: dist.Dist, log=print) -> Path:
-    """Create the run directory; refuse one that holds a different run (but for RECOVERY fields,
-    logged). A run's config.yaml is written when it starts, without `out`: a run directory is
-    where it is, moved or copied. What the directory may be was checked before its lock was taken
-    (`check_run_dir`)."""
-    run_dir = Path(cfg.out)
-    if d.main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-            errors.crash_dir(run_dir)
-        except OSError as e:
-            raise UserError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror}") from None
-        saved = run_dir / "config.yaml"
-        started = saved.is_file() and bool(checkpoint.checkpoints(run_dir))
-        differ = _differences(load_yaml(saved), cfg, _PLACE) if started else {}
-        refused = [said for key, said in differ.items() if key not in RECOVERY | PARALLELISM]
-        if refused:
-            raise UserError(f"{str(run_dir)!r} holds a run with another config ({'; '.join(refused[:3])}); "
-                             f"resume it with --config {saved} or choose a new --out")
-        if differ:
-            log(f"resuming with a changed recipe: {'; '.join(differ.values())}")
-        if not started or differ:
-            atomic_write_text(saved, dump_yaml(cfg, leave_out=("out",)))
-    dist.barrier(d)
-    return run_dir
-
-
-# Where a run lies and what it started from: no part of what it is once it has a checkpoint
-# (the weights carry them), so a run moved, or whose init moved, resumes.
-_PLACE = {"out", "init", "init_allow", "train.branch_from"}
-# What a run stopped by a non-finite loss is told to change before it resumes: these may differ
-# on resume (the change is logged and config.yaml rewritten); any other field may not.
-RECOVERY = {"train.base_lr", "train.clip_grad", "train.dtype"}
-# How the state is held across ranks, not what is trained: a run may resume under other values
-# (a sharded FSDP run on one process, train.fsdp off), logged like RECOVERY's.
-PARALLELISM = {"train.fsdp", "train.sharded_ckpt"}
-
-
-def _differences(saved: RunConfig, cfg: RunConfig, ignored: set[str]) -> dict[str, str]:
-    """{key: "key is A there, B here"} for each field but `ignored` in which `cfg` differs from
-    `saved` (a run's config.yaml, a branch's parent's)."""
-    theirs, mine = _flat(to_dict(saved)), _flat(to_dict(cfg))
-    return {k: f"{k} is {theirs.get(k)!r} there, {mine.get(k)!r} here"
-            for k in sorted(theirs.keys() | mine.keys()) if k not in ignored and theirs.get(k) != mine.get(k)}
-
-
 def _init_weights(module: torch.nn.Module, cfg: RunConfig, task: tasks.Task, log) -> None:
     """Start the encoder from --init weights in any format vitscale reads (vitscale.weights),
     then make the changes the task makes to them (fine-tuning: a tiny head, a fresh fc_norm)."""
@@ -207,8 +157,21 @@ def check_run_dir(cfg: RunConfig) -> Path:
     return rundir.check_out(cfg.out)
 
 
-def train(cfg: RunConfig, log=print, d: dist.Dist | None = None) -> dict:
-    """Run (or resume) a training job; returns the final evaluation. `d`: the ranks it runs on
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run ends with, as its final.json holds it (`metrics` beside step and best)."""
+
+    # the last evaluation (val_*, knn_*) and the final weights' test metrics (test_*), with
+    # train.ema the moving average's beside them (ema_*); which ones depends on the task and data
+    metrics: dict[str, float]
+    # the optimizer step the run ended at
+    step: int
+    # the best validation score of the run (what best/ holds); None without validation data
+    best: float | None
+
+
+def train(cfg: RunConfig, log=print, d: dist.Dist | None = None) -> TrainResult:
+    """Run (or resume) a training job; returns its final evaluation. `d`: the ranks it runs on
     (when not given, set up from train.device and torn down at the end). One process (rank 0
     for all ranks) holds the run directory's lock; a signal stops it at a checkpoint
     (Interrupted)."""
@@ -252,7 +215,7 @@ class Job:
                 "latest checkpoint and final.json has no val_ metrics")
         self.cfg, self.d, self.log, self.task = cfg, d, log, tasks.get(cfg.task)
         self.task.check_data(self.info.num_classes)
-        self.run_dir = _prepare_run_dir(cfg, d, log)
+        self.run_dir = prepare_run_dir(cfg, d, log)
         self.micro = t.batch // (d.world * t.accum)  # samples per rank per forward pass
         if self.micro * d.world * t.accum != t.batch:
             raise UserError(f"batch {t.batch} must be divisible by ranks x accum = {d.world * t.accum}")
@@ -284,6 +247,9 @@ class Job:
         groups = optim.param_groups(self.module, t.weight_decay, t.layer_decay, cfg.model.depth)
         self.opt = optim.build(t.optimizer, groups, t.betas)
         self.scaler = amp.Scaler(t.dtype, d.device, sharded=t.fsdp)  # fp16's loss scale; else a plain step
+        self.ckpt = Checkpointer(cfg, d, self.run_dir, log, module=self.module, opt=self.opt,
+                                 scaler=self.scaler, ema=self.ema, n_train=len(self.train_set),
+                                 plan_of=self.plan_of, lr=self.lr)
         self.step, self.best = 0, None
         self.stopped: str | None = None  # the signal that stopped training, once one has
         log(f"{cfg.task}: {sum(p.numel() for p in self.module.parameters()) / 1e6:.2f} M params on "
@@ -311,117 +277,8 @@ class Job:
         peak = t.base_lr * t.batch / 256 * plan.shape(step).lr_mult
         return optim.lr_at(step, plan.total, plan.warmup(), peak, t.min_lr, t.schedule, t.decay_frac)
 
-    def resume(self) -> None:
-        """Continue from the run directory's newest whole checkpoint (a damaged one is passed over
-        with a warning naming what is wrong); with none, start a branch from train.branch_from if
-        set (its best score is not inherited: the branch's best/ is its own)."""
-        shapes = {k: v.shape for k, v in self.module.state_dict().items()}
-        found = checkpoint.newest_good(self.run_dir, shapes, warn=self.log, whole=False)
-        branch = found is None and bool(self.cfg.train.branch_from)
-        if branch:
-            ckpt = Path(self.cfg.train.branch_from)
-            if not checkpoint.is_checkpoint(ckpt):
-                raise UserError(f"train.branch_from={str(ckpt)!r} is not a checkpoint directory "
-                                 f"(RUN/{checkpoint.PREFIX}STEP with state.json and safetensors files)")
-            try:
-                found = checkpoint.load(ckpt, shapes, whole=False)
-            except checkpoint.Damaged as e:
-                raise UserError(f"train.branch_from: {e}") from None
-        if found is None:
-            return
-        ckpt, model_state, optim_state, state = found.path, found.model, found.optim, found.state
-        if branch:
-            self._check_branch(ckpt, found.step)
-        if found.world != self.d.world:
-            self._check_world(ckpt, found.world)
-        if found.sharded:  # this rank's part, from whichever ranks' shards hold it (DCP reshards)
-            model_state, optim_state = checkpoint.load_shards(ckpt, *get_state_dict(
-                self.module, self.opt, options=StateDictOptions(full_state_dict=False)), optim_state,
-                no_dist=not self.d.enabled)
-        set_state_dict(self.module, self.opt, model_state_dict=model_state, optim_state_dict=optim_state,
-                       options=StateDictOptions(full_state_dict=not found.sharded,
-                                                broadcast_from_rank0=self.d.enabled and not found.sharded))
-        if self.ema is not None:
-            if found.ema is None:
-                raise UserError(f"{ckpt} holds no EMA weights (ema.safetensors) but this run has train.ema="
-                                 f"{self.cfg.train.ema:g}; resume with the train.ema it was started with")
-            self.ema.load_state_dict(found.ema)
-        if self.scaler.enabled and state.get("scaler"):  # none: the run was not fp16 before
-            self.scaler.load_state_dict(state["scaler"])
-        if not checkpoint.restore_rng(ckpt, state, self.d.rank):  # saved by fewer ranks
-            torch.manual_seed(rank_seed(self.cfg.train.seed + state["step"], self.d.rank))
-        self.step, self.best = state["step"], None if branch else state.get("best")
-        self.log(f"{'branched' if branch else 'resumed'} from {ckpt} at step {self.step}")
-
-    def _check_world(self, ckpt: Path, world: int) -> None:
-        """Resuming on another number of ranks than `world`, which wrote `ckpt`: the run goes on
-        only where its steps are the same ones (each epoch's steps and their global positions in
-        the data order; the global batch is the same, the micro-batch not); said in the log."""
-        t, d = self.cfg.train, self.d
-        micro = t.batch // (world * t.accum)
-        if micro * world * t.accum != t.batch:
-            raise UserError(f"{ckpt} was written by {world} ranks, and batch {t.batch} does not divide "
-                            f"among them; resume on {world} ranks")
-        m = self.cfg.model
-        theirs = Plan(t, m.frames, m.hw[0], m.tubelet, m.patch_size,
-                      len(EpochSampler(len(self.train_set), t.seed, 0, world=world)), micro * t.accum)
-
-        def steps(plan: Plan, ranks: int) -> tuple:  # the run's steps, offsets as global positions
-            return plan.total, plan.starts, plan.shapes, [o * ranks for o in plan.offsets]
-
-        if steps(theirs, world) != steps(self.plan, d.world):
-            raise UserError(f"{ckpt} was written by {world} ranks, and an epoch of {len(self.train_set)} "
-                            f"items has other steps on {world} ranks than on {d.world} (the data is padded "
-                            f"to a multiple of the ranks); resume on {world} ranks")
-        fresh = f"; ranks {world}-{d.world - 1} seed their RNG from seed and step" if d.world > world else ""
-        self.log(f"resuming on {d.world} rank(s) a checkpoint {world} rank(s) wrote: the global batch "
-                 f"{t.batch} is kept (micro-batch {micro} -> {self.micro}), the data goes on from the "
-                 f"same position{fresh}")
-
-    def _check_branch(self, ckpt: Path, step: int) -> None:
-        """A branch must be its parent's run continued: the same config but for BRANCH_MAY_DIFFER,
-        and the same LR at every step before the branch point."""
-        saved = ckpt.parent / "config.yaml"
-        if not saved.is_file():
-            raise UserError(f"train.branch_from={str(ckpt)!r} has no config.yaml beside it to check "
-                             "that this run continues it")
-        parent = load_yaml(saved)
-        if differ := _differences(parent, self.cfg, BRANCH_MAY_DIFFER):
-            raise UserError(f"train.branch_from={str(ckpt)!r}: a branch must keep its parent's config, but "
-                             + ", ".join(differ.values()))
-        if step >= self.total:
-            raise UserError(f"train.branch_from={str(ckpt)!r} is at step {step}, not before this run's "
-                             f"last ({self.total})")
-        for s in range(step):
-            if self.lr(s, parent) != self.lr(s):
-                raise UserError(f"train.branch_from={str(ckpt)!r}: its run's LR at step {s} was "
-                                 f"{self.lr(s, parent):.4g}, this run's would be {self.lr(s):.4g}; branch "
-                                 "from a step no later than this run's decay start (optim.decay_start)")
-
-    def save(self) -> Path | None:
-        """Checkpoint the current step (rank 0 writes; every rank takes part in gathering), or
-        with train.sharded_ckpt every rank its own shards (rank 0 the rest)."""
-        sharded = self.cfg.train.sharded_ckpt
-        model_state, optim_state = get_state_dict(self.module, self.opt, options=StateDictOptions(
-            full_state_dict=not sharded, cpu_offload=not sharded))
-        rngs = dist.gather_object(self.d, rng.rng_state())  # every rank's generators
-        path = None
-        if sharded:
-            path = checkpoint.save_sharded(self.run_dir, self.step, model_state, optim_state,
-                                           {"step": self.step, "best": self.best,
-                                            "scaler": self.scaler.state_dict()},
-                                           self.d, self.cfg.train.keep_last, self.cfg.train.keep_steps, rngs)
-        elif self.d.main:
-            path = checkpoint.save(self.run_dir, self.step, model_state, optim_state,
-                                   {"step": self.step, "best": self.best, "scaler": self.scaler.state_dict()},
-                                   self.cfg.train.keep_last,
-                                   self.cfg.train.keep_steps, rngs,
-                                   ema_state=self.ema.state_dict() if self.ema else None)
-        dist.barrier(self.d)
-        return path
-
-    def run(self) -> dict:
-        self.resume()
+    def run(self) -> TrainResult:
+        self.step, self.best = self.ckpt.resume()
         if self.step >= self.total:
             return self.finished()
         metrics = Metrics(self.run_dir, self.d.main, self.step, self.cfg.train.loggers)
@@ -443,7 +300,7 @@ class Job:
             self.write_final(result)
             figures.curves(metrics.rows, self.run_dir / "curves.png")
         dist.barrier(self.d)  # ranks leave together: none tears down while rank 0 still writes
-        return result
+        return TrainResult(result, self.step, self.best)
 
     def write_final(self, result: dict) -> None:
         """final.json: the last evaluation (and the final weights' test metrics), at the step it was made."""
@@ -453,7 +310,7 @@ class Job:
         atomic_write_text(self.run_dir / "final.json",
                           json.dumps(result | {"step": self.step, "best": self.best}, indent=2))
 
-    def finished(self) -> dict:
+    def finished(self) -> TrainResult:
         """A run at its end already: its final evaluation from final.json, or evaluated again (and
         best/ published if it is the best) where a kill came between the last checkpoint and
         final.json, or final.json was damaged."""
@@ -461,14 +318,14 @@ class Job:
         if done is not None:
             self.log(f"{self.run_dir} finished before: " + ", ".join(f"{k} {done[k]:.4g}" for k in _SHOWN
                                                                       if k in done))
-            return done
+            return TrainResult(done, self.step, self.best)
         result = self.evaluate(math.ceil(self.plan.epochs_done(self.step)))
         result |= self.test()
         if self.d.main:
             if self.task.score(result) in (None, self.best):  # the kill may have come before best/ too
-                checkpoint.publish_best(self.run_dir, checkpoint.at(self.run_dir, self.step))
+                self.ckpt.publish_best(self.ckpt.at(self.step))
             self.write_final(result)
-        return result
+        return TrainResult(result, self.step, self.best)
 
     @contextlib.contextmanager
     def batches(self):
@@ -515,7 +372,7 @@ class Job:
             every = t.ckpt_every and self.step % t.ckpt_every == 0
             stop = dist.any_rank(d, signals.received() is not None)
             if self.step < end and (every or self.step in t.keep_steps or stop):
-                self.save()
+                self.ckpt.save(self.step, self.best)
             if stop:
                 self.stopped = signals.received() or "a signal to another rank"
                 break
@@ -551,8 +408,8 @@ class Job:
             return None
         loss = loss_sum / counted
         if not math.isfinite(loss):
-            good = checkpoint.last_good(self.run_dir) or "none"
-            raise StopTraining(f"loss is {loss} at step {self.step}; the last good checkpoint is {good}; "
+            raise StopTraining(f"loss is {loss} at step {self.step}; the last good checkpoint is "
+                               f"{self.ckpt.last_good()}; "
                                "run the same command again with a lower --train.base_lr, "
                                "--train.clip_grad=1 or --train.dtype=fp32 to resume from it")
         # fp16: a step whose scaled gradients overflowed is skipped (its loss was finite) and the
@@ -563,11 +420,11 @@ class Job:
             self.log(f"step {self.step + 1}: fp16 gradients overflowed; update skipped, loss scale now "
                      f"{self.scaler.scale:g}")
             if self.scaler.broken:
-                good = checkpoint.last_good(self.run_dir) or "none"
                 raise StopTraining(f"fp16 gradients are not finite at any loss scale (down to "
                                    f"{self.scaler.scale:g}) at step {self.step}; the last good checkpoint is "
-                                   f"{good}; run the same command again with --train.dtype=bf16 or fp32 "
-                                   "(or a lower --train.base_lr) to resume from it")
+                                   f"{self.ckpt.last_good()}; run the same command again with "
+                                   "--train.dtype=bf16 or fp32 (or a lower --train.base_lr) to resume "
+                                   "from it")
             return loss
         if self.ema is not None:
             self.ema.update(self.module)
@@ -575,7 +432,7 @@ class Job:
 
     def interrupted(self, what: str) -> Interrupted:
         """What stops the run at its latest checkpoint (`what`: the signal, and where it came)."""
-        latest = checkpoint.latest(self.run_dir)
+        latest = self.ckpt.latest()
         kept = f"checkpoint {latest}" if latest else "no checkpoint yet (it starts over)"
         return Interrupted(f"{what} at step {self.step} of {self.total}, {kept}; to resume, run the same "
                            f"command again (or vitscale train --config {self.run_dir / 'config.yaml'})")
@@ -633,9 +490,9 @@ class Job:
         score = self.task.score(result)  # None without validation data: the latest is the best
         improved = score is None or self.best is None or score > self.best
         self.best = score if improved else self.best
-        path = self.save()
+        path = self.ckpt.save(self.step, self.best)
         if improved and self.d.main:
-            checkpoint.publish_best(self.run_dir, path)
+            self.ckpt.publish_best(path)
         return result
 
 
@@ -688,13 +545,6 @@ def evaluate_run(run: str, device: str = "auto", test_views: str = "", resolutio
         dist.teardown(d)
 
 
-# Config keys a branch (train.branch_from) may set apart from its parent: its length and
-# schedule (checked step by step instead), bookkeeping, and where it runs.
-BRANCH_MAY_DIFFER = {"out", "data.workers", *(f"train.{k}" for k in (
-    "epochs", "max_steps", "schedule", "decay_frac", "min_lr", "keep_steps", "ckpt_every", "keep_last",
-    "branch_from", "knn_k", "device", "threads", "fsdp", "sharded_ckpt"))}
-
-
 def _read_final(path: Path, step: int, log) -> dict | None:
     """The metrics final.json holds for optimizer step `step`, or None: missing, of another step,
     or damaged (then a warning names it)."""
@@ -709,14 +559,6 @@ def _read_final(path: Path, step: int, log) -> dict | None:
         log(f"warning: {path} cannot be read ({e}); evaluating the last checkpoint again")
         return None
     return {k: v for k, v in done.items() if k not in ("step", "best")} if done.get("step") == step else None
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{"train": {"epochs": 3}} -> {"train.epochs": 3}."""
-    out = {}
-    for k, v in tree.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
 
 
 _SHOWN = ("train_loss", "val_loss", "val_top1", "val_top5", "knn_top1", "ema_val_loss", "ema_val_top1",
