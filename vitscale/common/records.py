@@ -1,20 +1,35 @@
-"""Typed records: dataclasses built from nested dicts (YAML, JSON, `--key=value` overrides) with
-every key and type checked, and written back; the YAML reader's limits."""
+"""Typed records: the one codec between dataclasses and nested dicts, for configs and results alike.
+
+Two kinds of data come in, checked key by key against the dataclass's fields and types:
+
+    text    a config's YAML, layered files and `--section.key=value` flags: a value may be text to
+            convert ("5" for an int, "0.9,0.95" for a tuple); an unknown key is refused with the
+            nearest known one
+    exact   JSON this codec wrote (`to_dict`): each value must already be of its field's type, and
+            is kept as it is, so a record read and written again is the same bytes; keys a record
+            does not know (a results.jsonl line's derived figures) are passed over
+
+A versioned record (a study's results and summary) is JSON tagged with its kind and version
+(`encode`, `decode`, `write_json`, `read_json`): one of another kind or version is refused as
+`StaleRecord`, never misread. Below them: the YAML reader's limits.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import math
 import re
 import types
 import typing
-from dataclasses import fields, is_dataclass
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 
 import yaml
 
 from vitscale.common.errors import UserError
+from vitscale.common.io import atomic_write_text
 
 
 # ----------------------------------------------------------------------------- typed parsing
@@ -30,26 +45,48 @@ def _type_name(tp) -> str:
     return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
-def _convert(value, tp, where: str):
-    """`value` (an override's text, or a YAML scalar or list) as `tp`, else a UserError naming `where`.
+# What a JSON value of each type may be (an int is a float's; JSON's true is no int's).
+_JSON = {float: (int, float), int: int, str: str, bool: bool, dict: dict}
+
+
+def _convert(value, tp, where: str, exact: bool = False):
+    """`value` as `tp`, else a UserError naming `where`: text (an override's, or a YAML scalar or
+    list) converted, or (`exact`) a JSON value checked and kept as it is.
 
     A list is taken apart only for a tuple field and never turned into text, so a huge or nested
-    YAML value fails on its type at once. Floats must be finite.
+    YAML value fails on its type at once. Text floats must be finite; JSON ones may be NaN (a
+    standard error of no samples).
     """
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        for option in args:
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
             with contextlib.suppress(UserError):
-                return _convert(value, option, where)
+                return _convert(value, option, where, exact)
         raise UserError(f"{where} must be {_type_name(tp)}, got {shown(value)}")
+    if is_dataclass(tp):  # a record inside a tuple or an optional field
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping of {tp.__name__}'s keys, got {shown(value)}")
+        return from_dict(tp, value, f"{where}.", exact)
     if origin is tuple:
+        if exact and not isinstance(value, list):
+            raise UserError(f"{where} must be a list, got {shown(value)}")
         sep = r"[,x]" if set(args) - {Ellipsis} == {int} else ","  # "0.9,0.95", "224x160"
         items = [p for p in re.split(sep, value) if p] if isinstance(value, str) else value
         items = items if isinstance(items, list | tuple) else [items]
         types_ = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else args
         if len(items) != len(types_):
             raise UserError(f"{where} needs {len(types_)} comma-separated values, got {shown(value)}")
-        return tuple(_convert(v, t, where) for v, t in zip(items, types_, strict=True))
+        return tuple(_convert(v, t, where, exact) for v, t in zip(items, types_, strict=True))
+    if tp is dict and isinstance(value, dict):  # a free-form mapping a record keeps (a measurement)
+        return value
+    if exact:
+        if tp not in _JSON:
+            raise TypeError(f"{where}: a record holds no {_type_name(tp)}")
+        if not isinstance(value, _JSON[tp]) or (type(value) is bool) != (tp is bool):
+            raise UserError(f"{where} must be {_type_name(tp)}, got {shown(value)}")
+        return value
     if isinstance(value, dict | list | tuple | None) or (isinstance(value, bool) and tp is not bool):
         raise UserError(f"{where} must be {_type_name(tp)}, got {shown(value)}")
     text = str(value)  # a scalar: as long as the file or flag it came from, at most
@@ -68,15 +105,19 @@ def _convert(value, tp, where: str):
     return out
 
 
-def typed(cls, data: dict | None, where: str = "") -> dict:
-    """`data` (a nested dict from YAML or overrides) with every key checked against dataclass `cls`
-    and every value converted to its field's type; nothing is built, so no field's check runs yet
-    (a layer of a config: a file's keys, before the flags that complete it)."""
+def typed(cls, data: dict | None, where: str = "", exact: bool = False) -> dict:
+    """`data` (a nested dict) with every key checked against dataclass `cls` and every value
+    converted (`exact`: checked) to its field's type; sections stay dicts and nothing is built, so
+    no field's check runs yet (a layer of a config: a file's keys, before the flags that complete it)."""
+    if not isinstance(data, dict | None):
+        raise UserError(f"{where[:-1] or cls.__name__} must be a mapping of keys, got {shown(data)}")
     hints, known = typing.get_type_hints(cls), {f.name for f in fields(cls)}
     out = {}
     for key, value in (data or {}).items():
         name = f"{where}{key}"
         if key not in known:
+            if exact:  # a figure derived from the record, written beside its fields
+                continue
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean {where}{close[0]}?" if close else f"known: {', '.join(sorted(known))}"
             raise UserError(f"unknown config key {shown(name)}; {hint}")
@@ -84,15 +125,20 @@ def typed(cls, data: dict | None, where: str = "") -> dict:
             if not isinstance(value, dict | None):
                 raise UserError(f"{name!r} is a section, not a value: set its keys ({name}.KEY), got "
                                 f"{shown(value)}")
-            out[key] = typed(hints[key], value, f"{name}.")
+            out[key] = typed(hints[key], value, f"{name}.", exact)
         else:
-            out[key] = _convert(value, hints[key], name)
+            out[key] = _convert(value, hints[key], name, exact)
     return out
 
 
 def _build(cls, values: dict, where: str = ""):
-    """Dataclass `cls` from `typed` values, each section built (and checked) before its parent."""
+    """Dataclass `cls` from `typed` values, each section built (and checked) before its parent; a
+    field with no default must be there."""
     hints = typing.get_type_hints(cls)
+    lacking = [f.name for f in fields(cls) if f.init and f.name not in values
+               and f.default is MISSING and f.default_factory is MISSING]
+    if lacking:
+        raise UserError(f"{where}{lacking[0]} is missing")
     kwargs = {k: _build(hints[k], v, f"{where}{k}.") if is_dataclass(hints[k]) else v
               for k, v in values.items()}
     try:
@@ -103,10 +149,10 @@ def _build(cls, values: dict, where: str = ""):
         raise
 
 
-def from_dict(cls, data: dict, where: str = ""):
+def from_dict(cls, data: dict, where: str = "", exact: bool = False):
     """Build dataclass `cls` from a nested dict, checking every key and type (an empty section
-    takes its defaults)."""
-    return _build(cls, typed(cls, data, where), where)
+    takes its defaults); `exact`: JSON that `to_dict` wrote (see the module docstring)."""
+    return _build(cls, typed(cls, data, where, exact), where)
 
 
 def merge(base: dict, top: dict) -> dict:
@@ -118,12 +164,20 @@ def merge(base: dict, top: dict) -> dict:
     return out
 
 
-def to_dict(cfg) -> dict:
-    """Nested plain dict (tuples as lists) for YAML."""
-    def plain(v):
-        return list(v) if isinstance(v, tuple) else v
-    return {f.name: to_dict(getattr(cfg, f.name)) if is_dataclass(getattr(cfg, f.name))
-            else plain(getattr(cfg, f.name)) for f in fields(cfg)}
+def to_dict(record) -> dict:
+    """A dataclass as nested plain data, for YAML and JSON: sections and records as dicts, tuples
+    as lists."""
+    return {f.name: _plain(getattr(record, f.name)) for f in fields(record)}
+
+
+def _plain(value):
+    if is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def set_item(data: dict, item: str) -> dict:
@@ -151,6 +205,45 @@ def apply_overrides(cfg, overrides: list[str]):
     for item in overrides:
         set_item(data, item)
     return from_dict(type(cfg), data)
+
+
+# ----------------------------------------------------------------------------- versioned records
+class StaleRecord(UserError):
+    """A record of another kind or version (or not a record at all): refused, never misread."""
+
+
+def encode(record, version: int) -> dict:
+    """A record as plain JSON-able data, tagged with its kind and version."""
+    return {"kind": type(record).__name__, "version": version} | to_dict(record)
+
+
+def decode(cls, data, version: int, where: str = "record"):
+    """The record of class `cls` that `encode(record, version)` gave; StaleRecord (naming `where`)
+    if `data` is of another kind or version, or does not fit `cls`."""
+    if not isinstance(data, dict) or data.get("kind") != cls.__name__:
+        raise StaleRecord(f"{where} is not a {cls.__name__} record")
+    if data.get("version") != version:  # the first records carried no version
+        raise StaleRecord(f"{where} was written by {cls.__name__} version {data.get('version', 1)}, "
+                          f"this vitscale reads version {version}")
+    try:
+        return from_dict(cls, {k: v for k, v in data.items() if k not in ("kind", "version")}, exact=True)
+    except (UserError, TypeError, ValueError) as e:  # ValueError: a record's own check
+        raise StaleRecord(f"{where} does not match {cls.__name__}: {e}") from None
+
+
+def write_json(path: Path, record, version: int) -> None:
+    """A versioned record as an indented JSON file, written atomically."""
+    atomic_write_text(path, json.dumps(encode(record, version), indent=2))
+
+
+def read_json(path: Path, cls, version: int):
+    """The record of class `cls` in JSON file `path`; StaleRecord on another kind or version, or a
+    file that cannot be read."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # missing, cut (JSONDecodeError) or not text (UnicodeDecodeError)
+        raise StaleRecord(f"{path} cannot be read as JSON: {e}") from None
+    return decode(cls, data, version, str(path))
 
 
 # ----------------------------------------------------------------------------- YAML files

@@ -14,21 +14,17 @@ checkpoints, so that costs little) or refuses with one line.
 
 from __future__ import annotations
 
-import json
 import math
-import typing
-from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from vitscale.common.errors import UserError
-from vitscale.common.io import atomic_write_text
-from vitscale.study import results
+from vitscale.common import records
 
 VERSION = 2  # 1: the untyped rows of the first study (mid-run curves, one seed, no sweep)
 
 
-class StaleResult(UserError):
-    """A result file of another version or kind (or not a result file at all)."""
+# A result file of another version or kind (or not a result file at all): the codec's refusal.
+StaleResult = records.StaleRecord
 
 
 def binomial_stderr(accuracy: float, n: int) -> float:
@@ -179,71 +175,24 @@ class SweepPoint:
 
 
 # ----------------------------------------------------------------------------- JSON
+# The study's records go through the one codec (vitscale.common.records) at this VERSION.
 def to_dict(record, version: int = VERSION) -> dict:
     """A record as plain JSON-able data, tagged with its kind and version."""
-    return {"kind": type(record).__name__, "version": version} | asdict(record)
-
-
-def _value(tp, value):
-    """`value` (parsed JSON) as type `tp`: dataclasses, tuples of them, `X | None`."""
-    args = typing.get_args(tp)
-    if value is None and type(None) in args:
-        return None
-    if type(None) in args:  # X | None with a value: an X
-        tp = next(a for a in args if a is not type(None))
-        args = typing.get_args(tp)
-    if is_dataclass(tp):
-        return _build(tp, value)
-    if typing.get_origin(tp) is tuple:
-        inner = args[:-1] * len(value) if args[-1:] == (Ellipsis,) else args
-        return tuple(_value(t, v) for t, v in zip(inner, value, strict=True))
-    wrong_bool = (type(value) is bool) != (tp is bool)  # JSON's true is an int to isinstance
-    if tp in _JSON_TYPES and (not isinstance(value, _JSON_TYPES[tp]) or wrong_bool):
-        raise TypeError(f"{value!r} is not a {tp.__name__}")
-    return value
-
-
-_JSON_TYPES = {float: (int, float), int: int, str: str, bool: bool, dict: dict}  # what JSON holds for each
-
-
-def _build(cls, data: dict):
-    if not isinstance(data, dict):
-        raise TypeError(f"{cls.__name__} expects an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in data:
-            if f.default is not MISSING or f.default_factory is not MISSING:  # has a default
-                continue
-            raise StaleResult(f"missing field {f.name!r}")
-        kwargs[f.name] = _value(hints[f.name], data[f.name])
-    return cls(**kwargs)
+    return records.encode(record, version)
 
 
 def from_dict(cls, data: dict, where: str = "result", version: int = VERSION):
     """Rebuild a record; StaleResult if it is of another kind or version."""
-    if not isinstance(data, dict) or data.get("kind") != cls.__name__:
-        raise StaleResult(f"{where} is not a {cls.__name__} record")
-    if data.get("version") != version:
-        raise StaleResult(f"{where} was written by result version {data.get('version', 1)}, "
-                          f"this vitscale reads version {version}")
-    try:
-        return _build(cls, {k: v for k, v in data.items() if k not in ("kind", "version")})
-    except (TypeError, KeyError, ValueError) as e:
-        raise StaleResult(f"{where} does not match {cls.__name__}: {e}") from None
+    return records.decode(cls, data, version, where)
 
 
 def write(path: Path, record, version: int = VERSION) -> None:
-    atomic_write_text(path, json.dumps(to_dict(record, version), indent=2))
+    records.write_json(path, record, version)
 
 
 def read(path: Path, cls, version: int = VERSION):
-    """Read a record of class `cls`; StaleResult (a ValueError) on another version or a bad file."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:  # missing, cut (JSONDecodeError) or not text (UnicodeDecodeError)
-        raise StaleResult(f"{path} cannot be read as JSON: {e}") from None
-    return from_dict(cls, data, str(path), version)
+    """Read a record of class `cls`; StaleResult on another kind or version, or a bad file."""
+    return records.read_json(path, cls, version)
 
 
 def finished(path: Path, cls, log, again: str, **expect):
@@ -253,7 +202,7 @@ def finished(path: Path, cls, log, again: str, **expect):
     if not path.is_file():
         return None
     try:
-        record = results.read(path, cls)
+        record = read(path, cls)
         wrong = [f"{k} {getattr(record, k)!r}, not {v!r}" for k, v in expect.items()
                  if getattr(record, k) != v]
         if wrong:

@@ -6,7 +6,7 @@
     IsoFlop         trials compared at equal training compute, measured and predicted
     Summary         all of it, with the noise, the law, the sweep and the runtime model
 
-`read` gives back a Summary or raises results.StaleResult.
+`read` gives back a Summary or raises results.StaleResult (vitscale.common.records' codec).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitscale.study import results
+from vitscale.common import records
 from vitscale.study.fits import Laws, RuntimeModel
 from vitscale.study.results import SweepPoint
 
@@ -198,12 +198,12 @@ class Summary:
 
 
 def write(path: Path, summary: Summary) -> None:
-    results.write(path, summary, VERSION)
+    records.write_json(path, summary, VERSION)
 
 
 def read(path: Path) -> Summary:
-    return results.read(path, Summary, VERSION)
+    return records.read_json(path, Summary, VERSION)
 
 
 def as_json(summary: Summary) -> str:
-    return json.dumps(results.to_dict(summary, VERSION), indent=2)
+    return json.dumps(records.encode(summary, VERSION), indent=2)
