@@ -88,6 +88,25 @@ def _theta(law: Law) -> np.ndarray:
     return np.array([np.log(law.e), np.log(law.a), np.log(law.b), law.beta, law.gamma, *law.alphas])
 
 
+def _grid(y: np.ndarray, strategies: int) -> list[np.ndarray]:
+    """The starts of a fit from scratch: the floor at half the least error, the rest of the spread
+    shared evenly by the size and length terms, over a grid of exponents."""
+    spread = max(float(y.max() - y.min()), 1e-3)
+    return [
+        np.array(
+            [
+                np.log(max(float(y.min()) * f, 1e-4)),
+                np.log(share * spread),
+                np.log((1 - share) * spread),
+                beta,
+                0.0,
+            ]
+            + [alpha] * strategies
+        )
+        for f, alpha, beta, share in itertools.product((0.5,), ALPHA_STARTS, BETA_STARTS, (0.5,))
+    ]
+
+
 def fit_law(
     strategy: Sequence[str],
     size: Sequence[float],
@@ -135,23 +154,7 @@ def fit_law(
 
     bounds = [(-12, 0.5), (-12, 1.5), (-12, 1.5), (0, MAX_EXPONENT), (0, MAX_EXPONENT)]
     bounds += [(0, MAX_EXPONENT)] * len(names)
-    if start is not None:
-        starts = [_theta(start)]
-    else:
-        spread = max(float(y.max() - y.min()), 1e-3)
-        starts = [
-            np.array(
-                [
-                    np.log(max(float(y.min()) * f, 1e-4)),
-                    np.log(share * spread),
-                    np.log((1 - share) * spread),
-                    beta,
-                    0.0,
-                ]
-                + [alpha] * len(names)
-            )
-            for f, alpha, beta, share in itertools.product((0.5,), ALPHA_STARTS, BETA_STARTS, (0.5,))
-        ]
+    starts = [_theta(start)] if start is not None else _grid(y, len(names))
     best = None
     for theta in starts:
         r = minimize(

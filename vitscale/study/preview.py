@@ -13,10 +13,10 @@ samples over the samples/s a trial's sizing measured, so it is known once the tr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-from vitscale.common import dist, errors, lock
+from vitscale.common import dist, errors, lock, records
 from vitscale.common.errors import UserError
 from vitscale.cost.complexity import cost
 from vitscale.data import build_datasets
@@ -43,80 +43,97 @@ def _recorded(cfg: config.StudyConfig, trial: Trial) -> Sizing | None:
     return results.finished(trial_dir(cfg, trial) / "trial.json", Sizing, lambda *a: None, "")
 
 
-def _families_held(cfg: config.StudyConfig, rows: list[dict]) -> set[str] | None:
+@dataclass(frozen=True)
+class PlannedTrial:
+    """One trial as the plan sees it: its shape, its cost per sample, and its length and compute
+    where the budget fixes them before it runs (None where a time budget waits on a measurement).
+    `--plan --json` writes these fields, in this order, for each trial."""
+
+    name: str
+    strategies: tuple[str, ...]
+    factor: float  # the flops factor asked for
+    achieved: float  # the flops factor reached
+    depth: int
+    width: int
+    heads: int
+    patch: int
+    side: int  # input side in pixels
+    frames: int
+    params: int
+    flops: float  # forward multiply-adds per sample
+    train_flops_per_sample: float  # forward + backward
+    batch: int
+    steps_per_epoch: int
+    steps: int | None  # of the full budget
+    steps_from: str  # what fixed the steps: the budget, trial.json, or MEASURED (not yet)
+    compute: float | None  # training multiply-adds of the full budget
+    seed0_compute: float | None  # seed 0: the stable run to the last branch point, then each cooldown
+    seed_compute: float | None  # a later seed: stable to the last start, its one cooldown
+    samples_per_s: float | None  # as its sizing measured (None before it is sized)
+
+
+def _families_held(cfg: config.StudyConfig, rows: list[PlannedTrial]) -> set[str] | None:
     """The trials the backtest holds out, which run every seed: study.held_out on planned rows
     (None while their compute waits on a measurement)."""
-    if any(r["compute"] is None for r in rows):
+    if any(r.compute is None for r in rows):
         return None  # chosen by compute: known once the trials are sized
-    held = held_out([SimpleNamespace(**r) for r in rows], cfg.families, cfg.holdout)
+    held = held_out(rows, cfg.families, cfg.holdout)
     return {r.name for members in held.values() for r in members}
+
+
+def _planned(cfg: config.StudyConfig, t: Trial, per_sample: float, spe: int,
+             reference: float) -> PlannedTrial:
+    """A trial's row of the plan: its steps from its recorded sizing, else from the budget (None
+    under a time budget until it is sized)."""
+    batch, budget = t.run.train.batch, cfg.parsed_budget
+    sizing = _recorded(cfg, t)
+    steps = sizing.steps if sizing else None if budget.kind == "time" else steps_for(
+        budget, per_sample, batch, spe, 1.0, reference)
+    seed0 = extra = None
+    if steps is not None:
+        plan_ = branches(steps, cfg.fractions, cfg.decay_frac)
+        if not plan_ or plan_[-1][0] != max(cfg.fractions):
+            raise UserError(f"budget {cfg.budget!r} is too small to train trial {t.name} ({steps} steps "
+                            f"of batch {batch}) with a stable phase and a cooldown; raise --budget")
+        seed0 = (max(s for _, _, s in plan_) + sum(n - s for _, n, s in plan_)) * batch * per_sample
+        extra = steps * batch * per_sample
+    m, c = t.run.model, cost(t.run.model)
+    return PlannedTrial(
+        t.name, tuple(t.strategies), t.factor, t.achieved, m.depth, m.width, m.heads, m.patch_size, m.hw[0],
+        m.frames, c.params, c.flops, per_sample, batch, spe, steps,
+        "trial.json" if sizing else MEASURED if steps is None else cfg.budget,
+        None if steps is None else steps * batch * per_sample, seed0, extra,
+        sizing.measured["samples_per_s"] if sizing else None)
 
 
 def describe(cfg: config.StudyConfig) -> dict:
     """The study's trials and phases with their steps and training multiply-adds (None where a
     time budget leaves them to a measurement not yet made), as one JSON-able record."""
     trials = plan(cfg)
-    budget = cfg.parsed_budget
-    counted, splits = {}, {}  # name: (multiply-adds per sample, steps per epoch); name: the data
+    planned, splits = {}, {}  # name: its row; name: the data
+    reference = reference_compute(trials)
     for t in trials:
         train_set, val_set, test_set, info = build_datasets(t.run.data)
-        per_sample = train_flops_per_sample(t.run, info.num_classes)
-        counted[t.name] = per_sample, len(train_set) // t.run.train.batch
+        spe = len(train_set) // t.run.train.batch
+        planned[t.name] = _planned(cfg, t, train_flops_per_sample(t.run, info.num_classes), spe, reference)
         splits[t.name] = info, len(train_set), len(val_set), len(test_set)
     base_trial = _base(trials)
-    base_name = base_trial.name
-    reference = reference_compute(trials)
-    rows = []
-    for t in trials:
-        (per_sample, spe), batch = counted[t.name], t.run.train.batch
-        sizing = _recorded(cfg, t)
-        steps = sizing.steps if sizing else None if budget.kind == "time" else steps_for(
-            budget, per_sample, batch, spe, 1.0, reference)
-        seed0 = extra = None
-        if steps is not None:
-            plan_ = branches(steps, cfg.fractions, cfg.decay_frac)
-            if not plan_ or plan_[-1][0] != max(cfg.fractions):
-                raise UserError(f"budget {cfg.budget!r} is too small to train trial {t.name} ({steps} steps "
-                                f"of batch {batch}) with a stable phase and a cooldown; raise --budget")
-            seed0 = (max(s for _, _, s in plan_) + sum(n - s for _, n, s in plan_)) * batch * per_sample
-            extra = steps * batch * per_sample  # a later seed: stable to the last start, its cooldown
-        m, c = t.run.model, cost(t.run.model)
-        rate = sizing.measured["samples_per_s"] if sizing else None
-        rows.append({
-            "name": t.name, "strategies": list(t.strategies), "factor": t.factor, "achieved": t.achieved,
-            "depth": m.depth, "width": m.width, "heads": m.heads, "patch": m.patch_size, "side": m.hw[0],
-            "frames": m.frames, "params": c.params, "flops": c.flops, "train_flops_per_sample": per_sample,
-            "batch": batch, "steps_per_epoch": spe, "steps": steps,
-            "steps_from": "trial.json" if sizing else MEASURED if steps is None else cfg.budget,
-            "compute": None if steps is None else steps * batch * per_sample,
-            "seed0_compute": seed0, "seed_compute": extra, "samples_per_s": rate})
+    rows = [planned[t.name] for t in trials]
+    base = planned[base_trial.name]
     held = _families_held(cfg, rows)
-    if held is None:
-        held_names, held = None, set()
-    else:
-        held_names = sorted(held)
-    base = next(r for r in rows if r["name"] == base_name)
-    sweep_steps = None if base["steps"] is None else max(2, round(cfg.sweep_length * base["steps"]))
+    held_names, held = (None, set()) if held is None else (sorted(held), held)
+    sweep_steps = None if base.steps is None else max(2, round(cfg.sweep_length * base.steps))
     sweep = {"lrs": list(cfg.lrs), "steps": sweep_steps, "compute": None if sweep_steps is None else
-             len(cfg.lrs) * sweep_steps * base["batch"] * base["train_flops_per_sample"]}
-    others = [r for r in rows if r["name"] not in held]
+             len(cfg.lrs) * sweep_steps * base.batch * base.train_flops_per_sample}
+    others = [r for r in rows if r.name not in held]
     leaders = len(others) if cfg.leaders == 0 else min(cfg.leaders, len(others))
-    known = all(r["seed0_compute"] is not None for r in rows)
     more = cfg.seeds - 1
-    extra = None
-    if known:  # held-out trials exactly; the leaders, chosen after seed 0, at the others' mean
-        mean = sum(r["seed_compute"] for r in others) / len(others) if others else 0.0
-        extra = more * (sum(r["seed_compute"] for r in rows if r["name"] in held) + leaders * mean)
-    seed0 = sum(r["seed0_compute"] for r in rows) if known else None
-    total = None if not known or sweep["compute"] is None and cfg.lrs else (
-        seed0 + extra + (sweep["compute"] or 0.0))
-    time = _time(rows, base, sweep, held, leaders, more)
     return {
         "kind": "StudyPlan", "out": cfg.out, "budget": cfg.budget, "objective": cfg.objective,
         "param": cfg.param, "reference_compute": reference,
         "base": _base_shape(cfg.model, base_trial.run.model),
-        "data": _data(base_trial.run.data, *splits[base_name]),
-        "trials": rows,
+        "data": _data(base_trial.run.data, *splits[base_trial.name]),
+        "trials": [records.to_dict(r) for r in rows],
         "phases": {
             "sizing": f"each of {len(rows)} trials measured (best of 3 rounds): trials/NAME/trial.json",
             "sweep": sweep,
@@ -127,10 +144,26 @@ def describe(cfg: config.StudyConfig) -> dict:
                       "note": "seed 0 of every trial; the held-out trials and the leaders (chosen by seed "
                               "0's validation accuracy) run the other seeds, full-length cooldown only"},
             "probe_epochs": cfg.probe_epochs if cfg.objective == "mae" else None},
-        "compute": {"sweep": sweep["compute"], "seed0": seed0, "more_seeds": extra, "total": total,
-                    "note": "training multiply-adds (forward + backward); sizing and MAE probes not counted"},
-        "time": time,
+        "compute": _compute(cfg, rows, sweep, held, leaders, more),
+        "time": _time(rows, base, sweep, held, leaders, more),
     }
+
+
+def _compute(cfg: config.StudyConfig, rows: list[PlannedTrial], sweep: dict, held: set[str], leaders: int,
+             more: int) -> dict:
+    """Training multiply-adds per phase: the held-out trials' later seeds exactly, the leaders'
+    (chosen after seed 0) at the others' mean; None where a trial's steps are not known yet."""
+    known = all(r.seed0_compute is not None for r in rows)
+    extra = seed0 = total = None
+    if known:
+        others = [r for r in rows if r.name not in held]
+        mean = sum(r.seed_compute for r in others) / len(others) if others else 0.0
+        extra = more * (sum(r.seed_compute for r in rows if r.name in held) + leaders * mean)
+        seed0 = sum(r.seed0_compute for r in rows)
+        if sweep["compute"] is not None or not cfg.lrs:
+            total = seed0 + extra + (sweep["compute"] or 0.0)
+    return {"sweep": sweep["compute"], "seed0": seed0, "more_seeds": extra, "total": total,
+            "note": "training multiply-adds (forward + backward); sizing and MAE probes not counted"}
 
 
 def _base_shape(preset: str, m) -> dict:
@@ -145,20 +178,21 @@ def _data(data, info, train: int, val: int, test: int) -> dict:
             "test": test, "classes": info.num_classes}
 
 
-def _time(rows: list[dict], base: dict, sweep: dict, held: set[str], leaders: int, more: int) -> dict | None:
+def _time(rows: list[PlannedTrial], base: PlannedTrial, sweep: dict, held: set[str], leaders: int,
+          more: int) -> dict | None:
     """Seconds of training per phase, one run at a time, at the samples/s each trial's sizing measured;
     None until every trial is sized. The leaders' extra seeds are taken at the others' mean."""
-    if any(r["samples_per_s"] is None or r["seed0_compute"] is None for r in rows):
+    if any(r.samples_per_s is None or r.seed0_compute is None for r in rows):
         return None
 
-    def seconds(r: dict, compute: float) -> float:
-        return compute / r["train_flops_per_sample"] / r["samples_per_s"]
+    def seconds(r: PlannedTrial, compute: float) -> float:
+        return compute / r.train_flops_per_sample / r.samples_per_s
 
-    others = [r for r in rows if r["name"] not in held]
-    mean = sum(seconds(r, r["seed_compute"]) for r in others) / len(others) if others else 0.0
+    others = [r for r in rows if r.name not in held]
+    mean = sum(seconds(r, r.seed_compute) for r in others) / len(others) if others else 0.0
     t = {"sweep": seconds(base, sweep["compute"] or 0.0),
-         "seed0": sum(seconds(r, r["seed0_compute"]) for r in rows),
-         "more_seeds": more * (sum(seconds(r, r["seed_compute"]) for r in rows if r["name"] in held)
+         "seed0": sum(seconds(r, r.seed0_compute) for r in rows),
+         "more_seeds": more * (sum(seconds(r, r.seed_compute) for r in rows if r.name in held)
                                + leaders * mean)}
     return t | {"total": sum(t.values()),
                 "note": "training steps at the samples/s the sizing measured, one run at a time; "

@@ -177,15 +177,10 @@ def _measured(rows: list[TrialResult], kind: str, amount: float, noise_: Noise) 
     return out
 
 
-def recommend(
-    study: StudyConfig,
-    rows: list[TrialResult],
-    law: fits.Laws | None,
-    laws: list[fits.Laws],
-    noise_: Noise,
-    runtime: fits.RuntimeModel | None,
-) -> tuple[Recommendation, tuple[FrontierPoint, ...], Shapes | None]:
-    kind, amount, words = _budget(study, rows)
+def _measured_pick(rows: list[TrialResult], kind: str, amount: float, words: str,
+                   noise_: Noise) -> Recommendation:
+    """The recommendation as measured alone: the best annealed point within the budget (every
+    point where none is within it), and the cheapest within noise of it; no law's pick yet."""
     measured = _measured(rows, kind, amount, noise_) or _measured(rows, "compute", math.inf, noise_)
     m_best = max(measured, key=lambda c: c.accuracy)
 
@@ -197,7 +192,7 @@ def recommend(
         return math.hypot((a.interval[1] - a.accuracy) / Z, (b.interval[1] - b.accuracy) / Z)
 
     m_tied = [m_best] + [c for c in _ties(m_best, [c for c in measured if c is not m_best], m_spread, 0.0)]
-    rec = Recommendation(
+    return Recommendation(
         words,
         amount if kind == "compute" else None,
         amount if kind == "time" else None,
@@ -209,6 +204,37 @@ def recommend(
         tuple(m_tied),
         (),
     )
+
+
+def _frontier(rows: list[TrialResult], law: fits.Laws, shapes: Shapes) -> tuple[FrontierPoint, ...]:
+    """Each strategy's best shape and length under the law at computes over the plotted range."""
+    frontier = []
+    ns_all = [p.compute for r in rows for p in r.points()]
+    for c in np.geomspace(min(ns_all) / 2, 10 * max(ns_all), 30):
+        for s in law.strategies:
+            opt = optimum(shapes, law, s, "compute", float(c))
+            if opt:
+                m, d = opt
+                frontier.append(
+                    FrontierPoint(
+                        s, float(c), m.achieved, m.cost.flops, d, 1.0 - float(law.predict(s, m.cost.flops, d))
+                    )
+                )
+    return tuple(frontier)
+
+
+def recommend(
+    study: StudyConfig,
+    rows: list[TrialResult],
+    law: fits.Laws | None,
+    laws: list[fits.Laws],
+    noise_: Noise,
+    runtime: fits.RuntimeModel | None,
+) -> tuple[Recommendation, tuple[FrontierPoint, ...], Shapes | None]:
+    """The recommendation for the study's budget (or target), the law's frontier, and the shapes
+    the law chose among (None where no law was fitted)."""
+    kind, amount, words = _budget(study, rows)
+    rec = _measured_pick(rows, kind, amount, words, noise_)
     if law is None:
         return rec, (), None
     shapes = Shapes(rows, law.strategies, runtime)
@@ -244,18 +270,6 @@ def recommend(
 
     tied = [best] + _ties(best, cands[1:], l_spread, noise_.seed_sd)
     ahead = tuple(c[0] for m in study.ahead if (c := best_at(m * amount, m)))
-    frontier = []
-    ns_all = [p.compute for r in rows for p in r.points()]
-    for c in np.geomspace(min(ns_all) / 2, 10 * max(ns_all), 30):  # the plotted range
-        for s in law.strategies:
-            opt = optimum(shapes, law, s, "compute", float(c))
-            if opt:
-                m, d = opt
-                frontier.append(
-                    FrontierPoint(
-                        s, float(c), m.achieved, m.cost.flops, d, 1.0 - float(law.predict(s, m.cost.flops, d))
-                    )
-                )
     pick = _cheapest(tied)
     note = (
         "The law's best size is the smallest measured: a smaller model may do better still at this budget; "
@@ -264,4 +278,4 @@ def recommend(
         else ""
     )
     rec = replace(rec, pick=pick, best=best, tied=tuple(tied), ahead=ahead, note=note)
-    return rec, tuple(frontier), shapes
+    return rec, _frontier(rows, law, shapes), shapes

@@ -132,37 +132,43 @@ def _recommendation(s: Summary) -> list:
         lines.append(f"The law's pick is predicted {100 * gain:+.1f} points against the best measured.")
     if rec.note:
         lines.append(rec.note)
-    if rec.ahead:
-        head = (
-            "budget",
-            "strategy",
-            "x base flops",
-            "shape",
-            "steps",
-            "predicted",
-            f"{LEVEL:.0%} interval",
-            "extrapolation",
-        )
-        body = [
-            (
-                f"{c.multiple:g}x",
-                c.strategy,
-                f"{c.factor:.3g}",
-                _shape(c),
-                c.steps,
-                _pct(c.accuracy),
-                _span(c.interval),
-                "yes" if c.extrapolation else "no",
-            )
-            for c in rec.ahead
-        ]
-        lines += [
-            "For larger budgets, the law's best (extrapolations are forecasts, not measurements):",
-            (head, body),
-        ]
+    lines += _ahead(rec.ahead)
     if s.fit_metric_note:
         lines.append(s.fit_metric_note)
     return lines
+
+
+def _ahead(ahead: tuple[Candidate, ...]) -> list:
+    """The law's best at larger budgets, as a table (none where the law predicts none)."""
+    if not ahead:
+        return []
+    head = (
+        "budget",
+        "strategy",
+        "x base flops",
+        "shape",
+        "steps",
+        "predicted",
+        f"{LEVEL:.0%} interval",
+        "extrapolation",
+    )
+    body = [
+        (
+            f"{c.multiple:g}x",
+            c.strategy,
+            f"{c.factor:.3g}",
+            _shape(c),
+            c.steps,
+            _pct(c.accuracy),
+            _span(c.interval),
+            "yes" if c.extrapolation else "no",
+        )
+        for c in ahead
+    ]
+    return [
+        "For larger budgets, the law's best (extrapolations are forecasts, not measurements):",
+        (head, body),
+    ]
 
 
 def _structure(st, strategies: tuple[str, ...] = ()) -> str:

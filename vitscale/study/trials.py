@@ -241,7 +241,8 @@ def pick_lr(points: list[SweepPoint]) -> SweepPoint:
 def held_out(rows: list[TrialResult], strategies: tuple[str, ...],
              holdout: int) -> dict[str, list[TrialResult]]:
     """Each strategy's (family's) `holdout` largest trials by training compute, then by size (never
-    a base): what the backtest predicts, so they run every seed."""
+    a base): what the backtest predicts, so they run every seed. `rows`: trial results, or the
+    plan's rows (preview.PlannedTrial), which carry the same name, strategies, compute and flops."""
     out = {}
     for s in strategies:
         members = [r for r in rows if s in r.strategies and not is_base(r.name)]
