@@ -149,3 +149,48 @@ except UserError as e:
                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "refused: reading videos needs PyAV: pip install av"
+
+
+def test_the_public_names_are_what_a_notebook_needs():
+    import vitscale
+
+    assert set(vitscale.__all__) <= set(dir(vitscale))
+    cfg = vitscale.preset("Ti/16")
+    assert isinstance(cfg, vitscale.ViTConfig) and isinstance(vitscale.ViT, type)
+    assert round(vitscale.analytic_cost(cfg).flops / 1e9, 2) == 1.26  # ViT-Ti/16, 224 px
+    assert vitscale.scale(cfg, "w", 2.0).width > cfg.width
+    assert "pico/4" in vitscale.preset_names()
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        vitscale.nothing  # noqa: B018
+
+
+@pytest.mark.slow
+def test_the_lazy_public_names_are_the_librarys_own():
+    import vitscale
+    import vitscale.train.engine as engine  # the subpackages stay reachable beside the names
+    from vitscale.runs.predict import LoadedRun, load_run
+    from vitscale.study.config import StudyConfig
+    from vitscale.study.runner import run_study
+    from vitscale.train.config import RunConfig
+
+    assert vitscale.run_training is engine.train
+    assert (vitscale.run_study, vitscale.load_run, vitscale.LoadedRun) == (run_study, load_run, LoadedRun)
+    assert (vitscale.RunConfig, vitscale.StudyConfig) == (RunConfig, StudyConfig)
+    assert all(getattr(vitscale, name) is not None for name in vitscale.__all__)
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_py_typed(tmp_path):
+    """PEP 561: type checkers read vitscale's hints only where the installed package has py.typed."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ and egg-info there
+    shutil.copytree(ROOT / "vitscale", src / "vitscale", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(src)], check=True, timeout=600)
+    (wheel,) = tmp_path.glob("vitscale-*.whl")
+    assert "vitscale/py.typed" in zipfile.ZipFile(wheel).namelist()
