@@ -306,7 +306,7 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
     if rec.pick:
         p = rec.pick
         print(f"recommended for {rec.budget}: {p.strategy} at {p.factor:.3g}x the base's flops (depth "
-              f"{p.model['depth']}, width {p.model['width']}), {p.steps} steps, predicted {summary.metric} "
+              f"{p.model.depth}, width {p.model.width}), {p.steps} steps, predicted {summary.metric} "
               f"{100 * p.accuracy:.1f}% ({100 * p.interval[0]:.1f}-{100 * p.interval[1]:.1f})")
     m, best = rec.measured, rec.measured_best
     tie = (f"; within noise of it and cheaper: {m.name} at {m.steps} steps, {100 * m.accuracy:.1f}%"

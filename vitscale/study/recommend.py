@@ -85,7 +85,7 @@ def _candidate(
         s,
         shapes.name(s, m),
         m.achieved,
-        records.to_dict(m.config),
+        m.config,
         m.cost.params,
         m.cost.flops,
         round(d / shapes.batch),
@@ -149,6 +149,7 @@ def _measured(rows: list[TrialResult], kind: str, amount: float, noise_: Noise) 
     """Every trial's annealed points within the budget, as candidates."""
     out = []
     for r in rows:
+        model = records.from_dict(ViTConfig, r.model)
         seeds = {}
         for s in r.seeds:
             for p in s.points:
@@ -162,7 +163,7 @@ def _measured(rows: list[TrialResult], kind: str, amount: float, noise_: Noise) 
                         r.family,
                         r.name,
                         r.achieved,
-                        r.model,
+                        model,
                         r.params,
                         r.flops,
                         p.steps,

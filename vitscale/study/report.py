@@ -28,11 +28,11 @@ def _span(iv) -> str:
 
 def _shape(c: Candidate) -> str:
     m = c.model
-    size = m["image_size"] if isinstance(m["image_size"], int) else "x".join(map(str, m["image_size"]))
+    size = m.image_size if isinstance(m.image_size, int) else "x".join(map(str, m.image_size))
     return (
-        f"depth {m['depth']}, width {m['width']}, {m['heads']} head{'s' * (m['heads'] > 1)}, {size} px, "
-        f"patch {m['patch_size']}"
-        + (f", {m['frames']} frames" if m["frames"] > 1 else "")
+        f"depth {m.depth}, width {m.width}, {m.heads} head{'s' * (m.heads > 1)}, {size} px, "
+        f"patch {m.patch_size}"
+        + (f", {m.frames} frames" if m.frames > 1 else "")
         + f" ({c.params / 1e6:.2f} M params, {c.flops / 1e6:.3g} M multiply-adds per sample)"
     )
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitscale.common import records
+from vitscale.models.vit import ViTConfig
 from vitscale.study.fits import Laws, RuntimeModel
 from vitscale.study.results import SweepPoint
 
@@ -82,7 +83,7 @@ class Candidate:
     strategy: str
     name: str  # trial name when measured, STRATEGY-xFACTOR when predicted
     factor: float  # flops over the base
-    model: dict  # the ViTConfig
+    model: ViTConfig  # its shape (summary.json: the config's fields, as config.yaml's model section)
     params: int
     flops: float  # forward multiply-adds per sample
     steps: int
