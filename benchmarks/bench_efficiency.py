@@ -63,6 +63,7 @@ from vitscale.models.vit import ViT  # noqa: E402
 from vitscale.train import config, engine  # noqa: E402
 from vitscale.train.config import RunConfig  # noqa: E402
 from vitscale.train.flops import train_flops_per_sample  # noqa: E402
+from vitscale.train.metrics import read_metrics  # noqa: E402
 from vitscale.train.steps import Plan  # noqa: E402
 
 KEEPS = (1.0, 0.7, 0.5)
@@ -333,7 +334,7 @@ def progress(run: Run, target: float) -> dict:
            for k in {(s.frames, s.side) for s in plan.shapes}}
     spent = [0.0, *itertools.accumulate(cfg.train.batch * s.mult * per[(s.frames, s.side)]
                                         for s in plan.shapes[: run.steps])]
-    rows = [r for r in engine.read_metrics(run.dir) if r["split"] == "val"]
+    rows = [r for r in read_metrics(run.dir) if r["split"] == "val"]
     seconds = list(itertools.accumulate(r["train_s"] for r in rows))
     reached = next(({"epoch": r["epoch"], "flops": spent[r["step"]], "train_s": t}
                     for r, t in zip(rows, seconds, strict=True) if r["val_top1"] >= target), None)

@@ -13,6 +13,7 @@ from vitscale.common.errors import UserError
 from vitscale.common.records import apply_overrides
 from vitscale.train import engine, loggers
 from vitscale.train.config import RunConfig
+from vitscale.train.metrics import read_metrics
 
 FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "train.knn_k=0",
         "data.image_size=16", "model.patch_size=4", "train.warmup_epochs=0"]
@@ -39,7 +40,7 @@ def killed_and_resumed(run_dir: Path, names: tuple[str, ...]) -> list[dict]:
     for row in rows(5, 9):
         again.log(row)
     again.close()
-    assert engine.read_metrics(run_dir) == rows(1, 9)
+    assert read_metrics(run_dir) == rows(1, 9)
     return rows(1, 9)
 
 
@@ -176,7 +177,7 @@ def test_wandb_mode_disabled_from_the_environment_writes_no_wandb_run(tmp_path, 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     log_rows(tmp_path / "run", ("wandb",))
     assert not list((tmp_path / "run").glob("wandb/offline-run-*"))
-    assert len(engine.read_metrics(tmp_path / "run")) == len(rows(1, 3))
+    assert len(read_metrics(tmp_path / "run")) == len(rows(1, 3))
 
 
 @pytest.mark.slow  # (importing mlflow and four runs: 2-5 s)
@@ -209,7 +210,7 @@ def test_a_training_run_sends_its_metrics_jsonl_rows_to_csv_and_tensorboard(tmp_
 
     cfg = apply_overrides(RunConfig(out=str(tmp_path / "run")), [*FAST, "train.loggers=csv,tensorboard"])
     result = engine.train(cfg, log=lambda *a: None).metrics
-    written = engine.read_metrics(tmp_path / "run")
+    written = read_metrics(tmp_path / "run")
     with open(tmp_path / "run" / "metrics.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [r["step"] for r in written]
     events = EventAccumulator(str(tmp_path / "run" / "tb"))

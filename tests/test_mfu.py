@@ -74,7 +74,7 @@ def test_bench_counts_the_models_own_flops_and_gives_mfu_against_a_given_peak(ca
 def test_the_training_log_gives_mfu_against_a_given_peak_and_none_on_a_cpu_without(tmp_path):
     from vitscale.cost.complexity import cost
     from vitscale.train import config, engine
-    from vitscale.train.engine import read_metrics
+    from vitscale.train.metrics import read_metrics
 
     fast = ["train.batch=32", "train.max_steps=2", "train.threads=1", "train.knn_k=0",
             "train.warmup_epochs=0"]

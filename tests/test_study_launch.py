@@ -23,6 +23,7 @@ from vitscale.study.results import Point, SeedResult, Sizing
 from vitscale.study.slurm import SlurmLauncher
 from vitscale.study.trials import hardware
 from vitscale.train import engine, optim
+from vitscale.train.metrics import read_metrics
 
 TINY = ("data.name=cluttered-digits", "data.image_size=8", "data.scale_min=1", "data.train_size=512",
         "data.val_size=64", "data.test_size=64", "train.batch=32", "model.heads=4", "train.threads=1")
@@ -239,7 +240,7 @@ def _training(run_dir: Path, deadline: float, after: int = -1, other: int = 0, r
     while time.time() < deadline:
         try:
             pid = json.loads((run_dir / ".lock").read_text())["pid"]
-            steps = [r["step"] for r in engine.read_metrics(run_dir) if r.get("split") == "train"]
+            steps = [r["step"] for r in read_metrics(run_dir) if r.get("split") == "train"]
             resumed = (run_dir.parent / "run.log").read_text().count("resumed from")
         except (OSError, ValueError, KeyError):
             pid, steps, resumed = None, [], 0

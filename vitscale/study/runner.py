@@ -67,6 +67,7 @@ from vitscale.study.trials import (
 from vitscale.tasks.evaluate import test_name
 from vitscale.train import config, engine
 from vitscale.train.config import RunConfig
+from vitscale.train.metrics import read_metrics
 
 
 # ----------------------------------------------------------------------------- runs
@@ -152,7 +153,7 @@ def _seed_result(study: StudyConfig, trial: Trial, k: int, log) -> SeedResult | 
 
 def engine_rows(run_dir: Path) -> list[dict]:
     """The validation rows of a run's metrics.jsonl (mid-run evaluations)."""
-    return [r for r in engine.read_metrics(run_dir) if r.get("split") == "val"]
+    return [r for r in read_metrics(run_dir) if r.get("split") == "val"]
 
 
 def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, log,

@@ -6,6 +6,10 @@ The loop is a pure function of the config and the checkpoint it resumes from: th
 order and every augmentation come from (seed, epoch, index), the LR from the step, and the
 RNG state is saved with each checkpoint. On CPU a run killed at any point and resumed ends
 with the same weights, bit for bit, as one that was never interrupted.
+
+The loop is here, read top to bottom: `train` -> `Job.run` -> `train_epoch` -> `train_step`,
+`end_epoch`. What a checkpoint holds, and every check a resume makes, is the Checkpointer's
+(vitscale.train.checkpointer); how the module is spread over ranks is vitscale.train.parallel's.
 """
 
 from __future__ import annotations
@@ -25,81 +29,25 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from vitscale import tasks, weights
-from vitscale.common import checkpoint, classnames, compat, dist, figures, lock, rundir, signals
+from vitscale.common import checkpoint, classnames, dist, figures, lock, rundir, signals
 from vitscale.common.device import autocast
 from vitscale.common.errors import Interrupted, StopTraining, UserError
 from vitscale.common.io import atomic_write_text
 from vitscale.common.rng import rank_seed
 from vitscale.cost import mfu
-from vitscale.data import DataInfo, RunBatches, build_datasets, close, make_loader, skipped_files
+from vitscale.data import RunBatches, build_datasets, close, make_loader, skipped_files
 from vitscale.data.sampler import EpochSampler
 from vitscale.models.layers import checkpoint_blocks
 from vitscale.tasks import evaluate
-from vitscale.train import amp, optim
+from vitscale.train import amp, optim, parallel
 from vitscale.train.checkpointer import Checkpointer, prepare_run_dir
 from vitscale.train.config import RunConfig, load_yaml
 from vitscale.train.ema import EMA
 from vitscale.train.flops import train_flops_per_sample
+from vitscale.train.inputs import input_note, resolve, settle, trains_at
 from vitscale.train.loggers import check as check_loggers
-from vitscale.train.loggers import open_loggers
+from vitscale.train.metrics import Metrics
 from vitscale.train.steps import Plan, Shape, reshape
-
-
-def settle(cfg: RunConfig) -> RunConfig:
-    """Decide the data's input shape before the data is built: a data.image_size / data.frames of 0
-    takes the model's (built-in data keeps its own size: DataConfig.sized). Runs, a study's plan and
-    its trials all decide it here; `resolve` then makes the model follow the data."""
-    return replace(cfg, data=cfg.data.sized(cfg.model.hw[0], cfg.model.frames))
-
-
-def input_note(asked: RunConfig, cfg: RunConfig) -> str:
-    """One line where `asked`'s model was made for another input than the data's, which it takes
-    (`cfg`, resolved), and why; "" where they agree: no mismatch is silent."""
-    was, now, data = asked.model, cfg.model, asked.data
-    if (was.hw, was.frames) == (now.hw, now.frames):
-        return ""
-    why = [f"data.{k}={v} given" for k, v in (("image_size", data.image_size), ("frames", data.frames))
-           if v and v != getattr(was, k)]
-    if was.hw != now.hw and not data.image_size:
-        why.append(f"{data.name} is built-in data of {now.hw[0]} px; set data.image_size to change it")
-    if was.hw != now.hw and not why:
-        why.append("the data's items are square")
-    return (f"note: the model is made for {_shape(was)}; it trains at the data's {_shape(now)} "
-            f"({'; '.join(why)})")
-
-
-def _shape(m) -> str:
-    """A model's input as words: '224 px', '160x224 px, 16 frames'."""
-    h, w = m.hw
-    return (f"{h} px" if h == w else f"{h}x{w} px") + (f", {m.frames} frames" if m.frames > 1 else "")
-
-
-def trains_at(cfg: RunConfig, info: DataInfo, sizes: tuple[int, int, int]) -> str:
-    """A run's first log line: its task, model, input, tokens a sample, classes, and the sizes of
-    its (train, val, test) splits."""
-    m, t = cfg.model, cfg.train
-    tokens = f"{m.num_patches} tokens a sample" + (f" (tubelet {m.tubelet})" if m.is_video else "")
-    varies = (f"; steps at {','.join(map(str, t.resolutions))} px" if t.resolutions else
-              "; train.multigrid varies the shape by step" if t.multigrid else "")
-    classes = f"{info.num_classes} classes" if info.num_classes else "no labels"
-    return (f"{cfg.task}: ViT depth {m.depth} width {m.width} heads {m.heads} patch {m.patch_size} at "
-            f"{_shape(m)}{'' if m.is_video else ', 1 frame'}, {tokens}{varies}; {classes}; data {info.name}: "
-            f"{sizes[0]:,} train, {sizes[1]:,} val, {sizes[2]:,} test items")
-
-
-def resolve(cfg: RunConfig, info: DataInfo) -> RunConfig:
-    """Make the model's input shape and classes those of the data (which sets the frames), and
-    decide mae.norm_pix_loss=auto (the pretrain recipe's): on for real data, off for built-in digits."""
-    if cfg.model.is_video and info.frames == 1:
-        raise UserError(f"the model is a video model ({cfg.model.frames} frames) but data {info.name!r} "
-                         "gives images; use video data (e.g. --data.name=moving-digits) or an image preset")
-    model = cfg.model.replace(image_size=info.image_size, frames=info.frames, in_chans=info.in_chans,
-                              tubelet=cfg.model.tubelet if info.frames > 1 else 1,
-                              num_classes=info.num_classes)
-    mae = cfg.mae
-    if mae.norm_pix_loss == "auto":  # an explicit true / false stays
-        mae = replace(mae, norm_pix_loss=not cfg.data.is_builtin)
-    return replace(cfg, model=model, mae=mae)
 
 
 def _init_weights(module: torch.nn.Module, cfg: RunConfig, task: tasks.Task, log) -> None:
@@ -110,44 +58,6 @@ def _init_weights(module: torch.nn.Module, cfg: RunConfig, task: tasks.Task, log
     log(f"encoder weights from {cfg.init}: {report.summary()}")
     if task.after_init and (changed := task.after_init(module)):
         log(f"{task.name}: " + "; ".join(changed))
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl, passing over lines a kill cut or damage left unreadable."""
-    path, rows = run_dir / "metrics.jsonl", []
-    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-            rows.append(row)
-    return rows
-
-
-class Metrics:
-    """metrics.jsonl, and the loggers train.loggers names (vitscale.train.loggers), written by rank 0."""
-
-    def __init__(self, run_dir: Path, main: bool, resume_step: int, loggers: tuple[str, ...] = ()):
-        self.path, self.main = run_dir / "metrics.jsonl", main
-        self.rows: list[dict] = []
-        if main and self.path.exists():  # drop rows a killed run wrote after its last checkpoint
-            self.rows = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-        self.loggers = open_loggers(loggers, run_dir, self.rows) if main else []  # from the kept rows
-
-    def log(self, row: dict) -> None:
-        if not self.main:
-            return
-        self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        for logger in self.loggers:
-            logger.log(row)
-
-    def close(self) -> None:
-        for logger in self.loggers:
-            logger.close()
 
 
 def check_run_dir(cfg: RunConfig) -> Path:
@@ -243,7 +153,7 @@ class Job:
         torch.manual_seed(rank_seed(t.seed, d.rank))  # then each rank's own draws
         self.module.to(d.device)
         self.ema = EMA(self.module, t.ema) if t.ema else None  # from the initial weights, as they train
-        self.forward = _parallel(self.module, cfg, d)
+        self.forward = parallel.wrap(self.module, cfg, d)
         groups = optim.param_groups(self.module, t.weight_decay, t.layer_decay, cfg.model.depth)
         self.opt = optim.build(t.optimizer, groups, t.betas)
         self.scaler = amp.Scaler(t.dtype, d.device, sharded=t.fsdp)  # fp16's loss scale; else a plain step
@@ -393,7 +303,7 @@ class Job:
             x = batch["x"].to(d.device, non_blocking=True)
             y = batch["y"].to(d.device, non_blocking=True)
             x = reshape(x, shape.frames, shape.side)  # the data's shape unless the plan varies it
-            with (_no_sync(self.forward, micro_step == t.accum - 1), autocast(d.device, t.dtype),
+            with (parallel.no_sync(self.forward, micro_step == t.accum - 1), autocast(d.device, t.dtype),
                   evaluate.quiet(empty)):
                 loss = self.forward(x, y)
             loss = loss.nan_to_num(0.0) if empty else loss  # a mean over no sample; zero gradient
@@ -452,7 +362,7 @@ class Job:
         ctx = evaluate.Context(self.cfg, self.train_set, self.val_set, self.info, self.d, self.log,
                                self.run_dir / f"recon-epoch{epoch:03d}.png")
         with self.evaluating():
-            with _unsharded(self.module):
+            with parallel.unsharded(self.module):
                 result = evaluate.evaluate(self.task, self.module, ctx)
             if self.ema is not None:
                 result |= evaluate.evaluate(self.task, self.ema.module, replace(ctx, picture=None),
@@ -464,7 +374,7 @@ class Job:
         average's too, ema_test_*): reported in final.json beside val's, never selected on."""
         ctx = evaluate.Context(self.cfg, self.train_set, self.val_set, self.info, self.d, self.log)
         with self.evaluating():
-            with _unsharded(self.module):
+            with parallel.unsharded(self.module):
                 result = evaluate.evaluate_test(self.task, self.module, ctx, self.test_set)
             if self.ema is not None:
                 result |= evaluate.evaluate_test(self.task, self.ema.module, ctx, self.test_set,
@@ -564,50 +474,3 @@ def _read_final(path: Path, step: int, log) -> dict | None:
 _SHOWN = ("train_loss", "val_loss", "val_top1", "val_top5", "knn_top1", "ema_val_loss", "ema_val_top1",
           "ema_val_top5", "ema_knn_top1", "test_top1", "test_knn_top1", "ema_test_top1", "samples_per_s",
           "mfu", "data_wait")
-
-
-def _parallel(module: torch.nn.Module, cfg: RunConfig, d: dist.Dist) -> torch.nn.Module:
-    """Wrap for data parallel (DDP) or sharded (FSDP) training, then compile if asked."""
-    wrapped = module
-    if cfg.train.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        if not (d.enabled or torch.distributed.is_initialized()):  # torchrun of one process has a group
-            raise UserError("--train.fsdp needs several processes: launch with torchrun --nproc_per_node "
-                            "N, or on one process add --train.fsdp=false"
-                            + (" --train.sharded_ckpt=false" if cfg.train.sharded_ckpt else ""))
-        for block in module.encoder.blocks:
-            fully_shard(block)
-        fully_shard(module)
-    elif d.enabled:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    if cfg.train.compile:
-        wrapped = torch.compile(wrapped)
-    return wrapped
-
-
-@contextlib.contextmanager
-def _unsharded(module: torch.nn.Module):
-    """Gather an FSDP root's own parameters for calls that bypass its forward (evaluation).
-
-    Blocks sharded on their own gather themselves when called; only the root's parameters
-    (embeddings, final norm, head) need this.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(module, FSDPModule):
-        yield
-        return
-    module.unshard()
-    try:
-        yield
-    finally:
-        module.reshard()
-
-
-def _no_sync(module: torch.nn.Module, sync: bool):
-    """Skip DDP's gradient all-reduce on all but the last accumulation step."""
-    inner = compat.uncompiled(module)
-    if not sync and isinstance(inner, torch.nn.parallel.DistributedDataParallel):
-        return inner.no_sync()
-    return contextlib.nullcontext()
