@@ -15,8 +15,13 @@ from pathlib import Path
 
 from vitscale.common.errors import UserError
 
-RUN = "config.yaml"  # what marks a run directory (written when the run starts)
-STUDY = "study.yaml"  # what marks a study directory
+# The files of a run directory (vitscale.train.rundir.RunDir opens one) and of a study's.
+RUN = "config.yaml"  # the run's resolved config: what marks a run directory (written when it starts)
+METRICS = "metrics.jsonl"  # every training and evaluation row, one JSON object a line
+FINAL = "final.json"  # the metrics of the run's last step, beside that step and the best score
+BEST = "best"  # the checkpoint validation chose, a directory like each ckpt-STEP/
+SOUP = "soup.json"  # a soup's metrics of every ingredient and soup (the soup is a run: best/)
+STUDY = "study.yaml"  # the study's config: what marks a study directory
 # What a process leaves in a directory while it holds it (vitscale.common.lock's .lock, the write probe,
 # and log.txt, which a study's worker opens in a trial's or sweep run's directory before the run
 # writes its config): a folder with only these in it is as good as empty.
@@ -70,7 +75,7 @@ def check_out(out: str | Path, what: str = "run", marker: str | None = RUN) -> P
     except OSError as e:
         raise UserError(f"cannot read --out {str(out)!r}: {e.strerror}; choose another --out") from None
     if marker is None:
-        kind = next((k for f, k in (("soup.json", "a soup"), (RUN, "a run"), (STUDY, "a study"))
+        kind = next((k for f, k in ((SOUP, "a soup"), (RUN, "a run"), (STUDY, "a study"))
                      if (path / f).is_file()), None)
         again = f" (or delete that {kind[2:]} to make it again)" if kind else ""
         raise UserError(f"--out {str(out)!r} already holds {kind or 'files'}; give the {what} a new or empty "

@@ -30,9 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from vitscale import tasks
-from vitscale.common import checkpoint, classnames, io
+from vitscale.common import classnames, io
 from vitscale.common.errors import UserError, optional
-from vitscale.train.config import RunConfig, load_yaml
+from vitscale.common.rundir import RUN
+from vitscale.train.config import RunConfig
+from vitscale.train.rundir import Run, RunDir
 
 FORMATS = ("onnx",)
 OPSET = 18  # the opset torch.onnx's dynamo exporter targets natively
@@ -73,25 +75,17 @@ class Predictor(nn.Module):
         return self.module.predict(x)
 
 
-def predictor(run: str, ema: bool = False) -> tuple[Predictor, RunConfig, Path, int]:
+def predictor(run: str, ema: bool = False) -> tuple[Predictor, Run, int]:
     """The eval-mode model of a run's best checkpoint (else its newest whole one) on the CPU:
-    (model, run config, checkpoint, its class logits: 0 where it gives features). `ema` takes the
+    (model, the run opened, its class logits: 0 where it gives features). `ema` takes the
     checkpoint's moving average (train.ema) instead of its raw weights."""
-    run_dir = Path(run)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run!r} is not a run directory (no config.yaml); pass a directory that "
-                         "`vitscale train` / pretrain / finetune wrote")
-    cfg = load_yaml(run_dir / "config.yaml")
-    found = checkpoint.newest_good(run_dir, warn=lambda m: print(m, file=sys.stderr),
-                                   first=(run_dir / "best",))
-    if found is None:
-        raise UserError(f"{run!r} has no checkpoint yet; export it once it has trained")
-    ckpt, state = found.path, found.model
+    opened = RunDir(run).open()
+    cfg, ckpt, state = opened.config, opened.checkpoint.path, opened.checkpoint.model
     if ema:
-        if found.ema is None:
+        if opened.checkpoint.ema is None:
             raise UserError(f"--ema: {ckpt} holds no EMA weights (the run did not set train.ema); "
                              "leave --ema out")
-        state = found.ema
+        state = opened.checkpoint.ema
     if tasks.get(cfg.task).student:  # the student alone: its teacher only taught it
         state = {k: v for k, v in state.items() if k.startswith("vit.")}
         head = state.get("vit.head.weight")
@@ -103,9 +97,20 @@ def predictor(run: str, ema: bool = False) -> tuple[Predictor, RunConfig, Path, 
         module.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
-        raise UserError(f"{ckpt} does not fit {run_dir / 'config.yaml'} ({first.strip()[:160]}); put "
-                         "back the run's own config.yaml") from None
-    return Predictor(module).eval(), cfg, ckpt, 0 if head is None else head.shape[0]
+        raise UserError(f"{ckpt} does not fit {opened.dir.config_file} ({first.strip()[:160]}); put "
+                         f"back the run's own {RUN}") from None
+    return Predictor(module).eval(), opened, 0 if head is None else head.shape[0]
+
+
+def class_names(run: Run, logits: int) -> tuple[tuple[str, ...], bool]:
+    """(the name of each of a model's `logits` classes, whether the run saved them): its data's
+    classes; ((), True) for a model that gives features."""
+    if not logits:
+        return (), True
+    if len(run.classes) != logits:
+        raise UserError(f"{run.checkpoint.path} gives {logits} classes, {run.dir.config_file} says "
+                        f"{len(run.classes)}; put back the run's own {RUN}")
+    return run.classes, run.named
 
 
 def input_shape(cfg: RunConfig, batch: int) -> tuple[int, ...]:
@@ -149,9 +154,9 @@ def export(run: str, to: str = "onnx", out: str | None = None, batch: str = "dyn
     fixed = parse_batch(batch)
     for module in ("onnx", "onnxscript", "onnxruntime"):
         optional(module, "onnx", "exporting to ONNX")
-    model, cfg, ckpt, classes = predictor(run, ema)
-    logits = classes > 0
-    names, named = classnames.read(Path(run), classes)
+    model, opened, classes = predictor(run, ema)
+    cfg, ckpt, logits = opened.config, opened.checkpoint.path, classes > 0
+    names, named = class_names(opened, classes)
     if not named:
         print(f"note: {classnames.missing(run, classes)}", file=sys.stderr)
     path = Path(out) if out else Path(run) / "model.onnx"

@@ -25,15 +25,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from vitscale.common import classnames
-from vitscale.train.config import RunConfig
+from vitscale.common.device import pick_device
+from vitscale.common.errors import UserError
 from vitscale.data import transforms_for
 from vitscale.data.common import KeyedDataset, Skipped
 from vitscale.data.folders import IMAGE_EXTS, VIDEO_EXTS, ImageFiles, VideoFiles, _files
 from vitscale.data.transforms import ClipTransform
-from vitscale.common.device import pick_device
-from vitscale.common.errors import UserError
-from vitscale.runs.export import predictor
+from vitscale.runs.export import class_names, predictor
+from vitscale.train.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,15 @@ def load_run(path: str | Path, ema: bool = False, device: str = "cpu") -> Loaded
     """A run directory's model (eval mode, on `device`), config and class names; `ema` takes the
     checkpoint's moving average (a run with train.ema) instead of its raw weights. The model is
     the one `vitscale export` traces (export.predictor)."""
-    model, cfg, ckpt, count = predictor(str(path), ema)
-    names, named = classnames.read(Path(path), count)
+    model, opened, count = predictor(str(path), ema)
+    names, named = class_names(opened, count)
+    cfg = opened.config
     data = cfg.data  # at the model's input shape (a data size left to the model's is 0 in some configs)
     data = replace(data, image_size=data.image_size or cfg.model.hw[0],
                    frames=data.frames or cfg.model.frames)
     target = pick_device(device)
     return LoadedRun(Path(path), model.to(target), cfg, names, named, count > 0, transforms_for(data)[1],
-                     ckpt, target)
+                     opened.checkpoint.path, target)
 
 
 def _is_video(path: str) -> bool:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +40,14 @@ import torch
 from torch import Tensor
 
 from vitscale import tasks
-from vitscale.common import checkpoint, classnames, dist, rundir
+from vitscale.common import checkpoint, dist, rundir
 from vitscale.common.errors import UserError
 from vitscale.common.io import atomic_write_text
 from vitscale.common.records import to_dict
 from vitscale.data import build_datasets
 from vitscale.tasks import evaluate
-from vitscale.train.config import RunConfig, load_yaml
+from vitscale.train.config import RunConfig
+from vitscale.train.rundir import RunDir
 
 # What ingredients may set apart: training settings, not what the model or its data is.
 MODEL_MAY_DIFFER = {"drop_path"}
@@ -103,16 +103,15 @@ def check(runs: Sequence[tuple[str, RunConfig]]) -> None:
 def read(run: str, shapes: dict[str, torch.Size]) -> Ingredient:
     """A run's soup weights: its best/ checkpoint's (else its newest whole one's), the EMA where
     it has one, as `--init RUN` reads it."""
-    run_dir = Path(run)
-    warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    run_dir = RunDir(run)
     try:
-        found = checkpoint.newest_good(run_dir, shapes, warn, first=(run_dir / "best",))
+        found = run_dir.checkpoint(shapes)
     except checkpoint.Damaged as e:
         raise UserError(str(e)) from None
     if found is None:
         raise UserError(f"{run!r} has no checkpoint yet; train it first")
     ema = found.ema is not None
-    return Ingredient(run_dir, found.path, ema, found.ema if ema else found.model)
+    return Ingredient(run_dir.path, found.path, ema, found.ema if ema else found.model)
 
 
 def average(states: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -228,8 +227,8 @@ def _configs(runs: Sequence[str], out: str) -> list[tuple[str, RunConfig]]:
         raise UserError("give the runs to soup: vitscale soup RUN RUN ... --out DIR")
     seen: dict[Path, str] = {}
     for run in runs:
-        if not (Path(run) / "config.yaml").is_file():
-            raise UserError(f"{run!r} is not a run directory (no config.yaml)")
+        if not RunDir(run).is_run():
+            raise UserError(f"{run!r} is not a run directory (no {rundir.RUN})")
         where = Path(run).resolve()
         if where in seen:
             raise UserError(f"{run!r} is given twice (as {seen[where]!r}); give each ingredient once")
@@ -237,7 +236,7 @@ def _configs(runs: Sequence[str], out: str) -> list[tuple[str, RunConfig]]:
     if Path(out).resolve() in seen:
         raise UserError(f"--out {out!r} is one of the ingredients; choose a new directory")
     rundir.check_out(out, "soup", marker=None)  # new or empty: a soup made before is never replaced
-    configs = [(run, load_yaml(Path(run) / "config.yaml")) for run in runs]
+    configs = [(run, RunDir(run).config()) for run in runs]
     rundir.check_outside(out, configs[0][1].data)
     return configs
 
@@ -248,11 +247,12 @@ def _write(out: Path, first: Ingredient, state: dict[str, Tensor], result: dict,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write to {str(out)!r}: {e.strerror}; choose another --out") from None
-    atomic_write_text(out / "config.yaml", (first.run / "config.yaml").read_text())
-    if (first.run / classnames.FILE).is_file():  # the ingredients' classes, by name
-        atomic_write_text(out / classnames.FILE, (first.run / classnames.FILE).read_text())
+    made, ingredient = RunDir(out), RunDir(first.run)
+    atomic_write_text(made.config_file, ingredient.config_file.read_text())
+    if ingredient.classes_file.is_file():  # the ingredients' classes, by name
+        atomic_write_text(made.classes_file, ingredient.classes_file.read_text())
     ckpt = checkpoint.save(out, 0, state, {"state": {}, "param_groups": []},
                            {"step": 0, "best": score, "soup": result["saved"]}, keep_last=1)
     checkpoint.publish_best(out, ckpt)
     shutil.rmtree(ckpt)  # best/ is the soup; no checkpoint a training run could take to resume
-    atomic_write_text(out / "soup.json", json.dumps(result, indent=2))
+    atomic_write_text(out / rundir.SOUP, json.dumps(result, indent=2))
