@@ -228,10 +228,10 @@ def _in_background(launcher, cfg, tmp_path):
     return waiter, got, failed
 
 
-def _same_as_uninterrupted(cfg, result: dict, tmp_path) -> None:
+def _same_as_uninterrupted(cfg, result: engine.TrainResult, tmp_path) -> None:
     plain = engine.train(replace(cfg, out=str(tmp_path / "plain")), print).metrics
     scores = [k for k in plain if "top1" in k or "loss" in k]
-    assert scores and {k: result[k] for k in scores} == {k: plain[k] for k in scores}
+    assert scores and {k: result.metrics[k] for k in scores} == {k: plain[k] for k in scores}
 
 
 def _training(run_dir: Path, deadline: float, after: int = -1, other: int = 0, resumes: int = 0) -> int:

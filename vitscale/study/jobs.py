@@ -24,6 +24,7 @@ from vitscale.common import dist, signals
 from vitscale.common.errors import StopTraining, UserError
 from vitscale.study import results
 from vitscale.study.results import SeedResult, Sizing, SweepPoint
+from vitscale.train.engine import TrainResult
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ _RECORDS = {c.__name__: c for c in (Sizing, SweepPoint, SeedResult, Failed)}  # 
 
 
 def _plain(value):
+    if isinstance(value, TrainResult):  # a job that is one run (engine.train): metrics, step and best
+        return {"kind": "TrainResult", "metrics": value.metrics, "step": value.step, "best": value.best}
     if is_dataclass(value):
         if type(value).__name__ not in _RECORDS:
             raise TypeError(f"a job returned a {type(value).__name__}, which encode does not know")
@@ -53,7 +56,7 @@ def _plain(value):
 
 def encode(value) -> str:
     """A job's value as JSON: None, a study record (Sizing, SweepPoint, SeedResult, Failed), a
-    {name: value} map of them, or a run's final metrics."""
+    {name: value} map of them, or a run's TrainResult."""
     return json.dumps(_plain(value))
 
 
@@ -63,6 +66,8 @@ def _built(data):
     kind = data.get("kind")
     if kind == "map":
         return {k: _built(v) for k, v in data["items"].items()}
+    if kind == "TrainResult":
+        return TrainResult(dict(data["metrics"]), data["step"], data["best"])
     if kind not in _RECORDS:
         raise ValueError(f"{kind!r} is not a job value vitscale reads")
     return results.from_dict(_RECORDS[kind], data, "a job's value")
