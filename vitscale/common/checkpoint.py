@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from vitscale.common.errors import UserError
 from vitscale.common.io import fsync
 from vitscale.common.rng import rng_state, set_rng_state
+from vitscale.common.rundir import BEST
 
 PREFIX = "ckpt-"
 SHARDS = "shards"  # a sharded checkpoint's DCP directory
@@ -222,7 +223,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def publish_best(run_dir: Path, ckpt: Path) -> None:
     """Make `best/` a copy of a finished checkpoint, replacing the old one atomically."""
-    tmp, best, old = run_dir / "best.tmp", run_dir / "best", run_dir / "best.old"
+    tmp, best, old = run_dir / f"{BEST}.tmp", run_dir / BEST, run_dir / f"{BEST}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         shutil.copytree(ckpt, tmp)

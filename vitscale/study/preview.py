@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitscale.common import dist, errors, lock, records
+from vitscale.common import dist, errors, lock, records, rundir
 from vitscale.common.errors import UserError
 from vitscale.cost.complexity import cost
 from vitscale.data import build_datasets
@@ -259,7 +259,7 @@ def collect(cfg: config.StudyConfig, log=print):
     from vitscale.study import report  # local: matplotlib loads only when a study reports
 
     out = Path(cfg.out)
-    if not (out / "study.yaml").is_file():
+    if not (out / rundir.STUDY).is_file():
         raise UserError(f"{cfg.out!r} holds no study (no study.yaml); run the study first or choose "
                          "another --out")
     errors.crash_dir(out)

@@ -200,7 +200,7 @@ def _prepare(study: StudyConfig) -> Path:
     except OSError as e:
         raise UserError(f"cannot write to study directory {study.out!r}: {e.strerror}; "
                          "choose another --out") from None
-    saved = out / "study.yaml"
+    saved = out / rundir.STUDY
 
     def identity(s: StudyConfig) -> tuple[StudyConfig, RunConfig]:  # what the results depend on
         # the overrides as the run config they make: a study.yaml written before the demo's settings

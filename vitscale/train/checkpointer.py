@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from vitscale.common import checkpoint, dist, errors, rng
+from vitscale.common import checkpoint, dist, errors, rng, rundir
 from vitscale.common.errors import UserError
 from vitscale.common.io import atomic_write_text
 from vitscale.common.records import dump_yaml, to_dict
@@ -65,7 +65,7 @@ def prepare_run_dir(cfg: RunConfig, d: dist.Dist, log) -> Path:
             errors.crash_dir(run_dir)
         except OSError as e:
             raise UserError(f"cannot write to run directory {str(run_dir)!r}: {e.strerror}") from None
-        saved = run_dir / "config.yaml"
+        saved = run_dir / rundir.RUN
         started = saved.is_file() and bool(checkpoint.checkpoints(run_dir))
         differ = differences(load_yaml(saved), cfg, _PLACE) if started else {}
         refused = [said for key, said in differ.items() if key not in RECOVERY | PARALLELISM]
@@ -208,7 +208,7 @@ class Checkpointer:
     def _check_branch(self, ckpt: Path, step: int) -> None:
         """A branch must be its parent's run continued: the same config but for BRANCH_MAY_DIFFER,
         and the same LR at every step before the branch point."""
-        saved = ckpt.parent / "config.yaml"
+        saved = ckpt.parent / rundir.RUN
         if not saved.is_file():
             raise UserError(f"train.branch_from={str(ckpt)!r} has no config.yaml beside it to check "
                              "that this run continues it")

@@ -24,6 +24,7 @@ from vitscale.common.records import (
     to_dict,
     typed,
 )
+from vitscale.common.rundir import FINAL, METRICS, RUN, STUDY
 from vitscale.data.config import DataConfig
 from vitscale.models.mae import MAEConfig
 from vitscale.models.presets import preset
@@ -342,7 +343,7 @@ def read_config(path: str | Path, cls=RunConfig) -> dict:
 
 
 # What a run's (a study's) directory holds beside the config vitscale saved there.
-_WORK = {"config.yaml": ("metrics.jsonl", "final.json", "ckpt-*"), "study.yaml": ("trials", "sweep")}
+_WORK = {RUN: (METRICS, FINAL, "ckpt-*"), STUDY: ("trials", "sweep")}
 
 
 def home(path: str | Path) -> str | None:

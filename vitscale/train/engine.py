@@ -214,17 +214,17 @@ class Job:
 
     def write_final(self, result: dict) -> None:
         """final.json: the last evaluation (and the final weights' test metrics), at the step it was made."""
-        if (self.run_dir / "final.json").is_dir():
+        if (self.run_dir / rundir.FINAL).is_dir():
             raise UserError(f"{self.run_dir / 'final.json'} is a directory, not vitscale's result file; "
                             "move it away and run the same command again")
-        atomic_write_text(self.run_dir / "final.json",
+        atomic_write_text(self.run_dir / rundir.FINAL,
                           json.dumps(result | {"step": self.step, "best": self.best}, indent=2))
 
     def finished(self) -> TrainResult:
         """A run at its end already: its final evaluation from final.json, or evaluated again (and
         best/ published if it is the best) where a kill came between the last checkpoint and
         final.json, or final.json was damaged."""
-        done = _read_final(self.run_dir / "final.json", self.step, self.log)
+        done = _read_final(self.run_dir / rundir.FINAL, self.step, self.log)
         if done is not None:
             self.log(f"{self.run_dir} finished before: " + ", ".join(f"{k} {done[k]:.4g}" for k in _SHOWN
                                                                       if k in done))
@@ -413,9 +413,9 @@ def evaluate_run(run: str, device: str = "auto", test_views: str = "", resolutio
     a multiple of the patch size) feeds its data at that size instead (the ViT resamples its
     position embedding to it)."""
     run_dir, warn = Path(run), functools.partial(print, file=sys.stderr)
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / rundir.RUN).is_file():
         raise UserError(f"{run!r} is not a run directory (no config.yaml)")
-    cfg = settle(load_yaml(run_dir / "config.yaml"))
+    cfg = settle(load_yaml(run_dir / rundir.RUN))
     if test_views:  # the weights do not depend on it
         cfg = replace(cfg, data=replace(cfg.data, test_views=test_views))
     trained = cfg.data.image_size
@@ -439,7 +439,7 @@ def evaluate_run(run: str, device: str = "auto", test_views: str = "", resolutio
                              "put back the run's own config.yaml")
         task, module = tasks.get(cfg.task), tasks.build(cfg, info.num_classes)
         shapes = {k: v.shape for k, v in module.state_dict().items()}
-        found = checkpoint.newest_good(run_dir, shapes, warn, first=(run_dir / "best",))
+        found = checkpoint.newest_good(run_dir, shapes, warn, first=(run_dir / rundir.BEST,))
         if found is None:
             raise UserError(f"{run!r} has no checkpoint yet")
         module.load_state_dict(found.model)

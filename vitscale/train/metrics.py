@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vitscale.common import rundir
 from vitscale.common.io import atomic_write_text
 from vitscale.train.loggers import open_loggers
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl, passing over lines a kill cut or damage left unreadable."""
-    path, rows = run_dir / "metrics.jsonl", []
+    path, rows = run_dir / rundir.METRICS, []
     for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
         try:
             row = json.loads(line)
@@ -29,7 +30,7 @@ class Metrics:
     """metrics.jsonl, and the loggers train.loggers names (vitscale.train.loggers), written by rank 0."""
 
     def __init__(self, run_dir: Path, main: bool, resume_step: int, loggers: tuple[str, ...] = ()):
-        self.path, self.main = run_dir / "metrics.jsonl", main
+        self.path, self.main = run_dir / rundir.METRICS, main
         self.rows: list[dict] = []
         if main and self.path.exists():  # drop rows a killed run wrote after its last checkpoint
             self.rows = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from torch import nn
 
-from vitscale.common import classnames, records
+from vitscale.common import classnames, records, rundir
 from vitscale.common.checkpoint import is_sharded, newest_good, read_shards
 from vitscale.common.errors import UserError
 from vitscale.models.mae import MAE, MAEConfig
@@ -86,7 +86,7 @@ def read(path: str | Path, *, like: ViTConfig | None = None, heads: int | None =
                 return hf.read(p)
             if (p / "vitscale.json").is_file():
                 return _export_dir(p)
-            if (p / "config.yaml").is_file():
+            if (p / rundir.RUN).is_file():
                 return _run_dir(p)
             if (p / "model.safetensors").is_file():  # a checkpoint directory of a run (ckpt-N/, best/)
                 p = _weights_file(p)
@@ -146,13 +146,13 @@ def _export_dir(directory: Path) -> Source:
 def _run_dir(run_dir: Path) -> Source:
     """A vitscale run: its best checkpoint, else its newest whole one (a damaged one passed over
     with a warning), with the run's config."""
-    found = newest_good(run_dir, warn=lambda m: print(m, file=sys.stderr), first=(run_dir / "best",))
+    found = newest_good(run_dir, warn=lambda m: print(m, file=sys.stderr), first=(run_dir / rundir.BEST,))
     if found is None:
         raise UserError(f"{str(run_dir)!r} holds no checkpoint to start from")
     path = _weights_file(found.path)
     tensors = found.model if found.sharded else read_tensors(path)  # shards: read whole by load
-    model, mae = _run_shape(run_dir / "config.yaml", decoder=any(k.startswith("mae.") for k in tensors))
-    source = _vitscale(tensors, model, mae, where=repr(str(run_dir / "config.yaml")))
+    model, mae = _run_shape(run_dir / rundir.RUN, decoder=any(k.startswith("mae.") for k in tensors))
+    source = _vitscale(tensors, model, mae, where=repr(str(run_dir / rundir.RUN)))
     names, named = classnames.read(run_dir, source.model.num_classes)
     return _noted(replace(source, labels=names if named else ()), path)
 
