@@ -61,11 +61,9 @@ class Checkpoint:
 
     # the checkpoint directory (ckpt-STEP/, best/, or a branch's parent's)
     path: Path
-    # the model's state dict; None for a sharded one read with whole=False (a resume reads its
-    # own shards: load_shards)
+    # the model's state dict; None for a sharded one read with whole=False (a resume: load_shards)
     model: dict[str, torch.Tensor] | None
-    # the optimizer's state dict, keyed by parameter name; a sharded one's holds only its param
-    # groups and scalars (its tensors are in the shards)
+    # the optimizer's state dict by parameter name (a sharded one's: param groups and scalars only)
     optim: dict
     # the rest of state.json: step, best, scaler, and every rank's python / numpy RNG state
     state: dict
