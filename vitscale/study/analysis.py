@@ -1,19 +1,15 @@
 """What a scaling study's trials say, every claim checked: summary.Summary.
 
-points      every annealed point of every seed: (strategy, N, D, error), N the model's
-            forward multiply-adds per sample, D the samples it trained on
-law         error(s, N, D) = e + a (N/n0)^-alpha_s + b (D/d0)^-beta (N/n0)^-gamma  (fits.fit_law)
-bootstrap   refits to trials resampled within each strategy, a random seed of each,
-            each point moved by its validation sampling noise: the spread of a prediction
+lawfit      every annealed point of every seed: (strategy, N, D, error), N the model's
+            forward multiply-adds per sample, D the samples it trained on; the noise; the
+            law error(s, N, D) = e + a (N/n0)^-alpha_s + b (D/d0)^-beta (N/n0)^-gamma
+            (fits.fit_law) and its bootstrap refits: the spread of a prediction
 backtest    the law fitted without each strategy's largest trials predicts them
 recommend   for a compute or time budget, each strategy's best size (and so length)
             under the law refitted on every trial; candidates within noise tie and the
             cheapest is named; beside it, the best trial measured within the budget
 isoflops    trials at equal compute, measured, as a check of the law's optimum
-
-A recipe's families (w+mr: strategy w under recipe mr, from its own base base+mr) are fitted
-like strategies, each recipe's laws relative to its own base: a shared law is shared within a
-recipe (a recipe may move the whole curve, which one law's common e, a, b could not say).
+analysis    all of it in order (`summarize`), with the runtime model and the sweep's cost
 """
 
 from __future__ import annotations
