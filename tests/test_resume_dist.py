@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vitscale.cli import main
 from vitscale.common import checkpoint
 from vitscale.common.checkpoint import latest
 from vitscale.train import optim
@@ -49,13 +50,13 @@ def kill_after(proc: subprocess.Popen, run_dir: Path, step: int, last: int = 60)
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
-    whole = vitscale(*ARGS, "--out", str(tmp_path / "whole"))
     killed = vitscale(*ARGS, "--out", str(tmp_path / "killed"))
     kill_after(killed, tmp_path / "killed", 6)
     resumed = vitscale(*ARGS, "--out", str(tmp_path / "killed"))
+    # the uninterrupted reference needs no process of its own: in this one, beside the resumed run
+    assert main([*ARGS, "--out", str(tmp_path / "whole")]) == 0
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0 and "resumed from" in out, out
-    assert whole.wait(timeout=300) == 0, whole.stdout.read()
     a, b = final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "killed")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -69,7 +70,6 @@ def test_sigkilled_cooldown_branch_resumes_to_the_plain_wsd_run(tmp_path):
     60-step wsd run from scratch ends (weights and optimizer state); the branch point is mid-epoch."""
     wsd = [a for a in ARGS if not a.startswith("--train.max_steps")] + ["--train.schedule=wsd"]
     start = optim.decay_start(60, 0.5)
-    plain = vitscale(*wsd, "--train.max_steps=60", "--train.decay_frac=0.5", "--out", str(tmp_path / "plain"))
     stable = vitscale(*wsd, f"--train.max_steps={start}", "--train.decay_frac=0",
                       "--out", str(tmp_path / "stable"))
     assert stable.wait(timeout=300) == 0, stable.stdout.read()
@@ -79,9 +79,11 @@ def test_sigkilled_cooldown_branch_resumes_to_the_plain_wsd_run(tmp_path):
     kill_after(branch, tmp_path / "branch", start + 6)
     assert f"branched from {tmp_path / 'stable'}" in branch.stdout.read()
     resumed = vitscale(*branch_args)
+    # the plain run needs no process of its own: in this one, beside the resumed branch
+    plain = [*wsd, "--train.max_steps=60", "--train.decay_frac=0.5", "--out", str(tmp_path / "plain")]
+    assert main(plain) == 0
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0 and f"resumed from {tmp_path / 'branch'}" in out, out
-    assert plain.wait(timeout=300) == 0, plain.stdout.read()
     a, b = final_tensors(tmp_path / "plain"), final_tensors(tmp_path / "branch")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -107,13 +109,14 @@ def test_two_gloo_ranks_match_one_process(tmp_path, extra, rel):
     common = ["train", "--train.batch=32", "--train.max_steps=5", "--train.threads=1", "--data.image_size=16",
               "--model.patch_size=4", "--train.warmup_epochs=0", "--train.label_smoothing=0"]
     one_process = [e for e in extra if e != "--train.fsdp=true"]
-    single = vitscale(*common, *one_process, "--out", str(tmp_path / "one"))
-    assert single.wait(timeout=300) == 0, single.stdout.read()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "vitscale"]
-    r = subprocess.run(launcher + common + extra + ["--out", str(tmp_path / "two")], env=ENV,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    two_ranks = subprocess.Popen(launcher + common + extra + ["--out", str(tmp_path / "two")], env=ENV,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the one-process reference runs in this process (no torch to import again) while the ranks start
+    assert main([*common, *one_process, "--out", str(tmp_path / "one")]) == 0
+    out = two_ranks.communicate(timeout=300)[0]
+    assert two_ranks.returncode == 0, out[-6000:]
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert len(one) == len(two) == 5
     assert two == pytest.approx(one, rel=rel, abs=rel / 10)
