@@ -2,6 +2,6 @@
 
 import sys
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 
 sys.exit(main())
