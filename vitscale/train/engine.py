@@ -188,6 +188,8 @@ class Job:
         return optim.lr_at(step, plan.total, plan.warmup(), peak, t.min_lr, t.schedule, t.decay_frac)
 
     def run(self) -> TrainResult:
+        """Resume where the run directory says, train to the end (each epoch evaluated and
+        checkpointed), test the final weights and write final.json."""
         self.step, self.best = self.ckpt.resume()
         if self.step >= self.total:
             return self.finished()
