@@ -44,7 +44,7 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vitscale.cli.main import main as vitscale_main  # noqa: E402
+from vitscale.cli import main as vitscale_main  # noqa: E402
 from vitscale.data import DataConfig, EpochSampler, RunBatches, build_datasets, close, make_loader  # noqa: E402
 from vitscale.data.generated import CHUNK  # noqa: E402
 from vitscale.data.video import clip_indices, decode_threads  # noqa: E402

@@ -119,7 +119,7 @@ def test_a_run_with_act_ckpt_ends_bitwise_as_one_without(tmp_path):
 
 
 def test_vitscale_bench_act_ckpt_measures_a_checkpointed_training_step(capsys):
-    from vitscale.cli.main import main
+    from vitscale.cli import main
 
     assert main(["bench", "pico/4", "--batch", "2", "--mode", "train", "--warmup", "0", "--iters", "1",
                  "--device", "cpu", "--act-ckpt", "--dtype", "fp16", "--json"]) == 0
@@ -129,7 +129,7 @@ def test_vitscale_bench_act_ckpt_measures_a_checkpointed_training_step(capsys):
 
 def test_vitscale_bench_act_ckpt_prints_its_table(capsys):
     """(The table once had no column for act_ckpt: a KeyError.)"""
-    from vitscale.cli.main import main
+    from vitscale.cli import main
 
     assert main(["bench", "pico/4", "--batch", "2", "--mode", "train", "--warmup", "0", "--iters", "1",
                  "--device", "cpu", "--act-ckpt"]) == 0

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.cost import measure as bench
 from vitscale.cost.complexity import cost
 from vitscale.models import preset

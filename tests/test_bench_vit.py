@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 pytest.importorskip("transformers")
 import bench_vit as bv  # noqa: E402
 
-from vitscale.cli.main import main as cli_main  # noqa: E402
+from vitscale.cli import main as cli_main  # noqa: E402
 from vitscale.cost import (
     counted,
     measure,  # noqa: E402

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 
 FAST = ["--train.batch=32", "--train.max_steps=2", "--train.threads=1", "--data.image_size=16",
         "--model.patch_size=4", "--train.warmup_epochs=0"]

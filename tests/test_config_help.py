@@ -7,7 +7,8 @@ from dataclasses import dataclass, fields
 import pytest
 import yaml
 
-from vitscale.cli.main import CONFIG_COMMANDS, PLACEHOLDERS, main
+from vitscale.cli import main
+from vitscale.cli.commands import CONFIG_COMMANDS, PLACEHOLDERS
 from vitscale.common import records
 from vitscale.data.config import DataConfig
 from vitscale.models.mae import MAEConfig

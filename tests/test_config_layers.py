@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import records
 from vitscale.common.records import dump_yaml
 from vitscale.study import runner

@@ -188,7 +188,7 @@ def test_fsdp_on_one_device_writes_sharded_checkpoints_that_match_a_plain_run(de
     """torchrun of one process: a one-rank group (NCCL on a GPU, gloo on the CPU), so train.fsdp and
     train.sharded_ckpt run on one device. Its weights, read whole from the shards, and its losses are
     the plain run's to rounding; vitscale eval reads its best/ shards in one process."""
-    from vitscale.cli.main import main
+    from vitscale.cli import main
 
     sharded, plain = tmp_path / "sharded", tmp_path / "plain"
     args = ["train", *(f"--{o}" for o in FAST), f"--train.device={device}",
@@ -215,7 +215,7 @@ import torch
 # deterministic kernels where there are; an op without one warns (the bitwise check below judges)
 torch.use_deterministic_algorithms(True, warn_only=True)
 torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-from vitscale.cli.main import main
+from vitscale.cli import main
 sys.exit(main(sys.argv[1:]))
 """)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from vitscale import tasks, weights
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common.checkpoint import latest
 from vitscale.common.errors import UserError
 from vitscale.common.records import apply_overrides

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vitscale.cli.main import build_parser
+from vitscale.cli.parser import build_parser
 from vitscale.common.errors import UserError
 from vitscale.train.config import RunConfig
 
@@ -134,7 +134,7 @@ def _config_fields() -> set[str]:
 
 @functools.cache
 def _parser(command: str):
-    """The parser cli.main builds for `vitscale COMMAND ...` (with the command's config flags)."""
+    """The parser cli.parser builds for `vitscale COMMAND ...` (with the command's config flags)."""
     return build_parser(fields_for=command)
 
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import vitscale
-from vitscale.cli.main import main
+from vitscale.cli import main
 
 pytestmark = pytest.mark.slow  # each flow trains a few steps and exports (~30-60 s on a busy 2-core CPU)
 

@@ -3,7 +3,8 @@ with its traceback saved (issue 10, item 16)."""
 
 import pytest
 
-from vitscale.cli import main as cli
+from vitscale import cli
+from vitscale.cli import commands
 from vitscale.common import errors
 
 
@@ -14,7 +15,7 @@ def _boom(message):
 
 
 def test_a_bare_value_error_is_a_bug_not_a_user_mistake(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "cmd_models", _boom("expected a non-empty list of Tensors"))
+    monkeypatch.setattr(commands, "cmd_models", _boom("expected a non-empty list of Tensors"))
     errors.crash_dir(tmp_path)
     try:
         code = cli.main(["models"])
@@ -28,7 +29,7 @@ def test_a_bare_value_error_is_a_bug_not_a_user_mistake(capsys, monkeypatch, tmp
 
 
 def test_debug_shows_the_bug_itself(monkeypatch):
-    monkeypatch.setattr(cli, "cmd_models", _boom("a bug"))
+    monkeypatch.setattr(commands, "cmd_models", _boom("a bug"))
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["--debug", "models"])
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from vitscale import tasks, weights
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common.records import apply_overrides
 from vitscale.runs import export as vexport
 from vitscale.train import engine

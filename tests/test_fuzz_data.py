@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import checkpoint, dist, signals
 from vitscale.common.errors import Interrupted, UserError
 from vitscale.common.records import apply_overrides

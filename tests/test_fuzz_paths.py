@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import lock, rundir
 from vitscale.common.errors import UserError
 from vitscale.common.records import apply_overrides, dump_yaml

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_study_launch import TINY, _seed, _sizing, tiny
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import errors
 from vitscale.common.errors import UserError
 from vitscale.study import analysis, config, jobs, launch_args, preview, results, runner

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vitscale import weights
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import records
 from vitscale.data import DataInfo
 from vitscale.models.layers import fixed_pos_embed

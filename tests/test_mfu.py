@@ -52,7 +52,7 @@ def test_a_cpu_has_no_peak_unless_given():
 def test_bench_counts_the_models_own_flops_and_gives_mfu_against_a_given_peak(capsys):
     import json
 
-    from vitscale.cli.main import main
+    from vitscale.cli import main
     from vitscale.cost.complexity import cost
     from vitscale.cost.counted import macs_per_sample
     from vitscale.models.presets import preset

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import records
 from vitscale.common.checkpoint import at
 from vitscale.common.errors import UserError

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import records
 from vitscale.common.errors import UserError
 from vitscale.data import DataInfo, build_datasets
@@ -36,7 +36,7 @@ def folder(tmp_path_factory):
 
 
 def run_config(model: str, *overrides: str, command: str = "train"):
-    """What `vitscale COMMAND --model MODEL OVERRIDES...` starts from (cli._run_config's order)."""
+    """What `vitscale COMMAND --model MODEL OVERRIDES...` starts from (cli.commands._run_config's order)."""
     return records.apply_overrides(config.with_preset(config.recipe(command), model), list(overrides))
 
 

@@ -96,7 +96,7 @@ def test_the_scan_tells_module_level_imports_from_lazy_ones(tmp_path):
 
 def test_version_is_the_installed_distributions(capsys):
     from vitscale import __version__
-    from vitscale.cli.main import main
+    from vitscale.cli import main
 
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
@@ -136,7 +136,7 @@ def test_vitscale_imports_without_pyav_and_says_so_where_video_is_read():
     import subprocess
 
     code = BLOCK_PYAV + """
-import vitscale.cli.main, vitscale.train.engine, vitscale.data, vitscale.runs.export
+import vitscale.cli, vitscale.train.engine, vitscale.data, vitscale.runs.export
 from vitscale.data.video import pyav
 from vitscale.common.errors import UserError
 assert "av" not in sys.modules

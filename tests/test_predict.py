@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import vitscale
 from vitscale import weights
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import classnames
 from vitscale.data import build_datasets
 from vitscale.models.vit import ViT

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from vitscale.cli import main as cli
+from vitscale import cli
+from vitscale.cli import commands
 from vitscale.common import errors
 from vitscale.train import engine
 
@@ -174,5 +175,5 @@ def test_an_empty_section_takes_the_defaults(tmp_path):
 def test_out_of_memory_is_the_users_to_fix(capsys, monkeypatch, error):
     def run(args):
         raise error  # as building a model or input too large for the machine does
-    monkeypatch.setattr(cli, "cmd_bench", run)
+    monkeypatch.setattr(commands, "cmd_bench", run)
     refused(capsys, ["bench", "pico/4"], "out of memory", "lower the batch")

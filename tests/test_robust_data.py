@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common.errors import UserError
 from vitscale.data import DataConfig, build_datasets
 

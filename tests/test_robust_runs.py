@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vitscale import tasks
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import checkpoint
 from vitscale.study import results, runner
 from vitscale.study.config import StudyConfig

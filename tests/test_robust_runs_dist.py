@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import checkpoint, dist, lock, signals
 from vitscale.common.errors import Interrupted, UserError
 from vitscale.common.records import apply_overrides
@@ -101,7 +101,7 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_4(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("vitscale.cli.main.cmd_models", interrupted)
+    monkeypatch.setattr("vitscale.cli.commands.cmd_models", interrupted)
     assert main(["models"]) == 4
     assert capsys.readouterr().err == "vitscale: interrupted: SIGINT\n"
 

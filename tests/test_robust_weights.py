@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vitscale import weights
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import errors
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.presets import preset

@@ -129,7 +129,7 @@ def test_a_resume_whose_steps_another_rank_count_changes_is_one_line(tmp_path, c
     to 1,024); a checkpoint two ranks wrote does not go on here."""
     from safetensors.torch import save_file
 
-    from vitscale.cli.main import main
+    from vitscale.cli import main
 
     args = ["train", "--out", str(tmp_path), "--data.name=cluttered-digits", "--data.train_size=1023",
             "--data.val_size=64", "--data.test_size=0", "--data.image_size=16", "--model.patch_size=4",

@@ -228,7 +228,7 @@ def test_shards_written_by_webdataset_read_back_identically(tmp_path):
 
 @pytest.mark.slow  # a 2-step training run: 3 to 5 s on a shared CPU
 def test_cli_trains_on_shards_and_refuses_a_missing_one_in_one_line(tmp_path, capsys):
-    from vitscale.cli.main import main
+    from vitscale.cli import main
 
     write_shards(tmp_path / "d", pictures(), per_shard=6)
     fast = ["--train.batch=4", "--train.max_steps=2", "--train.threads=1", "--data.image_size=16",

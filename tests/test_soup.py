@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common.records import apply_overrides
 from vitscale.runs import soup
 from vitscale.train import engine

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import records
 from vitscale.common.errors import UserError
 from vitscale.study import launch, launch_args, preview, results

@@ -9,7 +9,7 @@ import torch
 from test_data import RAW, frame_ids, write_video
 from test_robust_data import FAST, refused
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.data import DataConfig, build_datasets
 from vitscale.data.common import UnreadableFileError
 from vitscale.data.video import read_clip

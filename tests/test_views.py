@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitscale import tasks
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import dist
 from vitscale.common.errors import UserError
 from vitscale.data import DataConfig

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from vitscale import weights
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.models.layers import sincos_pos_embed
 from vitscale.models.mae import MAE, MAEConfig, masking_of, patchify, random_masking, tube_masking
 from vitscale.models.presets import preset
