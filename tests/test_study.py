@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from vitscale.cli.main import main
+from vitscale.cli import main
 from vitscale.common import errors
 from vitscale.common.errors import UserError
 from vitscale.cost.complexity import cost
@@ -300,7 +300,7 @@ def test_the_mae_objective_probes_the_final_encoder_not_best(tmp_path, monkeypat
 
     def fake_train(cfg, log, d):
         seen["init"], seen["scales"] = cfg.init, cfg.train.probe_scales
-        return {"val_top1": 0.5}
+        return engine.TrainResult({"val_top1": 0.5}, 40, None)
 
     monkeypatch.setattr(engine, "train", fake_train)
     monkeypatch.setattr("vitscale.common.checkpoint.last_good", lambda d: d / "ckpt-00000040")
