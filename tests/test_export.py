@@ -1,6 +1,7 @@
 """`vitscale export RUN --to onnx`: the graph onnxruntime runs gives the PyTorch model's outputs."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,6 +28,25 @@ def trained(tmp_path, name, *overrides, task="supervised", init="", **fields):
     cfg = apply_overrides(cfg, FAST + list(overrides))
     engine.train(cfg, log=lambda *a: None)
     return cfg.out
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """`shared(name, *overrides)`: a run trained once for the tests that export the same model; read
+    it, or export into a copy of it (`copied`)."""
+    runs = {}
+
+    def get(name, *overrides):
+        if name not in runs:
+            runs[name] = trained(tmp_path_factory.mktemp("shared"), name, *overrides)
+        return runs[name]
+
+    return get
+
+
+def copied(run, tmp_path):
+    """A copy of a shared run in this test's folder, for a test that writes into its run."""
+    return str(shutil.copytree(run, tmp_path / Path(run).name))
 
 
 def task_module(run):
@@ -59,9 +79,9 @@ def export(run, *args):
 
 
 @pytest.mark.slow
-def test_image_classifier_exports_with_a_dynamic_batch(tmp_path, capsys):
+def test_image_classifier_exports_with_a_dynamic_batch(tmp_path, capsys, shared):
     pytest.importorskip("onnxscript")
-    run = trained(tmp_path, "sup")
+    run = copied(shared("sup"), tmp_path)
     export(run)
     assert "max abs difference" in capsys.readouterr().out
     model, _ = weights.load(run)  # the run's ViT by the weights reader, not the exporter's loader
@@ -97,9 +117,9 @@ def test_ema_exports_the_moving_average(tmp_path):
 
 
 @pytest.mark.slow
-def test_video_classifier_exports_with_a_dynamic_batch(tmp_path):
+def test_video_classifier_exports_with_a_dynamic_batch(tmp_path, shared):
     pytest.importorskip("onnxscript")
-    run = trained(tmp_path, "vid", *VIDEO)
+    run = copied(shared("vid", *VIDEO), tmp_path)
     export(run)
     diffs = onnxruntime_vs(task_module(run).predict, f"{run}/model.onnx", (3, 4, 16, 16))
     assert max(diffs.values()) < 1e-4
@@ -108,9 +128,9 @@ def test_video_classifier_exports_with_a_dynamic_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_without_class_names_exports_its_ids_and_says_so(tmp_path, capsys):
+def test_a_run_without_class_names_exports_its_ids_and_says_so(tmp_path, capsys, shared):
     pytest.importorskip("onnxscript")
-    run = trained(tmp_path, "old")
+    run = copied(shared("sup"), tmp_path)
     Path(run, "classes.json").unlink()  # as a run trained before vitscale saved class names
     export(run)
     assert "has no classes.json" in capsys.readouterr().err
@@ -118,9 +138,9 @@ def test_a_run_without_class_names_exports_its_ids_and_says_so(tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_a_fixed_batch_with_the_weights_apart(tmp_path, monkeypatch):
+def test_a_fixed_batch_with_the_weights_apart(tmp_path, monkeypatch, shared):
     pytest.importorskip("onnxscript")
-    run = trained(tmp_path, "vid", *VIDEO)
+    run = copied(shared("vid", *VIDEO), tmp_path)
     monkeypatch.setattr(vexport, "LARGE", 0)  # as a model too large for one protobuf: weights apart
     export(run, "--batch", "2", "--out", str(tmp_path / "b2.onnx"))
     assert (tmp_path / "b2.onnx.data").is_file()
@@ -164,9 +184,9 @@ def test_mae_exports_its_encoder_features_and_a_linear_probe_its_logits(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, output", [("soft", "logits"), ("feature", "features")])
-def test_a_distilled_student_exports_without_its_teacher(tmp_path, kind, output):
+def test_a_distilled_student_exports_without_its_teacher(tmp_path, kind, output, shared):
     pytest.importorskip("onnxscript")
-    teacher = trained(tmp_path, "teacher", "train.max_steps=1")
+    teacher = shared("sup")  # read only
     run = trained(tmp_path, "student", task="distill", distill=DistillConfig(teacher=teacher, kind=kind))
     export(run)
     assert json.loads(Path(run, "model.onnx.json").read_text())["output"]["name"] == output
