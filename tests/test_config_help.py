@@ -186,7 +186,8 @@ def trained(monkeypatch):
     from vitscale.train import engine
 
     seen = []
-    monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or {})
+    done = engine.TrainResult(metrics={}, step=0, best=None)
+    monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or done)
     return seen
 
 

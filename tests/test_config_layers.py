@@ -22,7 +22,8 @@ from vitscale.train.config import DistillConfig, RunConfig, recipe
 def trained(monkeypatch):
     """The configs that reach training, recorded instead of trained."""
     seen = []
-    monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or {})
+    done = engine.TrainResult(metrics={}, step=0, best=None)
+    monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or done)
     return seen
 
 

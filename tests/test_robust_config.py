@@ -19,7 +19,8 @@ MAX_SECONDS, MAX_CHARS = 3.0, 600  # a refusal is quick and its message short
 def trained(monkeypatch):
     """Configs that reach training, recorded instead of trained."""
     seen = []
-    monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or {})
+    done = engine.TrainResult(metrics={}, step=0, best=None)
+    monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or done)
     return seen
 
 
