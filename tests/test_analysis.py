@@ -27,6 +27,13 @@ def _few_refits(monkeypatch):
     monkeypatch.setattr(lawfit, "BOOTSTRAP", 60)
 
 
+@pytest.fixture
+def _point_estimates(monkeypatch):
+    """For a test that checks no interval and no tie (each refit costs a fit): enough refits to
+    give the summary its intervals all the same."""
+    monkeypatch.setattr(lawfit, "BOOTSTRAP", 4)
+
+
 def trial(
     strategy: str,
     factor: float,
@@ -175,6 +182,7 @@ def test_trials_within_noise_tie_and_the_cheapest_is_named():
     assert rec.pick.seconds <= rec.best.seconds
 
 
+@pytest.mark.usefixtures("_point_estimates")
 def test_the_recommendation_is_the_laws_compute_optimal_size():
     """Against the closed form: for error = e + a (N/n0)^-alpha + b (D/d0)^-beta (N/n0)^-gamma at
     D = C / (3 N), with k = beta - gamma, the optimal size is
@@ -196,6 +204,7 @@ def test_the_recommendation_is_the_laws_compute_optimal_size():
     assert s.recommendation.ahead[0].extrapolation
 
 
+@pytest.mark.usefixtures("_point_estimates")
 def test_isoflops_compare_trials_at_equal_compute():
     rows = [trial("d", 1, 2000, fractions=(0.25, 0.5, 1.0))]
     rows += [trial(s, f, round(2000 / f), fractions=(0.25, 0.5, 1.0)) for s in ("d", "w") for f in (2, 4)]
@@ -220,6 +229,7 @@ def test_runtime_model_leave_one_out_exposes_an_odd_config():
     assert loo[5] < -0.3  # predicted from the others, the slow config is about half as slow as it was
 
 
+@pytest.mark.usefixtures("_point_estimates")
 def test_summary_is_written_and_read_back_typed(tmp_path):
     rows = epochs_study(sd=0.003, seed=5)
     s = analysis.summarize(StudyConfig(strategies=("d", "w")), rows)
@@ -255,6 +265,7 @@ def test_noise_pools_seeds_and_never_falls_below_validation_sampling():
     assert n.dof == 2 and n.seed_sd == pytest.approx(math.sqrt(2 * 2 * 0.01**2 / 2))
 
 
+@pytest.mark.usefixtures("_point_estimates")
 def test_a_time_target_buys_each_shape_the_samples_its_measured_speed_allows():
     rows = epochs_study()
     s = analysis.summarize(StudyConfig(strategies=("d", "w"), target="time:30m", ahead=()), rows)
@@ -265,6 +276,7 @@ def test_a_time_target_buys_each_shape_the_samples_its_measured_speed_allows():
     assert all(c.seconds <= 1800 * (1 + 1e-6) for c in rec.measured_tied)
 
 
+@pytest.mark.usefixtures("_point_estimates")
 def test_the_summary_names_the_split_its_accuracies_are_measured_on():
     """Final accuracies are test accuracies where the data holds a test split (val selects)."""
     rows = epochs_study()
