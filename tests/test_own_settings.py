@@ -14,7 +14,7 @@ from vitscale.cli import main
 from vitscale.common import records
 from vitscale.common.errors import UserError
 from vitscale.data import DataInfo, build_datasets
-from vitscale.study import preview, runner
+from vitscale.study import preview, runner, trials
 from vitscale.study.config import StudyConfig, base_run, dump_study, load_study
 from vitscale.study.trials import plan
 from vitscale.train import config, engine
@@ -157,8 +157,8 @@ def test_a_study_on_a_folder_plans_the_presets_shape_at_the_datas_size(folder, c
     text = "\n".join(preview.lines(plan))
     assert "base: Ti/16 at 224 px, patch 16, 196 tokens, width 192, depth 12, heads 3" in text
     assert f"data: image-folder ({folder}), 36 items: " in text and "; 3 classes" in text
-    runs = plan(replace(StudyConfig(model="Ti/16", strategies=("d",), factors=(1,)),
-                              overrides=("data.name=image-folder", f"data.path={folder}", "train.batch=8")))
+    runs = trials.plan(replace(StudyConfig(model="Ti/16", strategies=("d",), factors=(1,)),
+                               overrides=("data.name=image-folder", f"data.path={folder}", "train.batch=8")))
     data = runs[0].run.data  # none of the demo's settings
     assert (data.image_size, data.scale_min, data.train_size) == (224, 0.0, 100_000)
 
