@@ -17,7 +17,7 @@ import signal
 import time
 from pathlib import Path
 
-from vitscale.common import signals
+from vitscale.common import compat, signals
 from vitscale.common.errors import Interrupted, UserError, optional
 from vitscale.common.io import atomic_write_text
 from vitscale.study.jobs import Waiting, as_rank, decode, encode, last_line, run_job, takes_dist
@@ -57,9 +57,7 @@ class SlurmTask:
         return as_rank(self._run, self.args, self.device)
 
     def _run(self, args: tuple):
-        from submitit import JobEnvironment
-
-        usr = JobEnvironment._usr_sig()
+        usr = compat.submitit_requeue_signal()
         requeue = signal.getsignal(usr)  # submitit's: checkpoint() and requeue
         asked: list[int] = []
 
