@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from vitscale import weights
+from vitscale.cli import main
 from vitscale.common import checkpoint, dist, records
 from vitscale.common.errors import UserError
 from vitscale.train.config import TrainConfig
@@ -174,6 +175,13 @@ def vitscale(*args: str, ranks: int = 1) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def in_process(capsys, *args: str) -> str:
+    """`vitscale train` on one process, run in the test's own (no torch to import again): its output."""
+    capsys.readouterr()
+    assert main(["train", *ARGS, *args]) == 0
+    return capsys.readouterr().out
+
+
 def finished(proc: subprocess.Popen) -> str:
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
@@ -209,7 +217,7 @@ def assert_close_states(got: tuple[dict, dict], want: tuple[dict, dict]) -> None
 def one(tmp_path_factory) -> Path:
     """The run on one process, never stopped (full checkpoints at steps 3 and 6): the reference."""
     run_dir = tmp_path_factory.mktemp("reference") / "one"
-    finished(vitscale("--out", str(run_dir)))
+    assert main(["train", *ARGS, "--out", str(run_dir)]) == 0  # in this process: no torch to import again
     return run_dir
 
 
@@ -241,13 +249,13 @@ def test_eval_and_init_read_a_two_rank_sharded_run_in_one_process(sharded, one):
 
 
 @pytest.mark.slow
-def test_a_two_rank_sharded_run_resumes_on_one_process(sharded, one, tmp_path):
+def test_a_two_rank_sharded_run_resumes_on_one_process(sharded, one, tmp_path, capsys):
     """Stopped after step 3 and resumed on one process (train.fsdp off), the 2-rank sharded run
     ends close to the run that was one process throughout."""
     two = tmp_path / "two"
     shutil.copytree(sharded, two)
     cut_back(two, 3)
-    out = finished(vitscale("--out", str(two)))  # one process: fsdp and sharded_ckpt off
+    out = in_process(capsys, "--out", str(two))  # one process: fsdp and sharded_ckpt off
     assert f"resumed from {checkpoint.at(two, 3)} at step 3" in out, out
     assert "resuming on 1 rank(s) a checkpoint 2 rank(s) wrote" in out, out
     assert not checkpoint.is_sharded(checkpoint.latest(two))
@@ -256,12 +264,12 @@ def test_a_two_rank_sharded_run_resumes_on_one_process(sharded, one, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_two_rank_ddp_run_resumes_on_one_process(one, tmp_path):
+def test_a_two_rank_ddp_run_resumes_on_one_process(one, tmp_path, capsys):
     """Full checkpoints (DDP, gathered on rank 0) resume on another number of ranks too."""
     two = tmp_path / "two"
     finished(vitscale("--out", str(two), ranks=2))
     cut_back(two, 3)
-    out = finished(vitscale("--out", str(two)))
+    out = in_process(capsys, "--out", str(two))
     assert "resuming on 1 rank(s) a checkpoint 2 rank(s) wrote" in out, out
     assert_close_states(full_state(checkpoint.latest(two)), full_state(checkpoint.latest(one)))
     assert losses(two) == pytest.approx(losses(one), rel=1e-4, abs=1e-5)
