@@ -199,8 +199,8 @@ def test_a_signalled_cli_run_exits_4_in_one_line_and_resumes(tmp_path, capsys, s
     step = checkpoint.step_of(checkpoint.latest(tmp_path / "run"))
     assert 2 <= step < 100 and f"at step {step} of 100" in err
     assert not (tmp_path / "run" / lock.NAME).exists()
-    again = subprocess.run([sys.executable, "-m", "vitscale", *args], env=ENV, capture_output=True, text=True)
-    assert again.returncode == 0 and f"resumed from {checkpoint.at(tmp_path / 'run', step)}" in again.stdout
+    again = main(args)  # resumed in this process: the signal's process is the one under test
+    assert again == 0 and f"resumed from {checkpoint.at(tmp_path / 'run', step)}" in capsys.readouterr().out
 
 
 def _until_a_signal(seconds: float, log=print) -> str:
