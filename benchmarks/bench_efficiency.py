@@ -53,8 +53,9 @@ import bench_common  # noqa: E402
 import torch  # noqa: E402
 
 from vitscale.common import records
+from vitscale.common.device import pick_device  # noqa: E402
 from vitscale.cost.complexity import cost  # noqa: E402
-from vitscale.cost.measure import example_input, measure_model, pick_device  # noqa: E402
+from vitscale.cost.measure import example_input, measure_model  # noqa: E402
 from vitscale.cost.scaling import scale  # noqa: E402
 from vitscale.data import build_datasets  # noqa: E402
 from vitscale.data.multires import side_at  # noqa: E402

@@ -60,7 +60,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from vitscale.cost.measure import Measurement, example_input, measure_model, pick_device  # noqa: E402
+from vitscale.common.device import pick_device  # noqa: E402
+from vitscale.cost.measure import Measurement, example_input, measure_model  # noqa: E402
 from vitscale.models.mae import MAE, MAEConfig, tube_masking  # noqa: E402
 from vitscale.models.presets import preset  # noqa: E402
 from vitscale.models.vit import ViTConfig  # noqa: E402

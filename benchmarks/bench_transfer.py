@@ -51,8 +51,8 @@ import torch  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from vitscale.cli.tables import console  # noqa: E402
+from vitscale.common.device import pick_device  # noqa: E402
 from vitscale.common.records import apply_overrides
-from vitscale.cost.measure import pick_device  # noqa: E402
 from vitscale.models import vit  # noqa: E402
 from vitscale.train import engine  # noqa: E402
 from vitscale.train.config import RunConfig

@@ -55,9 +55,12 @@ from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vitscale.cli.tables import console  # noqa: E402
-from vitscale.common.device import DTYPES  # noqa: E402
+from vitscale.common.device import (
+    DTYPES,  # noqa: E402
+    pick_device,  # noqa: E402
+)
 from vitscale.cost import counted, mfu  # noqa: E402
-from vitscale.cost.measure import Measurement, example_input, measure_model, pick_device  # noqa: E402
+from vitscale.cost.measure import Measurement, example_input, measure_model  # noqa: E402
 from vitscale.models.presets import preset  # noqa: E402
 from vitscale.models.vit import ViT, ViTConfig, param_count  # noqa: E402
 
