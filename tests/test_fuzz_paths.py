@@ -210,3 +210,19 @@ def test_a_study_workers_log_alone_does_not_make_a_folder_foreign(tmp_path):
     run.mkdir(parents=True)
     (run / "log.txt").write_text("study: starting\n")
     assert rundir.check_out(run) == run
+
+
+@pytest.mark.parametrize("marker", ["config.yaml", "study.yaml"])
+def test_a_run_killed_while_writing_its_config_starts_again_there(tmp_path, marker):
+    """A SIGKILL between the temporary and the rename of the config leaves MARKER.tmp (with the
+    lock, the write probe, a worker's log): that folder is the same run's, not a user's."""
+    from vitscale.common import rundir
+
+    run = tmp_path / "trials" / "d-x2" / "seed0" / "stable"
+    run.mkdir(parents=True)
+    for name in (".lock", ".write-test", "log.txt", f"{marker}.tmp"):
+        (run / name).write_text("")
+    assert rundir.check_out(run, marker=marker) == run
+    (run / "notes.tmp").write_text("")  # any other temporary is someone else's
+    with pytest.raises(UserError, match="other files"):
+        rundir.check_out(run, marker=marker)

@@ -23,9 +23,10 @@ BEST = "best"  # the checkpoint validation chose, a directory like each ckpt-STE
 SOUP = "soup.json"  # a soup's metrics of every ingredient and soup (the soup is a run: best/)
 STUDY = "study.yaml"  # the study's config: what marks a study directory
 # What a process leaves in a directory while it holds it (vitscale.common.lock's .lock, the write probe,
-# and log.txt, which a study's worker opens in a trial's or sweep run's directory before the run
-# writes its config): a folder with only these in it is as good as empty.
-TRANSIENT = {".lock", ".write-test", "log.txt"}
+# log.txt, which a study's worker opens in a trial's or sweep run's directory before the run writes
+# its config, and the config's own temporary, left by a kill before its rename; common.io): a folder
+# with only these in it is as good as empty.
+TRANSIENT = {".lock", ".write-test", "log.txt", RUN + ".tmp", STUDY + ".tmp"}
 SCANNED = ("image-folder", "video-folder")  # data read from every file under a folder
 
 
