@@ -5,7 +5,7 @@ For each parametrisation (sp, mup) and each shape (the base pico/4 at 16 px: wid
 geometric grid for the same number of steps (warm-up, then cosine to ~0) and reads the final
 validation loss. Widths keep the base's head dim of 32 (more heads, as the study's scaler
 keeps head dims near the base's), so muP's 1/d attention equals SP's here; the coordinate
-check in tests/test_mup.py covers a growing head dim. muP shapes are relative to the base.
+check in tests/models/test_mup.py covers a growing head dim. muP shapes are relative to the base.
 
 The best LR of a shape is the grid point with the lowest validation loss, refined by a
 parabola in log LR through it and its neighbours (the figure printed; "edge" marks an

@@ -1,7 +1,7 @@
 """Every use of a third-party private name, in one place.
 
 Each is a small function that says why the private is used and what breaks if a release of
-torch or submitit takes it away; tests/test_compat.py pins each one, so an upgrade that removes
+torch or submitit takes it away; tests/common/test_compat.py pins each one, so an upgrade that removes
 one fails a test instead of quietly changing behaviour. Callers import these; nothing else in
 vitscale reads a private attribute of another package.
 

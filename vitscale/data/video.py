@@ -8,7 +8,7 @@ read from frame 0 and padded by repeating its last frame.
 Decoding seeks to the keyframe before a clip that starts `SEEK_AFTER` frames or more in, skips
 there the non-reference frames the clip does not take, stops after the clip's last frame, and
 runs the codec's frame threading (`decode_threads`); all of it gives the frames a plain
-single-threaded decode from frame 0 gives (tests/test_video_decode.py).
+single-threaded decode from frame 0 gives (tests/data/test_video_decode.py).
 """
 
 from __future__ import annotations

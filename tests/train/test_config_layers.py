@@ -168,7 +168,7 @@ def test_layers_are_checked_once_at_the_end():
 
 
 # ----------------------------------------------------------------------------- shipped configs
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_data import RAW, frame_ids, write_video
-from test_robust_data import FAST, refused
+from test_data_errors import FAST, refused
 
 from vitscale.cli import main
 from vitscale.data import DataConfig, build_datasets

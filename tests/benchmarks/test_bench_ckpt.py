@@ -13,7 +13,7 @@ import pytest
 from vitscale.models.presets import preset
 from vitscale.models.vit import ViT
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ckpt.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_ckpt.py"
 TWO_RANKS = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_efficiency as be  # noqa: E402
 
 from vitscale.data.multires import side_at  # noqa: E402

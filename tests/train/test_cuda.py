@@ -28,7 +28,7 @@ from vitscale.models.vit import ViT
 from vitscale.train import amp, engine
 from vitscale.train.config import RunConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUDA = torch.device("cuda")
 # a run small enough for seconds: pico/4 at 16 px on the digits, a checkpoint every step
 FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "data.image_size=16", "model.patch_size=4",
@@ -225,7 +225,7 @@ def test_a_bf16_run_killed_on_cuda_resumes_bitwise(tmp_path):
     """With CUDA's deterministic algorithms (cuBLAS workspace, cuDNN, deterministic kernels), a bf16 run
     cut back to its step-2 checkpoint and resumed ends with the very weights and optimizer state of
     the run never stopped: RNG (CUDA's too), data order from two loader workers, and optimizer restored.
-    (fp16's loss scale resumes bitwise in tests/test_amp.py.)"""
+    (fp16's loss scale resumes bitwise in tests/train/test_amp.py.)"""
     args = ["train", *(f"--{o}" for o in FAST), "--train.device=cuda", "--train.dtype=bf16",
             "--data.workers=2"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"

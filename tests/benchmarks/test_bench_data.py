@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_data.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_data.py"
 
 
 def run(*args: str) -> str:
