@@ -34,3 +34,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
+
+
+@pytest.fixture
+def trained(monkeypatch):
+    """The configs that reach training, recorded instead of trained (the config and CLI tests)."""
+    from vitscale.train import engine  # here, not above: most tests never train
+
+    seen = []
+    done = engine.TrainResult(metrics={}, step=0, best=None)
+    monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or done)
+    return seen

@@ -10,18 +10,9 @@ import torch
 from vitscale import cli
 from vitscale.cli import commands
 from vitscale.common import errors
-from vitscale.train import engine
 
 MAX_SECONDS, MAX_CHARS = 3.0, 600  # a refusal is quick and its message short
 
-
-@pytest.fixture
-def trained(monkeypatch):
-    """Configs that reach training, recorded instead of trained."""
-    seen = []
-    done = engine.TrainResult(metrics={}, step=0, best=None)
-    monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or done)
-    return seen
 
 
 def refused(capsys, argv, *fragments):

@@ -181,15 +181,6 @@ def test_every_study_field_is_a_flag_in_study_help(capsys):
         assert flag in text
 
 
-@pytest.fixture
-def trained(monkeypatch):
-    from vitscale.train import engine
-
-    seen = []
-    done = engine.TrainResult(metrics={}, step=0, best=None)
-    monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or done)
-    return seen
-
 
 def test_a_flag_takes_its_value_after_an_equals_sign_or_a_space(tmp_path, trained):
     assert main(["train", "--out", str(tmp_path / "a"), "--train.epochs=5", "--train.betas", "0.8,0.9",

@@ -14,17 +14,8 @@ from vitscale.common import records
 from vitscale.common.records import dump_yaml
 from vitscale.study import runner
 from vitscale.study.config import StudyConfig
-from vitscale.train import config, engine
+from vitscale.train import config
 from vitscale.train.config import DistillConfig, RunConfig, recipe
-
-
-@pytest.fixture
-def trained(monkeypatch):
-    """The configs that reach training, recorded instead of trained."""
-    seen = []
-    done = engine.TrainResult(metrics={}, step=0, best=None)
-    monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or done)
-    return seen
 
 
 def write(path, data: dict):
