@@ -1,4 +1,6 @@
-"""config"""
+"""A study's config: StudyConfig (study.yaml), its budget and target parsed once (Budget), the
+recipes it runs, the demo's settings (on the built-in data only) and the base run every trial
+scales from."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""trials"""
+"""A study's trials: the plan (one trial per strategy and factor, from the base), each trial's size
+under the budget (steps from its measured or counted cost), its cooldown branches, the held-out
+trials of the backtest and the learning rate the sweep picks."""
 
 from __future__ import annotations
 

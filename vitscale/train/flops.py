@@ -1,4 +1,6 @@
-"""flops"""
+"""The counted cost of a training step: the multiply-adds one step (forward and backward) spends per
+sample as its task module trains, token dropping and every input side of train.resolutions included,
+as PyTorch's FlopCounterMode counts them on meta tensors (vitscale.cost.counted counts a bare model)."""
 
 from __future__ import annotations
 
