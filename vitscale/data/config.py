@@ -110,10 +110,27 @@ class DataConfig:
     seed: int = 0  # dataset seed: the seeded train / val / test split and moving-digits generation
 
     def __post_init__(self) -> None:
+        # every check is built first; the first to fail, in this order, is the error reported
+        checks = [*self._source_checks(), *self._split_checks(), *self._item_checks(),
+                  *self._label_checks(), *self._generated_checks(), *self._augment_checks(),
+                  *self._loading_checks()]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        parse_views(self.test_views)  # raises naming data.test_views
+
+    def _source_checks(self) -> list[tuple[object, str]]:
+        """The data's name, and the path real data needs."""
         real = self.name in REAL
-        checks = [
+        return [
             (self.name in NAMES, f"data.name must be one of {', '.join(NAMES)}, got {self.name!r}"),
             (not real or self.path, f"data.name={self.name!r} needs data.path=FOLDER_OR_CSV"),
+        ]
+
+    def _split_checks(self) -> list[tuple[object, str]]:
+        """The validation and test splits: their fractions, paths and sizes."""
+        real = self.name in REAL
+        return [
             (0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1), e.g. 0.2"),
             (self.test_fraction == -1.0 or 0.0 <= self.test_fraction < 1.0,
              f"data.test_fraction must be in [0, 1), or -1 for the data's default, got {self.test_fraction}"),
@@ -129,6 +146,11 @@ class DataConfig:
              "not data.test_fraction"),
             (0 <= self.test_size <= MAX_ITEMS,
              f"data.test_size must be 0 (none) to {MAX_ITEMS:,}, got {self.test_size}"),
+        ]
+
+    def _item_checks(self) -> list[tuple[object, str]]:
+        """What one item is: its class count, image size and frames."""
+        return [
             (0 <= self.num_classes <= MAX_CLASSES,
              f"data.num_classes must be 0 (the labels' count) to {MAX_CLASSES}, got {self.num_classes}"),
             (self.num_classes == 0 or self.name in ("video-csv", "webdataset"),
@@ -141,6 +163,11 @@ class DataConfig:
              f"{self.sample_bytes / 2**30:.3g} GB tensor (at most {MAX_SAMPLE_BYTES >> 20} MB); lower them"),
             (self.frames >= 0, f"data.frames must be at least 1 (or 0: the model's), got {self.frames}"),
             (self.frame_stride >= 1, f"data.frame_stride must be at least 1, got {self.frame_stride}"),
+        ]
+
+    def _label_checks(self) -> list[tuple[object, str]]:
+        """Labels, flips and frames: what images and clips each allow."""
+        return [
             (self.label in ("digit", "direction"),
              f"data.label must be 'digit' or 'direction', got {self.label!r}"),
             (self.label == "digit" or self.name == "moving-digits",
@@ -157,6 +184,11 @@ class DataConfig:
              "digits are single images; set data.frames=1 or use data.name=moving-digits"),
             (self.name != "cluttered-digits" or self.frames <= 1,
              "cluttered-digits are single images; set data.frames=1 or use data.name=moving-digits"),
+        ]
+
+    def _generated_checks(self) -> list[tuple[object, str]]:
+        """The sizes of the generated built-in data."""
+        return [
             (1 <= self.train_size <= MAX_ITEMS,
              f"data.train_size must be 1 to {MAX_ITEMS:,}, got {self.train_size}"),
             (1 <= self.val_size <= MAX_ITEMS,
@@ -167,6 +199,11 @@ class DataConfig:
              f"data.num_clips must be 2 to {MAX_ITEMS:,}, got {self.num_clips}"),
             (self.digits_per_clip in (1, 2),
              f"data.digits_per_clip must be 1 or 2, got {self.digits_per_clip}"),
+        ]
+
+    def _augment_checks(self) -> list[tuple[object, str]]:
+        """The crop, resize and augmentation settings, and the evaluation crop."""
+        return [
             (0.0 <= self.scale_min <= 1.0,
              f"data.scale_min must be in (0, 1], or 0 for the data's default, got {self.scale_min}"),
             (0.0 < self.real_scale_min <= 1.0,
@@ -183,6 +220,11 @@ class DataConfig:
             (1 <= self.repeated_aug <= 64,
              f"data.repeated_aug must be 1 (off) to 64 copies per image, got {self.repeated_aug}"),
             (0.0 < self.eval_crop <= 1.0, f"data.eval_crop must be in (0, 1], got {self.eval_crop}"),
+        ]
+
+    def _loading_checks(self) -> list[tuple[object, str]]:
+        """Normalisation and the loading processes and threads."""
+        return [
             (len(self.mean) in (0, 3), f"data.mean needs 3 values or none, got {self.mean}"),
             (len(self.std) in (0, 3), f"data.std needs 3 values or none, got {self.std}"),
             (all(math.isfinite(m) for m in self.mean), f"data.mean values must be finite, got {self.mean}"),
@@ -192,10 +234,6 @@ class DataConfig:
             (self.decode_threads >= 0,
              f"data.decode_threads must be 0 (auto) or more, got {self.decode_threads}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-        parse_views(self.test_views)  # raises naming data.test_views
 
     def sized(self, side: int = BUILTIN_SIZE, frames: int = 1) -> DataConfig:
         """This config with its input shape decided: a given data.image_size / data.frames stays; a
