@@ -120,7 +120,7 @@ class Bench:
             cfg = records.apply_overrides(config.recipe(command, init=init, out=str(out)), common + overrides)
             cpu = time.process_time()
             with contextlib.redirect_stdout(io.StringIO()):  # the progress bar
-                result = engine.train(cfg, log=lambda *a, **kw: None).metrics
+                result = engine.train(cfg).metrics
             steps = json.loads((out / "final.json").read_text())["step"]
             # the config with its input shape decided (a data.image_size of 0 is the model's)
             self.runs[key] = Run(out, engine.settle(cfg), result, steps, time.process_time() - cpu)

@@ -117,7 +117,7 @@ def train_cell(param: str, shape: Shape, base: Shape, base_lr: float, args, root
     t0 = time.perf_counter()
     with depth_lr_exponent(shape.depth_lr_exponent), contextlib.redirect_stdout(None):
         try:
-            result = engine.train(cfg, log=lambda *a: None).metrics
+            result = engine.train(cfg).metrics
         except engine.StopTraining:
             result = {"val_loss": math.inf, "val_top1": 0.0}
     loss = result["val_loss"] if math.isfinite(result["val_loss"]) else math.inf

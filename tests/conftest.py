@@ -45,3 +45,27 @@ def trained(monkeypatch):
     done = engine.TrainResult(metrics={}, step=0, best=None)
     monkeypatch.setattr(engine, "train", lambda cfg, *args, **kwargs: seen.append(cfg) or done)
     return seen
+
+
+@pytest.fixture
+def logged():
+    """The lines vitscale logs (INFO and up, as the CLI shows them: a warning reads
+    "warning: ...") while the test runs, in order; clear() forgets those so far."""
+    import logging
+
+    from vitscale.common import logs
+
+    lines = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    logger, handler = logging.getLogger(logs.ROOT), Collect()
+    handler.setFormatter(logs.Prefix("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)

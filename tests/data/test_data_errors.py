@@ -141,7 +141,7 @@ def test_no_validation_trains_and_says_so(tmp_path, capsys):
     assert code == 0, err
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert "val_top1" not in final and final["step"] == 2
-    assert "no validation" in out
+    assert "no validation" in err  # a warning: on stderr
     assert (tmp_path / "run" / "best").is_dir()  # the latest checkpoint stands in for the best
     code = main(["eval", str(tmp_path / "run")])
     assert refused(code, capsys.readouterr().err, "val_fraction"), err
@@ -208,7 +208,7 @@ def test_an_empty_class_folder_is_dropped_with_a_warning(tmp_path, capsys):
     code, out, err = train(tmp_path, capsys, f"--data.path={data}", "--data.name=image-folder",
                            f"--data.val_path={val}")
     assert code == 0, err
-    assert any(line.startswith("warning:") and "empty" in line for line in out.splitlines()), out
+    assert any(line.startswith("warning:") and "empty" in line for line in err.splitlines()), err
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["model"]["num_classes"] == 2
 

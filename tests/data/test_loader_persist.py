@@ -103,7 +103,7 @@ def test_a_run_makes_one_loader_and_leaves_no_worker_behind(tmp_path, monkeypatc
     made = []
     real = engine.make_loader
     monkeypatch.setattr(engine, "make_loader", lambda *a, **k: made.append(a[1]) or real(*a, **k))
-    engine.train(_fast(tmp_path, "run"), log=lambda *a: None)
+    engine.train(_fast(tmp_path, "run"))
     assert len(made) == 1 and (made[0].step, made[0].end) == (0, 9)  # 3 epochs, one loader
     assert not multiprocessing.active_children()
 
@@ -111,7 +111,7 @@ def test_a_run_makes_one_loader_and_leaves_no_worker_behind(tmp_path, monkeypatc
 def test_a_stopped_run_leaves_no_worker_behind(tmp_path, monkeypatch):
     _stop_at(monkeypatch, 1)  # mid-epoch 1: the loader's workers are fetching ahead
     with pytest.raises(Interrupted, match="at step 2 of 9") as stopped:
-        engine.train(_fast(tmp_path, "cut"), log=lambda *a: None)
+        engine.train(_fast(tmp_path, "cut"))
     assert stopped.traceback and not multiprocessing.active_children()  # the traceback holds the run's frames
 
 
@@ -120,8 +120,8 @@ def test_a_run_stopped_with_workers_resumes_to_an_uninterrupted_ones_weights(tmp
     with monkeypatch.context() as m:
         _stop_at(m, 4)  # mid-epoch 2, after an evaluation
         with pytest.raises(Interrupted, match="at step 5 of 9"):
-            engine.train(_fast(tmp_path, "cut"), log=lambda *a: None)
-    engine.train(_fast(tmp_path, "cut"), log=lambda *a: None)
-    engine.train(_fast(tmp_path, "whole", "data.workers=0"), log=lambda *a: None)
+            engine.train(_fast(tmp_path, "cut"))
+    engine.train(_fast(tmp_path, "cut"))
+    engine.train(_fast(tmp_path, "whole", "data.workers=0"))
     a, b = (engine.checkpoint.load(engine.checkpoint.latest(tmp_path / r)).model for r in ("cut", "whole"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -26,7 +26,7 @@ FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "data.image_si
 
 def train(out, *overrides):
     cfg = records.apply_overrides(config.RunConfig(out=str(out)), FAST + list(overrides))
-    return cfg, engine.train(cfg, log=lambda *a: None).metrics
+    return cfg, engine.train(cfg).metrics
 
 
 def spy_sides(monkeypatch) -> list[int]:

@@ -115,9 +115,9 @@ def test_no_validation_asked_for_is_one_warning_of_what_is_missing(tmp_path, cap
     args = ["train", "--out", str(tmp_path / "run"), "--data.name=image-folder", f"--data.path={data}",
             "--data.val_fraction=0", *FAST]
     assert main(args) == 0
-    out = capsys.readouterr().out
-    said = [line for line in out.splitlines() if "no validation" in line]
-    assert len(said) == 1 and said[0].startswith("warning: ") and "best/" in said[0], out
+    err = capsys.readouterr().err  # a warning: on stderr
+    said = [line for line in err.splitlines() if "no validation" in line]
+    assert len(said) == 1 and said[0].startswith("warning: ") and "best/" in said[0], err
 
 
 def test_a_val_folder_keeps_validation_whatever_the_fraction(tmp_path):
@@ -176,11 +176,11 @@ def test_a_run_signalled_during_evaluation_keeps_its_last_checkpoint(tmp_path, m
 
     monkeypatch.setattr(evaluate, "indexed_outputs", outputs)
     with pytest.raises(Interrupted, match="SIGTERM during evaluation at step 8 of 12.*resume") as e:
-        engine.train(cfg, log=lambda *a: None)
+        engine.train(cfg)
     assert len(calls) == 16 + 2  # not one batch after the signal
     assert checkpoint.step_of(checkpoint.latest(tmp_path / "run")) == 4
     assert str(checkpoint.latest(tmp_path / "run")) in str(e.value)
-    final = engine.train(cfg, log=lambda *a: None).metrics
+    final = engine.train(cfg).metrics
     assert checkpoint.step_of(checkpoint.latest(tmp_path / "run")) == 12 and "val_top1" in final
 
 
@@ -197,6 +197,6 @@ def test_a_run_signalled_in_its_first_evaluation_says_it_starts_over(tmp_path, m
     with monkeypatch.context() as m:
         m.setattr(evaluate, "indexed_outputs", outputs)
         with pytest.raises(Interrupted, match="SIGINT during evaluation at step 2 of 2, no checkpoint yet"):
-            engine.train(cfg, log=lambda *a: None)
+            engine.train(cfg)
     assert checkpoint.latest(tmp_path / "run") is None
-    assert "val_top1" in engine.train(cfg, log=lambda *a: None).metrics
+    assert "val_top1" in engine.train(cfg).metrics

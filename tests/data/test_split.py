@@ -80,7 +80,7 @@ def test_real_data_holds_a_test_split_only_when_asked(tmp_path):
 def test_final_json_reports_the_final_weights_on_test(tmp_path):
     """final.json's test_* are the final weights' top-1 on the test split, computed here by hand."""
     cfg = apply_overrides(RunConfig(task="supervised", out=str(tmp_path / "r")), FAST + ["train.ema=0.5"])
-    result = engine.train(cfg, log=lambda *a: None).metrics
+    result = engine.train(cfg).metrics
     final = json.loads((tmp_path / "r" / "final.json").read_text())
     for key in ("test_top1", "test_top5", "test_loss", "ema_test_top1", "val_top1"):
         assert key in final and final[key] == result[key], key
@@ -102,7 +102,7 @@ def test_a_pretraining_run_reports_test_knn(tmp_path):
     small = ["train.max_steps=1", "model.depth=2", "mae.decoder_width=32", "mae.decoder_depth=1",
              "mae.decoder_heads=2"]
     cfg = apply_overrides(RunConfig(task="mae", out=str(tmp_path / "p")), FAST + small)
-    final = engine.train(cfg, log=lambda *a: None).metrics
+    final = engine.train(cfg).metrics
     assert {"knn_top1", "test_knn_top1", "test_loss"} <= set(final)
 
 

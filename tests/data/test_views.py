@@ -140,15 +140,15 @@ def test_built_in_data_has_one_distinct_view(dataset):
     assert distinct(dataset.__new__(dataset), 5, 3) == (1, 1)
 
 
-def test_every_view_of_a_generated_clip_is_the_eval_item():
+def test_every_view_of_a_generated_clip_is_the_eval_item(logged):
     tf = ClipTransform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # built-ins: eval_crop 1
     clips = MovingDigits(3, 0, list(range(50)), 16, 4, "digit", 1, 0, tf)  # exactly 4 frames, square
     for c, j in [(0, 0), (2, 1), (4, 2)]:
         assert torch.equal(clips.load(1, View(c, 5, j, 3))["x"], clips[1]["x"])
-    clips.item_shape, said = (3, 4, 16, 16), []
+    clips.item_shape = (3, 4, 16, 16)
     logits, _ = evaluate.view_scores(Linear(3 * 4 * 16 * 16, 10).predict, clips, (5, 3),
-                                     RunConfig(train=TrainConfig(batch=4)), dist.Dist(), said.append)
-    assert logits.shape == (3, 10) and "only 1x1" in said[0]  # one view scored, and the log says so
+                                     RunConfig(train=TrainConfig(batch=4)), dist.Dist())
+    assert logits.shape == (3, 10) and "only 1x1" in logged[0]  # one view scored, and the log says so
 
 
 def test_merged_scores_are_the_log_of_the_mean_softmax_per_item():

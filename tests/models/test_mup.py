@@ -242,7 +242,7 @@ def test_init_from_a_mup_run_into_sp_and_into_another_base(tmp_path):
         "train.batch=32", "train.max_steps=2", "train.threads=1", "train.knn_k=0", "data.image_size=16",
         "train.warmup_epochs=0", "model.param=mup", "model.base_width=32", "model.base_depth=2",
         "model.base_head_dim=16", "train.base_lr=0.05"])
-    engine.train(cfg, log=lambda *a: None)
+    engine.train(cfg)
     source = weights.read(tmp_path / "run")
     assert source.model.param == "mup" and source.model.base_width == 32
     mup_model, _ = weights.build(source)

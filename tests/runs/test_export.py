@@ -26,7 +26,7 @@ MAE = ["mae.decoder_width=32", "mae.decoder_depth=1", "mae.decoder_heads=2"]
 def trained(tmp_path, name, *overrides, task="supervised", init="", **fields):
     cfg = RunConfig(task=task, init=init, out=str(tmp_path / name), **fields)
     cfg = apply_overrides(cfg, FAST + list(overrides))
-    engine.train(cfg, log=lambda *a: None)
+    engine.train(cfg)
     return cfg.out
 
 

@@ -27,7 +27,7 @@ def runs(tmp_path_factory):
     for name, lr in (("a", "1e-3"), ("b", "3e-3")):
         cfg = RunConfig(task="supervised", out=str(root / name))
         cfg = apply_overrides(cfg, FAST + [f"train.base_lr={lr}"])
-        engine.train(cfg, log=lambda *a: None)
+        engine.train(cfg)
         out.append(str(root / name))
     return out
 
@@ -37,7 +37,7 @@ def weights(run) -> dict:
 
 
 def test_a_uniform_soup_of_one_run_is_that_run(runs, tmp_path):
-    result = soup.soup(runs[:1], str(tmp_path / "s"), device="cpu", log=lambda *a: None)
+    result = soup.soup(runs[:1], str(tmp_path / "s"), device="cpu")
     cooked, raw = weights(tmp_path / "s"), weights(runs[0])
     assert cooked.keys() == raw.keys() and all(torch.equal(cooked[k], raw[k]) for k in raw)
     alone = engine.evaluate_run(runs[0], device="cpu")  # what `vitscale eval RUN` says of it
@@ -48,7 +48,7 @@ def test_a_uniform_soup_of_one_run_is_that_run(runs, tmp_path):
 
 
 def test_a_uniform_soup_of_two_runs_is_their_mean(runs, tmp_path):
-    result = soup.soup(runs, str(tmp_path / "s"), device="cpu", log=lambda *a: None)
+    result = soup.soup(runs, str(tmp_path / "s"), device="cpu")
     a, b = weights(runs[0]), weights(runs[1])
     cooked = weights(tmp_path / "s")
     assert any(not torch.equal(a[k], b[k]) for k in a)  # two different ingredients
@@ -75,7 +75,7 @@ def test_greedy_admits_an_ingredient_only_if_val_does_not_fall():
 
 
 def test_the_greedy_soup_never_scores_below_its_best_ingredient_on_val(runs, tmp_path):
-    result = soup.soup(runs, str(tmp_path / "g"), use_greedy=True, device="cpu", log=lambda *a: None)
+    result = soup.soup(runs, str(tmp_path / "g"), use_greedy=True, device="cpu")
     best = max(r["val_top1"] for r in result["ingredients"])
     g = result["greedy"]
     assert g["val_top1"] >= best and result["saved"] == "greedy"

@@ -207,8 +207,8 @@ def test_slurm_without_sbatch_is_one_line_unless_the_local_executor_is_named(tmp
         assert "no Slurm here (sbatch not found)" in err and "cluster=local" in err, err
         assert not out.exists()
     with pytest.raises(UserError, match="no Slurm here"):
-        SlurmLauncher(tmp_path / "slurm", {}, 0, print)
-    named = SlurmLauncher(tmp_path / "slurm", {"cluster": "local"}, 0, print)
+        SlurmLauncher(tmp_path / "slurm", {}, 0)
+    named = SlurmLauncher(tmp_path / "slurm", {"cluster": "local"}, 0)
     assert named.executor.cluster == "local"
 
 
@@ -253,7 +253,7 @@ def test_slurm_jobs_values_come_back_as_json_never_a_pickle(tmp_path, monkeypatc
     monkeypatch.setattr(utils, "pickle_load", no_pickle)
     cfg = tiny(tmp_path, strategies=("d",), factors=(1,))
     trials = plan(cfg)
-    slurm = SlurmLauncher(tmp_path / "slurm", {"cluster": "local", "timeout_min": 5}, 0, print, 0.1)
+    slurm = SlurmLauncher(tmp_path / "slurm", {"cluster": "local", "timeout_min": 5}, 0, 0.1)
     got = {}
     slurm.map([("sizing", size_all, (cfg, trials, reference_compute(trials), 1),
                 tmp_path / "sizing.log")], got.__setitem__)

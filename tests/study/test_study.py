@@ -300,16 +300,16 @@ def test_the_mae_objective_probes_the_final_encoder_not_best(tmp_path, monkeypat
     pretrained = replace(trial.run, out=str(run_dir))
     seen = {}
 
-    def fake_train(cfg, log, d):
+    def fake_train(cfg, d):
         seen["init"], seen["scales"] = cfg.init, cfg.train.probe_scales
         return engine.TrainResult({"val_top1": 0.5}, 40, None)
 
     monkeypatch.setattr(engine, "train", fake_train)
     monkeypatch.setattr("vitscale.common.checkpoint.last_good", lambda d: d / "ckpt-00000040")
-    assert _probe(study, trial, pretrained, 0, print, None) == 0.5
+    assert _probe(study, trial, pretrained, 0, None) == 0.5
     assert seen["init"] == str(run_dir / "ckpt-00000040") and seen["scales"] == (1,)
     s2 = replace(study, recipes=("s2:train.probe_scales=1,2",))  # S² as a recipe: its trials' probes
-    assert _probe(s2, plan(s2)[1], pretrained, 0, print, None) == 0.5 and seen["scales"] == (1, 2)
+    assert _probe(s2, plan(s2)[1], pretrained, 0, None) == 0.5 and seen["scales"] == (1, 2)
 
 
 def test_the_leading_trials_are_chosen_on_validation_never_on_test():

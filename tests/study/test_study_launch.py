@@ -119,7 +119,7 @@ def _seed(name: str, acc: float, steps: int) -> SeedResult:
     return SeedResult(name, 0, pts, (replace(pts[0], annealed=False),), 1.0, 1000.0)
 
 
-def test_collect_reports_what_finished_and_names_what_did_not(tmp_path, monkeypatch, capsys):
+def test_collect_reports_what_finished_and_names_what_did_not(tmp_path, monkeypatch, capsys, logged):
     cfg = tiny(tmp_path)
     out = Path(cfg.out)
     out.mkdir()
@@ -131,9 +131,8 @@ def test_collect_reports_what_finished_and_names_what_did_not(tmp_path, monkeypa
         results.write(out / "trials" / name / "seed0" / "result.json", _seed(name, acc, 32))
     results.write(out / "trials" / "w-x2" / "trial.json", _sizing(32))  # sized, not trained
     monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("--collect trained"))
-    lines = []
-    summary = preview.collect(cfg, log=lines.append)
-    assert [x for x in lines if x.startswith("missing")] == ["missing: w-x2 (seed 0 has not finished)"]
+    summary = preview.collect(cfg)
+    assert [x for x in logged if x.startswith("missing")] == ["missing: w-x2 (seed 0 has not finished)"]
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == ["base", "d-x2"]
     assert summary.recommendation.measured_best.name == "d-x2"
@@ -173,15 +172,14 @@ def test_launcher_arguments_are_checked(tmp_path):
     assert launch_args.options("slurm", ("timeout_min=240", "slurm_partition=gpu")) == {"timeout_min": 240,
                                                                                    "slurm_partition": "gpu"}
     with pytest.raises(UserError, match="launcher_args are for --launcher slurm or ray"):
-        launch.launcher_for(tiny(tmp_path, launcher_args=("x=1",)), 1, print)
+        launch.launcher_for(tiny(tmp_path, launcher_args=("x=1",)), 1)
     if importlib.util.find_spec("submitit"):
         with pytest.raises(UserError, match="launcher arguments for slurm: unknown foo; known: cluster"):
-            launch.launcher_for(tiny(tmp_path, launcher="slurm", launcher_args=("cluster=local", "foo=1")), 1,
-                                print)
+            launch.launcher_for(tiny(tmp_path, launcher="slurm", launcher_args=("cluster=local", "foo=1")), 1)
     if importlib.util.find_spec("ray"):  # both refused before Ray starts
         for bad, match in (("foo=1", "unknown foo"), ("ranks=0", "ranks must be an integer of 1 or more")):
             with pytest.raises(UserError, match=match):
-                launch.launcher_for(tiny(tmp_path, launcher="ray", launcher_args=(bad,)), 1, print)
+                launch.launcher_for(tiny(tmp_path, launcher="ray", launcher_args=(bad,)), 1)
 
 
 @pytest.mark.slow
@@ -190,7 +188,7 @@ def test_a_study_on_submitits_local_executor_matches_the_local_one(tmp_path):
     pytest.importorskip("submitit")
     cfg = tiny(tmp_path, strategies=("d",), holdout=0, budget="epochs:1", launcher="slurm",
                launcher_args=("cluster=local", "timeout_min=5"))
-    study.run_study(cfg, log=print)
+    study.run_study(cfg)
     out = Path(cfg.out)
     tasks = [p for p in (out / "slurm").glob("*/*_submitted.pkl")]
     assert len(tasks) == 3  # the sizing job, then the trials' array (one job per task on the local executor)
@@ -206,7 +204,7 @@ def test_a_study_on_submitits_local_executor_matches_the_local_one(tmp_path):
         dest.parent.mkdir(parents=True)
         dest.write_text((out / "trials" / name / "trial.json").read_text())
     (Path(local.out) / "study.yaml").write_text(study.dump_study(local))  # a study's folder, as --out wants
-    study.run_study(local, log=print)
+    study.run_study(local)
     here = _trial_results(Path(local.out))
     for name in ("base", "d-x2"):
         assert remote[name]["accuracies"] == here[name]["accuracies"]  # CPU runs are deterministic
@@ -229,7 +227,7 @@ def _in_background(launcher, cfg, tmp_path):
 
 
 def _same_as_uninterrupted(cfg, result: engine.TrainResult, tmp_path) -> None:
-    plain = engine.train(replace(cfg, out=str(tmp_path / "plain")), print).metrics
+    plain = engine.train(replace(cfg, out=str(tmp_path / "plain"))).metrics
     scores = [k for k in plain if "top1" in k or "loss" in k]
     assert scores and {k: result.metrics[k] for k in scores} == {k: plain[k] for k in scores}
 
@@ -259,7 +257,7 @@ def test_a_preempted_or_killed_slurm_task_runs_again_and_ends_bit_for_bit(tmp_pa
 
     cfg = records.apply_overrides(config.recipe("train"), ["model.depth=2", "model.width=32", "model.heads=2",
                                                            "model.patch_size=4", *TINY, "train.epochs=4"])
-    slurm = SlurmLauncher(tmp_path / "slurm", {"cluster": "local", "timeout_min": 5}, 1, print, 0.1)
+    slurm = SlurmLauncher(tmp_path / "slurm", {"cluster": "local", "timeout_min": 5}, 1, 0.1)
     waiter, got, failed = _in_background(slurm, cfg, tmp_path)
     pid = _training(tmp_path / "run", time.time() + 60)
     os.kill(pid, signal.SIGUSR2)  # preempted: checkpoint, requeue
@@ -280,7 +278,7 @@ def test_a_study_on_a_local_ray_cluster(tmp_path, local_ray):
     --standalone; the sizing runs in the task alone."""
     cfg = tiny(tmp_path, strategies=("d",), holdout=0, budget="epochs:1", launcher="ray",
                launcher_args=("num_cpus=2", "ranks=2", "max_retries=2"))
-    study.run_study(cfg, log=print)
+    study.run_study(cfg)
     rows = _trial_results(Path(cfg.out))
     assert set(rows) == {"base", "d-x2"} and all(0 <= a <= 1 for r in rows.values() for a in r["accuracies"])
     log = (Path(cfg.out) / "trials" / "d-x2" / "seed0" / "log.txt").read_text()
@@ -297,7 +295,7 @@ def test_a_ray_task_whose_worker_dies_is_retried_and_resumes(tmp_path, local_ray
 
     cfg = records.apply_overrides(config.recipe("train"), ["model.depth=2", "model.width=32", "model.heads=2",
                                                            "model.patch_size=4", *TINY, "train.epochs=3"])
-    runner = launch.RayLauncher({"num_cpus": 1, "max_retries": 2}, 0, print)
+    runner = launch.RayLauncher({"num_cpus": 1, "max_retries": 2}, 0)
     missing = tiny(tmp_path, out=str(tmp_path / "nothing"))
     with pytest.raises(UserError, match="holds no study"):
         runner.map([("bad", preview.collect, (missing,), tmp_path / "bad.log")], lambda *a: None)
@@ -317,7 +315,7 @@ def test_a_slurm_job_of_two_tasks_trains_a_trial_on_two_ranks(tmp_path):
     pytest.importorskip("submitit")
     cfg = tiny(tmp_path, strategies=("d",), factors=(1, 2), holdout=0, budget="epochs:1", launcher="slurm",
                launcher_args=("cluster=local", "timeout_min=5", "tasks_per_node=2"))
-    study.run_study(cfg, log=print)
+    study.run_study(cfg)
     rows = _trial_results(Path(cfg.out))
     assert set(rows) == {"base", "d-x2"}
     log = (Path(cfg.out) / "trials" / "d-x2" / "seed0" / "log.txt").read_text()

@@ -170,7 +170,7 @@ def test_the_cli_refuses_a_missing_teacher_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_distilled_run_resumes_exactly_and_a_feature_run_starts_the_task_stage(tmp_path, capsys):
+def test_a_distilled_run_resumes_exactly_and_a_feature_run_starts_the_task_stage(tmp_path, capsys, logged):
     teacher = tmp_path / "teacher"
     assert main(["train", "--out", str(teacher), "--model", "mu/4", *[f"--{o}" for o in FAST]]) == 0
     run = tmp_path / "run"
@@ -188,17 +188,17 @@ def test_a_distilled_run_resumes_exactly_and_a_feature_run_starts_the_task_stage
 
     mae = ["mae.decoder_width=32", "mae.decoder_depth=1", "mae.decoder_heads=2"]
     pre = apply_overrides(RunConfig(task="mae", out=str(tmp_path / "mae")), FAST + mae)
-    engine.train(pre, log=lambda *a: None)
+    engine.train(pre)
     feature = apply_overrides(RunConfig(out=str(tmp_path / "feat")),
                               FAST + ["task=distill", f"distill.teacher={pre.out}", "distill.kind=feature"])
-    result = engine.train(feature, log=lambda *a: None).metrics
+    result = engine.train(feature).metrics
     assert {"val_loss", "knn_top1"} <= set(result) and "val_top1" not in result
-    lines = []
+    logged.clear()
     tuned = apply_overrides(RunConfig(task="finetune", init=feature.out, out=str(tmp_path / "ft")), FAST)
-    assert "val_top1" in engine.train(tuned, log=lines.append).metrics
+    assert "val_top1" in engine.train(tuned).metrics
     student = load_file(str(latest(tmp_path / "feat") / "model.safetensors"))
-    start = [x for x in lines if "encoder weights from" in x]
-    assert start and "left out: head.weight (class head dropped)" in start[0], lines  # the projection
+    start = [x for x in logged if "encoder weights from" in x]
+    assert start and "left out: head.weight (class head dropped)" in start[0], logged  # the projection
     assert not torch.equal(student["vit.blocks.0.attn.qkv.weight"],
                            ViT(STUDENT).state_dict()["blocks.0.attn.qkv.weight"])
     specific = ["distill", "--teacher", str(teacher), "--init", feature.out, "--out", str(tmp_path / "spec"),

@@ -215,7 +215,7 @@ def test_study_fields_from_flags_reach_the_study(tmp_path, monkeypatch):
     from vitscale.study import runner
 
     seen = []
-    monkeypatch.setattr(runner, "run_study", lambda s, only=None, log=print: seen.append(s))
+    monkeypatch.setattr(runner, "run_study", lambda s, only=None: seen.append(s))
     assert main(["study", "--out", str(tmp_path / "s"), "--leaders", "1", "--sweep-length", "0.25",
                  "--ahead", "3,30", "--probe-epochs", "5", "--decay-frac", "0.3", "--warmup", "0.1",
                  "--recipe", "mr:train.resolutions=12,16", "--lrs", "", "--train.base_lr=1e-3"]) == 0

@@ -124,7 +124,7 @@ def test_an_out_key_in_a_run_config_file_is_refused(tmp_path, trained, capsys):
 
 def test_an_out_key_in_a_study_file_is_refused(tmp_path, monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(runner, "run_study", lambda s, only=None, log=print: seen.append(s))
+    monkeypatch.setattr(runner, "run_study", lambda s, only=None: seen.append(s))
     path = write(tmp_path / "s.yaml", {"out": str(tmp_path / "elsewhere"), "seeds": 1})
     one_line_error(capsys, ["study", "--config", path], "does not say where a study goes", "--out DIR")
     assert seen == []
@@ -142,7 +142,7 @@ def test_a_runs_own_config_yaml_still_resumes_where_it_lies(tmp_path, trained):
 # ----------------------------------------------------------------------------- study
 def test_a_study_takes_its_defaults_then_the_file_then_flags(tmp_path, monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(runner, "run_study", lambda s, only=None, log=print: seen.append(s))
+    monkeypatch.setattr(runner, "run_study", lambda s, only=None: seen.append(s))
     path = write(tmp_path / "s.yaml", {"seeds": 1, "factors": [1.0, 2.0], "leaders": 1})
     assert main(["study", "--config", path, "--out", str(tmp_path / "st"), "--seeds", "3",
                  "--sweep-length", "0.25"]) == 0
@@ -211,7 +211,7 @@ def test_an_older_study_yaml_naming_out_continues_where_it_lies(tmp_path, monkey
     """A study.yaml in its own study directory (one with trials/) ignores an `out` an older
     vitscale saved; anywhere else the key is refused (above)."""
     seen = []
-    monkeypatch.setattr(runner, "run_study", lambda s, only=None, log=print: seen.append(s))
+    monkeypatch.setattr(runner, "run_study", lambda s, only=None: seen.append(s))
     home = tmp_path / "st"
     (home / "trials").mkdir(parents=True)
     path = write(home / "study.yaml", {"out": str(tmp_path / "elsewhere"), "seeds": 1})

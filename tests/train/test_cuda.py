@@ -103,9 +103,9 @@ def test_every_sdpa_kernel_equals_the_explicit_attention(backend, dtype, exact_f
     assert relative_error(got_grad, want_grad) < 2 * tol
 
 
-def train(out: Path, *overrides: str, device: str = "cuda", log=lambda *a: None) -> dict:
+def train(out: Path, *overrides: str, device: str = "cuda") -> dict:
     cfg = apply_overrides(RunConfig(out=str(out)), [*FAST, f"train.device={device}", *overrides])
-    return engine.train(cfg, log=log).metrics
+    return engine.train(cfg).metrics
 
 
 def rows(run_dir: Path, split: str = "train") -> list[dict]:
@@ -133,13 +133,12 @@ def test_fp16_trains_with_a_loss_scale_on_cuda(tmp_path):
 
 
 @pytest.mark.cuda
-def test_fp16_overflows_on_cuda_are_skipped_and_the_scale_halves(tmp_path, monkeypatch):
+def test_fp16_overflows_on_cuda_are_skipped_and_the_scale_halves(tmp_path, monkeypatch, logged):
     """At a scale of 2^100 every fp16 backward overflows: CUDA's found-inf check skips each update
     (the weights stay) and halves the scale; the run goes on."""
     monkeypatch.setattr(amp.Scaler, "init_scale", 2.0**100)
-    said = []
-    train(tmp_path / "over", "train.dtype=fp16", log=said.append)
-    assert sum("fp16 gradients overflowed; update skipped" in s for s in said) == 4
+    train(tmp_path / "over", "train.dtype=fp16")
+    assert sum("fp16 gradients overflowed; update skipped" in s for s in logged) == 4
     assert [r["loss_scale"] for r in rows(tmp_path / "over")] == [2.0**99, 2.0**98, 2.0**97, 2.0**96]
     first, last = weights(tmp_path / "over", 1), weights(tmp_path / "over", 4)
     assert all(torch.equal(first[k], last[k]) for k in first)

@@ -25,7 +25,7 @@ FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "data.image_si
 
 def run(out, *overrides, init=""):
     cfg = apply_overrides(RunConfig(out=str(out), init=init), FAST + list(overrides))
-    return cfg, engine.train(cfg, log=lambda *a: None).metrics
+    return cfg, engine.train(cfg).metrics
 
 
 def tensors(run_dir, step, name):

@@ -209,7 +209,7 @@ def test_a_training_run_sends_its_metrics_jsonl_rows_to_csv_and_tensorboard(tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = apply_overrides(RunConfig(out=str(tmp_path / "run")), [*FAST, "train.loggers=csv,tensorboard"])
-    result = engine.train(cfg, log=lambda *a: None).metrics
+    result = engine.train(cfg).metrics
     written = read_metrics(tmp_path / "run")
     with open(tmp_path / "run" / "metrics.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [r["step"] for r in written]
@@ -235,7 +235,7 @@ def test_a_missing_package_is_one_line_naming_its_extra_before_any_work(tmp_path
     monkeypatch.setattr(loggers, "installed", lambda module: False)
     cfg = apply_overrides(RunConfig(out=str(tmp_path / "run")), [*FAST, f"train.loggers=csv,{name}"])
     with pytest.raises(UserError, match=rf"pip install 'vitscale\[{extra}\]'") as e:
-        engine.train(cfg, log=lambda *a: None)
+        engine.train(cfg)
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
 
 

@@ -29,7 +29,7 @@ FAST = ["data.name=moving-digits", "data.frames=4", "data.image_size=16", "data.
 def train(out, *overrides):
     run = config.with_preset(config.RunConfig(out=str(out)), "pico/4-f4")
     cfg = records.apply_overrides(run, FAST + list(overrides))
-    return cfg, engine.train(cfg, log=lambda *a: None).metrics
+    return cfg, engine.train(cfg).metrics
 
 
 def test_each_shape_costs_about_a_base_step_and_the_last_stage_is_the_datas_shape():

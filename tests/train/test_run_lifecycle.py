@@ -76,9 +76,9 @@ def test_a_finished_run_run_again_prints_its_result_and_keeps_final_json(run, ca
     code, out, err = vitscale(capsys, "train", "--out", str(run), *FAST, "--json")
     assert code == 0, err
     metrics = {k: v for k, v in kept.items() if k not in ("step", "best")}
-    assert json.loads(out.strip().splitlines()[-1]) == metrics
+    assert json.loads(out) == metrics  # with --json, stdout holds the JSON alone; the log is on stderr
     assert json.loads(final.read_text()) == kept  # from the last evaluation, never without its metrics
-    assert (damage is None) == ("cannot be read" not in out)
+    assert (damage is None) == ("cannot be read" not in err)
 
 
 def test_a_kill_before_final_json_and_best_is_made_good_on_the_next_run(run, capsys):
@@ -159,7 +159,7 @@ def test_a_moved_study_continues_where_it_is(tmp_path, monkeypatch, capsys):
     (tmp_path / "made" / "trials" / "base").mkdir(parents=True)
     shutil.move(tmp_path / "made", tmp_path / "moved")
     seen = []
-    monkeypatch.setattr(runner, "run_study", lambda s, only=None, log=print: seen.append(s.out))
+    monkeypatch.setattr(runner, "run_study", lambda s, only=None: seen.append(s.out))
     assert vitscale(capsys, "study", "--config", str(tmp_path / "moved" / "study.yaml"))[0] == 0
     assert seen == [str(tmp_path / "moved")]
 
@@ -208,7 +208,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_newest_good_one(run, capsys
     DAMAGE[what](run / "ckpt-00000004")
     code, out, err = vitscale(capsys, "train", "--out", str(run), *FAST)
     assert code == 0, err
-    warning = next(line for line in out.splitlines() if line.startswith("warning:"))
+    warning = next(line for line in err.splitlines() if line.startswith("warning:"))  # warnings: stderr
     assert what in warning and "ckpt-00000004" in warning and f"using {run / 'ckpt-00000002'}" in warning
     assert f"resumed from {run / 'ckpt-00000002'}" in out
     assert same(weights(run / "ckpt-00000004"), end)  # trained again, bitwise as before
@@ -344,14 +344,14 @@ def _as(record, **change) -> str:
     (SEED, _as(SEED, seed="0")), (SEED, _as(SEED, trial="w-x2")), (SEED, _as(SEED, seed=5)),
     (SIZING, _as(SIZING, measured={})), (SIZING, _as(SIZING, steps=0)), (SIZING, b"\xff\xfe"),
 ])
-def test_a_damaged_study_record_is_run_again_with_a_warning(tmp_path, record, text):
-    path, said = tmp_path / "result.json", []
+def test_a_damaged_study_record_is_run_again_with_a_warning(tmp_path, record, text, logged):
+    path, said = tmp_path / "result.json", logged
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     expect = {"trial": "base", "seed": 0} if record is SEED else {}
-    assert results.finished(path, type(record), said.append, "running it again", **expect) is None
+    assert results.finished(path, type(record), "running it again", **expect) is None
     assert len(said) == 1 and said[0].startswith(f"warning: {path}") and said[0].endswith("running it again")
     results.write(path, record)
-    assert results.finished(path, type(record), said.append, "running it again", **expect) == record
+    assert results.finished(path, type(record), "running it again", **expect) == record
     assert len(said) == 1
 
 

@@ -23,7 +23,7 @@ STEPS_PER_EPOCH = 11
 
 def run(tmp_path, name, *overrides):
     cfg = apply_overrides(RunConfig(out=str(tmp_path / name)), TINY + list(overrides))
-    return engine.train(cfg, log=lambda *a: None).metrics
+    return engine.train(cfg).metrics
 
 
 def final_weights(run_dir):

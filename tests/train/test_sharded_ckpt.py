@@ -77,7 +77,7 @@ def test_a_sharded_checkpoint_reads_back_whole_and_restores_the_optimizer(tmp_pa
     ("shard", "is cut short"),
     ("state", "state.json cannot be read"),
 ])
-def test_a_damaged_sharded_checkpoint_is_passed_over(tmp_path, damage, said):
+def test_a_damaged_sharded_checkpoint_is_passed_over(tmp_path, damage, said, logged):
     save_tiny(tmp_path, 1)
     _, _, newest = save_tiny(tmp_path, 2, seed=1)
     shards = newest / "shards"
@@ -91,22 +91,20 @@ def test_a_damaged_sharded_checkpoint_is_passed_over(tmp_path, damage, said):
     else:
         (newest / "state.json").write_text('{"step": 2, "be')
     (tmp_path / "ckpt-00000003.tmp" / "shards").mkdir(parents=True)  # a save cut short: never read
-    warned = []
-    found = checkpoint.newest_good(tmp_path, warn=warned.append).path
+    found = checkpoint.newest_good(tmp_path).path
     assert found == checkpoint.at(tmp_path, 1)
-    assert len(warned) == 1 and said in warned[0] and str(newest) in warned[0], warned
+    assert len(logged) == 1 and said in logged[0] and str(newest) in logged[0], logged
     assert checkpoint.last_good(tmp_path) == checkpoint.at(tmp_path, 1)
 
 
-def test_a_shard_of_bad_bytes_is_passed_over(tmp_path):
+def test_a_shard_of_bad_bytes_is_passed_over(tmp_path, logged):
     save_tiny(tmp_path, 1)
     _, _, newest = save_tiny(tmp_path, 2, seed=1)
     part = next((newest / "shards").glob("*.distcp"))
     part.write_bytes(bytes(len(part.read_bytes())))  # its length, zeros: only reading it tells
     assert checkpoint.last_good(tmp_path) == newest  # the metadata alone looks whole
-    warned = []
-    assert checkpoint.newest_good(tmp_path, warn=warned.append).path == checkpoint.at(tmp_path, 1)
-    assert f"{newest / 'shards'} cannot be read" in warned[0], warned
+    assert checkpoint.newest_good(tmp_path).path == checkpoint.at(tmp_path, 1)
+    assert f"{newest / 'shards'} cannot be read" in logged[0], logged
 
 
 def test_a_full_disk_while_sharding_is_the_os_error_and_leaves_the_older_checkpoint(tmp_path, monkeypatch):
@@ -164,7 +162,7 @@ def test_fsdp_on_one_process_says_how_to_go_on_there(tmp_path):
     cfg = records.apply_overrides(config.recipe("train"), [a[2:] for a in [*ARGS, *SHARDED]])
     with pytest.raises(UserError, match=r"torchrun --nproc_per_node N, or on one process .*"
                                         r"--train.fsdp=false --train.sharded_ckpt=false") as e:
-        engine.train(config.replace(cfg, out=str(tmp_path / "run")), print)
+        engine.train(config.replace(cfg, out=str(tmp_path / "run")))
     assert "\n" not in str(e.value)
 
 

@@ -74,27 +74,25 @@ def test_a_lock_held_on_another_host_names_the_file_to_delete(tmp_path):
         lock.acquire(tmp_path / "run")
 
 
-def test_a_stale_lock_is_taken_over_with_a_note_and_given_back(tmp_path):
+def test_a_stale_lock_is_taken_over_with_a_note_and_given_back(tmp_path, logged):
     write_lock(tmp_path / "run", pid=dead_pid())
-    notes = []
-    with lock.held(tmp_path / "run", dist.Dist(), log=notes.append) as path:
+    with lock.held(tmp_path / "run", dist.Dist()) as path:
         assert json.loads(path.read_text())["pid"] == os.getpid()
-    assert len(notes) == 1 and "is gone; taking it over" in notes[0], notes
+    assert len(logged) == 1 and "is gone; taking it over" in logged[0], logged
     assert not (tmp_path / "run" / lock.NAME).exists()  # given back at the end
 
 
 def test_a_reused_pid_does_not_keep_a_lock(tmp_path):
     """A container restarted gives the new run the old run's PID: the start time tells them apart."""
     write_lock(tmp_path / "run", birth="1")  # this PID, but a process started at another time
-    lock.release(lock.acquire(tmp_path / "run", log=lambda *a: None))
+    lock.release(lock.acquire(tmp_path / "run"))
 
 
-def test_an_unreadable_lock_is_taken_over_with_a_note(tmp_path):
+def test_an_unreadable_lock_is_taken_over_with_a_note(tmp_path, logged):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / lock.NAME).write_text("{not json")
-    notes = []
-    lock.release(lock.acquire(tmp_path / "run", log=notes.append))
-    assert len(notes) == 1 and "could not be read; taking it over" in notes[0]
+    lock.release(lock.acquire(tmp_path / "run"))
+    assert len(logged) == 1 and "could not be read; taking it over" in logged[0]
 
 
 def test_ctrl_c_outside_training_is_one_line_and_exit_4(capsys, monkeypatch):
@@ -138,22 +136,22 @@ def _signal_at(monkeypatch, step: int, signum=signal.SIGTERM):
 def test_each_signal_ends_the_step_with_a_checkpoint(tmp_path, monkeypatch, signum):
     _signal_at(monkeypatch, 2, signum)
     with pytest.raises(Interrupted, match=f"{signal.Signals(signum).name} at step 2 of 6.*resume"):
-        engine.train(config(tmp_path, "cut"), log=lambda *a: None)
+        engine.train(config(tmp_path, "cut"))
     assert checkpoint.step_of(checkpoint.latest(tmp_path / "cut")) == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signals.received() is None
 
 
 def test_a_signalled_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     whole = config(tmp_path, "whole")
-    engine.train(whole, log=lambda *a: None)
+    engine.train(whole)
     cut = config(tmp_path, "cut")
     with monkeypatch.context() as m:
         _signal_at(m, 3)
         with pytest.raises(Interrupted, match="SIGTERM at step 3 of 6.*resume"):
-            engine.train(cut, log=lambda *a: None)
+            engine.train(cut)
     assert checkpoint.step_of(checkpoint.latest(tmp_path / "cut")) == 3
     assert not (tmp_path / "cut" / lock.NAME).exists()
-    engine.train(cut, log=lambda *a: None)
+    engine.train(cut)
     assert same(tensors(tmp_path / "whole"), tensors(tmp_path / "cut"))
 
 
@@ -162,7 +160,7 @@ def test_a_signal_at_an_epoch_end_evaluates_that_epoch_first(tmp_path, monkeypat
                  "train.max_steps=0", "train.epochs=2")  # 4 steps an epoch
     _signal_at(monkeypatch, 4)
     with pytest.raises(Interrupted, match="at step 4 of 8"):
-        engine.train(cut, log=lambda *a: None)
+        engine.train(cut)
     rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "val"] == [4] and (tmp_path / "cut" / "best").is_dir()
 
@@ -203,7 +201,7 @@ def test_a_signalled_cli_run_exits_4_in_one_line_and_resumes(tmp_path, capsys, s
     assert again == 0 and f"resumed from {checkpoint.at(tmp_path / 'run', step)}" in capsys.readouterr().out
 
 
-def _until_a_signal(seconds: float, log=print) -> str:
+def _until_a_signal(seconds: float) -> str:
     """A pool job that runs until a signal reaches its worker (as a training run checks each step)."""
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -216,7 +214,7 @@ def _until_a_signal(seconds: float, log=print) -> str:
 def test_a_signal_to_the_study_reaches_its_workers_and_stops_it(tmp_path):
     """`kill STUDY_PID` signals the study's process alone: it passes the signal on to its pool's
     workers, whose jobs stop, and the study raises Interrupted instead of waiting for them."""
-    runner = Runner(2, log=lambda *a: None)
+    runner = Runner(2)
     logs = [tmp_path / f"job{i}.txt" for i in range(3)]
 
     def signal_once_started():

@@ -20,7 +20,7 @@ FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "train.knn_k=5
 def run(tmp_path, name, *overrides, task="supervised", init=""):
     cfg = RunConfig(task=task, init=init, out=str(tmp_path / name))
     cfg = apply_overrides(cfg, FAST + list(overrides))
-    return cfg, engine.train(cfg, log=lambda *a: None).metrics
+    return cfg, engine.train(cfg).metrics
 
 
 def losses(cfg):
@@ -50,11 +50,11 @@ def test_a_finished_run_run_again_keeps_its_result(tmp_path):
     returns (and keeps) the final evaluation instead of writing one without metrics."""
     cfg, first = run(tmp_path, "done")
     final = tmp_path / "done" / "final.json"
-    again = engine.train(cfg, log=lambda *a: None).metrics
+    again = engine.train(cfg).metrics
     assert again == first and json.loads(final.read_text())["val_top1"] == first["val_top1"]
     final.unlink()  # as a kill right after the last checkpoint leaves it
     rows = losses(cfg)
-    again = engine.train(cfg, log=lambda *a: None).metrics
+    again = engine.train(cfg).metrics
     assert again["val_top1"] == first["val_top1"] and again["val_loss"] == pytest.approx(first["val_loss"])
     assert json.loads(final.read_text())["val_top1"] == first["val_top1"] and losses(cfg) == rows
 
@@ -65,7 +65,7 @@ def test_accumulation_keeps_the_effective_batch(tmp_path):
     assert losses(one) == pytest.approx(losses(two), rel=1e-5)
 
 
-def test_mae_pretrain_then_linear_probe_and_finetune(tmp_path):
+def test_mae_pretrain_then_linear_probe_and_finetune(tmp_path, logged):
     mae_overrides = ["mae.decoder_width=32", "mae.decoder_depth=1", "mae.decoder_heads=2"]
     pre, result = run(tmp_path, "mae", *mae_overrides, task="mae")
     assert {"val_loss", "knn_top1"} <= set(result)
@@ -78,11 +78,11 @@ def test_mae_pretrain_then_linear_probe_and_finetune(tmp_path):
             assert torch.equal(probe_state["vit." + k[len("mae.encoder."):]], v)
     _, result = run(tmp_path, "ft", "train.layer_decay=0.75", task="finetune", init=pre.out)
     assert "val_top1" in result
-    lines = []  # MAE's fine-tuning with mean pooling: a tiny new head, a fresh fc_norm
+    logged.clear()  # MAE's fine-tuning with mean pooling: a tiny new head, a fresh fc_norm
     cfg = apply_overrides(RunConfig(task="finetune", init=pre.out, out=str(tmp_path / "ftm")),
                           [*FAST, "model.pool=mean", "train.base_lr=0", "train.min_lr=0"])
-    engine.train(cfg, log=lines.append)
-    assert any("class head drawn with std 2e-05" in x and "fc_norm" in x for x in lines)
+    engine.train(cfg)
+    assert any("class head drawn with std 2e-05" in x and "fc_norm" in x for x in logged)
     state = load_file(str(latest(tmp_path / "ftm") / "model.safetensors"))
     assert torch.equal(state["vit.norm.weight"], torch.ones_like(state["vit.norm.weight"]))
     assert torch.equal(state["vit.norm.bias"], torch.zeros_like(state["vit.norm.bias"]))
@@ -106,7 +106,7 @@ def test_init_with_other_shapes_lists_the_keys(tmp_path):
         run(tmp_path, "dst2", task="finetune", init=str(tmp_path / "nothing"))
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, logged):
     real = tasks.Classifier.forward
     calls = {"n": 0}
 
@@ -119,12 +119,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     with pytest.raises(engine.StopTraining, match="step 3.*ckpt-00000002.*lower --train.base_lr"):
         run(tmp_path, "nan", "train.ckpt_every=2")
     monkeypatch.setattr(tasks.Classifier, "forward", real)
-    lines = []  # the advice works: the same run, a lower LR, resumes from the last good checkpoint
+    logged.clear()  # the advice works: the same run, a lower LR, resumes from the last good checkpoint
     lower = [*FAST, "train.ckpt_every=2", "train.base_lr=1e-4"]
     cfg = apply_overrides(RunConfig(out=str(tmp_path / "nan")), lower)
-    engine.train(cfg, log=lines.append)
-    assert any("changed recipe: train.base_lr" in x for x in lines)
-    assert any("resum" in x and "ckpt-00000002" in x for x in lines)
+    engine.train(cfg)
+    assert any("changed recipe: train.base_lr" in x for x in logged)
+    assert any("resum" in x and "ckpt-00000002" in x for x in logged)
     assert apply_overrides(RunConfig(), []).train.base_lr != 1e-4
     assert "0.0001" in (tmp_path / "nan" / "config.yaml").read_text()
     with pytest.raises(ValueError, match="another config.*train.epochs"):

@@ -27,7 +27,7 @@ import re
 import sys
 
 from vitscale.cli.parser import build_parser
-from vitscale.common import errors
+from vitscale.common import errors, logs
 from vitscale.common.errors import UserError
 
 __all__ = ["main"]
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser, args = build_parser(fields_for), None
     try:
         args, extra = parser.parse_known_args(argv)
+        # where stdout carries data (--json, predictions), what the library says goes to stderr
+        logs.setup(stderr=getattr(args, "json", False) or getattr(args, "command", None) == "predict")
         if extra and args.command not in TAKES_OVERRIDES:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command in (*TAKES_OVERRIDES, "eval"):

@@ -213,19 +213,15 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
 
     cfg = _study_config(args.config, args.fields, extra)
 
-    def to_stderr(message: str) -> None:  # with --json, stdout carries the summary alone
-        print(message, file=sys.stderr)
-
-    log = to_stderr if args.json else print
     if args.plan or args.collect:
         if args.trial or (args.plan and args.collect):
             raise UserError("--plan and --collect work on the whole study; give one, without --trial")
         if args.plan:
             plan = preview.describe(cfg)
             return tables.print_json(plan) if args.json else print("\n".join(preview.lines(plan)))
-        summary = preview.collect(cfg, log=log)
+        summary = preview.collect(cfg)
     else:
-        summary = runner.run_study(cfg, only=args.trial, log=log)
+        summary = runner.run_study(cfg, only=args.trial)
     if summary is None:
         return
     if args.json:
@@ -331,8 +327,7 @@ def cmd_soup(args: argparse.Namespace) -> None:
     # local: a slow import that only this command needs (keeps `vitscale models` quick)
     from vitscale.runs import soup
 
-    result = soup.soup(args.runs, args.out, use_greedy=args.greedy, device=args.device,
-                       log=lambda m: print(m, file=sys.stderr))
+    result = soup.soup(args.runs, args.out, use_greedy=args.greedy, device=args.device)
     if args.json:
         return tables.print_json(result)
     tables.console().print(soup.table(result))

@@ -29,6 +29,7 @@ newest that is whole. The number of ranks a checkpoint was written by is its RNG
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -45,6 +46,8 @@ from vitscale.common.errors import UserError
 from vitscale.common.io import fsync
 from vitscale.common.rng import rng_state, set_rng_state
 from vitscale.common.rundir import BEST
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "ckpt-"
 SHARDS = "shards"  # a sharded checkpoint's DCP directory
@@ -388,11 +391,12 @@ def _flat(model_state: dict, optim_tensors: dict) -> dict:
         f"optim/{k}": v for k, v in optim_tensors.items()}
 
 
-def newest_good(run_dir: Path, shapes: dict[str, torch.Size] | None = None, warn=None,
+def newest_good(run_dir: Path, shapes: dict[str, torch.Size] | None = None, warn: bool = True,
                 first: tuple[Path, ...] = (), whole: bool = True) -> Checkpoint | None:
     """The newest checkpoint of a run that `load` accepts (`first`, e.g. best/, before the rest),
-    as `load` gave it (`whole`: as load's); each one passed over is named to `warn` with what is
-    wrong with it. None where the run has none; Damaged where it has some and none is whole."""
+    as `load` gave it (`whole`: as load's); each one passed over is named in a warning (unless
+    not `warn`) with what is wrong with it. None where the run has none; Damaged where it has
+    some and none is whole."""
     problems = []
     for ckpt in [*(p for p in first if p.exists()), *reversed(checkpoints(run_dir))]:
         try:
@@ -401,7 +405,7 @@ def newest_good(run_dir: Path, shapes: dict[str, torch.Size] | None = None, warn
             problems.append(str(e))
             continue
         for problem in problems if warn else []:
-            warn(f"warning: {problem}; using {ckpt} instead")
+            logger.warning(f"{problem}; using {ckpt} instead")
         return loaded
     if problems:
         more = f" (and {len(problems) - 1} older one(s) cannot be used either)" if len(problems) > 1 else ""
@@ -414,7 +418,7 @@ def last_good(run_dir: Path) -> Path | None:
     """The newest whole checkpoint with finite weights (a sharded one's not read: its shards whole),
     or None (what a stopped run resumes from)."""
     try:
-        found = newest_good(run_dir, whole=False)
+        found = newest_good(run_dir, warn=False, whole=False)
     except Damaged:
         return None
     return found.path if found else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from vitscale.common import dist
 from vitscale.common.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 NAME = ".lock"
 
@@ -96,7 +99,7 @@ def _describe(holder: dict) -> str:
     return f"process {holder.get('pid')} on {holder.get('host')} (since {since})"
 
 
-def acquire(directory: Path, what: str = "directory", log=print) -> Path:
+def acquire(directory: Path, what: str = "directory") -> Path:
     """Take `directory`'s lock (creating the directory); UserError if another process holds it."""
     path = Path(directory) / NAME
     host = socket.gethostname()
@@ -116,8 +119,8 @@ def acquire(directory: Path, what: str = "directory", log=print) -> Path:
             raise UserError(f"{what} {str(directory)!r} is in use by {_describe(holder)}; wait for it to "
                              "finish (or stop it), or choose another --out")
         _remove_stale(path, holder)
-        log(f"{path}: its holder, {_describe(holder)}, is gone; taking it over" if holder else
-            f"{path} could not be read; taking it over")
+        logger.info(f"{path}: its holder, {_describe(holder)}, is gone; taking it over" if holder else
+                    f"{path} could not be read; taking it over")
     raise UserError(f"could not take the lock {path}: other processes keep taking it; "
                     "run one process per --out")
 
@@ -129,7 +132,7 @@ def release(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def held(directory: str | Path, d: dist.Dist, what: str = "directory", log=print):
+def held(directory: str | Path, d: dist.Dist, what: str = "directory"):
     """Hold `directory`'s lock for the block: rank 0 takes it (making the directory), every
     rank raises the same UserError if it could not. A directory this made and the block
     left empty is removed again (a run refused before it wrote anything leaves nothing)."""
@@ -140,7 +143,7 @@ def held(directory: str | Path, d: dist.Dist, what: str = "directory", log=print
     def take() -> Path:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            return acquire(directory, what, log)
+            return acquire(directory, what)
         except OSError as e:
             raise UserError(f"cannot write to {what} {str(directory)!r}: {e.strerror}; "
                              "choose another --out") from None

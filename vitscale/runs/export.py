@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -35,6 +34,8 @@ from vitscale.common.errors import UserError, optional
 from vitscale.common.rundir import RUN
 from vitscale.train.config import RunConfig
 from vitscale.train.rundir import Run, RunDir
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx",)
 OPSET = 18  # the opset torch.onnx's dynamo exporter targets natively
@@ -158,7 +159,7 @@ def export(run: str, to: str = "onnx", out: str | None = None, batch: str = "dyn
     cfg, ckpt, logits = opened.config, opened.checkpoint.path, classes > 0
     names, named = class_names(opened, classes)
     if not named:
-        print(f"note: {classnames.missing(run, classes)}", file=sys.stderr)
+        logger.warning(classnames.missing(run, classes))
     path = Path(out) if out else Path(run) / "model.onnx"
     if path.suffix != ".onnx":
         raise UserError(f"--out {str(path)!r} must end in .onnx")

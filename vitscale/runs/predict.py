@@ -16,9 +16,8 @@ sees its validation data, read by the same readers as training data. The weights
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable, Iterable, Iterator
+import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from vitscale.data.transforms import ClipTransform
 from vitscale.runs.export import class_names, predictor
 from vitscale.train.config import RunConfig
 
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadedRun:
@@ -128,24 +128,23 @@ def files_of(paths: Iterable[str | Path]) -> list[str]:
     return found
 
 
-def predict(run: LoadedRun, paths: Iterable[str | Path], top_k: int = 5, batch: int = 32,
-            warn: Callable[[str], None] | None = None) -> Iterator[Prediction]:
+def predict(run: LoadedRun, paths: Iterable[str | Path], top_k: int = 5,
+            batch: int = 32) -> Iterator[Prediction]:
     """The `top_k` most probable classes of each image and video file in `paths` (folders scanned),
     in order, `batch` files at a time; a file that cannot be read (or an image given to a video
-    model) is named by `warn` (default: stderr) and skipped. What is wrong with the run or the
+    model) is named in a warning and skipped. What is wrong with the run or the
     paths is refused (UserError) here, before any file is read."""
     if not run.logits:
         raise UserError(f"{run.path} holds a {run.config.task} run: its model has no classifier (it gives "
                          "features); fine-tune it (vitscale finetune --init RUN) to classify")
     if top_k < 1 or batch < 1:
         raise UserError(f"--top-k and --batch must be 1 or more, got {top_k} and {batch}")
-    return _predictions(run, files_of(paths), top_k, batch, warn or functools.partial(print, file=sys.stderr))
+    return _predictions(run, files_of(paths), top_k, batch)
 
 
-def _predictions(run: LoadedRun, files: list[str], top_k: int, batch: int,
-                 warn: Callable[[str], None]) -> Iterator[Prediction]:
+def _predictions(run: LoadedRun, files: list[str], top_k: int, batch: int) -> Iterator[Prediction]:
     for start in range(0, len(files), batch):
-        items = _read(run, files[start:start + batch], warn)
+        items = _read(run, files[start:start + batch])
         if not items:
             continue
         x = torch.stack([it["x"] for _, it in items]).to(run.device)  # [B, C, (T,) H, W]
@@ -156,8 +155,8 @@ def _predictions(run: LoadedRun, files: list[str], top_k: int, batch: int,
             yield Prediction(path, tuple((run.classes[i], v) for i, v in zip(k, p, strict=True)), tuple(k))
 
 
-def _read(run: LoadedRun, files: list[str], warn: Callable[[str], None]) -> list[tuple[str, dict]]:
-    """(file, item) of each readable file, in order; the others named by `warn`."""
+def _read(run: LoadedRun, files: list[str]) -> list[tuple[str, dict]]:
+    """(file, item) of each readable file, in order; the others named in a warning."""
     video = [_is_video(f) for f in files]
     readers = {kind: _reader(run, [f for f, v in zip(files, video, strict=True) if v == kind], kind)
                for kind in set(video)}
@@ -166,12 +165,12 @@ def _read(run: LoadedRun, files: list[str], warn: Callable[[str], None]) -> list
     for f, v in zip(files, video, strict=True):
         index, position[v] = position[v], position[v] + 1
         if not v and run.config.model.is_video:
-            warn(f"skipped {f}: an image, and this run's model takes clips of {run.config.model.frames} "
-                 "frames")
+            logger.warning(f"skipped {f}: an image, and this run's model takes clips of "
+                           f"{run.config.model.frames} frames")
             continue
         item = readers[v].load(index, None)
         if isinstance(item, Skipped):
-            warn(f"skipped {f}: cannot read it ({item.reason})")
+            logger.warning(f"skipped {f}: cannot read it ({item.reason})")
         else:
             items.append((f, item))
     return items

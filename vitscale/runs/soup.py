@@ -31,6 +31,7 @@ soup.json holds every ingredient's and soup's validation and test metrics.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from vitscale.data import build_datasets
 from vitscale.tasks import evaluate
 from vitscale.train.config import RunConfig
 from vitscale.train.rundir import RunDir
+
+logger = logging.getLogger(__name__)
 
 # What ingredients may set apart: training settings, not what the model or its data is.
 MODEL_MAY_DIFFER = {"drop_path"}
@@ -138,8 +141,7 @@ def greedy(order: Sequence[int], accuracy: Callable[[list[int]], float]) -> tupl
     return members, best, trace
 
 
-def soup(runs: Sequence[str], out: str, use_greedy: bool = False, device: str = "auto",
-         log=print) -> dict:
+def soup(runs: Sequence[str], out: str, use_greedy: bool = False, device: str = "auto") -> dict:
     """Cook the soup of `runs` into run directory `out`; returns what soup.json holds."""
     configs = _configs(runs, out)
     check(configs)
@@ -152,13 +154,13 @@ def soup(runs: Sequence[str], out: str, use_greedy: bool = False, device: str = 
             raise UserError(f"{runs[0]!r} has no validation data (data.val_fraction=0); a soup is chosen "
                              "on the validation split")
         if not len(test_set):
-            log("warning: the data holds no test split (data.test_path / data.test_fraction): soups are "
-                "reported on validation, which also chose them")
+            logger.warning("the data holds no test split (data.test_path / data.test_fraction): soups are "
+                           "reported on validation, which also chose them")
         module = tasks.build(base, info.num_classes)
         shapes = {k: v.shape for k, v in module.state_dict().items()}
         ingredients = [read(run, shapes) for run in runs]
         module.to(d.device)
-        ctx = evaluate.Context(base, train_set, val_set, info, d, log)
+        ctx = evaluate.Context(base, train_set, val_set, info, d)
 
         def metrics(state: dict[str, Tensor], test: bool = True) -> dict:
             module.load_state_dict(state)

@@ -11,6 +11,7 @@ SIGUSR1 stopping it at a checkpoint. A mistake of the user's (UserError) or a no
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -20,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from vitscale.common import dist, signals
+from vitscale.common import dist, logs, signals
 from vitscale.common.errors import StopTraining, UserError
 from vitscale.study import results
 from vitscale.study.results import SeedResult, Sizing, SweepPoint
 from vitscale.train.engine import TrainResult
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,8 @@ def run_job(fn, args: tuple, log_path: str | Path, threads: int):
             os.dup2(log_file.fileno(), 1)
             os.dup2(log_file.fileno(), 2)
             torch.set_num_threads(threads)
-            with signals.deferred():
-                return fn(*args, log=lambda *a, **k: print(*a, flush=True))
+            with signals.deferred(), logs.plain():
+                return fn(*args)
     except (UserError, StopTraining) as e:
         return Failed(type(e).__name__, str(e))
     finally:
@@ -146,8 +149,8 @@ def _rank(local: int, fn, args: tuple, log_path: str, threads: int, device: str,
 class Waiting:
     """Jobs submitted and not yet done, resubmitted up to `retries` times when they fail."""
 
-    def __init__(self, retries: int, log):
-        self.retries, self.log = retries, log
+    def __init__(self, retries: int):
+        self.retries = retries
         self.pending: dict = {}  # handle -> (name, job tuple, tries)
 
     def add(self, handle, name: str, job: tuple, tries: int = 0) -> None:
@@ -159,7 +162,7 @@ class Waiting:
         if error is not None:
             if tries >= self.retries:
                 raise StopTraining(f"{name} failed {tries + 1} times (last: {error}); its log: {job[3]}")
-            self.log(f"{name} failed ({error}); submitted again, its runs resume from their checkpoints")
+            logger.info(f"{name} failed ({error}); submitted again, its runs resume from their checkpoints")
             self.add(resubmit(job), name, job, tries + 1)
             return None
         if isinstance(value, Failed):

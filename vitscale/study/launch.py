@@ -20,6 +20,7 @@ launchers' arguments; `slurm` is the Slurm launcher; the Ray launcher is here.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +30,8 @@ from vitscale.study.jobs import Waiting, last_line, run_ranks
 from vitscale.study.launch_args import checked, cluster, options
 from vitscale.study.pool import Runner
 from vitscale.study.slurm import SlurmLauncher
+
+logger = logging.getLogger(__name__)
 
 
 class Launcher(Protocol):
@@ -51,16 +54,16 @@ def available(study) -> None:
         optional("ray", "ray", "--launcher ray")
 
 
-def launcher_for(study, workers: int, log, device: str = "auto") -> Launcher:
+def launcher_for(study, workers: int, device: str = "auto") -> Launcher:
     """The study's launcher (study.launcher, its launcher_args); jobs' logs stay in their runs.
     `device`: the runs' train.device (a Slurm job of several tasks puts rank r on cuda:r)."""
     opts = options(study.launcher, study.launcher_args)
     if study.launcher == "local":
-        return Runner(workers, log)
+        return Runner(workers)
     retries = opts.pop("retries", 2)
     if study.launcher == "slurm":
-        return SlurmLauncher(Path(study.out) / "slurm", opts, retries, log, device=device)
-    return RayLauncher(opts, retries, log, device=device)
+        return SlurmLauncher(Path(study.out) / "slurm", opts, retries, device=device)
+    return RayLauncher(opts, retries, device=device)
 
 
 # ----------------------------------------------------------------------------- ray
@@ -70,25 +73,25 @@ class RayLauncher:
 
     remote = True
 
-    def __init__(self, opts: dict, retries: int, log, device: str = "auto"):
+    def __init__(self, opts: dict, retries: int, device: str = "auto"):
         opts = checked("ray", opts)  # before Ray starts
         ray = optional("ray", "ray", "--launcher ray")
         self.ranks = opts.get("ranks", 1)
         if not ray.is_initialized():
             ray.init(address=opts.get("address"), log_to_driver=False)
         self.threads = int(opts.get("num_cpus", 1))
-        self.ray, self.log, self.retries, self.device = ray, log, retries, device
+        self.ray, self.retries, self.device = ray, retries, device
         self.remote_job = ray.remote(run_ranks).options(
             num_cpus=self.threads, num_gpus=opts.get("num_gpus", 0), max_retries=opts.get("max_retries", 3))
-        log(f"launcher ray: {self.threads} CPUs and {opts.get('num_gpus', 0)} GPUs a job"
-            + (f", {self.ranks} ranks a run" if self.ranks > 1 else ""))
+        logger.info(f"launcher ray: {self.threads} CPUs and {opts.get('num_gpus', 0)} GPUs a job"
+                    + (f", {self.ranks} ranks a run" if self.ranks > 1 else ""))
 
     def _submit(self, job: tuple):
         name, fn, args, path = job
         return self.remote_job.remote(fn, args, str(path), self.threads, self.ranks, self.device)
 
     def map(self, jobs: list[tuple], done) -> None:
-        waiting = Waiting(self.retries, self.log)
+        waiting = Waiting(self.retries)
         for j in jobs:
             waiting.add(self._submit(j), j[0], j)
         try:

@@ -7,6 +7,7 @@ Interrupted."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from vitscale.common import compat, signals
+from vitscale.common import compat, logs, signals
+
+logger = logging.getLogger(__name__)
 
 
 def _in_worker(fn, args: tuple, log_path: Path, threads: int):
@@ -25,7 +28,8 @@ def _in_worker(fn, args: tuple, log_path: Path, threads: int):
     os.dup2(log_file.fileno(), sys.stdout.fileno())
     os.dup2(log_file.fileno(), sys.stderr.fileno())
     torch.set_num_threads(threads)
-    return fn(*args, log=lambda *a, **k: print(*a, flush=True))
+    logs.setup(rich=False)  # a fresh process: its lines, plain, into its log file
+    return fn(*args)
 
 
 class Runner:
@@ -33,22 +37,23 @@ class Runner:
 
     remote = False  # launch.Launcher: jobs on this machine
 
-    def __init__(self, workers: int, log):
-        self.workers, self.log = workers, log
+    def __init__(self, workers: int):
+        self.workers = workers
         self.threads = max(1, torch.get_num_threads() // workers)
         self.pool = None
         if workers > 1:
             ctx = torch.multiprocessing.get_context("spawn")
             self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=signals.defer_forever)
-            log(f"{workers} workers x {self.threads} threads; each run logs to log.txt in its directory")
+            logger.info(f"{workers} workers x {self.threads} threads; each run logs to log.txt in its "
+                        "directory")
 
     def map(self, jobs: list[tuple], done) -> None:
         """Run (name, fn, args, log_path) jobs; done(name, value) as each finishes."""
         if self.pool is None or len(jobs) <= 1:
             for i, (name, fn, args, _) in enumerate(jobs, 1):
                 signals.check(f"before {name}")
-                self.log(f"[{i}/{len(jobs)}] {name}")
-                done(name, fn(*args, log=self.log))
+                logger.info(f"[{i}/{len(jobs)}] {name}")
+                done(name, fn(*args))
             return
         with signals.deferred(forward=self._pids):
             futures = {self.pool.submit(_in_worker, fn, args, path, self.threads): name

@@ -13,6 +13,7 @@ samples over the samples/s a trial's sizing measured, so it is known once the tr
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +36,14 @@ from vitscale.study.trials import (
 )
 from vitscale.train.flops import train_flops_per_sample
 
+logger = logging.getLogger(__name__)
+
 MEASURED = "measured when run"
 
 
 def _recorded(cfg: config.StudyConfig, trial: Trial) -> Sizing | None:
     """A trial's sizing as an earlier run of this study recorded it (trial.json), if whole."""
-    return results.finished(trial_dir(cfg, trial) / "trial.json", Sizing, lambda *a: None, "")
+    return results.finished(trial_dir(cfg, trial) / "trial.json", Sizing, f"shown as {MEASURED}")
 
 
 @dataclass(frozen=True)
@@ -252,7 +255,7 @@ def lines(p: dict) -> list[str]:
     return out
 
 
-def collect(cfg: config.StudyConfig, log=print):
+def collect(cfg: config.StudyConfig):
     """Analyse and report what has finished, training nothing: the summary.Summary, with the
     trials (seed 0) not finished named one line each, and what the analysis could not do with
     those that have (`skipped`). The study directory must exist; a bug's traceback goes there."""
@@ -263,27 +266,27 @@ def collect(cfg: config.StudyConfig, log=print):
         raise UserError(f"{cfg.out!r} holds no study (no study.yaml); run the study first or choose "
                          "another --out")
     errors.crash_dir(out)
-    with lock.held(out, dist.Dist(), "study directory", log):
-        sweep = runner.read_sweep(cfg, log)
+    with lock.held(out, dist.Dist(), "study directory"):
+        sweep = runner.read_sweep(cfg)
         lr = pick_lr(sweep).lr if sweep else None
         trials = plan(cfg, lr)
         sizes, seeds = {}, {}
         for t in trials:
-            sizes[t.name] = results.finished(trial_dir(cfg, t) / "trial.json", Sizing, log, "not used")
-            found = {k: runner._seed_result(cfg, t, k, log) for k in range(cfg.seeds)}
+            sizes[t.name] = results.finished(trial_dir(cfg, t) / "trial.json", Sizing, "not used")
+            found = {k: runner._seed_result(cfg, t, k) for k in range(cfg.seeds)}
             seeds[t.name] = {k: r for k, r in found.items() if isinstance(r, SeedResult)}
             if sizes[t.name] is None or 0 not in seeds[t.name]:
-                log(f"missing: {t.name} (seed 0 has not finished)")
+                logger.info(f"missing: {t.name} (seed 0 has not finished)")
         ready = [t for t in trials if sizes[t.name] is not None and 0 in seeds[t.name]]
         if not ready:
             raise UserError(f"no trial of {cfg.out!r} has finished yet; nothing to report")
-        log(f"collect: {len(ready)} of {len(trials)} trials finished"
-            + (f"; every trial trained at base_lr {lr:g}" if lr is not None else ""))
+        logger.info(f"collect: {len(ready)} of {len(trials)} trials finished"
+                    + (f"; every trial trained at base_lr {lr:g}" if lr is not None else ""))
         done = runner._write_results(cfg, ready, sizes, seeds)
         rows = [done[t.name] for t in ready]
         summary = analysis.summarize(cfg, rows, sweep)
         for line in skipped(summary):
-            log(line)
+            logger.info(line)
         report.write(out, summary, rows)
     return summary
 

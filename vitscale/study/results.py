@@ -14,11 +14,14 @@ checkpoints, so that costs little) or refuses with one line.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from vitscale.common import records
+
+logger = logging.getLogger(__name__)
 
 VERSION = 2  # 1: the untyped rows of the first study (mid-run curves, one seed, no sweep)
 
@@ -195,7 +198,7 @@ def read(path: Path, cls, version: int = VERSION):
     return records.read_json(path, cls, version)
 
 
-def finished(path: Path, cls, log, again: str, **expect):
+def finished(path: Path, cls, again: str, **expect):
     """The record of class `cls` a finished step of the study left at `path` (trial.json,
     result.json), or None: not there yet, or damaged, stale, or not the one `expect`ed (field
     values), which a warning names with what happens (`again`)."""
@@ -208,6 +211,6 @@ def finished(path: Path, cls, log, again: str, **expect):
         if wrong:
             raise StaleResult(f"{path} is of another run ({', '.join(wrong)})")
     except StaleResult as e:
-        log(f"warning: {e}; {again}")
+        logger.warning(f"{e}; {again}")
         return None
     return record

@@ -30,13 +30,14 @@ Budgets (the same for every trial):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from vitscale import tasks
-from vitscale.common import checkpoint, dist, errors, lock, records, rundir, signals
+from vitscale.common import checkpoint, dist, errors, lock, logs, records, rundir, signals
 from vitscale.common.errors import Interrupted, UserError
 from vitscale.common.io import atomic_write_text
 from vitscale.cost.complexity import cost
@@ -68,6 +69,8 @@ from vitscale.tasks.evaluate import test_name
 from vitscale.train import config, engine
 from vitscale.train.config import RunConfig
 from vitscale.train.metrics import read_metrics
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -107,13 +110,13 @@ def _point(fraction: float, steps: int, run: RunConfig, sizing: Sizing, final: d
                  final.get(loss), results.binomial_stderr(acc, sizing.val_samples), annealed)
 
 
-def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.Dist | None = None,
-             log=print) -> SeedResult | None:
+def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int,
+             d: dist.Dist | None = None) -> SeedResult | None:
     """One seed of a trial: the stable run, then a cooldown branch per fraction (seeds after the
     first: the full-length one only); result.json (rank 0: None on the others)."""
     out = trial_dir(study, trial) / f"seed{k}"
     done = out / "result.json"
-    found = _seed_result(study, trial, k, log)
+    found = _seed_result(study, trial, k)
     if found is not None:
         return found
     _same_hardware(study, f"trial {trial.name}", sizing, trial.run.train.device)
@@ -126,7 +129,7 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.D
 
     stable = run("stable", decay_frac=0.0, max_steps=max(s for _, _, s in plan_),
                  keep_steps=tuple(s for _, _, s in plan_))
-    engine.train(stable, log, d)
+    engine.train(stable, d)
     rows = engine_rows(Path(stable.out))
     rate = next((r["samples_per_s"] for r in reversed(rows)), sizing.measured["samples_per_s"])
     curve = tuple(_point(r["step"] / sizing.steps, r["step"], trial.run, sizing, r, rate, False)
@@ -135,8 +138,8 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.D
     for f, length, start in plan_:
         last = run(f"cool-{f:g}", decay_frac=study.decay_frac, max_steps=length,
                    branch_from=str(checkpoint.at(stable.out, start)))
-        points.append(_point(f, length, trial.run, sizing, engine.train(last, log, d).metrics, rate, True))
-    probe = _probe(study, trial, last, seed, log, d) if study.objective == "mae" else None
+        points.append(_point(f, length, trial.run, sizing, engine.train(last, d).metrics, rate, True))
+    probe = _probe(study, trial, last, seed, d) if study.objective == "mae" else None
     if d is not None and not d.main:
         return None
     result = SeedResult(trial.name, seed, tuple(points), curve, time.perf_counter() - t0, rate, probe)
@@ -144,9 +147,9 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.D
     return result
 
 
-def _seed_result(study: StudyConfig, trial: Trial, k: int, log) -> SeedResult | None:
+def _seed_result(study: StudyConfig, trial: Trial, k: int) -> SeedResult | None:
     """Seed k of a trial as its result.json has it, if it finished (and the file is whole)."""
-    return finished(trial_dir(study, trial) / f"seed{k}" / "result.json", SeedResult, log,
+    return finished(trial_dir(study, trial) / f"seed{k}" / "result.json", SeedResult,
                     "running that seed again (its runs resume from their checkpoints)",
                     trial=trial.name, seed=trial.run.train.seed + k)
 
@@ -156,7 +159,7 @@ def engine_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r.get("split") == "val"]
 
 
-def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, log,
+def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int,
            d: dist.Dist | None) -> float:
     """MAE objective: a linear probe of the full-length encoder, its final checkpoint (not best/,
     the best k-NN epoch: the budget counts every step); the probe is not counted in the budget."""
@@ -169,12 +172,12 @@ def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int, l
                     train=replace(probe.train, epochs=study.probe_epochs, seed=seed,
                                   probe_scales=trial.run.train.probe_scales,  # S² in a recipe
                                   device=trial.run.train.device, threads=trial.run.train.threads))
-    final = engine.train(probe, log, d).metrics
+    final = engine.train(probe, d).metrics
     return float(final[_reported(final, "val_top1")[0]])
 
 
-def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float, d: dist.Dist | None = None,
-                 log=print) -> SweepPoint:
+def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float,
+                 d: dist.Dist | None = None) -> SweepPoint:
     """One run of the learning-rate sweep: the base model at `lr` for sweep_length of its budget."""
     _same_hardware(study, f"the sweep's base at lr {lr:g}", sizing, base.run.train.device)
     steps = max(2, round(study.sweep_length * sizing.steps))
@@ -182,7 +185,7 @@ def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float, d: 
     cfg = _sized(run, study, steps, sizing.steps_per_epoch, run.train.seed,
                  Path(study.out) / SWEEP / f"lr-{lr:g}", decay_frac=study.decay_frac, max_steps=steps)
     t0 = time.perf_counter()
-    final = engine.train(cfg, log, d).metrics
+    final = engine.train(cfg, d).metrics
     acc = float(final.get(_metric(run), float("nan")))
     return SweepPoint(lr, steps, steps * run.train.batch * sizing.train_flops_per_sample, acc,
                       final.get("val_loss"), results.binomial_stderr(acc, sizing.val_samples),
@@ -223,7 +226,7 @@ def check_study_dir(out: str, base: RunConfig) -> None:
     rundir.check_out(out, "study", rundir.STUDY)
 
 
-def run_study(study: StudyConfig, only: str | None = None, log=print):
+def run_study(study: StudyConfig, only: str | None = None):
     """Size, sweep, train what is not finished, then analyse and report (rank 0): the
     summary.Summary, or None where this process only trained (`only`, ranks above 0).
 
@@ -233,12 +236,11 @@ def run_study(study: StudyConfig, only: str | None = None, log=print):
     launch.available(study)  # Slurm without sbatch, a launcher's package missing: before anything is written
     base = base_run(study)
     d = dist.setup(base.train.device)
-    log = log if d.main else (lambda *a, **k: None)
     where = Path(study.out) / (SWEEP if only == SWEEP else f"trials/{only}" if only else "")
     try:
         dist.on_main(d, lambda: check_study_dir(study.out, base))  # before the lock, the first write
-        with lock.held(where, d, "study directory", log), signals.deferred():
-            return _run_study(study, only, log, d)
+        with logs.quiet(not d.main), lock.held(where, d, "study directory"), signals.deferred():
+            return _run_study(study, only, d)
     except Interrupted as e:
         raise Interrupted(f"{e}; the study's finished runs are kept, its others checkpointed: to continue, "
                           f"run the same command again (or vitscale study --config {study.out}/study.yaml"
@@ -247,7 +249,7 @@ def run_study(study: StudyConfig, only: str | None = None, log=print):
         dist.teardown(d)
 
 
-def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
+def _run_study(study: StudyConfig, only: str | None, d: dist.Dist):
     from vitscale.study import report  # local: matplotlib loads only when a study reports
 
     out = dist.on_main(d, lambda: _prepare(study))
@@ -258,12 +260,13 @@ def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
     reference = reference_compute(trials)
     in_epochs = study.parsed_budget.in_epochs
     unit = f"; a base-model epoch is {reference:.3g} multiply-adds" if in_epochs else ""
-    log(f"study: {len(trials)} trials ({', '.join(names)}), budget {study.budget} per trial{unit}, "
-        f"{study.param}, cooldowns at {', '.join(f'{f:g}' for f in sorted(study.fractions))} of each budget")
+    cooldowns = ", ".join(f"{f:g}" for f in sorted(study.fractions))
+    logger.info(f"study: {len(trials)} trials ({', '.join(names)}), budget {study.budget} per trial{unit}, "
+                f"{study.param}, cooldowns at {cooldowns} of each budget")
     if study.launcher != "local" and d.enabled:
         raise UserError(f"--launcher {study.launcher} starts the study's jobs itself; run it without "
                          "torchrun")
-    runner = launcher_for(study, 1 if only or d.enabled else study.pool_size, log,
+    runner = launcher_for(study, 1 if only or d.enabled else study.pool_size,
                           base_run(study).train.device)
     try:
         wanted = trials if not only or only == SWEEP else [t for t in trials if t.name in ("base", only)]
@@ -274,11 +277,11 @@ def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
                        lambda name, got: sizes.update(got))
         for t in wanted:
             if t.name not in sizes:
-                sizes[t.name] = size_trial(study, t, reference, runner.threads, d, log)
+                sizes[t.name] = size_trial(study, t, reference, runner.threads, d)
             signals.check("while sizing the trials")
         one_hardware(study, sizes)
         base = _base(trials)
-        sweep = _sweep(study, base, sizes[base.name], runner, log, d, run=not only or only == SWEEP)
+        sweep = _sweep(study, base, sizes[base.name], runner, d, run=not only or only == SWEEP)
         if only == SWEEP:
             return None
         lr = pick_lr(sweep).lr if sweep else None
@@ -288,7 +291,7 @@ def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
             runner.map([_job(study, t, sizes[t.name], k, d) for t in trials for k in range(study.seeds)],
                        lambda name, r: None)
             return None
-        done = _collect(study, trials, sizes, runner, log, d)
+        done = _collect(study, trials, sizes, runner, d)
     finally:
         runner.close()
     if not d.main:
@@ -299,12 +302,12 @@ def _run_study(study: StudyConfig, only: str | None, log, d: dist.Dist):
     return summary
 
 
-def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Launcher, log, d: dist.Dist,
+def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Launcher, d: dist.Dist,
            run: bool) -> list[SweepPoint]:
     """The learning-rate sweep on the base model (resumable; skipped when lrs is empty)."""
     if not study.lrs:
         return []
-    points = read_sweep(study, log)
+    points = read_sweep(study)
     if points is not None:
         return points
     path = Path(study.out) / SWEEP / "sweep.json"
@@ -319,14 +322,14 @@ def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Launcher, lo
     if d.main:
         atomic_write_text(path, json.dumps([results.to_dict(p) for p in points], indent=2))
     best = pick_lr(points)
-    log("sweep: " + ", ".join(f"lr {p.lr:g} {100 * p.accuracy:.1f}%" for p in points)
-        + f"; every trial trains at base_lr {best.lr:g}")
+    logger.info("sweep: " + ", ".join(f"lr {p.lr:g} {100 * p.accuracy:.1f}%" for p in points)
+                + f"; every trial trains at base_lr {best.lr:g}")
     if best.lr in (min(study.lrs), max(study.lrs)) and len(study.lrs) > 2:
-        log(f"warning: the best learning rate {best.lr:g} is at the edge of the sweep; widen --lrs")
+        logger.warning(f"the best learning rate {best.lr:g} is at the edge of the sweep; widen --lrs")
     return points
 
 
-def read_sweep(study: StudyConfig, log) -> list[SweepPoint] | None:
+def read_sweep(study: StudyConfig) -> list[SweepPoint] | None:
     """The finished learning-rate sweep (sweep.json), [] with no lrs, None if not finished."""
     if not study.lrs:
         return []
@@ -338,7 +341,7 @@ def read_sweep(study: StudyConfig, log) -> list[SweepPoint] | None:
             if sorted(p.lr for p in points) == sorted(study.lrs):
                 return points
         except (OSError, ValueError, TypeError) as e:  # StaleResult, a cut file, not a list of records
-            log(f"warning: {path} cannot be read ({e}); running the sweep again (its runs resume)")
+            logger.warning(f"{path} cannot be read ({e}); running the sweep again (its runs resume)")
     return None
 
 
@@ -349,7 +352,7 @@ def _job(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.Dist)
 
 
 def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], runner: Launcher,
-             log, d: dist.Dist) -> dict[str, TrialResult]:
+             d: dist.Dist) -> dict[str, TrialResult]:
     """Seed 0 of every trial, then the other seeds of the leading trials; results.jsonl as they land."""
     seeds: dict[str, dict[int, SeedResult]] = {t.name: {} for t in trials}
     by_name = {t.name: t for t in trials}
@@ -359,8 +362,8 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
             return
         seeds[r.trial][r.seed - by_name[r.trial].run.train.seed] = r
         _write_results(study, trials, sizes, seeds)
-        log(f"{name.split(':')[0]}: accuracy {100 * r.final.accuracy:.1f}% "
-            f"(annealed: {', '.join(f'{100 * p.accuracy:.1f}' for p in r.points)}), {r.wall_s:.0f} s")
+        logger.info(f"{name.split(':')[0]}: accuracy {100 * r.final.accuracy:.1f}% "
+                    f"(annealed: {', '.join(f'{100 * p.accuracy:.1f}' for p in r.points)}), {r.wall_s:.0f} s")
 
     for phase in range(2):
         if phase == 1:
@@ -374,13 +377,13 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
             units = [(t, 0) for t in trials]
         jobs = []
         for t, k in units:
-            found = _seed_result(study, t, k, log)
+            found = _seed_result(study, t, k)
             if found is not None:
                 seeds[t.name][k] = found
                 continue
             jobs.append(_job(study, t, sizes[t.name], k, d))
         if len(jobs) < len(units):
-            log(f"{len(units) - len(jobs)} trial seeds finished before, not re-run")
+            logger.info(f"{len(units) - len(jobs)} trial seeds finished before, not re-run")
         runner.map(jobs, done)
     return _write_results(study, trials, sizes, seeds)
 

@@ -12,6 +12,7 @@ node by submitit): whoever can write that folder can run code as the study's job
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -22,6 +23,8 @@ from vitscale.common.errors import Interrupted, UserError, optional
 from vitscale.common.io import atomic_write_text
 from vitscale.study.jobs import Waiting, as_rank, decode, encode, last_line, run_job, takes_dist
 from vitscale.study.launch_args import checked, cluster
+
+logger = logging.getLogger(__name__)
 
 
 class SlurmTask:
@@ -91,7 +94,7 @@ class SlurmLauncher:
 
     remote = True
 
-    def __init__(self, folder: Path, opts: dict, retries: int, log, poll_s: float = 1.0,
+    def __init__(self, folder: Path, opts: dict, retries: int, poll_s: float = 1.0,
                  device: str = "auto", settle_s: float = 10.0):
         submitit = optional("submitit", "slurm", "--launcher slurm")
         opts = checked("slurm", opts)
@@ -103,9 +106,9 @@ class SlurmLauncher:
             self.executor.update_parameters(**opts)
         except (ValueError, TypeError, NameError) as e:
             raise UserError(f"launcher arguments for slurm: {str(e).strip().splitlines()[0]}") from None
-        self.log, self.poll_s, self.retries, self.device = log, poll_s, retries, device
+        self.poll_s, self.retries, self.device = poll_s, retries, device
         self.settle_s = settle_s
-        log(f"launcher slurm ({self.executor.cluster}): {opts}; submitit's logs in {folder}")
+        logger.info(f"launcher slurm ({self.executor.cluster}): {opts}; submitit's logs in {folder}")
 
     def _submit(self, job: tuple):
         name, fn, args, path = job
@@ -114,12 +117,12 @@ class SlurmLauncher:
     def map(self, jobs: list[tuple], done) -> None:
         if not jobs:
             return
-        waiting = Waiting(self.retries, self.log)
+        waiting = Waiting(self.retries)
         with self.executor.batch():  # one job array
             handles = [self._submit(j) for j in jobs]
         for h, j in zip(handles, jobs, strict=True):
             waiting.add(h, j[0], j)
-        self.log(f"submitted {len(jobs)} jobs: {', '.join(j[0].split(':')[0] for j in jobs)}")
+        logger.info(f"submitted {len(jobs)} jobs: {', '.join(j[0].split(':')[0] for j in jobs)}")
         try:
             while waiting.pending:
                 for h in [h for h in waiting.pending if h.done()]:

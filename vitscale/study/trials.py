@@ -4,6 +4,7 @@ trials of the backtest and the learning rate the sweep picks."""
 
 from __future__ import annotations
 
+import logging
 import math
 import platform
 from dataclasses import dataclass, replace
@@ -31,6 +32,8 @@ from vitscale.study.results import Sizing, SweepPoint, TrialResult, finished
 from vitscale.train import engine, optim
 from vitscale.train.config import RunConfig
 from vitscale.train.flops import sample_shapes, train_flops_per_sample
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -145,16 +148,16 @@ def trial_dir(study: StudyConfig, trial: Trial) -> Path:
 
 
 def size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int,
-               d: dist.Dist | None = None, log=print) -> Sizing:
+               d: dist.Dist | None = None) -> Sizing:
     """Measure the trial and give it its steps: trial.json, so a resumed trial keeps its length
     (a time budget depends on a measurement). Under torchrun rank 0 measures and tells the others
     (or tells them its error)."""
-    return dist.on_main(d or dist.Dist(), lambda: _size_trial(study, trial, reference, threads, log))
+    return dist.on_main(d or dist.Dist(), lambda: _size_trial(study, trial, reference, threads))
 
 
-def _size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int, log) -> Sizing:
+def _size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int) -> Sizing:
     path = trial_dir(study, trial) / "trial.json"
-    sizing = finished(path, Sizing, log, "measuring the trial again")
+    sizing = finished(path, Sizing, "measuring the trial again")
     if sizing is not None:
         return sizing
     run = trial.run
@@ -181,10 +184,9 @@ def _size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int
     return sizing
 
 
-def size_all(study: StudyConfig, trials: list[Trial], reference: float, threads: int,
-             log=print) -> dict[str, Sizing]:
+def size_all(study: StudyConfig, trials: list[Trial], reference: float, threads: int) -> dict[str, Sizing]:
     """Every trial sized in one process (a launcher's one job): one node measures them all."""
-    return {t.name: _size_trial(study, t, reference, threads, log) for t in trials}
+    return {t.name: _size_trial(study, t, reference, threads) for t in trials}
 
 
 def hardware(device: str = "auto") -> str:

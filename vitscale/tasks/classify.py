@@ -96,6 +96,6 @@ def metrics(module: nn.Module, ctx: evaluate.Context) -> dict:
     """val_top1, val_top5 (with more than 5 classes; else always 1) and val_loss of module.predict;
     over ctx.views test views, of each item's mean softmax (the loss: its negative log-likelihood).
     logits: [N, K], y: [N]."""
-    logits, y = evaluate.view_scores(module.predict, ctx.val_set, ctx.views, ctx.cfg, ctx.d, ctx.log)
+    logits, y = evaluate.view_scores(module.predict, ctx.val_set, ctx.views, ctx.cfg, ctx.d)
     top5 = {"val_top5": evaluate.top_k(logits, y, 5)} if logits.shape[1] > 5 else {}
     return {"val_top1": evaluate.top_k(logits, y, 1), **top5, "val_loss": float(F.cross_entropy(logits, y))}

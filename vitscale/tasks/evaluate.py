@@ -8,8 +8,8 @@ forward pass); padded duplicates are dropped before anything is counted.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ from vitscale.common.device import autocast
 from vitscale.common.errors import Interrupted, UserError
 from vitscale.data import DataInfo, close, make_loader, skipped_files
 from vitscale.data.views import Views, distinct, parse_views
+
+logger = logging.getLogger(__name__)
 
 
 def _shard(n: int, d: dist.Dist) -> list:
@@ -51,17 +53,17 @@ def _gather(d: dist.Dist, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def outputs(fn, dataset, cfg, d: dist.Dist, log=None) -> tuple[Tensor, Tensor]:
+def outputs(fn, dataset, cfg, d: dist.Dist) -> tuple[Tensor, Tensor]:
     """Run fn(x) over a dataset (eval transforms) -> (outputs, labels), gathered over ranks.
 
-    Unreadable files are left out and named through `log`; fn runs on every batch, even one
+    Unreadable files are left out and named in the log; fn runs on every batch, even one
     with no item left (B = 0: every rank takes part in every forward pass).
     """
-    return indexed_outputs(fn, dataset, cfg, d, log)[:2]
+    return indexed_outputs(fn, dataset, cfg, d)[:2]
 
 
 @torch.no_grad()
-def indexed_outputs(fn, dataset, cfg, d: dist.Dist, log=None) -> tuple[Tensor, Tensor, Tensor]:
+def indexed_outputs(fn, dataset, cfg, d: dist.Dist) -> tuple[Tensor, Tensor, Tensor]:
     """`outputs`, and each row's item index (rows are in rank order, not index order)."""
     micro = max(1, cfg.train.batch // (d.world * cfg.train.accum))
     batches = iter(make_loader(dataset, _shard(len(dataset), d), micro, cfg.data.workers, d.device.type))
@@ -78,8 +80,8 @@ def indexed_outputs(fn, dataset, cfg, d: dist.Dist, log=None) -> tuple[Tensor, T
             stop_if_signalled(d, signalled)
     finally:
         close(batches)  # its workers stop now, not when a traceback holding them is collected
-    if skipped and log:
-        log(f"evaluation: {skipped_files(skipped)}")
+    if skipped:
+        logger.info(f"evaluation: {skipped_files(skipped)}")
     out, y, index = (_gather(d, torch.cat(t)) for t in (outs, labels, indexes))
     if not len(y):
         raise UserError(f"none of the {len(dataset)} files to evaluate on could be read (the log names "
@@ -113,18 +115,18 @@ def merge_views(logits: Tensor, y: Tensor, item: Tensor, n: int) -> tuple[Tensor
     return (sums[seen].log() + top[seen] - count[seen, None].float().log()), labels[seen]
 
 
-def view_scores(fn, dataset, views: tuple[int, int], cfg, d: dist.Dist, log=None) -> tuple[Tensor, Tensor]:
+def view_scores(fn, dataset, views: tuple[int, int], cfg, d: dist.Dist) -> tuple[Tensor, Tensor]:
     """Class scores of `fn` (logits) per item of `dataset` over clips x crops test views ->
     ([N, K], [N] labels): the log of the mean softmax over the item's views; with one view that
     differs on the data (`data.views.distinct`), its plain logits (as `outputs`)."""
     clips, crops = distinct(dataset, *views)
-    if (clips, crops) != views and log:
-        log(f"data.test_views={views[0]}x{views[1]}: only {clips}x{crops} of them differ on this data, so "
-            f"{clips}x{crops} are scored (a generated clip is exactly data.frames long and square; an "
-            "image has one instant)")
+    if (clips, crops) != views:
+        logger.info(f"data.test_views={views[0]}x{views[1]}: only {clips}x{crops} of them differ on this "
+                    f"data, so {clips}x{crops} are scored (a generated clip is exactly data.frames long and "
+                    "square; an image has one instant)")
     if clips * crops == 1:
-        return outputs(fn, dataset, cfg, d, log)
-    logits, y, flat = indexed_outputs(fn, Views(dataset, clips, crops), cfg, d, log)
+        return outputs(fn, dataset, cfg, d)
+    logits, y, flat = indexed_outputs(fn, Views(dataset, clips, crops), cfg, d)
     return merge_views(logits, y, flat % len(dataset), len(dataset))
 
 
@@ -156,7 +158,6 @@ class Context:
     val_set: Dataset  # what is scored
     info: DataInfo
     d: dist.Dist
-    log: Callable | None = None  # names the unreadable files left out
     picture: Path | None = None  # where a task that draws its outputs draws them; None: nowhere
     views: tuple[int, int] = (1, 1)  # clips x crops a classifier's item is scored over (view_scores)
 

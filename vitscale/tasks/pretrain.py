@@ -47,11 +47,11 @@ def metrics(module: Pretrainer, ctx: evaluate.Context) -> dict:
     train.knn_k and labels, knn_top1; draws the first readable items' reconstructions."""
     # one row per sample holding its batch's mean loss: the mean over rows weights batches by size
     losses, _ = evaluate.outputs(lambda x: module(x, None).reshape(1).expand(x.shape[0]), ctx.val_set,
-                                 ctx.cfg, ctx.d, ctx.log)
+                                 ctx.cfg, ctx.d)
     result = {"val_loss": float(losses.mean())}
     if ctx.cfg.train.knn_k and ctx.info.num_classes > 1:
-        train_f, train_y = evaluate.outputs(module.predict, ctx.train_set, ctx.cfg, ctx.d, ctx.log)
-        val_f, val_y = evaluate.outputs(module.predict, ctx.val_set, ctx.cfg, ctx.d, ctx.log)
+        train_f, train_y = evaluate.outputs(module.predict, ctx.train_set, ctx.cfg, ctx.d)
+        val_f, val_y = evaluate.outputs(module.predict, ctx.val_set, ctx.cfg, ctx.d)
         result["knn_top1"] = evaluate.knn_top1(train_f, train_y, val_f, val_y, ctx.cfg.train.knn_k)
     if ctx.picture is not None:
         items = [it for it in map(ctx.val_set.__getitem__, range(min(32, len(ctx.val_set)))) if it][:8]

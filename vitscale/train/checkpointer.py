@@ -18,6 +18,7 @@ vitscale.common.checkpoint reads and writes the files; this module decides what 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from vitscale.train.amp import Scaler
 from vitscale.train.config import RunConfig, load_yaml
 from vitscale.train.ema import EMA
 from vitscale.train.steps import Plan
+
+logger = logging.getLogger(__name__)
 
 # Where a run lies and what it started from: no part of what it is once it has a checkpoint
 # (the weights carry them), so a run moved, or whose init moved, resumes.
@@ -50,7 +53,7 @@ BRANCH_MAY_DIFFER = {"out", "data.workers", *(f"train.{k}" for k in (
     "branch_from", "knn_k", "device", "threads", "fsdp", "sharded_ckpt"))}
 
 
-def prepare_run_dir(cfg: RunConfig, d: dist.Dist, log) -> Path:
+def prepare_run_dir(cfg: RunConfig, d: dist.Dist) -> Path:
     """Create the run directory; refuse one that holds a different run (but for RECOVERY fields,
     logged). A run's config.yaml is written when it starts, without `out`: a run directory is
     where it is, moved or copied. What the directory may be was checked before its lock was taken
@@ -73,7 +76,7 @@ def prepare_run_dir(cfg: RunConfig, d: dist.Dist, log) -> Path:
             raise UserError(f"{str(run_dir)!r} holds a run with another config ({'; '.join(refused[:3])}); "
                              f"resume it with --config {saved} or choose a new --out")
         if differ:
-            log(f"resuming with a changed recipe: {'; '.join(differ.values())}")
+            logger.info(f"resuming with a changed recipe: {'; '.join(differ.values())}")
         if not started or differ:
             atomic_write_text(saved, dump_yaml(cfg, leave_out=("out",)))
     dist.barrier(d)
@@ -107,10 +110,10 @@ class Checkpointer:
         lr: the LR of a step under this run's schedule, or under another config's (a parent's).
     """
 
-    def __init__(self, cfg: RunConfig, d: dist.Dist, run_dir: Path, log, *, module: torch.nn.Module,
+    def __init__(self, cfg: RunConfig, d: dist.Dist, run_dir: Path, *, module: torch.nn.Module,
                  opt: torch.optim.Optimizer, scaler: Scaler, ema: EMA | None, n_train: int,
                  plan_of: Callable[[RunConfig], Plan], lr: Callable[[int, RunConfig | None], float]):
-        self.cfg, self.d, self.run_dir, self.log = cfg, d, run_dir, log
+        self.cfg, self.d, self.run_dir = cfg, d, run_dir
         self.module, self.opt, self.scaler, self.ema = module, opt, scaler, ema
         self.n_train, self.plan_of, self.lr = n_train, plan_of, lr
 
@@ -136,7 +139,7 @@ class Checkpointer:
         started from train.branch_from if set (its best score is not inherited: the branch's
         best/ is its own); else (0, None), nothing restored."""
         shapes = {k: v.shape for k, v in self.module.state_dict().items()}
-        found = checkpoint.newest_good(self.run_dir, shapes, warn=self.log, whole=False)
+        found = checkpoint.newest_good(self.run_dir, shapes, whole=False)
         branch = found is None and bool(self.cfg.train.branch_from)
         if branch:
             found = self._parent(Path(self.cfg.train.branch_from), shapes)
@@ -147,7 +150,7 @@ class Checkpointer:
         if found.world != self.d.world:
             self._check_world(found.path, found.world)
         self._restore(found)
-        self.log(f"{'branched' if branch else 'resumed'} from {found.path} at step {found.step}")
+        logger.info(f"{'branched' if branch else 'resumed'} from {found.path} at step {found.step}")
         return found.step, None if branch else found.best
 
     def _parent(self, ckpt: Path, shapes: dict[str, torch.Size]) -> checkpoint.Checkpoint:
@@ -201,9 +204,9 @@ class Checkpointer:
                             f"items has other steps on {world} ranks than on {d.world} (the data is padded "
                             f"to a multiple of the ranks); resume on {world} ranks")
         fresh = f"; ranks {world}-{d.world - 1} seed their RNG from seed and step" if d.world > world else ""
-        self.log(f"resuming on {d.world} rank(s) a checkpoint {world} rank(s) wrote: the global batch "
-                 f"{t.batch} is kept (micro-batch {micro} -> {t.batch // (d.world * t.accum)}), the data "
-                 f"goes on from the same position{fresh}")
+        logger.info(f"resuming on {d.world} rank(s) a checkpoint {world} rank(s) wrote: the global batch "
+                    f"{t.batch} is kept (micro-batch {micro} -> {t.batch // (d.world * t.accum)}), the data "
+                    f"goes on from the same position{fresh}")
 
     def _check_branch(self, ckpt: Path, step: int) -> None:
         """A branch must be its parent's run continued: the same config but for BRANCH_MAY_DIFFER,

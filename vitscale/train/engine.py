@@ -18,6 +18,7 @@ import contextlib
 import errno
 import functools
 import json
+import logging
 import math
 import sys
 import time
@@ -29,7 +30,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from vitscale import tasks, weights
-from vitscale.common import checkpoint, classnames, dist, figures, lock, rundir, signals
+from vitscale.common import checkpoint, classnames, dist, figures, lock, logs, rundir, signals
 from vitscale.common.device import autocast
 from vitscale.common.errors import Interrupted, StopTraining, UserError
 from vitscale.common.io import atomic_write_text
@@ -49,15 +50,17 @@ from vitscale.train.loggers import check as check_loggers
 from vitscale.train.metrics import Metrics
 from vitscale.train.steps import Plan, Shape, reshape
 
+logger = logging.getLogger(__name__)
 
-def _init_weights(module: torch.nn.Module, cfg: RunConfig, task: tasks.Task, log) -> None:
+
+def _init_weights(module: torch.nn.Module, cfg: RunConfig, task: tasks.Task) -> None:
     """Start the encoder from --init weights in any format vitscale reads (vitscale.weights),
     then make the changes the task makes to them (fine-tuning: a tiny head, a fresh fc_norm)."""
     patterns = tuple(p.strip() for p in cfg.init_allow.split(",") if p.strip())
     report = weights.init_encoder(module.encoder, cfg.init, allow=patterns)
-    log(f"encoder weights from {cfg.init}: {report.summary()}")
+    logger.info(f"encoder weights from {cfg.init}: {report.summary()}")
     if task.after_init and (changed := task.after_init(module)):
-        log(f"{task.name}: " + "; ".join(changed))
+        logger.info(f"{task.name}: " + "; ".join(changed))
 
 
 def check_run_dir(cfg: RunConfig) -> Path:
@@ -80,18 +83,17 @@ class TrainResult:
     best: float | None
 
 
-def train(cfg: RunConfig, log=print, d: dist.Dist | None = None) -> TrainResult:
+def train(cfg: RunConfig, d: dist.Dist | None = None) -> TrainResult:
     """Run (or resume) a training job; returns its final evaluation. `d`: the ranks it runs on
     (when not given, set up from train.device and torn down at the end). One process (rank 0
     for all ranks) holds the run directory's lock; a signal stops it at a checkpoint
     (Interrupted)."""
     own = d is None
     d = dist.setup(cfg.train.device) if own else d
-    log = log if d.main else (lambda *a, **k: None)
     try:
         dist.on_main(d, lambda: check_run_dir(cfg))  # before the lock, the first thing written
-        with lock.held(cfg.out, d, "run directory", log), signals.deferred():
-            return Job(cfg, d, log).run()
+        with logs.quiet(not d.main), lock.held(cfg.out, d, "run directory"), signals.deferred():
+            return Job(cfg, d).run()
     except OSError as e:  # a full disk, wherever the run was writing (checkpoint, metrics, final.json)
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -106,7 +108,7 @@ def train(cfg: RunConfig, log=print, d: dist.Dist | None = None) -> TrainResult:
 class Job:
     """One run: the data, the task module, its optimizer and where it has got to."""
 
-    def __init__(self, cfg: RunConfig, d: dist.Dist, log):
+    def __init__(self, cfg: RunConfig, d: dist.Dist):
         t = cfg.train
         check_loggers(t.loggers)  # a logger's missing package stops the run before any work
         if t.threads:
@@ -116,16 +118,17 @@ class Job:
             warnings.simplefilter("always")
             self.train_set, self.val_set, self.test_set, self.info = build_datasets(cfg.data)
         cfg = resolve(cfg, info=self.info)
-        log(trains_at(cfg, self.info, (len(self.train_set), len(self.val_set), len(self.test_set))))
-        for line in [input_note(asked, cfg)] + [f"warning: {w.message}" for w in said]:
-            if line:
-                log(line)
+        logger.info(trains_at(cfg, self.info, (len(self.train_set), len(self.val_set), len(self.test_set))))
+        if note := input_note(asked, cfg):
+            logger.info(note)
+        for w in said:
+            logger.warning(str(w.message))
         if not len(self.val_set):
-            log("warning: no validation data (data.val_fraction=0): nothing is evaluated, best/ is the "
-                "latest checkpoint and final.json has no val_ metrics")
-        self.cfg, self.d, self.log, self.task = cfg, d, log, tasks.get(cfg.task)
+            logger.warning("no validation data (data.val_fraction=0): nothing is evaluated, best/ is the "
+                           "latest checkpoint and final.json has no val_ metrics")
+        self.cfg, self.d, self.task = cfg, d, tasks.get(cfg.task)
         self.task.check_data(self.info.num_classes)
-        self.run_dir = prepare_run_dir(cfg, d, log)
+        self.run_dir = prepare_run_dir(cfg, d)
         self.micro = t.batch // (d.world * t.accum)  # samples per rank per forward pass
         if self.micro * d.world * t.accum != t.batch:
             raise UserError(f"batch {t.batch} must be divisible by ranks x accum = {d.world * t.accum}")
@@ -145,11 +148,11 @@ class Job:
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.module = tasks.build(cfg, self.info.num_classes)
         if t.act_ckpt:
-            log(f"activation checkpointing: {checkpoint_blocks(self.module)} transformer blocks")
+            logger.info(f"activation checkpointing: {checkpoint_blocks(self.module)} transformer blocks")
         if cfg.init == "random":
-            log("encoder left at its random initialisation (--init random: a baseline)")
+            logger.info("encoder left at its random initialisation (--init random: a baseline)")
         elif cfg.init:
-            _init_weights(self.module, cfg, self.task, log)
+            _init_weights(self.module, cfg, self.task)
         torch.manual_seed(rank_seed(t.seed, d.rank))  # then each rank's own draws
         self.module.to(d.device)
         self.ema = EMA(self.module, t.ema) if t.ema else None  # from the initial weights, as they train
@@ -157,20 +160,21 @@ class Job:
         groups = optim.param_groups(self.module, t.weight_decay, t.layer_decay, cfg.model.depth)
         self.opt = optim.build(t.optimizer, groups, t.betas)
         self.scaler = amp.Scaler(t.dtype, d.device, sharded=t.fsdp)  # fp16's loss scale; else a plain step
-        self.ckpt = Checkpointer(cfg, d, self.run_dir, log, module=self.module, opt=self.opt,
+        self.ckpt = Checkpointer(cfg, d, self.run_dir, module=self.module, opt=self.opt,
                                  scaler=self.scaler, ema=self.ema, n_train=len(self.train_set),
                                  plan_of=self.plan_of, lr=self.lr)
         self.step, self.best = 0, None
         self.stopped: str | None = None  # the signal that stopped training, once one has
-        log(f"{cfg.task}: {sum(p.numel() for p in self.module.parameters()) / 1e6:.2f} M params on "
-            f"{d.device} x{d.world}; lr = base_lr {t.base_lr:g} x batch {t.batch} / 256 = {self.peak:.3g} "
-            f"(micro-batch {self.micro} x accum {t.accum} x ranks {d.world}); {self.total} steps, "
-            f"{self.warmup} warm-up, " + (f"wsd decay from step {optim.decay_start(self.total, t.decay_frac)}"
-                                          if t.schedule == "wsd" else "cosine"))
+        decay = (f"wsd decay from step {optim.decay_start(self.total, t.decay_frac)}" if t.schedule == "wsd"
+                 else "cosine")
+        logger.info(f"{cfg.task}: {sum(p.numel() for p in self.module.parameters()) / 1e6:.2f} M params on "
+                    f"{d.device} x{d.world}; lr = base_lr {t.base_lr:g} x batch {t.batch} / 256 = "
+                    f"{self.peak:.3g} (micro-batch {self.micro} x accum {t.accum} x ranks {d.world}); "
+                    f"{self.total} steps, {self.warmup} warm-up, {decay}")
         if d.main and classnames.write(self.run_dir, self.info.class_names):  # for predict, eval, export
-            log(f"classes ({self.info.num_classes}): {classnames.shown(self.info.class_names)} "
-                f"({self.run_dir / classnames.FILE})" if self.info.class_names else
-                f"no classes (unlabelled data): {self.run_dir / classnames.FILE} is []")
+            logger.info(f"classes ({self.info.num_classes}): {classnames.shown(self.info.class_names)} "
+                        f"({self.run_dir / classnames.FILE})" if self.info.class_names else
+                        f"no classes (unlabelled data): {self.run_dir / classnames.FILE} is []")
 
     def plan_of(self, cfg: RunConfig) -> Plan:
         """The steps of a run of `cfg` on this job's data and ranks (plan.py), made once."""
@@ -196,7 +200,7 @@ class Job:
         metrics = Metrics(self.run_dir, self.d.main, self.step, self.cfg.train.loggers)
         progress = Progress(TextColumn("{task.description}"), BarColumn(),
                             TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-                            TimeRemainingColumn(), disable=not self.d.main)
+                            TimeRemainingColumn(), console=logs.console(), disable=not self.d.main)
         result: dict = {}
         with progress, contextlib.closing(metrics), self.batches() as batches:
             bar = progress.add_task(self.cfg.task, total=self.total, completed=self.step, info="")
@@ -226,10 +230,10 @@ class Job:
         """A run at its end already: its final evaluation from final.json, or evaluated again (and
         best/ published if it is the best) where a kill came between the last checkpoint and
         final.json, or final.json was damaged."""
-        done = _read_final(self.run_dir / rundir.FINAL, self.step, self.log)
+        done = _read_final(self.run_dir / rundir.FINAL, self.step)
         if done is not None:
-            self.log(f"{self.run_dir} finished before: " + ", ".join(f"{k} {done[k]:.4g}" for k in _SHOWN
-                                                                      if k in done))
+            logger.info(f"{self.run_dir} finished before: " + ", ".join(f"{k} {done[k]:.4g}" for k in _SHOWN
+                        if k in done))
             return TrainResult(done, self.step, self.best)
         result = self.evaluate(math.ceil(self.plan.epochs_done(self.step)))
         result |= self.test()
@@ -300,7 +304,7 @@ class Job:
             batch = next(batches)
             window["wait"] += time.perf_counter() - tw
             if batch["skipped"]:
-                self.log(f"step {self.step + 1}: {skipped_files(batch['skipped'])}")
+                logger.info(f"step {self.step + 1}: {skipped_files(batch['skipped'])}")
             empty = not len(batch["y"])  # B = 0: the pass keeps ranks in step; it learns nothing
             x = batch["x"].to(d.device, non_blocking=True)
             y = batch["y"].to(d.device, non_blocking=True)
@@ -316,7 +320,7 @@ class Job:
         loss_sum, counted = dist.mean(d, both).tolist()  # (their ratio is the mean over ranks)
         if not counted:
             self.opt.zero_grad(set_to_none=True)
-            self.log(f"step {self.step + 1}: no file of its batch could be read: no update")
+            logger.info(f"step {self.step + 1}: no file of its batch could be read: no update")
             return None
         loss = loss_sum / counted
         if not math.isfinite(loss):
@@ -329,8 +333,8 @@ class Job:
         stepped = self.scaler.step(self.opt, self.module.parameters(), t.clip_grad)
         self.opt.zero_grad(set_to_none=True)
         if not stepped:
-            self.log(f"step {self.step + 1}: fp16 gradients overflowed; update skipped, loss scale now "
-                     f"{self.scaler.scale:g}")
+            logger.info(f"step {self.step + 1}: fp16 gradients overflowed; update skipped, loss scale now "
+                        f"{self.scaler.scale:g}")
             if self.scaler.broken:
                 raise StopTraining(f"fp16 gradients are not finite at any loss scale (down to "
                                    f"{self.scaler.scale:g}) at step {self.step}; the last good checkpoint is "
@@ -361,7 +365,7 @@ class Job:
     def evaluate(self, epoch: int) -> dict:
         """The trained weights' metrics after epoch `epoch` (1-based), and with train.ema the
         moving average's beside them, prefixed ema_ (ema_val_top1 ...)."""
-        ctx = evaluate.Context(self.cfg, self.train_set, self.val_set, self.info, self.d, self.log,
+        ctx = evaluate.Context(self.cfg, self.train_set, self.val_set, self.info, self.d,
                                self.run_dir / f"recon-epoch{epoch:03d}.png")
         with self.evaluating():
             with parallel.unsharded(self.module):
@@ -374,7 +378,7 @@ class Job:
     def test(self) -> dict:
         """The final weights' metrics on the test split, named test_* (with train.ema the moving
         average's too, ema_test_*): reported in final.json beside val's, never selected on."""
-        ctx = evaluate.Context(self.cfg, self.train_set, self.val_set, self.info, self.d, self.log)
+        ctx = evaluate.Context(self.cfg, self.train_set, self.val_set, self.info, self.d)
         with self.evaluating():
             with parallel.unsharded(self.module):
                 result = evaluate.evaluate_test(self.task, self.module, ctx, self.test_set)
@@ -382,8 +386,8 @@ class Job:
                 result |= evaluate.evaluate_test(self.task, self.ema.module, ctx, self.test_set,
                                                  prefix="ema_")
         if result:
-            self.log(f"test ({len(self.test_set)} items, final weights): "
-                     + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+            logger.info(f"test ({len(self.test_set)} items, final weights): "
+                        + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
         return result
 
     def end_epoch(self, window: dict, metrics: Metrics) -> dict:
@@ -398,7 +402,7 @@ class Job:
         util = mfu.mfu(row["samples_per_s"] / self.d.world, self.macs, self.peak_tflops)
         row |= {"mfu": util} if util is not None else {}
         metrics.log(row)
-        self.log(f"epoch {epoch}: " + ", ".join(f"{k} {row[k]:.4g}" for k in _SHOWN if k in row))
+        logger.info(f"epoch {epoch}: " + ", ".join(f"{k} {row[k]:.4g}" for k in _SHOWN if k in row))
         score = self.task.score(result)  # None without validation data: the latest is the best
         improved = score is None or self.best is None or score > self.best
         self.best = score if improved else self.best
@@ -446,7 +450,7 @@ def evaluate_run(run: str, device: str = "auto", test_views: str = "", resolutio
             raise UserError(f"{run!r} has no checkpoint yet")
         module.load_state_dict(found.model)
         module.to(d.device)
-        ctx = evaluate.Context(cfg, train_set, val_set, info, d, warn, run_dir / "recon-epoch000.png")
+        ctx = evaluate.Context(cfg, train_set, val_set, info, d, picture=run_dir / "recon-epoch000.png")
         result = evaluate.evaluate(task, module, ctx) | evaluate.evaluate_test(task, module, ctx, test_set)
         if found.ema is not None:  # a run with train.ema: its moving average beside it
             module.load_state_dict(found.ema)
@@ -457,7 +461,7 @@ def evaluate_run(run: str, device: str = "auto", test_views: str = "", resolutio
         dist.teardown(d)
 
 
-def _read_final(path: Path, step: int, log) -> dict | None:
+def _read_final(path: Path, step: int) -> dict | None:
     """The metrics final.json holds for optimizer step `step`, or None: missing, of another step,
     or damaged (then a warning names it)."""
     if not path.is_file():
@@ -468,7 +472,7 @@ def _read_final(path: Path, step: int, log) -> dict | None:
                                                  if v is not None):
             raise ValueError("not a mapping of metrics")
     except (OSError, ValueError) as e:  # a cut or garbled file (JSONDecodeError, UnicodeDecodeError)
-        log(f"warning: {path} cannot be read ({e}); evaluating the last checkpoint again")
+        logger.warning(f"{path} cannot be read ({e}); evaluating the last checkpoint again")
         return None
     return {k: v for k, v in done.items() if k not in ("step", "best")} if done.get("step") == step else None
 

@@ -6,15 +6,12 @@
     RUN/metrics.jsonl    RUN/final.json   what it measured
 
 `RunDir(path).open()` is what is done with a run that has trained (eval, export, predict, soup)
-starts from: its config, its newest good checkpoint (best/ first, each one passed over named on
-stderr), its class names. What the directory lacks is refused in one line.
+starts from: its config, its newest good checkpoint (best/ first, each one passed over named in
+a warning), its class names. What the directory lacks is refused in one line.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,24 +64,21 @@ class RunDir:
                             "`vitscale train` / pretrain / finetune wrote")
         return load_yaml(self.config_file)
 
-    def checkpoint(self, shapes: dict[str, torch.Size] | None = None,
-                   warn: Callable[[str], None] | None = None) -> Checkpoint | None:
+    def checkpoint(self, shapes: dict[str, torch.Size] | None = None) -> Checkpoint | None:
         """The best checkpoint where it is whole, else the newest whole one (each one passed over named
-        to `warn`, default stderr; `shapes`: the model's, checked); None where the run has none yet,
+        in a warning; `shapes`: the model's, checked); None where the run has none yet,
         checkpoint.Damaged where it has some and none is whole."""
-        warn = warn or functools.partial(print, file=sys.stderr)
-        return checkpoint.newest_good(self.path, shapes, warn, first=(self.best,))
+        return checkpoint.newest_good(self.path, shapes, first=(self.best,))
 
     def classes(self, count: int) -> tuple[tuple[str, ...], bool]:
         """(the names of the run's `count` classes, whether it saved them): vitscale.common.classnames."""
         return classnames.read(self.path, count)
 
-    def open(self, shapes: dict[str, torch.Size] | None = None,
-             warn: Callable[[str], None] | None = None) -> Run:
+    def open(self, shapes: dict[str, torch.Size] | None = None) -> Run:
         """The run's config, newest good checkpoint (see `checkpoint`) and class names (those of its
         config's model.num_classes); a directory with no config or no checkpoint is refused."""
         cfg = self.config()
-        found = self.checkpoint(shapes, warn)
+        found = self.checkpoint(shapes)
         if found is None:
             raise UserError(f"{str(self.path)!r} has no checkpoint yet; train it first")
         names, named = self.classes(cfg.model.num_classes)

@@ -36,7 +36,6 @@ the run's model for --init), else the standard count for the width, reported as 
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -146,7 +145,7 @@ def _export_dir(directory: Path) -> Source:
 def _run_dir(run_dir: Path) -> Source:
     """A vitscale run: its best checkpoint, else its newest whole one (a damaged one passed over
     with a warning), with the run's config."""
-    found = newest_good(run_dir, warn=lambda m: print(m, file=sys.stderr), first=(run_dir / rundir.BEST,))
+    found = newest_good(run_dir, first=(run_dir / rundir.BEST,))
     if found is None:
         raise UserError(f"{str(run_dir)!r} holds no checkpoint to start from")
     path = _weights_file(found.path)
