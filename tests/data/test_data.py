@@ -474,3 +474,14 @@ def test_cluttered_worker_processes_render_the_same_items():
     keys = sampler.keys()[:16]
     assert torch.equal(batch["x"], torch.stack([train[k]["x"] for k in keys]))
     assert batch["y"].tolist() == [train[k]["y"] for k in keys]
+
+
+def test_the_digits_read_from_their_file_are_scikit_learns_own():
+    """sklearn_digits reads scikit-learn's digits.csv.gz without importing scikit-learn (its import
+    is slow); what it reads is load_digits's, bit for bit."""
+    from sklearn.datasets import load_digits
+
+    images, labels = sklearn_digits()
+    d = load_digits()
+    assert torch.equal(images, torch.from_numpy(d.images / 16.0).float())
+    assert torch.equal(labels, torch.from_numpy(d.target).long()) and images.shape == (1797, 8, 8)
