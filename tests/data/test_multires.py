@@ -17,6 +17,7 @@ from vitscale.common.checkpoint import at
 from vitscale.common.errors import UserError
 from vitscale.data.multires import resize, side_at
 from vitscale.models.vit import PatchEmbed, ViT, ViTConfig
+from vitscale.runs.evaluate import evaluate_run
 from vitscale.train import config, engine
 
 FAST = ["train.batch=32", "train.max_steps=4", "train.threads=1", "data.image_size=16", "model.patch_size=4",
@@ -100,8 +101,8 @@ def test_a_multires_run_killed_mid_epoch_resumes_bitwise(tmp_path):
 
 def test_eval_at_another_resolution_feeds_the_data_at_that_side(tmp_path, monkeypatch, capsys):
     cfg, result = train(tmp_path / "r", "train.ckpt_every=0")
-    same = engine.evaluate_run(cfg.out, device="cpu", resolution=16)
-    assert same == engine.evaluate_run(cfg.out, device="cpu")  # the trained side: the plain evaluation
+    same = evaluate_run(cfg.out, device="cpu", resolution=16)
+    assert same == evaluate_run(cfg.out, device="cpu")  # the trained side: the plain evaluation
     seen, _ = spy_sides(monkeypatch), capsys.readouterr()
     assert main(["eval", cfg.out, "--device", "cpu", "--resolution", "24", "--json"]) == 0
     assert 0 <= json.loads(capsys.readouterr().out)["val_top1"] <= 1 and set(seen) == {24}

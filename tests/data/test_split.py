@@ -13,6 +13,7 @@ from vitscale.common import checkpoint
 from vitscale.common.errors import UserError
 from vitscale.common.records import apply_overrides
 from vitscale.data import DataConfig, build_datasets
+from vitscale.runs.evaluate import evaluate_run
 from vitscale.study import runner
 from vitscale.study.results import Sizing
 from vitscale.train import engine
@@ -94,7 +95,7 @@ def test_final_json_reports_the_final_weights_on_test(tmp_path):
             y = torch.tensor([test[i]["y"] for i in range(len(test))])
             hits = (module.predict(x).argmax(1) == y).float().mean()
         assert final[key] == pytest.approx(float(hits), abs=1e-6), key
-    evaluated = engine.evaluate_run(cfg.out, device="cpu")  # `vitscale eval`: best/ on val and test
+    evaluated = evaluate_run(cfg.out, device="cpu")  # `vitscale eval`: best/ on val and test
     assert {"val_top1", "test_top1", "ema_test_top1"} <= set(evaluated)
 
 

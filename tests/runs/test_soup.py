@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from vitscale.cli import main
 from vitscale.common.records import apply_overrides
 from vitscale.runs import soup
+from vitscale.runs.evaluate import evaluate_run
 from vitscale.train import engine
 from vitscale.train.config import RunConfig, load_yaml
 
@@ -40,7 +41,7 @@ def test_a_uniform_soup_of_one_run_is_that_run(runs, tmp_path):
     result = soup.soup(runs[:1], str(tmp_path / "s"), device="cpu")
     cooked, raw = weights(tmp_path / "s"), weights(runs[0])
     assert cooked.keys() == raw.keys() and all(torch.equal(cooked[k], raw[k]) for k in raw)
-    alone = engine.evaluate_run(runs[0], device="cpu")  # what `vitscale eval RUN` says of it
+    alone = evaluate_run(runs[0], device="cpu")  # what `vitscale eval RUN` says of it
     for key in ("val_top1", "val_loss", "test_top1", "test_loss"):
         assert result["uniform"][key] == result["ingredients"][0][key] == alone[key], key
     assert json.loads((tmp_path / "s" / "soup.json").read_text()) == result
@@ -54,7 +55,7 @@ def test_a_uniform_soup_of_two_runs_is_their_mean(runs, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)  # two different ingredients
     for k in a:
         assert torch.equal(cooked[k], ((a[k].double() + b[k].double()) / 2).float()), k
-    evaluated = engine.evaluate_run(str(tmp_path / "s"), device="cpu")  # the soup reads as a run
+    evaluated = evaluate_run(str(tmp_path / "s"), device="cpu")  # the soup reads as a run
     assert evaluated["val_top1"] == result["uniform"]["val_top1"]
     assert evaluated["test_top1"] == result["uniform"]["test_top1"]
 

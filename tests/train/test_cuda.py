@@ -25,6 +25,7 @@ from vitscale.common.device import autocast
 from vitscale.common.records import apply_overrides
 from vitscale.models.presets import preset
 from vitscale.models.vit import ViT
+from vitscale.runs.evaluate import evaluate_run
 from vitscale.train import amp, engine
 from vitscale.train.config import RunConfig
 
@@ -203,7 +204,7 @@ def test_fsdp_on_one_device_writes_sharded_checkpoints_that_match_a_plain_run(de
         torch.testing.assert_close(got[k], v, rtol=1e-3, atol=1e-4 * max(1.0, v.abs().max().item()), msg=k)
     assert [r["loss"] for r in rows(sharded)] == pytest.approx([r["loss"] for r in rows(plain)], rel=1e-3)
     final = json.loads((sharded / "final.json").read_text())
-    said = engine.evaluate_run(str(sharded), device=device)  # vitscale eval
+    said = evaluate_run(str(sharded), device=device)  # vitscale eval
     assert said["val_loss"] == pytest.approx(final["val_loss"], rel=1e-3)
 
 

@@ -15,6 +15,7 @@ from vitscale.cli import main
 from vitscale.common.checkpoint import at
 from vitscale.common.errors import UserError
 from vitscale.common.records import apply_overrides
+from vitscale.runs.evaluate import evaluate_run
 from vitscale.train import engine
 from vitscale.train.config import RunConfig
 from vitscale.train.ema import EMA
@@ -61,7 +62,7 @@ def test_ema_is_evaluated_beside_the_raw_weights(tmp_path):
     assert {"val_top1", "val_loss", "ema_val_top1", "ema_val_loss"} <= set(result)
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert "ema_val_top1" in [r for r in rows if r["split"] == "val"][-1]
-    again = engine.evaluate_run(str(tmp_path / "r"), device="cpu")  # vitscale eval: best/, both weights
+    again = evaluate_run(str(tmp_path / "r"), device="cpu")  # vitscale eval: best/, both weights
     assert again["ema_val_top1"] == result["ema_val_top1"] and again["val_top1"] == result["val_top1"]
     _, plain = run(tmp_path / "plain")
     assert not any(k.startswith("ema_") for k in plain)

@@ -19,8 +19,8 @@ from vitscale import weights
 from vitscale.cli import main
 from vitscale.common import checkpoint, dist, records
 from vitscale.common.errors import UserError
+from vitscale.runs.evaluate import evaluate_run
 from vitscale.train.config import TrainConfig
-from vitscale.train.engine import evaluate_run
 
 ARGS = ["--train.batch=32", "--train.max_steps=6", "--train.threads=1", "--data.image_size=16",
             "--model.patch_size=4", "--train.warmup_epochs=0", "--train.label_smoothing=0",

@@ -290,11 +290,11 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     """A run's best checkpoint scored on its validation and test data."""
     # local: a slow import that only this command needs (keeps `vitscale models` quick)
     from vitscale.common import classnames
-    from vitscale.train import engine
+    from vitscale.runs.evaluate import evaluate_run
     from vitscale.train.rundir import RunDir
 
-    result = engine.evaluate_run(args.run_dir, device=args.device, test_views=args.test_views or "",
-                                 resolution=args.resolution)
+    result = evaluate_run(args.run_dir, device=args.device, test_views=args.test_views or "",
+                          resolution=args.resolution)
     # the classes its metrics are over (the data's: an MAE's k-NN's too), by name
     run = RunDir(args.run_dir)
     names, named = run.classes(run.config().model.num_classes)
