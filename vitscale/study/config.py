@@ -24,6 +24,18 @@ OBJECTIVES = ("supervised", "mae")
 
 SWEEP = "sweep"  # --trial sweep runs the learning-rate sweep alone
 
+# A study directory's files (its config, study.yaml, is vitscale.common.rundir.STUDY):
+#   trials/NAME/trial.json   a trial's measured size      trials/NAME/seedK/result.json  a seed's points
+#   sweep/sweep.json         the learning-rate sweep      results.jsonl   every trial, a line each
+#   summary.json, report.md, report.html                  the analysis
+TRIAL = "trial.json"
+SEED_RESULT = "result.json"
+SWEEP_RESULT = "sweep.json"
+RESULTS = "results.jsonl"
+SUMMARY = "summary.json"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+
 
 LAUNCHERS = ("local", "slurm", "ray")
 

@@ -43,7 +43,7 @@ MEASURED = "measured when run"
 
 def _recorded(cfg: config.StudyConfig, trial: Trial) -> Sizing | None:
     """A trial's sizing as an earlier run of this study recorded it (trial.json), if whole."""
-    return results.finished(trial_dir(cfg, trial) / "trial.json", Sizing, f"shown as {MEASURED}")
+    return results.finished(trial_dir(cfg, trial) / config.TRIAL, Sizing, f"shown as {MEASURED}")
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _planned(cfg: config.StudyConfig, t: Trial, per_sample: float, spe: int,
     return PlannedTrial(
         t.name, tuple(t.strategies), t.factor, t.achieved, m.depth, m.width, m.heads, m.patch_size, m.hw[0],
         m.frames, c.params, c.flops, per_sample, batch, spe, steps,
-        "trial.json" if sizing else MEASURED if steps is None else cfg.budget,
+        config.TRIAL if sizing else MEASURED if steps is None else cfg.budget,
         None if steps is None else steps * batch * per_sample, seed0, extra,
         sizing.measured["samples_per_s"] if sizing else None)
 
@@ -272,7 +272,7 @@ def collect(cfg: config.StudyConfig):
         trials = plan(cfg, lr)
         sizes, seeds = {}, {}
         for t in trials:
-            sizes[t.name] = results.finished(trial_dir(cfg, t) / "trial.json", Sizing, "not used")
+            sizes[t.name] = results.finished(trial_dir(cfg, t) / config.TRIAL, Sizing, "not used")
             found = {k: runner._seed_result(cfg, t, k) for k in range(cfg.seeds)}
             seeds[t.name] = {k: r for k, r in found.items() if isinstance(r, SeedResult)}
             if sizes[t.name] is None or 0 not in seeds[t.name]:

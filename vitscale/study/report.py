@@ -13,6 +13,7 @@ import numpy as np
 
 from vitscale.common.io import atomic_write_text
 from vitscale.study import plots, summary
+from vitscale.study.config import REPORT_HTML, REPORT_MD, SUMMARY
 from vitscale.study.plots import PLOTS
 from vitscale.study.results import TrialResult
 from vitscale.study.summary import LEVEL, Candidate, Summary
@@ -432,7 +433,7 @@ def page(sections, out: Path) -> str:
 
 def write(out: Path, s: Summary, rows: list[TrialResult]) -> None:
     """summary.json, the plots, report.md and report.html in the study directory."""
-    summary.write(out / "summary.json", s)
+    summary.write(out / SUMMARY, s)
     for stale in ("accuracy_vs_compute.png", "accuracy_vs_time.png"):  # plots of the first report
         (out / stale).unlink(missing_ok=True)
     plots.plot_frontier(out, s, rows)
@@ -440,5 +441,5 @@ def write(out: Path, s: Summary, rows: list[TrialResult]) -> None:
     plots.plot_runtime(out, s, rows)
     plots.plot_growth(out, s, rows)
     sections = _sections(s, rows)
-    atomic_write_text(out / "report.md", markdown(sections))
-    atomic_write_text(out / "report.html", page(sections, out))
+    atomic_write_text(out / REPORT_MD, markdown(sections))
+    atomic_write_text(out / REPORT_HTML, page(sections, out))

@@ -43,7 +43,11 @@ from vitscale.common.io import atomic_write_text
 from vitscale.cost.complexity import cost
 from vitscale.study import analysis, launch, results
 from vitscale.study.config import (
+    RESULTS,
+    SEED_RESULT,
     SWEEP,
+    SWEEP_RESULT,
+    TRIAL,
     StudyConfig,
     base_run,
     dump_study,
@@ -115,7 +119,7 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int,
     """One seed of a trial: the stable run, then a cooldown branch per fraction (seeds after the
     first: the full-length one only); result.json (rank 0: None on the others)."""
     out = trial_dir(study, trial) / f"seed{k}"
-    done = out / "result.json"
+    done = out / SEED_RESULT
     found = _seed_result(study, trial, k)
     if found is not None:
         return found
@@ -149,7 +153,7 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int,
 
 def _seed_result(study: StudyConfig, trial: Trial, k: int) -> SeedResult | None:
     """Seed k of a trial as its result.json has it, if it finished (and the file is whole)."""
-    return finished(trial_dir(study, trial) / f"seed{k}" / "result.json", SeedResult,
+    return finished(trial_dir(study, trial) / f"seed{k}" / SEED_RESULT, SeedResult,
                     "running that seed again (its runs resume from their checkpoints)",
                     trial=trial.name, seed=trial.run.train.seed + k)
 
@@ -271,7 +275,7 @@ def _run_study(study: StudyConfig, only: str | None, d: dist.Dist):
     try:
         wanted = trials if not only or only == SWEEP else [t for t in trials if t.name in ("base", only)]
         sizes = {}
-        todo = [t for t in wanted if not (trial_dir(study, t) / "trial.json").is_file()]
+        todo = [t for t in wanted if not (trial_dir(study, t) / TRIAL).is_file()]
         if runner.remote and todo:  # one job on one node measures every trial, before any trains
             runner.map([("sizing", size_all, (study, todo, reference, runner.threads), out / "sizing.log")],
                        lambda name, got: sizes.update(got))
@@ -310,7 +314,7 @@ def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Launcher, d:
     points = read_sweep(study)
     if points is not None:
         return points
-    path = Path(study.out) / SWEEP / "sweep.json"
+    path = Path(study.out) / SWEEP / SWEEP_RESULT
     if not run:
         raise UserError(f"the learning-rate sweep of {study.out!r} has not finished; run "
                          f"`vitscale study --config {Path(study.out) / 'study.yaml'} --trial {SWEEP}` first")
@@ -333,7 +337,7 @@ def read_sweep(study: StudyConfig) -> list[SweepPoint] | None:
     """The finished learning-rate sweep (sweep.json), [] with no lrs, None if not finished."""
     if not study.lrs:
         return []
-    path = Path(study.out) / SWEEP / "sweep.json"
+    path = Path(study.out) / SWEEP / SWEEP_RESULT
     if path.is_file():
         try:
             saved = json.loads(path.read_text())
@@ -399,7 +403,7 @@ def _trial_result(t: Trial, sizing: Sizing, seeds: dict[int, SeedResult]) -> Tri
 def _write_results(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing],
                    seeds: dict[str, dict[int, SeedResult]]) -> dict[str, TrialResult]:
     rows = {t.name: _trial_result(t, sizes[t.name], seeds[t.name]) for t in trials if 0 in seeds[t.name]}
-    atomic_write_text(Path(study.out) / "results.jsonl",
+    atomic_write_text(Path(study.out) / RESULTS,
                       "".join(json.dumps(r.row()) + "\n" for r in rows.values()))
     return rows
 

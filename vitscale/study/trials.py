@@ -22,6 +22,7 @@ from vitscale.data import build_datasets
 from vitscale.models.vit import ViTConfig
 from vitscale.study import results
 from vitscale.study.config import (
+    TRIAL,
     Budget,
     StudyConfig,
     base_run,
@@ -156,7 +157,7 @@ def size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int,
 
 
 def _size_trial(study: StudyConfig, trial: Trial, reference: float, threads: int) -> Sizing:
-    path = trial_dir(study, trial) / "trial.json"
+    path = trial_dir(study, trial) / TRIAL
     sizing = finished(path, Sizing, "measuring the trial again")
     if sizing is not None:
         return sizing
