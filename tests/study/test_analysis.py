@@ -4,6 +4,7 @@ at the true compute-optimal size, IsoFLOP profiles, and summary.json read back a
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from vitscale.cost.scaling import scale
 from vitscale.study import analysis, fits, lawfit, summary
 from vitscale.study.config import StudyConfig
 from vitscale.study.results import Point, SeedResult, StaleResult, TrialResult
+from vitscale.study.runner import extra_seeds
 from vitscale.train import config
 
 BASE = config.with_preset(config.recipe("train"), "pico/4").model.replace(image_size=16, num_classes=10)
@@ -165,6 +167,31 @@ def test_backtest_detects_a_wrong_prediction():
     assert not miss.covered and miss.error == pytest.approx(miss.predicted - 0.3)
     assert miss.error > 0.15 and bt.max_abs_error == pytest.approx(abs(miss.error))
     assert bt.covered == 1
+
+
+@pytest.mark.usefixtures("_point_estimates")
+def test_the_held_out_trials_seeds_never_set_the_intervals_that_judge_them():
+    """The backtest's noise is that of the trials it fits: seeds of a held-out trial that disagree
+    (or agree) move its measured value, never the intervals."""
+    rows = epochs_study(sd=0.003, seed=4)
+    rows = [trial("d", 2, 2000, seeds=(0, 1), sd=0.003, rng=np.random.default_rng(5)) if r.name == "d-x2"
+            else r for r in rows]  # a fitted trial with two seeds: the noise has a degree of freedom
+    wild = [replace(r, seeds=(r.seeds[0], replace(r.seeds[1], points=tuple(
+        replace(p, accuracy=p.accuracy + 0.06) for p in r.seeds[1].points)))) if r.name.endswith("x8") else r
+        for r in rows]
+    calm, loud = (analysis.summarize(StudyConfig(strategies=("d", "w")), x).backtest for x in (rows, wild))
+    assert [c.interval for c in loud.checks] == [c.interval for c in calm.checks]
+    assert [c.noise for c in loud.checks] == [c.noise for c in calm.checks]
+    assert [c.measured - 0.03 for c in loud.checks] == pytest.approx([c.measured for c in calm.checks])
+
+
+def test_the_leaders_are_chosen_among_the_fitted_trials_and_the_held_out_run_every_seed():
+    trials = [SimpleNamespace(name=n) for n in ("base", "d-x2", "d-x4", "w-x2", "w-x4")]
+    score = {"base": 0.7, "d-x2": 0.8, "d-x4": 0.95, "w-x2": 0.75, "w-x4": 0.9}  # the held-out lead
+    chosen = [t.name for t in extra_seeds(trials, score, {"d-x4", "w-x4"}, 2)]
+    assert chosen == ["d-x2", "w-x2", "d-x4", "w-x4"]
+    assert [t.name for t in extra_seeds(trials, score, {"d-x4", "w-x4"}, 0)] == ["d-x2", "w-x2", "base",
+                                                                                 "d-x4", "w-x4"]
 
 
 # ----------------------------------------------------------------------------- recommendation

@@ -82,9 +82,9 @@ def _parameters(law: fits.Laws, laws: list[fits.Laws]) -> tuple[Parameter, ...]:
 def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoint] = ()) -> Summary:
     """Backtest first (fits without the held-out trials), then the law refitted on every trial
     for the recommendation, the frontier and the IsoFLOP check."""
-    noise_ = noise(rows)
+    noise_ = noise(rows)  # of the trials the law below is fitted to: every one, the held-out ones too
     strategies = tuple(study.families)
-    bt = backtest(rows, strategies, study.holdout, noise_)
+    bt = backtest(rows, strategies, study.holdout)  # its own noise: that of the trials it fits
     n0 = n0s(rows)
     fittable = able(rows, strategies, n0)
     law, laws, choice = None, [], None

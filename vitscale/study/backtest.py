@@ -7,17 +7,20 @@ from dataclasses import replace
 
 import numpy as np
 
-from vitscale.study.lawfit import able, final, fit, interval, n0s, predictions
+from vitscale.study.lawfit import able, final, fit, interval, n0s, noise, predictions
 from vitscale.study.results import TrialResult
-from vitscale.study.summary import Backtest, Check, Noise
+from vitscale.study.summary import Backtest, Check
 from vitscale.study.trials import held_out
 
 
-def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int, noise_: Noise) -> Backtest:
-    """Fit without the held-out trials, predict each one's final accuracy with an interval."""
+def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int) -> Backtest:
+    """Fit without the held-out trials, predict each one's final accuracy with an interval. The noise
+    is the fitted trials' own: the held-out trials run every seed, and letting their spread set the
+    intervals that judge them would let what is judged widen (or narrow) its own test."""
     held = held_out(rows, strategies, holdout)
     names = {r.name for rs in held.values() for r in rs}
     fitted = [r for r in rows if r.name not in names]
+    noise_ = noise(fitted)
     n0 = n0s(rows)
     fittable = able(fitted, strategies, n0)
     notes = [
@@ -41,7 +44,9 @@ def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int,
         for r in held[s]:
             predicted = 1.0 - float(law.predict(s, r.flops, r.samples))
             sd = noise_.sd(len(r.seeds))
-            span = interval(predictions(laws, s, r.flops, r.samples), sd, rng, noise_.dof)
+            # measured on the split the fitted points were: the common sampling error cancels
+            stderr = r.seeds[0].final.stderr
+            span = interval(predictions(laws, s, r.flops, r.samples, stderr), sd, rng, noise_.dof)
             measured = final(r)
             checks.append(
                 Check(

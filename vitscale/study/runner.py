@@ -355,6 +355,14 @@ def _job(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.Dist)
             log_path)
 
 
+def extra_seeds(trials: list, score: dict[str, float], held: set[str], leaders: int) -> list:
+    """The trials that run every seed, best first: the `leaders` best by `score` among the trials
+    the law is fitted to (0: all), then the held-out ones. A held-out trial never takes a leader's
+    place: its seeds judge the backtest, and a choice it shaped would have seen what it judges."""
+    ranked = sorted((t for t in trials if t.name not in held), key=lambda t: -score[t.name])
+    return (ranked if leaders == 0 else ranked[:leaders]) + [t for t in trials if t.name in held]
+
+
 def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], runner: Launcher,
              d: dist.Dist) -> dict[str, TrialResult]:
     """Seed 0 of every trial, then the other seeds of the leading trials; results.jsonl as they land."""
@@ -371,11 +379,10 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
 
     for phase in range(2):
         if phase == 1:
-            ranked = sorted(trials, key=lambda t: -_chosen_by(seeds[t.name][0]))
             rows = [_trial_result(t, sizes[t.name], seeds[t.name]) for t in trials]
             held = {r.name for rs in held_out(rows, study.families, study.holdout).values() for r in rs}
-            leaders = ranked if study.leaders == 0 else ranked[:study.leaders]
-            chosen = [t for t in ranked if t in leaders or t.name in held]
+            chosen = extra_seeds(trials, {t.name: _chosen_by(seeds[t.name][0]) for t in trials}, held,
+                                 study.leaders)
             units = [(t, k) for t in chosen for k in range(1, study.seeds)]
         else:
             units = [(t, 0) for t in trials]
