@@ -140,17 +140,20 @@ def fit_law(
     onehot = np.eye(len(names))[which]  # [points, strategies]
 
     def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        """Huber loss of the residuals and its gradient."""
-        le, la, lb, beta, gamma, *alphas = theta
-        size = np.exp(la - np.asarray(alphas)[which] * ln)
-        length = np.exp(lb - beta * ld - gamma * ln)
-        r = np.exp(le) + size + length - y
-        small = np.abs(r) <= huber
-        value = float(np.sum(np.where(small, 0.5 * r**2, huber * (np.abs(r) - 0.5 * huber))))
-        psi = np.where(small, r, huber * np.sign(r))  # d loss / d r
-        grad = [np.sum(psi) * np.exp(le), psi @ size, psi @ length]
-        grad += [-psi @ (ld * length), -psi @ (ln * length)]
-        return value, np.array(grad + list(-(psi * ln * size) @ onehot))
+        """Huber loss of the residuals and its gradient (as few array operations as it takes: the
+        fits evaluate it tens of thousands of times, the bootstrap's refits most)."""
+        floor = np.exp(theta[0])
+        size = np.exp(theta[1] - theta[5:][which] * ln)
+        length = np.exp(theta[2] - theta[3] * ld - theta[4] * ln)
+        r = size + length + (floor - y)
+        psi = np.clip(r, -huber, huber)  # d loss / d r: r inside the Huber band, +-huber outside
+        by_length, by_size = psi * length, psi * size
+        grad = np.empty_like(theta)
+        grad[0], grad[1], grad[2] = psi.sum() * floor, by_size.sum(), by_length.sum()
+        grad[3], grad[4] = -(by_length @ ld), -(by_length @ ln)
+        grad[5:] = -((by_size * ln) @ onehot)
+        # 0.5 r^2 inside the band, huber (|r| - huber / 2) outside: both are psi (r - psi / 2)
+        return float(psi @ (r - 0.5 * psi)), grad
 
     bounds = [(-12, 0.5), (-12, 1.5), (-12, 1.5), (0, MAX_EXPONENT), (0, MAX_EXPONENT)]
     bounds += [(0, MAX_EXPONENT)] * len(names)

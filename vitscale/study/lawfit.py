@@ -5,7 +5,8 @@ points      every annealed point of every seed: (strategy, N, D, error), N the m
             forward multiply-adds per sample, D the samples it trained on
 law         error(s, N, D) = e + a (N/n0)^-alpha_s + b (D/d0)^-beta (N/n0)^-gamma  (fits.fit_law)
 bootstrap   refits to trials resampled within each strategy, a random seed of each,
-            each point moved by its validation sampling noise: the spread of a prediction
+            each point moved by its test sampling noise (a share of it common to every point,
+            see SHARED): the spread of a prediction
 
 A recipe's families (w+mr: strategy w under recipe mr, from its own base base+mr) are fitted
 like strategies, each recipe's laws relative to its own base: a shared law is shared within a
@@ -15,6 +16,7 @@ recipe (a recipe may move the whole curve, which one law's common e, a, b could 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,6 +27,23 @@ from vitscale.study.summary import LEVEL, Noise, Structure
 
 BOOTSTRAP = 200  # refits per interval
 Z = 1.6449  # the normal quantile of LEVEL's two-sided interval
+# Share of a point's test sampling variance that every point of the study has in common. Every
+# annealed point is scored on the same test (or validation) items, and models trained on the same
+# data miss largely the same hard items, so their sampling errors correlate strongly (two cooldowns
+# of one run more so); 0.8 is the correlation of per-item correctness such models typically show.
+# A common error moves every point alike, which the law's free floor e follows one for one: it does
+# not average out over points as independent errors do. It does cancel against a measurement on the
+# same items (which the intervals here claim: what training that model again and scoring it on this
+# split gives), and adds to one on other items (a model's true accuracy).
+SHARED = 0.8
+
+
+@dataclass(frozen=True)
+class Refit(fits.Laws):
+    """A bootstrap refit, with the common test-sampling error its points were moved by (in units of
+    a point's binomial standard error): the same error moves any point measured on that split."""
+
+    common: float = 0.0
 
 
 # ----------------------------------------------------------------------------- points and noise
@@ -52,13 +71,15 @@ def labelled(rows: list[TrialResult], strategies: tuple[str, ...]) -> list[tuple
 
 
 def points(
-    pairs, rng: np.random.Generator | None = None, luck: float = 0.0
+    pairs, rng: np.random.Generator | None = None, luck: float = 0.0, common: float = 0.0
 ) -> tuple[list, list, list, list]:
     """Annealed points as (strategy, N, D, error) columns. With `rng`: each fraction's value from a
-    random seed of those that ran it, moved by its validation sampling noise; where one seed ran
-    it, moved also by a draw of the seed-to-seed spread `luck` (one per trial, as a seed's luck
-    lasts its whole run)."""
+    random seed of those that ran it, moved by its test sampling noise: `common` standard errors
+    (the draw every point scored on the split shares) plus its own part, the rest of its variance
+    (see SHARED); where one seed ran it, moved also by a draw of the seed-to-seed spread `luck`
+    (one per trial, as a seed's luck lasts its whole run)."""
     rows = []
+    own = math.sqrt(1.0 - SHARED)
     for r, s in pairs:
         shift = rng.normal(0.0, luck) if rng is not None and luck else 0.0
         by_fraction: dict[float, list] = {}
@@ -70,14 +91,16 @@ def points(
                 rows += [(s, r.flops, p.samples, 1.0 - p.accuracy) for p in ps]
                 continue
             p = ps[rng.integers(len(ps))]
-            moved = p.accuracy + rng.normal(0.0, p.stderr) + (shift if len(ps) == 1 else 0.0)
+            moved = p.accuracy + p.stderr * (common + own * rng.standard_normal())
+            moved += shift if len(ps) == 1 else 0.0
             rows.append((s, r.flops, p.samples, 1.0 - moved))
     return tuple(list(c) for c in zip(*rows, strict=True)) if rows else ([], [], [], [])
 
 
 def noise(rows: list[TrialResult]) -> Noise:
-    """Seed-to-seed spread of final accuracy, pooled over trials with two or more seeds
-    (validation sampling included); the binomial error alone where no trial has two."""
+    """Seed-to-seed spread of final accuracy, pooled over trials with two or more seeds (the part of
+    test sampling the seeds do not share included); the binomial error alone where no trial has two.
+    `rows`: the trials a fit uses, never ones it is judged on (trials.held_out)."""
     ss, dof = 0.0, 0
     for r in rows:
         acc = [s.final.accuracy for s in r.seeds]
@@ -123,10 +146,10 @@ def _pairs(rows: list[TrialResult], strategies: tuple[str, ...], shared: bool) -
 
 
 def _fit_once(groups: list[list], n0: dict[str, float], start: fits.Laws | None = None, rng=None,
-              luck: float = 0.0):
+              luck: float = 0.0, common: float = 0.0):
     return fits.Laws(
         tuple(
-            fits.fit_law(*points(g, rng, luck), n0=n0[recipe_of(g[0][1]) if g else ""],
+            fits.fit_law(*points(g, rng, luck, common), n0=n0[recipe_of(g[0][1]) if g else ""],
                          start=start.laws[i] if start else None)
             for i, g in enumerate(groups)
         )
@@ -138,10 +161,17 @@ def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: dict[str
     the others (leave-one-trial-out mean absolute error of its final accuracy; below the base
     the size term is an extrapolation the study never asks for); shared on a tie or where the
     separate laws cannot be fitted (an error is None where a structure predicts nothing)."""
+    return _structure(rows, strategies, n0)[0]
+
+
+def _structure(rows, strategies, n0) -> tuple[Structure, dict[bool, fits.Laws | None]]:
+    """`structure`, and each structure's laws on every trial (None: not fitted), which `fit` keeps
+    rather than fitting the chosen one again from the same grid of starts."""
     errors: dict[bool, float | None] = {}
+    fulls: dict[bool, fits.Laws | None] = {True: None, False: None}
     for shared in (True, False):
         try:
-            full = _fit_once(_pairs(rows, strategies, shared), n0)
+            full = fulls[shared] = _fit_once(_pairs(rows, strategies, shared), n0)
         except ValueError:
             errors[shared] = None
             continue
@@ -159,17 +189,19 @@ def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: dict[str
             misses.append(abs(1.0 - float(law.predict(s, r.flops, r.samples)) - final(r)))
         errors[shared] = float(np.mean(misses)) if misses else None
     separate_better = errors[False] is not None and (errors[True] is None or errors[False] < errors[True])
-    return Structure(not separate_better, errors[True], errors[False])
+    return Structure(not separate_better, errors[True], errors[False]), fulls
 
 
 def fit(
     rows: list[TrialResult], strategies: tuple[str, ...], n0: dict[str, float], noise_: Noise | None = None
 ) -> tuple[fits.Laws, list[fits.Laws], Structure]:
     """The laws on every annealed point of `rows` (structure chosen by `structure`), their
-    bootstrap refits, and the structure's choice."""
-    choice = structure(rows, strategies, n0)
-    luck = math.sqrt(max(noise_.seed_sd**2 - noise_.binomial**2, 0.0)) if noise_ else 0.0
-    law = _fit_once(_pairs(rows, strategies, choice.shared), n0)
+    bootstrap refits, and the structure's choice. `noise_`: the seed-to-seed spread of `rows`."""
+    choice, fulls = _structure(rows, strategies, n0)
+    # a seed's luck: the seed-to-seed spread less the test sampling the seeds do not share
+    own = (1.0 - SHARED) * noise_.binomial**2 if noise_ else 0.0
+    luck = math.sqrt(max(noise_.seed_sd**2 - own, 0.0)) if noise_ else 0.0
+    law = fulls[choice.shared] or _fit_once(_pairs(rows, strategies, choice.shared), n0)
     rng = np.random.default_rng(0)
     anchors = {g: [r for r in rows if recipe_of(r.family) == g and r.flops == n] for g, n in n0.items()}
     groups = {s: [r for r in rows if s in r.strategies and r.flops != n0[recipe_of(s)]] for s in strategies}
@@ -181,8 +213,10 @@ def fit(
                      for ss in _groups(strategies)]
         else:
             pairs = [[(r, s) for r in anchors[recipe_of(s)] + g] for s, g in drawn.items()]
+        common = math.sqrt(SHARED) * rng.standard_normal()  # this refit's draw of the test split
         try:
-            laws.append(_fit_once(pairs, n0, start=law, rng=rng, luck=luck))
+            refit = _fit_once(pairs, n0, start=law, rng=rng, luck=luck, common=common)
+            laws.append(Refit(refit.laws, common))
         except ValueError:
             continue
     return law, laws, choice
@@ -201,6 +235,11 @@ def interval(draws: np.ndarray, sd: float, rng: np.random.Generator, dof: int = 
     return float(np.quantile(spread, q)), float(np.quantile(spread, 1 - q))
 
 
-def predictions(laws: list[fits.Laws], strategy: str, n: float, d: float) -> np.ndarray:
-    return np.array([1.0 - float(lw.predict(strategy, n, d)) for lw in laws])
+def predictions(laws: list[fits.Laws], strategy: str, n: float, d: float, stderr: float = 0.0) -> np.ndarray:
+    """Each refit's accuracy for (strategy, n, d), as a measurement on the study's split would see
+    it: less the common sampling error the refit's points were moved by (a measurement on the same
+    items shares it; `stderr`: such a measurement's binomial error). With stderr 0, the model's
+    accuracy on items drawn afresh, which the common error does not cancel against."""
+    return np.array([1.0 - float(lw.predict(strategy, n, d)) - getattr(lw, "common", 0.0) * stderr
+                     for lw in laws])
 

@@ -14,7 +14,7 @@ from vitscale.cost.scaling import Scaled, scale_family
 from vitscale.models.vit import ViTConfig
 from vitscale.study import fits
 from vitscale.study.config import StudyConfig
-from vitscale.study.lawfit import Z, base_trial, interval, labelled, predictions, recipe_of
+from vitscale.study.lawfit import SHARED, Z, base_trial, interval, labelled, predictions, recipe_of
 from vitscale.study.results import TrialResult
 from vitscale.study.summary import Candidate, FrontierPoint, Noise, Recommendation
 
@@ -93,7 +93,8 @@ def _candidate(
         d * shapes.ratio(s) * m.cost.flops,
         d * shapes.seconds_per_sample(m),
         acc,
-        interval(predictions(laws, s, m.cost.flops, d), noise_.seed_sd, rng, noise_.dof),
+        # for one run scored on the study's split, whose common sampling error the refits share
+        interval(predictions(laws, s, m.cost.flops, d, noise_.binomial), noise_.seed_sd, rng, noise_.dof),
         outside,
         multiple,
     )
@@ -186,10 +187,11 @@ def _measured_pick(rows: list[TrialResult], kind: str, amount: float, words: str
     m_best = max(measured, key=lambda c: c.accuracy)
 
     def m_spread(a: Candidate, b: Candidate) -> float:
-        """Noise of a difference: two points of one trial share their seeds' luck (only
-        validation sampling tells them apart); two trials differ by each one's noise."""
+        """Noise of a difference: two points of one trial share their seeds' luck and, scored on the
+        same items, the common part of their sampling error (only the rest tells them apart); two
+        trials differ by each one's noise (seed_sd: seed to seed on the same items)."""
         if a.name == b.name:
-            return math.sqrt(2) * noise_.binomial
+            return math.sqrt(2 * (1 - SHARED)) * noise_.binomial
         return math.hypot((a.interval[1] - a.accuracy) / Z, (b.interval[1] - b.accuracy) / Z)
 
     m_tied = [m_best] + [c for c in _ties(m_best, [c for c in measured if c is not m_best], m_spread, 0.0)]
