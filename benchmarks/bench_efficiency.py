@@ -61,7 +61,8 @@ from vitscale.data import build_datasets  # noqa: E402
 from vitscale.data.multires import side_at  # noqa: E402
 from vitscale.models.presets import preset  # noqa: E402
 from vitscale.models.vit import ViT  # noqa: E402
-from vitscale.train import config, engine  # noqa: E402
+from vitscale.runs.evaluate import evaluate_run  # noqa: E402
+from vitscale.train import config, engine, inputs  # noqa: E402
 from vitscale.train.config import RunConfig  # noqa: E402
 from vitscale.train.flops import train_flops_per_sample  # noqa: E402
 from vitscale.train.metrics import read_metrics  # noqa: E402
@@ -123,13 +124,13 @@ class Bench:
                 result = engine.train(cfg).metrics
             steps = json.loads((out / "final.json").read_text())["step"]
             # the config with its input shape decided (a data.image_size of 0 is the model's)
-            self.runs[key] = Run(out, engine.settle(cfg), result, steps, time.process_time() - cpu)
+            self.runs[key] = Run(out, inputs.settle(cfg), result, steps, time.process_time() - cpu)
         return self.runs[key]
 
     def test_top1(self, run: Run, side: int = 0) -> float:
         """Test top-1 of the run's best checkpoint, the data made at `side` (0: the trained one)."""
         with contextlib.redirect_stderr(io.StringIO()):
-            return engine.evaluate_run(str(run.dir), self.args.device, resolution=side)["test_top1"]
+            return evaluate_run(str(run.dir), self.args.device, resolution=side)["test_top1"]
 
 
 def flops_at(cfg: RunConfig, side: int) -> float:
@@ -330,7 +331,7 @@ def progress(run: Run, target: float) -> dict:
     train_set, _, _, info = build_datasets(cfg.data)
     plan = Plan(cfg.train, cfg.data.frames, cfg.data.image_size, cfg.model.tubelet, cfg.model.patch_size,
                 len(train_set), cfg.train.batch)
-    resolved = engine.resolve(cfg, info)
+    resolved = inputs.resolve(cfg, info)
     per = {k: train_flops_per_sample(resolved, info.num_classes, {k: 1.0})
            for k in {(s.frames, s.side) for s in plan.shapes}}
     spent = [0.0, *itertools.accumulate(cfg.train.batch * s.mult * per[(s.frames, s.side)]

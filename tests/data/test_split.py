@@ -16,7 +16,7 @@ from vitscale.data import DataConfig, build_datasets
 from vitscale.runs.evaluate import evaluate_run
 from vitscale.study import runner
 from vitscale.study.results import Sizing
-from vitscale.train import engine
+from vitscale.train import engine, inputs
 from vitscale.train.config import RunConfig
 
 FAST = ["train.batch=32", "train.max_steps=3", "train.threads=1", "train.knn_k=5",
@@ -86,7 +86,7 @@ def test_final_json_reports_the_final_weights_on_test(tmp_path):
     for key in ("test_top1", "test_top5", "test_loss", "ema_test_top1", "val_top1"):
         assert key in final and final[key] == result[key], key
     _, _, test, info = build_datasets(cfg.data)
-    module = tasks.build(engine.resolve(cfg, info), info.num_classes).eval()
+    module = tasks.build(inputs.resolve(cfg, info), info.num_classes).eval()
     found = checkpoint.load(checkpoint.latest(Path(cfg.out)))  # the final step's weights
     for weights, key in ((found.model, "test_top1"), (found.ema, "ema_test_top1")):
         module.load_state_dict(weights)

@@ -22,7 +22,7 @@ from vitscale.models.layers import fixed_pos_embed
 from vitscale.models.mae import MAE, MAEConfig, masking_of, normalize_channels, patchify, tube_masking
 from vitscale.models.presets import preset
 from vitscale.models.vit import INIT_STD, ViT
-from vitscale.train import config, engine
+from vitscale.train import config, inputs
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[None, :, None, None, None]  # transformers' constants
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[None, :, None, None, None]
@@ -118,16 +118,16 @@ def pretrain(*overrides: str):
 def test_norm_pix_loss_auto_is_on_for_real_data_off_for_builtin(data, expected):
     cfg = pretrain(*data)
     assert cfg.mae.norm_pix_loss == "auto"
-    assert engine.resolve(cfg, info(cfg.data.name)).mae.norm_pix_loss is expected
+    assert inputs.resolve(cfg, info(cfg.data.name)).mae.norm_pix_loss is expected
 
 
 @pytest.mark.parametrize("data", [["data.name=digits"], ["data.name=image-folder", "data.path=/nowhere"]])
 @pytest.mark.parametrize("explicit", [True, False])
 def test_an_explicit_norm_pix_loss_wins_over_the_data_default(data, explicit):
     cfg = pretrain(*data, f"mae.norm_pix_loss={str(explicit).lower()}")
-    resolved = engine.resolve(cfg, info(cfg.data.name))
+    resolved = inputs.resolve(cfg, info(cfg.data.name))
     assert resolved.mae.norm_pix_loss is explicit
-    assert engine.resolve(resolved, info(cfg.data.name)) == resolved  # resolving twice changes nothing
+    assert inputs.resolve(resolved, info(cfg.data.name)) == resolved  # resolving twice changes nothing
 
 
 def test_norm_pix_settings_are_checked():

@@ -17,7 +17,7 @@ from vitscale.data import DataInfo, build_datasets
 from vitscale.study import preview, runner, trials
 from vitscale.study.config import StudyConfig, base_run, dump_study, load_study
 from vitscale.study.trials import plan
-from vitscale.train import config, engine
+from vitscale.train import config, inputs
 
 CLASSES = ("ant", "bee", "cat")
 
@@ -42,9 +42,9 @@ def run_config(model: str, *overrides: str, command: str = "train"):
 
 def resolved(cfg):
     """The config a run trains with, its data's info and (train, val, test) sizes: as engine.Job."""
-    cfg = engine.settle(cfg)
+    cfg = inputs.settle(cfg)
     train, val, test, info = build_datasets(cfg.data)
-    return engine.resolve(cfg, info), info, (len(train), len(val), len(test))
+    return inputs.resolve(cfg, info), info, (len(train), len(val), len(test))
 
 
 def test_a_folder_takes_the_presets_resolution(folder):
@@ -55,8 +55,8 @@ def test_a_folder_takes_the_presets_resolution(folder):
     assert (cfg.data.image_size, m.hw, m.num_patches, m.heads, m.width, m.depth) == (224, (224, 224), 196, 3,
                                                                                      192, 12)
     assert cfg.data.frames == 1 and info.num_classes == 3 and sum(sizes) == 36
-    assert engine.input_note(asked, cfg) == ""  # nothing differs: nothing to say
-    line = engine.trains_at(cfg, info, sizes)
+    assert inputs.input_note(asked, cfg) == ""  # nothing differs: nothing to say
+    line = inputs.trains_at(cfg, info, sizes)
     assert line.startswith("supervised: ViT depth 12 width 192 heads 3 patch 16 at 224 px, 1 frame, "
                            "196 tokens a sample; ")
     assert f"3 classes; data image-folder: {sizes[0]} train, {sizes[1]} val, 0 test items" in line
@@ -66,9 +66,9 @@ def test_a_given_image_size_wins_and_is_said(folder):
     asked = run_config("Ti/16", "data.name=image-folder", f"data.path={folder}", "data.image_size=64")
     cfg, info, sizes = resolved(asked)
     assert (cfg.data.image_size, cfg.model.hw, cfg.model.num_patches) == (64, (64, 64), 16)
-    assert engine.input_note(asked, cfg) == ("note: the model is made for 224 px; it trains at the data's "
+    assert inputs.input_note(asked, cfg) == ("note: the model is made for 224 px; it trains at the data's "
                                              "64 px (data.image_size=64 given)")
-    assert " at 64 px, 1 frame, 16 tokens a sample" in engine.trains_at(cfg, info, sizes)
+    assert " at 64 px, 1 frame, 16 tokens a sample" in inputs.trains_at(cfg, info, sizes)
 
 
 def test_builtins_keep_their_own_size():
@@ -76,29 +76,29 @@ def test_builtins_keep_their_own_size():
     cfg, info, sizes = resolved(plain)
     assert (cfg.data.image_size, cfg.data.frames, cfg.model.hw) == (32, 1, (32, 32))
     assert cfg.model.num_patches == 64
-    assert engine.input_note(plain, cfg) == "" and info.num_classes == 10
-    assert engine.trains_at(cfg, info, sizes) == (
+    assert inputs.input_note(plain, cfg) == "" and info.num_classes == 10
+    assert inputs.trains_at(cfg, info, sizes) == (
         "supervised: ViT depth 4 width 64 heads 2 patch 4 at 32 px, 1 frame, 64 tokens a sample; "
         f"10 classes; data digits: {sizes[0]:,} train, {sizes[1]:,} val, {sizes[2]:,} test items")
     big = run_config("Ti/16")  # a 224 px preset on the 32 px digits: the data's size, said
-    cfg = engine.settle(big)
+    cfg = inputs.settle(big)
     assert cfg.data.image_size == 32
-    assert "digits is built-in data of 32 px" in engine.input_note(big, engine.resolve(cfg, info))
+    assert "digits is built-in data of 32 px" in inputs.input_note(big, inputs.resolve(cfg, info))
 
 
 def test_frames_follow_a_video_model_on_video_data(folder):
-    clips = engine.settle(run_config("S/16-f16", "data.name=video-folder", f"data.path={folder}"))
+    clips = inputs.settle(run_config("S/16-f16", "data.name=video-folder", f"data.path={folder}"))
     assert (clips.data.image_size, clips.data.frames) == (224, 16)
     info = DataInfo("video-folder", 5, tuple("abcde"), 3, 16, 224, (0.5,) * 3, (0.5,) * 3)
     assert " at 224 px, 16 frames, 1568 tokens a sample (tubelet 2); 5 classes; data video-folder: 40 train" \
-        in engine.trains_at(engine.resolve(clips, info), info, (40, 10, 0))
-    moving = engine.settle(run_config("pico/4-f8", "data.name=moving-digits"))
+        in inputs.trains_at(inputs.resolve(clips, info), info, (40, 10, 0))
+    moving = inputs.settle(run_config("pico/4-f8", "data.name=moving-digits"))
     assert (moving.data.image_size, moving.data.frames) == (32, 8)
-    assert engine.settle(run_config("pico/4", "data.name=moving-digits")).data.frames == 1
-    given = engine.settle(run_config("pico/4-f8", "data.name=moving-digits", "data.frames=4"))
+    assert inputs.settle(run_config("pico/4", "data.name=moving-digits")).data.frames == 1
+    given = inputs.settle(run_config("pico/4-f8", "data.name=moving-digits", "data.frames=4"))
     assert given.data.frames == 4
     with pytest.raises(UserError, match="direction.*needs motion"):  # an image model gives no motion
-        engine.settle(run_config("pico/4", "data.name=moving-digits", "data.label=direction"))
+        inputs.settle(run_config("pico/4", "data.name=moving-digits", "data.label=direction"))
 
 
 @pytest.mark.slow

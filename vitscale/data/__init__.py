@@ -83,7 +83,7 @@ def build_datasets(cfg: DataConfig) -> tuple[KeyedDataset, KeyedDataset, KeyedDa
     ingredients); test only reports (final.json's test_*, the study's accuracies). test is empty
     where none is configured (real data without data.test_path or data.test_fraction); its items
     are eval-transformed like val's. A data.image_size or data.frames of 0 is the model's, decided
-    before by engine.settle; without a model, BUILTIN_SIZE and single frames (DataConfig.sized)."""
+    before by train.inputs.settle; without a model, BUILTIN_SIZE and single frames (DataConfig.sized)."""
     cfg = cfg.sized()
     train_tf, eval_tf = transforms_for(cfg)
     train, val, test = BUILDERS.get(cfg.name, build_real)(cfg, train_tf, eval_tf)

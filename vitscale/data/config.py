@@ -237,7 +237,7 @@ class DataConfig:
 
     def sized(self, side: int = BUILTIN_SIZE, frames: int = 1) -> DataConfig:
         """This config with its input shape decided: a given data.image_size / data.frames stays; a
-        0 takes BUILTIN_SIZE on built-in data, else `side` (the model's: engine.settle passes it),
+        0 takes BUILTIN_SIZE on built-in data, else `side` (the model's: train.inputs.settle passes it),
         and `frames` (the model's) on video data, 1 on image data."""
         size = self.image_size or (BUILTIN_SIZE if self.is_builtin else side)
         return replace(self, image_size=size, frames=self.frames or (frames if self.name in VIDEO else 1))

@@ -16,7 +16,7 @@ from vitscale.common import records
 from vitscale.common.errors import UserError
 from vitscale.cost.scaling import parse_strategy
 from vitscale.study import launch_args
-from vitscale.train import config, engine
+from vitscale.train import config, inputs
 from vitscale.train.config import RunConfig
 
 OBJECTIVES = ("supervised", "mae")
@@ -299,11 +299,11 @@ def demo_settings(study: StudyConfig) -> tuple[str, ...]:
 
 def base_run(study: StudyConfig) -> RunConfig:
     """The run config every trial starts from: the objective's recipe, the base model, the demo's
-    settings on the demo's data, the study's overrides; its input shape decided (engine.settle)."""
+    settings on the demo's data, the study's overrides; its input shape decided (train.inputs.settle)."""
     recipe = config.recipe("pretrain" if study.objective == "mae" else "train")
     overrides = [*demo_settings(study), *study.overrides]
     cfg = records.apply_overrides(config.with_preset(recipe, study.model), overrides)
-    return engine.settle(replace(cfg, out=""))
+    return inputs.settle(replace(cfg, out=""))
 
 
 def is_base(name: str) -> bool:

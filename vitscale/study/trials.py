@@ -30,7 +30,7 @@ from vitscale.study.config import (
     parse_recipes,
 )
 from vitscale.study.results import Sizing, SweepPoint, TrialResult, finished
-from vitscale.train import engine, optim
+from vitscale.train import inputs, optim
 from vitscale.train.config import RunConfig
 from vitscale.train.flops import sample_shapes, train_flops_per_sample
 
@@ -60,7 +60,7 @@ def plan(study: StudyConfig, lr: float | None = None) -> list[Trial]:
         run = records.apply_overrides(plain, list(overrides))
         if lr is not None:
             run = replace(run, train=replace(run.train, base_lr=lr))
-        base = engine.resolve(run, info).model
+        base = inputs.resolve(run, info).model
         if study.param == "mup":
             base = base.replace(param="mup", base_width=base.width, base_depth=base.depth,
                                 base_head_dim=base.width // base.heads)
