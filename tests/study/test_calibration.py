@@ -46,7 +46,7 @@ TRUE = fits.Law(("d", "w"), 0.03, 0.07, (0.3, 0.1), 0.485, 1.2, 0.185, 3580298.0
 LUCK = 0.0095  # seed-to-seed sd of the default study's final accuracies is about 1 point
 RHO = 0.8  # share of a point's test sampling variance common to every point of the study
 STUDIES = 200
-REFITS = 10  # bootstrap refits per simulated study (the study's own: lawfit.BOOTSTRAP)
+REFITS = 20  # bootstrap refits per simulated study (the study's own: lawfit.BOOTSTRAP)
 
 
 def study(rng: np.random.Generator, rho: float = RHO, luck: float = LUCK) -> tuple[list[TrialResult], dict]:
@@ -107,8 +107,8 @@ def _report(label: str, studies: int, seconds: float, measured: float, true: flo
 
 @pytest.mark.slow  # 200 studies, each a backtest's structure choice, fit and refits: minutes
 def test_level_intervals_cover_about_level_of_the_held_out_trials(monkeypatch):
-    # A few refits per study: the interval's quantiles come from REFITS x 10 draws (lawfit.interval),
-    # noisier than the study's 200 but as wide on average, and the coverage is pooled over 400 checks.
+    # Fewer refits than the study's 200 (each costs a fit): 20 and 40 gave the same coverage and
+    # width here, 10 covered 4 points less (quantiles of too few refits are too narrow).
     monkeypatch.setattr(lawfit, "BOOTSTRAP", REFITS)
     start = time.perf_counter()
     measured, true, width = coverage(STUDIES)
