@@ -1,9 +1,14 @@
 import os
 
-import pytest
-import torch
+# numpy's and scipy's BLAS (OpenBLAS) start a thread per core, which busy-wait beside pytest-xdist's
+# other worker: the study's fits multiply tiny matrices that gain nothing from them, and they cost
+# the analysis tests three times their CPU time. Set before numpy (imported by torch) loads BLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from vitscale.models import ViT, preset_names
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vitscale.models import ViT, preset_names  # noqa: E402
 
 # Under pytest-xdist (`make test` runs `-n auto`) the workers share the CPUs instead of each taking all.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
