@@ -6,13 +6,11 @@ A checkpoint is a directory `ckpt-STEP/` holding
   rng.safetensors     the torch CPU (and CUDA) generator states; rank R's (R > 0) as `rankR/NAME`
   ema.safetensors     (runs with train.ema only) the moving average of the weights, keyed as model's
   state.json          step, epoch, param groups, python / numpy RNG (rank R's in rank_rng), metrics
-A sharded checkpoint (train.sharded_ckpt, FSDP runs) holds `shards/` instead of the model
-and optimizer files: torch.distributed.checkpoint (DCP) files, each rank writing its own shards
-of the flat dict `model/NAME` and `optim/PARAM_NAME/STATE_NAME` (`save_sharded`), so no rank
-ever holds the whole state; its `.metadata` (rank 0's) records every tensor's global shape and
-where each piece lies. DCP reads them back onto any number of ranks (`load_shards`: resharded
-into whatever the reader holds), or whole into one process (`read_shards`: eval, export, soups,
---init). state.json and rng.safetensors stay rank 0's, as in a full checkpoint.
+A sharded checkpoint (train.sharded_ckpt, FSDP runs) holds `shards/` instead of the model and
+optimizer files: DCP files (torch.distributed.checkpoint) of the flat dict `model/NAME`,
+`optim/PARAM_NAME/STATE_NAME`, each rank writing its own shards (`save_sharded`: no rank holds
+the whole state). They are read back onto any number of ranks (`load_shards`, resharded), or
+whole into one process (`read_shards`: eval, export, soups, --init).
 
 It is written into `ckpt-STEP.tmp/`, each file fsynced, then renamed into place (a sharded
 one: by rank 0, once every rank has written its shards), so a kill at any moment leaves either
@@ -22,8 +20,7 @@ Reading never trusts a checkpoint: `load` checks the whole of one (every file th
 readable, state.json complete, finite weights of the model's shapes; for a sharded one its
 `.metadata` readable, every shard file it names there and long enough, the shapes it records
 the model's) before anything is restored, and `newest_good` passes over damaged ones to the
-newest that is whole. The number of ranks a checkpoint was written by is its RNG states'
-(`world_of`); a run resumes on another number (vitscale.train.checkpointer).
+newest that is whole. The ranks that wrote a checkpoint: `world_of` (its RNG states).
 """
 
 from __future__ import annotations
