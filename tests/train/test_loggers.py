@@ -166,7 +166,11 @@ def test_wandb_takes_its_mode_project_and_entity_from_its_environment_variables(
     monkeypatch.setenv("WANDB_ENTITY", "my-team")
     log_rows(tmp_path / "run", ("wandb",))
     (path,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
-    (run,) = [r.run for r in wandb_records(path) if r.WhichOneof("record_type") == "run"]
+    deadline = time.time() + 60  # wandb's own service process writes the file: under load, after finish()
+    while not (runs := [r.run for r in wandb_records(path) if r.WhichOneof("record_type") == "run"]):
+        assert time.time() < deadline, [r.WhichOneof("record_type") for r in wandb_records(path)]
+        time.sleep(0.2)
+    (run,) = runs
     assert (run.project, run.entity, run.display_name) == ("my-project", "my-team", "run")
 
 
