@@ -25,8 +25,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from vitscale.study import solver
+
+FLOOR_STARTS = (0.5,)  # e as a share of the least error
 ALPHA_STARTS = (0.2, 0.6, 1.2)
 BETA_STARTS = (0.2, 0.6, 1.2)
+SHARE_STARTS = (0.5,)  # the size term's share of the errors' spread
+GAMMA_STARTS = (0.0,)
 MAX_EXPONENT = 3.0
 
 
@@ -99,12 +104,91 @@ def _grid(y: np.ndarray, strategies: int) -> list[np.ndarray]:
                 np.log(share * spread),
                 np.log((1 - share) * spread),
                 beta,
-                0.0,
+                gamma,
             ]
             + [alpha] * strategies
         )
-        for f, alpha, beta, share in itertools.product((0.5,), ALPHA_STARTS, BETA_STARTS, (0.5,))
+        for f, alpha, beta, share, gamma in itertools.product(
+            FLOOR_STARTS, ALPHA_STARTS, BETA_STARTS, SHARE_STARTS, GAMMA_STARTS
+        )
     ]
+
+
+@dataclass(frozen=True)
+class Points:
+    """One fit's points, checked: its strategies, units and the solver's columns."""
+
+    names: tuple[str, ...]
+    n0: float
+    d0: float
+    ln: np.ndarray  # log N / n0
+    ld: np.ndarray  # log D / d0
+    which: np.ndarray  # index of each point's strategy in names
+    y: np.ndarray  # error
+
+
+def points(
+    strategy: Sequence[str], size: Sequence[float], samples: Sequence[float], error: Sequence[float],
+    n0: float | None = None,
+) -> Points:
+    """Points (strategy, N, D, error) as a fit takes them. Every strategy needs a point of another
+    size than n0 (its exponent is otherwise unknown), and the points need two or more lengths."""
+    n, d, y = (np.asarray(v, dtype=float) for v in (size, samples, error))
+    names = tuple(dict.fromkeys(strategy))
+    n0 = float(n.min()) if n0 is None else float(n0)
+    for s in names:
+        if not any(ni != n0 for si, ni in zip(strategy, n, strict=True) if si == s):
+            raise ValueError(f"strategy {s} has no trial but the base to fit its size exponent on")
+    if len(np.unique(d)) < 2 or len(y) < 5 + len(names):
+        raise ValueError("the law needs two or more training lengths and more points than parameters")
+    d0 = float(d.min())
+    which = np.array([names.index(s) for s in strategy])
+    return Points(names, n0, d0, np.log(n / n0), np.log(d / d0), which, y)
+
+
+def _bounds(strategies: int) -> np.ndarray:
+    """Coefficients as logs (positive by construction), exponents in [0, MAX_EXPONENT]."""
+    return np.array([(-12, 0.5), (-12, 1.5), (-12, 1.5)] + [(0, MAX_EXPONENT)] * (2 + strategies))
+
+
+def _start(law: Law, d0: float) -> np.ndarray:
+    """A law's parameters as a start for points whose length unit is d0 (the same curve)."""
+    theta = _theta(law)
+    theta[2] -= law.beta * np.log(d0 / law.d0)
+    return theta
+
+
+def fit_many(fits: Sequence[Points], huber: float = 0.01, start: Law | None = None) -> list[Law]:
+    """Fit the law to each set of points, all in one batch (solver.solve), each from the grid of
+    starts, or from `start` alone (a bootstrap's or a leave-one-out's refits of a fitted law)."""
+    if not fits:
+        return []
+    names = fits[0].names
+    if any(f.names != names for f in fits):
+        raise ValueError("fits solved together must share their strategies")
+    starts = [[_start(start, f.d0)] if start is not None else _grid(f.y, len(names)) for f in fits]
+    per = len(starts[0])
+    width = max(len(f.y) for f in fits)
+
+    def pad(column: str, fill: float) -> np.ndarray:
+        rows = [np.pad(getattr(f, column), (0, width - len(f.y)), constant_values=fill) for f in fits]
+        return np.repeat(np.stack(rows), per, axis=0)
+
+    mask = pad("y", np.nan)
+    problems = solver.Problems(pad("ln", 0.0), pad("ld", 0.0), pad("which", 0).astype(int),
+                               np.nan_to_num(mask), (~np.isnan(mask)).astype(float))
+    solved = solver.solve(problems, np.concatenate(starts), _bounds(len(names)), huber,
+                          np.repeat(np.arange(len(fits)), per))
+    laws = []
+    for i, f in enumerate(fits):
+        best = i * per + int(np.argmin(solved.loss[i * per:(i + 1) * per]))
+        le, la, lb, beta, gamma, *alphas = solved.theta[best]
+        law = Law(names, float(np.exp(le)), float(np.exp(la)), tuple(float(a) for a in alphas),
+                  float(np.exp(lb)), float(beta), float(gamma), f.n0, f.d0, 0.0, len(f.y))
+        fitted = np.array([law.predict(names[w], np.exp(a) * f.n0, np.exp(b) * f.d0)
+                           for w, a, b in zip(f.which, f.ln, f.ld, strict=True)])
+        laws.append(replace(law, rmse=float(np.sqrt(np.mean((fitted - f.y) ** 2)))))
+    return laws
 
 
 def fit_law(
@@ -116,76 +200,9 @@ def fit_law(
     huber: float = 0.01,
     start: Law | None = None,
 ) -> Law:
-    """Fit the law to points (strategy, N, D, error).
-
-    Coefficients are fitted as logs (positive by construction), exponents in [0, 3]. Every
-    strategy needs a point of another size than n0 (its exponent is otherwise unknown), and
-    the points need two or more lengths. `start`: a previous fit to start from alone (the
-    bootstrap's refits), instead of the grid.
-    """
-    from scipy.optimize import minimize
-
-    n, d, y = (np.asarray(v, dtype=float) for v in (size, samples, error))
-    names = tuple(dict.fromkeys(strategy))
-    n0 = float(n.min()) if n0 is None else float(n0)
-    for s in names:
-        if not any(ni != n0 for si, ni in zip(strategy, n, strict=True) if si == s):
-            raise ValueError(f"strategy {s} has no trial but the base to fit its size exponent on")
-    if len(np.unique(d)) < 2 or len(y) < 5 + len(names):
-        raise ValueError("the law needs two or more training lengths and more points than parameters")
-    d0 = float(d.min())
-    ln, ld = np.log(n / n0), np.log(d / d0)
-    which = np.array([names.index(s) for s in strategy])
-
-    onehot = np.eye(len(names))[which]  # [points, strategies]
-
-    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        """Huber loss of the residuals and its gradient (as few array operations as it takes: the
-        fits evaluate it tens of thousands of times, the bootstrap's refits most)."""
-        floor = np.exp(theta[0])
-        size = np.exp(theta[1] - theta[5:][which] * ln)
-        length = np.exp(theta[2] - theta[3] * ld - theta[4] * ln)
-        r = size + length + (floor - y)
-        psi = np.clip(r, -huber, huber)  # d loss / d r: r inside the Huber band, +-huber outside
-        by_length, by_size = psi * length, psi * size
-        grad = np.empty_like(theta)
-        grad[0], grad[1], grad[2] = psi.sum() * floor, by_size.sum(), by_length.sum()
-        grad[3], grad[4] = -(by_length @ ld), -(by_length @ ln)
-        grad[5:] = -((by_size * ln) @ onehot)
-        # 0.5 r^2 inside the band, huber (|r| - huber / 2) outside: both are psi (r - psi / 2)
-        return float(psi @ (r - 0.5 * psi)), grad
-
-    bounds = [(-12, 0.5), (-12, 1.5), (-12, 1.5), (0, MAX_EXPONENT), (0, MAX_EXPONENT)]
-    bounds += [(0, MAX_EXPONENT)] * len(names)
-    starts = [_theta(start)] if start is not None else _grid(y, len(names))
-    best = None
-    for theta in starts:
-        r = minimize(
-            loss,
-            np.clip(theta, *np.array(bounds).T),
-            jac=True,
-            method="L-BFGS-B",
-            bounds=bounds,
-            options={"ftol": 1e-14, "gtol": 1e-10, "maxiter": 1000},
-        )
-        if best is None or r.fun < best.fun:
-            best = r
-    le, la, lb, beta, gamma, *alphas = best.x
-    law = Law(
-        names,
-        float(np.exp(le)),
-        float(np.exp(la)),
-        tuple(float(a) for a in alphas),
-        float(np.exp(lb)),
-        float(beta),
-        float(gamma),
-        n0,
-        d0,
-        0.0,
-        len(y),
-    )
-    fitted = np.array([law.predict(s, ni, di) for s, ni, di in zip(strategy, n, d, strict=True)])
-    return replace(law, rmse=float(np.sqrt(np.mean((fitted - y) ** 2))))
+    """Fit the law to points (strategy, N, D, error) with a Huber loss (see `points` for what they
+    need). `start`: a previous fit to start from alone (the bootstrap's refits), instead of the grid."""
+    return fit_many([points(strategy, size, samples, error, n0)], huber, start)[0]
 
 
 # ----------------------------------------------------------------------------- runtime

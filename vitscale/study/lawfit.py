@@ -145,15 +145,30 @@ def _pairs(rows: list[TrialResult], strategies: tuple[str, ...], shared: bool) -
     return [[(r, s) for r in rows if s in r.strategies] for s in strategies]
 
 
-def _fit_once(groups: list[list], n0: dict[str, float], start: fits.Laws | None = None, rng=None,
-              luck: float = 0.0, common: float = 0.0):
-    return fits.Laws(
-        tuple(
-            fits.fit_law(*points(g, rng, luck, common), n0=n0[recipe_of(g[0][1]) if g else ""],
-                         start=start.laws[i] if start else None)
-            for i, g in enumerate(groups)
-        )
-    )
+def _fit_once(groups: list[list], n0: dict[str, float]) -> fits.Laws:
+    """The laws of `groups` (one list of pairs per law) on their points, each from the grid of starts."""
+    return fits.Laws(tuple(fits.fit_many([fits.points(*points(g), n0=_n0(g, n0))])[0] for g in groups))
+
+
+def _n0(group: list, n0: dict[str, float]) -> float:
+    return n0[recipe_of(group[0][1]) if group else ""]
+
+
+def _refits(columns: list[list[tuple]], n0s_: list[float], start: fits.Laws) -> list[fits.Laws | None]:
+    """Refits of `start` (one law per group) to sets of points, all solved as one batch per law:
+    `columns[j][i]` holds set j's points of law i; None for a set whose points cannot be fitted."""
+    sets: list[list[fits.Points] | None] = []
+    for cols in columns:
+        try:
+            set_ = [fits.points(*c, n0=n) for c, n in zip(cols, n0s_, strict=True)]
+        except ValueError:
+            set_ = None
+        # a set that lost every trial of a strategy has no exponent for it to fit
+        same = set_ and all(p.names == law.strategies for p, law in zip(set_, start.laws, strict=True))
+        sets.append(set_ if same else None)
+    ok = [s for s in sets if s is not None]
+    solved = [iter(fits.fit_many([s[i] for s in ok], start=law)) for i, law in enumerate(start.laws)]
+    return [None if s is None else fits.Laws(tuple(next(it) for it in solved)) for s in sets]
 
 
 def structure(rows: list[TrialResult], strategies: tuple[str, ...], n0: dict[str, float]) -> Structure:
@@ -175,18 +190,16 @@ def _structure(rows, strategies, n0) -> tuple[Structure, dict[bool, fits.Laws | 
         except ValueError:
             errors[shared] = None
             continue
+        # predict the trials larger than their base from the rest, as the backtest does
+        left = [r for r in rows if r.flops > n0[recipe_of(r.family)]]
+        groups = [_pairs([x for x in rows if x is not r], strategies, shared) for r in left]
+        units = [_n0(g, n0) for g in groups[0]] if groups else []
+        laws = _refits([[points(g) for g in gs] for gs in groups], units, full)
         misses = []
-        for r in rows:
-            # predict the trials larger than their base from the rest, as the backtest does
-            if r.flops <= n0[recipe_of(r.family)]:
-                continue
-            others = [x for x in rows if x is not r]
-            s = next(t for t in strategies if t in r.strategies)
-            try:
-                law = _fit_once(_pairs(others, strategies, shared), n0, start=full)
-            except ValueError:
-                continue
-            misses.append(abs(1.0 - float(law.predict(s, r.flops, r.samples)) - final(r)))
+        for r, law in zip(left, laws, strict=True):
+            if law is not None:
+                s = next(t for t in strategies if t in r.strategies)
+                misses.append(abs(1.0 - float(law.predict(s, r.flops, r.samples)) - final(r)))
         errors[shared] = float(np.mean(misses)) if misses else None
     separate_better = errors[False] is not None and (errors[True] is None or errors[False] < errors[True])
     return Structure(not separate_better, errors[True], errors[False]), fulls
@@ -205,7 +218,7 @@ def fit(
     rng = np.random.default_rng(0)
     anchors = {g: [r for r in rows if recipe_of(r.family) == g and r.flops == n] for g, n in n0.items()}
     groups = {s: [r for r in rows if s in r.strategies and r.flops != n0[recipe_of(s)]] for s in strategies}
-    laws = []
+    sets, commons = [], []
     for _ in range(BOOTSTRAP):
         drawn = {s: [g[i] for i in rng.integers(0, len(g), len(g))] for s, g in groups.items()}
         if choice.shared:
@@ -213,12 +226,10 @@ def fit(
                      for ss in _groups(strategies)]
         else:
             pairs = [[(r, s) for r in anchors[recipe_of(s)] + g] for s, g in drawn.items()]
-        common = math.sqrt(SHARED) * rng.standard_normal()  # this refit's draw of the test split
-        try:
-            refit = _fit_once(pairs, n0, start=law, rng=rng, luck=luck, common=common)
-            laws.append(Refit(refit.laws, common))
-        except ValueError:
-            continue
+        commons.append(math.sqrt(SHARED) * rng.standard_normal())  # this refit's draw of the test split
+        sets.append([points(g, rng, luck, commons[-1]) for g in pairs])
+    refits = _refits(sets, [_n0(g, n0) for g in pairs], law)
+    laws = [Refit(r.laws, c) for r, c in zip(refits, commons, strict=True) if r is not None]
     return law, laws, choice
 
 
