@@ -231,8 +231,15 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _print_summary(summary, out: str) -> None:
-    """The study's verdict in three lines: its backtest, its recommendation, its best measured trial."""
-    bt, rec = summary.backtest, summary.recommendation
+    """The study's verdict in four lines: its forecast across compute, its backtest, its recommendation,
+    its best measured trial."""
+    bt, rec, fc = summary.backtest, summary.recommendation, summary.forecast
+    if fc.checks:
+        print(f"forecast: the law, fitted at or below {fc.cut:g} of each budget, predicts every trial at the "
+              f"budget within {100 * fc.mean_abs_error:.1f} points on average "
+              f"(max {100 * fc.max_abs_error:.1f}); "
+              f"its pick {fc.pick} has regret {100 * fc.regret:.1f} (persistence's {fc.persistence}: "
+              f"{100 * fc.persistence_regret:.1f})")
     if bt.checks:
         print(f"backtest: the law, fitted without {', '.join(bt.held_out)}, predicts them within "
               f"{100 * bt.mean_abs_error:.1f} points on average (max {100 * bt.max_abs_error:.1f}); "

@@ -38,6 +38,40 @@ def _shape(c: Candidate) -> str:
     )
 
 
+def _forecast(s: Summary) -> list:
+    fc = s.forecast
+    share = f"1/{round(1 / fc.cut)}" if abs(1 / fc.cut - round(1 / fc.cut)) < 1e-9 else f"{fc.cut:g}"
+    if not fc.checks:
+        return [f"Nothing was forecast across compute: {fc.note}."]
+    head = ("trial", f"at {share}", "predicted", f"{LEVEL:.0%} interval", "measured", "error (points)",
+            "log-linear", "covered")
+    body = [
+        (c.trial + (" **(pick)**" if c.trial == fc.pick else ""), _pct(c.early), _pct(c.predicted),
+         _span(c.interval), _pct(c.measured), f"{100 * (c.predicted - c.measured):+.1f}", _pct(c.loglinear),
+         "yes" if c.covered else "**no**")
+        for c in fc.checks
+    ]
+
+    def regret(trial, points) -> str:
+        return "-" if trial is None else f"{trial} (regret {100 * points:.1f} points)"
+
+    line = (f"mean {100 * fc.loglinear_mean_abs_error:.1f}, max {100 * fc.loglinear_max_abs_error:.1f}"
+            if fc.loglinear_mean_abs_error is not None else "not possible (fewer than two points a trial)")
+    return [
+        f"The law was fitted on the {fc.points} annealed points at or below {share} of each trial's budget, "
+        f"then predicted every trial's {s.metric} at its full budget, four times further than it saw. "
+        f"Mean absolute error **{100 * fc.mean_abs_error:.1f} points**, "
+        f"maximum **{100 * fc.max_abs_error:.1f}**; "
+        f"the {LEVEL:.0%} interval covered {fc.covered} of {len(fc.checks)}. "
+        f"Its pick for the budget: **{regret(fc.pick, fc.regret)}**, the measured best's accuracy less the "
+        f"pick's.",
+        (head, body),
+        f"Baselines with no law: persistence (the best at {share} stays the best) picks "
+        f"{regret(fc.persistence, fc.persistence_regret)}; each trial's own line in log samples, extended, "
+        f"errs by {line} points and picks {regret(fc.loglinear_pick, fc.loglinear_regret)}.",
+    ]
+
+
 def _backtest(s: Summary) -> list:
     bt = s.backtest
     if not bt.checks:
@@ -356,6 +390,7 @@ def _sections(s: Summary, rows: list[TrialResult]) -> list[tuple[str, list]]:
         for r in rows
     ]
     return [
+        ("Forecast across compute: the law predicts the budget from a quarter of it", _forecast(s)),
         ("Backtest: the law predicts trials it did not see", _backtest(s)),
         ("Recommendation", _recommendation(s)),
         *([("Recipes", _recipes(s, rows))] if any("+" in f for f in s.strategies) else []),

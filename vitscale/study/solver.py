@@ -113,7 +113,7 @@ def solve(
         trial = np.clip(theta + step, lo, hi)
         new_loss, new_parts = batch.loss(trial, huber)
         better = (new_loss < loss) & ~done
-        gain = np.where(better, (loss - new_loss) / loss, gain)
+        gain = np.where(better, (loss - new_loss) / np.maximum(loss, 1e-300), gain)
         settled = loss - new_loss <= TOL * loss  # an accepted step that hardly lowered the loss
         done |= (better & settled) | (~better & (damping >= MAX_DAMPING)) | ~free.any(axis=1)
         theta = np.where(better[:, None], trial, theta)

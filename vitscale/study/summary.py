@@ -1,5 +1,6 @@
 """What a scaling study concludes, as typed, versioned records: summary.json.
 
+    Forecast        the law fitted on the points at or below C/4, checked on every trial at C
     Backtest        the law fitted without each strategy's largest trials, checked on them
     Recommendation  the model and length for the budget (and for larger budgets), from the
                     law refitted on every trial, beside the best trial measured
@@ -20,7 +21,7 @@ from vitscale.models.vit import ViTConfig
 from vitscale.study.fits import Laws, RuntimeModel
 from vitscale.study.results import SweepPoint
 
-VERSION = 2  # 2: the law's gamma (a larger model learns more per sample)
+VERSION = 3  # 2: the law's gamma (a larger model learns more per sample); 3: the forecast across compute
 LEVEL = 0.9  # the coverage every interval claims
 
 
@@ -74,6 +75,44 @@ class Backtest:
     max_abs_error: float | None
     covered: int  # checks whose interval held the measured value
     note: str  # what could not be backtested, and why
+
+
+@dataclass(frozen=True)
+class ForecastCheck:
+    """One trial at its full budget, predicted from the points at or below a share of it."""
+
+    trial: str
+    strategy: str
+    flops: float
+    samples: int  # at the full budget
+    early: float  # its accuracy at the largest fraction fitted (what persistence ranks by)
+    predicted: float  # the law's
+    interval: tuple[float, float]
+    measured: float  # mean final accuracy over its seeds
+    loglinear: float | None  # its own points' line in log samples, extended (None: fewer than two)
+    covered: bool
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """The backtest across compute: fitted at or below `cut` of each budget, checked at the budget;
+    the pick's regret beside persistence's and the log-linear extension's."""
+
+    cut: float
+    points: int  # annealed points fitted
+    checks: tuple[ForecastCheck, ...]
+    mean_abs_error: float | None
+    max_abs_error: float | None
+    covered: int
+    pick: str | None  # the trial the law predicts best at the budget
+    regret: float | None  # best measured at the budget less the pick's measured accuracy
+    persistence: str | None  # the best at the cut
+    persistence_regret: float | None
+    loglinear_pick: str | None
+    loglinear_regret: float | None
+    loglinear_mean_abs_error: float | None
+    loglinear_max_abs_error: float | None
+    note: str  # why it could not be made
 
 
 @dataclass(frozen=True)
@@ -186,6 +225,7 @@ class Summary:
     trials: int
     total_wall_s: float
     noise: Noise
+    forecast: Forecast
     backtest: Backtest
     law: Laws | None  # fitted on every trial
     structure: Structure | None
