@@ -70,7 +70,7 @@ class StudyConfig:
 
     # cooldown branch points as shares of each trial's budget: each is an annealed point on the
     # trial's curve, branched from one stable run, from which the fits are made
-    fractions: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0)
+    fractions: tuple[float, ...] = (0.35, 0.5, 0.71, 1.0)
     decay_frac: float = 0.2  # a cooldown's share of the run length it ends (the decay of a wsd schedule)
     warmup: float = 0.05  # linear warm-up as a share of each trial's full length
 
