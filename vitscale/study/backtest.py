@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from vitscale.study.lawfit import able, final, fit, interval, n0s, noise, predictions
+from vitscale.study.lawfit import able, final, fit, n0s, noise, predicted
 from vitscale.study.results import TrialResult
 from vitscale.study.summary import Backtest, Check
 from vitscale.study.trials import held_out
@@ -42,11 +42,8 @@ def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int)
     checks = []
     for s in fittable:
         for r in held[s]:
-            predicted = 1.0 - float(law.predict(s, r.flops, r.samples))
+            guess, span = predicted(law, laws, s, r, noise_, rng)
             sd = noise_.sd(len(r.seeds))
-            # measured on the split the fitted points were: the common sampling error cancels
-            stderr = r.seeds[0].final.stderr
-            span = interval(predictions(laws, s, r.flops, r.samples, stderr), sd, rng, noise_.dof)
             measured = final(r)
             checks.append(
                 Check(
@@ -54,12 +51,12 @@ def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int)
                     r.name,
                     r.flops,
                     r.samples,
-                    predicted,
+                    guess,
                     span,
                     measured,
                     sd,
                     len(r.seeds),
-                    predicted - measured,
+                    guess - measured,
                     span[0] <= measured <= span[1],
                 )
             )

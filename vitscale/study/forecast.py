@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from vitscale.study.lawfit import able, final, fit, interval, n0s, predictions
+from vitscale.study.lawfit import able, final, fit, n0s, predicted
 from vitscale.study.results import TrialResult
 from vitscale.study.summary import Forecast, ForecastCheck, Noise
 
@@ -77,11 +77,7 @@ def forecast(
         s = next((t for t in fittable if t in r.strategies), None)
         if s is None or r.name not in seen:
             continue
-        predicted = 1.0 - float(law.predict(s, r.flops, r.samples))
-        stderr = r.seeds[0].final.stderr  # measured on the split the fitted points were
-        span = interval(
-            predictions(laws, s, r.flops, r.samples, stderr), noise_.sd(len(r.seeds)), rng, noise_.dof
-        )
+        guess, span = predicted(law, laws, s, r, noise_, rng)
         measured = final(r)
         checks.append(
             ForecastCheck(
@@ -90,7 +86,7 @@ def forecast(
                 r.flops,
                 r.samples,
                 final(seen[r.name]),
-                predicted,
+                guess,
                 span,
                 measured,
                 loglinear(seen[r.name], r.samples),

@@ -254,3 +254,13 @@ def predictions(laws: list[fits.Laws], strategy: str, n: float, d: float, stderr
     return np.array([1.0 - float(lw.predict(strategy, n, d)) - getattr(lw, "common", 0.0) * stderr
                      for lw in laws])
 
+
+
+def predicted(law: fits.Laws, laws: list[fits.Laws], strategy: str, r: TrialResult, noise_: Noise,
+              rng: np.random.Generator) -> tuple[float, tuple[float, float]]:
+    """The law's accuracy for trial `r` at its full length, and the LEVEL interval for what r
+    measured there (the mean over its seeds): the refits' spread plus that mean's seed noise, on the
+    split the fitted points were measured on (their common sampling error cancels)."""
+    accuracy = 1.0 - float(law.predict(strategy, r.flops, r.samples))
+    draws = predictions(laws, strategy, r.flops, r.samples, r.seeds[0].final.stderr)
+    return accuracy, interval(draws, noise_.sd(len(r.seeds)), rng, noise_.dof)
