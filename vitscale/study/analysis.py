@@ -23,6 +23,7 @@ from vitscale.common import stats
 from vitscale.study import fits
 from vitscale.study.backtest import backtest
 from vitscale.study.config import StudyConfig, base_run
+from vitscale.study.diagnose import diagnose
 from vitscale.study.forecast import forecast
 from vitscale.study.isoflops import isoflops
 from vitscale.study.lawfit import able, fit, n0s, noise
@@ -123,6 +124,7 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
         len(rows),
         sum(r.wall_s for r in rows),
         noise_,
+        diagnose(rows),
         forecast(rows, strategies, noise_),
         bt,
         law,

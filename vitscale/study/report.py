@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from vitscale.common.io import atomic_write_text
-from vitscale.study import plots, summary
+from vitscale.study import diagnose, plots, summary
 from vitscale.study.config import REPORT_HTML, REPORT_MD, SUMMARY
 from vitscale.study.plots import PLOTS
 from vitscale.study.results import TrialResult
@@ -69,6 +69,18 @@ def _forecast(s: Summary) -> list:
         f"Baselines with no law: persistence (the best at {share} stays the best) picks "
         f"{regret(fc.persistence, fc.persistence_regret)}; each trial's own line in log samples, extended, "
         f"errs by {line} points and picks {regret(fc.loglinear_pick, fc.loglinear_regret)}.",
+    ]
+
+
+def _flags(s: Summary) -> list:
+    lines = [diagnose.unresolved(s.noise)] if diagnose.unresolved(s.noise) else []
+    if not s.flags:
+        return lines + [f"No trial is shorter than {diagnose.MIN_STEPS} steps, unstable across seeds, or "
+                        "worse with more training."]
+    return lines + [
+        "Flagged before fitting (the fits still use every trial; a flagged trial's points deserve less "
+        "trust):",
+        (("trial", "flag", "why"), [(f.trial, f.kind, f.detail) for f in s.flags]),
     ]
 
 
@@ -392,6 +404,7 @@ def _sections(s: Summary, rows: list[TrialResult]) -> list[tuple[str, list]]:
     return [
         ("Forecast across compute: the law predicts the budget from a quarter of it", _forecast(s)),
         ("Backtest: the law predicts trials it did not see", _backtest(s)),
+        ("Trials to trust less", _flags(s)),
         ("Recommendation", _recommendation(s)),
         *([("Recipes", _recipes(s, rows))] if any("+" in f for f in s.strategies) else []),
         ("The law over size and length", _law(s)),

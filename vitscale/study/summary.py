@@ -21,7 +21,8 @@ from vitscale.models.vit import ViTConfig
 from vitscale.study.fits import Laws, RuntimeModel
 from vitscale.study.results import SweepPoint
 
-VERSION = 3  # 2: the law's gamma (a larger model learns more per sample); 3: the forecast across compute
+# 2: the law's gamma (a larger model learns more per sample); 3: the forecast across compute, the flags
+VERSION = 3
 LEVEL = 0.9  # the coverage every interval claims
 
 
@@ -75,6 +76,15 @@ class Backtest:
     max_abs_error: float | None
     covered: int  # checks whose interval held the measured value
     note: str  # what could not be backtested, and why
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A trial the law should not take at its word (diagnose.py): why, in a sentence's words."""
+
+    trial: str
+    kind: str  # "short", "unstable" or "not improving"
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -225,6 +235,7 @@ class Summary:
     trials: int
     total_wall_s: float
     noise: Noise
+    flags: tuple[Flag, ...]
     forecast: Forecast
     backtest: Backtest
     law: Laws | None  # fitted on every trial

@@ -1,0 +1,75 @@
+"""Trials a law should not take at their word, found before it is fitted.
+
+short           its full length is below MIN_STEPS optimizer steps: a run that short is mostly
+                warm-up and the first fast drop, a regime the law's power in D does not describe
+unstable        its seeds disagree by more than SPREAD times one seed's binomial error (the test
+                split alone would make them agree within it), or a point's loss is not finite
+not improving   an annealed point below an earlier (shorter) one by more than twice their
+                combined binomial error: more training made it worse
+
+The flags are reported beside the law; the fits still use every trial (a flagged trial is not yet
+re-run or left out).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from vitscale.study.results import TrialResult
+from vitscale.study.summary import Flag, Noise
+
+MIN_STEPS = 500
+SPREAD = 3.0
+UNRESOLVED = 0.02  # a study whose seed noise is above this cannot tell apart trials closer than it
+
+
+def _unstable(r: TrialResult) -> str:
+    if any(p.loss is not None and not math.isfinite(p.loss) for s in r.seeds for p in s.points):
+        return "a loss that is not finite"
+    if len(r.seeds) < 2:
+        return ""
+    acc = [s.final.accuracy for s in r.seeds]
+    spread, binomial = float(np.std(acc, ddof=1)), float(np.median([s.final.stderr for s in r.seeds]))
+    if spread > SPREAD * binomial:
+        return (
+            f"its seeds' final accuracies ({', '.join(f'{100 * a:.1f}' for a in acc)}) spread by "
+            f"{100 * spread:.1f} points, over {SPREAD:g}x one seed's binomial error ({100 * binomial:.1f})"
+        )
+    return ""
+
+
+def _falling(r: TrialResult) -> str:
+    pts = r.points()
+    for i, early in enumerate(pts):
+        for late in pts[i + 1 :]:
+            if late.accuracy < early.accuracy - 2 * math.hypot(early.stderr, late.stderr):
+                return (
+                    f"{100 * late.accuracy:.1f}% at {late.fraction:g} of its budget, below "
+                    f"{100 * early.accuracy:.1f}% at {early.fraction:g}"
+                )
+    return ""
+
+
+def diagnose(rows: list[TrialResult]) -> tuple[Flag, ...]:
+    """Every flag of every trial, in the trials' order."""
+    flags = []
+    for r in rows:
+        if r.steps < MIN_STEPS:
+            flags.append(Flag(r.name, "short", f"{r.steps} steps at its full length, below {MIN_STEPS}"))
+        if why := _unstable(r):
+            flags.append(Flag(r.name, "unstable", why))
+        if why := _falling(r):
+            flags.append(Flag(r.name, "not improving", why))
+    return tuple(flags)
+
+
+def unresolved(noise_: Noise) -> str:
+    """The report's warning where the seed noise is too large to resolve small differences."""
+    if noise_.seed_sd <= UNRESOLVED:
+        return ""
+    return (
+        f"One seed's final accuracy varies by {100 * noise_.seed_sd:.1f} points between seeds: this study "
+        f"does not resolve differences between trials smaller than that."
+    )
