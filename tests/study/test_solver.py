@@ -81,3 +81,12 @@ def test_a_start_at_the_optimum_stays_there_and_a_refit_moves_with_its_points():
     moved = _again(p, p.y + 0.01)
     shifted = fits.fit_many([moved], start=law)[0]
     assert abs(shifted.predict("d", N0, 4e4) - law.predict("d", N0, 4e4) - 0.01) < 2e-3
+
+
+def test_a_fit_says_how_many_starts_agreed_and_whether_its_best_converged(monkeypatch):
+    p = _problem(np.random.default_rng(3))
+    law = fits.fit_many([p])[0]
+    assert law.starts == len(fits._grid(p.y, 2)) and 1 <= law.agreeing <= law.starts and law.converged
+    monkeypatch.setattr(solver, "MAX_ITER", 2)
+    capped = fits.fit_many([p])[0]
+    assert not capped.converged

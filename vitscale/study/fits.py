@@ -33,6 +33,7 @@ BETA_STARTS = (0.2, 0.6, 1.2)
 SHARE_STARTS = (0.5,)  # the size term's share of the errors' spread
 GAMMA_STARTS = (0.0,)
 MAX_EXPONENT = 3.0
+AGREE = 1e-6  # relative loss within which two starts found the same minimum
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class Law:
     d0: float  # length unit: the fewest samples fitted
     rmse: float  # root mean squared error of the fit (error units)
     points: int
+    starts: int = 1  # starts the fit was solved from
+    agreeing: int = 1  # starts whose loss came within AGREE of the best (a lone best may be luck)
+    converged: bool = True  # the best start stopped on a settled loss, not at the iteration cap
 
     def alpha(self, strategy: str) -> float:
         return self.alphas[self.strategies.index(strategy)]
@@ -181,10 +185,13 @@ def fit_many(fits: Sequence[Points], huber: float = 0.01, start: Law | None = No
                           np.repeat(np.arange(len(fits)), per))
     laws = []
     for i, f in enumerate(fits):
-        best = i * per + int(np.argmin(solved.loss[i * per:(i + 1) * per]))
+        losses = solved.loss[i * per:(i + 1) * per]
+        best = i * per + int(np.argmin(losses))
         le, la, lb, beta, gamma, *alphas = solved.theta[best]
+        agreeing = int(np.sum(losses <= losses.min() * (1 + AGREE) + 1e-300))
         law = Law(names, float(np.exp(le)), float(np.exp(la)), tuple(float(a) for a in alphas),
-                  float(np.exp(lb)), float(beta), float(gamma), f.n0, f.d0, 0.0, len(f.y))
+                  float(np.exp(lb)), float(beta), float(gamma), f.n0, f.d0, 0.0, len(f.y), per, agreeing,
+                  bool(solved.converged[best]))
         fitted = np.array([law.predict(names[w], np.exp(a) * f.n0, np.exp(b) * f.d0)
                            for w, a, b in zip(f.which, f.ln, f.ld, strict=True)])
         laws.append(replace(law, rmse=float(np.sqrt(np.mean((fitted - f.y) ** 2)))))

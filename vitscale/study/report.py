@@ -242,13 +242,18 @@ def _law(s: Summary) -> list:
     head = ("parameter", "value", f"{LEVEL:.0%} bootstrap interval")
     body = [(p.name, f"{p.value:.4g}", f"{p.interval[0]:.4g}–{p.interval[1]:.4g}") for p in s.parameters]
     rmse = ", ".join(f"{'/'.join(law.strategies)} {100 * law.rmse:.2f}" for law in s.law.laws)
+    starts = "; ".join(
+        f"{'/'.join(law.strategies)}: {law.agreeing} of {law.starts} starts reached the best loss"
+        + ("" if law.converged else ", which **did not converge** (the iteration cap stopped it)")
+        for law in s.law.laws)
     return [
         f"error(s, N, D) = e + a (N / {one.n0:.3g})^-alpha_s + b (D / d0)^-beta (N / {one.n0:.3g})^-gamma, "
         "N the forward multiply-adds per sample (n0 the base's; a recipe's laws: its base's), D the training "
         "samples (gamma > 0: a larger model learns more per sample), over every annealed point of every "
         "seed, Huber loss from a grid of starts. Shared, the strategies (which all start from the base) "
         "share e, a and the length term and each has its own size exponent; separate, each has all six. "
-        f"{_structure(s.structure, s.strategies)} RMSE (points): {rmse}. Noise: one seed's final accuracy "
+        f"{_structure(s.structure, s.strategies)} RMSE (points): {rmse}. Starts: {starts}. "
+        f"Noise: one seed's final accuracy "
         f"varies by {100 * s.noise.seed_sd:.2f} points (standard deviation over {s.noise.dof} degrees of "
         f"freedom; sampling of the measured split alone {100 * s.noise.binomial:.2f}).",
         (head, body),
