@@ -255,7 +255,6 @@ def predictions(laws: list[fits.Laws], strategy: str, n: float, d: float, stderr
                      for lw in laws])
 
 
-
 def predicted(law: fits.Laws, laws: list[fits.Laws], strategy: str, r: TrialResult, noise_: Noise,
               rng: np.random.Generator) -> tuple[float, tuple[float, float]]:
     """The law's accuracy for trial `r` at its full length, and the LEVEL interval for what r
