@@ -26,8 +26,8 @@ import numpy as np
 MAX_ITER = 300
 DAMPING = 1e-3  # the first step: nearly Gauss-Newton
 MAX_DAMPING = 1e12
-PRUNE = 1e-3
-CRAWL = 1e-4
+PRUNE = 1e-3  # a start this far (relative) above a converged start of its fit ...
+CRAWL = 1e-4  # ... whose last step gained less than this (relative) stops: see `solve`
 TOL = 1e-10  # relative loss change below which an accepted step counts as converged
 
 
@@ -47,7 +47,8 @@ class Problems:
 class Solution:
     theta: np.ndarray  # [B, K]
     loss: np.ndarray  # [B]
-    converged: np.ndarray  # [B] bool: the loss stopped changing with the projected gradient ~ 0
+    converged: np.ndarray  # [B] bool: stopped before MAX_ITER (settled, no step lowers the loss, or
+    # pruned: then above another start's loss, so never a fit's answer)
 
 
 class _Batch:
