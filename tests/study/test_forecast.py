@@ -96,3 +96,18 @@ def test_the_summary_and_report_lead_with_it(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert text.index("Forecast across compute") < text.index("Backtest:") < text.index("Recommendation")
     assert f"regret {100 * s.forecast.regret:.1f} points" in text
+
+
+def test_what_rests_on_a_bound_is_marked_unreliable(tmp_path, monkeypatch):
+    """A law with e at its floor (points with no error floor to find): the law section names it,
+    and the recommendation and every larger budget's forecast resting on it say so."""
+    monkeypatch.setattr(lawfit, "BOOTSTRAP", 4)
+    from vitscale.study import report
+
+    rows = compute_study(3e11, replace(TRUE, e=1e-7))
+    s = analysis.summarize(StudyConfig(strategies=("d", "w"), fractions=FRACTIONS), rows)
+    assert "e" in s.law.laws[0].at_bounds() and "e" in s.recommendation.pick.bounds
+    assert all("e" in c.bounds for c in s.recommendation.ahead)
+    report.write(tmp_path, s, rows)
+    text = (tmp_path / "report.md").read_text()
+    assert "**At a bound of the fit**" in text and "**Unreliable:** it rests on e" in text

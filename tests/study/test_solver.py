@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from scipy.optimize import minimize
 
@@ -90,3 +92,10 @@ def test_a_fit_says_how_many_starts_agreed_and_whether_its_best_converged(monkey
     monkeypatch.setattr(solver, "MAX_ITER", 2)
     capped = fits.fit_many([p])[0]
     assert not capped.converged
+
+
+def test_a_law_names_its_parameters_at_a_bound():
+    floor = float(np.exp(-12))  # e's lower bound
+    law = fits.Law(("d", "w"), floor, 0.1, (0.3, fits.MAX_EXPONENT), 0.4, 0.5, 0.0, N0, 1e4, 0.0, 9)
+    assert law.at_bounds() == ("e", "gamma", "alpha[w]")
+    assert replace(law, e=0.02, gamma=0.1, alphas=(0.3, 1.0)).at_bounds() == ()

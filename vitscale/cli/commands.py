@@ -248,7 +248,8 @@ def _print_summary(summary, out: str) -> None:
         p = rec.pick
         print(f"recommended for {rec.budget}: {p.strategy} at {p.factor:.3g}x the base's flops (depth "
               f"{p.model.depth}, width {p.model.width}), {p.steps} steps, predicted {summary.metric} "
-              f"{100 * p.accuracy:.1f}% ({100 * p.interval[0]:.1f}-{100 * p.interval[1]:.1f})")
+              f"{100 * p.accuracy:.1f}% ({100 * p.interval[0]:.1f}-{100 * p.interval[1]:.1f})"
+              + (f"; unreliable: rests on {', '.join(p.bounds)} at a bound of the fit" if p.bounds else ""))
     m, best = rec.measured, rec.measured_best
     tie = (f"; within noise of it and cheaper: {m.name} at {m.steps} steps, {100 * m.accuracy:.1f}%"
            if m != best else "")

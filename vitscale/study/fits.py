@@ -58,6 +58,16 @@ class Law:
     def alpha(self, strategy: str) -> float:
         return self.alphas[self.strategies.index(strategy)]
 
+    def at_bounds(self) -> tuple[str, ...]:
+        """The parameters the fit left at a bound (e at its floor, an exponent at 0 or MAX_EXPONENT):
+        where the points could not place them, so whatever rests on them is less known than its
+        interval says."""
+        names = ["e", "a", "b", "beta", "gamma", *(f"alpha[{s}]" for s in self.strategies)]
+        theta, bounds = _theta(self), _bounds(len(self.strategies))
+        near = np.isclose(theta, bounds[:, 0], rtol=0, atol=1e-6) | np.isclose(theta, bounds[:, 1], rtol=0,
+                                                                                  atol=1e-6)
+        return tuple(n for n, at in zip(names, near, strict=True) if at)
+
     def predict(self, strategy: str, n, d):
         n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
         size = n / self.n0

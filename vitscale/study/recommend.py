@@ -97,6 +97,7 @@ def _candidate(
         interval(predictions(laws, s, m.cost.flops, d, noise_.binomial), noise_.seed_sd, rng, noise_.dof),
         outside,
         multiple,
+        law.law(s).at_bounds(),
     )
 
 

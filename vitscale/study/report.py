@@ -142,6 +142,8 @@ def _recommendation(s: Summary) -> list:
             f"{_span(p.interval)})"
             + (", an extrapolation beyond the sizes and lengths measured" if p.extrapolation else "")
             + "."
+            + (f" **Unreliable:** it rests on {', '.join(p.bounds)} at a bound of the fit (the points could "
+               "not place them), so its interval is narrower than what is known." if p.bounds else "")
         )
         if len(rec.tied) > 1:
             lines.append(
@@ -198,6 +200,7 @@ def _ahead(ahead: tuple[Candidate, ...]) -> list:
         "predicted",
         f"{LEVEL:.0%} interval",
         "extrapolation",
+        "rests on a bound",
     )
     body = [
         (
@@ -209,6 +212,7 @@ def _ahead(ahead: tuple[Candidate, ...]) -> list:
             _pct(c.accuracy),
             _span(c.interval),
             "yes" if c.extrapolation else "no",
+            f"**{', '.join(c.bounds)}**" if c.bounds else "no",
         )
         for c in ahead
     ]
@@ -246,6 +250,10 @@ def _law(s: Summary) -> list:
         f"{'/'.join(law.strategies)}: {law.agreeing} of {law.starts} starts reached the best loss"
         + ("" if law.converged else ", which **did not converge** (the iteration cap stopped it)")
         for law in s.law.laws)
+    bounds = "; ".join(f"{'/'.join(law.strategies)}: {', '.join(law.at_bounds())}" for law in s.law.laws
+                       if law.at_bounds())
+    starts += (f". **At a bound of the fit** (the points could not place them; what rests on them is marked "
+               f"unreliable): {bounds}" if bounds else ". No parameter is at a bound of the fit")
     return [
         f"error(s, N, D) = e + a (N / {one.n0:.3g})^-alpha_s + b (D / d0)^-beta (N / {one.n0:.3g})^-gamma, "
         "N the forward multiply-adds per sample (n0 the base's; a recipe's laws: its base's), D the training "

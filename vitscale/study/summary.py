@@ -143,6 +143,7 @@ class Candidate:
     interval: tuple[float, float]  # predicted: for one training run; measured: +-1.645 noise
     extrapolation: bool  # beyond the sizes or lengths the law was fitted on
     multiple: float = 1.0  # of the study's budget
+    bounds: tuple[str, ...] = ()  # the law's parameters at a bound this prediction rests on
 
 
 @dataclass(frozen=True)
