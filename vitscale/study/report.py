@@ -12,19 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from vitscale.common.io import atomic_write_text
-from vitscale.study import diagnose, plots, summary
+from vitscale.study import plots, summary
 from vitscale.study.config import REPORT_HTML, REPORT_MD, SUMMARY
 from vitscale.study.plots import PLOTS
+from vitscale.study.report_checks import flags, forecast, pct, span
 from vitscale.study.results import TrialResult
 from vitscale.study.summary import LEVEL, Candidate, Summary
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _span(iv) -> str:
-    return f"{100 * iv[0]:.1f}–{100 * iv[1]:.1f}"
 
 
 def _shape(c: Candidate) -> str:
@@ -36,52 +29,6 @@ def _shape(c: Candidate) -> str:
         + (f", {m.frames} frames" if m.frames > 1 else "")
         + f" ({c.params / 1e6:.2f} M params, {c.flops / 1e6:.3g} M multiply-adds per sample)"
     )
-
-
-def _forecast(s: Summary) -> list:
-    fc = s.forecast
-    share = f"1/{round(1 / fc.cut)}" if abs(1 / fc.cut - round(1 / fc.cut)) < 1e-9 else f"{fc.cut:g}"
-    if not fc.checks:
-        return [f"Nothing was forecast across compute: {fc.note}."]
-    head = ("trial", f"at {share}", "predicted", f"{LEVEL:.0%} interval", "measured", "error (points)",
-            "log-linear", "covered")
-    body = [
-        (c.trial + (" **(pick)**" if c.trial == fc.pick else ""), _pct(c.early), _pct(c.predicted),
-         _span(c.interval), _pct(c.measured), f"{100 * (c.predicted - c.measured):+.1f}", _pct(c.loglinear),
-         "yes" if c.covered else "**no**")
-        for c in fc.checks
-    ]
-
-    def regret(trial, points) -> str:
-        return "-" if trial is None else f"{trial} (regret {100 * points:.1f} points)"
-
-    line = (f"mean {100 * fc.loglinear_mean_abs_error:.1f}, max {100 * fc.loglinear_max_abs_error:.1f}"
-            if fc.loglinear_mean_abs_error is not None else "not possible (fewer than two points a trial)")
-    return [
-        f"The law was fitted on the {fc.points} annealed points at or below {share} of each trial's budget, "
-        f"then predicted every trial's {s.metric} at its full budget, four times further than it saw. "
-        f"Mean absolute error **{100 * fc.mean_abs_error:.1f} points**, "
-        f"maximum **{100 * fc.max_abs_error:.1f}**; "
-        f"the {LEVEL:.0%} interval covered {fc.covered} of {len(fc.checks)}. "
-        f"Its pick for the budget: **{regret(fc.pick, fc.regret)}**, the measured best's accuracy less the "
-        f"pick's.",
-        (head, body),
-        f"Baselines with no law: persistence (the best at {share} stays the best) picks "
-        f"{regret(fc.persistence, fc.persistence_regret)}; each trial's own line in log samples, extended, "
-        f"errs by {line} points and picks {regret(fc.loglinear_pick, fc.loglinear_regret)}.",
-    ]
-
-
-def _flags(s: Summary) -> list:
-    lines = [diagnose.unresolved(s.noise)] if diagnose.unresolved(s.noise) else []
-    if not s.flags:
-        return lines + [f"No trial is shorter than {diagnose.MIN_STEPS} steps, unstable across seeds, or "
-                        "worse with more training."]
-    return lines + [
-        "Flagged before fitting (the fits still use every trial; a flagged trial's points deserve less "
-        "trust):",
-        (("trial", "flag", "why"), [(f.trial, f.kind, f.detail) for f in s.flags]),
-    ]
 
 
 def _backtest(s: Summary) -> list:
@@ -103,9 +50,9 @@ def _backtest(s: Summary) -> list:
             c.strategy,
             c.trial,
             c.seeds,
-            _pct(c.predicted),
-            _span(c.interval),
-            f"{_pct(c.measured)} ± {100 * c.noise:.1f}",
+            pct(c.predicted),
+            span(c.interval),
+            f"{pct(c.measured)} ± {100 * c.noise:.1f}",
             f"{100 * c.error:+.1f}",
             "yes" if c.covered else "**no**",
         )
@@ -138,8 +85,8 @@ def _recommendation(s: Summary) -> list:
         lines.append(
             f"The law (fitted on every trial) recommends **{p.strategy} at {p.factor:.3g}x the base's "
             f"flops**: {_shape(p)}, trained **{p.steps} steps** ({p.samples} samples). Predicted "
-            f"{s.metric} **{_pct(p.accuracy)}** ({LEVEL:.0%} interval for one training run "
-            f"{_span(p.interval)})"
+            f"{s.metric} **{pct(p.accuracy)}** ({LEVEL:.0%} interval for one training run "
+            f"{span(p.interval)})"
             + (", an extrapolation beyond the sizes and lengths measured" if p.extrapolation else "")
             + "."
             + (f" **Unreliable:** it rests on {', '.join(p.bounds)} at a bound of the fit (the points could "
@@ -149,7 +96,7 @@ def _recommendation(s: Summary) -> list:
             lines.append(
                 "Tied within noise (one run of each could come out either way): "
                 + ", ".join(
-                    f"{c.strategy} at {c.factor:.3g}x, {c.steps} steps, {_pct(c.accuracy)}" for c in rec.tied
+                    f"{c.strategy} at {c.factor:.3g}x, {c.steps} steps, {pct(c.accuracy)}" for c in rec.tied
                 )
                 + "; the cheapest to train is named"
                 + (f" ({rec.best.strategy} is the most accurate)." if rec.best != p else ".")
@@ -161,11 +108,11 @@ def _recommendation(s: Summary) -> list:
         )
     lines.append(
         f"Best measured within the budget: **{rec.measured_best.name}** at {rec.measured_best.steps} steps, "
-        f"{_pct(rec.measured_best.accuracy)} "
+        f"{pct(rec.measured_best.accuracy)} "
         f"(± {100 * (rec.measured_best.interval[1] - rec.measured_best.accuracy):.1f} "
         f"at {LEVEL:.0%})"
         + (
-            f"; tied with it and cheaper to train: **{m.name}** at {m.steps} steps, {_pct(m.accuracy)}"
+            f"; tied with it and cheaper to train: **{m.name}** at {m.steps} steps, {pct(m.accuracy)}"
             if m.name != rec.measured_best.name or m.steps != rec.measured_best.steps
             else ""
         )
@@ -209,8 +156,8 @@ def _ahead(ahead: tuple[Candidate, ...]) -> list:
             f"{c.factor:.3g}",
             _shape(c),
             c.steps,
-            _pct(c.accuracy),
-            _span(c.interval),
+            pct(c.accuracy),
+            span(c.interval),
             "yes" if c.extrapolation else "no",
             f"**{', '.join(c.bounds)}**" if c.bounds else "no",
         )
@@ -302,7 +249,7 @@ def _sweep(s: Summary) -> list:
         (
             f"{p.lr:g}",
             p.steps,
-            f"{_pct(p.accuracy)} ± {100 * p.stderr:.1f}",
+            f"{pct(p.accuracy)} ± {100 * p.stderr:.1f}",
             "-" if p.loss is None else f"{p.loss:.4f}",
             "yes" if p.lr == sw.lr else "",
         )
@@ -359,8 +306,8 @@ def _recipes(s: Summary, rows: list[TrialResult]) -> list:
         body.append((
             st,
             len(mine),
-            f"{best.name} {_pct(best.accuracy)}" if best else "–",
-            f"{near.factor:.3g}x the base, {_pct(near.accuracy)} (at {near.compute:.3g})" if near else "–",
+            f"{best.name} {pct(best.accuracy)}" if best else "–",
+            f"{near.factor:.3g}x the base, {pct(near.accuracy)} (at {near.compute:.3g})" if near else "–",
         ))
     return [
         "A recipe's families (STRATEGY+RECIPE) train every strategy's trials again under the recipe's "
@@ -409,15 +356,15 @@ def _sections(s: Summary, rows: list[TrialResult]) -> list[tuple[str, list]]:
             f"{r.measured['peak_mem_mb']:.0f}",
             " / ".join(f"{100 * p.accuracy:.1f}" for p in r.points()),
             ", ".join(f"{100 * a:.1f}" for a in r.accuracies),
-            f"{_pct(r.accuracy)} ± {100 * r.stderr:.1f}",
+            f"{pct(r.accuracy)} ± {100 * r.stderr:.1f}",
             f"{r.wall_s:.0f}",
         )
         for r in rows
     ]
     return [
-        ("Forecast across compute: the law predicts the budget from a quarter of it", _forecast(s)),
+        ("Forecast across compute: the law predicts the budget from a quarter of it", forecast(s)),
         ("Backtest: the law predicts trials it did not see", _backtest(s)),
-        ("Trials to trust less", _flags(s)),
+        ("Trials to trust less", flags(s)),
         ("Recommendation", _recommendation(s)),
         *([("Recipes", _recipes(s, rows))] if any("+" in f for f in s.strategies) else []),
         ("The law over size and length", _law(s)),

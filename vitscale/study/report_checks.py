@@ -1,0 +1,62 @@
+"""The report's sections on how far to trust the law, before what it recommends: the forecast
+across compute (fitted at C/4, checked at C) and the trials flagged before fitting; and the
+number formats every section shares."""
+
+from __future__ import annotations
+
+from vitscale.study import diagnose
+from vitscale.study.summary import LEVEL, Summary
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def span(iv) -> str:
+    return f"{100 * iv[0]:.1f}–{100 * iv[1]:.1f}"
+
+
+def forecast(s: Summary) -> list:
+    fc = s.forecast
+    share = f"1/{round(1 / fc.cut)}" if abs(1 / fc.cut - round(1 / fc.cut)) < 1e-9 else f"{fc.cut:g}"
+    if not fc.checks:
+        return [f"Nothing was forecast across compute: {fc.note}."]
+    head = ("trial", f"at {share}", "predicted", f"{LEVEL:.0%} interval", "measured", "error (points)",
+            "log-linear", "covered")
+    body = [
+        (c.trial + (" **(pick)**" if c.trial == fc.pick else ""), pct(c.early), pct(c.predicted),
+         span(c.interval), pct(c.measured), f"{100 * (c.predicted - c.measured):+.1f}", pct(c.loglinear),
+         "yes" if c.covered else "**no**")
+        for c in fc.checks
+    ]
+
+    def regret(trial, points) -> str:
+        return "-" if trial is None else f"{trial} (regret {100 * points:.1f} points)"
+
+    line = (f"mean {100 * fc.loglinear_mean_abs_error:.1f}, max {100 * fc.loglinear_max_abs_error:.1f}"
+            if fc.loglinear_mean_abs_error is not None else "not possible (fewer than two points a trial)")
+    return [
+        f"The law was fitted on the {fc.points} annealed points at or below {share} of each trial's budget, "
+        f"then predicted every trial's {s.metric} at its full budget, four times further than it saw. "
+        f"Mean absolute error **{100 * fc.mean_abs_error:.1f} points**, "
+        f"maximum **{100 * fc.max_abs_error:.1f}**; "
+        f"the {LEVEL:.0%} interval covered {fc.covered} of {len(fc.checks)}. "
+        f"Its pick for the budget: **{regret(fc.pick, fc.regret)}**, the measured best's accuracy less the "
+        f"pick's.",
+        (head, body),
+        f"Baselines with no law: persistence (the best at {share} stays the best) picks "
+        f"{regret(fc.persistence, fc.persistence_regret)}; each trial's own line in log samples, extended, "
+        f"errs by {line} points and picks {regret(fc.loglinear_pick, fc.loglinear_regret)}.",
+    ]
+
+
+def flags(s: Summary) -> list:
+    lines = [diagnose.unresolved(s.noise)] if diagnose.unresolved(s.noise) else []
+    if not s.flags:
+        return lines + [f"No trial is shorter than {diagnose.MIN_STEPS} steps, unstable across seeds, or "
+                        "worse with more training."]
+    return lines + [
+        "Flagged before fitting (the fits still use every trial; a flagged trial's points deserve less "
+        "trust):",
+        (("trial", "flag", "why"), [(f.trial, f.kind, f.detail) for f in s.flags]),
+    ]
