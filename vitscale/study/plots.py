@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib.ticker import NullFormatter
 
-from vitscale.common.figures import plt, save_figure
+from vitscale.common.figures import color_cycle, figure, save_figure
 from vitscale.study.results import TrialResult
 from vitscale.study.summary import Summary
 
@@ -25,14 +24,14 @@ PLOTS = {
 
 
 def _colors(strategies) -> dict[str, str]:
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cycle = color_cycle()
     return {s: cycle[i % len(cycle)] for i, s in enumerate(("base", *strategies))}
 
 
 def plot_frontier(out: Path, s: Summary, rows: list[TrialResult]) -> None:
     colors = _colors(s.strategies)
     held = set(s.backtest.held_out)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = figure(figsize=(8, 5))
     for r in rows:
         pts = r.points()
         c = colors[r.family]
@@ -81,7 +80,7 @@ def plot_isoflops(out: Path, s: Summary) -> None:
     if not s.isoflops:
         return
     colors = _colors(s.strategies)
-    fig, axes = plt.subplots(
+    fig, axes = figure(
         1, len(s.isoflops), figsize=(3.6 * len(s.isoflops), 3.6), squeeze=False, sharey=True
     )
     for ax, iso in zip(axes[0], s.isoflops, strict=True):
@@ -99,7 +98,7 @@ def plot_isoflops(out: Path, s: Summary) -> None:
         ax.set(
             xscale="log", xlabel="multiply-adds per sample", title=f"{iso.compute:.3g} MACs: best {iso.best}"
         )
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", which="minor", labelbottom=False)
         ax.title.set_fontsize(8)
     axes[0][0].plot([], [], "o", color=colors["base"], label="base")
     axes[0][0].set_ylabel(s.metric)
@@ -109,7 +108,7 @@ def plot_isoflops(out: Path, s: Summary) -> None:
 
 def plot_runtime(out: Path, s: Summary, rows: list[TrialResult]) -> None:
     seconds = [1e3 / r.measured["samples_per_s"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = figure(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("acts", "flops"), strict=True):
         ax.scatter([getattr(r, key) for r in rows], seconds, s=12)
         for r, t in zip(rows, seconds, strict=True):
@@ -125,7 +124,7 @@ def plot_runtime(out: Path, s: Summary, rows: list[TrialResult]) -> None:
 def plot_growth(out: Path, s: Summary, rows: list[TrialResult]) -> None:
     colors = _colors(s.strategies)
     by_name = {r.name: r for r in rows}
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure(figsize=(6, 4))
     for g in s.growth:
         members = [by_name[n] for n in g.trials]
         ax.plot(

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from vitscale.common.errors import UserError
-from vitscale.common.figures import plt, save_figure
+from vitscale.common.figures import figure, save_figure
 from vitscale.data import denormalize
 from vitscale.models.mae import MAE, MAEConfig
 from vitscale.models.vit import ViT, ViTConfig
@@ -88,7 +88,7 @@ def reconstructions(pictures: dict[str, torch.Tensor], info, path: Path) -> None
 
     mosaic = np.concatenate([np.concatenate([strip(pictures[n][b]) for n in names], axis=1)
                              for b in range(first.shape[0])], axis=0)
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) * frames, 1.2 * first.shape[0]))
+    fig, ax = figure(figsize=(1.2 * len(names) * frames, 1.2 * first.shape[0]))
     ax.imshow(mosaic[..., 0] if mosaic.shape[-1] == 1 else mosaic, cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")
     ax.set_axis_off()
