@@ -231,9 +231,15 @@ def cmd_study(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _print_summary(summary, out: str) -> None:
-    """The study's verdict in four lines: its forecast across compute, its backtest, its recommendation,
-    its best measured trial."""
+    """The study's verdict in a few lines: any family whose optimum the sizes do not bracket, its forecast
+    across compute, its backtest, its recommendation, its best measured trial."""
+    from vitscale.study.valleys import unbracketed  # local: a study's module, loaded by cmd_study already
+
     bt, rec, fc = summary.backtest, summary.recommendation, summary.forecast
+    for v in unbracketed(summary.valleys):
+        print(f"optimum not bracketed: {v.family}'s best at {v.compute:.3g} is {v.best}, "
+              + (f"its {v.edge} size" if v.edge != "within noise" else "within noise of a neighbour")
+              + "; the best size may lie outside those measured")
     if fc.checks:
         print(f"forecast: the law, fitted at or below {fc.cut:g} of each budget, predicts every trial at the "
               f"budget within {100 * fc.mean_abs_error:.1f} points on average "

@@ -9,6 +9,7 @@ recommend   for a compute or time budget, each strategy's best size (and so leng
             under the law refitted on every trial; candidates within noise tie and the
             cheapest is named; beside it, the best trial measured within the budget
 isoflops    trials at equal compute, measured, as a check of the law's optimum
+valleys     each family's trials at equal compute: is its optimum bracketed, and N_opt ~ C^a
 analysis    all of it in order (`summarize`), with the runtime model and the sweep's cost
 """
 
@@ -31,6 +32,7 @@ from vitscale.study.recommend import recommend
 from vitscale.study.results import SweepPoint, TrialResult
 from vitscale.study.summary import LEVEL, Growth, Parameter, Runtime, Summary, Sweep
 from vitscale.study.trials import pick_lr
+from vitscale.study.valleys import scaling, valleys
 
 
 # ----------------------------------------------------------------------------- runtime, sweep
@@ -112,6 +114,7 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
         if study.objective == "mae"
         else ""
     )
+    vs = valleys(rows, strategies, noise_)
     split = "test" if base_run(study).data.has_test else "val"  # what final accuracies are measured on
     return Summary(
         study.budget,
@@ -133,6 +136,8 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
         rec,
         frontier,
         isoflops(rows, law, shapes),
+        vs,
+        scaling(vs, frontier, strategies),
         _sweep(list(sweep), rows),
         rt,
         growth,

@@ -15,7 +15,7 @@ from vitscale.common.io import atomic_write_text
 from vitscale.study import plots, summary
 from vitscale.study.config import REPORT_HTML, REPORT_MD, SUMMARY
 from vitscale.study.plots import PLOTS
-from vitscale.study.report_checks import flags, forecast, pct, span
+from vitscale.study.report_checks import flags, forecast, not_bracketed, optimum, pct, span
 from vitscale.study.results import TrialResult
 from vitscale.study.summary import LEVEL, Candidate, Summary
 
@@ -78,7 +78,7 @@ def _backtest(s: Summary) -> list:
 
 def _recommendation(s: Summary) -> list:
     rec = s.recommendation
-    lines = [f"Budget: {rec.budget}."]
+    lines = [*not_bracketed(s), f"Budget: {rec.budget}."]
     m = rec.measured
     if rec.pick:
         p = rec.pick
@@ -369,6 +369,7 @@ def _sections(s: Summary, rows: list[TrialResult]) -> list[tuple[str, list]]:
         *([("Recipes", _recipes(s, rows))] if any("+" in f for f in s.strategies) else []),
         ("The law over size and length", _law(s)),
         ("IsoFLOP profiles", _isoflops(s)),
+        ("Where each family's optimum sits", optimum(s)),
         ("Learning-rate sweep", _sweep(s)),
         ("Trials", [TRIALS_NOTE, (trials, trial_rows)]),
         ("Runtime", _runtime(s)),

@@ -1,10 +1,10 @@
 """The report's sections on how far to trust the law, before what it recommends: the forecast
-across compute (fitted at C/4, checked at C) and the trials flagged before fitting; and the
-number formats every section shares."""
+across compute (fitted at C/4, checked at C), the trials flagged before fitting, and whether each
+family's optimum is bracketed by the sizes measured; and the number formats every section shares."""
 
 from __future__ import annotations
 
-from vitscale.study import diagnose
+from vitscale.study import diagnose, valleys
 from vitscale.study.summary import LEVEL, Summary
 
 
@@ -60,3 +60,53 @@ def flags(s: Summary) -> list:
         "trust):",
         (("trial", "flag", "why"), [(f.trial, f.kind, f.detail) for f in s.flags]),
     ]
+
+
+def _where(v) -> str:
+    """A valley's verdict in words."""
+    if v.bracketed:
+        return "bracketed"
+    if v.edge == "within noise":
+        return "not resolved: a neighbour is within noise of the best"
+    outward = "÷2" if v.edge == "smallest" else "×2"
+    return f"**not bracketed**: the {v.edge} size is best (next: a factor {outward} further out)"
+
+
+def not_bracketed(s: Summary) -> list:
+    """The recommendation's first line where a family's optimum at its top compute is not bracketed."""
+    open_ = valleys.unbracketed(s.valleys)
+    if not open_:
+        return []
+    where = [f"{v.family} at {v.compute:.3g} ({v.best}: "
+             + (f"its {v.edge} size)" if v.edge != "within noise" else "within noise of a neighbour)")
+             for v in open_]
+    return ["**The optimum is not bracketed** for " + "; ".join(where) + ": the best size may lie outside "
+            "the sizes measured, and the law's pick there is an extrapolation."]
+
+
+def optimum(s: Summary) -> list:
+    if not s.valleys:
+        return ["No family has three or more sizes at one compute: nothing brackets an optimum."]
+    head = ("family", "compute", f"{s.metric} by size (smallest first)", "best", "verdict", "N_opt (M MACs)")
+    body = [
+        (v.family, f"{v.compute:.3g}",
+         ", ".join(f"{t} {100 * a:.1f}" for t, a in zip(v.trials, v.measured, strict=True)), v.best,
+         _where(v), "-" if v.optimum is None else f"{v.optimum / 1e6:.3g}")
+        for v in s.valleys
+    ]
+    lines = [
+        "Each family's trials at equal training compute. Its optimum is bracketed where the best beats the "
+        f"size on each side by more than the noise ({100 * s.noise.seed_sd:.1f} points); N_opt is where a "
+        "parabola in log size through them peaks (Hoffmann et al.'s approach 2).",
+        (head, body),
+    ]
+    for g in s.scaling:
+        law = "none" if g.law_slope is None else f"C^{g.law_slope:.2f}"
+        if g.slope is None:
+            lines.append(f"{g.family}: no N_opt ~ C^a: {g.note}. The law's frontier over these computes: "
+                         f"{law}.")
+            continue
+        iv = f" ({LEVEL:.0%} interval {g.interval[0]:.2f} to {g.interval[1]:.2f})" if g.interval else ""
+        lines.append(f"{g.family}: N_opt ~ C^{g.slope:.2f}{iv} from {g.valleys} bracketed slices; the law's "
+                     f"frontier over the same computes: {law}" + (f". **{g.note}**." if g.note else "."))
+    return lines

@@ -5,6 +5,9 @@
     Recommendation  the model and length for the budget (and for larger budgets), from the
                     law refitted on every trial, beside the best trial measured
     IsoFlop         trials compared at equal training compute, measured and predicted
+    Valley          one family's trials at one compute: is its best bracketed, and where the
+                    parabola through them peaks
+    SizeScaling     a family's optimal size against compute, from its valleys, beside the law's
     Summary         all of it, with the noise, the law, the sweep and the runtime model
 
 `read` gives back a Summary or raises results.StaleResult (vitscale.common.records' codec).
@@ -21,8 +24,9 @@ from vitscale.models.vit import ViTConfig
 from vitscale.study.fits import Laws, RuntimeModel
 from vitscale.study.results import SweepPoint
 
-# 2: the law's gamma (a larger model learns more per sample); 3: the forecast across compute, the flags
-VERSION = 3
+# 2: the law's gamma (a larger model learns more per sample); 3: the forecast across compute, the flags;
+# 4: where each family's optimum sits (valleys.py)
+VERSION = 4
 LEVEL = 0.9  # the coverage every interval claims
 
 
@@ -179,6 +183,34 @@ class IsoFlop:
 
 
 @dataclass(frozen=True)
+class Valley:
+    """One family's trials at one training compute (interpolated as an IsoFlop's), by size."""
+
+    family: str
+    compute: float
+    trials: tuple[str, ...]  # smallest first
+    flops: tuple[float, ...]
+    measured: tuple[float, ...]
+    best: str
+    bracketed: bool  # the best has a neighbour on each side worse by more than the noise
+    edge: str  # "" where bracketed, else where the best sits or what is unresolved
+    optimum: float | None  # N_opt: where a parabola in log size through them peaks (bracketed only)
+
+
+@dataclass(frozen=True)
+class SizeScaling:
+    """N_opt ~ compute^slope for one family: from its bracketed valleys (Hoffmann et al.'s approach
+    2), beside the law's frontier over the same computes (approach 3)."""
+
+    family: str
+    valleys: int  # bracketed valleys the slope rests on
+    slope: float | None  # None below two
+    interval: tuple[float, float] | None  # LEVEL interval (three or more valleys)
+    law_slope: float | None
+    note: str  # where the two disagree, or why there is no slope
+
+
+@dataclass(frozen=True)
 class FrontierPoint:
     """The law's best shape and length for a strategy at one compute."""
 
@@ -245,6 +277,8 @@ class Summary:
     recommendation: Recommendation
     frontier: tuple[FrontierPoint, ...]
     isoflops: tuple[IsoFlop, ...]
+    valleys: tuple[Valley, ...]
+    scaling: tuple[SizeScaling, ...]
     sweep: Sweep | None
     runtime: Runtime
     growth: tuple[Growth, ...]
