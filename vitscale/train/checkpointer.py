@@ -23,13 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from vitscale.common import checkpoint, dist, errors, rng, rundir
 from vitscale.common.errors import UserError
 from vitscale.common.io import atomic_write_text
 from vitscale.common.records import dump_yaml, to_dict
 from vitscale.data.sampler import EpochSampler
+from vitscale.train import parallel
 from vitscale.train.amp import Scaler
 from vitscale.train.config import RunConfig, load_yaml
 from vitscale.train.ema import EMA
@@ -165,14 +165,11 @@ class Checkpointer:
 
     def _restore(self, found: checkpoint.Checkpoint) -> None:
         """Set the module, optimizer, EMA, loss scale and this rank's generators to `found`'s."""
-        model_state, optim_state, state = found.model, found.optim, found.state
-        if found.sharded:  # this rank's part, from whichever ranks' shards hold it (DCP reshards)
-            model_state, optim_state = checkpoint.load_shards(found.path, *get_state_dict(
-                self.module, self.opt, options=StateDictOptions(full_state_dict=False)), optim_state,
-                no_dist=not self.d.enabled)
-        set_state_dict(self.module, self.opt, model_state_dict=model_state, optim_state_dict=optim_state,
-                       options=StateDictOptions(full_state_dict=not found.sharded,
-                                                broadcast_from_rank0=self.d.enabled and not found.sharded))
+        state = found.state
+        if found.sharded or parallel.is_sharded(self.module):
+            self._restore_dcp(found)
+        else:  # every rank read the same files: each sets its own copy, nothing to broadcast
+            set_full_state(self.module, self.opt, found.model, found.optim)
         if self.ema is not None:
             if found.ema is None:
                 raise UserError(f"{found.path} holds no EMA weights (ema.safetensors) but this run has "
@@ -183,6 +180,21 @@ class Checkpointer:
             self.scaler.load_state_dict(state["scaler"])
         if not checkpoint.restore_rng(found.path, state, self.d.rank):  # saved by fewer ranks
             torch.manual_seed(rng.rank_seed(self.cfg.train.seed + found.step, self.d.rank))
+
+    def _restore_dcp(self, found: checkpoint.Checkpoint) -> None:
+        """`_restore`'s model and optimizer for a sharded checkpoint, or into a sharded module."""
+        # Imported here, not at the top: DCP's state-dict functions import FSDP and DTensor
+        # (~1.3 s), which only sharded checkpoints and sharded modules need.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        model_state, optim_state = found.model, found.optim
+        if found.sharded:  # this rank's part, from whichever ranks' shards hold it (DCP reshards)
+            model_state, optim_state = checkpoint.load_shards(found.path, *get_state_dict(
+                self.module, self.opt, options=StateDictOptions(full_state_dict=False)), optim_state,
+                no_dist=not self.d.enabled)
+        set_state_dict(self.module, self.opt, model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=StateDictOptions(full_state_dict=not found.sharded,
+                                                broadcast_from_rank0=self.d.enabled and not found.sharded))
 
     def _check_world(self, ckpt: Path, world: int) -> None:
         """Resuming on another number of ranks than `world`, which wrote `ckpt`: the run goes on
@@ -235,8 +247,14 @@ class Checkpointer:
         train.sharded_ckpt every rank its own shards (rank 0 the rest); its path on rank 0."""
         t, d = self.cfg.train, self.d
         sharded = t.sharded_ckpt
-        model_state, optim_state = get_state_dict(self.module, self.opt, options=StateDictOptions(
-            full_state_dict=not sharded, cpu_offload=not sharded))
+        if sharded or parallel.is_sharded(self.module):
+            # Imported here for the reason _restore_dcp gives.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            model_state, optim_state = get_state_dict(self.module, self.opt, options=StateDictOptions(
+                full_state_dict=not sharded, cpu_offload=not sharded))
+        else:  # rank 0 writes it; DCP too gives the other ranks empty dicts
+            model_state, optim_state = full_state(self.module, self.opt) if d.main else ({}, {})
         rngs = dist.gather_object(d, rng.rng_state())  # every rank's generators
         state = {"step": step, "best": best, "scaler": self.scaler.state_dict()}
         path = None
@@ -248,3 +266,54 @@ class Checkpointer:
                                    t.keep_steps, rngs, ema_state=self.ema.state_dict() if self.ema else None)
         dist.barrier(d)
         return path
+
+
+def full_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model's and the optimizer's state dicts whole on the CPU, for a module no rank shards
+    (plain, DDP's or compiled): what DCP's get_state_dict(full_state_dict=True, cpu_offload=True)
+    gives, without importing it (it imports FSDP). The model's keys are its parameters' and
+    buffers' names, without DDP's `module.` or torch.compile's `_orig_mod.`; the optimizer's state
+    and param groups are keyed by those parameter names instead of positions."""
+    inner = parallel.unwrapped(module)
+    model = {k: v.cpu() for k, v in inner.state_dict().items()}
+    names = _param_names(inner, opt)
+    saved = opt.state_dict()  # keyed by position over the param groups, as `names` is
+    state = {names[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in per.items()}
+             for i, per in saved["state"].items()}
+    groups = [g | {"params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]
+    return model, {"state": state, "param_groups": groups}
+
+
+def set_full_state(module: torch.nn.Module, opt: torch.optim.Optimizer, model_state: dict,
+                   optim_state: dict) -> None:
+    """Set `full_state`'s dicts (of this module, or read back from a checkpoint) into the module
+    and the optimizer, strictly, as DCP's set_state_dict(full_state_dict=True) does: every key of
+    the model, and the state of every trainable parameter of the optimizer, each by name."""
+    inner = parallel.unwrapped(module)
+    inner.load_state_dict(model_state)
+    names = _param_names(inner, opt)
+    group_of = {name: g for g in optim_state["param_groups"] for name in g["params"]}
+    state, groups, i = {}, [], 0
+    for group in opt.param_groups:
+        mine = names[i:i + len(group["params"])]
+        i += len(mine)
+        unknown = [n for n in mine if n not in group_of]
+        stateless = [n for n, p in zip(mine, group["params"], strict=True)
+                     if p.requires_grad and n not in optim_state["state"]]
+        if unknown or stateless:
+            raise RuntimeError(f"the optimizer state has no {'group' if unknown else 'state'} for "
+                               f"parameter {(unknown or stateless)[0]!r}")
+        # a group's settings (its LR scale, weight decay) are those of its parameters' group there
+        theirs = group_of[mine[0]] if mine else optim_state["param_groups"][len(groups)]
+        groups.append(theirs | {"params": mine})
+        state |= {n: optim_state["state"][n] for n in mine if n in optim_state["state"]}
+    # Optimizer.load_state_dict pairs params by position (names here) and casts each state
+    # tensor to its parameter's device and dtype
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _param_names(module: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The name in `module` of each of `opt`'s parameters, in the order of its param groups (the
+    positions its state dict keys them by)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
