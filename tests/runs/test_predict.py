@@ -172,10 +172,19 @@ def test_load_run_is_what_predict_uses(folder_run, capsys):
         assert torch.equal(run.model(x), model_of(folder_run)(x))
 
 
+# What a one-process training run need not import before it steps (then torch._dynamo, which the
+# optimizer's step imports, brings FSDP): FSDP and DCP only where a run shards, matplotlib only to draw.
+HEAVY = ("torch.distributed.fsdp", "torch.distributed.checkpoint", "matplotlib", "matplotlib.pyplot")
+
+
 @pytest.mark.slow
 def test_importing_vitscale_stays_light():
+    """`import vitscale` holds back the run-time modules; the CLI and the training engine hold
+    back HEAVY (one fresh process for both: the first checks come before the second import)."""
     code = ("import sys, vitscale; assert 'vitscale.runs.predict' not in sys.modules; "
-            "assert 'vitscale.data' not in sys.modules; assert callable(vitscale.load_run)")
+            "assert 'vitscale.data' not in sys.modules; assert callable(vitscale.load_run); "
+            "import vitscale.cli, vitscale.train.engine; "
+            f"heavy = [m for m in {HEAVY!r} if m in sys.modules]; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
