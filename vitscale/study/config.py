@@ -52,6 +52,9 @@ class StudyConfig:
     # flops factors of the trials relative to the base (1 = the base): on both sides of it, since
     # under a fixed budget a larger model trains fewer steps and may lose to a smaller one
     factors: tuple[float, ...] = (0.5, 1.0, 1.5, 2.25)
+    # extra factors a family may add outward (half its smallest, twice its largest) while its best
+    # seed-0 trial sits at an edge of its sizes, so that its optimum is bracketed (0 = the factors only)
+    bracket: int = 2
 
     # what every trial may spend: epochs:N (N epochs each), compute:Nep (what the base spends in N
     # epochs), compute:MACS (multiply-adds) or time:90s (wall time; also 2m, 1h). Equal compute
@@ -134,6 +137,7 @@ class StudyConfig:
             (0 < self.decay_frac < 1, "decay_frac must be in (0, 1), e.g. 0.2"),
             (0 <= self.warmup < 0.5, "warmup must be in [0, 0.5), e.g. 0.05"),
             (self.seeds >= 1 and self.leaders >= 0, "seeds must be at least 1 and leaders 0 or more"),
+            (self.bracket >= 0, "bracket must be 0 (the factors only) or more"),
             (self.workers >= 0, "workers must be 0 (auto) or more"),
             (self.launcher in LAUNCHERS,
              f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}"),

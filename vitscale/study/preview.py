@@ -146,6 +146,7 @@ def describe(cfg: config.StudyConfig) -> dict:
             "seeds": {"seeds": cfg.seeds, "held_out": held_names, "leaders": leaders if more else 0,
                       "note": "seed 0 of every trial; the held-out trials and the leaders (chosen by seed "
                               "0's validation accuracy) run the other seeds, full-length cooldown only"},
+            "bracket": cfg.bracket,
             "probe_epochs": cfg.probe_epochs if cfg.objective == "mae" else None},
         "compute": _compute(cfg, rows, sweep, held, leaders, more),
         "time": _time(rows, base, sweep, held, leaders, more),
@@ -242,6 +243,9 @@ def lines(p: dict) -> list[str]:
     held = "chosen when the trials are sized" if s["held_out"] is None else ", ".join(s["held_out"]) or "none"
     out.append(f"seeds: {s['seeds']}; " + ("one each" if s["seeds"] == 1 else
                f"more seeds for the held-out trials ({held}) and {s['leaders']} leaders"))
+    if ph["bracket"]:
+        out.append("bracketing: after seed 0, a family whose best sits at an edge of its sizes gets the "
+                   f"next factor outward (÷2, ×2), up to {ph['bracket']} a family (not counted below)")
     if ph["probe_epochs"]:
         out.append(f"probe: a {ph['probe_epochs']}-epoch linear probe of each seed's final encoder")
     out.append(f"compute: sweep {_g(c['sweep'])}, seed 0 {_g(c['seed0'])}, more seeds {_g(c['more_seeds'])} "
@@ -269,7 +273,7 @@ def collect(cfg: config.StudyConfig):
     with lock.held(out, dist.Dist(), "study directory"):
         sweep = runner.read_sweep(cfg)
         lr = pick_lr(sweep).lr if sweep else None
-        trials = plan(cfg, lr)
+        trials = runner.planned(cfg, lr)
         sizes, seeds = {}, {}
         for t in trials:
             sizes[t.name] = results.finished(trial_dir(cfg, t) / config.TRIAL, Sizing, "not used")

@@ -41,7 +41,7 @@ from vitscale.common import checkpoint, dist, errors, lock, logs, records, rundi
 from vitscale.common.errors import Interrupted, UserError
 from vitscale.common.io import atomic_write_text
 from vitscale.cost.complexity import cost
-from vitscale.study import analysis, launch, results
+from vitscale.study import analysis, bracket, launch, results
 from vitscale.study.config import (
     RESULTS,
     SEED_RESULT,
@@ -257,7 +257,7 @@ def _run_study(study: StudyConfig, only: str | None, d: dist.Dist):
     from vitscale.study import report  # local: matplotlib loads only when a study reports
 
     out = dist.on_main(d, lambda: _prepare(study))
-    trials = plan(study)
+    trials = planned(study, None) if only else plan(study)
     names = [t.name for t in trials]
     if only and only not in (*names, SWEEP):
         raise UserError(f"no trial named {only!r}; the trials are: {', '.join(names)}, and {SWEEP}")
@@ -274,28 +274,20 @@ def _run_study(study: StudyConfig, only: str | None, d: dist.Dist):
                           base_run(study).train.device)
     try:
         wanted = trials if not only or only == SWEEP else [t for t in trials if t.name in ("base", only)]
-        sizes = {}
-        todo = [t for t in wanted if not (trial_dir(study, t) / TRIAL).is_file()]
-        if runner.remote and todo:  # one job on one node measures every trial, before any trains
-            runner.map([("sizing", size_all, (study, todo, reference, runner.threads), out / "sizing.log")],
-                       lambda name, got: sizes.update(got))
-        for t in wanted:
-            if t.name not in sizes:
-                sizes[t.name] = size_trial(study, t, reference, runner.threads, d)
-            signals.check("while sizing the trials")
-        one_hardware(study, sizes)
+        sizes = _sizes(study, wanted, reference, runner, d, out)
         base = _base(trials)
         sweep = _sweep(study, base, sizes[base.name], runner, d, run=not only or only == SWEEP)
         if only == SWEEP:
             return None
         lr = pick_lr(sweep).lr if sweep else None
-        trials = plan(study, lr)
+        trials = planned(study, lr) if only else plan(study, lr)
         if only:
             trials = [t for t in trials if t.name == only]
             runner.map([_job(study, t, sizes[t.name], k, d) for t in trials for k in range(study.seeds)],
                        lambda name, r: None)
             return None
-        done = _collect(study, trials, sizes, runner, d)
+        trials, done = _collect(study, trials, sizes, runner, d, lr,
+                                lambda ts: _sizes(study, ts, reference, runner, d, out))
     finally:
         runner.close()
     if not d.main:
@@ -304,6 +296,23 @@ def _run_study(study: StudyConfig, only: str | None, d: dist.Dist):
     summary = analysis.summarize(study, rows, sweep)
     report.write(out, summary, rows)
     return summary
+
+
+def _sizes(study: StudyConfig, trials: list[Trial], reference: float, runner: Launcher, d: dist.Dist,
+           out: Path) -> dict[str, Sizing]:
+    """Each trial's sizing (trial.json), measured where it is not recorded; on a remote launcher one
+    job on one node measures them all, before any trains."""
+    sizes = {}
+    todo = [t for t in trials if not (trial_dir(study, t) / TRIAL).is_file()]
+    if runner.remote and todo:
+        runner.map([("sizing", size_all, (study, todo, reference, runner.threads), out / "sizing.log")],
+                   lambda name, got: sizes.update(got))
+    for t in trials:
+        if t.name not in sizes:
+            sizes[t.name] = size_trial(study, t, reference, runner.threads, d)
+        signals.check("while sizing the trials")
+    one_hardware(study, sizes)
+    return sizes
 
 
 def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Launcher, d: dist.Dist,
@@ -364,8 +373,9 @@ def extra_seeds(trials: list, score: dict[str, float], held: set[str], leaders: 
 
 
 def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], runner: Launcher,
-             d: dist.Dist) -> dict[str, TrialResult]:
-    """Seed 0 of every trial, then the other seeds of the leading trials; results.jsonl as they land."""
+             d: dist.Dist, lr: float | None, size) -> tuple[list[Trial], dict[str, TrialResult]]:
+    """Seed 0 of every trial, then of the factors bracketing adds (bracket.py), then the other seeds
+    of the leading trials; results.jsonl as they land. `size(trials)`: their sizings."""
     seeds: dict[str, dict[int, SeedResult]] = {t.name: {} for t in trials}
     by_name = {t.name: t for t in trials}
 
@@ -373,19 +383,11 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
         if r is None:
             return
         seeds[r.trial][r.seed - by_name[r.trial].run.train.seed] = r
-        _write_results(study, trials, sizes, seeds)
+        _write_results(study, list(by_name.values()), sizes, seeds)
         logger.info(f"{name.split(':')[0]}: accuracy {100 * r.final.accuracy:.1f}% "
                     f"(annealed: {', '.join(f'{100 * p.accuracy:.1f}' for p in r.points)}), {r.wall_s:.0f} s")
 
-    for phase in range(2):
-        if phase == 1:
-            rows = [_trial_result(t, sizes[t.name], seeds[t.name]) for t in trials]
-            held = {r.name for rs in held_out(rows, study.families, study.holdout).values() for r in rs}
-            chosen = extra_seeds(trials, {t.name: _chosen_by(seeds[t.name][0]) for t in trials}, held,
-                                 study.leaders)
-            units = [(t, k) for t in chosen for k in range(1, study.seeds)]
-        else:
-            units = [(t, 0) for t in trials]
+    def run(units: list[tuple[Trial, int]]) -> None:
         jobs = []
         for t, k in units:
             found = _seed_result(study, t, k)
@@ -396,7 +398,44 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
         if len(jobs) < len(units):
             logger.info(f"{len(units) - len(jobs)} trial seeds finished before, not re-run")
         runner.map(jobs, done)
-    return _write_results(study, trials, sizes, seeds)
+
+    def seed0(new: list[Trial]) -> dict[str, tuple[float, float]]:
+        if fresh := [t for t in new if t.name not in by_name]:
+            logger.info(f"bracketing: {', '.join(t.name for t in fresh)} (a family's best sat at an edge "
+                        "of its sizes)")
+            sizes.update(size(fresh))
+            one_hardware(study, sizes)
+            by_name.update({t.name: t for t in fresh})
+            seeds.update({t.name: {} for t in fresh})
+        run([(t, 0) for t in new])
+        return chosen(new, seeds)
+
+    trials = bracket.grow(study.bracket, trials, lambda extra: plan(study, lr, extra), seed0)
+    rows = [_trial_result(t, sizes[t.name], seeds[t.name]) for t in trials]
+    held = {r.name for rs in held_out(rows, study.families, study.holdout).values() for r in rs}
+    leading = extra_seeds(trials, {t.name: _chosen_by(seeds[t.name][0]) for t in trials}, held, study.leaders)
+    run([(t, k) for t in leading for k in range(1, study.seeds)])
+    return trials, _write_results(study, trials, sizes, seeds)
+
+
+def planned(study: StudyConfig, lr: float | None) -> list[Trial]:
+    """The study's trials as far as bracketing has grown them: its plan, and the factors that the
+    finished seed-0 results on disk added (what `--trial` and `--collect` see, training nothing)."""
+    def finished_(new: list[Trial]) -> dict[str, tuple[float, float]]:
+        return chosen(new, {t.name: {0: r} for t in new if (r := _seed_result(study, t, 0)) is not None})
+
+    return bracket.grow(study.bracket, plan(study, lr), lambda extra: plan(study, lr, extra), finished_)
+
+
+def chosen(trials: list[Trial], seeds: dict[str, dict[int, SeedResult]]) -> dict[str, tuple[float, float]]:
+    """What bracketing chooses by: each trial's seed-0 validation accuracy at the end of its stable run,
+    and that accuracy's binomial standard error (the trials whose seed 0 has finished)."""
+    out = {}
+    for t in trials:
+        if (r := seeds.get(t.name, {}).get(0)) is not None:
+            last = r.curve[-1] if r.curve else r.final
+            out[t.name] = (last.accuracy, last.stderr)
+    return out
 
 
 def _trial_result(t: Trial, sizing: Sizing, seeds: dict[int, SeedResult]) -> TrialResult:

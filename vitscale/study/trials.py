@@ -4,9 +4,11 @@ trials of the backtest and the learning rate the sweep picks."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -46,10 +48,12 @@ class Trial:
     run: RunConfig  # the trial's run config (before the budget sets its length)
 
 
-def plan(study: StudyConfig, lr: float | None = None) -> list[Trial]:
+def plan(study: StudyConfig, lr: float | None = None,
+         extra: Mapping[str, tuple[float, ...]] | None = None) -> list[Trial]:
     """The trials: one per distinct scaled config (factor 1 is one shared base), then the same
     under each recipe (base+NAME, STRATEGY+NAME-xFACTOR). Under muP every config is parametrised
-    relative to its base; `lr` sets every trial's base_lr."""
+    relative to its base; `lr` sets every trial's base_lr. `extra[family]`: factors bracketing
+    added to a family (bracket.py), each dropped where the scaler cannot reach it."""
     plain = base_run(study)
     train_set, _, _, info = build_datasets(plain.data)
     if len(train_set) < plain.train.batch:  # an epoch of no step: every budget would be 0
@@ -70,11 +74,15 @@ def plan(study: StudyConfig, lr: float | None = None) -> list[Trial]:
                 family = scale_family(base, strategy, list(study.factors))
             except UserError as e:
                 raise UserError(f"recipe {recipe!r} with strategy {strategy}: {e}") from None
+            for f in (extra or {}).get(strategy + tag, ()):
+                with contextlib.suppress(UserError):  # beyond what the scaler reaches: the family stops
+                    family += scale_family(base, strategy, [f])
             for s in family:
                 key = (recipe, s.config)
                 if key in trials:
                     t = trials[key]
-                    trials[key] = replace(t, strategies=(*t.strategies, strategy + tag))
+                    if strategy + tag not in t.strategies:  # an extra factor may land on a planned shape
+                        trials[key] = replace(t, strategies=(*t.strategies, strategy + tag))
                     continue
                 name = f"base{tag}" if s.config == base else f"{strategy}{tag}-x{s.target:g}"
                 data = replace(run.data, image_size=s.config.hw[0], frames=s.config.frames)

@@ -1,0 +1,146 @@
+"""Bracketing against families with a known optimum: a family grows outward until its best has a
+worse neighbour on each side, no further than its cap, and stops where the scaler gives no new shape
+or (collecting) where a trial has not finished."""
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from vitscale.study import bracket, preview, results, runner
+from vitscale.study.config import StudyConfig, dump_study
+from vitscale.study.results import Point, SeedResult, Sizing
+from vitscale.study.trials import plan
+from vitscale.train import engine
+
+SE = 0.004  # a point's binomial standard error
+
+
+def family(*pairs):
+    return [(f, a, SE) for f, a in pairs]
+
+
+def test_outward_extends_the_edge_the_best_sits_at_or_is_tied_with():
+    assert bracket.outward({"d": family((0.5, 0.8), (1, 0.7), (2, 0.6))}) == {"d": 0.25}
+    assert bracket.outward({"w": family((0.5, 0.6), (1, 0.7), (2, 0.8))}) == {"w": 4}
+    assert bracket.outward({"d": family((0.5, 0.6), (1, 0.8), (2, 0.6))}) == {}  # bracketed
+    # the smallest within 2 standard errors of the best: the valley may lie below it
+    assert bracket.outward({"d": family((0.5, 0.795), (1, 0.8), (2, 0.6))}) == {"d": 0.25}
+    assert bracket.outward({"d": family((0.5, 0.8), (1, 0.7))}) == {}  # two sizes: no valley to look for
+
+
+def _accuracy(factor: float, peak: float) -> float:
+    return 0.8 - 0.05 * (math.log2(factor) - math.log2(peak)) ** 2
+
+
+def _study(peaks: dict[str, float], floor: dict[str, float] | None = None, finished=None):
+    """A plan over the default factors (plus extra), trials named as the study names them; a family
+    cannot go below `floor` (its scaler's smallest shape); `finished`: names with results (all)."""
+    floor = floor or {}
+
+    def plan_(extra):
+        out = {1.0: SimpleNamespace(name="base", strategies=tuple(peaks), factor=1.0)}
+        for s in peaks:
+            for f in (0.5, 1.5, 2.25, *(x for x in extra.get(s, ()) if x >= floor.get(s, 0))):
+                out.setdefault((s, f), SimpleNamespace(name=f"{s}-x{f:g}", strategies=(s,), factor=f))
+        return list(out.values())
+
+    asked = []
+
+    def results(trials):
+        asked.extend(t.name for t in trials)
+        return {t.name: (_accuracy(t.factor, peaks[t.strategies[0]]), SE) for t in trials
+                if finished is None or t.name in finished}
+
+    return plan_, results, asked
+
+
+def test_a_family_grows_until_its_optimum_is_bracketed_and_no_further():
+    plan_, results, asked = _study({"d": 0.25, "w": 1.0})
+    trials = bracket.grow(2, plan_({}), plan_, results)
+    names = {t.name for t in trials}
+    assert {"d-x0.25", "d-x0.125"} <= names  # 0.25 is best once 0.125 shows a worse side
+    assert not any(n.startswith("w-x") and n not in ("w-x0.5", "w-x1.5", "w-x2.25") for n in names)
+    assert asked.count("d-x0.25") == 1  # each new trial's seed 0 is asked for once
+    capped = bracket.grow(1, plan_({}), plan_, _study({"d": 0.25, "w": 1.0})[1])
+    assert {t.name for t in capped} >= {"d-x0.25"} and "d-x0.125" not in {t.name for t in capped}
+
+
+def test_growth_stops_where_the_scaler_has_no_smaller_shape_or_a_trial_has_not_finished():
+    plan_, results, _ = _study({"d": 0.0625, "w": 1.0}, floor={"d": 0.25})
+    names = {t.name for t in bracket.grow(3, plan_({}), plan_, results)}
+    assert "d-x0.25" in names and "d-x0.125" not in names
+    planned = {"base", "d-x0.5", "d-x1.5", "d-x2.25", "w-x0.5", "w-x1.5", "w-x2.25"}
+    plan_, results, _ = _study({"d": 0.0625, "w": 1.0}, finished=planned)
+    names = {t.name for t in bracket.grow(3, plan_({}), plan_, results)}
+    assert "d-x0.25" in names and "d-x0.125" not in names  # planned, unfinished: growth waits for it
+
+
+def test_the_plan_takes_extra_factors_and_merges_one_that_lands_on_a_planned_shape():
+    study = StudyConfig()
+    grown = {t.name: t for t in plan(study, None, {"d": (0.25, 0.125), "w": (4.0,)})}
+    assert {"d-x0.25", "w-x4"} <= set(grown) and "d-x0.125" not in grown
+    assert grown["d-x0.25"].run.model.depth == 1  # pico/4's depth 4 at a quarter: one block
+    assert all(len(set(t.strategies)) == len(t.strategies) for t in grown.values())
+    assert set(grown) - {"d-x0.25", "w-x4"} == {t.name for t in plan(study)}
+
+
+TINY = ("data.name=cluttered-digits", "data.image_size=8", "data.scale_min=1", "data.train_size=512",
+        "data.val_size=64", "data.test_size=64", "train.batch=32", "model.heads=4", "train.threads=1")
+
+
+def _finished(out: Path, name: str, val: float) -> None:
+    """A trial's sizing and seed 0 as the study writes them, its stable run ending at `val`."""
+    steps = 32
+    pts = tuple(Point(f, round(f * steps), round(f * steps) * 32, 3e6 * 32 * round(f * steps), 1.0,
+                      val - 0.1 * (1 - f), 1.0, 0.004, True) for f in (0.5, 1.0))
+    trial = out / "trials" / name
+    (trial / "seed0").mkdir(parents=True)
+    measured = {"samples_per_s": 1000.0, "ms_per_step": 32.0, "peak_mem_mb": 1.0}
+    results.write(trial / "trial.json", Sizing(3e6, steps, 16, 64, measured, 1, "cpu: test"))
+    curve = (replace(pts[-1], accuracy=val, annealed=False),)
+    results.write(trial / "seed0" / "result.json", SeedResult(name, 0, pts, curve, 1.0, 1000.0))
+
+
+@pytest.mark.slow
+def test_collect_replays_the_growth_from_what_finished(tmp_path, monkeypatch, logged):
+    """The study grew d below its smallest factor (d-x0.5 led): --collect plans what the study did,
+    reports d-x0.25 once it finished and names it missing before."""
+    cfg = StudyConfig(strategies=("d",), factors=(0.5, 1, 2), budget="epochs:2", lrs=(), fractions=(0.5, 1),
+                      seeds=1, bracket=1, overrides=TINY, out=str(tmp_path / "s"))
+    out = Path(cfg.out)
+    out.mkdir()
+    (out / "study.yaml").write_text(dump_study(cfg))
+    for name, val in (("d-x0.5", 0.8), ("base", 0.7), ("d-x2", 0.6)):
+        _finished(out, name, val)
+    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("--collect trained"))
+    assert [t.name for t in runner.planned(cfg, None)] == ["d-x0.5", "base", "d-x2", "d-x0.25"]
+    preview.collect(cfg)
+    assert "missing: d-x0.25 (seed 0 has not finished)" in logged
+    _finished(out, "d-x0.25", 0.75)  # worse than d-x0.5: bracketed, and the cap is 1 anyway
+    summary = preview.collect(cfg)
+    assert summary.trials == 4
+    assert [t.name for t in runner.planned(replace(cfg, bracket=0), None)] == ["d-x0.5", "base", "d-x2"]
+
+
+@pytest.mark.slow
+def test_a_running_study_sizes_and_trains_the_factor_it_adds(tmp_path, monkeypatch):
+    """The growth inside a study (its first answer forced, the trials too short to mean anything): the
+    added trial is sized, trained at seed 0, in results.jsonl and the summary; asked once, as capped."""
+    asked = []
+
+    def once(sizes):
+        asked.append(sorted(sizes["d"]))
+        return {"d": 0.25}
+
+    monkeypatch.setattr(bracket, "outward", once)
+    cfg = StudyConfig(strategies=("d",), factors=(1, 2), budget="epochs:1", lrs=(), fractions=(1.0,),
+                      seeds=1, holdout=0, bracket=1, workers=1, overrides=TINY, out=str(tmp_path / "s"))
+    summary = runner.run_study(cfg)
+    assert len(asked) == 1 and [f for f, _, _ in asked[0]] == [1, 2]
+    assert (Path(cfg.out) / "trials" / "d-x0.25" / "trial.json").is_file()
+    rows = [json.loads(x)["name"] for x in (Path(cfg.out) / "results.jsonl").read_text().splitlines()]
+    assert sorted(rows) == ["base", "d-x0.25", "d-x2"] and summary.trials == 3
