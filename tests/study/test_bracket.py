@@ -10,10 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from vitscale.common import dist
 from vitscale.study import bracket, preview, results, runner
 from vitscale.study.config import StudyConfig, dump_study
-from vitscale.study.results import Point, SeedResult, Sizing
-from vitscale.study.trials import plan
+from vitscale.study.results import Point, SeedResult, Sizing, SweepPoint
+from vitscale.study.trials import pick_lr, plan
 from vitscale.train import engine
 
 SE = 0.004  # a point's binomial standard error
@@ -144,3 +145,30 @@ def test_a_running_study_sizes_and_trains_the_factor_it_adds(tmp_path, monkeypat
     assert (Path(cfg.out) / "trials" / "d-x0.25" / "trial.json").is_file()
     rows = [json.loads(x)["name"] for x in (Path(cfg.out) / "results.jsonl").read_text().splitlines()]
     assert sorted(rows) == ["base", "d-x0.25", "d-x2"] and summary.trials == 3
+
+
+def test_a_best_rate_at_the_edge_of_the_sweep_extends_the_grid(tmp_path, monkeypatch):
+    """Accuracy peaking at 3.2e-2, above the default grid (2e-3 .. 1.6e-2): the sweep adds 3.2e-2,
+    then 6.4e-2, which shows it the far side, and stops; the saved sweep reads back whole."""
+    ran = []
+
+    def fake_run(study, base, sizing, lr, d=None):
+        ran.append(lr)
+        return SweepPoint(lr, 10, 1.0, 0.8 - 0.02 * math.log2(lr / 3.2e-2) ** 2, 1.0, SE, 1.0)
+
+    class Here:  # runs each job in this process, as the local launcher does with one worker
+        def map(self, jobs, done):
+            for name, fn, args, _ in jobs:
+                done(name, fn(*args))
+
+    monkeypatch.setattr(runner, "run_sweep_lr", fake_run)
+    cfg = StudyConfig(out=str(tmp_path / "s"), bracket=2)
+    (tmp_path / "s" / "sweep").mkdir(parents=True)
+    points = runner._sweep(cfg, None, None, Here(), dist.Dist(), run=True)
+    assert ran == [2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]
+    assert [p.lr for p in points] == ran and pick_lr(points).lr == 3.2e-2
+    assert runner.read_sweep(cfg) == points
+    (tmp_path / "t" / "sweep").mkdir(parents=True)
+    capped = runner._sweep(replace(cfg, out=str(tmp_path / "t"), bracket=0), None, None, Here(), dist.Dist(),
+                           run=True)
+    assert [p.lr for p in capped] == [2e-3, 4e-3, 8e-3, 1.6e-2]

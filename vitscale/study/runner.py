@@ -328,17 +328,25 @@ def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Launcher, d:
         raise UserError(f"the learning-rate sweep of {study.out!r} has not finished; run "
                          f"`vitscale study --config {Path(study.out) / 'study.yaml'} --trial {SWEEP}` first")
     got: dict[float, SweepPoint] = {}
-    jobs = [(f"sweep lr {lr:g}", run_sweep_lr, (study, base, sizing, lr, d),
-             Path(study.out) / SWEEP / f"lr-{lr:g}" / "log.txt") for lr in study.lrs]
-    runner.map(jobs, lambda name, p: got.__setitem__(p.lr, p))
-    points = [got[lr] for lr in study.lrs]
+    lrs = list(study.lrs)
+    for _ in range(study.bracket + 1):  # a best rate at an edge of the grid extends it, as bracketing does
+        jobs = [(f"sweep lr {lr:g}", run_sweep_lr, (study, base, sizing, lr, d),
+                 Path(study.out) / SWEEP / f"lr-{lr:g}" / "log.txt") for lr in lrs if lr not in got]
+        runner.map(jobs, lambda name, p: got.__setitem__(p.lr, p))
+        grid = sorted(got)
+        best = pick_lr([got[lr] for lr in grid]).lr
+        if len(grid) < 3 or best not in (grid[0], grid[-1]):
+            break
+        lrs.append(float(f"{grid[0] ** 2 / grid[1] if best == grid[0] else grid[-1] ** 2 / grid[-2]:.3g}"))
+    points = [got[lr] for lr in sorted(got)]
     if d.main:
         atomic_write_text(path, json.dumps([results.to_dict(p) for p in points], indent=2))
     best = pick_lr(points)
     logger.info("sweep: " + ", ".join(f"lr {p.lr:g} {100 * p.accuracy:.1f}%" for p in points)
                 + f"; every trial trains at base_lr {best.lr:g}")
-    if best.lr in (min(study.lrs), max(study.lrs)) and len(study.lrs) > 2:
-        logger.warning(f"the best learning rate {best.lr:g} is at the edge of the sweep; widen --lrs")
+    if best.lr in (points[0].lr, points[-1].lr) and len(points) > 2:
+        logger.warning(f"the best learning rate {best.lr:g} is at the edge of the sweep, extended "
+                       f"{len(points) - len(study.lrs)} times (--bracket); widen --lrs")
     return points
 
 
@@ -351,7 +359,7 @@ def read_sweep(study: StudyConfig) -> list[SweepPoint] | None:
         try:
             saved = json.loads(path.read_text())
             points = [results.from_dict(SweepPoint, p, str(path)) for p in saved]
-            if sorted(p.lr for p in points) == sorted(study.lrs):
+            if set(study.lrs) <= {p.lr for p in points}:  # with any rates an edge added
                 return points
         except (OSError, ValueError, TypeError) as e:  # StaleResult, a cut file, not a list of records
             logger.warning(f"{path} cannot be read ({e}); running the sweep again (its runs resume)")
