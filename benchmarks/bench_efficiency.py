@@ -27,7 +27,8 @@ temporary directory removed at the end.
 
     python benchmarks/bench_efficiency.py                      # all sections
     python benchmarks/bench_efficiency.py --only multires,drop --out results/
-    python benchmarks/bench_efficiency.py --quick              # 6 steps a run, pico/4 speed: seconds
+    python benchmarks/bench_efficiency.py --quick              # 6 steps a run, small evaluation
+                                                               # splits, pico/4 speed: seconds
 
 Runtime: 15 minutes on a 2-core CPU beside other jobs with --threads 1 (multires 7.5, s2 6.0,
 drop 1.7); PyTorch's two threads on cores others are using ran an epoch 7x slower.
@@ -86,6 +87,9 @@ class Lengths:
 
 FULL = Lengths(train=40, pretrain=20, probe=15, finetune=10, video=20)
 QUICK = Lengths(train=1, pretrain=1, probe=1, finetune=1, video=1, max_steps=6)
+# --quick checks the plumbing, not accuracies: evaluation splits of 5% (and 400 moving-digits clips)
+# instead of the 20% and 10% that cost most of a quick run's time.
+QUICK_DATA = ["data.val_fraction=0.05", "data.test_fraction=0.05", "data.num_clips=400"]
 VIDEO = ["model.frames=8", "model.tubelet=2", "data.name=moving-digits", "data.frames=8",
          "data.image_size=16", "data.label=direction", "train.batch=16"]
 
@@ -118,7 +122,9 @@ class Bench:
             common = [f"train.threads={a.threads}", "train.knn_k=0", "train.ckpt_every=0",
                       "train.keep_last=1", f"train.seed={a.seed}", f"train.device={a.device}",
                       f"train.max_steps={self.lengths.max_steps}"]
-            cfg = records.apply_overrides(config.recipe(command, init=init, out=str(out)), common + overrides)
+            quick = QUICK_DATA if a.quick else []
+            cfg = records.apply_overrides(config.recipe(command, init=init, out=str(out)),
+                                          common + quick + overrides)
             cpu = time.process_time()
             with contextlib.redirect_stdout(io.StringIO()):  # the progress bar
                 result = engine.train(cfg).metrics
@@ -189,9 +195,9 @@ def multires(b: Bench) -> dict:
 def plot_multires(rows: list[dict], trained: dict[str, tuple[int, ...]], names: dict[str, str],
                   path: Path) -> Path:
     """Test top-1 against test side, one line per recipe; filled markers at its trained sides."""
-    from vitscale.common.figures import plt, save_figure  # matplotlib (Agg) only when a plot is made
+    from vitscale.common.figures import figure, save_figure  # matplotlib (Agg) only when a plot is made
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = figure(figsize=(5.5, 3.6))
     sides = [r["side"] for r in rows]
     for (key, label), color, size in zip(names.items(), ("tab:blue", "tab:orange"), (9, 6), strict=True):
         acc = [100 * r[f"{key}_top1"] for r in rows]  # the later line's smaller markers leave both visible
