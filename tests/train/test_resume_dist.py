@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ranks
 import torch
 from safetensors.torch import load_file
 
@@ -19,9 +20,10 @@ from vitscale.common import checkpoint
 from vitscale.common.checkpoint import latest
 from vitscale.train import optim
 
-ARGS = ["train", "--train.batch=32", "--train.max_steps=60", "--train.ckpt_every=2", "--train.threads=1",
+# 512 items: 16 steps an epoch, so a 30-step run resumes across an epoch's end and its evaluation
+ARGS = ["train", "--train.batch=32", "--train.max_steps=30", "--train.ckpt_every=2", "--train.threads=1",
         "--data.image_size=16", "--model.patch_size=4", "--train.warmup_epochs=0", "--model.drop_path=0.1",
-        "--train.mixup=0.2", "--train.cutmix=0.2"]
+        "--train.mixup=0.2", "--train.cutmix=0.2", "--data.train_size=512"]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -36,7 +38,7 @@ def final_tensors(run_dir: Path) -> dict:
         f"optim/{k}": v for k, v in load_file(str(ckpt / "optim.safetensors")).items()}
 
 
-def kill_after(proc: subprocess.Popen, run_dir: Path, step: int, last: int = 60) -> None:
+def kill_after(proc: subprocess.Popen, run_dir: Path, step: int, last: int = 30) -> None:
     """SIGKILL a run somewhere after its checkpoint of `step` exists, before that of its `last` step."""
     deadline = time.time() + 120
     while latest(run_dir) is None or checkpoint.step_of(latest(run_dir)) < step:
@@ -61,26 +63,26 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 61))
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 31))
 
 
 @pytest.mark.slow
 def test_sigkilled_cooldown_branch_resumes_to_the_plain_wsd_run(tmp_path):
-    """A stable run to step 30, a 60-step branch from it killed and resumed, ends bitwise where a
-    60-step wsd run from scratch ends (weights and optimizer state); the branch point is mid-epoch."""
+    """A stable run to step 15, a 30-step branch from it killed and resumed, ends bitwise where a
+    30-step wsd run from scratch ends (weights and optimizer state); the branch point is mid-epoch."""
     wsd = [a for a in ARGS if not a.startswith("--train.max_steps")] + ["--train.schedule=wsd"]
-    start = optim.decay_start(60, 0.5)
-    stable = vitscale(*wsd, f"--train.max_steps={start}", "--train.decay_frac=0",
-                      "--out", str(tmp_path / "stable"))
-    assert stable.wait(timeout=300) == 0, stable.stdout.read()
-    branch_args = [*wsd, "--train.max_steps=60", "--train.decay_frac=0.5", "--out", str(tmp_path / "branch"),
+    start = optim.decay_start(30, 0.5)
+    # the stable run is not the one killed: it needs no process of its own
+    stable = [*wsd, f"--train.max_steps={start}", "--train.decay_frac=0", "--out", str(tmp_path / "stable")]
+    assert main(stable) == 0
+    branch_args = [*wsd, "--train.max_steps=30", "--train.decay_frac=0.5", "--out", str(tmp_path / "branch"),
                    f"--train.branch_from={checkpoint.at(tmp_path / 'stable', start)}"]
     branch = vitscale(*branch_args)
-    kill_after(branch, tmp_path / "branch", start + 6)
+    kill_after(branch, tmp_path / "branch", start + 4)
     assert f"branched from {tmp_path / 'stable'}" in branch.stdout.read()
     resumed = vitscale(*branch_args)
     # the plain run needs no process of its own: in this one, beside the resumed branch
-    plain = [*wsd, "--train.max_steps=60", "--train.decay_frac=0.5", "--out", str(tmp_path / "plain")]
+    plain = [*wsd, "--train.max_steps=30", "--train.decay_frac=0.5", "--out", str(tmp_path / "plain")]
     assert main(plain) == 0
     out = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0 and f"resumed from {tmp_path / 'branch'}" in out, out
@@ -97,8 +99,28 @@ def train_losses(run_dir: Path) -> list[float]:
 FP16 = ["--train.dtype=fp16", "--train.act_ckpt=true"]  # a loss scale (sharded under FSDP), blocks recomputed
 
 
-# Each case is 3 processes (torchrun and its ranks) whose start-up costs more than their steps, so
-# the features ride together: a loss scale with multigrid's changing batch under DDP, and sharded.
+COMMON = ["train", "--train.batch=32", "--train.max_steps=5", "--train.threads=1", "--data.image_size=16",
+          "--model.patch_size=4", "--train.warmup_epochs=0", "--train.label_smoothing=0"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The one-process run of COMMON + extra (ddp and fsdp share theirs): its train losses. Run in
+    this process (no torch to import again)."""
+    done = {}
+
+    def losses(extra: tuple[str, ...]) -> list[float]:
+        if extra not in done:
+            out = tmp_path_factory.mktemp("one")
+            assert main([*COMMON, *extra, "--out", str(out)]) == 0
+            done[extra] = train_losses(out)
+        return done[extra]
+
+    return losses
+
+
+# Each case starts a rank process whose start-up costs more than its steps, so the features ride
+# together: a loss scale with multigrid's changing batch under DDP, and sharded.
 @pytest.mark.parametrize("extra,rel", [
     pytest.param([], 1e-4, id="ddp"),
     pytest.param(["--train.fsdp=true"], 1e-4, id="fsdp"),
@@ -106,18 +128,9 @@ FP16 = ["--train.dtype=fp16", "--train.act_ckpt=true"]  # a loss scale (sharded 
                  id="ddp-fp16-act_ckpt-multigrid"),
     pytest.param(FP16 + ["--train.fsdp=true"], 1e-3, marks=pytest.mark.slow, id="fsdp-fp16-act_ckpt"),
 ])
-def test_two_gloo_ranks_match_one_process(tmp_path, extra, rel):
-    common = ["train", "--train.batch=32", "--train.max_steps=5", "--train.threads=1", "--data.image_size=16",
-              "--model.patch_size=4", "--train.warmup_epochs=0", "--train.label_smoothing=0"]
-    one_process = [e for e in extra if e != "--train.fsdp=true"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "vitscale"]
-    two_ranks = subprocess.Popen(launcher + common + extra + ["--out", str(tmp_path / "two")], env=ENV,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # the one-process reference runs in this process (no torch to import again) while the ranks start
-    assert main([*common, *one_process, "--out", str(tmp_path / "one")]) == 0
-    out = two_ranks.communicate(timeout=300)[0]
-    assert two_ranks.returncode == 0, out[-6000:]
-    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+def test_two_gloo_ranks_match_one_process(tmp_path, one_process, extra, rel):
+    ranks.vitscale_here(*COMMON, *extra, "--out", str(tmp_path / "two"))
+    one = one_process(tuple(e for e in extra if e != "--train.fsdp=true"))
+    two = train_losses(tmp_path / "two")
     assert len(one) == len(two) == 5
     assert two == pytest.approx(one, rel=rel, abs=rel / 10)

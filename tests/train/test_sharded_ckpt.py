@@ -6,11 +6,10 @@ import errno
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import ranks
 import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -26,7 +25,6 @@ ARGS = ["--train.batch=32", "--train.max_steps=6", "--train.threads=1", "--data.
             "--model.patch_size=4", "--train.warmup_epochs=0", "--train.label_smoothing=0",
             "--train.keep_steps=3"]
 SHARDED = ["--train.fsdp=true", "--train.sharded_ckpt=true"]
-TWO_RANKS = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # Not bitwise: 2 ranks reduce the gradient as the mean of two half-batch means, one process as one
 # mean, so the sums run in another order (float32 rounding), and AdamW's division by sqrt(v)
 # carries such differences into the weights. After 6 steps at lr 5e-4 they stay near 3e-6 here
@@ -166,11 +164,9 @@ def test_fsdp_on_one_process_says_how_to_go_on_there(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def vitscale(*args: str, ranks: int = 1) -> subprocess.Popen:
-    launcher = TWO_RANKS if ranks == 2 else [sys.executable]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([*launcher, "-m", "vitscale", "train", *ARGS, *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def two_ranks(*args: str, capsys=None) -> str:
+    """`vitscale train` on 2 gloo ranks (rank 0 in this process): their output once both ended well."""
+    return ranks.vitscale_here("train", *ARGS, *args, capsys=capsys)
 
 
 def in_process(capsys, *args: str) -> str:
@@ -178,12 +174,6 @@ def in_process(capsys, *args: str) -> str:
     capsys.readouterr()
     assert main(["train", *ARGS, *args]) == 0
     return capsys.readouterr().out
-
-
-def finished(proc: subprocess.Popen) -> str:
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, out[-3000:]
-    return out
 
 
 def cut_back(run_dir: Path, step: int) -> None:
@@ -228,7 +218,7 @@ def losses(run_dir: Path) -> list[float]:
 def sharded(tmp_path_factory) -> Path:
     """The run on 2 gloo FSDP ranks writing sharded checkpoints (steps 3 and 6, best/)."""
     run_dir = tmp_path_factory.mktemp("sharded") / "two"
-    finished(vitscale(*SHARDED, "--out", str(run_dir), ranks=2))
+    two_ranks(*SHARDED, "--out", str(run_dir))
     return run_dir
 
 
@@ -265,7 +255,7 @@ def test_a_two_rank_sharded_run_resumes_on_one_process(sharded, one, tmp_path, c
 def test_a_two_rank_ddp_run_resumes_on_one_process(one, tmp_path, capsys):
     """Full checkpoints (DDP, gathered on rank 0) resume on another number of ranks too."""
     two = tmp_path / "two"
-    finished(vitscale("--out", str(two), ranks=2))
+    two_ranks("--out", str(two))
     cut_back(two, 3)
     out = in_process(capsys, "--out", str(two))
     assert "resuming on 1 rank(s) a checkpoint 2 rank(s) wrote" in out, out
@@ -274,13 +264,13 @@ def test_a_two_rank_ddp_run_resumes_on_one_process(one, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_one_process_run_resumes_on_two_sharded_fsdp_ranks(one, tmp_path):
+def test_a_one_process_run_resumes_on_two_sharded_fsdp_ranks(one, tmp_path, capsys):
     """A one-process run stopped after step 3 and resumed on 2 gloo FSDP ranks writing sharded
     checkpoints ends close to the same run never stopped."""
     whole, moved = one, tmp_path / "moved"
     shutil.copytree(whole, moved)
     cut_back(moved, 3)
-    out = finished(vitscale(*SHARDED, "--out", str(moved), ranks=2))
+    out = two_ranks(*SHARDED, "--out", str(moved), capsys=capsys)
     assert f"resumed from {checkpoint.at(moved, 3)} at step 3" in out, out
     assert "resuming on 2 rank(s) a checkpoint 1 rank(s) wrote" in out and "ranks 1-1 seed" in out, out
     assert checkpoint.is_sharded(checkpoint.latest(moved))
