@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
+import ranks
 
 from vitscale.models.presets import preset
 from vitscale.models.vit import ViT
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_ckpt.py"
-TWO_RANKS = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 @pytest.mark.slow
-def test_a_sharded_checkpoint_holds_half_the_state_on_each_of_two_ranks(tmp_path):
-    done = subprocess.run([*TWO_RANKS, str(BENCH), "--model", "mu/4", "--out", str(tmp_path)], text=True,
-                          capture_output=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    said = r"on 2 ranks, (sharded|full) checkpoint: rank (\d) holds ([\d.]+) MiB"
-    held = {(kind, int(rank)): float(mib) for kind, rank, mib in re.findall(said, done.stdout)}
-    assert len(held) == 4, done.stdout
+def test_a_sharded_checkpoint_holds_half_the_state_on_each_of_two_ranks(tmp_path, capsys, monkeypatch):
+    argv = [str(BENCH), "--model", "mu/4", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)  # rank 0's, read by the script in this process
+
+    def rank_0() -> None:
+        runpy.run_path(str(BENCH), run_name="__main__")
+
+    said = ranks.here_and_apart(rank_0, [sys.executable, *argv], capsys)
+    line = r"on 2 ranks, (sharded|full) checkpoint: rank (\d) holds ([\d.]+) MiB"
+    held = {(kind, int(rank)): float(mib) for kind, rank, mib in re.findall(line, said)}
+    assert len(held) == 4, said
     # float32 weights and AdamW's two moments (3 x 4 bytes a weight; its step counts are scalars),
     # whole on rank 0 alone, or split between the ranks
     whole = sum(p.numel() for p in ViT(preset("mu/4")).parameters()) * 12 / 2**20

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import ranks
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -247,7 +249,9 @@ def _grid_scores(d: dist.Dist) -> tuple[torch.Tensor, torch.Tensor]:
 def _rank_main(rank: int, init: str, out: str) -> None:
     import torch.distributed as td
 
-    td.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    # a rank whose peer died gives up after 3 minutes instead of dist's 30
+    td.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2,
+                          timeout=timedelta(minutes=3))
     try:
         torch.save(_grid_scores(dist.Dist(rank, 2)), Path(out, f"{rank}.pt"))
     finally:
@@ -262,7 +266,7 @@ def test_views_of_one_item_land_on_different_ranks():
 
 @pytest.mark.slow
 def test_two_gloo_ranks_merge_views_as_one_process(tmp_path):
-    torch.multiprocessing.spawn(_rank_main, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks.rank_0_here(_rank_main, str(tmp_path / "init"), str(tmp_path))
     one = _grid_scores(dist.Dist())
     for r in range(2):
         merged, y = torch.load(tmp_path / f"{r}.pt")

@@ -1,12 +1,10 @@
 """train.ema: the moving average of the weights, evaluated, checkpointed, resumed and used by --init."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
+import ranks
 import torch
 from safetensors.torch import load_file
 
@@ -127,14 +125,8 @@ def test_two_ddp_ranks_keep_the_ema_of_one_process(tmp_path):
     common = ["train", "--train.ema=0.9", "--train.label_smoothing=0",
               *(f"--{o}" for o in FAST if o.split("=")[0] not in ("train.keep_last", "train.ckpt_every",
                                                                  "train.max_steps")), "--train.max_steps=2"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    two_ranks = subprocess.Popen([*launcher, "-m", "vitscale", *common, "--out", str(tmp_path / "two")],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # the one-process reference runs in this process (no torch to import again) while the ranks start
-    assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    out = two_ranks.communicate(timeout=120)[0]
-    assert two_ranks.returncode == 0, out[-4000:]
+    ranks.vitscale_here(*common, "--out", str(tmp_path / "two"))
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0  # in this process: no torch to import again
     one, two = tensors(tmp_path / "one", 2, "ema"), tensors(tmp_path / "two", 2, "ema")
     for k, v in one.items():
         torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5)
