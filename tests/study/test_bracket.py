@@ -10,14 +10,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from vitscale.common import dist
-from vitscale.study import bracket, preview, results, runner
+from vitscale.common import dist, records
+from vitscale.models.vit import ViTConfig
+from vitscale.study import bracket, preview, results, runner, verify
 from vitscale.study.config import StudyConfig, dump_study
-from vitscale.study.results import Point, SeedResult, Sizing, SweepPoint
+from vitscale.study.results import Point, SeedResult, Sizing, SweepPoint, TrialResult
+from vitscale.study.summary import Candidate
 from vitscale.study.trials import pick_lr, plan
 from vitscale.train import engine
 
 SE = 0.004  # a point's binomial standard error
+TRIAL_FIELDS = {*TrialResult.__dataclass_fields__, "kind", "version"}
 
 
 def family(*pairs):
@@ -128,16 +131,23 @@ def test_collect_replays_the_growth_from_what_finished(tmp_path, monkeypatch, lo
 
 
 @pytest.mark.slow
-def test_a_running_study_sizes_and_trains_the_factor_it_adds(tmp_path, monkeypatch):
+def test_a_running_study_trains_the_factor_it_adds_and_verifies_its_picks(tmp_path, monkeypatch):
     """The growth inside a study (its first answer forced, the trials too short to mean anything): the
-    added trial is sized, trained at seed 0, in results.jsonl and the summary; asked once, as capped."""
+    added trial is sized, trained at seed 0, in results.jsonl and the summary; asked once, as capped.
+    Then verification (its picks forced: these trials fit no law): a pick at twice the budget trains
+    two seeds of twice the steps; a pick a trial measured is verified by that trial, nothing trained."""
     asked = []
 
     def once(sizes):
         asked.append(sorted(sizes["d"]))
         return {"d": 0.25}
 
+    def picks(study, summary):
+        by = {r.name: r for r in summary_rows(study)}
+        return [candidate(by["d-x2"], 1.0), candidate(by["d-x0.25"], 2.0)]
+
     monkeypatch.setattr(bracket, "outward", once)
+    monkeypatch.setattr(verify, "targets", picks)
     cfg = StudyConfig(strategies=("d",), factors=(1, 2), budget="epochs:1", lrs=(), fractions=(1.0,),
                       seeds=1, holdout=0, bracket=1, workers=1, overrides=TINY, out=str(tmp_path / "s"))
     summary = runner.run_study(cfg)
@@ -145,6 +155,29 @@ def test_a_running_study_sizes_and_trains_the_factor_it_adds(tmp_path, monkeypat
     assert (Path(cfg.out) / "trials" / "d-x0.25" / "trial.json").is_file()
     rows = [json.loads(x)["name"] for x in (Path(cfg.out) / "results.jsonl").read_text().splitlines()]
     assert sorted(rows) == ["base", "d-x0.25", "d-x2"] and summary.trials == 3
+    measured, ahead = summary.verified
+    assert not measured.trained and measured.trial == "d-x2"
+    assert ahead.trained and ahead.trial == "verify-d-x0.25-at-2x" and len(ahead.measured) == 2
+    at2 = Path(cfg.out) / "trials" / ahead.trial
+    one = json.loads((Path(cfg.out) / "trials" / "d-x0.25" / "trial.json").read_text())["steps"]
+    assert ahead.steps == 2 * one and sorted(p.name for p in at2.glob("seed*")) == ["seed0", "seed1"]
+    assert ahead.covered == (ahead.interval[0] <= ahead.mean <= ahead.interval[1])
+    report = (Path(cfg.out) / "report.md").read_text()
+    assert "**Verified ahead:** the law's pick at 2x the budget" in report
+    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("--collect trained"))
+    assert preview.collect(cfg).verified == summary.verified  # read back, nothing trained
+
+
+def summary_rows(study):
+    return [results.from_dict(TrialResult, {k: v for k, v in json.loads(x).items() if k in TRIAL_FIELDS})
+            for x in (Path(study.out) / "results.jsonl").read_text().splitlines()]
+
+
+def candidate(r, multiple: float) -> Candidate:
+    """Trial r's shape as the law's pick at `multiple` of the budget, predicted 50% (40-60)."""
+    model = records.from_dict(ViTConfig, r.model)
+    return Candidate("d", r.name, r.achieved, model, r.params, r.flops, r.steps, r.samples, r.compute, 1.0,
+                     0.5, (0.4, 0.6), False, multiple)
 
 
 def test_a_best_rate_at_the_edge_of_the_sweep_extends_the_grid(tmp_path, monkeypatch):

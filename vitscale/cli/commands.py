@@ -256,6 +256,10 @@ def _print_summary(summary, out: str) -> None:
               f"{p.model.depth}, width {p.model.width}), {p.steps} steps, predicted {summary.metric} "
               f"{100 * p.accuracy:.1f}% ({100 * p.interval[0]:.1f}-{100 * p.interval[1]:.1f})"
               + (f"; unreliable: rests on {', '.join(p.bounds)} at a bound of the fit" if p.bounds else ""))
+    for v in summary.verified:
+        print(f"verified at {v.multiple:g}x the budget: {v.trial} measured {100 * v.mean:.1f}% against "
+              f"{100 * v.predicted:.1f}% predicted ({100 * v.interval[0]:.1f}-{100 * v.interval[1]:.1f}): "
+              + ("inside" if v.covered else "outside") + " the interval")
     m, best = rec.measured, rec.measured_best
     tie = (f"; within noise of it and cheaper: {m.name} at {m.steps} steps, {100 * m.accuracy:.1f}%"
            if m != best else "")

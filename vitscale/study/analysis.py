@@ -134,6 +134,7 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
         choice,
         _parameters(law, laws) if law else (),
         rec,
+        (),  # verified: the runner's, once it has trained the pick
         frontier,
         isoflops(rows, law, shapes),
         vs,

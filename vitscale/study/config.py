@@ -84,6 +84,10 @@ class StudyConfig:
     holdout: int = 1  # each strategy's largest trials the backtest holds out and predicts (0 = no backtest)
     target: str = ""  # the budget to recommend for: compute:MACS or time:10m ("" = the study's budget)
     ahead: tuple[float, ...] = (2.0, 10.0, 100.0)  # larger budgets, as multiples of the study's, to predict
+    # train the recommended model at the budget (two seeds) and report it against its prediction; and
+    # the law's pick at these multiples of the budget (e.g. 2: twice the study's compute), to check a forecast
+    verify: bool = True
+    verify_ahead: tuple[float, ...] = ()
     probe_epochs: int = 20  # linear-probe epochs after MAE pre-training (not counted in the budget)
 
     # trials trained at once; 0 = auto: 1 on a GPU, else one single-thread worker per CPU core, up to
@@ -143,6 +147,8 @@ class StudyConfig:
              f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}"),
             (self.holdout >= 0, "holdout must be 0 (no backtest) or more"),
             (all(m > 0 for m in self.ahead), "ahead must be positive multiples of the budget, e.g. 2,10,100"),
+            (all(m > 1 for m in self.verify_ahead),
+             "verify_ahead must be multiples of the budget above 1, e.g. 2"),
         ]
         for ok, message in checks:
             if not ok:

@@ -21,7 +21,7 @@ from vitscale.common import dist, errors, lock, records, rundir
 from vitscale.common.errors import UserError
 from vitscale.cost.complexity import cost
 from vitscale.data import build_datasets
-from vitscale.study import analysis, config, results, runner
+from vitscale.study import analysis, config, results, runner, verify
 from vitscale.study.results import SeedResult, Sizing
 from vitscale.study.trials import (
     Trial,
@@ -288,11 +288,20 @@ def collect(cfg: config.StudyConfig):
                     + (f"; every trial trained at base_lr {lr:g}" if lr is not None else ""))
         done = runner._write_results(cfg, ready, sizes, seeds)
         rows = [done[t.name] for t in ready]
-        summary = analysis.summarize(cfg, rows, sweep)
+        summary = verify.run(cfg, analysis.summarize(cfg, rows, sweep), trials, rows, _finished_only,
+                             lambda s, t: results.finished(trial_dir(s, t) / config.TRIAL, Sizing,
+                                                           "not used"),
+                             lambda s, t, sizing, k: (t.name, None, (s, t, k), None))
         for line in skipped(summary):
             logger.info(line)
         report.write(out, summary, rows)
     return summary
+
+
+def _finished_only(jobs, done) -> None:
+    """A launcher's map that trains nothing: each job's seed as far as it finished."""
+    for name, _, (study, trial, k), _ in jobs:
+        done(name, runner._seed_result(study, trial, k))
 
 
 def skipped(summary) -> list[str]:

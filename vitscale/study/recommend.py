@@ -273,7 +273,7 @@ def recommend(
         )
 
     tied = [best] + _ties(best, cands[1:], l_spread, noise_.seed_sd)
-    ahead = tuple(c[0] for m in study.ahead if (c := best_at(m * amount, m)))
+    ahead = tuple(c[0] for m in sorted({*study.ahead, *study.verify_ahead}) if (c := best_at(m * amount, m)))
     pick = _cheapest(tied)
     note = (
         "The law's best size is the smallest measured: a smaller model may do better still at this budget; "

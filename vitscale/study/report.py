@@ -15,7 +15,7 @@ from vitscale.common.io import atomic_write_text
 from vitscale.study import plots, summary
 from vitscale.study.config import REPORT_HTML, REPORT_MD, SUMMARY
 from vitscale.study.plots import PLOTS
-from vitscale.study.report_checks import flags, forecast, not_bracketed, optimum, pct, span
+from vitscale.study.report_checks import flags, forecast, not_bracketed, optimum, pct, span, verified
 from vitscale.study.results import TrialResult
 from vitscale.study.summary import LEVEL, Candidate, Summary
 
@@ -78,7 +78,7 @@ def _backtest(s: Summary) -> list:
 
 def _recommendation(s: Summary) -> list:
     rec = s.recommendation
-    lines = [*not_bracketed(s), f"Budget: {rec.budget}."]
+    lines = [*verified(s), *not_bracketed(s), f"Budget: {rec.budget}."]
     m = rec.measured
     if rec.pick:
         p = rec.pick

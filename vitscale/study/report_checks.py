@@ -110,3 +110,18 @@ def optimum(s: Summary) -> list:
         lines.append(f"{g.family}: N_opt ~ C^{g.slope:.2f}{iv} from {g.valleys} bracketed slices; the law's "
                      f"frontier over the same computes: {law}" + (f". **{g.note}**." if g.note else "."))
     return lines
+
+
+def verified(s: Summary) -> list:
+    """The recommendation's opening: each verified pick, predicted against measured."""
+    out = []
+    for v in s.verified:
+        budget = "the budget" if v.multiple == 1 else f"{v.multiple:g}x the budget"
+        how = (f"trained at {budget} ({v.steps} steps, seeds: {', '.join(pct(a) for a in v.measured)})"
+               if v.trained else f"measured by trial {v.trial}")
+        verdict = "inside" if v.covered else "**outside**"
+        out.append(f"**Verified{'' if v.multiple == 1 else ' ahead'}:** the law's pick at {budget}, "
+                   f"{v.trial.removeprefix('verify-')}, {how}: **{pct(v.mean)} measured against "
+                   f"{pct(v.predicted)} predicted** ({LEVEL:.0%} interval {span(v.interval)}), {verdict} the "
+                   "interval.")
+    return out

@@ -41,7 +41,7 @@ from vitscale.common import checkpoint, dist, errors, lock, logs, records, rundi
 from vitscale.common.errors import Interrupted, UserError
 from vitscale.common.io import atomic_write_text
 from vitscale.cost.complexity import cost
-from vitscale.study import analysis, bracket, launch, results
+from vitscale.study import analysis, bracket, launch, results, verify
 from vitscale.study.config import (
     RESULTS,
     SEED_RESULT,
@@ -288,12 +288,15 @@ def _run_study(study: StudyConfig, only: str | None, d: dist.Dist):
             return None
         trials, done = _collect(study, trials, sizes, runner, d, lr,
                                 lambda ts: _sizes(study, ts, reference, runner, d, out))
+        rows = dist.on_main(d, lambda: [done[t.name] for t in trials])  # rank 0's: the others' lack results
+        summary = dist.on_main(d, lambda: analysis.summarize(study, rows, sweep))
+        summary = verify.run(study, summary, trials, rows, runner.map,
+                             lambda s, t: size_trial(s, t, reference, runner.threads, d),
+                             lambda s, t, sizing, k: _job(s, t, sizing, k, d))
     finally:
         runner.close()
     if not d.main:
         return None
-    rows = [done[t.name] for t in trials]
-    summary = analysis.summarize(study, rows, sweep)
     report.write(out, summary, rows)
     return summary
 

@@ -4,6 +4,7 @@
     Backtest        the law fitted without each strategy's largest trials, checked on them
     Recommendation  the model and length for the budget (and for larger budgets), from the
                     law refitted on every trial, beside the best trial measured
+    Verification    the recommended model trained at its budget: predicted against measured
     IsoFlop         trials compared at equal training compute, measured and predicted
     Valley          one family's trials at one compute: is its best bracketed, and where the
                     parabola through them peaks
@@ -25,7 +26,7 @@ from vitscale.study.fits import Laws, RuntimeModel
 from vitscale.study.results import SweepPoint
 
 # 2: the law's gamma (a larger model learns more per sample); 3: the forecast across compute, the flags;
-# 4: where each family's optimum sits (valleys.py)
+# 4: where each family's optimum sits (valleys.py), the pick verified
 VERSION = 4
 LEVEL = 0.9  # the coverage every interval claims
 
@@ -166,6 +167,22 @@ class Recommendation:
 
 
 @dataclass(frozen=True)
+class Verification:
+    """The law's pick for a budget (a multiple of the study's), trained there and measured."""
+
+    multiple: float  # of the study's budget
+    trial: str  # what measured it: trials/verify-NAME, or a trial of the study with its shape
+    strategy: str
+    steps: int
+    predicted: float
+    interval: tuple[float, float]  # the prediction's, for one training run
+    measured: tuple[float, ...]  # each seed's final accuracy
+    mean: float
+    covered: bool  # the mean inside the interval
+    trained: bool  # false: a trial of the study had measured that shape at the budget
+
+
+@dataclass(frozen=True)
 class IsoFlop:
     """Trials at one training compute (annealed points; interpolated in log compute
     between a trial's neighbouring points where none falls on it)."""
@@ -275,6 +292,7 @@ class Summary:
     structure: Structure | None
     parameters: tuple[Parameter, ...]  # the law's, with bootstrap intervals
     recommendation: Recommendation
+    verified: tuple[Verification, ...]  # the pick (and verify_ahead's) trained and measured
     frontier: tuple[FrontierPoint, ...]
     isoflops: tuple[IsoFlop, ...]
     valleys: tuple[Valley, ...]
