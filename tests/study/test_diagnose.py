@@ -4,7 +4,7 @@ loss that is not finite, an accuracy that falls with more training; none on a cl
 from dataclasses import replace
 
 import numpy as np
-from test_analysis import epochs_study, trial
+from test_analysis import TRUE, epochs_study, trial
 
 from vitscale.study import analysis, diagnose, lawfit, report
 from vitscale.study.config import StudyConfig
@@ -35,6 +35,17 @@ def test_each_fault_gets_its_flag_and_only_it():
     accs = [s.final.accuracy for s in spread.seeds]
     assert abs(accs[0] - accs[1]) / 2**0.5 > 3 * 0.004  # the seeds do disagree, by the flag's measure
     assert found == {"d-x2": ["short"], "d-x4": ["unstable"], "w-x2": ["not improving"], "w-x4": ["unstable"]}
+    rows = [trial("d", 1, 2000), short, spread, falling, broken]
+    flags = diagnose.diagnose(rows)
+    assert {f.trial for f in flags if f.left_out} == {"w-x2", "w-x4"}  # falling, and the loss not finite
+    assert [r.name for r in diagnose.fitted(rows, flags)] == ["base", "d-x2", "d-x4"]
+    assert diagnose.reseed(rows, flags) == {"d-x4"}  # seeds that disagree: one more
+
+
+def test_a_base_is_flagged_but_never_left_out():
+    base = trial("d", 1, 2000, final=0.05)  # below its point at half its length, 15%
+    (flag,) = diagnose.diagnose([base])
+    assert flag.kind == "not improving" and not flag.left_out
 
 
 def test_seeds_within_their_binomial_error_are_not_unstable():
@@ -57,3 +68,7 @@ def test_the_report_lists_the_flags(tmp_path, monkeypatch):
     report.write(tmp_path, s, rows)
     text = (tmp_path / "report.md").read_text()
     assert "## Trials to trust less" in text and "| d-x8 | not improving | 20.0% at 1 of its budget" in text
+    assert "**left out of the fits**" in text
+    predicted = 1 - float(s.law.predict("d", rows[3].flops, rows[3].samples))  # the law never saw it collapse
+    truth = 1 - float(TRUE.predict("d", rows[3].flops, rows[3].samples))
+    assert abs(predicted - truth) < 0.01 and s.recommendation.measured_best.name != "d-x8"

@@ -24,7 +24,7 @@ from vitscale.common import stats
 from vitscale.study import fits
 from vitscale.study.backtest import backtest
 from vitscale.study.config import StudyConfig, base_run
-from vitscale.study.diagnose import diagnose
+from vitscale.study.diagnose import diagnose, fitted
 from vitscale.study.forecast import forecast
 from vitscale.study.isoflops import isoflops
 from vitscale.study.lawfit import able, fit, n0s, noise
@@ -84,8 +84,10 @@ def _parameters(law: fits.Laws, laws: list[fits.Laws]) -> tuple[Parameter, ...]:
 
 
 def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoint] = ()) -> Summary:
-    """Backtest first (fits without the held-out trials), then the law refitted on every trial
-    for the recommendation, the frontier and the IsoFLOP check."""
+    """Backtest first (fits without the held-out trials), then the law refitted on every trial a
+    flag does not leave out (diagnose.py) for the recommendation, the frontier and the IsoFLOP check."""
+    flags = diagnose(rows)
+    measured, rows = rows, fitted(rows, flags)
     noise_ = noise(rows)  # of the trials the law below is fitted to: every one, the held-out ones too
     strategies = tuple(study.families)
     bt = backtest(rows, strategies, study.holdout)  # its own noise: that of the trials it fits
@@ -95,6 +97,7 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
     if fittable:  # a law needs a trial of another size than its base (--collect with the base alone has none)
         with contextlib.suppress(ValueError):  # too few points for its parameters
             law, laws, choice = fit(rows, fittable, n0, noise_)
+    rows = measured  # what was measured: the best trial, the valleys, the runtime and the growth
     rt = runtime(rows)
     rec, frontier, shapes = recommend(study, rows, law, laws, noise_, rt.model)
     growth = tuple(
@@ -127,8 +130,8 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
         len(rows),
         sum(r.wall_s for r in rows),
         noise_,
-        diagnose(rows),
-        forecast(rows, strategies, noise_),
+        flags,
+        forecast(fitted(rows, flags), strategies, noise_),
         bt,
         law,
         choice,

@@ -7,8 +7,11 @@ unstable        its seeds disagree by more than SPREAD times one seed's binomial
 not improving   an annealed point below an earlier (shorter) one by more than twice their
                 combined binomial error: more training made it worse
 
-The flags are reported beside the law; the fits still use every trial (a flagged trial is not yet
-re-run or left out).
+What follows a flag: a trial not improving with length, or with a loss that is not finite, is left
+out of the fits (its points do not describe the curve the law assumes), unless it is a base, which
+every law is relative to; a trial whose seeds disagree gets another seed where the study is running
+(runner.py), and stays in. A short trial stays in, flagged. The report lists every flag and what
+followed it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 
 import numpy as np
 
+from vitscale.study.config import is_base
 from vitscale.study.results import TrialResult
 from vitscale.study.summary import Flag, Noise
 
@@ -53,16 +57,29 @@ def _falling(r: TrialResult) -> str:
 
 
 def diagnose(rows: list[TrialResult]) -> tuple[Flag, ...]:
-    """Every flag of every trial, in the trials' order."""
+    """Every flag of every trial, in the trials' order, each saying whether it leaves its trial out
+    of the fits."""
     flags = []
     for r in rows:
+        base = is_base(r.name)
         if r.steps < MIN_STEPS:
             flags.append(Flag(r.name, "short", f"{r.steps} steps at its full length, below {MIN_STEPS}"))
         if why := _unstable(r):
-            flags.append(Flag(r.name, "unstable", why))
+            flags.append(Flag(r.name, "unstable", why, "not finite" in why and not base))
         if why := _falling(r):
-            flags.append(Flag(r.name, "not improving", why))
+            flags.append(Flag(r.name, "not improving", why, not base))
     return tuple(flags)
+
+
+def fitted(rows: list[TrialResult], flags: tuple[Flag, ...]) -> list[TrialResult]:
+    """The trials the fits take: all but those a flag leaves out."""
+    out = {f.trial for f in flags if f.left_out}
+    return [r for r in rows if r.name not in out]
+
+
+def reseed(rows: list[TrialResult], flags: tuple[Flag, ...]) -> set[str]:
+    """The trials whose seeds disagree (not a loss that is not finite): each gets one more seed."""
+    return {f.trial for f in flags if f.kind == "unstable" and not f.left_out}
 
 
 def unresolved(noise_: Noise) -> str:

@@ -277,7 +277,7 @@ def collect(cfg: config.StudyConfig):
         sizes, seeds = {}, {}
         for t in trials:
             sizes[t.name] = results.finished(trial_dir(cfg, t) / config.TRIAL, Sizing, "not used")
-            found = {k: runner._seed_result(cfg, t, k) for k in range(cfg.seeds)}
+            found = {k: runner._seed_result(cfg, t, k) for k in range(cfg.seeds + 1)}  # + a reseed
             seeds[t.name] = {k: r for k, r in found.items() if isinstance(r, SeedResult)}
             if sizes[t.name] is None or 0 not in seeds[t.name]:
                 logger.info(f"missing: {t.name} (seed 0 has not finished)")

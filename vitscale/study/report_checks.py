@@ -55,10 +55,18 @@ def flags(s: Summary) -> list:
     if not s.flags:
         return lines + [f"No trial is shorter than {diagnose.MIN_STEPS} steps, unstable across seeds, or "
                         "worse with more training."]
+    def then(f) -> str:
+        if f.left_out:
+            return "**left out of the fits**"
+        if f.kind == "unstable":
+            return "kept, with one more seed where the study ran it"
+        return "kept" + (" (a base: every law is relative to it)" if f.kind == "not improving" else "")
+
     return lines + [
-        "Flagged before fitting (the fits still use every trial; a flagged trial's points deserve less "
-        "trust):",
-        (("trial", "flag", "why"), [(f.trial, f.kind, f.detail) for f in s.flags]),
+        "Flagged before fitting. A trial not improving with length, or with a loss that is not finite, is "
+        "left out of the fits; one whose seeds disagree gets another seed; a short one stays in, its points "
+        "to be trusted less.",
+        (("trial", "flag", "why", "then"), [(f.trial, f.kind, f.detail, then(f)) for f in s.flags]),
     ]
 
 

@@ -41,7 +41,7 @@ from vitscale.common import checkpoint, dist, errors, lock, logs, records, rundi
 from vitscale.common.errors import Interrupted, UserError
 from vitscale.common.io import atomic_write_text
 from vitscale.cost.complexity import cost
-from vitscale.study import analysis, bracket, launch, results, verify
+from vitscale.study import analysis, bracket, diagnose, launch, results, verify
 from vitscale.study.config import (
     RESULTS,
     SEED_RESULT,
@@ -386,7 +386,8 @@ def extra_seeds(trials: list, score: dict[str, float], held: set[str], leaders: 
 def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], runner: Launcher,
              d: dist.Dist, lr: float | None, size) -> tuple[list[Trial], dict[str, TrialResult]]:
     """Seed 0 of every trial, then of the factors bracketing adds (bracket.py), then the other seeds
-    of the leading trials; results.jsonl as they land. `size(trials)`: their sizings."""
+    of the leading trials, then one more for a trial whose seeds disagree (diagnose.py); results.jsonl
+    as they land. `size(trials)`: their sizings."""
     seeds: dict[str, dict[int, SeedResult]] = {t.name: {} for t in trials}
     by_name = {t.name: t for t in trials}
 
@@ -426,6 +427,9 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
     held = {r.name for rs in held_out(rows, study.families, study.holdout).values() for r in rs}
     leading = extra_seeds(trials, {t.name: _chosen_by(seeds[t.name][0]) for t in trials}, held, study.leaders)
     run([(t, k) for t in leading for k in range(1, study.seeds)])
+    rows = [_trial_result(t, sizes[t.name], seeds[t.name]) for t in trials]
+    unstable = diagnose.reseed(rows, diagnose.diagnose(rows))  # seeds that disagree: one more, once
+    run([(by_name[n], len(seeds[n])) for n in sorted(unstable)])
     return trials, _write_results(study, trials, sizes, seeds)
 
 

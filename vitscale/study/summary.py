@@ -90,6 +90,7 @@ class Flag:
     trial: str
     kind: str  # "short", "unstable" or "not improving"
     detail: str
+    left_out: bool = False  # of the fits (diagnose.py says which flags do this)
 
 
 @dataclass(frozen=True)
