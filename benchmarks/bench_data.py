@@ -6,7 +6,7 @@ For each image size: the time to render `--samples` training samples from a fres
 normalisation), and the loader's samples/s at batch 64 (workers=0, as the study runs). The
 peer line is `digits` (8x8 images upsampled per item), the dataset cluttered-digits replaces.
 
-Video (`--only video`): generated videos (`--videos` of 10 s at 25 fps, 320x240, x264 with a
+Video (`--only video`): generated videos (`--videos` of `--seconds` 10 s at 25 fps, 320x240, x264 with a
 keyframe every 2 s, or mpeg4 where PyAV has no x264) in a video-folder. Clips/s of the training
 loader (16 frames, stride 4, batch 4: read_clip's seek, early stop and frame threading, then the
 train transform) with data.workers 0 and 2, against a plain decode of the same clips: one
@@ -177,12 +177,12 @@ def data_wait(root: Path, workers: int, steps: int) -> tuple[float, float, list[
             sum(r["samples_per_s"] * r["train_s"] for r in rows) / seconds, [r["data_wait"] for r in rows])
 
 
-def bench_video(videos: int, clips: int, steps: int) -> None:
+def bench_video(videos: int, clips: int, steps: int, seconds: int = 10) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "videos"
         start = time.perf_counter()
-        codec = write_videos(root, videos)
-        print(f"video: {videos} videos of 10 s, 25 fps, 320x240, {codec} (keyframe every 50 frames) "
+        codec = write_videos(root, videos, seconds)
+        print(f"video: {videos} videos of {seconds} s, 25 fps, 320x240, {codec} (keyframe every 50 frames) "
               f"written in {time.perf_counter() - start:.1f} s; clips of {CLIP['frames']} frames, stride "
               f"{CLIP['frame_stride']}, {CLIP['image_size']} px; {clips} clips a side")
         train = build_datasets(DataConfig(name="video-folder", path=str(root), val_fraction=0, **CLIP))[0]
@@ -209,13 +209,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (the study uses 1)")
     p.add_argument("--only", choices=["cluttered", "video"], help="one part only (default: both)")
     p.add_argument("--videos", type=int, default=16, help="generated videos for the video part")
+    p.add_argument("--seconds", type=int, default=10, help="length of each generated video (a clip "
+                   "spans 64 frames: at least 3 s)")
     p.add_argument("--clips", type=int, default=32, help="clips a side in the video part")
     p.add_argument("--steps", type=int, default=16, help="steps of each pico video pretraining run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}  threads {torch.get_num_threads()}  chunk {CHUNK}")
     if args.only != "cluttered":
-        bench_video(args.videos, args.clips, args.steps)
+        bench_video(args.videos, args.clips, args.steps, args.seconds)
     if args.only == "video":
         return
     for size in map(int, args.sizes.split(",")):
