@@ -21,7 +21,9 @@ from vitscale.cli import main
 
 pytestmark = pytest.mark.slow  # each flow trains a few steps and exports (~30-60 s on a busy 2-core CPU)
 
-QUICK = ["--train.max_steps=3", "--train.threads=1", "--train.warmup_epochs=0"]
+# One block: the flows' subject is the data and the commands; every block exports and converts alike,
+# and the export's tracing costs seconds a block
+QUICK = ["--train.max_steps=3", "--train.threads=1", "--train.warmup_epochs=0", "--model.depth=1"]
 # name, mode, size (w, h): every format and mode a user's folder may mix, .TIFF in capitals too
 IMAGES = [("a.jpg", "RGB", (40, 30)), ("b.png", "L", (64, 64)), ("c.webp", "RGBA", (50, 70)),
           ("d.tif", "P", (33, 45)), ("e.gif", "P", (60, 40)), ("f.TIFF", "RGB", (45, 45)),
