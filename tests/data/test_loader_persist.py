@@ -30,7 +30,7 @@ def per_epoch(dataset, plan, seed, step, micro, accum, rank, world, repeats, wor
 
 @pytest.fixture(scope="module")
 def digits():
-    return build_datasets(DataConfig(name="digits", image_size=8, val_fraction=0.5))[0]  # 898 items
+    return build_datasets(DataConfig(name="digits", image_size=8, val_fraction=0.7))[0]  # 360 items
 
 
 # (multigrid cycles, the plan's frames, side, tubelet, repeated_aug, rank / world, accum, resume step)
