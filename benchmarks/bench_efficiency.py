@@ -27,7 +27,7 @@ temporary directory removed at the end.
 
     python benchmarks/bench_efficiency.py                      # all sections
     python benchmarks/bench_efficiency.py --only multires,drop --out results/
-    python benchmarks/bench_efficiency.py --quick              # 6 steps a run, small evaluation
+    python benchmarks/bench_efficiency.py --quick              # 3 steps a run, small evaluation
                                                                # splits, pico/4 speed: seconds
 
 Runtime: 15 minutes on a 2-core CPU beside other jobs with --threads 1 (multires 7.5, s2 6.0,
@@ -86,7 +86,7 @@ class Lengths:
 
 
 FULL = Lengths(train=40, pretrain=20, probe=15, finetune=10, video=20)
-QUICK = Lengths(train=1, pretrain=1, probe=1, finetune=1, video=1, max_steps=6)
+QUICK = Lengths(train=1, pretrain=1, probe=1, finetune=1, video=1, max_steps=3)
 # --quick checks the plumbing, not accuracies: evaluation splits of 5% (and 400 moving-digits clips)
 # instead of the 20% and 10% that cost most of a quick run's time.
 QUICK_DATA = ["data.val_fraction=0.05", "data.test_fraction=0.05", "data.num_clips=400"]
@@ -338,10 +338,10 @@ def progress(run: Run, target: float) -> dict:
     plan = Plan(cfg.train, cfg.data.frames, cfg.data.image_size, cfg.model.tubelet, cfg.model.patch_size,
                 len(train_set), cfg.train.batch)
     resolved = inputs.resolve(cfg, info)
+    taken = plan.shapes[: run.steps]  # a run stopped by max_steps never met the later shapes
     per = {k: train_flops_per_sample(resolved, info.num_classes, {k: 1.0})
-           for k in {(s.frames, s.side) for s in plan.shapes}}
-    spent = [0.0, *itertools.accumulate(cfg.train.batch * s.mult * per[(s.frames, s.side)]
-                                        for s in plan.shapes[: run.steps])]
+           for k in {(s.frames, s.side) for s in taken}}
+    spent = [0.0, *itertools.accumulate(cfg.train.batch * s.mult * per[(s.frames, s.side)] for s in taken)]
     rows = [r for r in read_metrics(run.dir) if r["split"] == "val"]
     seconds = list(itertools.accumulate(r["train_s"] for r in rows))
     reached = next(({"epoch": r["epoch"], "flops": spent[r["step"]], "train_s": t}

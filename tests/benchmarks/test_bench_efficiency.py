@@ -54,11 +54,11 @@ def test_quick_section_runs(section, tmp_path, capsys):
         assert flops[2] == pytest.approx(flops[1], rel=0.15)  # the wider encoder: about the same cost
     elif section == "multigrid":
         assert [r["label"] for r in out["rows"]] == ["plain", "multigrid x1.5", "multigrid x3"]
-        plain = out["rows"][0]  # 6 steps of 16 clips of 8 frames x 16 px
-        assert plain["reached"] is not None and plain["steps"] == 6
+        plain = out["rows"][0]  # 3 steps of 16 clips of 8 frames x 16 px
+        assert plain["reached"] is not None and plain["steps"] == 3
         cfg = be.config.apply_overrides(be.config.recipe("train"), be.VIDEO)
         per_clip = be.train_flops_per_sample(replace(cfg, model=cfg.model.replace(image_size=16)), 8)
-        assert plain["flops"] == pytest.approx(6 * 16 * per_clip)
+        assert plain["flops"] == pytest.approx(3 * 16 * per_clip)
         assert printed.count("multiply-adds (") == 3
     else:
         speed = {c["label"]: c for c in out["speed"]}
