@@ -34,7 +34,11 @@ class Scaler:
         self.enabled, self.sharded = dtype == "fp16", sharded
         if sharded:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-            self.scaler = ShardedGradScaler(device.type, init_scale=self.init_scale, enabled=self.enabled)
+            # process_group None: the default group of now. Its default argument is the group that
+            # stood when torch imported the module, gone in a process that has held another since
+            # (a worker reused for a second run)
+            self.scaler = ShardedGradScaler(device.type, init_scale=self.init_scale, enabled=self.enabled,
+                                            process_group=None)
         else:
             self.scaler = torch.amp.GradScaler(device.type, init_scale=self.init_scale, enabled=self.enabled)
         self.skipped = 0  # updates skipped for overflowing gradients, since the run (re)started
