@@ -13,7 +13,8 @@ from vitscale.study.results import Point, SeedResult, TrialResult
 from vitscale.study.summary import Noise
 
 N0, D0 = 1e6, 1e4
-# error = e + a x^-0.5 + b (D/d0)^-0.5 with x = N/n0 and D = C / (3 N): the optimum x* = (a/b) sqrt(C / (3 n0 d0))
+# error = e + a x^-0.5 + b (D/d0)^-0.5 with x = N/n0 and D = C / (3 N):
+# the optimum x* = (a/b) sqrt(C / (3 n0 d0))
 LAW = Law(("w",), 0.05, 0.1, (0.5,), 0.1 / 0.6, 0.5, 0.0, N0, D0, 0.0, 0)
 TOP = 3 * N0 * D0 / 0.36  # where x* = 1
 FRACTIONS = (1 / 16, 1 / 4, 1.0)  # x* = 1/4, 1/2, 1: each on a size measured
