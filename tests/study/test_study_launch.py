@@ -275,13 +275,14 @@ def test_a_preempted_or_killed_slurm_task_runs_again_and_ends_bit_for_bit(tmp_pa
 @pytest.mark.slow
 def test_a_study_on_a_local_ray_cluster(tmp_path, local_ray):
     """ranks=2: each run's two ranks are processes of its Ray task (gloo here), as under torchrun
-    --standalone; the sizing runs in the task alone."""
-    cfg = tiny(tmp_path, strategies=("d",), holdout=0, budget="epochs:1", launcher="ray",
+    --standalone; the sizing runs in the task alone. The base alone: a second trial's two ranks
+    would show nothing the base's do not."""
+    cfg = tiny(tmp_path, strategies=("d",), factors=(1,), holdout=0, budget="epochs:1", launcher="ray",
                launcher_args=("num_cpus=2", "ranks=2", "max_retries=2"))
     study.run_study(cfg)
     rows = _trial_results(Path(cfg.out))
-    assert set(rows) == {"base", "d-x2"} and all(0 <= a <= 1 for r in rows.values() for a in r["accuracies"])
-    log = (Path(cfg.out) / "trials" / "d-x2" / "seed0" / "log.txt").read_text()
+    assert set(rows) == {"base"} and all(0 <= a <= 1 for a in rows["base"]["accuracies"])
+    log = (Path(cfg.out) / "trials" / "base" / "seed0" / "log.txt").read_text()
     assert "on cpu x2" in log and "ranks 2" in log, log
     sized = results.read(Path(cfg.out) / "trials" / "base" / "trial.json", Sizing)
     assert sized.hardware == hardware("cpu")
