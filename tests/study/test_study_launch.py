@@ -186,7 +186,8 @@ def test_launcher_arguments_are_checked(tmp_path):
 def test_a_study_on_submitits_local_executor_matches_the_local_one(tmp_path):
     """Sizing in one job, then every trial a task of one job array; the same results as in process."""
     pytest.importorskip("submitit")
-    cfg = tiny(tmp_path, strategies=("d",), holdout=0, budget="epochs:1", launcher="slurm",
+    # one cooldown a seed (fractions 1): the launchers, not the branches, are the subject here
+    cfg = tiny(tmp_path, strategies=("d",), holdout=0, budget="epochs:1", fractions=(1,), launcher="slurm",
                launcher_args=("cluster=local", "timeout_min=5"))
     study.run_study(cfg)
     out = Path(cfg.out)
@@ -277,7 +278,8 @@ def test_a_study_on_a_local_ray_cluster(tmp_path, local_ray):
     """ranks=2: each run's two ranks are processes of its Ray task (gloo here), as under torchrun
     --standalone; the sizing runs in the task alone. The base alone: a second trial's two ranks
     would show nothing the base's do not."""
-    cfg = tiny(tmp_path, strategies=("d",), factors=(1,), holdout=0, budget="epochs:1", launcher="ray",
+    cfg = tiny(tmp_path, strategies=("d",), factors=(1,), holdout=0, budget="epochs:1", fractions=(1,),
+               launcher="ray",
                launcher_args=("num_cpus=2", "ranks=2", "max_retries=2"))
     study.run_study(cfg)
     rows = _trial_results(Path(cfg.out))
@@ -315,7 +317,8 @@ def test_a_slurm_job_of_two_tasks_trains_a_trial_on_two_ranks(tmp_path):
     the sizing job runs on its first task alone. The base alone: each job of two tasks starts two
     processes, and a second trial would show nothing the first does not."""
     pytest.importorskip("submitit")
-    cfg = tiny(tmp_path, strategies=("d",), factors=(1,), holdout=0, budget="epochs:1", launcher="slurm",
+    cfg = tiny(tmp_path, strategies=("d",), factors=(1,), holdout=0, budget="epochs:1", fractions=(1,),
+               launcher="slurm",
                launcher_args=("cluster=local", "timeout_min=5", "tasks_per_node=2"))
     study.run_study(cfg)
     rows = _trial_results(Path(cfg.out))
