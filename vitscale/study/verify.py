@@ -16,6 +16,7 @@ from dataclasses import replace
 import numpy as np
 
 from vitscale.common import records
+from vitscale.common.errors import UserError
 from vitscale.models.vit import ViTConfig
 from vitscale.study.lawfit import recipe_of
 from vitscale.study.results import SeedResult, TrialResult
@@ -73,7 +74,12 @@ def run(study, summary: Summary, trials: list[Trial], rows: list[TrialResult], m
             checks.append(check(c, r.name, r.steps, r.accuracies[:SEEDS], False))
             continue
         t = trial_for(c, trials)
-        if (sizing := size(whole, t)) is None:  # collected before it was sized: not verified yet
+        try:
+            sizing = size(whole, t)
+        except UserError as e:  # e.g. a pick so large that the budget buys it no cooldown
+            logger.warning(f"the pick {t.name} is not verified: {e}")
+            continue
+        if sizing is None:  # collected before it was sized: not verified yet
             continue
         sizing = replace(sizing, steps=round(sizing.steps * c.multiple))
         wanted.append((c, t, sizing.steps))
