@@ -88,9 +88,10 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
     flag does not leave out (diagnose.py) for the recommendation, the frontier and the IsoFLOP check."""
     flags = diagnose(rows)
     measured, rows = rows, fitted(rows, flags)
+    left_out = frozenset(r.name for r in measured) - {r.name for r in rows}
     noise_ = noise(rows)  # of the trials the law below is fitted to: every one, the held-out ones too
     strategies = tuple(study.families)
-    bt = backtest(rows, strategies, study.holdout)  # its own noise: that of the trials it fits
+    bt = backtest(measured, strategies, study.holdout, left_out)  # its own noise: that of the trials it fits
     n0 = n0s(rows)
     fittable = able(rows, strategies, n0)
     law, laws, choice = None, [], None
@@ -131,7 +132,7 @@ def summarize(study: StudyConfig, rows: list[TrialResult], sweep: list[SweepPoin
         sum(r.wall_s for r in rows),
         noise_,
         flags,
-        forecast(fitted(rows, flags), strategies, noise_),
+        forecast(rows, strategies, noise_, left_out=left_out),
         bt,
         law,
         choice,

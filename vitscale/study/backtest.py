@@ -13,13 +13,15 @@ from vitscale.study.summary import Backtest, Check
 from vitscale.study.trials import held_out
 
 
-def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int) -> Backtest:
+def backtest(rows: list[TrialResult], strategies: tuple[str, ...], holdout: int,
+             left_out: frozenset[str] = frozenset()) -> Backtest:
     """Fit without the held-out trials, predict each one's final accuracy with an interval. The noise
     is the fitted trials' own: the held-out trials run every seed, and letting their spread set the
-    intervals that judge them would let what is judged widen (or narrow) its own test."""
+    intervals that judge them would let what is judged widen (or narrow) its own test. `left_out`:
+    trials a flag keeps out of every fit (diagnose.py), judged all the same where held out."""
     held = held_out(rows, strategies, holdout)
     names = {r.name for rs in held.values() for r in rs}
-    fitted = [r for r in rows if r.name not in names]
+    fitted = [r for r in rows if r.name not in names | left_out]
     noise_ = noise(fitted)
     n0 = n0s(rows)
     fittable = able(fitted, strategies, n0)

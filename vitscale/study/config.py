@@ -52,6 +52,7 @@ class StudyConfig:
     # flops factors of the trials relative to the base (1 = the base): on both sides of it, since
     # under a fixed budget a larger model trains fewer steps and may lose to a smaller one
     factors: tuple[float, ...] = (0.5, 1.0, 1.5, 2.25)
+
     # extra factors a family may add outward (half its smallest, twice its largest) while its best
     # seed-0 trial sits at an edge of its sizes, so that its optimum is bracketed (0 = the factors only)
     bracket: int = 2
@@ -84,10 +85,10 @@ class StudyConfig:
     holdout: int = 1  # each strategy's largest trials the backtest holds out and predicts (0 = no backtest)
     target: str = ""  # the budget to recommend for: compute:MACS or time:10m ("" = the study's budget)
     ahead: tuple[float, ...] = (2.0, 10.0, 100.0)  # larger budgets, as multiples of the study's, to predict
-    # train the recommended model at the budget (two seeds) and report it against its prediction; and
-    # the law's pick at these multiples of the budget (e.g. 2: twice the study's compute), to check a forecast
+
+    # train the recommended model at the budget (two seeds) and report it against its prediction
     verify: bool = True
-    verify_ahead: tuple[float, ...] = ()
+    verify_ahead: tuple[float, ...] = ()  # also the law's pick at these multiples of the budget (e.g. 2)
     probe_epochs: int = 20  # linear-probe epochs after MAE pre-training (not counted in the budget)
 
     # trials trained at once; 0 = auto: 1 on a GPU, else one single-thread worker per CPU core, up to

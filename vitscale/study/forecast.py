@@ -50,9 +50,11 @@ def _regret(measured: dict[str, float], pick: str | None) -> float | None:
 
 
 def forecast(
-    rows: list[TrialResult], strategies: tuple[str, ...], noise_: Noise, cut: float = CUT
+    rows: list[TrialResult], strategies: tuple[str, ...], noise_: Noise, cut: float = CUT,
+    left_out: frozenset[str] = frozenset(),
 ) -> Forecast:
-    """The law fitted on `rows`' points at or below `cut` of their budgets, checked at the budgets."""
+    """The law fitted on `rows`' points at or below `cut` of their budgets (but those of `left_out`,
+    trials a flag keeps out of every fit), checked at the budgets, every trial's."""
     seen = {r.name: e for r in rows if (e := early(r, cut)) is not None}
     empty = Forecast(cut, 0, (), None, None, 0, None, None, None, None, None, None, None, None, "")
     fractions = sorted({p.fraction for e in seen.values() for p in e.points()})
@@ -62,7 +64,7 @@ def forecast(
             note=f"it needs two or more cooldown fractions at or below {cut:g} of the budget "
             "(--fractions 0.0625,0.125,0.25,0.5,1)",
         )
-    fitted = list(seen.values())
+    fitted = [e for name, e in seen.items() if name not in left_out]
     n0 = n0s(fitted)
     fittable = able(fitted, strategies, n0)
     try:
