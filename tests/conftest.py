@@ -31,10 +31,8 @@ def meta_model(cfg):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests marked slow first (a stable sort): `make test`'s workers then end on short tests, not
-    one waiting on another's last long one. Tests marked `cuda` need a CUDA device: skipped (and
-    reported so) without one; `make gpu-check` runs them on a GPU (pytest -m cuda)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Tests marked `cuda` need a CUDA device: skipped (and reported so) without one; `make gpu-check`
+    runs them on a GPU (pytest -m cuda)."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA device (make gpu-check runs the cuda tests on a GPU)")
