@@ -20,11 +20,13 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache  # the layers and no import cycles (pyproject [tool.importlinter])
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir site  # the docs: a broken link fails
+	$(PY) -m compileall -q vitscale  # bytecode once, not again in each process a test starts
 	$(PY) -m pytest -q -n auto --dist worksteal
 
 quick: $(STAMP)  # the edit-test loop: everything but the tests marked slow
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
+	$(PY) -m compileall -q vitscale
 	$(PY) -m pytest -q -n auto --dist worksteal -m "not slow"
 
 bench: $(STAMP)

@@ -13,7 +13,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_data.py"
 
 
 def run(*args: str) -> str:
-    done = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
