@@ -21,7 +21,7 @@ from vitscale.models.vit import ViTConfig
 from vitscale.study.lawfit import recipe_of
 from vitscale.study.results import SeedResult, TrialResult
 from vitscale.study.summary import Candidate, Summary, Verification
-from vitscale.study.trials import Trial
+from vitscale.study.trials import Trial, branches
 
 SEEDS = 2
 
@@ -74,6 +74,10 @@ def run(study, summary: Summary, trials: list[Trial], rows: list[TrialResult], m
             checks.append(check(c, r.name, r.steps, r.accuracies[:SEEDS], False))
             continue
         t = trial_for(c, trials)
+        if not branches(c.steps, (1.0,), study.decay_frac):  # known before sizing (seconds, for a deep pick)
+            logger.warning(f"the pick {t.name} is not verified: the budget buys it {c.steps} steps, too few "
+                           "for a stable phase and a cooldown; raise --budget")
+            continue
         try:
             sizing = size(whole, t)
         except UserError as e:  # e.g. a pick so large that the budget buys it no cooldown
