@@ -4,6 +4,7 @@ import json
 
 import pytest
 import yaml
+from PIL import Image
 
 from vitscale.cli import main
 
@@ -18,6 +19,8 @@ def test_train_then_eval_then_reproduce_from_config(tmp_path, capsys):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["base_lr"] == 1e-3 and saved["task"] == "supervised"
     assert saved["model"]["num_classes"] == 10  # resolved from the data
+    with Image.open(out / "curves.png") as im:  # the command draws the curves once the run ends
+        assert im.size[0] > 500
     assert main(["eval", str(out), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["val_top1"] == pytest.approx(trained["val_top1"])

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from vitscale.cli import tables
 from vitscale.common.errors import UserError
@@ -180,6 +181,13 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
         dist.teardown(d)
     if not d.main:
         return
+    # drawn by the command, not the engine: a study's trials and a library's runs have no use for
+    # a picture each (matplotlib and the drawing cost a short run about a second)
+    from vitscale.common import figures
+    from vitscale.train.metrics import read_metrics
+
+    if rows := read_metrics(Path(cfg.out)):
+        figures.curves(rows, Path(cfg.out) / "curves.png")
     print(json.dumps(result) if args.json else
           f"done: {', '.join(f'{k} {v:.4g}' for k, v in result.items())}; results in {cfg.out}")
 

@@ -28,7 +28,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from vitscale import tasks, weights
-from vitscale.common import checkpoint, classnames, dist, figures, lock, logs, rundir, signals
+from vitscale.common import checkpoint, classnames, dist, lock, logs, rundir, signals
 from vitscale.common.device import autocast
 from vitscale.common.errors import Interrupted, StopTraining, UserError
 from vitscale.common.io import atomic_write_text
@@ -212,7 +212,6 @@ class Job:
         result |= self.test()
         if self.d.main:
             self.write_final(result)
-            figures.curves(metrics.rows, self.run_dir / "curves.png")
         dist.barrier(self.d)  # ranks leave together: none tears down while rank 0 still writes
         return TrainResult(result, self.step, self.best)
 
