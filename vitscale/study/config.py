@@ -73,8 +73,10 @@ class StudyConfig:
     sweep_length: float = 0.5  # a sweep run's length as a share of the base trial's: LRs ranked at half cost
 
     # cooldown branch points as shares of each trial's budget: each is an annealed point on the
-    # trial's curve, branched from one stable run, from which the fits are made
-    fractions: tuple[float, ...] = (0.35, 0.5, 0.71, 1.0)
+    # trial's curve, branched from one stable run, from which the fits are made. Over a decade and
+    # more (C/16 to C): IsoFLOP slices at five computes for the cost of one run and its cooldowns
+    # (about 0.4 of a run), and three points at or below C/4 for the backtest across compute
+    fractions: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0)
     decay_frac: float = 0.2  # a cooldown's share of the run length it ends (the decay of a wsd schedule)
     warmup: float = 0.05  # linear warm-up as a share of each trial's full length
 

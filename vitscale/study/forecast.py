@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from vitscale.study.lawfit import able, final, fit, n0s, predicted
+from vitscale.study.lawfit import FIT_FROM, able, final, fit, n0s, predicted
 from vitscale.study.results import TrialResult
 from vitscale.study.summary import Forecast, ForecastCheck, Noise
 
@@ -28,10 +28,11 @@ CUT = 0.25  # the share of each trial's budget the law is fitted up to
 
 
 def early(r: TrialResult, cut: float) -> TrialResult | None:
-    """`r` as it stood at `cut` of its budget: its seeds' annealed points at or below it (None
-    where it has none)."""
+    """`r` as it stood at `cut` of its budget: its seeds' annealed points at or below it that a law
+    is fitted to (from lawfit.FIT_FROM of the budget; None where it has none)."""
     seeds = tuple(
-        replace(s, points=ps) for s in r.seeds if (ps := tuple(p for p in s.points if p.fraction <= cut))
+        replace(s, points=ps) for s in r.seeds
+        if (ps := tuple(p for p in s.points if FIT_FROM <= p.fraction <= cut))
     )
     return replace(r, seeds=seeds) if seeds else None
 
@@ -61,7 +62,7 @@ def forecast(
     if len(fractions) < 2:
         return replace(
             empty,
-            note=f"it needs two or more cooldown fractions at or below {cut:g} of the budget "
+            note=f"it needs two or more cooldown fractions from {FIT_FROM:g} to {cut:g} of the budget "
             "(--fractions 0.0625,0.125,0.25,0.5,1)",
         )
     fitted = [e for name, e in seen.items() if name not in left_out]

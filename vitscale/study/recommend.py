@@ -14,7 +14,7 @@ from vitscale.cost.scaling import Scaled, scale_family
 from vitscale.models.vit import ViTConfig
 from vitscale.study import fits
 from vitscale.study.config import StudyConfig
-from vitscale.study.lawfit import SHARED, Z, base_trial, interval, labelled, predictions, recipe_of
+from vitscale.study.lawfit import FIT_FROM, SHARED, Z, base_trial, interval, labelled, predictions, recipe_of
 from vitscale.study.results import TrialResult
 from vitscale.study.summary import Candidate, FrontierPoint, Noise, Recommendation
 
@@ -245,7 +245,8 @@ def recommend(
     if kind == "time" and runtime is None:
         return rec, (), shapes
     pairs = labelled(rows, law.strategies)
-    ns, ds = [r.flops for r, _ in pairs], [p.samples for r, _ in pairs for s in r.seeds for p in s.points]
+    ns = [r.flops for r, _ in pairs]  # the ranges fitted
+    ds = [p.samples for r, _ in pairs for s in r.seeds for p in s.points if p.fraction >= FIT_FROM]
     span = (min(ns), max(ns), min(ds), max(ds))
     rng = np.random.default_rng(2)
 
