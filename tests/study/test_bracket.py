@@ -181,7 +181,7 @@ def candidate(r, multiple: float) -> Candidate:
 
 
 def test_a_best_rate_at_the_edge_of_the_sweep_extends_the_grid(tmp_path, monkeypatch):
-    """Accuracy peaking at 3.2e-2, above the default grid (2e-3 .. 1.6e-2): the sweep adds 3.2e-2,
+    """Accuracy peaking at 3.2e-2, above the grid (2e-3 .. 1.6e-2): the sweep adds 3.2e-2,
     then 6.4e-2, which shows it the far side, and stops; the saved sweep reads back whole."""
     ran = []
 
@@ -195,7 +195,7 @@ def test_a_best_rate_at_the_edge_of_the_sweep_extends_the_grid(tmp_path, monkeyp
                 done(name, fn(*args))
 
     monkeypatch.setattr(runner, "run_sweep_lr", fake_run)
-    cfg = StudyConfig(out=str(tmp_path / "s"), bracket=2)
+    cfg = StudyConfig(out=str(tmp_path / "s"), bracket=2, lrs=(2e-3, 4e-3, 8e-3, 1.6e-2))
     (tmp_path / "s" / "sweep").mkdir(parents=True)
     points = runner._sweep(cfg, None, None, Here(), dist.Dist(), run=True)
     assert ran == [2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]

@@ -65,7 +65,7 @@ def test_the_plan_counts_steps_and_compute_as_the_study_spends_them(tmp_path):
         steps0 = max(starts) + sum(n - s for n, s in zip(lengths, starts, strict=True))
         assert r["seed0_compute"] == pytest.approx(steps0 * 32 * r["train_flops_per_sample"])
     d2 = next(r for r in p["trials"] if r["name"] == "d-x2")
-    assert (d2["depth"], d2["width"], d2["heads"], d2["patch"], d2["side"]) == (8, 64, 4, 4, 8)
+    assert (d2["depth"], d2["width"], d2["heads"], d2["patch"], d2["side"]) == (8, 32, 4, 4, 8)
     base = p["trials"][0]
     sweep = p["phases"]["sweep"]
     assert sweep["steps"] == 16
@@ -92,7 +92,7 @@ def test_a_time_budget_plan_says_measured_when_run(tmp_path, capsys):
             "--out", str(tmp_path / "s"), *(f"--{o}" for o in TINY)]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "measured when run" in text and "d-x2: d x2" in text and "depth 8 width 64" in text
+    assert "measured when run" in text and "d-x2: d x2" in text and "depth 8 width 32" in text
     assert main([*args, "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert p["kind"] == "StudyPlan" and all(r["steps"] is None for r in p["trials"])

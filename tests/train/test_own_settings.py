@@ -125,20 +125,22 @@ DEMO_BEFORE = ("data.name=cluttered-digits", "data.image_size=16", "data.scale_m
 
 def test_the_default_study_plans_exactly_the_demo():
     trials = plan(StudyConfig())
-    assert [t.name for t in trials] == ["d-x0.5", "base", "d-x1.5", "d-x2.25", "w-x0.5", "w-x1.5", "w-x2.25"]
+    assert [t.name for t in trials] == ["d-x0.5", "base", "d-x2", "w-x0.5", "w-x2"]
     base = next(t.run for t in trials if t.name == "base")
-    assert (base.data.name, base.data.image_size, base.data.scale_min, base.data.train_size) == (
-        "cluttered-digits", 16, 1.0, 16384)
-    assert (base.train.batch, base.model.heads, base.model.width, base.model.hw) == (32, 4, 64, (16, 16))
-    # a study.yaml written before keeps its trials: the demo's settings were its overrides then
-    assert [t.run for t in plan(StudyConfig(overrides=DEMO_BEFORE))] == [t.run for t in trials]
+    assert (base.data.name, base.data.image_size, base.data.scale_min, base.data.train_size,
+            base.data.val_size) == ("cluttered-digits", 16, 1.0, 16384, 2000)
+    assert (base.train.batch, base.model.heads, base.model.width, base.model.hw) == (128, 4, 32, (16, 16))
+    # a study.yaml written before keeps what its overrides name: the demo's settings were its
+    # overrides then, and a study's own overrides come after the demo's
+    before = next(t.run for t in plan(StudyConfig(overrides=DEMO_BEFORE)) if t.name == "base")
+    assert (before.train.batch, before.model.heads, before.data.image_size) == (32, 4, 16)
 
 
 def test_the_demos_settings_stay_with_the_demos_data():
     # the demo's data, another base: its own heads, and the data's native 32 px (Ti/16 at the demo's
     # 16 px would see one token)
     other_base = base_run(StudyConfig(model="mu/4"))
-    assert (other_base.data.image_size, other_base.model.heads, other_base.train.batch) == (32, 3, 32)
+    assert (other_base.data.image_size, other_base.model.heads, other_base.train.batch) == (32, 3, 128)
     tiny = base_run(StudyConfig(model="Ti/16"))
     assert (tiny.data.image_size, tiny.model.heads) == (32, 3)
     digits = base_run(StudyConfig(overrides=("data.name=digits",)))  # another built-in
@@ -173,17 +175,22 @@ def test_a_folder_smaller_than_a_batch_is_refused_in_one_line(folder, capsys):
 def test_the_default_plan_shows_the_demos_base_and_data():
     plan = preview.describe(StudyConfig(strategies=("w",), factors=(1,)))
     text = "\n".join(preview.lines(plan))
-    assert "base: pico/4 at 16 px, patch 4, 16 tokens, width 64, depth 4, heads 4" in text
-    assert "data: cluttered-digits, 36,384 items: 16,384 train, 10,000 val, 10,000 test; 10 classes" in text
+    assert "base: pico/4 at 16 px, patch 4, 16 tokens, width 32, depth 4, heads 4" in text
+    assert "data: cluttered-digits, 28,384 items: 16,384 train, 2,000 val, 10,000 test; 10 classes" in text
 
 
 def test_a_demo_study_made_before_continues_under_the_same_command(tmp_path):
     out = tmp_path / "study"
     (out / "trials" / "base").mkdir(parents=True)
     (out / "trials" / "base" / "trial.json").write_text("{}")  # a study with work in it
-    (out / "study.yaml").write_text(dump_study(StudyConfig(overrides=DEMO_BEFORE)))
+    (out / "study.yaml").write_text(dump_study(StudyConfig()))
     runner._prepare(StudyConfig(out=str(out)))  # `make demo` again: the same trials, so it goes on
     assert load_study(out / "study.yaml").overrides == ()
+    # the demo of an older version (batch 32, width 64) is another study now: refused in one line,
+    # its study.yaml kept, rather than continued with trials of another shape
     (out / "study.yaml").write_text(dump_study(StudyConfig(overrides=DEMO_BEFORE)))
+    with pytest.raises(UserError, match="another config"):
+        runner._prepare(StudyConfig(out=str(out)))
+    assert load_study(out / "study.yaml").overrides == DEMO_BEFORE
     with pytest.raises(UserError, match="another config"):  # what changes a trial is still refused
         runner._prepare(StudyConfig(overrides=("train.batch=16",), out=str(out)))

@@ -242,7 +242,8 @@ def lines(p: dict) -> list[str]:
     s = ph["seeds"]
     held = "chosen when the trials are sized" if s["held_out"] is None else ", ".join(s["held_out"]) or "none"
     out.append(f"seeds: {s['seeds']}; " + ("one each" if s["seeds"] == 1 else
-               f"more seeds for the held-out trials ({held}) and {s['leaders']} leaders"))
+               f"more seeds for the held-out trials ({held}) and the {s['leaders']} best other "
+               + ("trial" if s["leaders"] == 1 else "trials")))
     if ph["bracket"]:
         out.append("bracketing: after seed 0, a family whose best sits at an edge of its sizes gets the "
                    f"next factor outward (÷2, ×2), up to {ph['bracket']} a family (not counted below)")
