@@ -185,7 +185,7 @@ def test_a_recipe_the_scaled_shapes_cannot_take_is_refused():
 # ----------------------------------------------------------------------------- end to end
 MINI = ["study", "--strategy", "d,w", "--factors", "1,2", "--budget", "compute:1ep", "--data.image_size=8",
         "--data.train_size=1024", "--data.val_size=256", "--data.test_size=256", "--lrs", "2e-3,8e-3",
-        "--fractions", "0.5,1", "--seeds", "2", "--train.threads=1"]
+        "--fractions", "0.5,1", "--seeds", "2", "--train.threads=1", "--train.batch=32"]
 # test_size: every run of every seed scores the test split at its end, and the data's default of
 # 10,000 items cost the miniature study more than its training did
 
@@ -222,7 +222,7 @@ def test_miniature_study_killed_and_resumed(tmp_path, capsys):
     chosen = max(sweep, key=lambda p: p.accuracy).lr
     trials = [results.from_dict(TrialResult, r) for r in rows]  # a line: the record plus derived figures
     for r, t in zip(rows, trials, strict=True):
-        assert t.lr == chosen and t.model["param"] == "mup" and t.model["base_width"] == 64
+        assert t.lr == chosen and t.model["param"] == "mup" and t.model["base_width"] == 32
         # the held-out trials (each strategy's largest) and the leaders, ranked among the fitted
         # trials (here the base alone), run two seeds
         assert [s.seed for s in t.seeds] == [0, 1]
