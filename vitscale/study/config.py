@@ -75,7 +75,7 @@ class StudyConfig:
     # cooldown branch points as shares of each trial's budget: each is an annealed point on the
     # trial's curve, branched from one stable run, from which the fits are made. Over a decade and
     # more (C/16 to C): IsoFLOP slices at five computes for the cost of one run and its cooldowns
-    # (about 0.4 of a run), and three points at or below C/4 for the backtest across compute
+    # (about 0.4 of a run), and two fitted points (1/8, 1/4; lawfit.FIT_FROM) for the backtest across compute
     fractions: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0)
     decay_frac: float = 0.2  # a cooldown's share of the run length it ends (the decay of a wsd schedule)
     warmup: float = 0.05  # linear warm-up as a share of each trial's full length
@@ -292,8 +292,8 @@ def recipe_names(study: StudyConfig) -> tuple[str, ...]:
 # per sample than 32).
 # DEMO_SHAPE is for the default base alone: 16 px (16 tokens at pico/4's patch 4), width 32 in
 # heads of 8 channels, so that w keeps the head size at every factor (16 = 2x8, 24 = 3x8, 48 = 6x8).
-# Half pico's width: at the demo's compute the best model is far smaller than pico (in that study
-# w-x0.25 and d-x0.25 beat the base by 4.5 points), and a family's optimum is bracketed only where
+# Half pico's width: at the demo's compute the best model is far smaller than pico (in the demo at
+# width 64, w-x0.25 and d-x0.25 beat the base by 4.5 points), and a family's optimum is bracketed only where
 # its factors reach around it; at width 32 the depth family's best, depth 2, has a worse neighbour
 # on each side. Another base on the demo's data keeps its own shape and the data's native 32 px (a
 # patch-16 preset at 16 px would see one token).
