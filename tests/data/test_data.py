@@ -399,6 +399,22 @@ def test_cluttered_items_are_pure_functions_of_seed_split_index():
     assert torch.equal(a.images(scene.take(rows)), a.chunk(0)[0][rows])
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(image_size=20), dict(scale_min=0.5), dict(hflip=True)])
+def test_cluttered_batches_load_at_once_bit_for_bit(kw):
+    """A batch of in-memory rows is one index (KeyedDataset.load_batch): the same bits as the items
+    one by one, across chunks and a short last chunk; a transform that draws loads item by item."""
+    train, val, _, _ = cluttered(train_size=2100, val_size=1030, **kw)
+    keys = EpochSampler(len(train), seed=3, epoch=1, rank=0, world=1).keys()[:300]
+    for ds, batch in ((train, keys), (val, [1029, 3, 1024, 3])):
+        one_by_one = collate([ds[k] for k in batch])
+        at_once = collate(ds.__getitems__(batch))
+        assert all(torch.equal(one_by_one[k], at_once[k]) for k in ("x", "y", "index"))
+        assert at_once["x"].is_contiguous() and at_once["skipped"] == []
+    fixed = kw.get("scale_min", 1) == 1 and not kw.get("hflip")
+    assert isinstance(train.__getitems__(keys[:4]), dict) == fixed  # a batch where nothing is drawn
+    assert isinstance(val.__getitems__([0, 1]), dict)  # eval draws nothing
+
+
 def test_cluttered_chunks_render_once_per_process():
     """A study builds new datasets for every run: they share the rendered chunks."""
     cfg = dict(seed=7, train_size=2000)

@@ -269,6 +269,19 @@ class ClutteredDigits(KeyedDataset):
         img = x[row].expand(3, -1, -1)  # [3, S, S] gray as RGB
         return {"x": self.transform(img, gen), "y": int(y[row]), "index": index}
 
+    def load_batch(self, keys: list[tuple[int, int | None]]) -> dict | None:
+        """The batch of `keys` in one tensor index a chunk, where the transform draws nothing."""
+        train = keys[0][1] is not None
+        if any((seed is not None) != train for _, seed in keys) or not self.transform.fixed(train):
+            return None
+        index = torch.tensor([i for i, _ in keys], dtype=torch.long)
+        chunks, at = (index // CHUNK).unique(return_inverse=True)  # the chunks read, and each key's
+        images, labels = zip(*(self.chunk(k) for k in chunks.tolist()), strict=True)
+        rows = at * CHUNK + index % CHUNK  # each key's row of the chunks read, end to end
+        x, y = torch.cat(images)[rows], torch.cat(labels)[rows]
+        x = self.transform.batch(x[:, None].expand(-1, 3, -1, -1), train)  # gray as RGB
+        return {"x": x, "y": y, "index": index, "skipped": []}
+
 
 def build_cluttered(cfg, train_tf: ClipTransform,
                     eval_tf: ClipTransform) -> tuple[ClutteredDigits, ClutteredDigits, ClutteredDigits]:

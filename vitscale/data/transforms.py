@@ -192,6 +192,22 @@ class ClipTransform:
         x = normalize(x, self.mean, self.std)
         return random_erase(x, self.erase_prob, gen) if self.erase_prob > 0 else x
 
+    def fixed(self, train: bool) -> bool:
+        """Whether this transform gives every item the same crop and draws nothing at random: eval,
+        or train with whole-image crops (scale from 1) and no flip, RandAugment, colour jitter or
+        erasing. Such items can be transformed as one batch (`batch`)."""
+        return not train or (self.scale[0] >= 1.0 and not self.flip and self.randaugment is None
+                             and self.color_jitter <= 0 and self.erase_prob <= 0)
+
+    def batch(self, x: Tensor, train: bool) -> Tensor:
+        """`fixed` items [B, C, (T,) H, W] at once: what calling this on each item gives (the same
+        elementwise steps, so the same bits), for train (gen drawing nothing) or eval."""
+        h, w = x.shape[-2:]
+        box = random_resized_crop_box(h, w, self.scale, self.ratio, None) if train else \
+            center_crop_box(h, w, self.eval_crop)
+        out = resized_crop(x.transpose(0, 1), box, self.size, self.interpolation)  # batch as frames
+        return normalize(out, self.mean, self.std).transpose(0, 1).contiguous()
+
     def source_side(self, train: bool) -> int:
         """Shorter side a decoder must keep so that no crop has to be upsampled much."""
         share = self.scale[0] if train else self.eval_crop**2
