@@ -13,6 +13,7 @@ import pytest
 from vitscale.common import dist, records
 from vitscale.models.vit import ViTConfig
 from vitscale.study import bracket, preview, results, runner, verify
+from vitscale.study import sweep as sweeps
 from vitscale.study.config import StudyConfig, dump_study
 from vitscale.study.results import Point, SeedResult, Sizing, SweepPoint, TrialResult
 from vitscale.study.summary import Candidate
@@ -194,14 +195,14 @@ def test_a_best_rate_at_the_edge_of_the_sweep_extends_the_grid(tmp_path, monkeyp
             for name, fn, args, _ in jobs:
                 done(name, fn(*args))
 
-    monkeypatch.setattr(runner, "run_sweep_lr", fake_run)
+    monkeypatch.setattr(sweeps, "run_sweep_lr", fake_run)
     cfg = StudyConfig(out=str(tmp_path / "s"), bracket=2, lrs=(2e-3, 4e-3, 8e-3, 1.6e-2))
     (tmp_path / "s" / "sweep").mkdir(parents=True)
-    points = runner._sweep(cfg, None, None, Here(), dist.Dist(), run=True)
+    points = sweeps.sweep(cfg, None, None, Here(), dist.Dist(), run=True)
     assert ran == [2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]
     assert [p.lr for p in points] == ran and pick_lr(points).lr == 3.2e-2
-    assert runner.read_sweep(cfg) == points
+    assert sweeps.read_sweep(cfg) == points
     (tmp_path / "t" / "sweep").mkdir(parents=True)
-    capped = runner._sweep(replace(cfg, out=str(tmp_path / "t"), bracket=0), None, None, Here(), dist.Dist(),
+    capped = sweeps.sweep(replace(cfg, out=str(tmp_path / "t"), bracket=0), None, None, Here(), dist.Dist(),
                            run=True)
     assert [p.lr for p in capped] == [2e-3, 4e-3, 8e-3, 1.6e-2]

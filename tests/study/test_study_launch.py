@@ -16,8 +16,8 @@ import pytest
 
 from vitscale.cli import main
 from vitscale.common import records
-from vitscale.common.errors import UserError
-from vitscale.study import launch, launch_args, preview, results
+from vitscale.common.errors import NotFinite, UserError
+from vitscale.study import diagnose, launch, launch_args, preview, results
 from vitscale.study import runner as study
 from vitscale.study.results import Point, SeedResult, Sizing
 from vitscale.study.slurm import SlurmLauncher
@@ -325,3 +325,41 @@ def test_a_slurm_job_of_two_tasks_trains_a_trial_on_two_ranks(tmp_path):
     assert set(rows) == {"base"}
     log = (Path(cfg.out) / "trials" / "base" / "seed0" / "log.txt").read_text()
     assert "on cpu x2" in log and "ranks 2" in log, log
+
+
+# ----------------------------------------------------------------------------- a diverging trial
+def test_a_loss_that_is_not_finite_trains_the_seed_again_at_half_the_rate(tmp_path, monkeypatch):
+    """The engine's NotFinite at the trial's rate: the seed trains again, whole, at half of it, in
+    half-lr/; seed 1 starts there; the trial reports that rate and a flag that keeps it in
+    the fits. Divergence at half the rate too stops the study, as before."""
+    cfg = tiny(tmp_path, seeds=2)
+    trial = study.plan(cfg)[0]
+    real, rates = engine.train, []
+
+    def diverges_at(limit):
+        def train(run, d=None):
+            rates.append(run.train.base_lr)
+            if run.train.base_lr > limit:
+                raise NotFinite(f"loss is nan at step 3; the last good checkpoint is {run.out}")
+            return real(run, d)
+        return train
+
+    lr = trial.run.train.base_lr
+    monkeypatch.setattr(engine, "train", diverges_at(0.75 * lr))
+    sizing = study.size_trial(cfg, trial, 1.0, 1)
+    first = study.run_seed(cfg, trial, sizing, 0)
+    assert first.halved == 1 and rates[0] == lr and set(rates[1:]) == {lr / 2}
+    seed0 = Path(cfg.out) / "trials" / "base" / "seed0"
+    assert (seed0 / "half-lr" / "cool-1" / "final.json").is_file()
+    trained = [r["lr"] for r in read_metrics(seed0 / "half-lr" / "stable") if "lr" in r]
+    assert max(trained) == pytest.approx(lr / 2 * trial.run.train.batch / 256)  # at half the rate
+    rates.clear()
+    second = study.run_seed(cfg, trial, sizing, 1)
+    assert second.halved == 1 and set(rates) == {lr / 2}  # seed 1 starts at seed 0's rate
+    row = study._trial_result(trial, sizing, {0: first, 1: second})
+    (flag,) = [f for f in diagnose.diagnose([row]) if f.kind == "unstable"]
+    assert row.lr == lr / 2 and "diverged" in flag.detail and not flag.left_out
+    assert results.read(seed0 / "result.json", SeedResult) == first  # the result names its halving
+    monkeypatch.setattr(engine, "train", diverges_at(0.0))
+    with pytest.raises(NotFinite):
+        study.run_seed(replace(cfg, out=str(tmp_path / "t")), trial, sizing, 0)

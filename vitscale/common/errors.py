@@ -5,7 +5,7 @@ The CLI prints its message as one line and exits 2. It subclasses ValueError so 
 validating values reads naturally, but only UserError (never a bare ValueError, which may
 come from torch or from a bug) reaches the user as a mistake of theirs.
 
-`StopTraining`: training cannot go on (a non-finite loss); exit 3.
+`StopTraining`: training cannot go on (a non-finite loss: `NotFinite`); exit 3.
 `Interrupted`: a signal asked training to stop; a checkpoint was written; exit 4.
 
 Anything else is a bug: the CLI prints one short line, writes the traceback to a file
@@ -29,6 +29,10 @@ class UserError(ValueError):
 
 class StopTraining(RuntimeError):
     """Training cannot go on (a non-finite loss); the message says what to do."""
+
+
+class NotFinite(StopTraining):
+    """The loss became NaN or infinite: most often a learning rate too high for the model."""
 
 
 class Interrupted(RuntimeError):

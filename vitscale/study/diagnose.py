@@ -3,15 +3,17 @@
 short           its full length is below MIN_STEPS optimizer steps: a run that short is mostly
                 warm-up and the first fast drop, a regime the law's power in D does not describe
 unstable        its seeds disagree by more than SPREAD times one seed's binomial error (the test
-                split alone would make them agree within it), or a point's loss is not finite
+                split alone would make them agree within it), or a point's loss is not finite, or its
+                training loss was not finite at the study's rate (it was trained again at half:
+                runner.run_seed)
 not improving   an annealed point below an earlier (shorter) one by more than twice their
                 combined binomial error: more training made it worse
 
 What follows a flag: a trial not improving with length, or with a loss that is not finite, is left
 out of the fits (its points do not describe the curve the law assumes), unless it is a base, which
 every law is relative to; a trial whose seeds disagree gets another seed where the study is running
-(runner.py), and stays in. A short trial stays in, flagged. The report lists every flag and what
-followed it.
+(runner.py), and stays in; so does one trained again at half its rate, its loss not finite at the
+first. A short trial stays in, flagged. The report lists every flag and what followed it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ UNRESOLVED = 0.02  # a study whose seed noise is above this cannot tell apart tr
 
 
 def _unstable(r: TrialResult) -> str:
+    if any(s.halved for s in r.seeds):
+        return (f"its training loss diverged (NaN or infinite) at base_lr {2 * r.lr:g}: trained again at "
+                f"half the rate, {r.lr:g} (half-lr/ in its seeds' folders)")
     if any(p.loss is not None and not math.isfinite(p.loss) for s in r.seeds for p in s.points):
         return "a loss that is not finite"
     if len(r.seeds) < 2:

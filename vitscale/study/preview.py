@@ -22,6 +22,7 @@ from vitscale.common.errors import UserError
 from vitscale.cost.complexity import cost
 from vitscale.data import build_datasets
 from vitscale.study import analysis, config, results, runner, verify
+from vitscale.study import sweep as sweeps
 from vitscale.study.results import SeedResult, Sizing
 from vitscale.study.trials import (
     Trial,
@@ -272,7 +273,7 @@ def collect(cfg: config.StudyConfig):
                          "another --out")
     errors.crash_dir(out)
     with lock.held(out, dist.Dist(), "study directory"):
-        sweep = runner.read_sweep(cfg)
+        sweep = sweeps.read_sweep(cfg)
         lr = pick_lr(sweep).lr if sweep else None
         trials = runner.planned(cfg, lr)
         sizes, seeds = {}, {}

@@ -62,6 +62,7 @@ class SeedResult:
     wall_s: float  # wall time of this seed's runs
     train_samples_per_s: float  # training throughput the engine measured in the stable run
     probe_accuracy: float | None = None  # MAE objective: linear probe of the full-length encoder
+    halved: int = 0  # times its learning rate was halved after a loss that was not finite (0 or 1)
 
     def __post_init__(self) -> None:
         if not self.points:

@@ -31,22 +31,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from vitscale import tasks
 from vitscale.common import checkpoint, dist, errors, lock, logs, records, rundir, signals
-from vitscale.common.errors import Interrupted, UserError
+from vitscale.common.errors import Interrupted, NotFinite, UserError
 from vitscale.common.io import atomic_write_text
 from vitscale.cost.complexity import cost
 from vitscale.study import analysis, bracket, diagnose, launch, results, verify
+from vitscale.study import sweep as sweeps
 from vitscale.study.config import (
     RESULTS,
     SEED_RESULT,
     SWEEP,
-    SWEEP_RESULT,
     TRIAL,
     StudyConfig,
     base_run,
@@ -54,19 +52,21 @@ from vitscale.study.config import (
     load_study,
 )
 from vitscale.study.launch import Launcher, launcher_for
-from vitscale.study.results import Point, SeedResult, Sizing, SweepPoint, TrialResult, finished
+from vitscale.study.results import Point, SeedResult, Sizing, TrialResult, finished
 from vitscale.study.trials import (
     Trial,
     _base,
     _same_hardware,
     branches,
     held_out,
+    metric,
     one_hardware,
     pick_lr,
     plan,
     reference_compute,
     size_all,
     size_trial,
+    sized_run,
     trial_dir,
 )
 from vitscale.tasks.evaluate import test_name
@@ -78,19 +78,6 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- runs
-def _sized(run: RunConfig, study: StudyConfig, length: int, spe: int, seed: int, out: Path,
-           **train) -> RunConfig:
-    """A wsd run of a trial: epochs and warm-up fixed by the trial's full `length`, so every
-    run of one trial (stable, branches) shares them; `train` sets the rest (max_steps, ...)."""
-    t = replace(run.train, schedule="wsd", epochs=math.ceil(length / spe), seed=seed,
-                warmup_epochs=study.warmup * length / spe, **train)
-    return replace(run, train=t, out=str(out))
-
-
-def _metric(run: RunConfig) -> str:
-    return tasks.get(run.task).metric
-
-
 def _chosen_by(r: SeedResult) -> float:
     """What the leading trials are chosen by: a seed's validation accuracy at the end of its stable
     run (the last mid-run evaluation), never the test accuracy its points report."""
@@ -108,8 +95,8 @@ def _point(fraction: float, steps: int, run: RunConfig, sizing: Sizing, final: d
            annealed: bool) -> Point:
     """A measured point: an annealed run's final.json (reported on test), or a mid-run val row."""
     samples = steps * run.train.batch
-    metric, loss = _reported(final, _metric(run)) if annealed else (_metric(run), "val_loss")
-    acc = float(final.get(metric, float("nan")))
+    key, loss = _reported(final, metric(run)) if annealed else (metric(run), "val_loss")
+    acc = float(final.get(key, float("nan")))
     return Point(fraction, steps, samples, samples * sizing.train_flops_per_sample, samples / rate, acc,
                  final.get(loss), results.binomial_stderr(acc, sizing.val_samples), annealed)
 
@@ -117,19 +104,45 @@ def _point(fraction: float, steps: int, run: RunConfig, sizing: Sizing, final: d
 def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int,
              d: dist.Dist | None = None) -> SeedResult | None:
     """One seed of a trial: the stable run, then a cooldown branch per fraction (seeds after the
-    first: the full-length one only); result.json (rank 0: None on the others)."""
+    first: the full-length one only); result.json (rank 0: None on the others). A loss that is not
+    finite runs the seed again at half the learning rate, in half-lr/ (once: a second stops the
+    study); a seed after the first starts at the rate seed 0 ended at."""
     out = trial_dir(study, trial) / f"seed{k}"
-    done = out / SEED_RESULT
     found = _seed_result(study, trial, k)
     if found is not None:
         return found
     _same_hardware(study, f"trial {trial.name}", sizing, trial.run.train.device)
     t0 = time.perf_counter()
+    first = _seed_result(study, trial, 0) if k else None
+    halved = first.halved if first is not None else 0
+    while True:
+        lr = trial.run.train.base_lr / 2**halved
+        run = replace(trial.run, train=replace(trial.run.train, base_lr=lr))
+        try:
+            got = _train_seed(study, replace(trial, run=run), sizing, k, out / ("half-lr/" * halved), d)
+            break
+        except NotFinite as e:
+            if halved:
+                raise
+            logger.warning(f"{trial.name} seed {k}: {e}; training it again at half the rate, {lr / 2:g}")
+            halved = 1
+    if got is None:
+        return None
+    points, curve, rate, probe = got
+    result = SeedResult(trial.name, trial.run.train.seed + k, points, curve, time.perf_counter() - t0, rate,
+                        probe, halved)
+    results.write(out / SEED_RESULT, result)
+    return result
+
+
+def _train_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, out: Path,
+                d: dist.Dist | None) -> tuple | None:
+    """A seed's runs in `out`: (points, curve, throughput, probe), None on a rank but the first."""
     plan_ = branches(sizing.steps, study.fractions if k == 0 else (max(study.fractions),), study.decay_frac)
     seed, spe = trial.run.train.seed + k, sizing.steps_per_epoch
 
     def run(name: str, **train) -> RunConfig:
-        return _sized(trial.run, study, sizing.steps, spe, seed, out / name, **train)
+        return sized_run(trial.run, study, sizing.steps, spe, seed, out / name, **train)
 
     stable = run("stable", decay_frac=0.0, max_steps=max(s for _, _, s in plan_),
                  keep_steps=tuple(s for _, _, s in plan_))
@@ -144,11 +157,7 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int,
                    branch_from=str(checkpoint.at(stable.out, start)))
         points.append(_point(f, length, trial.run, sizing, engine.train(last, d).metrics, rate, True))
     probe = _probe(study, trial, last, seed, d) if study.objective == "mae" else None
-    if d is not None and not d.main:
-        return None
-    result = SeedResult(trial.name, seed, tuple(points), curve, time.perf_counter() - t0, rate, probe)
-    results.write(done, result)
-    return result
+    return None if d is not None and not d.main else (tuple(points), curve, rate, probe)
 
 
 def _seed_result(study: StudyConfig, trial: Trial, k: int) -> SeedResult | None:
@@ -178,22 +187,6 @@ def _probe(study: StudyConfig, trial: Trial, pretrained: RunConfig, seed: int,
                                   device=trial.run.train.device, threads=trial.run.train.threads))
     final = engine.train(probe, d).metrics
     return float(final[_reported(final, "val_top1")[0]])
-
-
-def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float,
-                 d: dist.Dist | None = None) -> SweepPoint:
-    """One run of the learning-rate sweep: the base model at `lr` for sweep_length of its budget."""
-    _same_hardware(study, f"the sweep's base at lr {lr:g}", sizing, base.run.train.device)
-    steps = max(2, round(study.sweep_length * sizing.steps))
-    run = replace(base.run, train=replace(base.run.train, base_lr=lr))
-    cfg = _sized(run, study, steps, sizing.steps_per_epoch, run.train.seed,
-                 Path(study.out) / SWEEP / f"lr-{lr:g}", decay_frac=study.decay_frac, max_steps=steps)
-    t0 = time.perf_counter()
-    final = engine.train(cfg, d).metrics
-    acc = float(final.get(_metric(run), float("nan")))
-    return SweepPoint(lr, steps, steps * run.train.batch * sizing.train_flops_per_sample, acc,
-                      final.get("val_loss"), results.binomial_stderr(acc, sizing.val_samples),
-                      time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- the study
@@ -276,7 +269,7 @@ def _run_study(study: StudyConfig, only: str | None, d: dist.Dist):
         wanted = trials if not only or only == SWEEP else [t for t in trials if t.name in ("base", only)]
         sizes = _sizes(study, wanted, reference, runner, d, out)
         base = _base(trials)
-        sweep = _sweep(study, base, sizes[base.name], runner, d, run=not only or only == SWEEP)
+        sweep = sweeps.sweep(study, base, sizes[base.name], runner, d, run=not only or only == SWEEP)
         if only == SWEEP:
             return None
         lr = pick_lr(sweep).lr if sweep else None
@@ -316,57 +309,6 @@ def _sizes(study: StudyConfig, trials: list[Trial], reference: float, runner: La
         signals.check("while sizing the trials")
     one_hardware(study, sizes)
     return sizes
-
-
-def _sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Launcher, d: dist.Dist,
-           run: bool) -> list[SweepPoint]:
-    """The learning-rate sweep on the base model (resumable; skipped when lrs is empty)."""
-    if not study.lrs:
-        return []
-    points = read_sweep(study)
-    if points is not None:
-        return points
-    path = Path(study.out) / SWEEP / SWEEP_RESULT
-    if not run:
-        raise UserError(f"the learning-rate sweep of {study.out!r} has not finished; run "
-                         f"`vitscale study --config {Path(study.out) / 'study.yaml'} --trial {SWEEP}` first")
-    got: dict[float, SweepPoint] = {}
-    lrs = list(study.lrs)
-    for _ in range(study.bracket + 1):  # a best rate at an edge of the grid extends it, as bracketing does
-        jobs = [(f"sweep lr {lr:g}", run_sweep_lr, (study, base, sizing, lr, d),
-                 Path(study.out) / SWEEP / f"lr-{lr:g}" / "log.txt") for lr in lrs if lr not in got]
-        runner.map(jobs, lambda name, p: got.__setitem__(p.lr, p))
-        grid = sorted(got)
-        best = pick_lr([got[lr] for lr in grid]).lr
-        if len(grid) < 3 or best not in (grid[0], grid[-1]):
-            break
-        lrs.append(float(f"{grid[0] ** 2 / grid[1] if best == grid[0] else grid[-1] ** 2 / grid[-2]:.3g}"))
-    points = [got[lr] for lr in sorted(got)]
-    if d.main:
-        atomic_write_text(path, json.dumps([results.to_dict(p) for p in points], indent=2))
-    best = pick_lr(points)
-    logger.info("sweep: " + ", ".join(f"lr {p.lr:g} {100 * p.accuracy:.1f}%" for p in points)
-                + f"; every trial trains at base_lr {best.lr:g}")
-    if best.lr in (points[0].lr, points[-1].lr) and len(points) > 2:
-        logger.warning(f"the best learning rate {best.lr:g} is at the edge of the sweep, extended "
-                       f"{len(points) - len(study.lrs)} times (--bracket); widen --lrs")
-    return points
-
-
-def read_sweep(study: StudyConfig) -> list[SweepPoint] | None:
-    """The finished learning-rate sweep (sweep.json), [] with no lrs, None if not finished."""
-    if not study.lrs:
-        return []
-    path = Path(study.out) / SWEEP / SWEEP_RESULT
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-            points = [results.from_dict(SweepPoint, p, str(path)) for p in saved]
-            if set(study.lrs) <= {p.lr for p in points}:  # with any rates an edge added
-                return points
-        except (OSError, ValueError, TypeError) as e:  # StaleResult, a cut file, not a list of records
-            logger.warning(f"{path} cannot be read ({e}); running the sweep again (its runs resume)")
-    return None
 
 
 def _job(study: StudyConfig, trial: Trial, sizing: Sizing, k: int, d: dist.Dist) -> tuple:
@@ -455,8 +397,9 @@ def chosen(trials: list[Trial], seeds: dict[str, dict[int, SeedResult]]) -> dict
 
 def _trial_result(t: Trial, sizing: Sizing, seeds: dict[int, SeedResult]) -> TrialResult:
     c = cost(t.run.model)
+    lr = t.run.train.base_lr / 2 ** max((s.halved for s in seeds.values()), default=0)  # as its seeds ran
     return TrialResult(t.name, t.strategies, t.factor, t.achieved, records.to_dict(t.run.model), c.params,
-                       c.flops, c.acts, t.run.train.batch, t.run.train.base_lr, sizing.steps,
+                       c.flops, c.acts, t.run.train.batch, lr, sizing.steps,
                        sizing.train_flops_per_sample, sizing.measured, sizing.val_samples,
                        tuple(seeds[k] for k in sorted(seeds)))
 

@@ -151,6 +151,20 @@ def branches(steps: int, fractions: tuple[float, ...], decay_frac: float) -> lis
     return list(out.values())
 
 
+def sized_run(run: RunConfig, study: StudyConfig, length: int, spe: int, seed: int, out: Path,
+              **train) -> RunConfig:
+    """A wsd run of a trial: epochs and warm-up fixed by the trial's full `length`, so every
+    run of one trial (stable, branches) shares them; `train` sets the rest (max_steps, ...)."""
+    t = replace(run.train, schedule="wsd", epochs=math.ceil(length / spe), seed=seed,
+                warmup_epochs=study.warmup * length / spe, **train)
+    return replace(run, train=t, out=str(out))
+
+
+def metric(run: RunConfig) -> str:
+    """The task's metric a run is scored by (val_top1 for classification)."""
+    return tasks.get(run.task).metric
+
+
 # ----------------------------------------------------------------------------- sizing
 def trial_dir(study: StudyConfig, trial: Trial) -> Path:
     return Path(study.out) / "trials" / trial.name

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from vitscale import tasks, weights
 from vitscale.common import checkpoint, classnames, dist, lock, logs, rundir, signals
 from vitscale.common.device import autocast
-from vitscale.common.errors import Interrupted, StopTraining, UserError
+from vitscale.common.errors import Interrupted, NotFinite, StopTraining, UserError
 from vitscale.common.io import atomic_write_text
 from vitscale.common.rng import rank_seed
 from vitscale.cost import mfu
@@ -321,7 +321,7 @@ class Job:
             return None
         loss = loss_sum / counted
         if not math.isfinite(loss):
-            raise StopTraining(f"loss is {loss} at step {self.step}; the last good checkpoint is "
+            raise NotFinite(f"loss is {loss} at step {self.step}; the last good checkpoint is "
                                f"{self.ckpt.last_good()}; "
                                "run the same command again with a lower --train.base_lr, "
                                "--train.clip_grad=1 or --train.dtype=fp32 to resume from it")
