@@ -108,6 +108,7 @@ def test_the_summary_and_report_lead_with_it(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert text.index("Forecast across compute") < text.index("Backtest:") < text.index("Recommendation")
     assert f"regret {100 * s.forecast.regret:.1f} points" in text
+    assert "Loss first (the law on test cross-entropy, then mapped to accuracy): not fitted" in text
 
 
 def test_what_rests_on_a_bound_is_marked_unreliable(tmp_path, monkeypatch):

@@ -32,6 +32,11 @@ ALPHA_STARTS = (0.2, 0.6, 1.2)
 BETA_STARTS = (0.2, 0.6, 1.2)
 SHARE_STARTS = (0.5,)  # the size term's share of the errors' spread
 GAMMA_STARTS = (0.0,)
+# The loss law's grid (fit_many with log): 3 x 4 x 4 x 2 x 2 = 192 starts. A loss is fitted in log
+# space, where Hoffmann et al. fit theirs, from a grid as wide as theirs (they report how far
+# apart its local minima lie), each start's answer checked by how many starts agree with it.
+WIDE = ((0.25, 0.5, 0.75), (0.1, 0.3, 0.6, 1.2), (0.1, 0.3, 0.6, 1.2), (0.3, 0.7), (0.0, 0.3))
+LOG_HUBER = 1e-3  # Hoffmann et al.'s delta for residuals of log loss
 MAX_EXPONENT = 3.0
 AGREE = 1e-6  # relative loss within which two starts found the same minimum
 
@@ -54,6 +59,7 @@ class Law:
     starts: int = 1  # starts the fit was solved from
     agreeing: int = 1  # starts whose loss came within AGREE of the best (a lone best may be luck)
     converged: bool = True  # the best start stopped on a settled loss, not at the iteration cap
+    unit: float = 1.0  # the coefficients' bounds scale with it: the largest value fitted (at least 1)
 
     def alpha(self, strategy: str) -> float:
         return self.alphas[self.strategies.index(strategy)]
@@ -63,7 +69,7 @@ class Law:
         where the points could not place them, so whatever rests on them is less known than its
         interval says."""
         names = ["e", "a", "b", "beta", "gamma", *(f"alpha[{s}]" for s in self.strategies)]
-        theta, bounds = _theta(self), _bounds(len(self.strategies))
+        theta, bounds = _theta(self), _bounds(len(self.strategies), self.unit)
         near = np.isclose(theta, bounds[:, 0], rtol=0, atol=1e-6) | np.isclose(theta, bounds[:, 1], rtol=0,
                                                                                   atol=1e-6)
         return tuple(n for n, at in zip(names, near, strict=True) if at)
@@ -107,9 +113,11 @@ def _theta(law: Law) -> np.ndarray:
     return np.array([np.log(law.e), np.log(law.a), np.log(law.b), law.beta, law.gamma, *law.alphas])
 
 
-def _grid(y: np.ndarray, strategies: int) -> list[np.ndarray]:
+def _grid(y: np.ndarray, strategies: int, wide: bool = False) -> list[np.ndarray]:
     """The starts of a fit from scratch: the floor at half the least error, the rest of the spread
-    shared evenly by the size and length terms, over a grid of exponents."""
+    shared evenly by the size and length terms, over a grid of exponents (`wide`: over WIDE's grid
+    of floors, exponents and shares)."""
+    grid = WIDE if wide else (FLOOR_STARTS, ALPHA_STARTS, BETA_STARTS, SHARE_STARTS, GAMMA_STARTS)
     spread = max(float(y.max() - y.min()), 1e-3)
     return [
         np.array(
@@ -122,9 +130,7 @@ def _grid(y: np.ndarray, strategies: int) -> list[np.ndarray]:
             ]
             + [alpha] * strategies
         )
-        for f, alpha, beta, share, gamma in itertools.product(
-            FLOOR_STARTS, ALPHA_STARTS, BETA_STARTS, SHARE_STARTS, GAMMA_STARTS
-        )
+        for f, alpha, beta, share, gamma in itertools.product(*grid)
     ]
 
 
@@ -160,9 +166,12 @@ def points(
     return Points(names, n0, d0, np.log(n / n0), np.log(d / d0), which, y)
 
 
-def _bounds(strategies: int) -> np.ndarray:
-    """Coefficients as logs (positive by construction), exponents in [0, MAX_EXPONENT]."""
-    return np.array([(-12, 0.5), (-12, 1.5), (-12, 1.5)] + [(0, MAX_EXPONENT)] * (2 + strategies))
+def _bounds(strategies: int, unit: float = 1.0) -> np.ndarray:
+    """Coefficients as logs (positive by construction; below e^0.5 and e^1.5 times `unit`, the
+    largest value fitted where it is above 1: a loss), exponents in [0, MAX_EXPONENT]."""
+    top = np.log(max(unit, 1.0))
+    coefficients = [(-12, 0.5 + top), (-12, 1.5 + top), (-12, 1.5 + top)]
+    return np.array(coefficients + [(0, MAX_EXPONENT)] * (2 + strategies))
 
 
 def _start(law: Law, d0: float) -> np.ndarray:
@@ -172,15 +181,18 @@ def _start(law: Law, d0: float) -> np.ndarray:
     return theta
 
 
-def fit_many(fits: Sequence[Points], huber: float = 0.01, start: Law | None = None) -> list[Law]:
+def fit_many(fits: Sequence[Points], huber: float = 0.01, start: Law | None = None,
+             log: bool = False) -> list[Law]:
     """Fit the law to each set of points, all in one batch (solver.solve), each from the grid of
-    starts, or from `start` alone (a bootstrap's or a leave-one-out's refits of a fitted law)."""
+    starts, or from `start` alone (a bootstrap's or a leave-one-out's refits of a fitted law).
+    `log`: a loss, fitted in log space from the WIDE grid with LOG_HUBER (`huber` is error's)."""
     if not fits:
         return []
     names = fits[0].names
     if any(f.names != names for f in fits):
         raise ValueError("fits solved together must share their strategies")
-    starts = [[_start(start, f.d0)] if start is not None else _grid(f.y, len(names)) for f in fits]
+    starts = [[_start(start, f.d0)] if start is not None else _grid(f.y, len(names), log) for f in fits]
+    unit = max(1.0, *(float(f.y.max()) for f in fits))
     per = len(starts[0])
     width = max(len(f.y) for f in fits)
 
@@ -191,8 +203,8 @@ def fit_many(fits: Sequence[Points], huber: float = 0.01, start: Law | None = No
     mask = pad("y", np.nan)
     problems = solver.Problems(pad("ln", 0.0), pad("ld", 0.0), pad("which", 0).astype(int),
                                np.nan_to_num(mask), (~np.isnan(mask)).astype(float))
-    solved = solver.solve(problems, np.concatenate(starts), _bounds(len(names)), huber,
-                          np.repeat(np.arange(len(fits)), per))
+    solved = solver.solve(problems, np.concatenate(starts), _bounds(len(names), unit),
+                          LOG_HUBER if log else huber, np.repeat(np.arange(len(fits)), per), log)
     laws = []
     for i, f in enumerate(fits):
         losses = solved.loss[i * per:(i + 1) * per]
@@ -201,7 +213,7 @@ def fit_many(fits: Sequence[Points], huber: float = 0.01, start: Law | None = No
         agreeing = int(np.sum(losses <= losses.min() * (1 + AGREE) + 1e-300))
         law = Law(names, float(np.exp(le)), float(np.exp(la)), tuple(float(a) for a in alphas),
                   float(np.exp(lb)), float(beta), float(gamma), f.n0, f.d0, 0.0, len(f.y), per, agreeing,
-                  bool(solved.converged[best]))
+                  bool(solved.converged[best]), unit)
         fitted = np.array([law.predict(names[w], np.exp(a) * f.n0, np.exp(b) * f.d0)
                            for w, a, b in zip(f.which, f.ln, f.ld, strict=True)])
         laws.append(replace(law, rmse=float(np.sqrt(np.mean((fitted - f.y) ** 2)))))

@@ -47,7 +47,20 @@ def forecast(s: Summary) -> list:
         f"Baselines with no law: persistence (the best at {share} stays the best) picks "
         f"{regret(fc.persistence, fc.persistence_regret)}; each trial's own line in log samples, extended, "
         f"errs by {line} points and picks {regret(fc.loglinear_pick, fc.loglinear_regret)}.",
+        _loss_first(fc, regret),
     ]
+
+
+def _loss_first(fc, regret) -> str:
+    """The same forecast with the law fitted on test loss first, then mapped to accuracy."""
+    if fc.loss_first_mean_abs_error is None:
+        return f"Loss first (the law on test cross-entropy, then mapped to accuracy): {fc.loss_first_note}."
+    bound = f"; {fc.loss_first_note}" if fc.loss_first_note else ""
+    return (f"Loss first, from the same points (the law fitted on test cross-entropy in log space, then a "
+            f"sigmoid from loss to accuracy): mean error {100 * fc.loss_first_mean_abs_error:.1f}, max "
+            f"{100 * fc.loss_first_max_abs_error:.1f} points, picks "
+            f"{regret(fc.loss_first_pick, fc.loss_first_regret)}{bound}. The study fits accuracy directly, "
+            "which extrapolated better on the studies measured (docs/study.md).")
 
 
 def flags(s: Summary) -> list:

@@ -4,7 +4,8 @@ every leave-one-out fit as one batch of arrays.
     pred(s, N, D) = exp(le) + exp(la - alpha_s ln) + exp(lb - beta ld - gamma ln)
     theta         = (le, la, lb, beta, gamma, alpha_1 .. alpha_S),  ln = log N/n0,  ld = log D/d0
 
-Each problem minimises the Huber loss of its residuals pred - y (weighted by a mask, so that
+Each problem minimises the Huber loss of its residuals pred - y, or log pred - log y in log space
+(Hoffmann et al.'s fit of a loss; `log`), weighted by a mask, so that
 problems with fewer points pad theirs) inside box bounds. The method is Levenberg-Marquardt on the
 Huber loss's reweighted Gauss-Newton model (IRLS: a residual's weight is 1 inside the band and
 huber / |r| outside, the quadratic that touches the Huber loss from above), projected on the
@@ -55,11 +56,14 @@ class _Batch:
     """The problems' columns materialised at [B, P] once (the loop's cost is the count of array
     operations, not their size), with each point's strategy as a one-hot [B, P, S]."""
 
-    def __init__(self, p: Problems, b: int, strategies: int):
+    def __init__(self, p: Problems, b: int, strategies: int, log: bool = False):
+        self.log = log
         shape = np.broadcast_shapes(p.y.shape, (b, 1))
         self.ln, self.ld, self.y, self.mask = (np.ascontiguousarray(np.broadcast_to(v, shape))
                                                for v in (p.ln, p.ld, p.y, p.mask))
         self.onehot = np.eye(strategies)[np.broadcast_to(p.which, shape)]
+        if log:  # padding (mask 0) holds y = 0: any positive value keeps its log finite
+            self.y = np.log(np.where(self.mask > 0, self.y, 1.0))
 
     def loss(self, theta: np.ndarray, huber: float) -> tuple[np.ndarray, tuple]:
         """Each problem's Huber loss, and the terms its step reuses."""
@@ -67,21 +71,24 @@ class _Batch:
         floor = np.exp(theta[:, 0:1])
         size = np.exp(theta[:, 1:2] - alpha * self.ln)
         length = np.exp(theta[:, 2:3] - theta[:, 3:4] * self.ld - theta[:, 4:5] * self.ln)
-        r = floor + size + length - self.y
+        pred = floor + size + length
+        r = (np.log(pred) if self.log else pred) - self.y
         psi = np.clip(r, -huber, huber)  # d loss / d r
         # 0.5 r^2 inside the band, huber (|r| - huber / 2) outside: both are psi (r - psi / 2)
         return np.einsum("bp,bp->b", self.mask * psi, r - 0.5 * psi), (floor, size, length, r, psi)
 
     def jacobian(self, floor, size, length) -> np.ndarray:
-        """d pred / d theta: [B, P, K]."""
+        """d pred / d theta (d log pred / d theta in log space): [B, P, K]."""
         by_length = -length[..., None] * np.stack([self.ld, self.ln], axis=-1)
         by_size = -(size * self.ln)[..., None] * self.onehot
         coefficients = np.stack([np.broadcast_to(floor, size.shape), size, length], axis=-1)
-        return np.concatenate([coefficients, by_length, by_size], axis=-1)
+        j = np.concatenate([coefficients, by_length, by_size], axis=-1)
+        return j / (floor + size + length)[..., None] if self.log else j
 
 
 def solve(
-    p: Problems, theta: np.ndarray, bounds: np.ndarray, huber: float, group: np.ndarray | None = None
+    p: Problems, theta: np.ndarray, bounds: np.ndarray, huber: float, group: np.ndarray | None = None,
+    log: bool = False,
 ) -> Solution:
     """Minimise each problem's Huber loss from its start `theta` [B, K] within `bounds` [K, 2].
     `group` [B]: problems that are starts of one fit (same points); a start stops where it crawls
@@ -91,7 +98,7 @@ def solve(
     lo, hi = bounds[:, 0], bounds[:, 1]
     theta = np.clip(np.array(theta, dtype=float), lo, hi)
     b, k = theta.shape
-    batch = _Batch(p, b, k - 5)
+    batch = _Batch(p, b, k - 5, log)
     loss, parts = batch.loss(theta, huber)
     damping = np.full(b, DAMPING)
     done = np.zeros(b, dtype=bool)

@@ -107,6 +107,7 @@ class ForecastCheck:
     measured: float  # mean final accuracy over its seeds
     loglinear: float | None  # its own points' line in log samples, extended (None: fewer than two)
     covered: bool
+    loss_first: float | None = None  # the law of loss and its map to accuracy (lossfirst.py)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,11 @@ class Forecast:
     loglinear_mean_abs_error: float | None
     loglinear_max_abs_error: float | None
     note: str  # why it could not be made
+    loss_first_pick: str | None = None  # the same forecast, the law fitted on loss first (lossfirst.py)
+    loss_first_regret: float | None = None
+    loss_first_mean_abs_error: float | None = None
+    loss_first_max_abs_error: float | None = None
+    loss_first_note: str = ""  # why it could not be made, or the parameters its law left at a bound
 
 
 @dataclass(frozen=True)
