@@ -12,12 +12,13 @@ import pytest
 
 from vitscale.common import dist, records
 from vitscale.models.vit import ViTConfig
-from vitscale.study import bracket, preview, results, runner, verify
+from vitscale.study import bracket, preview, rates, results, runner, verify
 from vitscale.study import sweep as sweeps
 from vitscale.study.config import StudyConfig, dump_study
+from vitscale.study.rates import pick_lr
 from vitscale.study.results import Point, SeedResult, Sizing, SweepPoint, TrialResult
 from vitscale.study.summary import Candidate
-from vitscale.study.trials import pick_lr, plan
+from vitscale.study.trials import plan
 from vitscale.train import engine
 
 SE = 0.004  # a point's binomial standard error
@@ -181,28 +182,60 @@ def candidate(r, multiple: float) -> Candidate:
                      0.5, (0.4, 0.6), False, multiple)
 
 
+def _sizing(steps: int) -> Sizing:
+    return Sizing(3e6, steps, 16, 64, {"samples_per_s": 1000.0}, 1, "cpu: test")
+
+
+class _Here:  # runs each job in this process, as the local launcher does with one worker
+    def map(self, jobs, done):
+        for name, fn, args, _ in jobs:
+            done(name, fn(*args))
+
+
 def test_a_best_rate_at_the_edge_of_the_sweep_extends_the_grid(tmp_path, monkeypatch):
     """Accuracy peaking at 3.2e-2, above the grid (2e-3 .. 1.6e-2): the sweep adds 3.2e-2,
     then 6.4e-2, which shows it the far side, and stops; the saved sweep reads back whole."""
     ran = []
 
-    def fake_run(study, base, sizing, lr, d=None):
+    def fake_run(study, base, sizing, lr, steps, one=True, d=None):
         ran.append(lr)
-        return SweepPoint(lr, 10, 1.0, 0.8 - 0.02 * math.log2(lr / 3.2e-2) ** 2, 1.0, SE, 1.0)
-
-    class Here:  # runs each job in this process, as the local launcher does with one worker
-        def map(self, jobs, done):
-            for name, fn, args, _ in jobs:
-                done(name, fn(*args))
+        return SweepPoint(lr, steps, 1.0, 0.8 - 0.02 * math.log2(lr / 3.2e-2) ** 2, 1.0, SE, 1.0)
 
     monkeypatch.setattr(sweeps, "run_sweep_lr", fake_run)
     cfg = StudyConfig(out=str(tmp_path / "s"), bracket=2, lrs=(2e-3, 4e-3, 8e-3, 1.6e-2))
     (tmp_path / "s" / "sweep").mkdir(parents=True)
-    points = sweeps.sweep(cfg, None, None, Here(), dist.Dist(), run=True)
+    points = sweeps.sweep(cfg, None, None, _Here(), dist.Dist(), run=True, steps=(10,))
     assert ran == [2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]
     assert [p.lr for p in points] == ran and pick_lr(points).lr == 3.2e-2
     assert sweeps.read_sweep(cfg) == points
     (tmp_path / "t" / "sweep").mkdir(parents=True)
-    capped = sweeps.sweep(replace(cfg, out=str(tmp_path / "t"), bracket=0), None, None, Here(), dist.Dist(),
-                           run=True)
+    capped = sweeps.sweep(replace(cfg, out=str(tmp_path / "t"), bracket=0), None, None, _Here(), dist.Dist(),
+                          run=True, steps=(10,))
     assert [p.lr for p in capped] == [2e-3, 4e-3, 8e-3, 1.6e-2]
+
+
+def test_the_rate_falls_with_length_and_each_trial_gets_its_own(tmp_path, monkeypatch):
+    """A world whose best rate is 8e-3 at 100 steps and 4e-3 at 400 (rate ~ steps^-0.5): the sweep
+    runs every rate at both lengths, finds each length's best between its grid points (the parabola's
+    vertex), and a trial of 200 steps trains at their geometric mean; beyond the lengths the line is
+    held within the rates swept. The longer length's best at the grid's edge extends the grid."""
+    def best(steps):
+        return 8e-3 * (steps / 100) ** -0.5
+
+    def fake_run(study, base, sizing, lr, steps, one=True, d=None):
+        return SweepPoint(lr, steps, 1.0, 0.8 - 0.02 * math.log2(lr / best(steps)) ** 2, 1.0, SE, 1.0)
+
+    monkeypatch.setattr(sweeps, "run_sweep_lr", fake_run)
+    cfg = StudyConfig(out=str(tmp_path / "s"), bracket=1, lrs=(4e-3, 8e-3, 1.6e-2))
+    (tmp_path / "s" / "sweep").mkdir(parents=True)
+    points = sweeps.sweep(cfg, None, None, _Here(), dist.Dist(), run=True, steps=(100, 400))
+    assert sorted({(p.lr, p.steps) for p in points}) == sorted(
+        (lr, n) for lr in (2e-3, 4e-3, 8e-3, 1.6e-2) for n in (100, 400))  # 4e-3 at an edge at 400 steps
+    found = rates.rates(points)
+    assert found.steps == (100, 400) and found.best == pytest.approx((8e-3, 4e-3), rel=1e-6)
+    assert found.at(200) == pytest.approx(8e-3 / 2**0.5, rel=1e-6) and found.exponent == pytest.approx(-0.5)
+    assert found.at(10_000) == 2e-3 and found.at(1) == 1.6e-2  # held within the rates swept
+    trial = replace(plan(replace(cfg, lrs=()))[0], rates=found)
+    assert trial.lr(400) == pytest.approx(4e-3) and plan(cfg, found)[0].lr(100) == pytest.approx(8e-3)
+    assert sweeps.lengths(cfg, [_sizing(470), _sizing(2011), _sizing(1024)]) == (235, 1006)
+    assert sweeps.lengths(cfg, [_sizing(470)] * 3) == (235,)  # trials all as long: one length

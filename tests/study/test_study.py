@@ -20,6 +20,7 @@ from vitscale.common.errors import UserError
 from vitscale.cost.complexity import cost
 from vitscale.study import results, summary, trials
 from vitscale.study.config import StudyConfig, parse_budget
+from vitscale.study.rates import Rates
 from vitscale.study.results import SeedResult, SweepPoint, TrialResult
 from vitscale.study.trials import _base, branches, plan, steps_for
 from vitscale.train import optim
@@ -57,7 +58,7 @@ def test_budgets_size_trials():
 
 
 def test_plan_shares_the_base_and_scales_the_data_resolution():
-    trials = plan(StudyConfig(strategies=("d", "r"), factors=(1, 2, 4)))
+    trials = plan(StudyConfig(strategies=("d", "r"), factors=(1, 2, 4), lrs=()))  # r: no sweep
     names = [t.name for t in trials]
     assert names == ["base", "d-x2", "d-x4", "r-x2", "r-x4"]
     assert trials[0].strategies == ("d", "r")
@@ -70,8 +71,9 @@ def test_plan_shares_the_base_and_scales_the_data_resolution():
     assert plan(StudyConfig(strategies=("d",), factors=(1,), param="sp"))[0].run.model.param == "sp"
     smaller = plan(StudyConfig(strategies=("d",), factors=(0.5, 1, 2)))
     assert smaller[0].name == "d-x0.5" and _base(smaller).name == "base"  # the sweep's model, not the first
-    lrs = {t.run.train.base_lr for t in plan(StudyConfig(strategies=("w",), factors=(1, 2)), lr=3e-3)}
-    assert lrs == {3e-3}
+    one = Rates((100,), (3e-3,), 1e-3, 1e-2)  # one length swept: every trial at its best
+    trials = plan(StudyConfig(strategies=("w",), factors=(1, 2)), lr=one)
+    assert {t.lr(n) for t in trials for n in (10, 10**4)} == {3e-3}
 
 
 def test_branches_end_at_each_fraction_and_start_where_their_decay_does():
@@ -177,7 +179,9 @@ def test_bad_recipes_are_one_line_user_errors(recipes, message):
 
 def test_a_recipe_the_scaled_shapes_cannot_take_is_refused():
     with pytest.raises(UserError, match="recipe 'mr' sets train.resolutions, but a strategy scales"):
-        StudyConfig(strategies=("r",), recipes=(MR,))
+        StudyConfig(strategies=("r",), recipes=(MR,), lrs=())
+    with pytest.raises(UserError, match="strategy d1_t1 changes the token count, across which"):
+        StudyConfig(strategies=("d", "d1_t1"))  # the sweep's rates would not suit it
     with pytest.raises(UserError, match="recipe 'td' with strategy d: drop_after must be"):
         plan(StudyConfig(strategies=("d",), factors=(0.5, 1), recipes=(TD,)))
 

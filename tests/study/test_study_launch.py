@@ -68,7 +68,7 @@ def test_the_plan_counts_steps_and_compute_as_the_study_spends_them(tmp_path):
     assert (d2["depth"], d2["width"], d2["heads"], d2["patch"], d2["side"]) == (8, 32, 4, 4, 8)
     base = p["trials"][0]
     sweep = p["phases"]["sweep"]
-    assert sweep["steps"] == 16
+    assert sweep["steps"] == [16]  # epochs:2: every trial as long, one length
     assert sweep["compute"] == pytest.approx(2 * 16 * 32 * base["train_flops_per_sample"])
     assert p["phases"]["seeds"]["held_out"] == ["d-x2"]  # each family's largest
     c = p["compute"]

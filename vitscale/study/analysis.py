@@ -28,10 +28,10 @@ from vitscale.study.diagnose import diagnose, fitted
 from vitscale.study.forecast import forecast
 from vitscale.study.isoflops import isoflops
 from vitscale.study.lawfit import able, fit, n0s, noise
+from vitscale.study.rates import rates
 from vitscale.study.recommend import recommend
 from vitscale.study.results import SweepPoint, TrialResult
 from vitscale.study.summary import LEVEL, Growth, Parameter, Runtime, Summary, Sweep
-from vitscale.study.trials import pick_lr
 from vitscale.study.valleys import scaling, valleys
 
 
@@ -54,13 +54,18 @@ def _sweep(sweep: list[SweepPoint], rows: list[TrialResult]) -> Sweep | None:
         return None
     compute = sum(p.compute for p in sweep)
     trials = sum(r.compute * len(r.seeds) for r in rows)
+    found = rates(sweep)
+    base = next((r for r in rows if r.name == "base"), None)
     return Sweep(
         tuple(sweep),
-        pick_lr(sweep).lr,
+        found.at(base.steps) if base is not None else found.best[-1],
         compute,
         trials,
         compute / trials if trials else float("nan"),
         sum(p.wall_s for p in sweep),
+        found.steps,
+        found.best,
+        found.exponent,
     )
 
 

@@ -44,9 +44,9 @@ LAUNCHERS = ("local", "slurm", "ray")
 class StudyConfig:
     model: str = "pico/4"  # the base preset every strategy scales from
 
-    # scaling strategies, as `vitscale scale` takes them. d and w by default: r (and r's share of
-    # d1_w8_r1) changes the token count, across which muP does not carry the learning rate, so the
-    # one learning rate swept on the base would not suit its trials
+    # scaling strategies, as `vitscale scale` takes them. d and w by default: r and t (and their
+    # share of d1_w8_r1) change the token count, across which muP does not carry the learning rate,
+    # so the rates swept on the base would not suit their trials: they need --lrs '' (no sweep)
     strategies: tuple[str, ...] = ("d", "w")
 
     # flops factors of the trials relative to the base (1 = the base): on both sides of it, since
@@ -67,10 +67,12 @@ class StudyConfig:
     # the base suits every shape; sp: the standard parametrisation
     param: str = "mup"
 
-    # base_lr values swept on the base model, the best used by every trial (doubling steps span a
-    # wide range in few runs); empty (--lrs '') = no sweep: every trial at its train.base_lr
+    # base_lr values swept on the base model at two lengths, each trial then trained at the rate for
+    # its length (doubling steps span a wide range in few runs); empty (--lrs '') = no sweep: every
+    # trial at its train.base_lr
     lrs: tuple[float, ...] = (4e-3, 8e-3, 1.6e-2)
-    sweep_length: float = 0.5  # a sweep run's length as a share of the base trial's: LRs ranked at half cost
+    # the sweep's lengths as shares of the shortest and the longest trial's steps: LRs ranked at half cost
+    sweep_length: float = 0.5
 
     # cooldown branch points as shares of each trial's budget: each is an annealed point on the
     # trial's curve, branched from one stable run, from which the fits are made. Over a decade and
@@ -167,6 +169,11 @@ class StudyConfig:
             raise UserError("train.multigrid cannot be set for a study's trials yet (its steps take varying "
                             "numbers of samples, which the study does not size); leave it out")
         parse_recipes(self)
+        tokens = [s for s in self.strategies if {"r", "t"} & set(parse_strategy(s))]
+        if tokens and self.lrs:
+            raise UserError(f"strategy {tokens[0]} changes the token count, across which the learning rate "
+                            "swept on the base does not carry (muP carries it across width and depth only); "
+                            "study it with --lrs '' and a --train.base_lr for every trial, or leave it out")
         launch_args.options(self.launcher, self.launcher_args)  # typed and in range, before anything starts
 
     @cached_property

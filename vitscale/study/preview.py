@@ -23,13 +23,13 @@ from vitscale.cost.complexity import cost
 from vitscale.data import build_datasets
 from vitscale.study import analysis, config, results, runner, verify
 from vitscale.study import sweep as sweeps
+from vitscale.study.rates import rates
 from vitscale.study.results import SeedResult, Sizing
 from vitscale.study.trials import (
     Trial,
     _base,
     branches,
     held_out,
-    pick_lr,
     plan,
     reference_compute,
     steps_for,
@@ -126,9 +126,11 @@ def describe(cfg: config.StudyConfig) -> dict:
     base = planned[base_trial.name]
     held = _families_held(cfg, rows)
     held_names, held = (None, set()) if held is None else (sorted(held), held)
-    sweep_steps = None if base.steps is None else max(2, round(cfg.sweep_length * base.steps))
+    known = [r.steps for r in rows if r.steps is not None]  # the sweep's lengths: sweep.lengths
+    sweep_steps = None if len(known) < len(rows) else sorted(
+        {max(2, round(cfg.sweep_length * n)) for n in (min(known), max(known))})
     sweep = {"lrs": list(cfg.lrs), "steps": sweep_steps, "compute": None if sweep_steps is None else
-             len(cfg.lrs) * sweep_steps * base.batch * base.train_flops_per_sample}
+             len(cfg.lrs) * sum(sweep_steps) * base.batch * base.train_flops_per_sample}
     others = [r for r in rows if r.name not in held]
     leaders = len(others) if cfg.leaders == 0 else min(cfg.leaders, len(others))
     more = cfg.seeds - 1
@@ -233,10 +235,10 @@ def lines(p: dict) -> list[str]:
     ph, c = p["phases"], p["compute"]
     sw = ph["sweep"]
     out.append(f"sizing: {ph['sizing']}")
-    each = f"steps {MEASURED}" if sw["steps"] is None else f"{sw['steps']} steps"
+    each = f"steps {MEASURED}" if sw["steps"] is None else " and ".join(map(str, sw["steps"])) + " steps"
     out.append("sweep: none (--lrs '')" if not sw["lrs"] else
-               f"sweep: base at lrs {', '.join(f'{x:g}' for x in sw['lrs'])}, {each} each, "
-               f"compute {_g(sw['compute'])}")
+               f"sweep: base at lrs {', '.join(f'{x:g}' for x in sw['lrs'])}, each for {each}, "
+               f"compute {_g(sw['compute'])}; each trial at the rate for its length")
     out.append(f"stable runs: {ph['stable']}")
     out.append(f"cooldowns: at {', '.join(f'{f:g}' for f in ph['cooldowns']['fractions'])} of each budget, "
                f"the last {ph['cooldowns']['decay_frac']:g} of a run of that length")
@@ -274,7 +276,7 @@ def collect(cfg: config.StudyConfig):
     errors.crash_dir(out)
     with lock.held(out, dist.Dist(), "study directory"):
         sweep = sweeps.read_sweep(cfg)
-        lr = pick_lr(sweep).lr if sweep else None
+        lr = rates(sweep)
         trials = runner.planned(cfg, lr)
         sizes, seeds = {}, {}
         for t in trials:
@@ -287,7 +289,8 @@ def collect(cfg: config.StudyConfig):
         if not ready:
             raise UserError(f"no trial of {cfg.out!r} has finished yet; nothing to report")
         logger.info(f"collect: {len(ready)} of {len(trials)} trials finished"
-                    + (f"; every trial trained at base_lr {lr:g}" if lr is not None else ""))
+                    + (f"; trials trained at base_lr {', '.join(f'{b:.3g}' for b in lr.best)} by length"
+                       if lr is not None else ""))
         done = runner._write_results(cfg, ready, sizes, seeds)
         rows = [done[t.name] for t in ready]
         summary = verify.run(cfg, analysis.summarize(cfg, rows, sweep), trials, rows, _finished_only,

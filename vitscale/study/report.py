@@ -244,23 +244,36 @@ def _sweep(s: Summary) -> list:
     sw = s.sweep
     if not sw:
         return ["No learning-rate sweep: every trial used the recipe's base_lr."]
-    head = ("base_lr", "steps", "accuracy (± s.e.)", "val loss", "chosen")
+    lengths = sw.lengths or tuple(sorted({p.steps for p in sw.points}))
+    best = dict(zip(lengths, sw.best, strict=False))
+    head = ("base_lr", "steps", "accuracy (± s.e.)", "val loss", "best at its length")
     body = [
         (
             f"{p.lr:g}",
             p.steps,
             f"{pct(p.accuracy)} ± {100 * p.stderr:.1f}",
             "-" if p.loss is None else f"{p.loss:.4f}",
-            "yes" if p.lr == sw.lr else "",
+            f"{best[p.steps]:.3g}" if p.steps in best and p is _first(sw.points, p.steps) else "",
         )
         for p in sw.points
     ]
+    if len(lengths) > 1:
+        rule = (f"The best rate at {lengths[0]} steps is {sw.best[0]:.3g}, at {lengths[-1]} steps "
+                f"{sw.best[-1]:.3g} (rate ~ steps^{sw.exponent:.2f}); each {s.param} trial trains at the "
+                f"rate on that line for its own steps, held within the rates swept (base: {sw.lr:.3g}).")
+    else:
+        rule = f"Every {s.param} trial then trains at base_lr {sw.lr:.3g}."
     return [
-        f"The base model at each learning rate, each run annealed with its own cooldown; every {s.param} "
-        f"trial then trains at base_lr {sw.lr:g}. The sweep cost {sw.compute:.3g} multiply-adds, "
-        f"{100 * sw.share:.1f}% of the trials' {sw.trials_compute:.3g}, in {sw.wall_s:.0f} s.",
+        f"The base model at each learning rate and length, each run annealed with its own cooldown. {rule} "
+        f"The sweep cost {sw.compute:.3g} multiply-adds, {100 * sw.share:.1f}% of the trials' "
+        f"{sw.trials_compute:.3g}, in {sw.wall_s:.0f} s.",
         (head, body),
     ]
+
+
+def _first(points, steps: int):
+    """The first point of a length: where the table names that length's best rate."""
+    return next(p for p in points if p.steps == steps)
 
 
 def _runtime(s: Summary) -> list:

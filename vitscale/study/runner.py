@@ -52,6 +52,7 @@ from vitscale.study.config import (
     load_study,
 )
 from vitscale.study.launch import Launcher, launcher_for
+from vitscale.study.rates import Rates, rates
 from vitscale.study.results import Point, SeedResult, Sizing, TrialResult, finished
 from vitscale.study.trials import (
     Trial,
@@ -61,7 +62,6 @@ from vitscale.study.trials import (
     held_out,
     metric,
     one_hardware,
-    pick_lr,
     plan,
     reference_compute,
     size_all,
@@ -116,7 +116,7 @@ def run_seed(study: StudyConfig, trial: Trial, sizing: Sizing, k: int,
     first = _seed_result(study, trial, 0) if k else None
     halved = first.halved if first is not None else 0
     while True:
-        lr = trial.run.train.base_lr / 2**halved
+        lr = trial.lr(sizing.steps) / 2**halved
         run = replace(trial.run, train=replace(trial.run.train, base_lr=lr))
         try:
             got = _train_seed(study, replace(trial, run=run), sizing, k, out / ("half-lr/" * halved), d)
@@ -269,10 +269,11 @@ def _run_study(study: StudyConfig, only: str | None, d: dist.Dist):
         wanted = trials if not only or only == SWEEP else [t for t in trials if t.name in ("base", only)]
         sizes = _sizes(study, wanted, reference, runner, d, out)
         base = _base(trials)
-        sweep = sweeps.sweep(study, base, sizes[base.name], runner, d, run=not only or only == SWEEP)
+        sweep = sweeps.sweep(study, base, sizes[base.name], runner, d, run=not only or only == SWEEP,
+                             steps=sweeps.lengths(study, list(sizes.values())))
         if only == SWEEP:
             return None
-        lr = pick_lr(sweep).lr if sweep else None
+        lr = rates(sweep)
         trials = planned(study, lr) if only else plan(study, lr)
         if only:
             trials = [t for t in trials if t.name == only]
@@ -326,7 +327,7 @@ def extra_seeds(trials: list, score: dict[str, float], held: set[str], leaders: 
 
 
 def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], runner: Launcher,
-             d: dist.Dist, lr: float | None, size) -> tuple[list[Trial], dict[str, TrialResult]]:
+             d: dist.Dist, lr: Rates | None, size) -> tuple[list[Trial], dict[str, TrialResult]]:
     """Seed 0 of every trial, then of the factors bracketing adds (bracket.py), then the other seeds
     of the leading trials, then one more for a trial whose seeds disagree (diagnose.py); results.jsonl
     as they land. `size(trials)`: their sizings."""
@@ -375,7 +376,7 @@ def _collect(study: StudyConfig, trials: list[Trial], sizes: dict[str, Sizing], 
     return trials, _write_results(study, trials, sizes, seeds)
 
 
-def planned(study: StudyConfig, lr: float | None) -> list[Trial]:
+def planned(study: StudyConfig, lr: Rates | None) -> list[Trial]:
     """The study's trials as far as bracketing has grown them: its plan, and the factors that the
     finished seed-0 results on disk added (what `--trial` and `--collect` see, training nothing)."""
     def finished_(new: list[Trial]) -> dict[str, tuple[float, float]]:
@@ -397,7 +398,7 @@ def chosen(trials: list[Trial], seeds: dict[str, dict[int, SeedResult]]) -> dict
 
 def _trial_result(t: Trial, sizing: Sizing, seeds: dict[int, SeedResult]) -> TrialResult:
     c = cost(t.run.model)
-    lr = t.run.train.base_lr / 2 ** max((s.halved for s in seeds.values()), default=0)  # as its seeds ran
+    lr = t.lr(sizing.steps) / 2 ** max((s.halved for s in seeds.values()), default=0)  # as its seeds ran
     return TrialResult(t.name, t.strategies, t.factor, t.achieved, records.to_dict(t.run.model), c.params,
                        c.flops, c.acts, t.run.train.batch, lr, sizing.steps,
                        sizing.train_flops_per_sample, sizing.measured, sizing.val_samples,

@@ -266,11 +266,14 @@ class Runtime:
 @dataclass(frozen=True)
 class Sweep:
     points: tuple[SweepPoint, ...]
-    lr: float
+    lr: float  # the base trial's rate (rates.Rates.at its steps)
     compute: float
     trials_compute: float
     share: float
     wall_s: float
+    lengths: tuple[int, ...] = ()  # the lengths swept (rates.Rates), shortest first
+    best: tuple[float, ...] = ()  # the best rate at each
+    exponent: float = 0.0  # d log rate / d log steps between them
 
 
 @dataclass(frozen=True)

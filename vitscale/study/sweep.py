@@ -1,5 +1,6 @@
-"""The learning-rate sweep: the base model at each rate of study.lrs for a share of its budget (a
-short wsd run, annealed, scored on validation), the grid extended past a best rate at its edge."""
+"""The learning-rate sweep: the base model at each rate of study.lrs for sweep_length of the shortest
+and of the longest trial's steps (short wsd runs, annealed, scored on validation), the grid extended
+past a best rate at its edge; rates.py turns it into each trial's rate by its length."""
 
 from __future__ import annotations
 
@@ -15,21 +16,34 @@ from vitscale.common.io import atomic_write_text
 from vitscale.study import results
 from vitscale.study.config import SWEEP, SWEEP_RESULT, StudyConfig
 from vitscale.study.launch import Launcher
+from vitscale.study.rates import pick_lr, rates
 from vitscale.study.results import Sizing, SweepPoint
-from vitscale.study.trials import Trial, _same_hardware, metric, pick_lr, sized_run
+from vitscale.study.trials import Trial, _same_hardware, metric, sized_run
 from vitscale.train import engine
 
 logger = logging.getLogger(__name__)
 
 
-def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float,
+def lengths(study: StudyConfig, sizes: list[Sizing]) -> tuple[int, ...]:
+    """The sweep's lengths: sweep_length of the shortest and of the longest trial's steps (one where
+    every trial is as long), at least two steps each."""
+    steps = [s.steps for s in sizes]
+    return tuple(sorted({max(2, round(study.sweep_length * n)) for n in (min(steps), max(steps))}))
+
+
+def _dir(study: StudyConfig, lr: float, steps: int, one: bool) -> Path:
+    return Path(study.out) / SWEEP / (f"lr-{lr:g}" if one else f"lr-{lr:g}-{steps}")
+
+
+def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float, steps: int, one: bool = True,
                  d: dist.Dist | None = None) -> SweepPoint:
-    """One run of the learning-rate sweep: the base model at `lr` for sweep_length of its budget."""
+    """One run of the learning-rate sweep: the base model at `lr` for `steps` steps (a wsd run whose
+    warm-up is its own length's share, as a trial of that length has). `one`: the sweep has one
+    length (its runs' folders are lr-RATE, else lr-RATE-STEPS)."""
     _same_hardware(study, f"the sweep's base at lr {lr:g}", sizing, base.run.train.device)
-    steps = max(2, round(study.sweep_length * sizing.steps))
     run = replace(base.run, train=replace(base.run.train, base_lr=lr))
-    cfg = sized_run(run, study, steps, sizing.steps_per_epoch, run.train.seed,
-                 Path(study.out) / SWEEP / f"lr-{lr:g}", decay_frac=study.decay_frac, max_steps=steps)
+    cfg = sized_run(run, study, steps, sizing.steps_per_epoch, run.train.seed, _dir(study, lr, steps, one),
+                    decay_frac=study.decay_frac, max_steps=steps)
     t0 = time.perf_counter()
     final = engine.train(cfg, d).metrics
     acc = float(final.get(metric(run), float("nan")))
@@ -39,8 +53,10 @@ def run_sweep_lr(study: StudyConfig, base: Trial, sizing: Sizing, lr: float,
 
 
 def sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Launcher, d: dist.Dist,
-           run: bool) -> list[SweepPoint]:
-    """The learning-rate sweep on the base model (resumable; skipped when lrs is empty)."""
+          run: bool, steps: tuple[int, ...] = ()) -> list[SweepPoint]:
+    """The learning-rate sweep on the base model at each of `steps` (`lengths`; resumable; skipped
+    when lrs is empty). A best rate at an edge of the grid, at any length, extends the grid there
+    (at every length), as bracketing extends a family's sizes."""
     if not study.lrs:
         return []
     points = read_sweep(study)
@@ -50,26 +66,36 @@ def sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Launcher, d: 
     if not run:
         raise UserError(f"the learning-rate sweep of {study.out!r} has not finished; run "
                          f"`vitscale study --config {Path(study.out) / 'study.yaml'} --trial {SWEEP}` first")
-    got: dict[float, SweepPoint] = {}
+    steps = steps or (max(2, round(study.sweep_length * sizing.steps)),)
+    one = len(steps) == 1
+    got: dict[tuple[float, int], SweepPoint] = {}
     lrs = list(study.lrs)
-    for _ in range(study.bracket + 1):  # a best rate at an edge of the grid extends it, as bracketing does
-        jobs = [(f"sweep lr {lr:g}", run_sweep_lr, (study, base, sizing, lr, d),
-                 Path(study.out) / SWEEP / f"lr-{lr:g}" / "log.txt") for lr in lrs if lr not in got]
-        runner.map(jobs, lambda name, p: got.__setitem__(p.lr, p))
-        grid = sorted(got)
-        best = pick_lr([got[lr] for lr in grid]).lr
-        if len(grid) < 3 or best not in (grid[0], grid[-1]):
+    for _ in range(study.bracket + 1):
+        jobs = [(f"sweep lr {lr:g} for {n} steps", run_sweep_lr, (study, base, sizing, lr, n, one, d),
+                 _dir(study, lr, n, one) / "log.txt") for n in steps for lr in lrs if (lr, n) not in got]
+        runner.map(jobs, lambda name, p: got.__setitem__((p.lr, p.steps), p))
+        grid = sorted({lr for lr, _ in got})
+        edges = {pick_lr([p for (_, n), p in got.items() if n == m]).lr for m in steps} & {grid[0], grid[-1]}
+        if len(grid) < 3 or not edges:
             break
-        lrs.append(float(f"{grid[0] ** 2 / grid[1] if best == grid[0] else grid[-1] ** 2 / grid[-2]:.3g}"))
-    points = [got[lr] for lr in sorted(got)]
+        lrs += [float(f"{grid[0] ** 2 / grid[1]:.3g}")] * (grid[0] in edges)
+        lrs += [float(f"{grid[-1] ** 2 / grid[-2]:.3g}")] * (grid[-1] in edges)
+    points = [got[k] for k in sorted(got, key=lambda k: (k[1], k[0]))]
     if d.main:
         atomic_write_text(path, json.dumps([results.to_dict(p) for p in points], indent=2))
-    best = pick_lr(points)
-    logger.info("sweep: " + ", ".join(f"lr {p.lr:g} {100 * p.accuracy:.1f}%" for p in points)
-                + f"; every trial trains at base_lr {best.lr:g}")
-    if best.lr in (points[0].lr, points[-1].lr) and len(points) > 2:
-        logger.warning(f"the best learning rate {best.lr:g} is at the edge of the sweep, extended "
-                       f"{len(points) - len(study.lrs)} times (--bracket); widen --lrs")
+    found = rates(points)
+    for n, lr in zip(found.steps, found.best, strict=True):
+        logger.info(f"sweep at {n} steps: " + ", ".join(f"lr {p.lr:g} {100 * p.accuracy:.1f}%"
+                                                        for p in points if p.steps == n) + f"; best {lr:.3g}")
+    trials_at = "every trial trains at" if one else "each trial trains at the rate for its steps, from"
+    logger.info(f"{trials_at} base_lr {found.at(max(found.steps)):.3g}"
+                + ("" if one else f" (the longest) to {found.at(min(found.steps)):.3g} (the shortest)"))
+    grid = sorted({p.lr for p in points})
+    for n in steps:
+        best = pick_lr([p for p in points if p.steps == n]).lr
+        if best in (grid[0], grid[-1]) and len(grid) > 2:
+            logger.warning(f"the best learning rate at {n} steps, {best:g}, is at the edge of the sweep, "
+                           f"extended {len(grid) - len(study.lrs)} times (--bracket); widen --lrs")
     return points
 
 

@@ -1,6 +1,6 @@
 """A study's trials: the plan (one trial per strategy and factor, from the base), each trial's size
 under the budget (steps from its measured or counted cost), its cooldown branches, the held-out
-trials of the backtest and the learning rate the sweep picks."""
+trials of the backtest."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from vitscale.study.config import (
     is_base,
     parse_recipes,
 )
-from vitscale.study.results import Sizing, SweepPoint, TrialResult, finished
+from vitscale.study.rates import Rates
+from vitscale.study.results import Sizing, TrialResult, finished
 from vitscale.train import inputs, optim
 from vitscale.train.config import RunConfig
 from vitscale.train.flops import sample_shapes, train_flops_per_sample
@@ -46,14 +47,20 @@ class Trial:
     factor: float  # the flops factor asked for
     achieved: float  # the flops factor reached
     run: RunConfig  # the trial's run config (before the budget sets its length)
+    rates: Rates | None = None  # the sweep's rates by length (None: run.train.base_lr, whatever the length)
+
+    def lr(self, steps: int) -> float:
+        """The base_lr it trains at for `steps` steps: the sweep's rate for that length, or its run's."""
+        return self.rates.at(steps) if self.rates is not None else self.run.train.base_lr
 
 
-def plan(study: StudyConfig, lr: float | None = None,
+def plan(study: StudyConfig, lr: Rates | None = None,
          extra: Mapping[str, tuple[float, ...]] | None = None) -> list[Trial]:
     """The trials: one per distinct scaled config (factor 1 is one shared base), then the same
     under each recipe (base+NAME, STRATEGY+NAME-xFACTOR). Under muP every config is parametrised
-    relative to its base; `lr` sets every trial's base_lr. `extra[family]`: factors bracketing
-    added to a family (bracket.py), each dropped where the scaler cannot reach it."""
+    relative to its base; `lr`: the sweep's rates, each trial's by its length (Trial.lr).
+    `extra[family]`: factors bracketing added to a family (bracket.py), each dropped where the
+    scaler cannot reach it."""
     plain = base_run(study)
     train_set, _, _, info = build_datasets(plain.data)
     if len(train_set) < plain.train.batch:  # an epoch of no step: every budget would be 0
@@ -62,8 +69,6 @@ def plan(study: StudyConfig, lr: float | None = None,
     trials: dict[tuple[str, ViTConfig], Trial] = {}
     for recipe, overrides in {"": (), **parse_recipes(study)}.items():
         run = records.apply_overrides(plain, list(overrides))
-        if lr is not None:
-            run = replace(run, train=replace(run.train, base_lr=lr))
         base = inputs.resolve(run, info).model
         if study.param == "mup":
             base = base.replace(param="mup", base_width=base.width, base_depth=base.depth,
@@ -87,7 +92,7 @@ def plan(study: StudyConfig, lr: float | None = None,
                 name = f"base{tag}" if s.config == base else f"{strategy}{tag}-x{s.target:g}"
                 data = replace(run.data, image_size=s.config.hw[0], frames=s.config.frames)
                 trials[key] = Trial(name, (strategy + tag,), s.target, s.achieved,
-                                    replace(run, model=s.config, data=data))
+                                    replace(run, model=s.config, data=data), lr)
     return list(trials.values())
 
 
@@ -257,12 +262,6 @@ def reference_compute(trials: list[Trial]) -> float:
     train_set, _, _, info = build_datasets(base.run.data)
     per_sample = train_flops_per_sample(base.run, info.num_classes)
     return per_sample * (len(train_set) // base.run.train.batch) * base.run.train.batch
-
-
-def pick_lr(points: list[SweepPoint]) -> SweepPoint:
-    """The best sweep point: highest accuracy, then lowest loss (NaN runs never win)."""
-    ok = [p for p in points if math.isfinite(p.accuracy)] or points
-    return max(ok, key=lambda p: (p.accuracy, -(p.loss if p.loss is not None else math.inf)))
 
 
 def held_out(rows: list[TrialResult], strategies: tuple[str, ...],

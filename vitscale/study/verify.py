@@ -53,7 +53,7 @@ def trial_for(c: Candidate, trials: list[Trial]) -> Trial:
     m = c.model
     at = f"-at-{c.multiple:g}x" if c.multiple != 1 else ""
     run = replace(base.run, model=m, data=replace(base.run.data, image_size=m.hw[0], frames=m.frames))
-    return Trial(f"verify-{c.name}{at}", (c.strategy,), c.factor, c.factor, run)
+    return Trial(f"verify-{c.name}{at}", (c.strategy,), c.factor, c.factor, run, base.rates)
 
 
 def check(c: Candidate, trial: str, steps: int, accuracies: list[float], trained: bool) -> Verification:
