@@ -17,6 +17,8 @@ LR x depth_mult^-0.5, Tensor Programs VI's for Adam, against vitscale's 0: DEPTH
 to tell which one transfers.
 
     python benchmarks/bench_transfer.py --quick      # half-size shapes, 5 rates, 60 steps: a few minutes
+    python benchmarks/bench_transfer.py --lengths 2,4  # also muP's base at 2x and 4x the steps (default)
+    python benchmarks/bench_transfer.py --quick --steps 250 --axis lengths   # the length axis alone
     python benchmarks/bench_transfer.py              # pico/4 shapes, 6 rates, 200 steps: ~40 minutes
     python benchmarks/bench_transfer.py --json out/bench_transfer.json
 
@@ -73,6 +75,7 @@ class Cell:
     param: str  # "sp" or "mup"
     shape: str
     base_lr: float  # lr = base_lr x batch / 256
+    steps: int
     val_loss: float  # final; inf if the run diverged
     val_top1: float
     seconds: float
@@ -85,14 +88,15 @@ def shapes(quick: bool) -> tuple[Shape, list[Shape]]:
     return base, [base, Shape("4x width", 4 * w, d), Shape("8x width", 8 * w, d), Shape("4x depth", w, 4 * d)]
 
 
-def run_config(param: str, shape: Shape, base: Shape, base_lr: float, args, out: Path) -> RunConfig:
-    """One trial: pico/4-like at 16 px on the benchmark's data for a fixed number of steps."""
+def run_config(param: str, shape: Shape, base: Shape, base_lr: float, steps: int, args,
+               out: Path) -> RunConfig:
+    """One trial: pico/4-like at 16 px on the benchmark's data for `steps` steps."""
     overrides = [
         f"data.name={args.data}", "data.image_size=16", "data.scale_min=1", "model.patch_size=4",
-        f"data.train_size={args.steps * args.batch}", "data.val_size=2000",  # cluttered-digits: one pass
+        f"data.train_size={steps * args.batch}", "data.val_size=2000",  # cluttered-digits: one pass
         f"model.width={shape.width}", f"model.depth={shape.depth}", f"model.heads={shape.width // HEAD_DIM}",
         f"model.param={param}", f"model.base_width={base.width}", f"model.base_depth={base.depth}",
-        f"model.base_head_dim={HEAD_DIM}", f"train.batch={args.batch}", f"train.max_steps={args.steps}",
+        f"model.base_head_dim={HEAD_DIM}", f"train.batch={args.batch}", f"train.max_steps={steps}",
         "train.epochs=1000", f"train.warmup_epochs={args.warmup_epochs}", "train.min_lr=0",
         f"train.base_lr={base_lr}", "train.label_smoothing=0", "train.knn_k=0",
         f"train.threads={args.threads}", f"train.device={args.device}", f"train.seed={args.seed}",
@@ -111,9 +115,9 @@ def depth_lr_exponent(value: float):
         vit.DEPTH_LR_EXPONENT = saved
 
 
-def train_cell(param: str, shape: Shape, base: Shape, base_lr: float, args, root: Path) -> Cell:
-    out = root / f"{param}-{shape.name.replace(' ', '_')}-{shape.depth_lr_exponent:g}-{base_lr:.3g}"
-    cfg = run_config(param, shape, base, base_lr, args, out)
+def train_cell(param: str, shape: Shape, base: Shape, base_lr: float, steps: int, args, root: Path) -> Cell:
+    out = root / f"{param}-{shape.name.replace(' ', '_')}-{shape.depth_lr_exponent:g}-{base_lr:.3g}-{steps}"
+    cfg = run_config(param, shape, base, base_lr, steps, args, out)
     t0 = time.perf_counter()
     with depth_lr_exponent(shape.depth_lr_exponent), contextlib.redirect_stdout(None):
         try:
@@ -121,7 +125,7 @@ def train_cell(param: str, shape: Shape, base: Shape, base_lr: float, args, root
         except engine.StopTraining:
             result = {"val_loss": math.inf, "val_top1": 0.0}
     loss = result["val_loss"] if math.isfinite(result["val_loss"]) else math.inf
-    return Cell(param, shape.name, base_lr, loss, result["val_top1"], time.perf_counter() - t0)
+    return Cell(param, shape.name, base_lr, steps, loss, result["val_top1"], time.perf_counter() - t0)
 
 
 def best_lr(cells: list[Cell]) -> tuple[float, bool]:
@@ -151,6 +155,31 @@ def table(cells: list[Cell], lrs: list[float], bests: dict) -> Table:
     return t
 
 
+def length_axis(cells: list[Cell], lengths: list[int], lrs: list[float], out) -> dict:
+    """muP's base at each length: its best rate, and the study's rule (rates.py: a straight line in
+    log rate against log steps through the shortest and the longest length's best) at each length
+    between, against the best measured there."""
+    base = [c for c in cells if (c.param, c.shape) == ("mup", "base")]
+    found = {n: best_lr([c for c in base if c.steps == n]) for n in lengths}
+    t = Table(title="muP base: final val loss by base LR and length; rule = the line through the ends")
+    for col in ("steps", *(f"{lr:.2g}" for lr in lrs), "best base LR", "rule's"):
+        t.add_column(col, justify="right")
+    lo, hi = min(lengths), max(lengths)
+    slope = math.log(found[hi][0] / found[lo][0]) / math.log(hi / lo)
+    rows = {}
+    for n in lengths:
+        row = {c.base_lr: c for c in base if c.steps == n}
+        rule = found[lo][0] * (n / lo) ** slope
+        rows[n] = {"best": found[n][0], "edge": found[n][1], "rule": rule}
+        t.add_row(str(n), *[f"{row[lr].val_loss:.3f}" for lr in lrs],
+                  f"{found[n][0]:.3g}{' edge' if found[n][1] else ''}", f"{rule:.3g}")
+    out.print(t)
+    middle = [n for n in lengths if lo < n < hi]
+    out.print(f"best base LR ~ steps^{slope:.2f} from {lo} to {hi} steps; between them the rule is off by "
+              + ", ".join(f"{rows[n]['rule'] / rows[n]['best']:.2f}x at {n}" for n in middle))
+    return {"exponent": slope, "lengths": {str(n): v for n, v in rows.items()}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = bench_common.parser(__doc__)
     p.add_argument("--data", default="cluttered-digits", help="dataset name")
@@ -159,6 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup-epochs", type=float, default=0.25, help="warm-up length (1 epoch = 44 steps)")
     p.add_argument("--lrs", type=str, help="comma-separated base LRs (default: 6, --quick 5, x2 apart)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--lengths", type=str, default="2,4",
+                   help="the length axis: muP's base again at these multiples of --steps ('' for none)")
+    p.add_argument("--axis", choices=("both", "shapes", "lengths"), default="both",
+                   help="what to sweep: the shapes at --steps, the lengths of muP's base, or both")
     p.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary one)")
     args = p.parse_args(argv)
     args.steps = args.steps or (60 if args.quick else 200)
@@ -178,18 +211,30 @@ def main(argv: list[str] | None = None) -> dict:
     plan = [(param, s) for param in ("sp", "mup") for s in swept] + [("mup", variant)]
     out.print(f"{len(plan)} sweeps x {len(lrs)} base LRs, {args.steps} steps of batch {args.batch} on "
                   f"{args.data} at 16 px; base width {base.width}, depth {base.depth}, head dim {HEAD_DIM}")
+    lengths = [args.steps] + [round(float(m) * args.steps) for m in args.lengths.split(",") if m.strip()]
+    if args.axis == "lengths":
+        plan = [("mup", base)]
+    lengths = lengths if args.axis != "shapes" else lengths[:1]
+    runs = [(param, s, args.steps) for param, s in plan] + [("mup", base, n) for n in lengths[1:]]
     cells = []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
-        for param, shape in plan:
+        for param, shape, steps in runs:
             for lr in lrs:
-                cells.append(train_cell(param, shape, base, lr, args, root))
+                cells.append(train_cell(param, shape, base, lr, steps, args, root))
                 c = cells[-1]
-                out.print(f"  {param:3s} {shape.name:22s} base_lr {lr:<8.3g} val loss {c.val_loss:.4f} "
-                              f"top-1 {c.val_top1:.3f} ({c.seconds:.0f} s)")
-    bests = {(param, s.name): best_lr([c for c in cells if (c.param, c.shape) == (param, s.name)])
+                out.print(f"  {param:3s} {shape.name:22s} {steps:5d} steps base_lr {lr:<8.3g} val loss "
+                          f"{c.val_loss:.4f} top-1 {c.val_top1:.3f} ({c.seconds:.0f} s)")
+    at_steps = [c for c in cells if c.steps == args.steps]
+    bests = {(param, s.name): best_lr([c for c in at_steps if (c.param, c.shape) == (param, s.name)])
              for param, s in plan}
-    out.print(table(cells, lrs, bests))
+    by_length = length_axis(cells, lengths, lrs, out) if len(lengths) > 2 else {}
+    if args.axis == "lengths":
+        result = {"environment": env, "settings": {k: str(v) for k, v in vars(args).items()}, "lrs": lrs,
+                  "cells": [asdict(c) for c in cells], "by_length": by_length}
+        bench_common.write_json(args.json, result)
+        return result
+    out.print(table(at_steps, lrs, bests))
     spreads = {}
     for param in ("sp", "mup"):
         found = {shape: lr for (q, shape), (lr, _) in bests.items() if q == param and "depth LR" not in shape}
@@ -207,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
               "cells": [asdict(c) for c in cells],
               "best": [{"param": q, "shape": s, "base_lr": lr, "edge": edge}
                        for (q, s), (lr, edge) in bests.items()],
-              "spread": spreads, "depth_rules": depth_rules}
+              "spread": spreads, "depth_rules": depth_rules, "by_length": by_length}
     bench_common.write_json(args.json, result)
     return result
 
