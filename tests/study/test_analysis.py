@@ -171,15 +171,18 @@ def test_backtest_detects_a_wrong_prediction():
 
 @pytest.mark.usefixtures("_point_estimates")
 def test_the_held_out_trials_seeds_never_set_the_intervals_that_judge_them():
-    """The backtest's noise is that of the trials it fits: seeds of a held-out trial that disagree
-    (or agree) move its measured value, never the intervals."""
+    """The backtest's noise is that of the trials it fits, and so is the summary's: seeds of a held-out
+    trial that disagree (or agree) move its measured value, never the intervals nor the noise that
+    decides valleys and ties."""
     rows = epochs_study(sd=0.003, seed=4)
     rows = [trial("d", 2, 2000, seeds=(0, 1), sd=0.003, rng=np.random.default_rng(5)) if r.name == "d-x2"
             else r for r in rows]  # a fitted trial with two seeds: the noise has a degree of freedom
     wild = [replace(r, seeds=(r.seeds[0], replace(r.seeds[1], points=tuple(
         replace(p, accuracy=p.accuracy + 0.06) for p in r.seeds[1].points)))) if r.name.endswith("x8") else r
         for r in rows]
-    calm, loud = (analysis.summarize(StudyConfig(strategies=("d", "w")), x).backtest for x in (rows, wild))
+    summaries = [analysis.summarize(StudyConfig(strategies=("d", "w")), x) for x in (rows, wild)]
+    calm, loud = (x.backtest for x in summaries)
+    assert summaries[1].noise == summaries[0].noise  # nor the noise every later choice reads
     assert [c.interval for c in loud.checks] == [c.interval for c in calm.checks]
     assert [c.noise for c in loud.checks] == [c.noise for c in calm.checks]
     assert [c.measured - 0.03 for c in loud.checks] == pytest.approx([c.measured for c in calm.checks])

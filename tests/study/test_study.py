@@ -18,7 +18,7 @@ from vitscale.cli import main
 from vitscale.common import errors
 from vitscale.common.errors import UserError
 from vitscale.cost.complexity import cost
-from vitscale.study import results, summary, trials
+from vitscale.study import rates, results, summary, trials
 from vitscale.study.config import StudyConfig, parse_budget
 from vitscale.study.rates import Rates
 from vitscale.study.results import SeedResult, SweepPoint, TrialResult
@@ -214,7 +214,8 @@ def test_miniature_study_killed_and_resumed(tmp_path, capsys):
     base = done.read_text()
     assert not (out / "summary.json").exists()
     sweep = [results.from_dict(SweepPoint, p) for p in json.loads((out / "sweep" / "sweep.json").read_text())]
-    assert [p.lr for p in sweep] == [2e-3, 8e-3] and all(0 <= p.accuracy <= 1 for p in sweep)
+    assert sorted({p.lr for p in sweep}) == [2e-3, 8e-3] and all(0 <= p.accuracy <= 1 for p in sweep)
+    assert len(sweep) == 4 and len({p.steps for p in sweep}) == 2  # every rate at two lengths
 
     second = vitscale(*MINI, "--out", str(out), "--workers", "2")
     log = second.communicate(timeout=400)[0]
@@ -223,10 +224,11 @@ def test_miniature_study_killed_and_resumed(tmp_path, capsys):
     assert done.read_text() == base
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == ["base", "d-x2", "w-x2"]
-    chosen = max(sweep, key=lambda p: p.accuracy).lr
+    found = rates.rates(sweep)
     trials = [results.from_dict(TrialResult, r) for r in rows]  # a line: the record plus derived figures
     for r, t in zip(rows, trials, strict=True):
-        assert t.lr == chosen and t.model["param"] == "mup" and t.model["base_width"] == 32
+        assert t.lr == pytest.approx(found.at(t.steps)) and t.model["param"] == "mup"  # its length's rate
+        assert t.model["base_width"] == 32
         # the held-out trials (each strategy's largest) and the leaders, ranked among the fitted
         # trials (here the base alone), run two seeds
         assert [s.seed for s in t.seeds] == [0, 1]
@@ -242,7 +244,7 @@ def test_miniature_study_killed_and_resumed(tmp_path, capsys):
             f"ckpt-{optim.decay_start(t.steps, 0.2):08d}")
     s = summary.read(out / "summary.json")  # typed, versioned
     assert s.recommendation.measured_best.name in {"base", "d-x2", "w-x2"}
-    assert s.sweep.lr == chosen and 0 < s.sweep.share < 1
+    assert s.sweep.lr == pytest.approx(found.at(trials[0].steps)) and 0 < s.sweep.share < 1
     assert s.strategies == ("d", "w") and s.backtest.held_out == ("d-x2", "w-x2")
     assert "no trial but the base" in s.backtest.note  # two sizes a strategy: nothing left to backtest
     assert {g.strategy: g.acts_exponent for g in s.growth}["d"] == pytest.approx(1.0, abs=0.05)

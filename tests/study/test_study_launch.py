@@ -328,6 +328,7 @@ def test_a_slurm_job_of_two_tasks_trains_a_trial_on_two_ranks(tmp_path):
 
 
 # ----------------------------------------------------------------------------- a diverging trial
+@pytest.mark.slow  # a trial's seed trained twice and a second seed: about 11 s
 def test_a_loss_that_is_not_finite_trains_the_seed_again_at_half_the_rate(tmp_path, monkeypatch):
     """The engine's NotFinite at the trial's rate: the seed trains again, whole, at half of it, in
     half-lr/; seed 1 starts there; the trial reports that rate and a flag that keeps it in

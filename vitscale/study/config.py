@@ -71,6 +71,7 @@ class StudyConfig:
     # its length (doubling steps span a wide range in few runs); empty (--lrs '') = no sweep: every
     # trial at its train.base_lr
     lrs: tuple[float, ...] = (4e-3, 8e-3, 1.6e-2)
+
     # the sweep's lengths as shares of the shortest and the longest trial's steps: LRs ranked at half cost
     sweep_length: float = 0.5
 

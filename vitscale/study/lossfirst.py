@@ -2,7 +2,7 @@
 on accuracy directly.
 
     loss(s, N, D)   the law's form (fits.Law) fitted on every annealed point's test cross-entropy,
-                    in log space with a Huber loss from fits.WIDE's 192 starts (Hoffmann et al.)
+                    in log space with a Huber loss from fits.WIDE's 108 starts (Hoffmann et al.)
     accuracy(loss)  lo + (hi - lo) / (1 + exp(k (loss - l0))), k > 0: a falling sigmoid fitted on
                     every point, annealed or not, whose ends are what no loss moves past (chance
                     where the model knows nothing, a ceiling the data's label noise sets)
@@ -97,3 +97,15 @@ def fit(rows: list[TrialResult], strategies: tuple[str, ...], n0: dict[str, floa
         laws.append(fits.fit_many([fits.points(*loss_points(pairs), n0=_n0(pairs, n0))], log=True)[0])
     every = [p for r in rows for s in r.seeds for p in (*s.points, *s.curve) if p.loss is not None]
     return LossLaws(fits.Laws(tuple(laws)), fit_map([p.loss for p in every], [p.accuracy for p in every]))
+
+
+def fit_noted(rows: list[TrialResult], strategies: tuple[str, ...],
+              n0: dict[str, float]) -> tuple[LossLaws | None, str]:
+    """`fit`, and what the report says of it: the parameters its laws left at a bound, or why it
+    could not be fitted (then None)."""
+    try:
+        found = fit(rows, strategies, n0)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: curve_fit found no sigmoid
+        return None, f"not fitted: {e}"
+    bounded = sorted({b for law in found.loss.laws for b in law.at_bounds()})
+    return found, f"its law of loss left {', '.join(bounded)} at a bound" if bounded else ""
