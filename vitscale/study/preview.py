@@ -289,7 +289,8 @@ def collect(cfg: config.StudyConfig):
         if not ready:
             raise UserError(f"no trial of {cfg.out!r} has finished yet; nothing to report")
         logger.info(f"collect: {len(ready)} of {len(trials)} trials finished"
-                    + (f"; trials trained at base_lr {', '.join(f'{b:.3g}' for b in lr.best)} by length"
+                    + ("; the sweep's best base_lr " + ", ".join(f"{b:.3g} at {n} steps" for n, b in
+                                                                  zip(lr.steps, lr.best, strict=True))
                        if lr is not None else ""))
         done = runner._write_results(cfg, ready, sizes, seeds)
         rows = [done[t.name] for t in ready]

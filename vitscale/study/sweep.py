@@ -87,9 +87,9 @@ def sweep(study: StudyConfig, base: Trial, sizing: Sizing, runner: Launcher, d: 
     for n, lr in zip(found.steps, found.best, strict=True):
         logger.info(f"sweep at {n} steps: " + ", ".join(f"lr {p.lr:g} {100 * p.accuracy:.1f}%"
                                                         for p in points if p.steps == n) + f"; best {lr:.3g}")
-    trials_at = "every trial trains at" if one else "each trial trains at the rate for its steps, from"
-    logger.info(f"{trials_at} base_lr {found.at(max(found.steps)):.3g}"
-                + ("" if one else f" (the longest) to {found.at(min(found.steps)):.3g} (the shortest)"))
+    logger.info(f"every trial trains at base_lr {found.best[0]:.3g}" if one else
+                f"each trial trains at the rate for its own steps on the line through these (rate ~ "
+                f"steps^{found.exponent:.2f}), held within the rates swept")
     grid = sorted({p.lr for p in points})
     for n in steps:
         best = pick_lr([p for p in points if p.steps == n]).lr
