@@ -29,13 +29,13 @@ from vitscale.study.results import TrialResult
 from vitscale.study.summary import Forecast, ForecastCheck, Noise
 
 CUT = 0.25  # the share of each trial's budget the law is fitted up to
-# Fitted at or below C/4 and predicting C, on five studies of this machine (docs/study.md has the
-# table): neither fit is better throughout. The accuracy law's mean error is lower on average (3.6
-# against 4.1 points), loss first's maximum is (6.1 against 6.9), and loss first's pick was worse
-# once (regret 1.9 against 0.4). Much of loss first's error is its second step: given each trial's
-# measured loss at C, the map fitted at or below C/4 still errs by 1.6 to 3.0 points, as C's
-# accuracies lie above any it was fitted on. So the accuracy law (one fit, not two) stays the
-# default, loss first reported beside it.
+# Fitted at or below C/4 and predicting C (docs/study.md has the table): on the four studies of the
+# LR-by-length version loss first erred less in every one, on mean and max (the demo 2.2 / 4.0
+# against 2.8 / 5.8 points; a depth-2 base 0.8 / 1.3 against 3.3 / 6.7), with the same regret; on
+# four studies before it, the accuracy law did as well or better on mean in three. Much of loss
+# first's error there was its second step: given each trial's measured loss at C, the map fitted at
+# or below C/4 erred by 1.6 to 3.0 points, as C's accuracies lie above any it was fitted on. The
+# accuracy law stays the default until loss first carries the intervals and the recommendation too.
 
 
 def early(r: TrialResult, cut: float) -> TrialResult | None:

@@ -59,8 +59,8 @@ def _loss_first(fc, regret) -> str:
     return (f"Loss first, from the same points (the law fitted on test cross-entropy in log space, then a "
             f"sigmoid from loss to accuracy): mean error {100 * fc.loss_first_mean_abs_error:.1f}, max "
             f"{100 * fc.loss_first_max_abs_error:.1f} points, picks "
-            f"{regret(fc.loss_first_pick, fc.loss_first_regret)}{bound}. The study fits accuracy directly: "
-            "on the studies measured neither was better throughout (docs/study.md).")
+            f"{regret(fc.loss_first_pick, fc.loss_first_regret)}{bound}. The study's law is still fitted on "
+            "accuracy; loss first erred less on the studies of this version measured so far (docs/study.md).")
 
 
 def flags(s: Summary) -> list:
