@@ -54,9 +54,8 @@ class Rates:
     def at(self, steps: int) -> float:
         if len(self.steps) == 1:
             return self.best[0]
-        x, y = np.log(self.steps), np.log(self.best)
-        slope = (y[-1] - y[0]) / (x[-1] - x[0])
-        return float(np.clip(np.exp(y[0] + slope * (math.log(steps) - x[0])), self.low, self.high))
+        rate = self.best[0] * (steps / self.steps[0]) ** self.exponent
+        return float(np.clip(rate, self.low, self.high))
 
     @property
     def exponent(self) -> float:

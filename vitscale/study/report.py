@@ -246,6 +246,7 @@ def _sweep(s: Summary) -> list:
         return ["No learning-rate sweep: every trial used the recipe's base_lr."]
     lengths = sw.lengths or tuple(sorted({p.steps for p in sw.points}))
     best = dict(zip(lengths, sw.best, strict=False))
+    first = {p.steps: i for i, p in reversed(list(enumerate(sw.points)))}  # where a length's best is named
     head = ("base_lr", "steps", "accuracy (± s.e.)", "val loss", "best at its length")
     body = [
         (
@@ -253,9 +254,9 @@ def _sweep(s: Summary) -> list:
             p.steps,
             f"{pct(p.accuracy)} ± {100 * p.stderr:.1f}",
             "-" if p.loss is None else f"{p.loss:.4f}",
-            f"{best[p.steps]:.3g}" if p.steps in best and p is _first(sw.points, p.steps) else "",
+            f"{best[p.steps]:.3g}" if p.steps in best and i == first[p.steps] else "",
         )
-        for p in sw.points
+        for i, p in enumerate(sw.points)
     ]
     if len(lengths) > 1:
         rule = (f"The best rate at {lengths[0]} steps is {sw.best[0]:.3g}, at {lengths[-1]} steps "
@@ -269,11 +270,6 @@ def _sweep(s: Summary) -> list:
         f"{sw.trials_compute:.3g}, in {sw.wall_s:.0f} s.",
         (head, body),
     ]
-
-
-def _first(points, steps: int):
-    """The first point of a length: where the table names that length's best rate."""
-    return next(p for p in points if p.steps == steps)
 
 
 def _runtime(s: Summary) -> list:
